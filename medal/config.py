@@ -1,0 +1,278 @@
+"""TOML config -> frozen dataclasses.
+
+Every key has a default except ``workspace``, ``classes``, ``data.labelled`` and ``data.pool``.
+Relative paths resolve against the folder of the config file. An unknown key, a missing required
+key or a value of the wrong type or range raises :class:`~medal.errors.ConfigError` naming the key
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+MODEL_NAMES = ("small_cnn", "resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0")
+DEVICES = ("auto", "cpu", "cuda")
+WINDOW_MODES = ("file", "minmax")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    labelled: Path
+    """Folder with one subfolder per class, or a CSV with columns ``file,label``."""
+    pool: Path
+    """Folder of unlabelled images, searched recursively."""
+    validation: Path | None = None
+    """Optional; same forms as ``labelled``. Used to pick the best epoch and report metrics."""
+    test: Path | None = None
+    """Optional; same forms as ``labelled``. Reported only, never used for decisions."""
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    window: str | tuple[float, float] = "file"
+    """"file" (the file's own DICOM window), "minmax", or [center, width]."""
+    frame: str | int = "middle"
+    """Multi-frame DICOM: "middle" or a frame index."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "small_cnn"
+    image_size: int = 28
+    channels: int = 1
+    """Input channels the network sees: 1 (grayscale) or 3 (RGB). Images are converted."""
+    dropout: float = 0.5
+    hidden: int = 128
+    """Width of the hidden layer of the stochastic head."""
+    pretrained: Path | None = None
+    """Optional local weights file for the backbone (never downloaded)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    """Epochs for the first training (round 0)."""
+    fine_tune_epochs: int | None = None
+    """Epochs when fine-tuning from the previous round's checkpoint; default: ``epochs``."""
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    class_weighted: bool = True
+    """Weight the loss by inverse class frequency (small, imbalanced labelled sets)."""
+    augment: bool = True
+    """Random flips/small shifts during training only."""
+    min_steps: int = 50
+    """Lower bound on optimiser steps per training, so tiny labelled sets still train."""
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    strategy: str = "bald"
+    budget: int = 20
+    mc_samples: int = 20
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    """The config file itself (absolute)."""
+    workspace: Path
+    classes: tuple[str, ...]
+    data: DataConfig
+    image: ImageConfig = field(default_factory=ImageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (paths as strings) for storing beside checkpoints and in the ledger."""
+
+        def conv(v: Any) -> Any:
+            if isinstance(v, Path):
+                return str(v)
+            if isinstance(v, tuple):
+                return [conv(x) for x in v]
+            if isinstance(v, dict):
+                return {k: conv(x) for k, x in v.items()}
+            return v
+
+        return conv(dataclasses.asdict(self))
+
+
+_SECTIONS = {"data": DataConfig, "image": ImageConfig, "model": ModelConfig,
+             "train": TrainConfig, "query": QueryConfig}
+_TOP_KEYS = ("workspace", "classes", "seed", "device", "num_workers")
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a TOML config file. ``overrides`` maps dotted keys (``"query.budget"``) to values."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict[str, Any], path: Path) -> Config:
+    """Validate a parsed TOML mapping; ``path`` is the file relative paths resolve against."""
+    where = str(path)
+    base = path.parent
+    known = set(_TOP_KEYS) | set(_SECTIONS)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"valid top-level keys: {', '.join(sorted(known))}"
+        )
+    for key in ("workspace", "classes", "data"):
+        if key not in raw:
+            raise ConfigError(f"{where}: missing required key {key!r}")
+
+    workspace = _path(raw["workspace"], "workspace", base, where)
+    classes = raw["classes"]
+    if (not isinstance(classes, list) or len(classes) < 2
+            or not all(isinstance(c, str) and c.strip() for c in classes)):
+        raise ConfigError(f"{where}: 'classes' must be a list of at least two non-empty strings, "
+                          f"got {classes!r}")
+    classes = [c.strip() for c in classes]
+    lowered = [c.lower() for c in classes]
+    if len(set(lowered)) != len(lowered):
+        raise ConfigError(f"{where}: 'classes' has duplicates (case-insensitive): {classes}")
+    bad = [c for c in classes if c.lower() in ("unsure", "") or "/" in c or "\\" in c
+           or c.startswith(".")]
+    if bad:
+        raise ConfigError(f"{where}: class names must be usable as folder names and not 'unsure': "
+                          f"{bad}")
+
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{name}] must be a table")
+        sections[name] = _build(cls, table, name, base, where)
+
+    seed = _check_type(raw.get("seed", 0), int, "seed", where)
+    device = raw.get("device", "auto")
+    if device not in DEVICES and not (isinstance(device, str) and device.startswith("cuda:")):
+        raise ConfigError(f"{where}: 'device' must be one of {', '.join(DEVICES)} or 'cuda:N', "
+                          f"got {device!r}")
+    num_workers = _check_type(raw.get("num_workers", 0), int, "num_workers", where)
+    if num_workers < 0:
+        raise ConfigError(f"{where}: 'num_workers' must be >= 0, got {num_workers}")
+    cfg = Config(path=path, workspace=workspace, classes=tuple(classes), seed=seed, device=device,
+                 num_workers=num_workers, **sections)
+    _validate_values(cfg, where)
+    return cfg
+
+
+def _build(cls: type, table: dict[str, Any], section: str, base: Path, where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+            f"valid keys in [{section}]: {', '.join(fields)}"
+        )
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{section}.{name}"
+        if name not in table:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing required key {key!r}")
+            continue
+        v = table[name]
+        t = str(f.type)
+        if "Path" in t:
+            values[name] = None if v in ("", None) and "None" in t else _path(v, key, base, where)
+        elif key == "image.window":
+            values[name] = _window(v, key, where)
+        elif key == "image.frame":
+            if not (v == "middle" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
+                raise ConfigError(f"{where}: {key!r} must be \"middle\" or a frame index >= 0, "
+                                  f"got {v!r}")
+            values[name] = v
+        elif t.startswith("bool"):
+            values[name] = _check_type(v, bool, key, where)
+        elif t.startswith("int"):
+            values[name] = _check_type(v, int, key, where)
+        elif t.startswith("float"):
+            if isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            values[name] = _check_type(v, float, key, where)
+        elif t.startswith("str"):
+            values[name] = _check_type(v, str, key, where)
+        else:  # pragma: no cover - guards against adding a field without a parser
+            raise AssertionError(f"no parser for {key} of type {t}")
+    return cls(**values)
+
+
+def _window(v: Any, key: str, where: str) -> str | tuple[float, float]:
+    if isinstance(v, str) and v in WINDOW_MODES:
+        return v
+    if (isinstance(v, list) and len(v) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            and v[1] > 0):
+        return (float(v[0]), float(v[1]))
+    raise ConfigError(f"{where}: {key!r} must be \"file\", \"minmax\" or [center, width] with "
+                      f"width > 0, got {v!r}")
+
+
+def _check_type(v: Any, t: type, key: str, where: str) -> Any:
+    ok = isinstance(v, t) and not (t is not bool and isinstance(v, bool))
+    if not ok:
+        raise ConfigError(f"{where}: {key!r} must be {t.__name__}, got {v!r}")
+    return v
+
+
+def _path(v: Any, key: str, base: Path, where: str) -> Path:
+    if not isinstance(v, str) or not v.strip():
+        raise ConfigError(f"{where}: {key!r} must be a non-empty path string, got {v!r}")
+    p = Path(v).expanduser()
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def _validate_values(cfg: Config, where: str) -> None:
+    from .acquisition import STRATEGIES  # local: acquisition is a leaf module
+
+    def need(ok: bool, key: str, allowed: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"{where}: {key!r} must be {allowed}, got {value!r}")
+
+    m, t, q = cfg.model, cfg.train, cfg.query
+    need(m.name in MODEL_NAMES, "model.name", f"one of {', '.join(MODEL_NAMES)}", m.name)
+    need(8 <= m.image_size <= 2048, "model.image_size", "between 8 and 2048", m.image_size)
+    need(m.channels in (1, 3), "model.channels", "1 or 3", m.channels)
+    need(0.0 < m.dropout < 1.0, "model.dropout", "in (0, 1) (MC dropout needs dropout)", m.dropout)
+    need(m.hidden >= 1, "model.hidden", ">= 1", m.hidden)
+    need(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
+    need(t.fine_tune_epochs is None or t.fine_tune_epochs >= 1, "train.fine_tune_epochs", ">= 1",
+         t.fine_tune_epochs)
+    need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
+    need(t.lr > 0, "train.lr", "> 0", t.lr)
+    need(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
+    need(t.min_steps >= 0, "train.min_steps", ">= 0", t.min_steps)
+    need(q.strategy in STRATEGIES, "query.strategy", f"one of {', '.join(STRATEGIES)}", q.strategy)
+    need(q.budget >= 1, "query.budget", ">= 1", q.budget)
+    need(q.mc_samples >= 2, "query.mc_samples", ">= 2", q.mc_samples)
+    need(q.batch_size >= 1, "query.batch_size", ">= 1", q.batch_size)

@@ -1,0 +1,306 @@
+"""The SQLite ledger: every image by content id, every label with provenance, every round.
+
+Tables
+------
+images      id (sha256 of the file's bytes) -> path, size, mtime, format, first seen
+labels      append-only: image id, label, round, source, annotator, file/line it came from, time
+rounds      one row per exported round: strategy, budget, model round, times, status
+selections  what a round exported: image id, rank, score, predicted class, probabilities, file
+metrics     per model round and split: metric name -> value
+skipped     files that could not be read, with the reason (latest scan)
+
+Images are keyed by id, never by position in a pool. The "current" label of an image is its most
+recent label row.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    format TEXT NOT NULL,
+    added_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_path ON images(path);
+CREATE TABLE IF NOT EXISTS labels (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_id TEXT NOT NULL REFERENCES images(id),
+    label TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    annotator TEXT,
+    origin TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS labels_image ON labels(image_id);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    strategy TEXT NOT NULL,
+    budget INTEGER NOT NULL,
+    mc_samples INTEGER NOT NULL,
+    model_round INTEGER NOT NULL,
+    pool_size INTEGER NOT NULL,
+    folder TEXT NOT NULL,
+    exported_at REAL NOT NULL,
+    ingested_at REAL,
+    score_seconds REAL
+);
+CREATE TABLE IF NOT EXISTS selections (
+    round INTEGER NOT NULL REFERENCES rounds(round),
+    image_id TEXT NOT NULL REFERENCES images(id),
+    rank INTEGER NOT NULL,
+    file TEXT NOT NULL,
+    score REAL NOT NULL,
+    predicted TEXT NOT NULL,
+    probs TEXT NOT NULL,
+    PRIMARY KEY (round, image_id),
+    UNIQUE (round, file)
+);
+CREATE TABLE IF NOT EXISTS models (
+    round INTEGER PRIMARY KEY,
+    checkpoint TEXT NOT NULL,
+    parent INTEGER,
+    n_labels INTEGER NOT NULL,
+    epochs INTEGER NOT NULL,
+    train_seconds REAL NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    round INTEGER NOT NULL,
+    split TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (round, split, name)
+);
+CREATE TABLE IF NOT EXISTS skipped (
+    path TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    seen_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: str
+    path: str
+    size: int
+    mtime_ns: int
+    format: str
+
+
+@dataclass(frozen=True)
+class LabelRecord:
+    image_id: str
+    label: str
+    round: int
+    source: str
+    annotator: str | None
+    origin: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    strategy: str
+    budget: int
+    mc_samples: int
+    model_round: int
+    pool_size: int
+    folder: str
+    exported_at: float
+    ingested_at: float | None
+    score_seconds: float | None
+
+
+@dataclass(frozen=True)
+class Selection:
+    round: int
+    image_id: str
+    rank: int
+    file: str
+    score: float
+    predicted: str
+    probs: tuple[float, ...]
+
+
+class Ledger:
+    """A SQLite file holding all of medal's durable state except weights and image files.
+
+    Writes go through :meth:`transaction`, so a crash leaves either all or none of a step.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self.transaction():
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    self._db.execute(stmt)
+            self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)",
+                             (str(SCHEMA_VERSION),))
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write: commits on success, rolls back on any exception."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    # --- images -------------------------------------------------------------------------------
+    def images_by_path(self) -> dict[str, ImageRecord]:
+        rows = self._db.execute("SELECT id, path, size, mtime_ns, format FROM images")
+        return {r["path"]: ImageRecord(**dict(r)) for r in rows}
+
+    def image(self, image_id: str) -> ImageRecord | None:
+        r = self._db.execute("SELECT id, path, size, mtime_ns, format FROM images WHERE id=?",
+                             (image_id,)).fetchone()
+        return ImageRecord(**dict(r)) if r else None
+
+    def upsert_images(self, records: Iterable[ImageRecord]) -> None:
+        """Add images; an id seen before keeps its id and gets the newest path/size/mtime."""
+        now = time.time()
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO images(id, path, size, mtime_ns, format, added_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "path=excluded.path, size=excluded.size, mtime_ns=excluded.mtime_ns",
+                [(r.id, r.path, r.size, r.mtime_ns, r.format, now) for r in records],
+            )
+
+    def set_skipped(self, skipped: dict[str, str]) -> None:
+        """Replace the list of unreadable files with ``{path: reason}`` from the latest scan."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("DELETE FROM skipped")
+            db.executemany("INSERT INTO skipped(path, reason, seen_at) VALUES (?, ?, ?)",
+                           [(p, r, now) for p, r in sorted(skipped.items())])
+
+    def skipped(self) -> dict[str, str]:
+        return {r["path"]: r["reason"] for r in
+                self._db.execute("SELECT path, reason FROM skipped ORDER BY path")}
+
+    # --- labels -------------------------------------------------------------------------------
+    def current_labels(self) -> dict[str, str]:
+        """``{image_id: label}`` using each image's most recent label row."""
+        rows = self._db.execute(
+            "SELECT image_id, label FROM labels WHERE seq IN "
+            "(SELECT MAX(seq) FROM labels GROUP BY image_id)")
+        return {r["image_id"]: r["label"] for r in rows}
+
+    def labels(self, round: int | None = None) -> list[LabelRecord]:
+        q = ("SELECT image_id, label, round, source, annotator, origin, created_at FROM labels")
+        args: tuple[Any, ...] = ()
+        if round is not None:
+            q += " WHERE round=?"
+            args = (round,)
+        return [LabelRecord(**dict(r)) for r in self._db.execute(q + " ORDER BY seq", args)]
+
+    def add_labels(self, db: sqlite3.Connection, rows: Sequence[LabelRecord]) -> None:
+        """Insert label rows inside a caller's :meth:`transaction`."""
+        db.executemany(
+            "INSERT INTO labels(image_id, label, round, source, annotator, origin, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(r.image_id, r.label, r.round, r.source, r.annotator, r.origin, r.created_at)
+             for r in rows],
+        )
+
+    # --- rounds -------------------------------------------------------------------------------
+    def rounds(self) -> list[RoundRecord]:
+        return [RoundRecord(**dict(r)) for r in
+                self._db.execute("SELECT * FROM rounds ORDER BY round")]
+
+    def round(self, number: int) -> RoundRecord | None:
+        r = self._db.execute("SELECT * FROM rounds WHERE round=?", (number,)).fetchone()
+        return RoundRecord(**dict(r)) if r else None
+
+    def record_round(self, rec: RoundRecord, selections: Sequence[Selection]) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO rounds(round, strategy, budget, mc_samples, model_round, pool_size, "
+                "folder, exported_at, ingested_at, score_seconds) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (rec.round, rec.strategy, rec.budget, rec.mc_samples, rec.model_round,
+                 rec.pool_size, rec.folder, rec.exported_at, rec.ingested_at, rec.score_seconds))
+            db.executemany(
+                "INSERT INTO selections(round, image_id, rank, file, score, predicted, probs) "
+                "VALUES (?,?,?,?,?,?,?)",
+                [(s.round, s.image_id, s.rank, s.file, s.score, s.predicted, json.dumps(s.probs))
+                 for s in selections])
+
+    def selections(self, round: int) -> list[Selection]:
+        rows = self._db.execute("SELECT * FROM selections WHERE round=? ORDER BY rank", (round,))
+        return [Selection(round=r["round"], image_id=r["image_id"], rank=r["rank"],
+                          file=r["file"], score=r["score"], predicted=r["predicted"],
+                          probs=tuple(json.loads(r["probs"]))) for r in rows]
+
+    def pending_image_ids(self) -> set[str]:
+        """Images exported in a round that has not been ingested yet (out of the pool)."""
+        rows = self._db.execute(
+            "SELECT s.image_id FROM selections s JOIN rounds r ON r.round = s.round "
+            "WHERE r.ingested_at IS NULL")
+        return {r["image_id"] for r in rows}
+
+    def mark_ingested(self, db: sqlite3.Connection, round: int, when: float) -> None:
+        db.execute("UPDATE rounds SET ingested_at=? WHERE round=?", (when, round))
+
+    # --- models and metrics -------------------------------------------------------------------
+    def record_model(self, round: int, checkpoint: str, parent: int | None, n_labels: int,
+                     epochs: int, train_seconds: float, metrics: dict[str, dict[str, float]]
+                     ) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO models(round, checkpoint, parent, n_labels, epochs, "
+                       "train_seconds, created_at) VALUES (?,?,?,?,?,?,?)",
+                       (round, checkpoint, parent, n_labels, epochs, train_seconds, time.time()))
+            db.execute("DELETE FROM metrics WHERE round=?", (round,))
+            db.executemany("INSERT INTO metrics(round, split, name, value) VALUES (?,?,?,?)",
+                           [(round, split, name, float(v)) for split, d in metrics.items()
+                            for name, v in d.items()])
+
+    def models(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._db.execute("SELECT * FROM models ORDER BY round")]
+
+    def latest_model(self) -> dict[str, Any] | None:
+        r = self._db.execute("SELECT * FROM models ORDER BY round DESC LIMIT 1").fetchone()
+        return dict(r) if r else None
+
+    def metrics(self) -> dict[int, dict[str, dict[str, float]]]:
+        """``{model_round: {split: {metric: value}}}``."""
+        out: dict[int, dict[str, dict[str, float]]] = {}
+        for r in self._db.execute("SELECT round, split, name, value FROM metrics"):
+            out.setdefault(r["round"], {}).setdefault(r["split"], {})[r["name"]] = r["value"]
+        return out
