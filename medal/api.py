@@ -1,0 +1,231 @@
+"""The Python API: one function per CLI command. Each opens the workspace, does one step and
+returns a small report object; nothing here prints except progress bars."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import acquisition
+from .config import Config
+from .data import ImageDataset, load_all
+from .errors import DataError, ModelError, WorkspaceError
+from .labelling import Candidate, IngestResult, export_round, ingest_round
+from .models import MCModel, resolve_device
+from .train import build_model, classification_metrics, fit, load_checkpoint, save_checkpoint
+from .uncertainty import mc_predict, mc_predict_tensors
+from .workspace import Item, Workspace
+
+
+@dataclass
+class TrainReport:
+    model_round: int
+    checkpoint: Path
+    n_labels: int
+    class_counts: dict[str, int]
+    warm_start_from: int | None
+    epochs: int
+    best_epoch: int
+    seconds: float
+    metrics: dict[str, dict[str, float]]
+    skipped: dict[Path, str] = field(default_factory=dict)
+
+
+@dataclass
+class QueryReport:
+    round: int
+    folder: Path
+    n_selected: int
+    pool_size: int
+    strategy: str
+    model_round: int
+    seconds: float
+    skipped: dict[Path, str] = field(default_factory=dict)
+
+
+@dataclass
+class RoundReport:
+    train: TrainReport
+    query: QueryReport
+
+
+def _labels_to_index(items: list[Item], classes: tuple[str, ...]) -> np.ndarray:
+    lookup = {c: i for i, c in enumerate(classes)}
+    return np.array([lookup[it.label] for it in items], dtype=np.int64)
+
+
+def _load(cfg: Config, items: list[Item]) -> tuple[Any, np.ndarray, list[Item], dict[Path, str]]:
+    x, kept, skipped = load_all([it.path for it in items], channels=cfg.model.channels,
+                                size=cfg.model.image_size, window=cfg.image.window,
+                                frame=cfg.image.frame, num_workers=cfg.num_workers)
+    kept_items = [items[i] for i in kept]
+    y = _labels_to_index(kept_items, cfg.classes) if kept_items and kept_items[0].label else \
+        np.zeros(0, np.int64)
+    return x, y, kept_items, skipped
+
+
+def _record_skipped(ws: Workspace, skipped: dict[Path, str]) -> None:
+    if skipped:
+        merged = ws.db.skipped() | {str(p): r for p, r in skipped.items()}
+        ws.db.set_skipped(merged)
+
+
+def train(cfg: Config, *, progress: bool = True) -> TrainReport:
+    """Train the model for the current round on every label so far.
+
+    Round 0 trains from scratch (or from ``model.pretrained``); later rounds fine-tune from the
+    previous round's checkpoint.
+    """
+    device = resolve_device(cfg.device)
+    with Workspace(cfg) as ws:
+        snap = ws.sync()
+        model_round = ws.ingested_rounds()
+        if not snap.labelled:
+            raise DataError(f"no labelled images found in {cfg.data.labelled}")
+        x, y, items, skipped = _load(cfg, snap.labelled)
+        if len(items) == 0:
+            raise DataError("none of the labelled images could be read; see 'medal status'")
+        xv, yv, _, sk_v = _load(cfg, snap.validation)
+        xt, yt, _, sk_t = _load(cfg, snap.test)
+        skipped |= sk_v | sk_t
+        model = build_model(cfg)
+        parent = max((m["round"] for m in ws.db.models() if m["round"] < model_round),
+                     default=None)
+        if parent is not None:
+            load_checkpoint(ws.checkpoint_path(parent), model, cfg.classes, cfg.model.name,
+                            cfg.model.channels)
+            epochs = cfg.train.fine_tune_epochs or cfg.train.epochs
+        else:
+            epochs = cfg.train.epochs
+        seed = cfg.seed * 1000 + model_round
+        result = fit(model, x, y, cfg, epochs=epochs, device=device,
+                     x_val=xv if len(xv) else None, y_val=yv if len(yv) else None, seed=seed,
+                     progress=progress)
+        metrics = {}
+        for split, xs, ys in (("validation", xv, yv), ("test", xt, yt)):
+            if len(xs):
+                probs, _ = mc_predict_tensors(model, xs, cfg.query.mc_samples, device=device,
+                                              batch_size=cfg.query.batch_size, seed=seed)
+                metrics[split] = classification_metrics(ys, probs.mean(1), len(cfg.classes))
+        path = ws.checkpoint_path(model_round)
+        save_checkpoint(path, model, cfg, model_round)
+        ws.db.record_model(model_round, str(path), parent, len(items), result.epochs,
+                           result.seconds, metrics)
+        _record_skipped(ws, skipped)
+        counts = Counter(it.label for it in items)
+        return TrainReport(model_round, path, len(items),
+                           {c: counts.get(c, 0) for c in cfg.classes}, parent, result.epochs,
+                           result.best_epoch, result.seconds, metrics, skipped)
+
+
+def load_round_model(ws: Workspace, cfg: Config) -> tuple[MCModel, int]:
+    """The checkpoint for the current round (after the last ingest); error if not trained."""
+    model_round = ws.ingested_rounds()
+    rec = {m["round"]: m for m in ws.db.models()}.get(model_round)
+    if rec is None:
+        hint = "medal train" if model_round == 0 else "medal train (or medal round)"
+        raise WorkspaceError(f"no model for round {model_round} yet (labels from round "
+                             f"{model_round} are in but not trained on); run {hint} first")
+    model = build_model(cfg)
+    load_checkpoint(Path(rec["checkpoint"]), model, cfg.classes, cfg.model.name,
+                    cfg.model.channels)
+    return model, model_round
+
+
+def query(cfg: Config, *, progress: bool = True) -> QueryReport:
+    """Score the pool with MC dropout and export the chosen images as the next round folder."""
+    device = resolve_device(cfg.device)
+    q = cfg.query
+    with Workspace(cfg) as ws:
+        pending = ws.pending_round()
+        if pending is not None:
+            raise WorkspaceError(
+                f"round {pending:03d} ({ws.round_dir(pending)}) has not been ingested yet; run "
+                f"'medal ingest' on it first (an empty labels.csv returns its images to the pool)")
+        snap = ws.sync()
+        model, model_round = load_round_model(ws, cfg)
+        model.to(device)
+        if not snap.pool:
+            raise DataError(f"the pool is empty: every image in {cfg.data.pool} is labelled or "
+                            f"out for labelling")
+        t0 = time.perf_counter()
+        ds = ImageDataset([it.path for it in snap.pool], channels=cfg.model.channels,
+                          size=cfg.model.image_size, window=cfg.image.window,
+                          frame=cfg.image.frame)
+        number = ws.next_round()
+        seed = cfg.seed * 1000 + number
+        mc = mc_predict(model, ds, q.mc_samples, device=device, batch_size=q.batch_size,
+                        num_workers=cfg.num_workers, seed=seed, progress=progress,
+                        desc=f"scoring {len(ds)} images")
+        labelled_features = None
+        if q.strategy in ("coreset",):
+            xl, _, _, _ = _load(cfg, snap.labelled)
+            _, labelled_features = mc_predict_tensors(model, xl, 2, device=device, seed=seed)
+        rng = np.random.default_rng(seed)
+        idx, scores = acquisition.select(q.strategy, mc.probs, q.budget, rng=rng,
+                                         features=mc.features,
+                                         labelled_features=labelled_features)
+        seconds = time.perf_counter() - t0
+        mean = mc.probs.mean(1)
+        chosen = [Candidate(snap.pool[int(mc.kept[i])], float(s), mean[i])
+                  for i, s in zip(idx, scores)]
+        folder = export_round(ws, number, chosen, strategy=q.strategy, model_round=model_round,
+                              pool_size=len(mc.kept), score_seconds=seconds)
+        _record_skipped(ws, mc.skipped)
+        return QueryReport(number, folder, len(chosen), len(mc.kept), q.strategy, model_round,
+                           seconds, mc.skipped)
+
+
+def ingest(cfg: Config, folder: str | Path) -> IngestResult:
+    """Validate a returned round folder and record its labels (all or nothing)."""
+    with Workspace(cfg) as ws:
+        return ingest_round(ws, Path(folder))
+
+
+def run_round(cfg: Config, *, progress: bool = True) -> RoundReport:
+    """Train (fine-tuning after the first round) and query: one active-learning round."""
+    t = train(cfg, progress=progress)
+    return RoundReport(t, query(cfg, progress=progress))
+
+
+@dataclass
+class Status:
+    workspace: Path
+    rounds: list[dict[str, Any]]
+    label_counts: dict[str, int]
+    labels_by_source: dict[str, int]
+    models: list[dict[str, Any]]
+    metrics: dict[int, dict[str, dict[str, float]]]
+    skipped: dict[str, str]
+
+
+def status(cfg: Config) -> Status:
+    """Rounds, label counts and metrics per model round, read from the ledger."""
+    if not (cfg.workspace / "ledger.sqlite").is_file():
+        raise WorkspaceError(f"no workspace at {cfg.workspace} yet; run 'medal train' first")
+    with Workspace(cfg, lock=False) as ws:
+        db = ws.db
+        current = db.current_labels()
+        counts = Counter(current.values())
+        by_source = Counter()
+        latest = {}
+        for rec in db.labels():
+            latest[rec.image_id] = rec.source
+        by_source.update(latest.values())
+        rounds = []
+        for r in db.rounds():
+            labels = db.labels(r.round)
+            rounds.append({"round": r.round, "strategy": r.strategy, "exported": r.budget,
+                           "labelled": len(labels), "model_round": r.model_round,
+                           "pool_size": r.pool_size, "folder": r.folder,
+                           "ingested": r.ingested_at is not None,
+                           "score_seconds": r.score_seconds})
+        return Status(cfg.workspace, rounds,
+                      {c: counts.get(c, 0) for c in [*cfg.classes, "unsure"]
+                       if c in cfg.classes or counts.get(c)},
+                      dict(by_source), db.models(), db.metrics(), db.skipped())

@@ -1,0 +1,199 @@
+"""``medal`` command line: parses arguments, calls one library function, prints the outcome."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from . import __version__, api
+from .config import Config, load_config
+from .errors import LabellingError, MedalError
+
+EPILOG = """workflow:
+  medal train  -c CONFIG            train on the labelled set (round 0)
+  medal query  -c CONFIG            score the pool, export labelling/round-001
+  medal ingest -c CONFIG FOLDER     record the radiologist's labels from a round folder
+  medal round  -c CONFIG            fine-tune on all labels, then export the next round
+  medal status -c CONFIG            rounds, label counts and metrics
+
+See README.md for the config reference."""
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise MedalError(f"--set expects KEY=VALUE (e.g. query.budget=50), got {pair!r}")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medal", description="Active learning for medical images with MC dropout.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"medal {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-c", "--config", required=True, type=Path,
+                       help="TOML config file (relative paths in it resolve against its folder)")
+        p.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set query.budget=50 (repeatable)")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        return p
+
+    add("train", "train (or fine-tune) the model on all labels so far",
+        "Train the model for the current round on every label so far. The first training\n"
+        "starts from scratch (or model.pretrained); after an ingest it fine-tunes from the\n"
+        "previous round's checkpoint. Prints validation/test metrics.")
+    add("query", "score the pool with MC dropout and export the next round folder",
+        "Score every pool image with Monte Carlo dropout, choose query.budget images with\n"
+        "query.strategy, and export them to <workspace>/labelling/round-NNN for labelling.")
+    p = add("ingest", "record the labels returned in a round folder",
+            "Validate a returned round folder (labels.csv and/or class subfolders). On any\n"
+            "problem, list every problem and record nothing; otherwise record all labels in\n"
+            "one transaction. Unlabelled images go back to the pool. Running it twice is safe.")
+    p.add_argument("folder", type=Path, help="the round folder, e.g. runs/x/labelling/round-001")
+    add("round", "one active-learning round: train (fine-tune), then query",
+        "Fine-tune on all labels so far (the same as 'medal train'), then export the next\n"
+        "round (the same as 'medal query').")
+    add("status", "show rounds, label counts and metrics per round",
+        "Show the workspace: rounds exported and ingested, labels per class and source,\n"
+        "metrics of each model round, and files that could not be read.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, _overrides(args.overrides))
+        return COMMANDS[args.command](cfg, args)
+    except LabellingError as e:
+        print(f"medal {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except MedalError as e:
+        print(f"medal {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def _fmt(v: float) -> str:
+    return "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _print_train(r: api.TrainReport) -> None:
+    counts = ", ".join(f"{c} {n}" for c, n in r.class_counts.items())
+    start = f"fine-tuned from round {r.warm_start_from}" if r.warm_start_from is not None \
+        else "trained from scratch"
+    print(f"model round {r.model_round}: {start} on {r.n_labels} labels ({counts}); "
+          f"{r.epochs} epochs (best {r.best_epoch}) in {r.seconds:.1f} s")
+    for split, m in r.metrics.items():
+        print(f"  {split:<10} accuracy {_fmt(m['accuracy'])}  balanced accuracy "
+              f"{_fmt(m['balanced_accuracy'])}  AUROC {_fmt(m['auroc'])}  (n={int(m['n'])})")
+    print(f"  checkpoint: {_rel(r.checkpoint)}")
+    if r.skipped:
+        print(f"  {len(r.skipped)} unreadable file(s) skipped; see 'medal status'")
+
+
+def _print_query(r: api.QueryReport, cfg: Config) -> None:
+    print(f"round {r.round:03d}: {r.n_selected} images chosen by {r.strategy} from a pool of "
+          f"{r.pool_size} (model round {r.model_round}, {r.seconds:.1f} s)")
+    if r.skipped:
+        print(f"  {len(r.skipped)} unreadable file(s) skipped; see 'medal status'")
+    print(f"labelling folder: {_rel(r.folder)}")
+    print(f"next: fill {_rel(r.folder / 'labels.csv')} (or sort the images into its class "
+          f"folders), then\n  medal ingest -c {_rel(cfg.path)} {_rel(r.folder)}")
+
+
+def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    _print_train(api.train(cfg, progress=not args.quiet))
+    return 0
+
+
+def cmd_query(cfg: Config, args: argparse.Namespace) -> int:
+    _print_query(api.query(cfg, progress=not args.quiet), cfg)
+    return 0
+
+
+def cmd_ingest(cfg: Config, args: argparse.Namespace) -> int:
+    r = api.ingest(cfg, args.folder)
+    if r.already_ingested:
+        print(f"round {r.round:03d} was already ingested with these labels; nothing changed")
+        return 0
+    counts = ", ".join(f"{c} {n}" for c, n in sorted(r.labelled.items())) or "none"
+    print(f"round {r.round:03d}: recorded {sum(r.labelled.values())} labels ({counts}); "
+          f"{r.returned_to_pool} unlabelled image(s) returned to the pool")
+    print(f"next: medal round -c {_rel(cfg.path)}")
+    return 0
+
+
+def cmd_round(cfg: Config, args: argparse.Namespace) -> int:
+    t = api.train(cfg, progress=not args.quiet)
+    _print_train(t)
+    _print_query(api.query(cfg, progress=not args.quiet), cfg)
+    return 0
+
+
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    s = api.status(cfg)
+    print(f"workspace: {_rel(s.workspace)}")
+    labels = ", ".join(f"{c} {n}" for c, n in s.label_counts.items())
+    sources = ", ".join(f"{k} {n}" for k, n in sorted(s.labels_by_source.items()))
+    print(f"labels: {sum(s.label_counts.values())} ({labels}); by source: {sources or 'none'}")
+    if s.rounds:
+        print("\nround  strategy     exported  labelled  pool    model  state")
+        for r in s.rounds:
+            state = "ingested" if r["ingested"] else "awaiting labels"
+            print(f"{r['round']:>5}  {r['strategy']:<11}  {r['exported']:>8}  {r['labelled']:>8}"
+                  f"  {r['pool_size']:>6}  {r['model_round']:>5}  {state}")
+    else:
+        print("\nno rounds exported yet")
+    if s.models:
+        splits = sorted({sp for m in s.metrics.values() for sp in m})
+        head = "".join(f"  {sp[:4]}:acc  {sp[:4]}:bacc  {sp[:4]}:auroc" for sp in splits)
+        print(f"\nmodel  labels  epochs  train s{head}")
+        for m in s.models:
+            met = s.metrics.get(m["round"], {})
+            cells = "".join(
+                f"  {_fmt(met.get(sp, {}).get('accuracy')):>8}"
+                f"  {_fmt(met.get(sp, {}).get('balanced_accuracy')):>9}"
+                f"  {_fmt(met.get(sp, {}).get('auroc')):>10}" for sp in splits)
+            print(f"{m['round']:>5}  {m['n_labels']:>6}  {m['epochs']:>6}  "
+                  f"{m['train_seconds']:>7.1f}{cells}")
+    if s.skipped:
+        print(f"\n{len(s.skipped)} unreadable file(s) skipped:")
+        for p, reason in list(s.skipped.items())[:20]:
+            print(f"  {_rel(Path(p))}: {reason}")
+        if len(s.skipped) > 20:
+            print(f"  ... and {len(s.skipped) - 20} more")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "query": cmd_query, "ingest": cmd_ingest, "round": cmd_round,
+            "status": cmd_status}

@@ -1,0 +1,195 @@
+"""From files on disk to samples and tensors.
+
+Folder layouts (scans are recursive and sorted, so every run sees the same order)::
+
+    labelled/                 pool/                    labels.csv
+      normal/a.png              2024/x.dcm               file,label
+      pneumonia/b.dcm           2024/y.png               imgs/a.png,normal
+                                                         imgs/b.dcm,pneumonia
+
+A labelled source is either a folder with one subfolder per class or a CSV with columns
+``file,label`` (files relative to the CSV's folder). Images are identified by the SHA-256 of
+their bytes, so a file moved or renamed keeps its identity and its labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from .errors import DataError, ImageReadError
+from .io import load_image, sniff_format
+
+NORMALISE_MEAN = 0.5
+NORMALISE_STD = 0.25
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One image file found by a scan; ``label`` is set for labelled sources only."""
+
+    path: Path
+    label: str | None = None
+    origin: str | None = None
+    """Where the label came from, e.g. ``labels.csv:12`` or the class folder."""
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes: the stable image id."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def scan_folder(root: Path) -> list[Path]:
+    """Every image file under ``root`` (recursive, sorted; hidden files and folders skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        if sniff_format(p) is not None:
+            out.append(p)
+    return out
+
+
+def scan_source(source: Path, classes: Sequence[str] | None) -> list[FileEntry]:
+    """Scan a pool folder (``classes=None``) or a labelled folder/CSV (labels checked)."""
+    source = Path(source)
+    if classes is None:
+        return [FileEntry(p) for p in scan_folder(source)]
+    if source.is_file():
+        return _read_label_csv(source, classes)
+    if not source.is_dir():
+        raise DataError(f"labelled source not found: {source} (expected a folder with one "
+                        f"subfolder per class, or a CSV with columns file,label)")
+    by_lower = {c.lower(): c for c in classes}
+    entries: list[FileEntry] = []
+    unknown = []
+    for sub in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        cls = by_lower.get(sub.name.lower())
+        if cls is None:
+            unknown.append(sub.name)
+            continue
+        entries += [FileEntry(p, cls, str(sub)) for p in scan_folder(sub)]
+    if unknown:
+        raise DataError(f"{source}: subfolder(s) {', '.join(map(repr, unknown))} are not classes; "
+                        f"allowed: {', '.join(classes)}")
+    if not entries:
+        raise DataError(f"{source}: no images found in class subfolders "
+                        f"({', '.join(classes)})")
+    return entries
+
+
+def _read_label_csv(path: Path, classes: Sequence[str]) -> list[FileEntry]:
+    by_lower = {c.lower(): c for c in classes}
+    problems = []
+    entries = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise DataError(f"{path}: empty CSV; expected a header 'file,label'")
+    header = [h.strip().lower() for h in rows[0]]
+    if "file" not in header or "label" not in header:
+        raise DataError(f"{path}: line 1: header must contain columns 'file' and 'label', "
+                        f"got {rows[0]}")
+    fi, li = header.index("file"), header.index("label")
+    for n, row in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) <= max(fi, li):
+            problems.append(f"{path}: line {n}: too few columns")
+            continue
+        name, label = row[fi].strip(), row[li].strip()
+        cls = by_lower.get(label.lower())
+        if cls is None:
+            problems.append(f"{path}: line {n}: label {label!r} is not one of "
+                            f"{', '.join(classes)}")
+            continue
+        p = Path(name)
+        p = p if p.is_absolute() else path.parent / p
+        if not p.is_file():
+            problems.append(f"{path}: line {n}: file not found: {p}")
+            continue
+        entries.append(FileEntry(p, cls, f"{path.name}:{n}"))
+    if problems:
+        raise DataError(f"{path}: {len(problems)} problem(s):\n" +
+                        "\n".join(f"  - {p}" for p in problems))
+    return entries
+
+
+def to_tensor(img: np.ndarray, channels: int, size: int) -> torch.Tensor:
+    """Float image in [0, 1], ``[H, W]`` or ``[H, W, 3]`` -> normalised ``[channels, size, size]``.
+
+    The image is resized to a square (aspect ratio not kept) with antialiasing.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+    if t.shape[0] == 3 and channels == 1:
+        t = TF.rgb_to_grayscale(t)
+    elif t.shape[0] == 1 and channels == 3:
+        t = t.expand(3, -1, -1)
+    if t.shape[-2:] != (size, size):
+        t = TF.resize(t, [size, size], antialias=True)
+    return ((t - NORMALISE_MEAN) / NORMALISE_STD).contiguous()
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes images lazily. Item ``i`` is ``(x [C, S, S], i, reason)``; ``reason`` is ``""``
+    for a good image and the one-line decode error otherwise (then ``x`` is zeros), so a broken
+    file is reported instead of crashing a DataLoader worker."""
+
+    def __init__(self, paths: Sequence[Path], *, channels: int, size: int,
+                 window: str | tuple[float, float] = "file", frame: str | int = "middle") -> None:
+        self.paths = list(paths)
+        self.channels, self.size, self.window, self.frame = channels, size, window, frame
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            img = load_image(self.paths[i], window=self.window, frame=self.frame)
+        except ImageReadError as e:
+            return torch.zeros(self.channels, self.size, self.size), i, e.reason
+        return to_tensor(img, self.channels, self.size), i, ""
+
+
+def make_loader(ds: ImageDataset, batch_size: int, num_workers: int,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
+                                       num_workers=num_workers, pin_memory=pin_memory,
+                                       persistent_workers=False)
+
+
+def load_all(paths: Sequence[Path], *, channels: int, size: int,
+             window: str | tuple[float, float] = "file", frame: str | int = "middle",
+             num_workers: int = 0, batch_size: int = 256
+             ) -> tuple[torch.Tensor, np.ndarray, dict[Path, str]]:
+    """Decode ``paths`` into memory.
+
+    Returns ``(x [M, C, S, S], kept [M] indices into paths, {path: reason} for skipped files)``.
+    """
+    ds = ImageDataset(paths, channels=channels, size=size, window=window, frame=frame)
+    xs, kept, skipped = [], [], {}
+    for x, idx, reasons in make_loader(ds, batch_size, num_workers):
+        ok = torch.tensor([r == "" for r in reasons], dtype=torch.bool)
+        xs.append(x[ok])
+        kept += idx[ok].tolist()
+        for j, r in zip(idx.tolist(), reasons):
+            if r:
+                skipped[ds.paths[j]] = r
+    x = torch.cat(xs) if xs else torch.zeros(0, channels, size, size)
+    return x, np.asarray(kept, dtype=np.int64), skipped

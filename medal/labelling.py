@@ -1,0 +1,308 @@
+"""Round folders for radiologists (export) and validated label ingestion (ingest).
+
+A round folder::
+
+    round-001/
+      README.txt             instructions for the radiologist
+      labels.csv             file,label  (fill the label column)
+      manifest.csv           file, image id, source path, rank, score, prediction, probabilities
+      001_3fa2c4e1b07d.dcm   copies of the chosen images (originals are never touched)
+      normal/  pneumonia/    alternative to the CSV: move each image into its class folder
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from .data import file_sha256
+from .errors import DataError, LabellingError
+from .ledger import LabelRecord, RoundRecord, Selection
+from .workspace import UNSURE, Item, Workspace
+
+IGNORED_FILES = {"thumbs.db", "desktop.ini", ".ds_store"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One image chosen for labelling."""
+
+    item: Item
+    score: float
+    probs: np.ndarray
+    """``[C]`` MC-averaged class probabilities."""
+
+
+def neutralise(cell: str) -> str:
+    """Keep a spreadsheet from executing a text cell (leading ``= + - @``)."""
+    if cell and cell[0] in "=+-@\t\r":
+        try:
+            float(cell)
+            return cell
+        except ValueError:
+            return "'" + cell
+    return cell
+
+
+def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, strategy: str,
+                 model_round: int, pool_size: int, score_seconds: float) -> Path:
+    """Write ``labelling/round-NNN/`` and record the round in the ledger.
+
+    The folder is built under a temporary name, the ledger row is committed, then the folder is
+    renamed into place; an interrupted export is finished or undone when the workspace opens.
+    """
+    classes = list(ws.cfg.classes)
+    final = ws.round_dir(round)
+    if final.exists():
+        raise LabellingError(f"{final} already exists; refusing to overwrite a labelling folder")
+    tmp = ws.labelling_dir / f".round-{round:03d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    width = max(3, len(str(len(chosen))))
+    selections, manifest = [], []
+    for rank, c in enumerate(chosen, start=1):
+        src = c.item.path
+        ext = src.suffix.lower() or ".dcm"
+        name = f"{rank:0{width}d}_{c.item.id[:12]}{ext}"
+        shutil.copyfile(src, tmp / name)
+        if file_sha256(tmp / name) != c.item.id:
+            shutil.rmtree(tmp)
+            raise DataError(f"{src}: the file changed while medal was reading it; run the "
+                            f"command again")
+        pred = classes[int(np.argmax(c.probs))]
+        probs = tuple(round_float(p) for p in c.probs)
+        selections.append(Selection(round, c.item.id, rank, name, float(c.score), pred, probs))
+        manifest.append([name, c.item.id, neutralise(str(src)), rank, f"{c.score:.6g}", pred,
+                         *[f"{p:.4f}" for p in c.probs]])
+    _write_csv(tmp / "labels.csv", ["file", "label"], [[s.file, ""] for s in selections])
+    _write_csv(tmp / "manifest.csv",
+               ["file", "image_id", "source_path", "rank", "score", "predicted",
+                *[f"p_{c}" for c in classes]], manifest)
+    for c in classes:
+        (tmp / c).mkdir()
+    (tmp / "README.txt").write_text(_readme(round, classes, len(selections)), encoding="utf-8")
+    ws.db.record_round(RoundRecord(round, strategy, len(selections), ws.cfg.query.mc_samples,
+                                   model_round, pool_size, str(final), time.time(), None,
+                                   score_seconds), selections)
+    tmp.rename(final)
+    return final
+
+
+def round_float(x: float) -> float:
+    return float(f"{float(x):.6g}")
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _readme(round: int, classes: list[str], n: int) -> str:
+    allowed = "\n".join(f"    {c}" for c in classes)
+    return f"""medal labelling round {round:03d}
+{'=' * 28}
+
+This folder holds {n} images chosen because the model is least sure about them.
+The files are copies; the originals are untouched.
+
+How to label (either way works; do not rename the image files):
+
+  A) Open labels.csv in a spreadsheet and type one label per row in the
+     "label" column. Leave a row empty if you cannot decide; that image
+     goes back to the pool for a later round. You may also write "{UNSURE}".
+
+  B) Or move each image file into the subfolder named after its class.
+
+Allowed labels (upper/lower case does not matter):
+{allowed}
+    {UNSURE}   (take the image out of the pool; it will not be asked again)
+
+Optional columns in labels.csv: "annotator" (your name) and "comment".
+manifest.csv lists each image's source and the model's current prediction.
+When you are done, hand the folder back; medal checks it before recording anything.
+"""
+
+
+# --- ingest ---------------------------------------------------------------------------------
+@dataclass
+class IngestResult:
+    round: int
+    labelled: dict[str, int] = field(default_factory=dict)
+    """Labels recorded per class (``unsure`` included)."""
+    returned_to_pool: int = 0
+    already_ingested: bool = False
+
+
+@dataclass(frozen=True)
+class _Answer:
+    label: str
+    source: str
+    origin: str
+    annotator: str | None
+
+
+def round_number(folder: Path) -> int:
+    name = folder.name
+    if not name.startswith("round-") or not name[len("round-"):].isdigit():
+        raise LabellingError(f"{folder}: not a round folder (expected a name like round-001)")
+    return int(name[len("round-"):])
+
+
+def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
+    """Validate everything in a returned round folder, then record all labels in one transaction.
+
+    On any problem, raises :class:`LabellingError` listing every problem and writes nothing.
+    """
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise LabellingError(f"labelling folder not found: {folder}")
+    number = round_number(folder)
+    rec = ws.db.round(number)
+    if rec is None:
+        raise LabellingError(f"{folder}: round {number} was never exported from workspace "
+                             f"{ws.root}")
+    selections = {s.file: s for s in ws.db.selections(number)}
+    answers, problems = read_answers(folder, list(ws.cfg.classes), selections)
+    for name, a in answers.items():
+        problems += _check_unchanged(folder, name, a, selections[name].image_id)
+    if problems:
+        raise LabellingError(f"{folder}: {len(problems)} problem(s); nothing was recorded",
+                             problems)
+    result = IngestResult(number)
+    for a in answers.values():
+        result.labelled[a.label] = result.labelled.get(a.label, 0) + 1
+    result.returned_to_pool = len(selections) - len(answers)
+    if rec.ingested_at is not None:
+        before = {r.image_id: r.label for r in ws.db.labels(number)
+                  if r.source in ("labels.csv", "folder")}
+        now = {selections[n].image_id: a.label for n, a in answers.items()}
+        if before == now:
+            result.already_ingested = True
+            return result
+        diff = [f"{s.file}: recorded {before.get(s.image_id)!r}, folder now says "
+                f"{now.get(s.image_id)!r}" for s in selections.values()
+                if before.get(s.image_id) != now.get(s.image_id)]
+        raise LabellingError(f"{folder}: round {number} was already ingested and its labels "
+                             f"have changed since; nothing was recorded", diff)
+    when = time.time()
+    rows = [LabelRecord(selections[n].image_id, a.label, number, a.source, a.annotator,
+                        a.origin, when) for n, a in sorted(answers.items())]
+    with ws.db.transaction() as db:
+        ws.db.add_labels(db, rows)
+        ws.db.mark_ingested(db, number, when)
+    return result
+
+
+def read_answers(folder: Path, classes: list[str], selections: dict[str, Selection]
+                 ) -> tuple[dict[str, _Answer], list[str]]:
+    """Labels from ``labels.csv`` and the class subfolders, and every problem found."""
+    allowed = {c.lower(): c for c in classes} | {UNSURE: UNSURE}
+    allowed_text = ", ".join([*classes, UNSURE])
+    problems: list[str] = []
+    from_csv: dict[str, _Answer] = {}
+    csv_path = folder / "labels.csv"
+    if csv_path.is_file():
+        from_csv = _read_labels_csv(csv_path, allowed, allowed_text, selections, problems)
+    from_dirs: dict[str, _Answer] = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = [p for p in sorted(sub.rglob("*"))
+                 if p.is_file() and not p.name.startswith(".")
+                 and p.name.lower() not in IGNORED_FILES]
+        label = allowed.get(sub.name.lower())
+        if label is None:
+            if files:
+                problems.append(f"{sub.name}/: not a label folder; allowed: {allowed_text}")
+            continue
+        for p in files:
+            rel = p.relative_to(folder).as_posix()
+            if p.name not in selections:
+                problems.append(f"{rel}: not an image exported in this round")
+            elif p.name in from_dirs:
+                problems.append(f"{p.name}: found in two label folders "
+                                f"({from_dirs[p.name].origin} and {rel})")
+            else:
+                from_dirs[p.name] = _Answer(label, "folder", rel, None)
+    answers = dict(from_csv)
+    for name, a in from_dirs.items():
+        c = from_csv.get(name)
+        if c is not None and c.label != a.label:
+            problems.append(f"{name}: {c.origin} says {c.label!r} but the file is in folder "
+                            f"{a.origin.split('/')[0]}/ ({a.label!r})")
+        elif c is None:
+            answers[name] = a
+    return answers, problems
+
+
+def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
+                     selections: dict[str, Selection], problems: list[str]
+                     ) -> dict[str, _Answer]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = path.read_bytes().decode("cp1252", errors="replace")
+    first = text.splitlines()[0] if text.strip() else ""
+    delim = max(",;\t", key=first.count) if first else ","
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delim))
+    out: dict[str, _Answer] = {}
+    if not rows:
+        return out
+    header = [h.strip().lower() for h in rows[0]]
+    if "file" not in header or "label" not in header:
+        problems.append(f"labels.csv line 1: the header must have columns 'file' and 'label' "
+                        f"(got {', '.join(map(repr, rows[0]))})")
+        return out
+    fi, li = header.index("file"), header.index("label")
+    ai = header.index("annotator") if "annotator" in header else None
+    lines: dict[str, int] = {}
+    for n, row in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in row):
+            continue
+        cell = row[fi].strip() if fi < len(row) else ""
+        label_cell = row[li].strip() if li < len(row) else ""
+        where = f"labels.csv line {n}"
+        name = cell.replace("\\", "/")
+        pp = PurePosixPath(name)
+        if not name:
+            problems.append(f"{where}: empty file name")
+            continue
+        if pp.is_absolute() or ".." in pp.parts or (len(name) > 1 and name[1] == ":"):
+            problems.append(f"{where}: file {cell!r} points outside the round folder")
+            continue
+        if pp.name not in selections:
+            problems.append(f"{where}: {cell!r} is not an image exported in this round")
+            continue
+        if pp.name in lines:
+            problems.append(f"{where}: {pp.name} is listed again (first on line "
+                            f"{lines[pp.name]}); keep one row per image")
+            out.pop(pp.name, None)
+            continue
+        lines[pp.name] = n
+        if not label_cell:
+            continue
+        label = allowed.get(label_cell.lower())
+        if label is None:
+            problems.append(f"{where}: label {label_cell!r} for {pp.name} is not allowed; "
+                            f"allowed: {allowed_text} (or leave it empty)")
+            continue
+        annotator = row[ai].strip() or None if ai is not None and ai < len(row) else None
+        out[pp.name] = _Answer(label, "labels.csv", f"labels.csv:{n}", annotator)
+    return out
+
+
+def _check_unchanged(folder: Path, name: str, a: _Answer, image_id: str) -> list[str]:
+    candidates = [folder / a.origin] if a.source == "folder" else [folder / name]
+    for p in candidates:
+        if p.is_file() and file_sha256(p) != image_id:
+            return [f"{p.relative_to(folder).as_posix()}: the image file changed since it was "
+                    f"exported; put the original copy back"]
+    return []

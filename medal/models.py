@@ -1,0 +1,164 @@
+"""Backbones with a stochastic (dropout) head, built by name from one registry.
+
+Every model maps ``x [B, C, S, S]`` to logits ``[B, K]`` and exposes ``features(x) -> [B, D]``
+(the deterministic backbone) and ``head(f) -> [B, K]`` (the stochastic part), so MC dropout can
+run the backbone once and sample only the head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+_REGISTRY: dict[str, Callable[[int], tuple[nn.Module, int]]] = {}
+
+
+def register_backbone(name: str) -> Callable:
+    """Decorator: ``fn(in_channels) -> (backbone returning [B, D], D)``."""
+
+    def deco(fn: Callable[[int], tuple[nn.Module, int]]) -> Callable:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def available_models() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+@register_backbone("small_cnn")
+def _small_cnn(in_channels: int) -> tuple[nn.Module, int]:
+    def block(i: int, o: int) -> list[nn.Module]:
+        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+    net = nn.Sequential(*block(in_channels, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2),
+                        *block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return net, 128
+
+
+def _adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """A copy of ``conv`` taking ``in_channels`` inputs (weights re-initialised as torchvision)."""
+    if conv.in_channels == in_channels:
+        return conv
+    return nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     bias=conv.bias is not None)
+
+
+def _tv(name: str) -> Callable[[int], tuple[nn.Module, int]]:
+    def build(in_channels: int) -> tuple[nn.Module, int]:
+        import torchvision.models as tvm
+
+        net = getattr(tvm, name)(weights=None)
+        if name.startswith("resnet"):
+            net.conv1 = _adapt_stem(net.conv1, in_channels)
+            dim = net.fc.in_features
+            net.fc = nn.Identity()
+        elif name.startswith("densenet"):
+            net.features.conv0 = _adapt_stem(net.features.conv0, in_channels)
+            dim = net.classifier.in_features
+            net.classifier = nn.Identity()
+        else:  # efficientnet
+            net.features[0][0] = _adapt_stem(net.features[0][0], in_channels)
+            dim = net.classifier[-1].in_features
+            net.classifier = nn.Identity()
+        return net, dim
+
+    return build
+
+
+for _name in ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0"):
+    register_backbone(_name)(_tv(_name))
+
+
+class StochasticHead(nn.Sequential):
+    """``[*, D] -> [*, K]``: dropout, hidden layer, dropout, linear."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int, p: float) -> None:
+        super().__init__(nn.Dropout(p), nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
+                         nn.Dropout(p), nn.Linear(hidden, num_classes))
+
+
+class MCModel(nn.Module):
+    """A deterministic backbone and a stochastic dropout head."""
+
+    def __init__(self, name: str, num_classes: int, *, in_channels: int = 1,
+                 dropout: float = 0.5, hidden: int = 128) -> None:
+        super().__init__()
+        if name not in _REGISTRY:
+            raise ModelError(f"unknown model {name!r}; available: {', '.join(_REGISTRY)}")
+        self.backbone, self.feature_dim = _REGISTRY[name](in_channels)
+        self.head = StochasticHead(self.feature_dim, hidden, num_classes, dropout)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, C, S, S]`` -> ``[B, D]``."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, C, S, S]`` -> logits ``[B, K]``."""
+        return self.head(self.features(x))
+
+
+def create_model(name: str, num_classes: int, *, in_channels: int = 1, dropout: float = 0.5,
+                 hidden: int = 128, pretrained: Path | None = None) -> MCModel:
+    """Build a model by registry name; ``pretrained`` is a local backbone state-dict file."""
+    model = MCModel(name, num_classes, in_channels=in_channels, dropout=dropout, hidden=hidden)
+    if pretrained is not None:
+        load_backbone_weights(model, Path(pretrained))
+    return model
+
+
+def load_backbone_weights(model: MCModel, path: Path) -> None:
+    """Load a torchvision-style state dict into the backbone (classifier keys ignored).
+
+    A 3-channel stem is averaged over its RGB filters when the model takes 1 channel.
+    """
+    if not path.is_file():
+        raise ModelError(f"model.pretrained: weights file not found: {path} (medal never "
+                         f"downloads weights; save them locally and give the path)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise ModelError(f"model.pretrained: cannot read {path}: {e}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    own = model.backbone.state_dict()
+    adapted = {}
+    for k, v in state.items():
+        if k not in own:
+            continue
+        if v.ndim == 4 and own[k].ndim == 4 and v.shape[1] == 3 and own[k].shape[1] == 1:
+            v = v.mean(dim=1, keepdim=True)
+        adapted[k] = v
+    bad = [k for k, v in adapted.items() if v.shape != own[k].shape]
+    missing = [k for k in own if k not in adapted]
+    if bad or len(missing) == len(own):
+        raise ModelError(f"model.pretrained: {path} does not fit this backbone "
+                         f"({len(bad)} shape mismatches, {len(missing)} of {len(own)} weights "
+                         f"missing)")
+    model.backbone.load_state_dict(adapted, strict=False)
+
+
+def set_mc_mode(model: nn.Module) -> int:
+    """Eval mode everywhere except dropout layers, which keep sampling. Returns their count."""
+    model.eval()
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)):
+            m.train()
+            n += 1
+    return n
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device = {name!r} but CUDA is not available; use 'auto' or 'cpu'")
+    return torch.device(name)

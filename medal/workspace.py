@@ -1,0 +1,225 @@
+"""The one owner of medal's on-disk state.
+
+::
+
+    <workspace>/
+      ledger.sqlite            images, labels with provenance, rounds, models, metrics
+      checkpoints/round-000.pt model trained on the labels of rounds <= 0
+      labelling/round-001/     folders handed to radiologists
+      .lock                    held while a command changes the workspace
+
+Source images are only ever read. Model round k is trained on the initial labels plus the
+labels ingested from rounds 1..k; querying with model k exports round k+1.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config
+from .data import FileEntry, file_sha256, scan_source
+from .errors import DataError, WorkspaceError
+from .io import sniff_format
+from .ledger import ImageRecord, LabelRecord, Ledger
+
+UNSURE = "unsure"
+
+
+@dataclass(frozen=True)
+class Item:
+    """An image known to the workspace: content id, current path, label (if any)."""
+
+    id: str
+    path: Path
+    label: str | None = None
+
+
+@dataclass
+class Snapshot:
+    """What the data sources hold right now, keyed by image id."""
+
+    labelled: list[Item] = field(default_factory=list)
+    pool: list[Item] = field(default_factory=list)
+    validation: list[Item] = field(default_factory=list)
+    test: list[Item] = field(default_factory=list)
+    pending: int = 0
+    """Images exported in a round that has not been ingested yet (out of the pool meanwhile)."""
+
+
+class Workspace:
+    """Open with ``with Workspace(cfg) as ws:``; ``lock=True`` makes the command exclusive."""
+
+    def __init__(self, cfg: Config, *, lock: bool = True) -> None:
+        self.cfg = cfg
+        self.root = cfg.workspace
+        self._want_lock = lock
+        self._lock_fd: int | None = None
+        self.ledger: Ledger | None = None
+
+    # --- paths ----------------------------------------------------------------------------
+    @property
+    def ledger_path(self) -> Path:
+        return self.root / "ledger.sqlite"
+
+    @property
+    def labelling_dir(self) -> Path:
+        return self.root / "labelling"
+
+    def checkpoint_path(self, model_round: int) -> Path:
+        return self.root / "checkpoints" / f"round-{model_round:03d}.pt"
+
+    def round_dir(self, round: int) -> Path:
+        return self.labelling_dir / f"round-{round:03d}"
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def __enter__(self) -> Workspace:
+        if self.root.exists() and not self.root.is_dir():
+            raise WorkspaceError(f"workspace {self.root} exists and is not a folder")
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self._want_lock:
+            self._acquire_lock()
+        try:
+            self.ledger = Ledger(self.ledger_path)
+            if self._want_lock:
+                self._recover()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _acquire_lock(self) -> None:
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise WorkspaceError(
+                f"workspace {self.root} is in use by another medal command (pid {holder}); "
+                f"wait for it to finish and run this command again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def _recover(self) -> None:
+        """Finish or undo a round export that a crash interrupted (see labelling.export)."""
+        if not self.labelling_dir.is_dir():
+            return
+        recorded = {r.round for r in self.db.rounds()}
+        for tmp in self.labelling_dir.glob(".round-*.tmp"):
+            try:
+                n = int(tmp.name[len(".round-"):-len(".tmp")])
+            except ValueError:
+                continue
+            final = self.round_dir(n)
+            if n in recorded and not final.exists():
+                tmp.rename(final)
+            else:
+                shutil.rmtree(tmp)
+
+    @property
+    def db(self) -> Ledger:
+        if self.ledger is None:
+            raise WorkspaceError("workspace is not open; use 'with Workspace(cfg) as ws:'")
+        return self.ledger
+
+    # --- rounds ---------------------------------------------------------------------------
+    def ingested_rounds(self) -> int:
+        """Highest round whose labels are in (0 when none): the round of the next model."""
+        done = [r.round for r in self.db.rounds() if r.ingested_at is not None]
+        return max(done, default=0)
+
+    def pending_round(self) -> int | None:
+        pend = [r.round for r in self.db.rounds() if r.ingested_at is None]
+        return min(pend) if pend else None
+
+    def next_round(self) -> int:
+        return max((r.round for r in self.db.rounds()), default=0) + 1
+
+    # --- scanning -------------------------------------------------------------------------
+    def identify(self, entries: list[FileEntry]) -> list[tuple[str, FileEntry]]:
+        """Content ids for scanned files; unchanged files (path, size, mtime) are not re-hashed."""
+        known = self.db.images_by_path()
+        out, new = [], []
+        for e in entries:
+            st = e.path.stat()
+            rec = known.get(str(e.path))
+            if rec is not None and rec.size == st.st_size and rec.mtime_ns == st.st_mtime_ns:
+                out.append((rec.id, e))
+                continue
+            image_id = file_sha256(e.path)
+            new.append(ImageRecord(image_id, str(e.path), st.st_size, st.st_mtime_ns,
+                                   sniff_format(e.path) or "unknown"))
+            out.append((image_id, e))
+        if new:
+            self.db.upsert_images(new)
+        return out
+
+    def sync(self) -> Snapshot:
+        """Scan every data source, register new images and initial labels; return the sets."""
+        cfg = self.cfg
+        classes = list(cfg.classes)
+        snap = Snapshot()
+
+        def items(source: Path | None, labelled: bool) -> list[Item]:
+            if source is None:
+                return []
+            seen: dict[str, Item] = {}
+            for image_id, e in self.identify(scan_source(source, classes if labelled else None)):
+                prev = seen.get(image_id)
+                if prev is not None and labelled and prev.label != e.label:
+                    raise DataError(f"{source}: the same image is labelled {prev.label!r} "
+                                    f"({prev.path}) and {e.label!r} ({e.path})")
+                seen.setdefault(image_id, Item(image_id, e.path, e.label))
+            return list(seen.values())
+
+        initial = items(cfg.data.labelled, True)
+        snap.validation = items(cfg.data.validation, True)
+        snap.test = items(cfg.data.test, True)
+        pool = items(cfg.data.pool, False)
+        self._record_initial_labels(initial)
+
+        current = self.db.current_labels()
+        paths = {r.id: Path(r.path) for r in self.db.images_by_path().values()}
+        for it in initial:
+            paths[it.id] = it.path
+        for it in pool:
+            paths[it.id] = it.path
+        snap.labelled = sorted((Item(i, paths[i], lab) for i, lab in current.items()
+                                if lab != UNSURE and i in paths), key=lambda it: str(it.path))
+        held_out = {it.id for it in snap.validation} | {it.id for it in snap.test}
+        pending = self.db.pending_image_ids()
+        snap.pending = len(pending)
+        snap.pool = [it for it in pool
+                     if it.id not in current and it.id not in pending and it.id not in held_out]
+        return snap
+
+    def _record_initial_labels(self, initial: list[Item]) -> None:
+        latest_initial: dict[str, str] = {}
+        has_label = set()
+        for rec in self.db.labels():
+            has_label.add(rec.image_id)
+            if rec.source == "initial":
+                latest_initial[rec.image_id] = rec.label
+        now = time.time()
+        rows = [LabelRecord(it.id, it.label or "", 0, "initial", None, str(it.path), now)
+                for it in initial
+                if it.id not in has_label or (it.id in latest_initial
+                                              and latest_initial[it.id] != it.label)]
+        if rows:
+            with self.db.transaction() as db:
+                self.db.add_labels(db, rows)

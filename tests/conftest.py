@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny real PNG/DICOM datasets written into tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medal.config import load_config
+from medal.dicomwrite import write_dicom
+
+CLASSES = ("normal", "pneumonia")
+
+
+def make_image(label: int, rng: np.random.Generator, size: int = 16) -> np.ndarray:
+    """uint8 [size, size]: class 0 has a dark centre, class 1 a bright one (easily separable)."""
+    img = rng.normal(110, 20, (size, size))
+    c = slice(size // 4, 3 * size // 4)
+    img[c, c] += -60 if label == 0 else 90
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def save(path: Path, img: np.ndarray, as_dicom: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if as_dicom:
+        write_dicom(path, img.astype(np.uint16) * 16, bits_stored=12, intercept=-1024,
+                    window=(1016.5, 4081.0))
+    else:
+        Image.fromarray(img).save(path)
+    return path
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> dict:
+    """labelled (4 per class, PNG), pool (40: PNG and DICOM), validation (8 per class).
+
+    Returns paths and the hidden pool truth ``{resolved path: class name}``.
+    """
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for c, name in enumerate(CLASSES):
+        for i in range(4):
+            save(root / "labelled" / name / f"l{i}.png", make_image(c, rng))
+        for i in range(8):
+            save(root / "validation" / name / f"v{i}.png", make_image(c, rng))
+    truth = {}
+    for i in range(40):
+        c = int(rng.integers(2))
+        dicom = i % 4 == 0
+        p = root / "pool" / ("dicom" if dicom else "png") / f"p{i:02d}.{'dcm' if dicom else 'png'}"
+        save(p, make_image(c, rng), as_dicom=dicom)
+        truth[str(p.resolve())] = CLASSES[c]
+    return {"root": root, "truth": truth}
+
+
+def write_config(tmp_path: Path, extra: str = "", **sections: str) -> Path:
+    text = f"""
+workspace = "ws"
+classes = ["normal", "pneumonia"]
+{extra}
+[data]
+labelled = "data/labelled"
+pool = "data/pool"
+validation = "data/validation"
+[model]
+name = "small_cnn"
+image_size = 16
+hidden = 32
+[train]
+epochs = 2
+min_steps = 10
+batch_size = 8
+[query]
+strategy = "bald"
+budget = 6
+mc_samples = 8
+"""
+    path = tmp_path / "medal.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, tiny_data: dict):
+    return load_config(write_config(tmp_path))

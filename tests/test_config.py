@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+
+from medal.config import load_config
+from medal.errors import ConfigError
+
+BASE = """
+workspace = "ws"
+classes = ["normal", "pneumonia"]
+[data]
+labelled = "lab"
+pool = "pool"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_minimal_config_has_defaults_and_resolves_paths(tmp_path):
+    cfg = load_config(write(tmp_path, BASE))
+    assert cfg.workspace == (tmp_path / "ws").resolve()
+    assert cfg.data.pool == (tmp_path / "pool").resolve()
+    assert cfg.data.validation is None
+    assert cfg.model.name == "small_cnn" and cfg.query.strategy == "bald"
+    assert cfg.classes == ("normal", "pneumonia")
+
+
+def test_unknown_key_names_key_and_valid_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"query\.budgett.*valid keys in \[query\]: strategy"):
+        load_config(write(tmp_path, BASE + "[query]\nbudgett = 3\n"))
+    with pytest.raises(ConfigError, match="unknown key.*'workspaces'"):
+        load_config(write(tmp_path, 'workspaces = "x"\n' + BASE))
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(ConfigError, match="missing required key 'data.pool'"):
+        load_config(write(tmp_path, BASE.replace('pool = "pool"', "")))
+    with pytest.raises(ConfigError, match="missing required key 'classes'"):
+        load_config(write(tmp_path, BASE.replace('classes = ["normal", "pneumonia"]', "")))
+
+
+@pytest.mark.parametrize("snippet, match", [
+    ('[query]\nstrategy = "bold"\n', r"query\.strategy.*one of bald, entropy"),
+    ('[model]\nname = "vgg"\n', r"model\.name.*small_cnn, resnet18"),
+    ("[query]\nbudget = 0\n", r"query\.budget.*>= 1"),
+    ('[query]\nbudget = "ten"\n', r"query\.budget.*must be int"),
+    ("[model]\ndropout = 0.0\n", r"model\.dropout"),
+    ('[image]\nwindow = [40]\n', r"image\.window"),
+])
+def test_bad_values_name_key_and_allowed(tmp_path, snippet, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, BASE + snippet))
+
+
+def test_bad_classes_and_toml(tmp_path):
+    with pytest.raises(ConfigError, match="duplicates"):
+        load_config(write(tmp_path, BASE.replace('"pneumonia"', '"Normal"')))
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "workspace = \n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_overrides_and_window_tuple(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), {"query.budget": 7, "image.window": [40, 400]})
+    assert cfg.query.budget == 7
+    assert cfg.image.window == (40.0, 400.0)
+
+
+def test_bundled_config_is_valid():
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "pneumoniamnist.toml")
+    assert cfg.classes == ("normal", "pneumonia")
+    assert cfg.data.test is not None

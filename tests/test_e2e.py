@@ -1,0 +1,90 @@
+"""The whole loop through the CLI, in-process, on tiny PNG + DICOM data."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from medal import api
+from medal.cli import main
+from medal.config import load_config
+
+from conftest import write_config
+
+
+def fill(folder, truth, leave_empty=0):
+    with open(folder / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(folder / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "label"])
+        for i, r in enumerate(rows):
+            w.writerow([r["file"], "" if i < leave_empty else truth[r["source_path"]]])
+    return rows
+
+
+def test_full_loop_via_cli(tmp_path, tiny_data, capsys):
+    cfg_path = write_config(tmp_path)
+    c = ["-c", str(cfg_path), "-q"]
+    assert main(["train", *c]) == 0
+    out = capsys.readouterr().out
+    assert "model round 0: trained from scratch on 8 labels (normal 4, pneumonia 4)" in out
+    assert "validation" in out and "AUROC" in out
+
+    assert main(["query", *c]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "ws" / "labelling" / "round-001"
+    assert "round 001: 6 images chosen by bald from a pool of 40" in out
+    fill(folder, tiny_data["truth"], leave_empty=1)
+
+    # querying again before ingesting is refused with the next step named
+    assert main(["query", *c]) == 2
+    assert "has not been ingested yet" in capsys.readouterr().err
+
+    assert main(["ingest", *c, str(folder)]) == 0
+    assert "recorded 5 labels" in capsys.readouterr().out
+    assert main(["ingest", *c, str(folder)]) == 0
+    assert "nothing changed" in capsys.readouterr().out
+
+    assert main(["round", *c]) == 0
+    out = capsys.readouterr().out
+    assert "model round 1: fine-tuned from round 0 on 13 labels" in out
+    assert "round 002: 6 images chosen by bald from a pool of 35" in out
+
+    assert main(["status", *c]) == 0
+    out = capsys.readouterr().out
+    assert "labels: 13" in out and "awaiting labels" in out and "ingested" in out
+
+    cfg = load_config(cfg_path)
+    s = api.status(cfg)
+    assert [m["round"] for m in s.models] == [0, 1]
+    assert s.models[1]["parent"] == 0
+    assert set(s.metrics[1]["validation"]) >= {"accuracy", "balanced_accuracy", "auroc"}
+
+
+def test_dicom_pool_is_scored_and_exported(tmp_path, tiny_data, capsys):
+    cfg_path = write_config(tmp_path)
+    c = ["-c", str(cfg_path), "-q", "--set", "query.budget=40", "--set", 'query.strategy="random"']
+    assert main(["train", *c]) == 0
+    assert main(["query", *c]) == 0
+    folder = tmp_path / "ws" / "labelling" / "round-001"
+    exported = sorted(p.name for p in folder.iterdir() if p.is_file())
+    assert sum(n.endswith(".dcm") for n in exported) == 10  # every DICOM stays DICOM
+    assert sum(n.endswith(".png") for n in exported) == 30
+
+
+def test_bad_config_and_missing_workspace_are_clear(tmp_path, tiny_data, capsys):
+    cfg_path = write_config(tmp_path)
+    assert main(["status", "-c", str(cfg_path)]) == 2
+    assert "no workspace" in capsys.readouterr().err
+    assert main(["train", "-c", str(cfg_path), "--set", "query.budget=0"]) == 2
+    assert "'query.budget' must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["train", "query", "ingest", "round", "status"])
+def test_every_command_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert "--config" in capsys.readouterr().out

@@ -1,0 +1,60 @@
+import pytest
+import torch
+from torch import nn
+
+from medal.errors import ModelError
+from medal.models import available_models, create_model, set_mc_mode
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_forward_shapes(name, channels):
+    m = create_model(name, 3, in_channels=channels, hidden=16).eval()
+    x = torch.randn(2, channels, 32, 32)
+    assert m(x).shape == (2, 3)
+    assert m.features(x).shape == (2, m.feature_dim)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet34", "resnet50", "densenet121", "efficientnet_b0"])
+def test_forward_shapes_large(name):
+    m = create_model(name, 2, in_channels=1, hidden=16).eval()
+    assert m(torch.randn(2, 1, 64, 64)).shape == (2, 2)
+
+
+def test_registry_lists_required_models():
+    assert {"small_cnn", "resnet18"} <= set(available_models())
+    with pytest.raises(ModelError, match="unknown model 'vgg'.*small_cnn"):
+        create_model("vgg", 2)
+
+
+def test_mc_mode_samples_dropout_only():
+    m = create_model("small_cnn", 2, hidden=16)
+    n = set_mc_mode(m)
+    assert n == 2
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            assert not mod.training
+        if isinstance(mod, nn.Dropout):
+            assert mod.training
+    x = torch.randn(4, 1, 16, 16)
+    running = [b.running_mean.clone() for b in m.modules() if isinstance(b, nn.BatchNorm2d)]
+    with torch.no_grad():
+        a, b = m(x), m(x)
+    assert not torch.allclose(a, b)  # dropout samples differ
+    after = [b.running_mean for b in m.modules() if isinstance(b, nn.BatchNorm2d)]
+    assert all(torch.equal(r, s) for r, s in zip(running, after))  # BN statistics untouched
+
+
+def test_pretrained_from_local_file(tmp_path):
+    src = create_model("resnet18", 2, in_channels=3)
+    torch.save(src.backbone.state_dict(), tmp_path / "w.pth")
+    gray = create_model("resnet18", 2, in_channels=1, pretrained=tmp_path / "w.pth")
+    expect = src.backbone.conv1.weight.mean(1, keepdim=True)
+    assert torch.allclose(gray.backbone.conv1.weight, expect)
+    assert torch.equal(gray.backbone.layer1[0].conv1.weight, src.backbone.layer1[0].conv1.weight)
+    with pytest.raises(ModelError, match="not found.*never downloads"):
+        create_model("resnet18", 2, pretrained=tmp_path / "missing.pth")
+    torch.save(create_model("small_cnn", 2).backbone.state_dict(), tmp_path / "small.pth")
+    with pytest.raises(ModelError, match="does not fit"):
+        create_model("resnet18", 2, pretrained=tmp_path / "small.pth")
