@@ -55,8 +55,8 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
         y_val: np.ndarray | None = None, seed: int = 0, progress: bool = True) -> FitResult:
     """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices) and keep the best epoch.
 
-    The best epoch is chosen on the validation set (AUROC, then balanced accuracy); without one,
-    the last epoch is kept. Epochs are raised so that at least ``train.min_steps`` optimiser
+    The best epoch is chosen on the validation set (highest balanced accuracy + AUROC, then
+    lowest training loss); without one, the last epoch is kept. Epochs are raised so that at least ``train.min_steps`` optimiser
     steps run, which keeps tiny labelled sets from under-training.
     """
     t0 = time.perf_counter()
@@ -100,7 +100,7 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
             p = predict_deterministic(model, x_val, device)
             m = classification_metrics(y_val, p, len(cfg.classes))
             row.update({f"val_{k}": v for k, v in m.items() if not isinstance(v, list)})
-            key = (_nan0(m.get("auroc")), _nan0(m.get("balanced_accuracy")), -row["loss"])
+            key = (_nan0(m.get("balanced_accuracy")) + _nan0(m.get("auroc")), -row["loss"])
             if best_key is None or key > best_key:
                 best_key, best_epoch = key, epoch
                 best_state = copy.deepcopy(model.state_dict())

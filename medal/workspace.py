@@ -175,21 +175,26 @@ class Workspace:
         classes = list(cfg.classes)
         snap = Snapshot()
 
-        def items(source: Path | None, labelled: bool) -> list[Item]:
+        def items(source: Path | None, labelled: bool, dedupe: bool = True) -> list[Item]:
+            """Scanned files as items; with ``dedupe``, one item per content id."""
             if source is None:
                 return []
             seen: dict[str, Item] = {}
+            out = []
             for image_id, e in self.identify(scan_source(source, classes if labelled else None)):
                 prev = seen.get(image_id)
                 if prev is not None and labelled and prev.label != e.label:
                     raise DataError(f"{source}: the same image is labelled {prev.label!r} "
                                     f"({prev.path}) and {e.label!r} ({e.path})")
-                seen.setdefault(image_id, Item(image_id, e.path, e.label))
-            return list(seen.values())
+                if prev is None or not dedupe:
+                    out.append(Item(image_id, e.path, e.label))
+                seen.setdefault(image_id, out[-1])
+            return out
 
         initial = items(cfg.data.labelled, True)
-        snap.validation = items(cfg.data.validation, True)
-        snap.test = items(cfg.data.test, True)
+        # evaluation sets keep byte-identical copies so metrics cover every file listed
+        snap.validation = items(cfg.data.validation, True, dedupe=False)
+        snap.test = items(cfg.data.test, True, dedupe=False)
         pool = items(cfg.data.pool, False)
         self._record_initial_labels(initial)
 

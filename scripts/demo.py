@@ -55,7 +55,7 @@ def run(cmd: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=2, help="labelling rounds (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="labelling rounds (default 3)")
     p.add_argument("--workspace", type=Path, default=ROOT / "runs" / "demo")
     p.add_argument("--strategy", default="bald")
     a = p.parse_args(argv)
@@ -80,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     run(["status", *common])
     cfg = load_config(CONFIG, {"workspace": str(a.workspace.resolve())})
     s = api.status(cfg)
-    print("\ntest metrics per round (MC-averaged, 624 test images):")
-    print("round  labels  accuracy  AUROC")
+    print("\ntest metrics per round (MC-averaged probabilities):")
+    print("round  labels  test images  accuracy  AUROC")
     for m in s.models:
         t = s.metrics[m["round"]]["test"]
-        print(f"{m['round']:>5}  {m['n_labels']:>6}  {t['accuracy']:>8.3f}  {t['auroc']:>5.3f}")
+        print(f"{m['round']:>5}  {m['n_labels']:>6}  {int(t['n']):>11}  {t['accuracy']:>8.3f}"
+              f"  {t['auroc']:>5.3f}")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     return 0
 
