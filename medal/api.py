@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import acquisition
 from .config import Config
@@ -93,25 +94,21 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport:
         xv, yv, _, sk_v = _load(cfg, snap.validation)
         xt, yt, _, sk_t = _load(cfg, snap.test)
         skipped |= sk_v | sk_t
-        model = build_model(cfg)
-        parent = max((m["round"] for m in ws.db.models() if m["round"] < model_round),
-                     default=None)
-        if parent is not None:
-            load_checkpoint(ws.checkpoint_path(parent), model, cfg.classes, cfg.model.name,
-                            cfg.model.channels)
-            epochs = cfg.train.fine_tune_epochs or cfg.train.epochs
-        else:
-            epochs = cfg.train.epochs
+        model, parent = initial_model(ws, cfg, model_round)
+        epochs = (cfg.train.fine_tune_epochs or cfg.train.epochs) if parent is not None \
+            else cfg.train.epochs
         seed = cfg.seed * 1000 + model_round
         result = fit(model, x, y, cfg, epochs=epochs, device=device,
                      x_val=xv if len(xv) else None, y_val=yv if len(yv) else None, seed=seed,
-                     progress=progress)
+                     progress=progress,
+                     state_path=ws.checkpoint_path(model_round).with_suffix(".partial.pt"))
         metrics = {}
         for split, xs, ys in (("validation", xv, yv), ("test", xt, yt)):
             if len(xs):
                 probs, _ = mc_predict_tensors(model, xs, cfg.query.mc_samples, device=device,
                                               batch_size=cfg.query.batch_size, seed=seed)
-                metrics[split] = classification_metrics(ys, probs.mean(1), len(cfg.classes))
+                metrics[split] = classification_metrics(ys, probs.mean(1), len(cfg.classes),
+                                                        cfg.classes)
         path = ws.checkpoint_path(model_round)
         save_checkpoint(path, model, cfg, model_round)
         ws.db.record_model(model_round, str(path), parent, len(items), result.epochs,
@@ -121,6 +118,24 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport:
         return TrainReport(model_round, path, len(items),
                            {c: counts.get(c, 0) for c in cfg.classes}, parent, result.epochs,
                            result.best_epoch, result.seconds, metrics, skipped)
+
+
+def initial_model(ws: Workspace, cfg: Config, model_round: int) -> tuple[MCModel, int | None]:
+    """The weights a round's training starts from, and the model round they come from.
+
+    ``warm_start``: the best checkpoint of the latest earlier round; ``retrain`` (or round 0):
+    fresh weights (``model.pretrained`` when given), seeded so every round starts alike.
+    """
+    parent = None
+    if cfg.train.round_start == "warm_start":
+        parent = max((m["round"] for m in ws.db.models() if m["round"] < model_round),
+                     default=None)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    if parent is not None:
+        load_checkpoint(ws.checkpoint_path(parent), model, cfg.classes, cfg.model.name,
+                        cfg.model.channels)
+    return model, parent
 
 
 def load_round_model(ws: Workspace, cfg: Config) -> tuple[MCModel, int]:

@@ -19,6 +19,9 @@ from .errors import ConfigError
 MODEL_NAMES = ("small_cnn", "resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0")
 DEVICES = ("auto", "cpu", "cuda")
 WINDOW_MODES = ("file", "minmax")
+ROUND_STARTS = ("warm_start", "retrain")
+BALANCE_MODES = ("loss", "sampler", "none")
+MONITORS = ("balanced_accuracy+auroc", "auroc", "balanced_accuracy", "accuracy", "loss")
 
 
 @dataclass(frozen=True)
@@ -57,18 +60,32 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
-    """Epochs for the first training (round 0)."""
+    """Epochs for the first training (round 0), and for every round under ``retrain``."""
     fine_tune_epochs: int | None = None
     """Epochs when fine-tuning from the previous round's checkpoint; default: ``epochs``."""
+    round_start: str = "warm_start"
+    """"warm_start": fine-tune from the previous round's best checkpoint; "retrain": start each
+    round from the initial (or pretrained) weights."""
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    class_weighted: bool = True
-    """Weight the loss by inverse class frequency (small, imbalanced labelled sets)."""
+    balance: str = "loss"
+    """Imbalanced labels: "loss" (inverse-frequency class weights), "sampler" (class-balanced
+    sampling of batches) or "none"."""
     augment: bool = True
-    """Random flips/small shifts during training only."""
+    """torchvision.transforms.v2 augmentation (crops, small rotations, intensity jitter) during
+    training only."""
+    hflip: bool = True
+    """Random horizontal flips as part of the augmentation."""
     min_steps: int = 50
     """Lower bound on optimiser steps per training, so tiny labelled sets still train."""
+    monitor: str = "balanced_accuracy+auroc"
+    """Validation metric that picks the best epoch and drives early stopping."""
+    patience: int = 0
+    """Stop after this many epochs without a better validation metric; 0 = never stop early."""
+    validation_fraction: float = 0.2
+    """Without ``data.validation``: share of the initial labelled set held out (stratified,
+    chosen once and frozen in the ledger, so metrics compare across rounds)."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +289,14 @@ def _validate_values(cfg: Config, where: str) -> None:
     need(t.lr > 0, "train.lr", "> 0", t.lr)
     need(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
     need(t.min_steps >= 0, "train.min_steps", ">= 0", t.min_steps)
+    need(t.round_start in ROUND_STARTS, "train.round_start", f"one of {', '.join(ROUND_STARTS)}",
+         t.round_start)
+    need(t.balance in BALANCE_MODES, "train.balance", f"one of {', '.join(BALANCE_MODES)}",
+         t.balance)
+    need(t.monitor in MONITORS, "train.monitor", f"one of {', '.join(MONITORS)}", t.monitor)
+    need(t.patience >= 0, "train.patience", ">= 0", t.patience)
+    need(0.0 <= t.validation_fraction < 1.0, "train.validation_fraction", "in [0, 1)",
+         t.validation_fraction)
     need(q.strategy in STRATEGIES, "query.strategy", f"one of {', '.join(STRATEGIES)}", q.strategy)
     need(q.budget >= 1, "query.budget", ">= 1", q.budget)
     need(q.mc_samples >= 2, "query.mc_samples", ">= 2", q.mc_samples)

@@ -87,6 +87,10 @@ CREATE TABLE IF NOT EXISTS metrics (
     value REAL NOT NULL,
     PRIMARY KEY (round, split, name)
 );
+CREATE TABLE IF NOT EXISTS holdout (
+    image_id TEXT PRIMARY KEY REFERENCES images(id),
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS skipped (
     path TEXT PRIMARY KEY,
     reason TEXT NOT NULL,
@@ -239,6 +243,24 @@ class Ledger:
             [(r.image_id, r.label, r.round, r.source, r.annotator, r.origin, r.created_at)
              for r in rows],
         )
+
+    # --- frozen validation split -------------------------------------------------------------
+    def holdout(self) -> list[str] | None:
+        """Image ids of the frozen validation split; ``None`` if it was never chosen."""
+        chosen = self._db.execute("SELECT value FROM meta WHERE key='holdout'").fetchone()
+        if chosen is None:
+            return None
+        return [r["image_id"] for r in
+                self._db.execute("SELECT image_id FROM holdout ORDER BY image_id")]
+
+    def set_holdout(self, image_ids: Sequence[str]) -> None:
+        """Freeze the validation split (once; later calls are refused)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO meta(key, value) VALUES ('holdout', ?)",
+                       (str(len(image_ids)),))
+            now = time.time()
+            db.executemany("INSERT INTO holdout(image_id, created_at) VALUES (?, ?)",
+                           [(i, now) for i in image_ids])
 
     # --- rounds -------------------------------------------------------------------------------
     def rounds(self) -> list[RoundRecord]:

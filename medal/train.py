@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import hashlib
+import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import Config
+from .data import NORMALISE_MEAN, NORMALISE_STD
 from .errors import ModelError
 from .models import MCModel, create_model
 
@@ -46,18 +49,54 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def _augmenter() -> v2.Transform:
-    return v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.92, 1.08))
+class Augmenter:
+    """Training-time augmentation with torchvision.transforms.v2, per image, on normalised
+    tensors ``[C, S, S]`` (undone to [0, 1] for the intensity jitter, then re-normalised)."""
+
+    def __init__(self, size: int, hflip: bool) -> None:
+        steps: list[v2.Transform] = [
+            v2.RandomResizedCrop(size, scale=(0.85, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.RandomRotation(10),
+            v2.ColorJitter(brightness=0.15, contrast=0.15),
+        ]
+        if hflip:
+            steps.insert(0, v2.RandomHorizontalFlip())
+        self.t = v2.Compose(steps)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, C, S, S]`` -> augmented ``[B, C, S, S]``."""
+        out = [(self.t((img * NORMALISE_STD + NORMALISE_MEAN).clamp(0, 1)) - NORMALISE_MEAN)
+               / NORMALISE_STD for img in x]
+        return torch.stack(out)
+
+
+def monitor_value(metrics: dict[str, float], name: str) -> float:
+    """Higher is better; NaN (e.g. AUROC on a one-class set) counts as 0."""
+    if name == "loss":
+        return -metrics["loss"]
+    return sum(_nan0(metrics.get(part)) for part in name.split("+"))
+
+
+def _fingerprint(y: np.ndarray, x: torch.Tensor, cfg: Config, epochs: int, seed: int) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(y).tobytes())
+    h.update(x[:, :, ::4, ::4].contiguous().numpy().tobytes())
+    h.update(json.dumps([dataclasses.asdict(cfg.train), epochs, seed], default=str).encode())
+    return h.hexdigest()
 
 
 def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: int,
         device: torch.device, x_val: torch.Tensor | None = None,
-        y_val: np.ndarray | None = None, seed: int = 0, progress: bool = True) -> FitResult:
+        y_val: np.ndarray | None = None, seed: int = 0, progress: bool = True,
+        state_path: Path | None = None,
+        on_epoch_end: Callable[[int], None] | None = None) -> FitResult:
     """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices) and keep the best epoch.
 
-    The best epoch is chosen on the validation set (highest balanced accuracy + AUROC, then
-    lowest training loss); without one, the last epoch is kept. Epochs are raised so that at least ``train.min_steps`` optimiser
-    steps run, which keeps tiny labelled sets from under-training.
+    The best epoch is chosen on the validation set by ``train.monitor`` (ties: lower training
+    loss); without one, the last epoch is kept. ``train.patience`` stops early. Epochs are
+    raised so that at least ``train.min_steps`` optimiser steps run, which keeps tiny labelled
+    sets from under-training. With ``state_path``, the full training state is saved after every
+    epoch and an interrupted training with the same data and settings resumes from it.
     """
     t0 = time.perf_counter()
     tc = cfg.train
@@ -66,28 +105,52 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
         raise ModelError("no labelled images to train on")
     steps_per_epoch = math.ceil(n / tc.batch_size)
     epochs = max(epochs, math.ceil(tc.min_steps / steps_per_epoch))
+    n_classes = len(cfg.classes)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    weight = class_weights(y, len(cfg.classes)).to(device) if tc.class_weighted else None
+    weight = class_weights(y, n_classes).to(device) if tc.balance == "loss" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     yt = torch.as_tensor(y, dtype=torch.long)
-    aug = _augmenter() if tc.augment else None
-    best_key: tuple[float, ...] | None = None
-    best_state, best_epoch = None, epochs
-    history = []
-    bar = tqdm(range(1, epochs + 1), desc="training", unit="epoch", disable=not progress,
-               leave=False)
+    sample_w = (1.0 / torch.bincount(yt, minlength=n_classes).clamp(min=1).float())[yt]
+    aug = Augmenter(x.shape[-1], tc.hflip) if tc.augment else None
+    has_val = x_val is not None and y_val is not None and len(x_val) > 0
+    best_key: tuple[float, float] | None = None
+    best_state, best_epoch, since_best = None, epochs, 0
+    history: list[dict[str, float]] = []
+    first = 1
+    fingerprint = _fingerprint(y, x, cfg, epochs, seed) if state_path else ""
+    if state_path is not None and state_path.is_file():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        if st.get("fingerprint") == fingerprint:
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            gen.set_state(st["generator"])
+            torch.set_rng_state(st["torch_rng"])
+            best_state, best_epoch = st["best_state"], st["best_epoch"]
+            best_key = tuple(st["best_key"]) if st["best_key"] is not None else None
+            since_best, history = st["since_best"], list(st["history"])
+            first = st["epoch"] + 1
+            if progress:
+                tqdm.write(f"resuming interrupted training at epoch {first}/{epochs}")
+    bar = tqdm(range(first, epochs + 1), desc="training", unit="epoch", disable=not progress,
+               leave=False, initial=first - 1, total=epochs)
     for epoch in bar:
+        if tc.patience and since_best >= tc.patience:
+            break
         model.train()
-        perm = torch.randperm(n, generator=gen)
+        if tc.balance == "sampler":
+            perm = torch.multinomial(sample_w, n, replacement=True, generator=gen)
+        else:
+            perm = torch.randperm(n, generator=gen)
         total = 0.0
-        for i in range(0, n, tc.batch_size):
+        for i in tqdm(range(0, n, tc.batch_size), desc=f"epoch {epoch}", unit="batch",
+                      leave=False, disable=not progress or steps_per_epoch < 20):
             idx = perm[i:i + tc.batch_size]
             xb = x[idx]
             if aug is not None:
-                xb = torch.stack([aug(img) for img in xb])
+                xb = aug(xb)
             xb, yb = xb.to(device), yt[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = loss_fn(model(xb).float(), yb)
@@ -95,21 +158,46 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
-        row = {"epoch": epoch, "loss": total / n}
-        if x_val is not None and y_val is not None and len(x_val):
+        row = {"epoch": float(epoch), "loss": total / n}
+        line = f"epoch {epoch}/{epochs}: loss {row['loss']:.4f}"
+        if has_val:
             p = predict_deterministic(model, x_val, device)
-            m = classification_metrics(y_val, p, len(cfg.classes))
-            row.update({f"val_{k}": v for k, v in m.items() if not isinstance(v, list)})
-            key = (_nan0(m.get("balanced_accuracy")) + _nan0(m.get("auroc")), -row["loss"])
+            m = classification_metrics(y_val, p, n_classes)
+            row.update({f"val_{k}": v for k, v in m.items()})
+            key = (monitor_value(m, tc.monitor), -row["loss"])
+            line += (f"  val loss {m['loss']:.4f} bal.acc {m['balanced_accuracy']:.3f} "
+                     f"AUROC {_nan0(m['auroc']):.3f}")
             if best_key is None or key > best_key:
-                best_key, best_epoch = key, epoch
-                best_state = copy.deepcopy(model.state_dict())
+                best_key, best_epoch, since_best = key, epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                line += "  *"
+            else:
+                since_best += 1
         history.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}")
+        if progress:
+            tqdm.write(line)
+        if state_path is not None:
+            _save_state(state_path, {
+                "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "best_state": best_state,
+                "best_epoch": best_epoch, "best_key": list(best_key) if best_key else None,
+                "since_best": since_best, "history": history})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
     if best_state is not None:
         model.load_state_dict(best_state)
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)
     return FitResult(epochs=epochs, best_epoch=best_epoch, history=history,
                      seconds=time.perf_counter() - t0)
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 def _nan0(v: float | None) -> float:
@@ -126,29 +214,57 @@ def predict_deterministic(model: MCModel, x: torch.Tensor, device: torch.device,
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def classification_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int
-                           ) -> dict[str, float]:
-    """Accuracy, balanced accuracy and AUROC (binary, or macro one-vs-rest) from ``probs [N, K]``.
+def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE: sum over equal-width confidence bins of |accuracy - confidence| * share."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
 
-    AUROC is NaN when ``y`` holds a single class (it is undefined then).
+
+def classification_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int,
+                           classes: Sequence[str] | None = None) -> dict[str, float]:
+    """Metrics from labels ``y [N]`` and probabilities ``probs [N, K]`` (scikit-learn based).
+
+    accuracy, balanced_accuracy, auroc (binary, or macro one-vs-rest over the classes present;
+    NaN with a single class), loss (mean negative log-likelihood), ece, and per class
+    ``sensitivity/<c>``, ``specificity/<c>`` and ``confusion/<true>/<predicted>`` counts.
     """
     y = np.asarray(y)
+    names = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
+    labels = list(range(n_classes))
     pred = probs.argmax(1)
+    p = np.clip(probs / probs.sum(1, keepdims=True), 1e-12, 1.0)
     out = {"n": float(len(y)),
            "accuracy": float(skm.accuracy_score(y, pred)),
-           "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred))}
-    if len(np.unique(y)) < 2:
+           "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
+           "loss": float(skm.log_loss(y, p, labels=labels)),
+           "ece": expected_calibration_error(y, p)}
+    present = np.unique(y)
+    if len(present) < 2:
         out["auroc"] = float("nan")
     elif n_classes == 2:
-        out["auroc"] = float(skm.roc_auc_score(y, probs[:, 1]))
+        out["auroc"] = float(skm.roc_auc_score(y, p[:, 1]))
+    elif len(present) < n_classes:
+        out["auroc"] = float(np.mean([skm.roc_auc_score(y == c, p[:, c]) for c in present]))
     else:
-        p = probs / probs.sum(1, keepdims=True)
-        present = np.unique(y)
-        if len(present) < n_classes:
-            out["auroc"] = float(np.mean([skm.roc_auc_score(y == c, p[:, c]) for c in present]))
-        else:
-            out["auroc"] = float(skm.roc_auc_score(y, p, multi_class="ovr", average="macro",
-                                                   labels=list(range(n_classes))))
+        out["auroc"] = float(skm.roc_auc_score(y, p, multi_class="ovr", average="macro",
+                                               labels=labels))
+    cm = skm.confusion_matrix(y, pred, labels=labels)
+    for i, c in enumerate(names):
+        tp, fn = cm[i, i], cm[i].sum() - cm[i, i]
+        fp = cm[:, i].sum() - cm[i, i]
+        tn = cm.sum() - tp - fn - fp
+        out[f"sensitivity/{c}"] = float(tp / (tp + fn)) if tp + fn else float("nan")
+        out[f"specificity/{c}"] = float(tn / (tn + fp)) if tn + fp else float("nan")
+        for j, d in enumerate(names):
+            out[f"confusion/{c}/{d}"] = float(cm[i, j])
     return out
 
 

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .config import Config
 from .data import FileEntry, file_sha256, scan_source
 from .errors import DataError, WorkspaceError
@@ -204,14 +206,38 @@ class Workspace:
             paths[it.id] = it.path
         for it in pool:
             paths[it.id] = it.path
+        frozen: set[str] = set()
+        if cfg.data.validation is None and cfg.train.validation_fraction > 0:
+            chosen = self.db.holdout()
+            if chosen is None:
+                chosen = self._choose_holdout(initial)
+                self.db.set_holdout(chosen)
+            frozen = set(chosen)
+            snap.validation = [Item(i, paths[i], current[i]) for i in chosen
+                               if i in paths and current.get(i) in classes]
         snap.labelled = sorted((Item(i, paths[i], lab) for i, lab in current.items()
-                                if lab != UNSURE and i in paths), key=lambda it: str(it.path))
+                                if lab != UNSURE and i in paths and i not in frozen),
+                               key=lambda it: str(it.path))
         held_out = {it.id for it in snap.validation} | {it.id for it in snap.test}
         pending = self.db.pending_image_ids()
         snap.pending = len(pending)
         snap.pool = [it for it in pool
                      if it.id not in current and it.id not in pending and it.id not in held_out]
         return snap
+
+    def _choose_holdout(self, initial: list[Item]) -> list[str]:
+        """Stratified ``train.validation_fraction`` of the initial labels (at least one per
+        class with two or more images; none if that would leave a class without training
+        images)."""
+        frac = self.cfg.train.validation_fraction
+        rng = np.random.default_rng(self.cfg.seed)
+        chosen: list[str] = []
+        for c in self.cfg.classes:
+            ids = sorted(it.id for it in initial if it.label == c)
+            k = int(round(len(ids) * frac))
+            k = min(max(k, 1 if len(ids) >= 2 else 0), len(ids) - 1) if ids else 0
+            chosen += list(rng.choice(ids, size=k, replace=False)) if k > 0 else []
+        return sorted(str(i) for i in chosen)
 
     def _record_initial_labels(self, initial: list[Item]) -> None:
         latest_initial: dict[str, str] = {}

@@ -88,3 +88,45 @@ def test_every_command_has_help(cmd, capsys):
         main([cmd, "--help"])
     assert e.value.code == 0
     assert "--config" in capsys.readouterr().out
+
+
+def test_warm_start_and_retrain(tmp_path, tiny_data):
+    import torch
+
+    from medal.api import initial_model
+    from medal.workspace import Workspace
+
+    cfg_path = write_config(tmp_path)
+    cfg = load_config(cfg_path)
+    api.train(cfg, progress=False)
+    with Workspace(cfg) as ws:
+        warm, parent = initial_model(ws, cfg, 1)
+        assert parent == 0
+        ck = torch.load(ws.checkpoint_path(0), weights_only=True)["state_dict"]
+        for k, v in warm.state_dict().items():
+            assert torch.equal(v, ck[k])
+        cold_cfg = load_config(cfg_path, {"train.round_start": "retrain"})
+        cold, parent = initial_model(ws, cold_cfg, 1)
+        again, _ = initial_model(ws, cold_cfg, 2)
+        assert parent is None
+        assert not torch.equal(cold.head[1].weight, warm.head[1].weight)
+        assert torch.equal(cold.head[1].weight, again.head[1].weight)  # same fresh start
+
+
+def test_frozen_validation_split_without_validation_set(tmp_path, tiny_data):
+    from medal.workspace import Workspace
+
+    cfg_path = write_config(tmp_path)
+    text = cfg_path.read_text().replace('validation = "data/validation"\n', "")
+    cfg_path.write_text(text)
+    cfg = load_config(cfg_path, {"train.validation_fraction": 0.25})
+    with Workspace(cfg) as ws:
+        snap = ws.sync()
+        first = sorted(it.id for it in snap.validation)
+        assert len(first) == 2  # 25% of 4 per class, stratified
+        assert {it.label for it in snap.validation} == {"normal", "pneumonia"}
+        assert not set(first) & {it.id for it in snap.labelled}
+    r = api.train(cfg, progress=False)
+    assert r.n_labels == 6 and r.metrics["validation"]["n"] == 2
+    with Workspace(load_config(cfg_path, {"train.validation_fraction": 0.5})) as ws:
+        assert sorted(it.id for it in ws.sync().validation) == first  # frozen in the ledger

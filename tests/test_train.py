@@ -63,3 +63,63 @@ def test_checkpoint_round_trip_and_refusals(tiny_config, tmp_path):
         load_checkpoint(path, create_model("resnet18", 2), tiny_config.classes, "resnet18", 1)
     with pytest.raises(ModelError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt", m2, tiny_config.classes, "small_cnn", 1)
+
+
+def test_per_class_metrics_and_ece():
+    y = np.array([0, 0, 1, 1, 1])
+    p = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    m = classification_metrics(y, p, 2, ["normal", "pneumonia"])
+    rec = skm.recall_score(y, p.argmax(1), average=None)
+    assert m["sensitivity/normal"] == pytest.approx(rec[0])
+    assert m["sensitivity/pneumonia"] == pytest.approx(rec[1])
+    assert m["specificity/pneumonia"] == pytest.approx(rec[0])  # binary: spec(1) = sens(0)
+    assert m["confusion/pneumonia/normal"] == 1 and m["confusion/normal/pneumonia"] == 1
+    assert m["loss"] == pytest.approx(skm.log_loss(y, p))
+    # ECE by hand, 15 bins: confidences 0.9, 0.6, 0.8, 0.7, 0.6 -> bins
+    # {0.9: correct}, {0.6, 0.6: both wrong}, {0.8: correct}, {0.7: correct}
+    expected = (abs(1 - 0.9) + 2 * abs(0 - 0.6) + abs(1 - 0.8) + abs(1 - 0.7)) / 5
+    assert m["ece"] == pytest.approx(expected)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_config, tmp_path):
+    x, y = separable()
+    init = create_model("small_cnn", 2, hidden=16).state_dict()
+
+    def fresh():
+        m = create_model("small_cnn", 2, hidden=16)
+        m.load_state_dict(init)
+        return m
+
+    def crash(epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(fresh(), x, y, tiny_config, epochs=6, device=torch.device("cpu"), progress=False,
+            state_path=state, on_epoch_end=crash)
+    assert state.is_file()
+    resumed = fresh()
+    r = fit(resumed, x, y, tiny_config, epochs=6, device=torch.device("cpu"), progress=False,
+            state_path=state)
+    assert [h["epoch"] for h in r.history] == [1, 2, 3, 4, 5, 6]
+    assert not state.exists()
+    straight = fresh()
+    r2 = fit(straight, x, y, tiny_config, epochs=6, device=torch.device("cpu"), progress=False)
+    assert [h["loss"] for h in r.history] == pytest.approx([h["loss"] for h in r2.history])
+    for a, b in zip(resumed.state_dict().values(), straight.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_balanced_sampler_and_early_stopping(tiny_config):
+    import dataclasses
+    x, y = separable(40)
+    y = y.copy()
+    y[:30] = 0  # imbalanced
+    tc = dataclasses.replace(tiny_config.train, balance="sampler", patience=2, min_steps=0)
+    cfg = dataclasses.replace(tiny_config, train=tc)
+    xv, yv = separable(seed=3)
+    r = fit(create_model("small_cnn", 2, hidden=16), x, y, cfg, epochs=40,
+            device=torch.device("cpu"), progress=False, x_val=xv, y_val=yv)
+    assert len(r.history) < 40  # stopped early
+    assert len(r.history) - r.best_epoch == 2
