@@ -174,20 +174,33 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport:
                           frame=cfg.image.frame)
         number = ws.next_round()
         seed = cfg.seed * 1000 + number
+        mode = q.sampling if q.sampling != "auto" else (
+            "full" if cfg.model.backbone_dropout > 0 else "head")
+        streaming_topk = q.strategy in acquisition.SCORE_FUNCTIONS
         mc = mc_predict(model, ds, q.mc_samples, device=device, batch_size=q.batch_size,
                         num_workers=cfg.num_workers, seed=seed, progress=progress,
-                        desc=f"scoring {len(ds)} images")
-        labelled_features = None
-        if q.strategy in ("coreset",):
-            xl, _, _, _ = _load(cfg, snap.labelled)
-            _, labelled_features = mc_predict_tensors(model, xl, 2, device=device, seed=seed)
-        rng = np.random.default_rng(seed)
-        idx, scores = acquisition.select(q.strategy, mc.probs, q.budget, rng=rng,
-                                         features=mc.features,
-                                         labelled_features=labelled_features)
+                        desc=f"scoring {len(ds)} images", mode=mode, precision=q.precision,
+                        max_batch_items=q.max_batch_items,
+                        out_dir=ws.root / "scores" / f"round-{number:03d}",
+                        top_k=(acquisition.SCORE_FUNCTIONS[q.strategy], q.budget)
+                        if streaming_topk else None)
+        np.save(ws.root / "scores" / f"round-{number:03d}" / "ids.npy",
+                np.array([snap.pool[int(k)].id for k in mc.kept]))
+        if streaming_topk:
+            idx, scores = mc.top_index, mc.top_scores
+        else:
+            labelled_features = None
+            if q.strategy == "coreset":
+                xl, _, _, _ = _load(cfg, snap.labelled)
+                _, labelled_features = mc_predict_tensors(model, xl, 2, device=device, seed=seed)
+            rng = np.random.default_rng(seed)
+            idx, scores = acquisition.select(q.strategy, np.asarray(mc.probs, np.float32),
+                                             q.budget, rng=rng,
+                                             features=np.asarray(mc.features, np.float32),
+                                             labelled_features=labelled_features)
         seconds = time.perf_counter() - t0
-        mean = mc.probs.mean(1)
-        chosen = [Candidate(snap.pool[int(mc.kept[i])], float(s), mean[i])
+        chosen = [Candidate(snap.pool[int(mc.kept[i])], float(s),
+                            np.asarray(mc.probs[i], np.float32).mean(0))
                   for i, s in zip(idx, scores)]
         folder = export_round(ws, number, chosen, strategy=q.strategy, model_round=model_round,
                               pool_size=len(mc.kept), score_seconds=seconds)

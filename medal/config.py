@@ -19,6 +19,8 @@ from .errors import ConfigError
 MODEL_NAMES = ("small_cnn", "resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0")
 DEVICES = ("auto", "cpu", "cuda")
 WINDOW_MODES = ("file", "minmax")
+SAMPLING_MODES = ("auto", "head", "full")
+PRECISIONS = ("bf16", "fp16", "fp32")
 ROUND_STARTS = ("warm_start", "retrain")
 BALANCE_MODES = ("loss", "sampler", "none")
 MONITORS = ("balanced_accuracy+auroc", "auroc", "balanced_accuracy", "accuracy", "loss")
@@ -53,6 +55,8 @@ class ModelConfig:
     dropout: float = 0.5
     hidden: int = 128
     """Width of the hidden layer of the stochastic head."""
+    backbone_dropout: float = 0.0
+    """> 0 adds Dropout2d after the backbone's stages, so MC sampling runs the whole network."""
     pretrained: Path | None = None
     """Optional local weights file for the backbone (never downloaded)."""
 
@@ -94,6 +98,13 @@ class QueryConfig:
     budget: int = 20
     mc_samples: int = 20
     batch_size: int = 256
+    sampling: str = "auto"
+    """"head" (backbone once, T head samples), "full" (T stochastic passes of the whole
+    network, batched), or "auto" (full when model.backbone_dropout > 0, else head)."""
+    precision: str = "bf16"
+    """Autocast dtype for scoring on CUDA: "bf16", "fp16" or "fp32" (CPU always uses fp32)."""
+    max_batch_items: int = 4096
+    """Full-network sampling: most images (batch x samples) per forward call."""
 
 
 @dataclass(frozen=True)
@@ -301,3 +312,13 @@ def _validate_values(cfg: Config, where: str) -> None:
     need(q.budget >= 1, "query.budget", ">= 1", q.budget)
     need(q.mc_samples >= 2, "query.mc_samples", ">= 2", q.mc_samples)
     need(q.batch_size >= 1, "query.batch_size", ">= 1", q.batch_size)
+    need(q.sampling in SAMPLING_MODES, "query.sampling", f"one of {', '.join(SAMPLING_MODES)}",
+         q.sampling)
+    need(q.precision in PRECISIONS, "query.precision", f"one of {', '.join(PRECISIONS)}",
+         q.precision)
+    need(q.max_batch_items >= 1, "query.max_batch_items", ">= 1", q.max_batch_items)
+    need(0.0 <= m.backbone_dropout < 1.0, "model.backbone_dropout", "in [0, 1)",
+         m.backbone_dropout)
+    need(not (q.sampling == "full" and m.backbone_dropout == 0), "query.sampling",
+         '"head" or "auto" when model.backbone_dropout = 0 (the backbone has no dropout)',
+         q.sampling)

@@ -17,6 +17,8 @@ from .errors import ModelError
 
 _REGISTRY: dict[str, Callable[[int], tuple[nn.Module, int]]] = {}
 
+_DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
 
 def register_backbone(name: str) -> Callable:
     """Decorator: ``fn(in_channels) -> (backbone returning [B, D], D)``."""
@@ -84,16 +86,55 @@ class StochasticHead(nn.Sequential):
                          nn.Dropout(p), nn.Linear(hidden, num_classes))
 
 
+def add_backbone_dropout(backbone: nn.Module, p: float) -> int:
+    """Insert ``Dropout2d(p)`` after the backbone's main stages (full-network MC dropout).
+
+    Stages: the conv blocks of small_cnn, ``layer1..4`` of ResNets, the dense blocks of
+    DenseNet, the stages of EfficientNet. Returns the number of layers inserted.
+    """
+    n = 0
+    if isinstance(backbone, nn.Sequential):  # small_cnn: after each ReLU but the last
+        mods = list(backbone)
+        relus = [i for i, m in enumerate(mods) if isinstance(m, nn.ReLU)][:-1]
+        for i in reversed(relus):
+            mods.insert(i + 1, nn.Dropout2d(p))
+            n += 1
+        backbone._modules.clear()
+        for i, m in enumerate(mods):
+            backbone.add_module(str(i), m)
+        return n
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        if hasattr(backbone, name):
+            setattr(backbone, name, nn.Sequential(getattr(backbone, name), nn.Dropout2d(p)))
+            n += 1
+    feats = getattr(backbone, "features", None)
+    if n == 0 and isinstance(feats, nn.Sequential):
+        for key, m in list(feats.named_children()):
+            if key.startswith("denseblock") or (key.isdigit() and 1 <= int(key) < len(feats) - 1):
+                setattr(feats, key, nn.Sequential(m, nn.Dropout2d(p)))
+                n += 1
+    return n
+
+
 class MCModel(nn.Module):
-    """A deterministic backbone and a stochastic dropout head."""
+    """A backbone (deterministic unless ``backbone_dropout`` > 0) and a stochastic head."""
 
     def __init__(self, name: str, num_classes: int, *, in_channels: int = 1,
-                 dropout: float = 0.5, hidden: int = 128) -> None:
+                 dropout: float = 0.5, hidden: int = 128, backbone_dropout: float = 0.0) -> None:
         super().__init__()
         if name not in _REGISTRY:
             raise ModelError(f"unknown model {name!r}; available: {', '.join(_REGISTRY)}")
         self.backbone, self.feature_dim = _REGISTRY[name](in_channels)
+        if backbone_dropout > 0:
+            add_backbone_dropout(self.backbone, backbone_dropout)
         self.head = StochasticHead(self.feature_dim, hidden, num_classes, dropout)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head[-1].out_features
+
+    def backbone_is_stochastic(self) -> bool:
+        return any(isinstance(m, _DROPOUT_TYPES) for m in self.backbone.modules())
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, C, S, S]`` -> ``[B, D]``."""
@@ -105,11 +146,15 @@ class MCModel(nn.Module):
 
 
 def create_model(name: str, num_classes: int, *, in_channels: int = 1, dropout: float = 0.5,
-                 hidden: int = 128, pretrained: Path | None = None) -> MCModel:
-    """Build a model by registry name; ``pretrained`` is a local backbone state-dict file."""
+                 hidden: int = 128, pretrained: Path | None = None,
+                 backbone_dropout: float = 0.0) -> MCModel:
+    """Build a model by registry name; ``pretrained`` is a local backbone state-dict file
+    (loaded before the backbone dropout layers are inserted, so plain torchvision keys fit)."""
     model = MCModel(name, num_classes, in_channels=in_channels, dropout=dropout, hidden=hidden)
     if pretrained is not None:
         load_backbone_weights(model, Path(pretrained))
+    if backbone_dropout > 0:
+        add_backbone_dropout(model.backbone, backbone_dropout)
     return model
 
 
@@ -149,7 +194,7 @@ def set_mc_mode(model: nn.Module) -> int:
     model.eval()
     n = 0
     for m in model.modules():
-        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)):
+        if isinstance(m, _DROPOUT_TYPES):
             m.train()
             n += 1
     return n

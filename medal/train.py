@@ -37,7 +37,8 @@ class FitResult:
 def build_model(cfg: Config) -> MCModel:
     m = cfg.model
     return create_model(m.name, len(cfg.classes), in_channels=m.channels, dropout=m.dropout,
-                        hidden=m.hidden, pretrained=m.pretrained)
+                        hidden=m.hidden, pretrained=m.pretrained,
+                        backbone_dropout=m.backbone_dropout)
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
