@@ -180,7 +180,8 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport:
         mc = mc_predict(model, ds, q.mc_samples, device=device, batch_size=q.batch_size,
                         num_workers=cfg.num_workers, seed=seed, progress=progress,
                         desc=f"scoring {len(ds)} images", mode=mode, precision=q.precision,
-                        max_batch_items=q.max_batch_items,
+                        max_batch_items=q.max_batch_items or (
+                            4096 if device.type == "cuda" else q.batch_size),
                         out_dir=ws.root / "scores" / f"round-{number:03d}",
                         top_k=(acquisition.SCORE_FUNCTIONS[q.strategy], q.budget)
                         if streaming_topk else None)

@@ -103,8 +103,10 @@ class QueryConfig:
     network, batched), or "auto" (full when model.backbone_dropout > 0, else head)."""
     precision: str = "bf16"
     """Autocast dtype for scoring on CUDA: "bf16", "fp16" or "fp32" (CPU always uses fp32)."""
-    max_batch_items: int = 4096
-    """Full-network sampling: most images (batch x samples) per forward call."""
+    max_batch_items: int = 0
+    """Full-network sampling: most images (batch x samples) per forward call; 0 = auto
+    (CUDA: 4096, so the T replicas share few large calls; CPU: query.batch_size, since
+    smaller calls are faster there)."""
 
 
 @dataclass(frozen=True)
@@ -316,7 +318,7 @@ def _validate_values(cfg: Config, where: str) -> None:
          q.sampling)
     need(q.precision in PRECISIONS, "query.precision", f"one of {', '.join(PRECISIONS)}",
          q.precision)
-    need(q.max_batch_items >= 1, "query.max_batch_items", ">= 1", q.max_batch_items)
+    need(q.max_batch_items >= 0, "query.max_batch_items", ">= 0 (0 = auto)", q.max_batch_items)
     need(0.0 <= m.backbone_dropout < 1.0, "model.backbone_dropout", "in [0, 1)",
          m.backbone_dropout)
     need(not (q.sampling == "full" and m.backbone_dropout == 0), "query.sampling",

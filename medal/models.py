@@ -136,6 +136,26 @@ class MCModel(nn.Module):
     def backbone_is_stochastic(self) -> bool:
         return any(isinstance(m, _DROPOUT_TYPES) for m in self.backbone.modules())
 
+    def backbone_split(self) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                      Callable[[torch.Tensor], torch.Tensor]]:
+        """``(prefix, rest)`` with ``features(x) == rest(prefix(x))`` and no dropout in
+        ``prefix``, so full-network sampling computes the deterministic stem once."""
+        bb = self.backbone
+        if isinstance(bb, nn.Sequential):
+            mods = list(bb)
+            k = next((i for i, m in enumerate(mods) if isinstance(m, _DROPOUT_TYPES)), 0)
+            return nn.Sequential(*mods[:k]), nn.Sequential(*mods[k:])
+        if all(hasattr(bb, a) for a in ("conv1", "bn1", "relu", "maxpool", "layer1", "avgpool")):
+            def stem(x: torch.Tensor) -> torch.Tensor:
+                return bb.maxpool(bb.relu(bb.bn1(bb.conv1(x))))
+
+            def rest(h: torch.Tensor) -> torch.Tensor:
+                h = bb.layer4(bb.layer3(bb.layer2(bb.layer1(h))))
+                return torch.flatten(bb.avgpool(h), 1)
+
+            return stem, rest
+        return nn.Identity(), bb
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, C, S, S]`` -> ``[B, D]``."""
         return self.backbone(x)

@@ -69,10 +69,12 @@ def full_samples(model: MCModel, x: torch.Tensor, T: int, max_items: int
     """
     B = x.shape[0]
     per_call = max(1, min(T, max_items // max(B, 1)))
+    prefix, rest = model.backbone_split()
+    h = prefix(x)  # deterministic stem, once
     probs, feats = [], []
     for t0 in range(0, T, per_call):
         k = min(per_call, T - t0)
-        f = model.features(x.repeat(k, 1, 1, 1))  # [k*B, D], k independent dropout masks
+        f = rest(h.repeat(k, *([1] * (h.ndim - 1))))  # [k*B, D], k independent dropout masks
         probs.append(model.head(f).float().softmax(-1).view(k, B, -1))
         feats.append(f.float().view(k, B, -1).mean(0))
     return torch.cat(probs).transpose(0, 1), torch.stack(feats).mean(0)

@@ -58,3 +58,15 @@ def test_pretrained_from_local_file(tmp_path):
     torch.save(create_model("small_cnn", 2).backbone.state_dict(), tmp_path / "small.pth")
     with pytest.raises(ModelError, match="does not fit"):
         create_model("resnet18", 2, pretrained=tmp_path / "small.pth")
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+def test_backbone_split_reproduces_features(name):
+    m = create_model(name, 2, hidden=16, backbone_dropout=0.3).eval()  # eval: dropout off
+    assert m.backbone_is_stochastic()
+    prefix, rest = m.backbone_split()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rest(prefix(x)), m.features(x))
+    assert not any(isinstance(mod, nn.Dropout2d) for mod in getattr(prefix, "modules",
+                                                                     lambda: [])())

@@ -1,4 +1,8 @@
-"""Decoding image files into float arrays in [0, 1] (``[H, W]`` gray or ``[H, W, 3]`` colour)."""
+"""Decoding image files into float32 arrays in [0, 1].
+
+Every loader returns ``[H, W]`` for grey images and ``[H, W, 3]`` (RGB) for colour ones, and
+raises :class:`~medal.errors.ImageReadError` (one-line ``reason``) for a file it cannot read.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +10,22 @@ from pathlib import Path
 
 import numpy as np
 
-from .dicom import count_dicom_frames, load_dicom
-from .images import PILLOW_SUFFIXES, load_pillow
+from .dicom import DICOM_SUFFIXES, count_dicom_frames, has_dicm_magic, load_dicom, read_dicom_header
+from .images import PILLOW_SUFFIXES, Window, check_window, load_pillow
 
-DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
-IMAGE_SUFFIXES = frozenset(PILLOW_SUFFIXES | DICOM_SUFFIXES)
+IMAGE_SUFFIXES: frozenset[str] = PILLOW_SUFFIXES | DICOM_SUFFIXES
+"""Lower-case suffixes treated as images when scanning folders (DICOM may also have none)."""
 
-__all__ = ["IMAGE_SUFFIXES", "count_frames", "load_image", "sniff_format"]
-
-
-def _has_dicm_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
+__all__ = ["IMAGE_SUFFIXES", "Window", "count_frames", "load_image", "read_dicom_header",
+           "sniff_format"]
 
 
 def sniff_format(path: str | Path) -> str | None:
     """``"dicom"``, ``"pillow"`` or ``None`` (not an image medal reads).
 
-    DICOM: a ``.dcm``/``.dicom`` suffix, or any file with the ``DICM`` magic at offset 128
-    (archives often store DICOM files without a suffix).
+    By suffix first (``.dcm``/``.dicom`` -> DICOM, :data:`IMAGE_SUFFIXES` Pillow ones ->
+    ``"pillow"``); any other file is DICOM only if it has the ``DICM`` magic at offset 128
+    (archives often name DICOM files by UID or give them no suffix at all).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -36,26 +33,35 @@ def sniff_format(path: str | Path) -> str | None:
         return "dicom"
     if suffix in PILLOW_SUFFIXES:
         return "pillow"
-    if suffix == "" or suffix.lstrip(".").isdigit():
-        return "dicom" if _has_dicm_magic(path) else None
-    return None
+    return "dicom" if has_dicm_magic(path) else None
 
 
-def load_image(path: str | Path, *, window: str | tuple[float, float] = "file",
+def load_image(path: str | Path, *, window: Window = "file",
                frame: str | int = "middle") -> np.ndarray:
-    """Decode one file to float32 in [0, 1]: ``[H, W]`` (gray) or ``[H, W, 3]`` (colour).
+    """Decode one file to float32 in [0, 1], C-contiguous: ``[H, W]`` (grey) or ``[H, W, 3]``.
 
-    ``window``: ``"file"`` (DICOM: the file's VOI window, else min-max; other formats: scaled by
-    their bit depth), ``"minmax"``, or ``(center, width)``. ``frame``: multi-frame DICOM frame.
-    Raises :class:`~medal.errors.ImageReadError` with a one-line reason.
+    ``window``: ``"file"`` (DICOM: the file's VOI window or LUT, else min-max; other formats:
+    divided by the bit depth's maximum, 255 or 65535), ``"minmax"`` (the image's own range;
+    a constant image gives zeros) or ``(center, width)`` (a linear window on DICOM modality
+    values, or on raw pixel values for other formats).
+    ``frame``: ``"middle"`` or a frame index, used for multi-frame DICOM only (single-frame
+    files have just one frame to give); an index outside a multi-frame file raises.
+    Raises :class:`~medal.errors.ImageReadError` for an unreadable file and ``ValueError``
+    for an invalid ``window`` / ``frame`` argument.
     """
+    window = check_window(window)
     path = Path(path)
     if sniff_format(path) == "dicom":
         return load_dicom(path, window=window, frame=frame)
+    if frame != "middle" and (not isinstance(frame, int) or isinstance(frame, bool)):
+        raise ValueError(f"frame must be 'middle' or an int, got {frame!r}")
     return load_pillow(path, window=window)
 
 
 def count_frames(path: str | Path) -> int:
-    """Frames in a file (1 for anything but multi-frame DICOM)."""
+    """Number of frames: NumberOfFrames for DICOM, 1 for anything else.
+
+    Raises :class:`~medal.errors.ImageReadError` for an unreadable DICOM file.
+    """
     path = Path(path)
     return count_dicom_frames(path) if sniff_format(path) == "dicom" else 1

@@ -1,108 +1,270 @@
-"""DICOM through pydicom: modality LUT, VOI window/LUT, photometric interpretation, frames."""
+"""DICOM through pydicom 3: frames, modality LUT, VOI window/LUT, photometric interpretation.
+
+:func:`load_dicom` returns float32 in [0, 1], ``[H, W]`` for MONOCHROME1/2 and ``[H, W, 3]``
+(RGB) for colour images.
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..errors import ImageReadError
-from .windowing import linear_window, minmax
+from .images import Window, _one_line, apply_user_window, apply_window, check_window, scale_minmax
 
-GRAY = ("MONOCHROME1", "MONOCHROME2")
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+GREY = ("MONOCHROME1", "MONOCHROME2")
+
+# Attributes that Enhanced (multi-frame) IODs move into functional group macros.
+_FRAME_MACROS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+_LUT_KEYWORDS = ("ModalityLUTSequence", "RescaleSlope", "RescaleIntercept", "RescaleType",
+                 "VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction",
+                 "PixelRepresentation", "BitsStored", "BitsAllocated")
 
 
-def _read(path: Path) -> pydicom.Dataset:
+def has_dicm_magic(path: str | Path) -> bool:
+    """True if the file has the ``DICM`` prefix after the 128-byte preamble."""
     try:
-        return pydicom.dcmread(path)
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_dicom_header(path: str | Path) -> Dataset:
+    """The file's dataset without its pixel data (for metadata such as frame count).
+
+    Raises :class:`~medal.errors.ImageReadError` if the file is not readable DICOM.
+    """
+    return _read(Path(path), header_only=True)
+
+
+def count_dicom_frames(path: str | Path) -> int:
+    """NumberOfFrames (1 when absent). Raises ImageReadError for an unreadable file."""
+    return _n_frames(read_dicom_header(path))
+
+
+def load_dicom(path: str | Path, *, window: Window = "file",
+               frame: str | int = "middle") -> np.ndarray:
+    """Decode one frame to float32 [0, 1]: ``[H, W]`` (MONOCHROME1/2) or ``[H, W, 3]`` (colour).
+
+    Grey: modality LUT, then ``window`` (``"file"``: the file's first VOI window or VOI LUT,
+    else min-max; ``"minmax"``; or ``(center, width)`` on modality values), then MONOCHROME1
+    is inverted so bright always means high values. Colour: scaled by the bit depth under
+    ``"file"``. ``frame``: ``"middle"`` or an index into a multi-frame file (ignored for
+    single-frame files). Raises :class:`~medal.errors.ImageReadError` with a one-line reason.
+    """
+    window = check_window(window)
+    if frame != "middle" and (not isinstance(frame, (int, np.integer)) or isinstance(frame, bool)):
+        raise ValueError(f"frame must be 'middle' or an int, got {frame!r}")
+    path = Path(path)
+    ds = _read(path, header_only=False)
+    if not any(k in ds for k in PIXEL_KEYWORDS):
+        raise ImageReadError(path, f"no pixel data (SOP class {_sop_class_name(ds)})")
+    n_frames = _n_frames(ds)
+    index = n_frames // 2 if frame == "middle" else int(frame)
+    if n_frames == 1:
+        index = 0
+    elif not 0 <= index < n_frames:
+        raise ImageReadError(path, f"frame {index} out of range (file has {n_frames} frames)")
+    arr = _decode(path, ds, index if n_frames > 1 else None)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric == "PALETTE COLOR":
+        return _palette(path, ds, arr, window)
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        # pydicom converts YBR_FULL / YBR_FULL_422 to RGB while decoding (as_rgb=True).
+        return _colour(arr, int(ds.get("BitsStored") or 8), window)
+    if arr.ndim == 2:
+        return _grey(path, _frame_luts(ds, index), arr, photometric, window)
+    raise ImageReadError(path, f"unsupported pixel layout: shape {arr.shape}, "
+                               f"photometric interpretation {photometric or 'missing'}")
+
+
+def _read(path: Path, *, header_only: bool) -> Dataset:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=header_only)
+    except InvalidDicomError:  # no preamble / file meta: accept it only if it holds an image
+        ds = _read_forced(path)
+        if header_only:
+            for keyword in PIXEL_KEYWORDS:
+                if keyword in ds:
+                    delattr(ds, keyword)
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
-    except InvalidDicomError:
-        try:  # DICOM written without the 128-byte preamble / file meta
-            ds = pydicom.dcmread(path, force=True)
-        except Exception as e:  # noqa: BLE001
-            raise ImageReadError(path, f"not a DICOM file: {e}") from None
-        if "PixelData" not in ds:
-            raise ImageReadError(path, "not a DICOM file (no DICM header and no pixel data)")
-        if not hasattr(ds, "file_meta") or "TransferSyntaxUID" not in ds.file_meta:
-            ds.file_meta = getattr(ds, "file_meta", pydicom.dataset.FileMetaDataset())
-            ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
-        return ds
-    except Exception as e:  # noqa: BLE001 - pydicom raises many types for broken files
-        raise ImageReadError(path, f"broken DICOM file: {type(e).__name__}: {e}") from None
+    except OSError as e:
+        raise ImageReadError(path, f"cannot read file: {e.strerror or _one_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for corrupt files
+        raise ImageReadError(path, f"corrupt DICOM file: {_one_line(e)}") from None
+    _ensure_transfer_syntax(ds)
+    return ds
 
 
-def _sop_name(ds: pydicom.Dataset) -> str:
-    uid = ds.get("SOPClassUID")
-    return getattr(uid, "name", str(uid)) if uid else "unknown SOP class"
-
-
-def count_dicom_frames(path: Path) -> int:
-    ds = _read(path)
-    return int(ds.get("NumberOfFrames", 1) or 1)
-
-
-def load_dicom(path: Path, *, window: str | tuple[float, float] = "file",
-               frame: str | int = "middle") -> np.ndarray:
-    """``[H, W]`` (monochrome) or ``[H, W, 3]`` (colour) float32 in [0, 1]."""
-    ds = _read(path)
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise ImageReadError(path, f"no pixel data ({_sop_name(ds)})")
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    index = n_frames // 2 if frame == "middle" else int(frame)
-    if not 0 <= index < n_frames:
-        raise ImageReadError(path, f"frame {index} out of range (file has {n_frames})")
+def _read_forced(path: Path) -> Dataset:
     try:
-        arr = ds.pixel_array
-    except Exception as e:  # noqa: BLE001 - decoder errors come in many types
-        ts = ds.file_meta.get("TransferSyntaxUID", "unknown")
-        name = getattr(ts, "name", str(ts))
-        raise ImageReadError(path, f"cannot decode pixel data ({name}): {e}") from None
-    if n_frames > 1:
-        arr = arr[index]
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    if photometric in GRAY:
-        return _gray(ds, arr, photometric, window, path)
-    return _colour(ds, arr, photometric, path)
+        with warnings.catch_warnings():
+            # Parsing a non-DICOM file with force=True warns about every garbage element.
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, force=True)
+        is_image = any(k in ds for k in PIXEL_KEYWORDS) and "Rows" in ds and "Columns" in ds
+    except Exception:  # noqa: BLE001 - garbage input makes the forced parse fail arbitrarily
+        is_image = False
+    if not is_image:
+        raise ImageReadError(path, "not a DICOM file (no DICM header and no image in it)")
+    return ds
 
 
-def _gray(ds: pydicom.Dataset, arr: np.ndarray, photometric: str,
-          window: str | tuple[float, float], path: Path) -> np.ndarray:
-    values = apply_modality_lut(arr, ds).astype(np.float64)
-    if isinstance(window, tuple):
-        out = linear_window(values, window[0], window[1])
-    elif window == "minmax":
-        out = minmax(values)
-    elif "VOILUTSequence" in ds:
-        out = minmax(apply_voi_lut(values, ds, index=0))
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+def _ensure_transfer_syntax(ds: Dataset) -> None:
+    """Files without file meta: record the encoding pydicom detected, so pixels can decode."""
+    meta = ds.get("file_meta") or FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        if implicit:
+            meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        else:
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        ds.file_meta = meta
+
+
+def _n_frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _sop_class_name(ds: Dataset) -> str:
+    uid = ds.get("SOPClassUID") or ds.get("file_meta", FileMetaDataset()).get(
+        "MediaStorageSOPClassUID")
+    if not uid:
+        return "unknown"
+    uid = UID(str(uid))
+    return uid.name if uid.is_valid else str(uid)
+
+
+def _decode(path: Path, ds: Dataset, index: int | None) -> np.ndarray:
+    """One frame (``index``) or the only frame: ``[H, W]`` or ``[H, W, samples]``."""
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        raise ImageReadError(path, f"unsupported transfer syntax {ts.name}") from None
+    if not decoder.is_available:
+        raise ImageReadError(path, f"unsupported transfer syntax {ts.name} "
+                                   f"(no decoder installed)") from None
+    if "PixelData" in ds and not ts.is_compressed:
         try:
-            out = linear_window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")))
-        except ValueError as e:
-            raise ImageReadError(path, f"bad window in file: {e}") from None
+            expected = int(get_expected_length(ds, "bytes"))
+        except Exception:  # noqa: BLE001 - bad group 0028 values; decoding reports it below
+            expected = 0
+        if len(ds.PixelData) < expected:
+            raise ImageReadError(path, f"truncated pixel data ({len(ds.PixelData)} of "
+                                       f"{expected} bytes)")
+    try:
+        arr = pydicom.pixels.pixel_array(ds, index=index)
+    except Exception as e:  # noqa: BLE001 - decoders raise many types for broken data
+        raise ImageReadError(path, f"cannot decode pixel data ({ts.name}): "
+                                   f"{_one_line(e)}") from None
+    return arr
+
+
+def _frame_luts(ds: Dataset, index: int) -> Dataset:
+    """The LUT-related attributes that apply to frame ``index``.
+
+    Enhanced multi-frame files keep rescale and window in the Shared / Per-frame Functional
+    Groups instead of the top level; the most specific source wins.
+    """
+    luts = Dataset()
+    luts.file_meta = ds.file_meta  # pydicom's LUT code reads the byte order from here
+    for keyword in _LUT_KEYWORDS:
+        if keyword in ds:
+            luts[keyword] = ds[keyword]
+    shared = ds.get("SharedFunctionalGroupsSequence") or []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    groups = [shared[0] if shared else None, per_frame[index] if index < len(per_frame) else None]
+    for group in groups:
+        for macro in _FRAME_MACROS:
+            items = group.get(macro) if group is not None else None
+            if items:
+                for elem in items[0]:
+                    luts[elem.tag] = elem
+    return luts
+
+
+def _grey(path: Path, luts: Dataset, arr: np.ndarray, photometric: str,
+          window: Window) -> np.ndarray:
+    if np.issubdtype(arr.dtype, np.floating):  # Float Pixel Data has no modality LUT
+        values = arr.astype(np.float64)
     else:
-        out = minmax(values)
+        try:
+            values = np.asarray(apply_modality_lut(arr, luts), dtype=np.float64)
+        except Exception as e:  # noqa: BLE001 - malformed LUT attributes
+            raise ImageReadError(path, f"bad modality LUT: {_one_line(e)}") from None
+    if window == "minmax":
+        out = scale_minmax(values)
+    elif isinstance(window, tuple):
+        out = apply_user_window(values, *window)
+    else:
+        out = _file_window(path, luts, values)
     if photometric == "MONOCHROME1":
         out = 1.0 - out
-    return np.ascontiguousarray(out, dtype=np.float32)
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
 
 
-def _first(v: object) -> float:
-    return float(v[0]) if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else float(v)
+def _file_window(path: Path, luts: Dataset, values: np.ndarray) -> np.ndarray:
+    """The file's first VOI LUT or window mapped to [0, 1]; min-max when it has neither."""
+    if luts.get("VOILUTSequence"):
+        try:
+            item = luts.VOILUTSequence[0]
+            out = apply_voi_lut(np.rint(values).astype(np.int64), luts, index=0)
+        except Exception as e:  # noqa: BLE001 - malformed LUT
+            raise ImageReadError(path, f"bad VOI LUT: {_one_line(e)}") from None
+        # Scale by the LUT's nominal output depth; some files declare fewer bits than used.
+        bits = int(item.LUTDescriptor[2])
+        top = max(2.0 ** bits - 1.0, float(np.max(out)) if out.size else 0.0, 1.0)
+        return out.astype(np.float64) / top
+    if "WindowCenter" in luts and "WindowWidth" in luts:
+        try:
+            center, width = _first(luts.WindowCenter), _first(luts.WindowWidth)
+            function = str(luts.get("VOILUTFunction") or "LINEAR").strip().upper()
+            if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+                function = "LINEAR"
+            return apply_window(values, center, width, function)
+        except (TypeError, ValueError, IndexError):
+            pass  # an unusable window in the file: show the image by its range instead
+    return scale_minmax(values)
 
 
-def _colour(ds: pydicom.Dataset, arr: np.ndarray, photometric: str, path: Path) -> np.ndarray:
-    if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(arr, ds)
-        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        scale = float(2 ** (16 if bits > 8 else 8) - 1)
-    elif arr.ndim == 3 and arr.shape[-1] == 3:
-        rgb = arr  # pydicom converts YBR_* to RGB when decoding
-        scale = float(2 ** int(ds.get("BitsStored", 8)) - 1)
+def _first(value: object) -> float:
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return float(value[0])
+    return float(value)  # type: ignore[arg-type]
+
+
+def _colour(rgb: np.ndarray, bits: int, window: Window) -> np.ndarray:
+    """``[H, W, 3]`` raw RGB samples to float32 [0, 1]."""
+    if window == "minmax":
+        out = scale_minmax(rgb)
+    elif isinstance(window, tuple):
+        out = apply_user_window(rgb, *window)
     else:
-        raise ImageReadError(path, f"unsupported photometric interpretation {photometric!r}")
-    return np.ascontiguousarray(np.clip(rgb.astype(np.float32) / scale, 0, 1))
+        out = rgb.astype(np.float32) / np.float32(2 ** min(max(bits, 1), 32) - 1)
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
+
+
+def _palette(path: Path, ds: Dataset, arr: np.ndarray, window: Window) -> np.ndarray:
+    try:
+        rgb = apply_color_lut(arr, ds)
+    except Exception as e:  # noqa: BLE001 - missing or malformed palette LUTs
+        raise ImageReadError(path, f"bad palette colour LUT: {_one_line(e)}") from None
+    # LUT entries are 8 or 16 bits (descriptor value 3); pydicom returns uint8 / uint16 to match.
+    return _colour(rgb[..., :3], 8 if rgb.dtype == np.uint8 else 16, window)

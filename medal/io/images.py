@@ -1,57 +1,171 @@
-"""PNG / JPEG / TIFF / BMP through Pillow: 8- and 16-bit, gray, palette, RGB(A), CMYK."""
+"""PNG / JPEG / TIFF / BMP through Pillow, plus the value-scaling helpers DICOM shares.
+
+Every loader returns float32 in [0, 1]: ``[H, W]`` for grey images, ``[H, W, 3]`` for colour.
+"""
 
 from __future__ import annotations
 
+import math
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageReadError
-from .windowing import linear_window, minmax
 
 PILLOW_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 
+Window = str | tuple[float, float]
+"""``"file"``, ``"minmax"`` or ``(center, width)``."""
 
-def load_pillow(path: Path, *, window: str | tuple[float, float] = "file") -> np.ndarray:
-    """``[H, W]`` or ``[H, W, 3]`` float32 in [0, 1]. EXIF orientation is applied."""
+WINDOW_MODES = ("file", "minmax")
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
+# Exceptions Pillow raises for corrupt, truncated or hostile files.
+_PILLOW_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+                  struct.error, IndexError, Image.DecompressionBombError)
+_RGB_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def check_window(window: object) -> Window:
+    """Validate a ``window`` argument; returns it (a list pair becomes a tuple).
+
+    Raises ``ValueError`` for anything but ``"file"``, ``"minmax"`` or a finite
+    ``(center, width)`` with ``width > 0``: a bad window is a caller bug, not a bad file.
+    """
+    if isinstance(window, str):
+        if window in WINDOW_MODES:
+            return window
+    elif isinstance(window, (tuple, list)) and len(window) == 2 and all(
+            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in window):
+        center, width = float(window[0]), float(window[1])
+        if math.isfinite(center) and math.isfinite(width) and width > 0:
+            return (center, width)
+    raise ValueError(f"window must be 'file', 'minmax' or (center, width) with finite values "
+                     f"and width > 0, got {window!r}")
+
+
+def scale_minmax(values: np.ndarray) -> np.ndarray:
+    """Scale an array (any shape) by its own min..max to float32 [0, 1]; constant -> zeros."""
+    x = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(x)
+    if not finite.any():
+        return np.zeros(x.shape, dtype=np.float32)
+    lo, hi = float(x[finite].min()), float(x[finite].max())
+    if hi <= lo:
+        return np.zeros(x.shape, dtype=np.float32)
+    out = np.clip(np.nan_to_num((x - lo) / (hi - lo), nan=0.0), 0.0, 1.0)
+    return out.astype(np.float32)
+
+
+def apply_window(values: np.ndarray, center: float, width: float,
+                 function: str = "LINEAR") -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 VOI window mapped to float32 [0, 1] (same shape as ``values``).
+
+    ``function``: ``LINEAR`` (needs ``width >= 1``), ``LINEAR_EXACT`` or ``SIGMOID``
+    (``width > 0``). Raises ``ValueError`` for an invalid window.
+    """
+    if not (math.isfinite(center) and math.isfinite(width)):
+        raise ValueError(f"window center/width must be finite, got ({center}, {width})")
+    x = np.asarray(values, dtype=np.float64)
+    function = (function or "LINEAR").strip().upper()
+    if function == "LINEAR":
+        if width < 1:
+            raise ValueError(f"LINEAR window width must be >= 1, got {width:g}")
+        if width == 1:  # the standard's formula degenerates to a step at center - 0.5
+            out = (x > center - 0.5).astype(np.float64)
+        else:
+            out = (x - (center - 0.5)) / (width - 1.0) + 0.5
+    elif function == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError(f"LINEAR_EXACT window width must be > 0, got {width:g}")
+        out = (x - center) / width + 0.5
+    elif function == "SIGMOID":
+        if width <= 0:
+            raise ValueError(f"SIGMOID window width must be > 0, got {width:g}")
+        # Clipping the exponent keeps np.exp from overflowing (and warning) far from center.
+        out = 1.0 / (1.0 + np.exp(np.clip(-4.0 * (x - center) / width, -700.0, 700.0)))
+    else:
+        raise ValueError(f"unknown VOI LUT function {function!r} (expected {VOI_FUNCTIONS})")
+    return np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0).astype(np.float32)
+
+
+def apply_user_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """A ``(center, width)`` override: the DICOM LINEAR window (what viewers show) when
+    ``width >= 1``; LINEAR_EXACT below that, where LINEAR is undefined (e.g. float images)."""
+    return apply_window(values, center, width, "LINEAR" if width >= 1 else "LINEAR_EXACT")
+
+
+def load_pillow(path: str | Path, *, window: Window = "file") -> np.ndarray:
+    """Decode a Pillow-readable file to float32 [0, 1], ``[H, W]`` (grey) or ``[H, W, 3]``.
+
+    EXIF orientation is applied; multi-page files give their first page; alpha is dropped.
+    ``window="file"`` scales by the bit depth (8-bit /255, 16-bit /65535),
+    ``"minmax"`` by the image's own range, ``(center, width)`` windows the raw values.
+    Raises :class:`~medal.errors.ImageReadError` for a missing, corrupt or truncated file.
+    """
+    window = check_window(window)
+    path = Path(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            arr, full_scale = _to_array(im)
+        with warnings.catch_warnings():
+            # Pillow warns (rather than fails) on e.g. odd EXIF or palette transparency data.
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                arr, full_scale = _pixels(im)
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(path, f"cannot decode image: {e}") from None
-    if window == "minmax":
-        return minmax(arr)
-    if isinstance(window, tuple):
-        return linear_window(arr, window[0], window[1])
-    return np.clip(arr.astype(np.float32) / full_scale, 0.0, 1.0)
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image Pillow can read") from None
+    except _PILLOW_ERRORS as e:
+        raise ImageReadError(path, f"cannot decode image: {_one_line(e)}") from None
+    if window == "minmax" or (window == "file" and full_scale is None):
+        out = scale_minmax(arr)
+    elif isinstance(window, tuple):
+        out = apply_user_window(arr, *window)
+    else:
+        out = np.clip(np.nan_to_num(arr.astype(np.float32) / np.float32(full_scale)), 0.0, 1.0)
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _to_array(im: Image.Image) -> tuple[np.ndarray, float]:
-    """Pixel values and the value that means "full brightness" for the mode."""
+def _pixels(im: Image.Image) -> tuple[np.ndarray, float | None]:
+    """Raw pixel values ``[H, W]`` or ``[H, W, 3]`` and the value meaning full brightness
+    (``None``: no natural full scale, so ``window="file"`` falls back to min-max)."""
     mode = im.mode
     if mode in ("P", "PA"):
-        im = im.convert("RGBA" if "transparency" in im.info or mode == "PA" else "RGB")
-        mode = im.mode
-    if mode in ("RGBA", "LA"):
-        im = im.convert("RGB" if mode == "RGBA" else "L")
-    elif mode == "CMYK" or mode == "YCbCr" or mode == "HSV" or mode == "LAB":
-        im = im.convert("RGB")
-    elif mode == "1":
+        # Via RGBA so palette transparency is dropped without Pillow's conversion warning.
+        target = "L" if _palette_is_grey(im) else "RGB"
+        im = im.convert("RGBA").convert(target)
+    elif mode in ("1", "LA", "La"):
         im = im.convert("L")
+    elif mode in _RGB_MODES and mode != "RGB":
+        im = im.convert("RGB")
     mode = im.mode
     arr = np.asarray(im)
     if mode in ("L", "RGB"):
         return arr, 255.0
-    if mode.startswith("I;16") or (mode == "I" and arr.size and 0 <= arr.min()
-                                   and arr.max() <= 65535):
+    if mode.startswith("I;16"):
         return arr.astype(np.float32), 65535.0
     if mode == "I":
-        return arr.astype(np.float32), float(max(arr.max(), 1))
+        in_16_bit = arr.size == 0 or (arr.min() >= 0 and arr.max() <= 65535)
+        return arr.astype(np.float64), 65535.0 if in_16_bit else None
     if mode == "F":
-        return arr.astype(np.float32), 1.0
+        arr = arr.astype(np.float32)
+        finite = arr[np.isfinite(arr)]
+        in_unit = finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1)
+        return arr, 1.0 if in_unit else None
     raise ValueError(f"unsupported image mode {mode}")
+
+
+def _palette_is_grey(im: Image.Image) -> bool:
+    palette = im.getpalette() or []
+    triples = np.asarray(palette[: len(palette) // 3 * 3]).reshape(-1, 3)
+    return bool(triples.size) and bool((triples == triples[:, :1]).all())
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__

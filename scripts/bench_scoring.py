@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Scoring throughput: MC dropout paths against one deterministic pass, in one run.
+
+Same model (resnet18, 1-channel 64x64 input, dropout head, 2 classes), same random pool, T
+samples per image. Prints images/s and the ratio to the single deterministic pass for:
+one deterministic pass, a naive loop of T stochastic passes (of the head-dropout model, and of
+the full-dropout model), medal head-only, medal full-network (Dropout2d after each ResNet
+stage; T replicas per forward call as medal's auto setting picks them), and baal's
+ModelWrapper.predict_on_dataset (replicate_in_memory, its default) when baal is installed
+(`pip install baal`; not a medal dependency).
+
+    python scripts/bench_scoring.py [--n 512] [--t 20] [--batch-size 64] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medal.models import add_backbone_dropout, create_model, set_mc_mode  # noqa: E402
+from medal.uncertainty import mc_predict  # noqa: E402
+
+
+class TensorPool(torch.utils.data.Dataset):
+    """In-memory images shaped like medal's ImageDataset items: ``(x, index, reason)``."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x, self.paths = x, [Path(f"img{i}") for i in range(len(x))]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], i, ""
+
+
+class PairPool(TensorPool):
+    """The same images as ``(x, target)`` pairs, the form baal expects."""
+
+    def __getitem__(self, i: int):
+        return self.x[i], 0
+
+
+def timed(fn) -> float:
+    fn()  # warm-up (allocator, kernels)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def single_pass(model, x, bs, device):
+    model.eval()
+    for i in range(0, len(x), bs):
+        model(x[i:i + bs].to(device)).softmax(-1).cpu()
+
+
+@torch.no_grad()
+def naive_loop(model, x, bs, T, device):
+    set_mc_mode(model)
+    for i in range(0, len(x), bs):
+        xb = x[i:i + bs].to(device)
+        torch.stack([model(xb).softmax(-1) for _ in range(T)], 1).cpu()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=512, help="pool size (default 512)")
+    p.add_argument("--t", type=int, default=20, help="MC samples T (default 20)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    torch.manual_seed(0)
+    x = torch.randn(a.n, 1, a.size, a.size)
+    model = create_model("resnet18", 2, in_channels=1).to(device)
+    full = copy.deepcopy(model)
+    add_backbone_dropout(full.backbone, 0.1)
+    pool = TensorPool(x)
+    rows = []
+    rows.append(("single deterministic pass", timed(lambda: single_pass(model, x, a.batch_size,
+                                                                         device))))
+    rows.append((f"naive loop, T={a.t} passes",
+                 timed(lambda: naive_loop(model, x, a.batch_size, a.t, device))))
+    rows.append(("naive loop, full-dropout model",
+                 timed(lambda: naive_loop(full, x, a.batch_size, a.t, device))))
+    rows.append(("medal head-only", timed(lambda: mc_predict(
+        model, pool, a.t, device=device, batch_size=a.batch_size, progress=False))))
+    rows.append(("medal full-network", timed(lambda: mc_predict(
+        full, pool, a.t, device=device, batch_size=a.batch_size, mode="full",
+        max_batch_items=4096 if device.type == "cuda" else a.batch_size,
+        progress=False))))
+    try:
+        from baal.bayesian.dropout import patch_module
+        from baal.modelwrapper import ModelWrapper, TrainingArgs
+    except ImportError:
+        print("(baal not installed: its row is left out; `pip install baal` to compare)")
+    else:
+        wrapper = ModelWrapper(patch_module(copy.deepcopy(model)),
+                               TrainingArgs(batch_size=a.batch_size, workers=0,
+                                            use_cuda=device.type == "cuda",
+                                            replicate_in_memory=True,
+                                            criterion=torch.nn.CrossEntropyLoss()))
+        pairs = PairPool(x)
+        rows.append(("baal predict_on_dataset", timed(
+            lambda: wrapper.predict_on_dataset(pairs, a.t, verbose=False))))
+    base = a.n / rows[0][1]
+    print(f"\nresnet18, 1x{a.size}x{a.size}, dropout head, pool {a.n}, T={a.t}, "
+          f"batch {a.batch_size}, {device.type}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    print(f"{'path':<30} {'images/s':>10} {'vs single pass':>15}")
+    for name, sec in rows:
+        ips = a.n / sec
+        print(f"{name:<30} {ips:>10.1f} {ips / base:>14.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
