@@ -141,52 +141,58 @@ def badge(probs: np.ndarray, features: np.ndarray, budget: int, *,
 
 
 def batchbald(probs: np.ndarray, budget: int, *, rng: np.random.Generator,
-              num_samples: int = 1000, exact_limit: int = 4096
+              num_samples: int = 1000, exact_limit: int = 4096, chunk: int = 256
               ) -> tuple[np.ndarray, np.ndarray]:
     """Greedy BatchBALD (Kirsch et al. 2019) over ``probs [N, T, C]``.
 
-    Each step adds the image maximising the joint mutual information of the batch. The joint
-    entropy of the chosen batch's labels is exact while ``C**k <= exact_limit`` and estimated
-    from ``num_samples`` sampled label configurations beyond. Returns (indices ``[K]`` in pick
-    order, joint-MI gain of each pick ``[K]``).
+    Each step adds the image that maximises the mutual information between the batch's joint
+    labels and the model parameters, ``H(y_1..y_k) - sum_i E_t H(y_i | w_t)``. The joint entropy
+    is exact while the batch has at most ``exact_limit`` label configurations; beyond that,
+    ``num_samples`` configurations are drawn from the joint predictive and the entropy is
+    estimated by importance weighting. Returns (indices ``[K]`` in pick order, the gain in
+    joint mutual information of each pick ``[K]``).
     """
     N, T, C = probs.shape
     K = min(budget, N)
-    cond = _entropy(probs).mean(1)  # [N] E_t H[p_t]
+    probs = np.asarray(probs, dtype=np.float64)
+    cond = _entropy(probs).mean(1)  # [N] E_t H[y | w_t]
     picks: list[int] = []
     gains: list[float] = []
-    joint = np.ones((1, T))  # [M, T]: p(config m | w_t) for the chosen batch
+    joint = np.ones((1, T))  # [M, T]: p(configuration m of the chosen labels | w_t)
+    sampled = False
     prev = 0.0
     for _ in range(K):
-        if joint.shape[0] * C > exact_limit and joint.shape[0] > num_samples:
-            joint = _sample_configs(joint, num_samples, rng)
-        weights = joint  # [M, T]
-        # joint entropy with each candidate: configs (m, c) with prob mean_t joint[m,t]*p[n,t,c]
-        scores = np.full(N, -np.inf)
-        for s in range(0, N, 256):
-            p = probs[s:s + 256]  # [B, T, C]
-            pj = np.einsum("mt,btc->bmc", weights, p) / T  # [B, M, C]
-            if joint.shape[0] > num_samples:  # sampled: importance weights 1/q(m)
-                q = weights.mean(1)[None, :, None]
-                h = -(pj / np.maximum(q, EPS) * np.log(pj + EPS)).sum((1, 2)) / joint.shape[0]
+        q = joint.mean(1)  # [M] p(configuration m)
+        scores = np.empty(N)
+        for s in range(0, N, chunk):
+            pj = np.einsum("mt,btc->bmc", joint, probs[s:s + chunk]) / T  # [B, M, C]
+            log = np.log(pj + EPS)
+            if sampled:  # configurations were drawn from q: weight each by 1/q
+                h = -(pj * log / np.maximum(q, EPS)[None, :, None]).sum((1, 2)) / len(q)
             else:
-                h = _entropy(pj.reshape(len(p), -1))
-            scores[s:s + 256] = h - cond[s:s + 256]
+                h = -(pj * log).sum((1, 2))
+            scores[s:s + chunk] = h - cond[s:s + chunk]
         scores[picks] = -np.inf
         sel = int(np.argmax(scores))
-        total = float(scores[sel]) - sum(cond[picks]) if picks else float(scores[sel])
+        total = float(scores[sel]) - float(cond[picks].sum())
         picks.append(sel)
         gains.append(total - prev)
         prev = total
-        joint = (joint[:, None, :] * probs[sel].T[None]).reshape(-1, T)  # [M*C, T]
+        p_sel = probs[sel].T  # [C, T]
+        if sampled:
+            # extend every sampled configuration by a label drawn from p(y_sel | configuration)
+            w = joint @ probs[sel]  # [M, C]
+            cum = np.cumsum(w / w.sum(1, keepdims=True), 1)
+            c = np.minimum((cum < rng.random((len(w), 1))).sum(1), C - 1)
+            joint = joint * p_sel[c]
+        elif len(joint) * C > exact_limit:
+            ext = (joint[:, None, :] * p_sel[None]).reshape(-1, T)
+            qe = ext.mean(1)
+            joint = ext[rng.choice(len(ext), size=num_samples, replace=True, p=qe / qe.sum())]
+            sampled = True
+        else:
+            joint = (joint[:, None, :] * p_sel[None]).reshape(-1, T)
     return np.asarray(picks, dtype=np.int64), np.asarray(gains, dtype=np.float64)
-
-
-def _sample_configs(joint: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
-    """Keep ``m`` configurations drawn ∝ their marginal probability (for the sampled path)."""
-    q = joint.mean(1)
-    idx = rng.choice(len(q), size=m, replace=True, p=q / q.sum())
-    return joint[idx]
 
 
 def select(strategy: str, probs: np.ndarray, budget: int, *, rng: np.random.Generator,

@@ -176,7 +176,7 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport:
         seed = cfg.seed * 1000 + number
         mode = q.sampling if q.sampling != "auto" else (
             "full" if cfg.model.backbone_dropout > 0 else "head")
-        streaming_topk = q.strategy in acquisition.SCORE_FUNCTIONS
+        streaming_topk = q.strategy in acquisition.SCORE_FUNCTIONS and not q.balance
         mc = mc_predict(model, ds, q.mc_samples, device=device, batch_size=q.batch_size,
                         num_workers=cfg.num_workers, seed=seed, progress=progress,
                         desc=f"scoring {len(ds)} images", mode=mode, precision=q.precision,
@@ -198,7 +198,8 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport:
             idx, scores = acquisition.select(q.strategy, np.asarray(mc.probs, np.float32),
                                              q.budget, rng=rng,
                                              features=np.asarray(mc.features, np.float32),
-                                             labelled_features=labelled_features)
+                                             labelled_features=labelled_features,
+                                             balance=q.balance)
         seconds = time.perf_counter() - t0
         chosen = [Candidate(snap.pool[int(mc.kept[i])], float(s),
                             np.asarray(mc.probs[i], np.float32).mean(0))

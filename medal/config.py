@@ -98,6 +98,9 @@ class QueryConfig:
     budget: int = 20
     mc_samples: int = 20
     batch_size: int = 256
+    balance: bool = False
+    """Spread the budget over the predicted classes (round-robin by score); for per-image
+    strategies."""
     sampling: str = "auto"
     """"head" (backbone once, T head samples), "full" (T stochastic passes of the whole
     network, batched), or "auto" (full when model.backbone_dropout > 0, else head)."""

@@ -130,3 +130,12 @@ def test_frozen_validation_split_without_validation_set(tmp_path, tiny_data):
     assert r.n_labels == 6 and r.metrics["validation"]["n"] == 2
     with Workspace(load_config(cfg_path, {"train.validation_fraction": 0.5})) as ws:
         assert sorted(it.id for it in ws.sync().validation) == first  # frozen in the ledger
+
+
+@pytest.mark.parametrize("strategy", ["batchbald", "coreset", "badge", "powerbald", "entropy"])
+def test_query_with_each_strategy_kind(tmp_path, tiny_data, strategy):
+    cfg = load_config(write_config(tmp_path), {"query.strategy": strategy,
+                                               "query.balance": strategy == "entropy"})
+    api.train(cfg, progress=False)
+    r = api.query(cfg, progress=False)
+    assert r.n_selected == 6 and r.folder.is_dir()

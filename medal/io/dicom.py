@@ -70,6 +70,10 @@ def load_dicom(path: str | Path, *, window: Window = "file",
     path = Path(path)
     ds = _read(path, header_only=False)
     if not any(k in ds for k in PIXEL_KEYWORDS):
+        if "Rows" in ds and "Columns" in ds:  # an image header without its image
+            raise ImageReadError(path, f"no pixel data after the header of a {ds.Rows}x"
+                                       f"{ds.Columns} image (SOP class {_sop_class_name(ds)}; "
+                                       f"truncated file?)")
         raise ImageReadError(path, f"no pixel data (SOP class {_sop_class_name(ds)})")
     n_frames = _n_frames(ds)
     index = n_frames // 2 if frame == "middle" else int(frame)
@@ -92,7 +96,14 @@ def load_dicom(path: str | Path, *, window: Window = "file",
 
 def _read(path: Path, *, header_only: bool) -> Dataset:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=header_only)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path, stop_before_pixels=header_only)
+        for w in caught:
+            # pydicom only warns when a file ends inside encapsulated (compressed) pixel data.
+            if "end of file reached" in str(w.message).lower():
+                raise ImageReadError(path, "truncated file (it ends inside the pixel data)")
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except InvalidDicomError:  # no preamble / file meta: accept it only if it holds an image
         ds = _read_forced(path)
         if header_only:
@@ -103,6 +114,8 @@ def _read(path: Path, *, header_only: bool) -> Dataset:
         raise ImageReadError(path, "file not found") from None
     except OSError as e:
         raise ImageReadError(path, f"cannot read file: {e.strerror or _one_line(e)}") from None
+    except ImageReadError:
+        raise
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for corrupt files
         raise ImageReadError(path, f"corrupt DICOM file: {_one_line(e)}") from None
     _ensure_transfer_syntax(ds)
