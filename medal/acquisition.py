@@ -1,8 +1,12 @@
-"""Acquisition functions: pure functions over MC-dropout probabilities.
+"""Acquisition functions: which unlabelled images are most worth a radiologist's time.
 
-``probs`` is always ``[N, T, C]``: N images, T stochastic forward passes, C classes (rows sum to
-1). Scores are ``[N]`` float64, higher = more worth a radiologist's time. Ranking is separate
-from scoring (:func:`select`).
+Every scoring function is a pure function of MC-dropout probabilities ``probs`` of shape
+``[N, T, C]`` (N images, T stochastic forward passes, C classes; each ``probs[n, t]`` sums to 1)
+and returns float64 scores ``[N]`` where higher means more worth labelling. Logs are natural.
+Batch strategies (BatchBALD, power sampling, core-set, BADGE, class balancing) choose indices;
+:func:`select` is the single entry point that maps a strategy name to a ranked selection.
+
+This is a leaf module: it imports only numpy.
 """
 
 from __future__ import annotations
@@ -12,223 +16,413 @@ from collections.abc import Callable
 import numpy as np
 
 EPS = 1e-12
+"""Added inside logs so that 0 * log(0) evaluates to 0."""
+
+_CHUNK_ELEMENTS = 1 << 22
+"""Upper bound on float64 elements in one temporary block (32 MiB) for chunked computations."""
+
+
+# --------------------------------------------------------------------------- per-image scores
+
+
+def _as_probs(probs: np.ndarray) -> np.ndarray:
+    """``probs`` as a float64 ``[N, T, C]`` array (no copy when it already is one)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 3:
+        raise ValueError(f"probs must have shape [N, T, C], got {p.shape}")
+    return p
 
 
 def _entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Entropy (nats) of the distributions along ``axis``."""
     return -(p * np.log(p + EPS)).sum(axis)
 
 
 def predictive_entropy(probs: np.ndarray) -> np.ndarray:
-    """``[N, T, C] -> [N]``: entropy of the MC-averaged prediction, H[E_t p]."""
-    return _entropy(probs.mean(1))
+    """Entropy of the MC-averaged prediction, H[E_t p]: ``[N, T, C] -> [N]``."""
+    return _entropy(_as_probs(probs).mean(1))
 
 
 def bald(probs: np.ndarray) -> np.ndarray:
-    """``[N, T, C] -> [N]``: mutual information H[E_t p] - E_t H[p_t] (Houlsby et al. 2011)."""
-    return np.maximum(predictive_entropy(probs) - _entropy(probs).mean(1), 0.0)
+    """BALD mutual information H[E_t p] - E_t H[p_t] (Houlsby et al. 2011): ``[N, T, C] -> [N]``.
+
+    Clipped at 0, since the difference can come out a hair negative in floating point.
+    """
+    p = _as_probs(probs)
+    return np.maximum(_entropy(p.mean(1)) - _entropy(p).mean(1), 0.0)
 
 
 def variation_ratios(probs: np.ndarray) -> np.ndarray:
-    """``[N, T, C] -> [N]``: 1 - (votes for the modal class) / T."""
-    votes = probs.argmax(-1)  # [N, T]
-    C = probs.shape[-1]
-    counts = np.stack([(votes == c).sum(1) for c in range(C)], 1) if probs.size else \
-        np.zeros((len(probs), C))
-    return 1.0 - counts.max(1) / max(probs.shape[1], 1)
+    """1 - (number of passes voting for the modal class) / T: ``[N, T, C] -> [N]``."""
+    p = _as_probs(probs)
+    n, t, c = p.shape
+    votes = p.argmax(-1)  # [N, T]
+    counts = (votes[:, :, None] == np.arange(c)).sum(1)  # [N, C]
+    modal = counts.max(1) if c else np.zeros(n)
+    return 1.0 - modal / max(t, 1)
 
 
 def mean_std(probs: np.ndarray) -> np.ndarray:
-    """``[N, T, C] -> [N]``: standard deviation over T, averaged over classes."""
-    return probs.std(1).mean(-1).astype(np.float64)
+    """Standard deviation over the T passes, averaged over classes: ``[N, T, C] -> [N]``."""
+    return _as_probs(probs).std(1).mean(-1)
 
 
 def margin(probs: np.ndarray) -> np.ndarray:
-    """``[N, T, C] -> [N]``: minus the gap between the two most probable mean classes."""
-    top = np.sort(probs.mean(1), -1)
-    return -(top[:, -1] - top[:, -2]).astype(np.float64)
+    """Minus the gap between the two largest mean class probabilities, -(p1 - p2):
+    ``[N, T, C] -> [N]`` (higher = smaller margin). With C == 1, p2 is taken as 0."""
+    mean = _as_probs(probs).mean(1)
+    if mean.shape[1] < 2:
+        mean = np.concatenate([mean, np.zeros((len(mean), 2 - mean.shape[1]))], 1)
+    top2 = np.partition(mean, -2, axis=1)[:, -2:]  # [N, 2]: second largest, largest
+    return -(top2[:, 1] - top2[:, 0])
 
 
 def least_confidence(probs: np.ndarray) -> np.ndarray:
-    """``[N, T, C] -> [N]``: 1 - the highest mean class probability."""
-    return 1.0 - probs.mean(1).max(-1).astype(np.float64)
+    """1 - the largest mean class probability: ``[N, T, C] -> [N]``."""
+    return 1.0 - _as_probs(probs).mean(1).max(-1)
 
 
 SCORE_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "bald": bald, "entropy": predictive_entropy, "variation_ratios": variation_ratios,
-    "mean_std": mean_std, "margin": margin, "least_confidence": least_confidence,
+    "bald": bald,
+    "entropy": predictive_entropy,
+    "variation_ratios": variation_ratios,
+    "mean_std": mean_std,
+    "margin": margin,
+    "least_confidence": least_confidence,
 }
 
-STRATEGIES: tuple[str, ...] = (*SCORE_FUNCTIONS, "random", "batchbald", "powerbald",
-                               "powerentropy", "coreset", "badge")
+STRATEGIES: tuple[str, ...] = (
+    "bald", "entropy", "variation_ratios", "mean_std", "margin", "least_confidence",
+    "random", "batchbald", "powerbald", "powerentropy", "coreset", "badge",
+)
 
 
 def validate_strategy(name: str) -> None:
+    """Raise ValueError, listing the valid names, if ``name`` is not in :data:`STRATEGIES`."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown acquisition strategy {name!r}; valid: {', '.join(STRATEGIES)}")
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest scores, ties broken by lower index."""
-    return np.argsort(-scores, kind="stable")[:k]
+    """int64 indices ``[min(k, N)]`` of the k highest of ``scores [N]``, ties to lower index."""
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:max(k, 0)].astype(
+        np.int64)
+
+
+# --------------------------------------------------------------------------- BatchBALD
+
+
+def batchbald(probs: np.ndarray, budget: int, *, rng: np.random.Generator,
+              num_samples: int = 10000, exact_limit: int = 1 << 13
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy BatchBALD (Kirsch et al. 2019) over ``probs [N, T, C]``.
+
+    Step k adds the image n maximising the joint mutual information I(y_1..y_k, y_n; w) of the
+    batch so far plus n. Writing B for the chosen batch,
+    ``I(B + n) - I(B) = H(y_n | y_B) - E_t H[p_t(y_n)]``, so only the conditional entropy of
+    the candidate given the batch's labels has to be computed per candidate:
+    ``H(y_n | y_B) = sum_y p(y_B=y) H[p(y_n | y_B=y)]`` with
+    ``p(y_n | y_B=y) = sum_t w(t | y) p_t(y_n)`` and ``w(t | y) ∝ prod_{i in B} p_t(y_i)``.
+
+    The sum over label configurations y of B is exact while B has at most ``exact_limit``
+    configurations (C**k). Beyond that it is a Monte Carlo average over ``num_samples``
+    configurations drawn from p(y_B) as in the reference algorithm: each configuration is tied
+    to one MC pass t (stratified over the T passes) and its labels are drawn from p_t; when an
+    image joins the batch each configuration draws that image's label from its own pass, so the
+    samples stay exact draws from the joint. Averaging the posterior entropies over configurations
+    sampled from p(y_B) is the importance-weighted joint-entropy estimator
+    ``-1/M sum_m sum_c p(y_m, c) / p(y_m) log p(y_m, c)`` minus the candidate-independent H(y_B).
+
+    Candidates are processed in chunks so that temporaries stay within about 32 MiB.
+
+    Returns (indices ``[K]`` int64 in pick order, joint-MI gain of each pick ``[K]`` float64),
+    K = min(budget, N). The gains sum to the (estimated) joint MI of the batch; the first pick is
+    argmax :func:`bald` and its gain is its BALD score.
+    """
+    p = _as_probs(probs)
+    n_img, n_pass, n_cls = p.shape
+    k_max = min(max(budget, 0), n_img)
+    if k_max == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    cond = _entropy(p).mean(1)  # [N] E_t H[p_t(y_n)]
+    # p arranged as [T, N*C] for the matmul with the configuration weights
+    p_tnc = np.ascontiguousarray(p.transpose(1, 0, 2)).reshape(n_pass, n_img * n_cls)
+
+    picks: list[int] = []
+    gains: list[float] = []
+    chosen = np.zeros(n_img, dtype=bool)
+
+    first_scores = bald(p)
+    sel = int(np.argmax(first_scores))
+    picks.append(sel)
+    gains.append(float(first_scores[sel]))
+    chosen[sel] = True
+
+    # Exact state: joint[m, t] = p_t(configuration m of the batch), m over C**k configurations.
+    joint: np.ndarray | None = p[sel].T.copy()  # [C, T]
+    # Sampled state: log_w[m, t] = log prod_i p_t(y_mi), pass_of[m] = the pass m was drawn from.
+    log_w: np.ndarray | None = None
+    pass_of = np.arange(max(num_samples, 1)) % n_pass
+
+    while len(picks) < k_max:
+        if joint is not None and joint.shape[0] > exact_limit:
+            joint = None
+            log_w = _sample_configurations(p, picks, pass_of, rng)
+        if joint is not None:
+            mass = joint.sum(1)  # [M] T * p(y_B = m)
+            weights = joint / np.where(mass > 0, mass, 1.0)[:, None]  # [M, T] w(t | m)
+            config_prob = mass / mass.sum()  # [M]
+        else:
+            assert log_w is not None
+            w = np.exp(log_w - log_w.max(1, keepdims=True))
+            weights = w / w.sum(1, keepdims=True)
+            config_prob = np.full(len(w), 1.0 / len(w))
+
+        cond_entropy = _conditional_entropy(weights, config_prob, p_tnc, n_img, n_cls)  # [N]
+        scores = np.where(chosen, -np.inf, cond_entropy - cond)
+        sel = int(np.argmax(scores))
+        picks.append(sel)
+        gains.append(float(scores[sel]))
+        chosen[sel] = True
+
+        if joint is not None:
+            joint = (joint[:, None, :] * p[sel].T[None]).reshape(-1, n_pass)  # [M*C, T]
+        else:
+            assert log_w is not None
+            labels = _sample_labels(p[sel][pass_of], rng)  # [M]
+            with np.errstate(divide="ignore"):
+                log_w = log_w + np.log(p[sel][:, labels].T)
+    return np.asarray(picks, dtype=np.int64), np.asarray(gains, dtype=np.float64)
+
+
+def _conditional_entropy(weights: np.ndarray, config_prob: np.ndarray, p_tnc: np.ndarray,
+                         n_img: int, n_cls: int) -> np.ndarray:
+    """H(y_n | y_B) for every image n: ``sum_m config_prob[m] H[weights[m] @ p(y_n | t)]``.
+
+    ``weights [M, T]`` (rows: posterior over passes given configuration m), ``config_prob [M]``,
+    ``p_tnc [T, N*C]``. Returns ``[N]``. Chunked over images.
+    """
+    m = weights.shape[0]
+    chunk = max(1, _CHUNK_ELEMENTS // max(m * n_cls, 1))
+    out = np.empty(n_img)
+    for s in range(0, n_img, chunk):
+        e = min(s + chunk, n_img)
+        post = weights @ p_tnc[:, s * n_cls:e * n_cls]  # [M, B*C] p(y_n = c | y_B = m)
+        h = _entropy(post.reshape(m, e - s, n_cls))  # [M, B]
+        out[s:e] = config_prob @ h
+    return out
+
+
+def _sample_labels(dist: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One class per row of ``dist [M, C]`` by inverse CDF; returns int ``[M]``."""
+    cdf = np.cumsum(dist, 1)
+    u = rng.random(len(dist)) * cdf[:, -1]
+    return np.minimum((cdf <= u[:, None]).sum(1), dist.shape[1] - 1)
+
+
+def _sample_configurations(p: np.ndarray, picks: list[int], pass_of: np.ndarray,
+                           rng: np.random.Generator) -> np.ndarray:
+    """Draw label configurations of the batch ``picks``, configuration m from pass
+    ``pass_of[m]``; return their log weights ``log prod_i p_t(y_mi)`` as ``[M, T]``."""
+    log_w = np.zeros((len(pass_of), p.shape[1]))
+    with np.errstate(divide="ignore"):
+        for i in picks:
+            labels = _sample_labels(p[i][pass_of], rng)
+            log_w += np.log(p[i][:, labels].T)
+    return log_w
+
+
+# --------------------------------------------------------------------------- batch strategies
 
 
 def power_sampling(scores: np.ndarray, budget: int, *, rng: np.random.Generator,
                    beta: float = 1.0) -> np.ndarray:
-    """Sample ``budget`` indices without replacement with probability ∝ score**beta
-    (stochastic power acquisition, Kirsch et al. 2021), via the Gumbel-top-k trick."""
-    logits = beta * np.log(np.maximum(scores, EPS))
-    return top_k(logits + rng.gumbel(size=len(scores)), budget)
+    """Stochastic power acquisition (Kirsch et al. 2021): draw ``min(budget, N)`` distinct
+    indices without replacement with probability ∝ ``scores**beta`` (``scores [N]``), by the
+    Gumbel-top-k trick on ``beta * log(scores)``. Scores are clipped to >= EPS first. Returns
+    int64 indices in draw order."""
+    s = np.asarray(scores, dtype=np.float64)
+    logits = beta * np.log(np.maximum(s, EPS))
+    return top_k(logits + rng.gumbel(size=len(s)), budget)
 
 
 def class_balanced(scores: np.ndarray, predicted: np.ndarray, budget: int,
                    n_classes: int) -> np.ndarray:
-    """Round-robin over predicted classes, each taking its best remaining image."""
-    queues = [list(top_k(np.where(predicted == c, scores, -np.inf), int((predicted == c).sum())))
-              for c in range(n_classes)]
-    out: list[int] = []
-    while len(out) < budget and any(queues):
-        for q in queues:
-            if q and len(out) < budget:
-                out.append(int(q.pop(0)))
-    return np.asarray(out, dtype=np.int64)
+    """Spread ``budget`` picks over predicted classes round-robin.
+
+    In each round, classes 0..n_classes-1 in turn take their highest-scoring remaining image
+    (ties to lower index); classes with none left are skipped. ``scores [N]``, ``predicted [N]``
+    ints in ``[0, n_classes)``. Returns int64 indices ``[min(budget, N)]`` in pick order.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    pred = np.asarray(predicted).astype(np.int64)
+    if len(pred) != len(s):
+        raise ValueError(f"scores and predicted differ in length: {len(s)} vs {len(pred)}")
+    if len(pred) and (pred.min() < 0 or pred.max() >= n_classes):
+        raise ValueError(f"predicted classes must lie in [0, {n_classes})")
+    order = np.argsort(-s, kind="stable")
+    cls = pred[order]
+    # rank of each image within its own class (0 = that class's best)
+    rank = np.empty(len(order), dtype=np.int64)
+    by_class = np.argsort(cls, kind="stable")
+    counts = np.bincount(cls, minlength=n_classes)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank[by_class] = np.arange(len(order)) - np.repeat(starts, counts)
+    return order[np.lexsort((cls, rank))][:max(budget, 0)].astype(np.int64)
 
 
-def k_center_greedy(features: np.ndarray, budget: int, *, rng: np.random.Generator,
-                    labelled_features: np.ndarray | None = None) -> np.ndarray:
-    """Greedy k-center (core-set) on ``features [N, D]``; starts from ``labelled_features``."""
-    N = len(features)
-    f = features.astype(np.float64)
+def _sq_norms(x: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", x, x).astype(np.float64)
+
+
+def k_center_greedy(features: np.ndarray, budget: int, *,
+                    labelled_features: np.ndarray | None = None,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-center core-set selection (Sener & Savarese 2018), Euclidean distance.
+
+    ``features [N, D]``; ``labelled_features [L, D]`` (optional) are the already-labelled
+    points the first pick must be far from. Without them (or with L == 0) the first pick is
+    uniformly random. Each further pick is the point farthest from everything chosen or
+    labelled. Returns int64 indices ``[min(budget, N)]`` in pick order, all distinct.
+    """
+    f = np.asarray(features)
+    if not np.issubdtype(f.dtype, np.floating):
+        f = f.astype(np.float64)
+    n = len(f)
+    k = min(max(budget, 0), n)
+    if k == 0:
+        return np.zeros(0, np.int64)
+    f_sq = _sq_norms(f)
+    dist = np.full(n, np.inf)  # squared distance to the nearest centre
+    picks: list[int] = []
     if labelled_features is not None and len(labelled_features):
-        dist = np.full(N, np.inf)
-        for i in range(0, len(labelled_features), 1024):
-            d = _sqdist(f, labelled_features[i:i + 1024].astype(np.float64)).min(1)
-            dist = np.minimum(dist, d)
-        picks: list[int] = []
+        lab = np.asarray(labelled_features, dtype=f.dtype)
+        lab_sq = _sq_norms(lab)
+        rows = max(1, _CHUNK_ELEMENTS // max(len(lab), 1))
+        for s in range(0, n, rows):
+            cols = max(1, _CHUNK_ELEMENTS // rows)
+            for c in range(0, len(lab), cols):
+                d = (f_sq[s:s + rows, None] + lab_sq[None, c:c + cols]
+                     - 2.0 * (f[s:s + rows] @ lab[c:c + cols].T))
+                dist[s:s + rows] = np.minimum(dist[s:s + rows], d.min(1))
     else:
-        first = int(rng.integers(N))
-        picks = [first]
-        dist = _sqdist(f, f[first:first + 1])[:, 0]
-    while len(picks) < min(budget, N):
-        j = int(np.argmax(dist))
+        picks.append(int(rng.integers(n)))
+    chosen = np.zeros(n, dtype=bool)
+
+    def add_centre(j: int) -> None:
+        nonlocal dist
+        chosen[j] = True
+        dist = np.minimum(dist, f_sq + f_sq[j] - 2.0 * (f @ f[j]))
+
+    if picks:
+        add_centre(picks[0])
+    while len(picks) < k:
+        j = int(np.argmax(np.where(chosen, -np.inf, dist)))
         picks.append(j)
-        dist = np.minimum(dist, _sqdist(f, f[j:j + 1])[:, 0])
+        add_centre(j)
     return np.asarray(picks, dtype=np.int64)
-
-
-def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.maximum((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None], 0.0)
 
 
 def badge(probs: np.ndarray, features: np.ndarray, budget: int, *,
           rng: np.random.Generator) -> np.ndarray:
-    """BADGE (Ash et al. 2020): k-means++ seeding on gradient embeddings
-    ``(p - onehot(argmax p)) ⊗ features``, ``[N, C*D]``."""
-    p = probs.mean(1)
+    """BADGE (Ash et al. 2020): k-means++ seeding on gradient embeddings.
+
+    The embedding of image i is ``g_i ⊗ f_i`` (``[C*D]``) with ``g_i = p_i - onehot(argmax p_i)``
+    (``p_i`` the MC-mean prediction from ``probs [N, T, C]``) and ``f_i = features[i]``
+    (``[N, D]``): the gradient of the cross-entropy at the predicted label w.r.t. the last layer.
+    It is never materialised: ``<g_i ⊗ f_i, g_j ⊗ f_j> = (g_i·g_j)(f_i·f_j)``, so memory is
+    O(N (C + D)). As in the BADGE reference, the first centre is the largest embedding; later
+    ones are drawn with probability ∝ squared distance to the nearest centre (D² sampling); if
+    every remaining point coincides with a centre, a uniformly random unchosen point is taken.
+    Returns int64 indices ``[min(budget, N)]`` in pick order, all distinct.
+    """
+    p = _as_probs(probs).mean(1)  # [N, C]
+    f = np.asarray(features, dtype=np.float64)
+    n = len(p)
+    if len(f) != n:
+        raise ValueError(f"probs and features differ in length: {n} vs {len(f)}")
+    k = min(max(budget, 0), n)
+    if k == 0:
+        return np.zeros(0, np.int64)
     g = p.copy()
-    g[np.arange(len(p)), p.argmax(1)] -= 1.0
-    emb = (g[:, :, None] * features[:, None, :]).reshape(len(p), -1)
-    first = int(np.argmax((emb * emb).sum(1)))
-    picks = [first]
-    dist = _sqdist(emb, emb[first:first + 1])[:, 0]
-    while len(picks) < min(budget, len(p)):
-        total = dist.sum()
-        j = int(rng.choice(len(p), p=dist / total)) if total > 0 else int(rng.integers(len(p)))
-        if j in picks:
-            j = int(np.argmax(dist))
+    g[np.arange(n), p.argmax(1)] -= 1.0
+    sq = _sq_norms(g) * _sq_norms(f)  # [N] |g_i ⊗ f_i|^2
+    chosen = np.zeros(n, dtype=bool)
+    dist = np.full(n, np.inf)
+    picks: list[int] = []
+    j = int(np.argmax(sq))
+    while True:
         picks.append(j)
-        dist = np.minimum(dist, _sqdist(emb, emb[j:j + 1])[:, 0])
+        chosen[j] = True
+        if len(picks) == k:
+            break
+        d = sq + sq[j] - 2.0 * (g @ g[j]) * (f @ f[j])
+        dist = np.where(chosen, 0.0, np.minimum(dist, np.maximum(d, 0.0)))
+        total = dist.sum()
+        if total > 0:
+            j = int(rng.choice(n, p=dist / total))
+        else:
+            j = int(rng.choice(np.flatnonzero(~chosen)))
     return np.asarray(picks, dtype=np.int64)
 
 
-def batchbald(probs: np.ndarray, budget: int, *, rng: np.random.Generator,
-              num_samples: int = 1000, exact_limit: int = 4096, chunk: int = 256
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy BatchBALD (Kirsch et al. 2019) over ``probs [N, T, C]``.
-
-    Each step adds the image that maximises the mutual information between the batch's joint
-    labels and the model parameters, ``H(y_1..y_k) - sum_i E_t H(y_i | w_t)``. The joint entropy
-    is exact while the batch has at most ``exact_limit`` label configurations; beyond that,
-    ``num_samples`` configurations are drawn from the joint predictive and the entropy is
-    estimated by importance weighting. Returns (indices ``[K]`` in pick order, the gain in
-    joint mutual information of each pick ``[K]``).
-    """
-    N, T, C = probs.shape
-    K = min(budget, N)
-    probs = np.asarray(probs, dtype=np.float64)
-    cond = _entropy(probs).mean(1)  # [N] E_t H[y | w_t]
-    picks: list[int] = []
-    gains: list[float] = []
-    joint = np.ones((1, T))  # [M, T]: p(configuration m of the chosen labels | w_t)
-    sampled = False
-    prev = 0.0
-    for _ in range(K):
-        q = joint.mean(1)  # [M] p(configuration m)
-        scores = np.empty(N)
-        for s in range(0, N, chunk):
-            pj = np.einsum("mt,btc->bmc", joint, probs[s:s + chunk]) / T  # [B, M, C]
-            log = np.log(pj + EPS)
-            if sampled:  # configurations were drawn from q: weight each by 1/q
-                h = -(pj * log / np.maximum(q, EPS)[None, :, None]).sum((1, 2)) / len(q)
-            else:
-                h = -(pj * log).sum((1, 2))
-            scores[s:s + chunk] = h - cond[s:s + chunk]
-        scores[picks] = -np.inf
-        sel = int(np.argmax(scores))
-        total = float(scores[sel]) - float(cond[picks].sum())
-        picks.append(sel)
-        gains.append(total - prev)
-        prev = total
-        p_sel = probs[sel].T  # [C, T]
-        if sampled:
-            # extend every sampled configuration by a label drawn from p(y_sel | configuration)
-            w = joint @ probs[sel]  # [M, C]
-            cum = np.cumsum(w / w.sum(1, keepdims=True), 1)
-            c = np.minimum((cum < rng.random((len(w), 1))).sum(1), C - 1)
-            joint = joint * p_sel[c]
-        elif len(joint) * C > exact_limit:
-            ext = (joint[:, None, :] * p_sel[None]).reshape(-1, T)
-            qe = ext.mean(1)
-            joint = ext[rng.choice(len(ext), size=num_samples, replace=True, p=qe / qe.sum())]
-            sampled = True
-        else:
-            joint = (joint[:, None, :] * p_sel[None]).reshape(-1, T)
-    return np.asarray(picks, dtype=np.int64), np.asarray(gains, dtype=np.float64)
+# --------------------------------------------------------------------------- entry point
 
 
 def select(strategy: str, probs: np.ndarray, budget: int, *, rng: np.random.Generator,
            features: np.ndarray | None = None, labelled_features: np.ndarray | None = None,
            balance: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Choose up to ``budget`` images from ``probs [N, T, C]``.
+    """Choose up to ``budget`` images from ``probs [N, T, C]`` with the named strategy.
 
-    Returns (indices ``[K]`` int64 in rank order, per-image scores ``[K]`` float64 for reports).
+    Returns (indices ``[K]`` int64 in rank order, scores ``[K]`` float64 for reporting),
+    K = min(budget, N):
+
+    - per-image strategies (keys of :data:`SCORE_FUNCTIONS`): the top K by score, ties to the
+      lower index; reported scores are those scores;
+    - ``"random"``: a permutation drawn from ``rng``; reported scores are BALD;
+    - ``"batchbald"``: :func:`batchbald` picks and their joint-MI gains;
+    - ``"powerbald"`` / ``"powerentropy"``: :func:`power_sampling` on BALD / predictive entropy;
+      reported scores are those BALD / entropy values;
+    - ``"coreset"`` (:func:`k_center_greedy`, using ``labelled_features [L, D]`` if given) and
+      ``"badge"`` (:func:`badge`) need ``features [N, D]``; reported scores are BALD.
+
+    ``balance=True`` spreads the picks over predicted classes (argmax of the mean probabilities)
+    with :func:`class_balanced`; it applies to the per-image strategies only and is ignored by
+    the others, which have their own notion of a diverse batch.
+
+    Raises ValueError for an unknown strategy, or for coreset/badge without ``features``.
     """
     validate_strategy(strategy)
-    N = len(probs)
-    K = min(budget, N)
-    if K <= 0:
+    p = _as_probs(probs)
+    n = len(p)
+    k = min(max(budget, 0), n)
+    if k == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float64)
+
     if strategy in SCORE_FUNCTIONS:
-        scores = SCORE_FUNCTIONS[strategy](probs)
+        scores = SCORE_FUNCTIONS[strategy](p)
         if balance:
-            idx = class_balanced(scores, probs.mean(1).argmax(1), K, probs.shape[-1])
+            idx = class_balanced(scores, p.mean(1).argmax(1), k, p.shape[2])
         else:
-            idx = top_k(scores, K)
-        return idx.astype(np.int64), scores[idx]
-    b = bald(probs)
+            idx = top_k(scores, k)
+        return idx, scores[idx]
+    if strategy == "batchbald":
+        return batchbald(p, k, rng=rng)
+    if strategy in ("powerbald", "powerentropy"):
+        scores = bald(p) if strategy == "powerbald" else predictive_entropy(p)
+        idx = power_sampling(scores, k, rng=rng)
+        return idx, scores[idx]
+
     if strategy == "random":
-        idx = rng.permutation(N)[:K]
-    elif strategy == "batchbald":
-        idx, gains = batchbald(probs, K, rng=rng)
-        return idx, gains
-    elif strategy in ("powerbald", "powerentropy"):
-        s = b if strategy == "powerbald" else predictive_entropy(probs)
-        idx = power_sampling(s, K, rng=rng)
-        return idx.astype(np.int64), s[idx]
+        idx = rng.permutation(n)[:k].astype(np.int64)
     else:
         if features is None:
-            raise ValueError(f"strategy {strategy!r} needs penultimate-layer features")
+            raise ValueError(f"acquisition strategy {strategy!r} needs features [N, D]")
+        if len(features) != n:
+            raise ValueError(f"strategy {strategy!r}: features has {len(features)} rows, "
+                             f"probs has {n}")
         if strategy == "coreset":
-            idx = k_center_greedy(features, K, rng=rng, labelled_features=labelled_features)
+            idx = k_center_greedy(features, k, labelled_features=labelled_features, rng=rng)
         else:
-            idx = badge(probs, features, K, rng=rng)
-    return np.asarray(idx, dtype=np.int64), b[idx]
+            idx = badge(p, features, k, rng=rng)
+    return idx, bald(p)[idx]

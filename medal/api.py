@@ -60,10 +60,25 @@ def _labels_to_index(items: list[Item], classes: tuple[str, ...]) -> np.ndarray:
     return np.array([lookup[it.label] for it in items], dtype=np.int64)
 
 
+def _cache_dir(cfg: Config) -> Path | None:
+    return cfg.workspace / "cache" if cfg.image.cache else None
+
+
+def _dataset(cfg: Config, items: list[Item]) -> ImageDataset:
+    cache = _cache_dir(cfg)
+    return ImageDataset([it.path for it in items], channels=cfg.model.channels,
+                        size=cfg.model.image_size, window=cfg.image.window,
+                        frame=cfg.image.frame, ids=[it.id for it in items] if cache else None,
+                        cache_dir=cache)
+
+
 def _load(cfg: Config, items: list[Item]) -> tuple[Any, np.ndarray, list[Item], dict[Path, str]]:
+    cache = _cache_dir(cfg)
     x, kept, skipped = load_all([it.path for it in items], channels=cfg.model.channels,
                                 size=cfg.model.image_size, window=cfg.image.window,
-                                frame=cfg.image.frame, num_workers=cfg.num_workers)
+                                frame=cfg.image.frame, num_workers=cfg.num_workers,
+                                ids=[it.id for it in items] if cache else None,
+                                cache_dir=cache)
     kept_items = [items[i] for i in kept]
     y = _labels_to_index(kept_items, cfg.classes) if kept_items and kept_items[0].label else \
         np.zeros(0, np.int64)
@@ -169,9 +184,7 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport:
             raise DataError(f"the pool is empty: every image in {cfg.data.pool} is labelled or "
                             f"out for labelling")
         t0 = time.perf_counter()
-        ds = ImageDataset([it.path for it in snap.pool], channels=cfg.model.channels,
-                          size=cfg.model.image_size, window=cfg.image.window,
-                          frame=cfg.image.frame)
+        ds = _dataset(cfg, snap.pool)
         number = ws.next_round()
         seed = cfg.seed * 1000 + number
         mode = q.sampling if q.sampling != "auto" else (

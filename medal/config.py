@@ -44,6 +44,8 @@ class ImageConfig:
     """"file" (the file's own DICOM window), "minmax", or [center, width]."""
     frame: str | int = "middle"
     """Multi-frame DICOM: "middle" or a frame index."""
+    cache: bool = True
+    """Keep preprocessed pixels in <workspace>/cache so each image is decoded once."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.pixels import get_encoder
+from pydicom.pixels import convert_color_space, get_encoder
 from pydicom.uid import (
     UID,
     BasicTextSRStorage,
@@ -332,6 +332,28 @@ def test_dicom_multiframe(tmp_path: Path) -> None:
     assert load_image(single, frame=3).shape == (8, 10)  # single-frame files ignore frame
 
 
+def test_enhanced_multiframe_functional_groups(tmp_path: Path) -> None:
+    """Enhanced IODs keep rescale (shared) and window (per frame) in functional groups."""
+    frames = np.stack([ramp(hi=1000)] * 3)
+    ds = dicom_dataset(frames)
+    rescale, shared = Dataset(), Dataset()
+    rescale.RescaleSlope, rescale.RescaleIntercept, rescale.RescaleType = "1", "-500", "US"
+    shared.PixelValueTransformationSequence = [rescale]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for center in (-400, 0, 400):
+        voi, group = Dataset(), Dataset()
+        voi.WindowCenter, voi.WindowWidth = str(center), "101"
+        group.FrameVOILUTSequence = [voi]
+        per_frame.append(group)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    path = save_dicom(tmp_path / "enh.dcm", ds)
+    values = frames[0] - 500.0
+    for index, center in enumerate((-400, 0, 400)):
+        np.testing.assert_allclose(load_image(path, frame=index),
+                                   linear_window(values, center, 101), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- DICOM colour
 
 
@@ -350,6 +372,15 @@ def test_dicom_rgb_multiframe(tmp_path: Path) -> None:
     img = load_image(path)
     check_output(img, (4, 6, 3))
     np.testing.assert_allclose(img[..., 1], 1.0)
+
+
+def test_dicom_native_ybr_full_is_converted(tmp_path: Path) -> None:
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    img = load_image(save_dicom(tmp_path / "ybr.dcm", dicom_dataset(ybr, photometric="YBR_FULL")))
+    check_output(img, (4, 6, 3))
+    np.testing.assert_allclose(img, rgb / 255, atol=2 / 255)
 
 
 def test_dicom_jpeg_baseline_ybr(tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ def load_image(path: str | Path, *, window: Window = "file",
     path = Path(path)
     if sniff_format(path) == "dicom":
         return load_dicom(path, window=window, frame=frame)
-    if frame != "middle" and (not isinstance(frame, int) or isinstance(frame, bool)):
+    if frame != "middle" and (not isinstance(frame, (int, np.integer)) or isinstance(frame, bool)):
         raise ValueError(f"frame must be 'middle' or an int, got {frame!r}")
     return load_pillow(path, window=window)
 
