@@ -3,6 +3,7 @@ returns a small report object; nothing here prints except progress bars."""
 
 from __future__ import annotations
 
+import csv
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -86,9 +87,16 @@ def _load(cfg: Config, items: list[Item]) -> tuple[Any, np.ndarray, list[Item], 
 
 
 def _record_skipped(ws: Workspace, skipped: dict[Path, str]) -> None:
+    """Remember unreadable files in the ledger and in ``<workspace>/skipped.csv``."""
     if skipped:
         merged = ws.db.skipped() | {str(p): r for p, r in skipped.items()}
         ws.db.set_skipped(merged)
+        tmp = ws.root / "skipped.csv.tmp"
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "reason"])
+            w.writerows(sorted(merged.items()))
+        tmp.replace(ws.root / "skipped.csv")
 
 
 def train(cfg: Config, *, progress: bool = True) -> TrainReport:

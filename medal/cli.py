@@ -192,6 +192,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             print(f"  {_rel(Path(p))}: {reason}")
         if len(s.skipped) > 20:
             print(f"  ... and {len(s.skipped) - 20} more")
+        print(f"  (all of them: {_rel(s.workspace / 'skipped.csv')})")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Acquisition functions on hand-computed cases, invariants and brute force."""
+"""Acquisition functions: hand-computed values, invariants, BatchBALD against brute force."""
 
 from __future__ import annotations
 
@@ -9,157 +9,414 @@ import numpy as np
 import pytest
 
 from medal import acquisition as acq
+from medal.acquisition import (
+    SCORE_FUNCTIONS, STRATEGIES, badge, bald, batchbald, class_balanced, k_center_greedy,
+    least_confidence, margin, mean_std, power_sampling, predictive_entropy, select,
+    validate_strategy, variation_ratios,
+)
 
 
-def H(p):
+def dirichlet_probs(n: int, t: int, c: int, seed: int = 0, alpha: float = 1.0) -> np.ndarray:
+    return np.random.default_rng(seed).dirichlet(np.full(c, alpha), size=(n, t))
+
+
+def h(*p: float) -> float:
     return -sum(x * math.log(x) for x in p if x > 0)
 
 
-# two images, T=2, C=2 -- written out by hand
-P = np.array([
-    [[0.9, 0.1], [0.1, 0.9]],   # samples disagree: high BALD
-    [[0.5, 0.5], [0.5, 0.5]],   # samples agree on 50/50: entropy high, BALD 0
+# Image A: the two passes disagree completely. Image B: both passes favour class 0.
+TWO = np.array([
+    [[1.0, 0.0], [0.0, 1.0]],
+    [[0.8, 0.2], [0.6, 0.4]],
 ])
 
 
-def test_hand_computed_scores():
-    # image 0: mean (0.5, 0.5); image 1: mean (0.5, 0.5)
-    np.testing.assert_allclose(acq.predictive_entropy(P), [math.log(2), math.log(2)])
-    np.testing.assert_allclose(acq.bald(P), [math.log(2) - H([0.9, 0.1]), 0.0], atol=1e-12)
-    np.testing.assert_allclose(acq.variation_ratios(P), [0.5, 0.0])  # votes 0,1 / 0,0
-    np.testing.assert_allclose(acq.mean_std(P), [0.4, 0.0])
-    np.testing.assert_allclose(acq.margin(P), [0.0, 0.0])
-    np.testing.assert_allclose(acq.least_confidence(P), [0.5, 0.5])
-    q = np.array([[[0.7, 0.2, 0.1]], [[0.4, 0.35, 0.25]]])  # T = 1, C = 3
-    np.testing.assert_allclose(acq.margin(q), [-0.5, -0.05])
-    np.testing.assert_allclose(acq.least_confidence(q), [0.3, 0.6])
-    np.testing.assert_allclose(acq.predictive_entropy(q), [H([0.7, 0.2, 0.1]),
-                                                           H([0.4, 0.35, 0.25])])
+# --------------------------------------------------------------------------- hand-computed
 
 
-@pytest.fixture
-def rand_probs():
-    rng = np.random.default_rng(0)
-    return rng.dirichlet(np.ones(3) * 0.7, size=(50, 8))  # [N=50, T=8, C=3]
+def test_predictive_entropy_by_hand():
+    np.testing.assert_allclose(predictive_entropy(TWO), [math.log(2), h(0.7, 0.3)], atol=1e-9)
 
 
-def test_invariants(rand_probs):
-    b, e = acq.bald(rand_probs), acq.predictive_entropy(rand_probs)
-    assert (b >= 0).all() and (b <= e + 1e-9).all()
-    same = np.repeat(rand_probs[:, :1], 8, axis=1)  # every sample agrees
-    np.testing.assert_allclose(acq.bald(same), 0.0, atol=1e-12)
-    uniform = np.full((1, 4, 3), 1 / 3)
-    np.testing.assert_allclose(acq.predictive_entropy(uniform), math.log(3))
-    perm = np.random.default_rng(1).permutation(50)
-    for name, fn in acq.SCORE_FUNCTIONS.items():
-        np.testing.assert_allclose(fn(rand_probs[perm]), fn(rand_probs)[perm], err_msg=name)
-        assert fn(rand_probs).shape == (50,)
+def test_bald_by_hand():
+    expected_b = h(0.7, 0.3) - (h(0.8, 0.2) + h(0.6, 0.4)) / 2
+    np.testing.assert_allclose(bald(TWO), [math.log(2), expected_b], atol=1e-9)
 
 
-def joint_mi(probs, batch):
-    """Brute force: H(y_batch) - sum_i E_t H(y_i | w_t), enumerating every configuration."""
-    T, C = probs.shape[1], probs.shape[2]
-    h = 0.0
-    for config in itertools.product(range(C), repeat=len(batch)):
-        p = np.mean([np.prod([probs[i, t, c] for i, c in zip(batch, config)])
-                     for t in range(T)])
-        h -= p * math.log(p) if p > 0 else 0.0
-    return h - sum(acq._entropy(probs[i]).mean() for i in batch)
+def test_variation_ratios_by_hand():
+    np.testing.assert_allclose(variation_ratios(TWO), [0.5, 0.0])
+    # votes 0, 0, 2 over three passes: the mode has 2 of 3 votes
+    three = np.array([[[0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.1, 0.2, 0.7]]])
+    np.testing.assert_allclose(variation_ratios(three), [1 - 2 / 3])
 
 
-@pytest.mark.parametrize("C,seed", [(2, 0), (3, 1), (2, 2)])
-def test_batchbald_matches_brute_force_greedy(C, seed):
-    rng = np.random.default_rng(seed)
-    probs = rng.dirichlet(np.ones(C), size=(6, 4))
-    idx, gains = acq.batchbald(probs, 3, rng=np.random.default_rng(0))
-    batch: list[int] = []
+def test_mean_std_by_hand():
+    # A: each class takes values {1, 0} -> std 0.5; B: {0.8, 0.6} and {0.2, 0.4} -> std 0.1
+    np.testing.assert_allclose(mean_std(TWO), [0.5, 0.1], atol=1e-12)
+
+
+def test_margin_by_hand():
+    np.testing.assert_allclose(margin(TWO), [0.0, -(0.7 - 0.3)], atol=1e-12)
+    three = np.array([[[0.5, 0.3, 0.2], [0.3, 0.1, 0.6]]])  # mean 0.4, 0.2, 0.4
+    np.testing.assert_allclose(margin(three), [0.0], atol=1e-12)
+    three = np.array([[[0.6, 0.3, 0.1], [0.4, 0.1, 0.5]]])  # mean 0.5, 0.2, 0.3
+    np.testing.assert_allclose(margin(three), [-(0.5 - 0.3)], atol=1e-12)
+
+
+def test_least_confidence_by_hand():
+    np.testing.assert_allclose(least_confidence(TWO), [0.5, 0.3], atol=1e-12)
+
+
+# --------------------------------------------------------------------------- invariants
+
+
+@pytest.mark.parametrize("name", sorted(SCORE_FUNCTIONS))
+def test_scores_are_float64_n_and_permutation_equivariant(name):
+    fn = SCORE_FUNCTIONS[name]
+    p = dirichlet_probs(20, 5, 4, seed=1).astype(np.float32)
+    s = fn(p)
+    assert s.shape == (20,) and s.dtype == np.float64
+    perm = np.random.default_rng(2).permutation(20)
+    np.testing.assert_allclose(fn(p[perm]), s[perm], rtol=0, atol=1e-12)
+    assert fn(np.zeros((0, 5, 4))).shape == (0,)
+
+
+def test_bald_bounded_by_entropy():
+    p = dirichlet_probs(200, 8, 3, seed=3, alpha=0.5)
+    b, e = bald(p), predictive_entropy(p)
+    assert np.all(b >= 0) and np.all(b <= e + 1e-9)
+    assert np.all(e <= math.log(3) + 1e-9)
+
+
+def test_bald_zero_when_passes_agree():
+    one = dirichlet_probs(10, 1, 4, seed=4)
+    p = np.repeat(one, 6, axis=1)
+    np.testing.assert_allclose(bald(p), 0.0, atol=1e-12)
+    np.testing.assert_allclose(mean_std(p), 0.0, atol=1e-12)
+    np.testing.assert_allclose(variation_ratios(p), 0.0)
+
+
+@pytest.mark.parametrize("c", [2, 3, 7])
+def test_entropy_maximal_at_uniform(c):
+    uniform = np.full((1, 3, c), 1.0 / c)
+    np.testing.assert_allclose(predictive_entropy(uniform), [math.log(c)], atol=1e-9)
+    assert np.all(predictive_entropy(dirichlet_probs(100, 3, c, seed=5)) <= math.log(c) + 1e-9)
+    np.testing.assert_allclose(least_confidence(uniform), [1 - 1 / c])
+    np.testing.assert_allclose(margin(uniform), [0.0], atol=1e-12)
+
+
+def test_strategy_names():
+    assert STRATEGIES == ("bald", "entropy", "variation_ratios", "mean_std", "margin",
+                          "least_confidence", "random", "batchbald", "powerbald",
+                          "powerentropy", "coreset", "badge")
+    assert set(SCORE_FUNCTIONS) <= set(STRATEGIES)
+    for name in STRATEGIES:
+        validate_strategy(name)
+    with pytest.raises(ValueError, match="valid: bald, entropy"):
+        validate_strategy("nope")
+
+
+# --------------------------------------------------------------------------- BatchBALD
+
+
+def brute_joint_mi(probs: np.ndarray, batch: list[int]) -> float:
+    """I(y_batch; w) by enumerating every label configuration."""
+    _, t, c = probs.shape
+    joint_h = 0.0
+    for ys in itertools.product(range(c), repeat=len(batch)):
+        p = np.mean([np.prod([probs[i, s, y] for i, y in zip(batch, ys)]) for s in range(t)])
+        if p > 0:
+            joint_h -= p * math.log(p)
+    cond = sum(np.mean([h(*probs[i, s]) for s in range(t)]) for i in batch)
+    return joint_h - cond
+
+
+def brute_greedy(probs: np.ndarray, budget: int) -> tuple[list[int], list[float]]:
+    picks: list[int] = []
+    gains: list[float] = []
     prev = 0.0
-    for k in range(3):
-        cands = {n: joint_mi(probs, batch + [n]) for n in range(6) if n not in batch}
-        best = max(cands, key=cands.get)
-        assert idx[k] == best
-        assert gains[k] == pytest.approx(cands[best] - prev, abs=1e-9)
-        batch.append(best)
-        prev = cands[best]
+    for _ in range(budget):
+        cand = [n for n in range(len(probs)) if n not in picks]
+        mis = [brute_joint_mi(probs, picks + [n]) for n in cand]
+        best = int(np.argmax(mis))
+        picks.append(cand[best])
+        gains.append(mis[best] - prev)
+        prev = mis[best]
+    return picks, gains
 
 
-def test_batchbald_of_one_is_bald_top1(rand_probs):
-    idx, gains = acq.batchbald(rand_probs, 1, rng=np.random.default_rng(0))
-    assert idx[0] == np.argmax(acq.bald(rand_probs))
-    assert gains[0] == pytest.approx(acq.bald(rand_probs).max())
+@pytest.mark.parametrize("n,t,c,budget,seed", [
+    (5, 3, 2, 3, 0), (6, 4, 2, 3, 1), (6, 4, 3, 3, 2), (4, 2, 3, 2, 3), (6, 3, 3, 2, 4),
+])
+def test_batchbald_exact_matches_brute_force_greedy(n, t, c, budget, seed):
+    p = dirichlet_probs(n, t, c, seed=seed, alpha=0.7)
+    idx, gains = batchbald(p, budget, rng=np.random.default_rng(0))
+    ref_idx, ref_gains = brute_greedy(p, budget)
+    assert idx.dtype == np.int64 and gains.dtype == np.float64
+    assert idx.tolist() == ref_idx
+    np.testing.assert_allclose(gains, ref_gains, atol=1e-9)
 
 
-def test_batchbald_sampled_path_close_to_exact():
-    rng = np.random.default_rng(3)
-    probs = rng.dirichlet(np.ones(2), size=(30, 10))
-    exact_idx, exact_gain = acq.batchbald(probs, 8, rng=np.random.default_rng(0),
-                                          exact_limit=10**6)
-    idx, gain = acq.batchbald(probs, 8, rng=np.random.default_rng(0), exact_limit=8,
-                              num_samples=20000)
-    assert np.abs(np.cumsum(gain) - np.cumsum(exact_gain)).max() < 0.05
-    assert len(set(idx) & set(exact_idx)) >= 6
+def test_batchbald_avoids_redundant_duplicates():
+    # image 0 duplicated: BALD would take both copies, BatchBALD takes the copy once
+    base = dirichlet_probs(4, 6, 2, seed=7, alpha=0.3)
+    best = int(np.argmax(bald(base)))
+    p = np.concatenate([base, base[best:best + 1]])
+    idx, gains = batchbald(p, 2, rng=np.random.default_rng(0))
+    assert idx[0] == best and idx[1] != len(base)
+    assert np.all(np.diff(gains) <= 1e-12)  # submodular: gains do not increase
 
 
-def test_batchbald_avoids_duplicates():
-    # two copies of image a, and an image b slightly less uncertain but informative about a
-    # different split of the MC samples: BatchBALD takes one copy of a, then b
+def test_batchbald_budget_one_is_argmax_bald():
+    for seed in range(5):
+        p = dirichlet_probs(50, 10, 4, seed=seed, alpha=0.5)
+        idx, gains = batchbald(p, 1, rng=np.random.default_rng(0))
+        b = bald(p)
+        assert idx.tolist() == [int(np.argmax(b))]
+        np.testing.assert_allclose(gains, [b.max()])
+
+
+@pytest.mark.parametrize("exact_limit", [1, 3])
+def test_batchbald_sampled_close_to_exact(exact_limit):
+    # C**k exceeds exact_limit from k=1 (limit 1) or k=2 (limit 3): the sampled path runs
+    p = dirichlet_probs(6, 4, 3, seed=11, alpha=0.7)
+    idx, gains = batchbald(p, 3, rng=np.random.default_rng(0), num_samples=20000,
+                           exact_limit=exact_limit)
+    assert len(set(idx.tolist())) == 3
+    true_mi = [brute_joint_mi(p, idx[:k].tolist()) for k in range(1, 4)]
+    np.testing.assert_allclose(gains, np.diff([0.0, *true_mi]), atol=0.02)
+    _, ref_gains = brute_greedy(p, 3)
+    assert true_mi[-1] >= sum(ref_gains) - 0.02
+
+
+def test_batchbald_sampled_long_batch_tracks_exact():
+    # C=2, budget 8: exact runs to k=3 (8 configurations), sampling from then on
+    p = dirichlet_probs(30, 10, 2, seed=3, alpha=1.0)
+    exact_idx, exact_gains = batchbald(p, 8, rng=np.random.default_rng(0), exact_limit=1 << 20)
+    idx, gains = batchbald(p, 8, rng=np.random.default_rng(0), exact_limit=8,
+                           num_samples=20000)
+    assert np.abs(np.cumsum(gains) - np.cumsum(exact_gains)).max() < 0.05
+    assert len(set(idx.tolist()) & set(exact_idx.tolist())) >= 6
+
+
+def test_batchbald_prefers_complementary_image_to_a_copy():
+    # a: passes split {0,2} vs {1,3}; b: slightly less uncertain, splits {0,1} vs {2,3}.
+    # BALD takes both copies of a; BatchBALD takes one copy of a, then b.
     a = np.array([[0.95, 0.05], [0.05, 0.95], [0.95, 0.05], [0.05, 0.95]])
     b = np.array([[0.92, 0.08], [0.92, 0.08], [0.08, 0.92], [0.08, 0.92]])
-    probs = np.stack([a, a, b])
-    idx, _ = acq.batchbald(probs, 2, rng=np.random.default_rng(0))
-    assert sorted(idx.tolist()) in ([0, 2], [1, 2])
-    assert acq.top_k(acq.bald(probs), 2).tolist() == [0, 1]  # plain BALD picks both copies
+    p = np.stack([a, a, b])
+    assert np.argsort(-bald(p), kind="stable")[:2].tolist() == [0, 1]
+    idx, _ = batchbald(p, 2, rng=np.random.default_rng(0))
+    assert idx.tolist() == [0, 2]
 
 
-def test_power_sampling():
-    scores = np.array([0.1, 5.0, 0.2, 4.0, 0.3, 3.0])
-    a = acq.power_sampling(scores, 3, rng=np.random.default_rng(7))
-    b = acq.power_sampling(scores, 3, rng=np.random.default_rng(7))
-    assert len(set(a.tolist())) == 3 and a.tolist() == b.tolist()
-    greedy = acq.power_sampling(scores, 3, rng=np.random.default_rng(7), beta=1000.0)
-    assert greedy.tolist() == [1, 3, 5]
+def test_batchbald_sampled_is_seeded_and_chunked(monkeypatch):
+    p = dirichlet_probs(30, 5, 3, seed=12)
+    a = batchbald(p, 4, rng=np.random.default_rng(1), num_samples=500, exact_limit=3)
+    b = batchbald(p, 4, rng=np.random.default_rng(1), num_samples=500, exact_limit=3)
+    exact = batchbald(p, 4, rng=np.random.default_rng(1))
+    monkeypatch.setattr(acq, "_CHUNK_ELEMENTS", 64)
+    c = batchbald(p, 4, rng=np.random.default_rng(1), num_samples=500, exact_limit=3)
+    exact_chunked = batchbald(p, 4, rng=np.random.default_rng(1))
+    for x, y in [(a, b), (a, c), (exact, exact_chunked)]:
+        np.testing.assert_array_equal(x[0], y[0])
+        np.testing.assert_allclose(x[1], y[1], atol=1e-12)
+
+
+def test_batchbald_edges():
+    p = dirichlet_probs(3, 4, 2, seed=13)
+    idx, gains = batchbald(p, 10, rng=np.random.default_rng(0))
+    assert sorted(idx.tolist()) == [0, 1, 2] and gains.shape == (3,)
+    idx, gains = batchbald(p, 0, rng=np.random.default_rng(0))
+    assert idx.shape == gains.shape == (0,)
+    # hard one-hot predictions (zeros in probs) stay finite on both paths
+    hard = np.eye(2)[np.random.default_rng(0).integers(0, 2, size=(8, 5))]
+    for limit in (1, 1 << 13):
+        idx, gains = batchbald(hard, 4, rng=np.random.default_rng(0), exact_limit=limit)
+        assert len(set(idx.tolist())) == 4 and np.all(np.isfinite(gains))
+
+
+# --------------------------------------------------------------------------- power sampling
+
+
+def test_power_sampling_distinct_and_seeded():
+    scores = np.random.default_rng(0).random(50)
+    a = power_sampling(scores, 20, rng=np.random.default_rng(3))
+    b = power_sampling(scores, 20, rng=np.random.default_rng(3))
+    assert a.dtype == np.int64 and len(set(a.tolist())) == 20
+    np.testing.assert_array_equal(a, b)
+    assert len(power_sampling(scores, 80, rng=np.random.default_rng(0))) == 50
+    assert len(power_sampling(np.zeros(5), 3, rng=np.random.default_rng(0))) == 3
+
+
+def test_power_sampling_large_beta_is_top_k():
+    scores = np.linspace(0.1, 1.0, 30)[np.random.default_rng(1).permutation(30)]
+    idx = power_sampling(scores, 5, rng=np.random.default_rng(0), beta=1e4)
+    np.testing.assert_array_equal(idx, np.argsort(-scores)[:5])
+
+
+def test_power_sampling_probabilities_proportional_to_score_power():
+    rng = np.random.default_rng(0)
+    draws = np.array([power_sampling(np.array([1.0, 3.0]), 1, rng=rng)[0] for _ in range(4000)])
+    assert abs(draws.mean() - 0.75) < 0.03
+    draws = np.array([power_sampling(np.array([1.0, 3.0]), 1, rng=rng, beta=2.0)[0]
+                      for _ in range(4000)])
+    assert abs(draws.mean() - 0.9) < 0.03
+
+
+# --------------------------------------------------------------------------- diversity
+
+
+def toy_layout() -> np.ndarray:
+    """A tight cluster at the origin plus four far corners (indices 10..13)."""
+    cluster = np.random.default_rng(0).normal(0, 0.1, size=(10, 2))
+    corners = np.array([[10.0, 10.0], [-10.0, 10.0], [10.0, -10.0], [-10.0, -10.0]])
+    return np.concatenate([cluster, corners])
 
 
 def test_k_center_picks_far_points():
-    pts = np.array([[0, 0], [0.1, 0], [10, 0], [10, 0.1], [0, 10], [5, 5]], float)
-    idx = acq.k_center_greedy(pts, 2, rng=np.random.default_rng(0),
-                              labelled_features=np.array([[0.0, 0.0]]))
-    assert set(idx.tolist()) == {2, 4} or set(idx.tolist()) == {3, 4}
+    f = toy_layout()
+    idx = k_center_greedy(f, 4, labelled_features=np.zeros((1, 2)), rng=np.random.default_rng(0))
+    assert idx.dtype == np.int64 and sorted(idx.tolist()) == [10, 11, 12, 13]
+    # without labelled points: random start, then the farthest point each time
+    idx = k_center_greedy(f, 5, rng=np.random.default_rng(1))
+    assert len(set(idx.tolist())) == 5 and {10, 11, 12, 13} <= set(idx.tolist())
 
 
-def test_class_balanced_spreads_budget():
-    scores = np.array([9, 8, 7, 6, 1, 0.5])
-    pred = np.array([0, 0, 0, 0, 1, 1])
-    assert acq.class_balanced(scores, pred, 4, 2).tolist() == [0, 4, 1, 5]
+def test_k_center_farthest_first_and_chunked(monkeypatch):
+    f = np.array([[0.0], [1.0], [3.0], [7.0]])
+    idx = k_center_greedy(f, 3, labelled_features=np.array([[0.0]]), rng=np.random.default_rng(0))
+    assert idx.tolist() == [3, 2, 1]  # 7 is farthest from 0; then 3 (dist 3), then 1
+    f = np.random.default_rng(2).normal(size=(40, 3))
+    lab = np.random.default_rng(3).normal(size=(25, 3))
+    ref = k_center_greedy(f, 10, labelled_features=lab, rng=np.random.default_rng(0))
+    monkeypatch.setattr(acq, "_CHUNK_ELEMENTS", 7)
+    np.testing.assert_array_equal(
+        k_center_greedy(f, 10, labelled_features=lab, rng=np.random.default_rng(0)), ref)
 
 
-def test_badge_returns_distinct_indices(rand_probs):
-    feats = np.random.default_rng(0).normal(size=(50, 4))
-    idx = acq.badge(rand_probs, feats, 10, rng=np.random.default_rng(0))
-    assert len(set(idx.tolist())) == 10
+def test_k_center_distinct_with_duplicate_points():
+    idx = k_center_greedy(np.ones((6, 2)), 6, rng=np.random.default_rng(0))
+    assert sorted(idx.tolist()) == list(range(6))
 
 
-@pytest.mark.parametrize("name", acq.STRATEGIES)
-def test_select_every_strategy(name, rand_probs):
-    feats = np.random.default_rng(0).normal(size=(50, 4))
-    idx, scores = acq.select(name, rand_probs, 5, rng=np.random.default_rng(0), features=feats)
+def test_badge_distinct_seeded_and_skips_duplicates():
+    p = dirichlet_probs(40, 4, 3, seed=20)
+    f = np.random.default_rng(21).normal(size=(40, 5))
+    a = badge(p, f, 10, rng=np.random.default_rng(0))
+    b = badge(p, f, 10, rng=np.random.default_rng(0))
+    assert a.dtype == np.int64 and len(set(a.tolist())) == 10
+    np.testing.assert_array_equal(a, b)
+    # first centre: the largest gradient embedding (computed explicitly here)
+    pm = p.mean(1)
+    g = pm - np.eye(3)[pm.argmax(1)]
+    emb = (g[:, :, None] * f[:, None, :]).reshape(40, -1)
+    assert a[0] == int(np.argmax((emb ** 2).sum(1)))
+    # an exact copy of a centre has D^2 = 0 and is never drawn while others remain
+    p2 = np.concatenate([p[:3], p[a[0]:a[0] + 1]])
+    f2 = np.concatenate([f[:3], f[a[0]:a[0] + 1]])
+    for seed in range(10):
+        idx = badge(p2, f2, 3, rng=np.random.default_rng(seed))
+        assert len(set(idx.tolist())) == 3
+        assert not {int(a[0]) if a[0] < 3 else -1, 3} <= set(idx.tolist())
+    # all-zero embeddings (confident one-hot predictions): still distinct picks
+    hard = np.repeat(np.eye(2)[[0, 1, 0, 1]][:, None], 3, axis=1)
+    assert sorted(badge(hard, f[:4], 4, rng=np.random.default_rng(0)).tolist()) == [0, 1, 2, 3]
+
+
+def test_class_balanced_round_robin():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    pred = np.array([0, 0, 0, 1, 1])
+    assert class_balanced(scores, pred, 4, 2).tolist() == [0, 3, 1, 4]
+    assert class_balanced(scores, pred, 5, 2).tolist() == [0, 3, 1, 4, 2]  # class 1 ran out
+    assert class_balanced(scores, pred, 9, 3).tolist() == [0, 3, 1, 4, 2]  # class 2 empty
+    # interleaved classes and unsorted scores
+    scores = np.array([0.1, 0.5, 0.3, 0.9, 0.4, 0.2])
+    pred = np.array([1, 0, 2, 1, 0, 2])
+    assert class_balanced(scores, pred, 6, 3).tolist() == [1, 3, 2, 4, 0, 5]
+    assert class_balanced(scores, pred, 0, 3).tolist() == []
+    with pytest.raises(ValueError):
+        class_balanced(scores, pred, 2, 2)
+
+
+# --------------------------------------------------------------------------- select
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_select_shapes_and_dtypes(strategy):
+    p = dirichlet_probs(25, 6, 3, seed=30).astype(np.float32)
+    f = np.random.default_rng(31).normal(size=(25, 4)).astype(np.float32)
+    idx, scores = select(strategy, p, 7, rng=np.random.default_rng(0), features=f,
+                         labelled_features=f[:2])
+    assert idx.shape == scores.shape == (7,)
     assert idx.dtype == np.int64 and scores.dtype == np.float64
-    assert idx.shape == scores.shape == (5,)
-    assert len(set(idx.tolist())) == 5
+    assert len(set(idx.tolist())) == 7 and idx.min() >= 0 and idx.max() < 25
+    idx, scores = select(strategy, p, 100, rng=np.random.default_rng(0), features=f)
+    assert sorted(idx.tolist()) == list(range(25))
+    for n, budget in [(0, 5), (25, 0)]:
+        idx, scores = select(strategy, p[:n], budget, rng=np.random.default_rng(0),
+                             features=f[:n])
+        assert idx.shape == scores.shape == (0,)
+        assert idx.dtype == np.int64 and scores.dtype == np.float64
 
 
-def test_select_ranking_errors_and_reproducibility(rand_probs):
-    idx, scores = acq.select("bald", rand_probs, 5, rng=np.random.default_rng(0))
-    assert idx.tolist() == np.argsort(-acq.bald(rand_probs), kind="stable")[:5].tolist()
-    assert (np.diff(scores) <= 0).all()
-    r1, _ = acq.select("random", rand_probs, 5, rng=np.random.default_rng(4))
-    r2, _ = acq.select("random", rand_probs, 5, rng=np.random.default_rng(4))
-    assert r1.tolist() == r2.tolist()
-    with pytest.raises(ValueError, match="unknown acquisition strategy 'bold'.*bald"):
-        acq.select("bold", rand_probs, 5, rng=np.random.default_rng(0))
-    with pytest.raises(ValueError, match="'coreset' needs"):
-        acq.select("coreset", rand_probs, 5, rng=np.random.default_rng(0))
-    assert acq.select("bald", rand_probs[:0], 5, rng=np.random.default_rng(0))[0].shape == (0,)
-    bal, _ = acq.select("entropy", rand_probs, 6, rng=np.random.default_rng(0), balance=True)
-    pred = rand_probs.mean(1).argmax(1)[bal]
-    assert np.bincount(pred, minlength=3).tolist() == [2, 2, 2]
+@pytest.mark.parametrize("strategy", sorted(SCORE_FUNCTIONS))
+def test_select_per_image_is_stable_top_k(strategy):
+    p = dirichlet_probs(30, 5, 3, seed=32)
+    p[10] = p[3]  # a tie: the lower index ranks first
+    s = SCORE_FUNCTIONS[strategy](p)
+    idx, scores = select(strategy, p, 30, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(idx, np.argsort(-s, kind="stable"))
+    np.testing.assert_array_equal(scores, s[idx])
+    assert idx.tolist().index(3) < idx.tolist().index(10)
+
+
+def test_select_reported_scores():
+    p = dirichlet_probs(20, 5, 3, seed=33)
+    f = np.random.default_rng(34).normal(size=(20, 4))
+    b, e = bald(p), predictive_entropy(p)
+    for strategy in ("random", "powerbald", "coreset", "badge"):
+        idx, scores = select(strategy, p, 5, rng=np.random.default_rng(0), features=f)
+        np.testing.assert_array_equal(scores, b[idx])
+    idx, scores = select("powerentropy", p, 5, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(scores, e[idx])
+    idx, scores = select("batchbald", p, 5, rng=np.random.default_rng(0))
+    ref = batchbald(p, 5, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(idx, ref[0])
+    np.testing.assert_array_equal(scores, ref[1])
+
+
+def test_select_random_reproducible():
+    p = dirichlet_probs(50, 3, 2, seed=35)
+    a = select("random", p, 10, rng=np.random.default_rng(7))
+    b = select("random", p, 10, rng=np.random.default_rng(7))
+    c = select("random", p, 10, rng=np.random.default_rng(8))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[0], np.random.default_rng(7).permutation(50)[:10])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_select_errors():
+    p = dirichlet_probs(5, 3, 2, seed=36)
+    with pytest.raises(ValueError, match="unknown acquisition strategy 'bogus'.*batchbald"):
+        select("bogus", p, 2, rng=np.random.default_rng(0))
+    for strategy in ("coreset", "badge"):
+        with pytest.raises(ValueError, match=strategy):
+            select(strategy, p, 2, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"\[N, T, C\]"):
+        select("bald", p[0], 2, rng=np.random.default_rng(0))
+
+
+def test_select_balance_spreads_over_predicted_classes():
+    # classes 0 and 1 each predicted for half the pool; class 0 images are far more uncertain
+    rng = np.random.default_rng(37)
+    p0 = rng.dirichlet([3, 2], size=(10, 4))
+    p1 = rng.dirichlet([1, 50], size=(10, 4))
+    p = np.concatenate([np.sort(p0, -1)[:, :, ::-1], p1])  # class 0 wins every pass
+    pred = p.mean(1).argmax(1)
+    assert (pred == 0).sum() == 10 and (pred == 1).sum() == 10
+    idx, _ = select("entropy", p, 6, rng=np.random.default_rng(0))
+    assert set(pred[idx].tolist()) == {0}
+    idx, scores = select("entropy", p, 6, rng=np.random.default_rng(0), balance=True)
+    assert pred[idx].tolist() == [0, 1, 0, 1, 0, 1]
+    np.testing.assert_array_equal(scores, predictive_entropy(p)[idx])
