@@ -115,6 +115,17 @@ class QueryConfig:
 
 
 @dataclass(frozen=True)
+class LabellingConfig:
+    deidentify: bool = False
+    """Exported DICOM copies are de-identified (PS3.15 basic profile); the manifest mapping
+    them back to source files then stays in the workspace, not in the round folder."""
+    previews: bool = True
+    """Write a PNG preview of each image as the model saw it (windowed) and index.html."""
+    preview_size: int = 512
+    """Longest side of the previews, in pixels."""
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     """The config file itself (absolute)."""
@@ -125,6 +136,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
+    labelling: LabellingConfig = field(default_factory=LabellingConfig)
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
@@ -145,7 +157,7 @@ class Config:
 
 
 _SECTIONS = {"data": DataConfig, "image": ImageConfig, "model": ModelConfig,
-             "train": TrainConfig, "query": QueryConfig}
+             "train": TrainConfig, "query": QueryConfig, "labelling": LabellingConfig}
 _TOP_KEYS = ("workspace", "classes", "seed", "device", "num_workers")
 
 
@@ -194,11 +206,11 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     lowered = [c.lower() for c in classes]
     if len(set(lowered)) != len(lowered):
         raise ConfigError(f"{where}: 'classes' has duplicates (case-insensitive): {classes}")
-    bad = [c for c in classes if c.lower() in ("unsure", "") or "/" in c or "\\" in c
-           or c.startswith(".")]
+    bad = [c for c in classes if c.lower() in ("unsure", "previews", "") or "/" in c
+           or "\\" in c or c.startswith(".")]
     if bad:
-        raise ConfigError(f"{where}: class names must be usable as folder names and not 'unsure': "
-                          f"{bad}")
+        raise ConfigError(f"{where}: class names must be usable as folder names and not "
+                          f"'unsure' or 'previews' (reserved): {bad}")
 
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
@@ -318,6 +330,8 @@ def _validate_values(cfg: Config, where: str) -> None:
     need(q.strategy in STRATEGIES, "query.strategy", f"one of {', '.join(STRATEGIES)}", q.strategy)
     need(q.budget >= 1, "query.budget", ">= 1", q.budget)
     need(q.mc_samples >= 2, "query.mc_samples", ">= 2", q.mc_samples)
+    need(cfg.labelling.preview_size >= 16, "labelling.preview_size", ">= 16",
+         cfg.labelling.preview_size)
     need(q.batch_size >= 1, "query.batch_size", ">= 1", q.batch_size)
     need(q.sampling in SAMPLING_MODES, "query.sampling", f"one of {', '.join(SAMPLING_MODES)}",
          q.sampling)

@@ -13,7 +13,9 @@ A round folder::
 from __future__ import annotations
 
 import csv
+import html
 import io
+import itertools
 import shutil
 import time
 from collections.abc import Sequence
@@ -22,12 +24,18 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from PIL import Image
+from sklearn.metrics import cohen_kappa_score
+
 from .data import file_sha256
-from .errors import DataError, LabellingError
+from .deid import deidentify_file
+from .errors import DataError, ImageReadError, LabellingError
+from .io import load_image, sniff_format
 from .ledger import LabelRecord, RoundRecord, Selection
 from .workspace import UNSURE, Item, Workspace
 
 IGNORED_FILES = {"thumbs.db", "desktop.ini", ".ds_store"}
+PREVIEWS = "previews"
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,8 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
     The folder is built under a temporary name, the ledger row is committed, then the folder is
     renamed into place; an interrupted export is finished or undone when the workspace opens.
     """
-    classes = list(ws.cfg.classes)
+    cfg = ws.cfg
+    classes = list(cfg.classes)
     final = ws.round_dir(round)
     if final.exists():
         raise LabellingError(f"{final} already exists; refusing to overwrite a labelling folder")
@@ -66,34 +75,124 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    secret = ws.secret() if cfg.labelling.deidentify else None
     width = max(3, len(str(len(chosen))))
-    selections, manifest = [], []
+    selections, manifest, gallery = [], [], []
     for rank, c in enumerate(chosen, start=1):
         src = c.item.path
+        is_dicom = sniff_format(src) == "dicom"
         ext = src.suffix.lower() or ".dcm"
         name = f"{rank:0{width}d}_{c.item.id[:12]}{ext}"
-        shutil.copyfile(src, tmp / name)
-        if file_sha256(tmp / name) != c.item.id:
-            shutil.rmtree(tmp)
-            raise DataError(f"{src}: the file changed while medal was reading it; run the "
-                            f"command again")
+        if secret is not None and is_dicom:
+            deidentify_file(src, tmp / name, secret)
+            if file_sha256(src) != c.item.id:
+                shutil.rmtree(tmp)
+                raise DataError(f"{src}: the file changed while medal was reading it; run the "
+                                f"command again")
+        else:
+            shutil.copyfile(src, tmp / name)
+            if file_sha256(tmp / name) != c.item.id:
+                shutil.rmtree(tmp)
+                raise DataError(f"{src}: the file changed while medal was reading it; run the "
+                                f"command again")
+        preview = _preview(src, tmp / "previews" / f"{Path(name).stem}.png", cfg) \
+            if cfg.labelling.previews else None
         pred = classes[int(np.argmax(c.probs))]
         probs = tuple(round_float(p) for p in c.probs)
-        selections.append(Selection(round, c.item.id, rank, name, float(c.score), pred, probs))
+        selections.append(Selection(round, c.item.id, rank, name, float(c.score), pred, probs,
+                                    file_sha256(tmp / name)))
         manifest.append([name, c.item.id, neutralise(str(src)), rank, f"{c.score:.6g}", pred,
                          *[f"{p:.4f}" for p in c.probs]])
+        gallery.append((rank, name, preview, float(c.score), pred, c.probs))
     _write_csv(tmp / "labels.csv", ["file", "label"], [[s.file, ""] for s in selections])
-    _write_csv(tmp / "manifest.csv",
-               ["file", "image_id", "source_path", "rank", "score", "predicted",
-                *[f"p_{c}" for c in classes]], manifest)
+    header = ["file", "image_id", "source_path", "rank", "score", "predicted",
+              *[f"p_{c}" for c in classes]]
+    if secret is not None:  # the mapping back to sources stays with the workspace
+        (ws.labelling_dir / "manifests").mkdir(parents=True, exist_ok=True)
+        _write_csv(ws.labelling_dir / "manifests" / f"round-{round:03d}.csv", header, manifest)
+        _write_csv(tmp / "manifest.csv", [h for h in header if h not in ("image_id",
+                                                                         "source_path")],
+                   [[r[0], *r[3:]] for r in manifest])
+    else:
+        _write_csv(tmp / "manifest.csv", header, manifest)
     for c in classes:
         (tmp / c).mkdir()
     (tmp / "README.txt").write_text(_readme(round, classes, len(selections)), encoding="utf-8")
-    ws.db.record_round(RoundRecord(round, strategy, len(selections), ws.cfg.query.mc_samples,
+    if cfg.labelling.previews:
+        (tmp / "index.html").write_text(gallery_html(round, classes, gallery), encoding="utf-8")
+    ws.db.record_round(RoundRecord(round, strategy, len(selections), cfg.query.mc_samples,
                                    model_round, pool_size, str(final), time.time(), None,
                                    score_seconds), selections)
     tmp.rename(final)
     return final
+
+
+def _preview(src: Path, dst: Path, cfg) -> str | None:
+    """PNG of the image as the model saw it (windowed, before resizing); relative path."""
+    try:
+        img = load_image(src, window=cfg.image.window, frame=cfg.image.frame)
+    except ImageReadError:
+        return None
+    pil = Image.fromarray(np.round(img * 255).astype(np.uint8))
+    pil.thumbnail((cfg.labelling.preview_size, cfg.labelling.preview_size))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    pil.save(dst)
+    return f"previews/{dst.name}"
+
+
+def gallery_html(round: int, classes: list[str],
+                 rows: list[tuple[int, str, str | None, float, str, np.ndarray]]) -> str:
+    """A self-contained page (no scripts from elsewhere, no network) showing each image."""
+    esc = html.escape
+    labels = "".join(f"<li><code>{esc(c)}</code></li>" for c in [*classes, UNSURE])
+    cards = []
+    for rank, name, preview, score, pred, probs in rows:
+        img = (f'<img src="{esc(preview)}" alt="{esc(name)}" '
+               f'onload="imageLoaded(this)">' if preview else "<p>(no preview)</p>")
+        prob_rows = "".join(
+            f'<tr><td>{esc(c)}</td><td><div class="bar" style="width:{100 * float(p):.1f}%">'
+            f'</div></td><td class="num">{float(p):.3f}</td></tr>'
+            for c, p in zip(classes, probs))
+        cards.append(
+            f'<figure class="card" data-rank="{rank}" data-file="{esc(name)}" '
+            f'data-predicted="{esc(pred)}">{img}<figcaption>'
+            f'<div class="rank">#{rank}</div><div class="file">{esc(name)}</div>'
+            f'<div>score <span class="score">{score:.4g}</span></div>'
+            f'<div>model predicts <b class="pred">{esc(pred)}</b></div>'
+            f'<table class="probs">{prob_rows}</table></figcaption></figure>')
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>medal labelling round {round:03d}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; background: #fafafa; color: #222; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+.card {{ background: #fff; border: 1px solid #ccc; border-radius: 6px; padding: .6em;
+        margin: 0; width: 260px; }}
+.card img {{ width: 256px; height: 256px; object-fit: contain; background: #000;
+            image-rendering: pixelated; }}
+.rank {{ font-size: 1.3em; font-weight: bold; }}
+.file {{ font-family: monospace; font-size: .85em; word-break: break-all; }}
+.probs {{ width: 100%; font-size: .85em; }}
+.probs td:nth-child(2) {{ width: 50%; }}
+.bar {{ height: .7em; background: #3b7dd8; }}
+.num {{ text-align: right; }}
+</style></head>
+<body data-images="{sum(1 for r in rows if r[2])}" data-loaded="0">
+<h1>Labelling round {round:03d}</h1>
+<p>{len(rows)} images, most uncertain first. Type one label per image in
+<code>labels.csv</code> (or move the image file into its class folder).
+Allowed labels:</p>
+<ul class="labels">{labels}</ul>
+<div class="grid">{"".join(cards)}</div>
+<script>
+function imageLoaded(img) {{
+  if (img.naturalWidth > 0) {{
+    document.body.dataset.loaded = String(Number(document.body.dataset.loaded) + 1);
+  }}
+}}
+</script>
+</body></html>
+"""
 
 
 def round_float(x: float) -> float:
@@ -141,6 +240,10 @@ class IngestResult:
     """Labels recorded per class (``unsure`` included)."""
     returned_to_pool: int = 0
     already_ingested: bool = False
+    agreement: list[tuple[str, str, int, float]] = field(default_factory=list)
+    """(annotator, annotator, images both labelled, Cohen's kappa) for multi-annotator rounds."""
+    adjudicated: int = 0
+    """Disagreements settled by a label in labels.csv or a class folder."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +266,7 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
 
     On any problem, raises :class:`LabellingError` listing every problem and writes nothing.
     """
-    folder = Path(folder).resolve()
+    folder = Path(folder).absolute()
     if not folder.is_dir():
         raise LabellingError(f"labelling folder not found: {folder}")
     number = round_number(folder)
@@ -172,19 +275,23 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
         raise LabellingError(f"{folder}: round {number} was never exported from workspace "
                              f"{ws.root}")
     selections = {s.file: s for s in ws.db.selections(number)}
-    answers, problems = read_answers(folder, list(ws.cfg.classes), selections)
-    for name, a in answers.items():
-        problems += _check_unchanged(folder, name, a, selections[name].image_id)
+    read = read_answers(folder, list(ws.cfg.classes), selections)
+    answers, problems = read.answers, list(read.problems)
+    checked = set()
+    for name, a in [*answers.items(), *[(n, x) for per in read.by_annotator.values()
+                                         for n, x in per.items()]]:
+        if (name, a.origin) not in checked:
+            checked.add((name, a.origin))
+            problems += _check_unchanged(folder, name, a, selections[name].sha256)
     if problems:
         raise LabellingError(f"{folder}: {len(problems)} problem(s); nothing was recorded",
                              problems)
-    result = IngestResult(number)
+    result = IngestResult(number, agreement=read.agreement, adjudicated=read.adjudicated)
     for a in answers.values():
         result.labelled[a.label] = result.labelled.get(a.label, 0) + 1
     result.returned_to_pool = len(selections) - len(answers)
     if rec.ingested_at is not None:
-        before = {r.image_id: r.label for r in ws.db.labels(number)
-                  if r.source in ("labels.csv", "folder")}
+        before = {r.image_id: r.label for r in ws.db.labels(number) if r.source in FINAL_SOURCES}
         now = {selections[n].image_id: a.label for n, a in answers.items()}
         if before == now:
             result.already_ingested = True
@@ -196,16 +303,36 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
                              f"have changed since; nothing was recorded", diff)
     when = time.time()
     rows = [LabelRecord(selections[n].image_id, a.label, number, a.source, a.annotator,
-                        a.origin, when) for n, a in sorted(answers.items())]
+                        a.origin, when)
+            for per in read.by_annotator.values() for n, a in sorted(per.items())]
+    # the final label of each image goes last, so it is the image's current label
+    rows += [LabelRecord(selections[n].image_id, a.label, number, a.source, a.annotator,
+                         a.origin, when) for n, a in sorted(answers.items())]
     with ws.db.transaction() as db:
         ws.db.add_labels(db, rows)
         ws.db.mark_ingested(db, number, when)
     return result
 
 
+FINAL_SOURCES = ("labels.csv", "folder", "consensus")
+
+
+@dataclass
+class Answers:
+    answers: dict[str, _Answer]
+    """The final label of each labelled file."""
+    problems: list[str]
+    by_annotator: dict[str, dict[str, _Answer]] = field(default_factory=dict)
+    """Labels from each ``labels_<annotator>.csv``."""
+    agreement: list[tuple[str, str, int, float]] = field(default_factory=list)
+    """(annotator, annotator, images both labelled, Cohen's kappa) per pair."""
+    adjudicated: int = 0
+
+
 def read_answers(folder: Path, classes: list[str], selections: dict[str, Selection]
-                 ) -> tuple[dict[str, _Answer], list[str]]:
-    """Labels from ``labels.csv`` and the class subfolders, and every problem found."""
+                 ) -> Answers:
+    """Labels from ``labels.csv``, ``labels_<annotator>.csv`` files and the class subfolders,
+    and every problem found."""
     allowed = {c.lower(): c for c in classes} | {UNSURE: UNSURE}
     allowed_text = ", ".join([*classes, UNSURE])
     problems: list[str] = []
@@ -213,8 +340,16 @@ def read_answers(folder: Path, classes: list[str], selections: dict[str, Selecti
     csv_path = folder / "labels.csv"
     if csv_path.is_file():
         from_csv = _read_labels_csv(csv_path, allowed, allowed_text, selections, problems)
+    by_annotator: dict[str, dict[str, _Answer]] = {}
+    for path in sorted(folder.glob("labels_*.csv")):
+        name = path.stem[len("labels_"):]
+        got = _read_labels_csv(path, allowed, allowed_text, selections, problems,
+                               default_annotator=name)
+        by_annotator[name] = {n: _Answer(a.label, path.name, a.origin, a.annotator or name)
+                              for n, a in got.items()}
     from_dirs: dict[str, _Answer] = {}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and p.name != PREVIEWS):
         files = [p for p in sorted(sub.rglob("*"))
                  if p.is_file() and not p.name.startswith(".")
                  and p.name.lower() not in IGNORED_FILES]
@@ -240,12 +375,47 @@ def read_answers(folder: Path, classes: list[str], selections: dict[str, Selecti
                             f"{a.origin.split('/')[0]}/ ({a.label!r})")
         elif c is None:
             answers[name] = a
-    return answers, problems
+    out = Answers(answers, problems, by_annotator)
+    if by_annotator:
+        _combine_annotators(out, sorted(selections))
+    return out
+
+
+def _combine_annotators(out: Answers, files: list[str]) -> None:
+    """Consensus where annotators agree; labels.csv / folders adjudicate disagreements; any
+    disagreement left is a problem (never resolved silently). Fills ``out.agreement``."""
+    names = sorted(out.by_annotator)
+    for a, b in itertools.combinations(names, 2):
+        both = [f for f in files if f in out.by_annotator[a] and f in out.by_annotator[b]]
+        ya = [out.by_annotator[a][f].label for f in both]
+        yb = [out.by_annotator[b][f].label for f in both]
+        if not both:
+            kappa = float("nan")
+        elif len(set(ya) | set(yb)) == 1:
+            kappa = 1.0  # one label used by both: perfect agreement (kappa undefined)
+        else:
+            kappa = float(cohen_kappa_score(ya, yb))
+        out.agreement.append((a, b, len(both), kappa))
+    for f in files:
+        given = {n: out.by_annotator[n][f].label for n in names if f in out.by_annotator[n]}
+        if not given:
+            continue
+        if f in out.answers:  # an explicit final label (labels.csv or a class folder)
+            if len(set(given.values())) > 1:
+                out.adjudicated += 1
+            continue
+        if len(set(given.values())) == 1:
+            label = next(iter(given.values()))
+            out.answers[f] = _Answer(label, "consensus", ",".join(sorted(given)), None)
+        else:
+            votes = ", ".join(f"{n}: {lab}" for n, lab in given.items())
+            out.problems.append(f"{f}: annotators disagree ({votes}); write the adjudicated "
+                                f"label for it in labels.csv")
 
 
 def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
-                     selections: dict[str, Selection], problems: list[str]
-                     ) -> dict[str, _Answer]:
+                     selections: dict[str, Selection], problems: list[str],
+                     default_annotator: str | None = None) -> dict[str, _Answer]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -258,7 +428,7 @@ def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
         return out
     header = [h.strip().lower() for h in rows[0]]
     if "file" not in header or "label" not in header:
-        problems.append(f"labels.csv line 1: the header must have columns 'file' and 'label' "
+        problems.append(f"{path.name} line 1: the header must have columns 'file' and 'label' "
                         f"(got {', '.join(map(repr, rows[0]))})")
         return out
     fi, li = header.index("file"), header.index("label")
@@ -269,7 +439,7 @@ def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
             continue
         cell = row[fi].strip() if fi < len(row) else ""
         label_cell = row[li].strip() if li < len(row) else ""
-        where = f"labels.csv line {n}"
+        where = f"{path.name} line {n}"
         name = cell.replace("\\", "/")
         pp = PurePosixPath(name)
         if not name:
@@ -294,15 +464,23 @@ def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
             problems.append(f"{where}: label {label_cell!r} for {pp.name} is not allowed; "
                             f"allowed: {allowed_text} (or leave it empty)")
             continue
-        annotator = row[ai].strip() or None if ai is not None and ai < len(row) else None
-        out[pp.name] = _Answer(label, "labels.csv", f"labels.csv:{n}", annotator)
+        annotator = (row[ai].strip() or None) if ai is not None and ai < len(row) else None
+        out[pp.name] = _Answer(label, path.name, f"{path.name}:{n}",
+                               annotator or default_annotator)
     return out
 
 
-def _check_unchanged(folder: Path, name: str, a: _Answer, image_id: str) -> list[str]:
-    candidates = [folder / a.origin] if a.source == "folder" else [folder / name]
-    for p in candidates:
-        if p.is_file() and file_sha256(p) != image_id:
-            return [f"{p.relative_to(folder).as_posix()}: the image file changed since it was "
-                    f"exported; put the original copy back"]
+def _check_unchanged(folder: Path, name: str, a: _Answer, sha256: str) -> list[str]:
+    """The returned file must be the exported one: same bytes, and inside the round folder."""
+    p = folder / a.origin if a.source == "folder" else folder / name
+    rel = p.relative_to(folder).as_posix()
+    if p.is_symlink() or p.exists():
+        try:
+            p.resolve().relative_to(folder.resolve())
+        except ValueError:
+            return [f"{rel}: is a link to a file outside the round folder; put the exported "
+                    f"image back"]
+    if p.is_file() and file_sha256(p) != sha256:
+        return [f"{rel}: the image file changed since it was exported; put the original copy "
+                f"back"]
     return []

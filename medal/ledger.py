@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS selections (
     score REAL NOT NULL,
     predicted TEXT NOT NULL,
     probs TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
     PRIMARY KEY (round, image_id),
     UNIQUE (round, file)
 );
@@ -142,6 +143,8 @@ class Selection:
     score: float
     predicted: str
     probs: tuple[float, ...]
+    sha256: str = ""
+    """SHA-256 of the exported copy (differs from the image id when de-identified)."""
 
 
 class Ledger:
@@ -221,11 +224,12 @@ class Ledger:
 
     # --- labels -------------------------------------------------------------------------------
     def current_labels(self) -> dict[str, str]:
-        """``{image_id: label}`` using each image's most recent label row."""
+        """``{image_id: label}`` using each image's most recent label row. A most recent row
+        with an empty label (an image released back to the pool) means "no label"."""
         rows = self._db.execute(
             "SELECT image_id, label FROM labels WHERE seq IN "
             "(SELECT MAX(seq) FROM labels GROUP BY image_id)")
-        return {r["image_id"]: r["label"] for r in rows}
+        return {r["image_id"]: r["label"] for r in rows if r["label"]}
 
     def labels(self, round: int | None = None) -> list[LabelRecord]:
         q = ("SELECT image_id, label, round, source, annotator, origin, created_at FROM labels")
@@ -279,16 +283,17 @@ class Ledger:
                 (rec.round, rec.strategy, rec.budget, rec.mc_samples, rec.model_round,
                  rec.pool_size, rec.folder, rec.exported_at, rec.ingested_at, rec.score_seconds))
             db.executemany(
-                "INSERT INTO selections(round, image_id, rank, file, score, predicted, probs) "
-                "VALUES (?,?,?,?,?,?,?)",
-                [(s.round, s.image_id, s.rank, s.file, s.score, s.predicted, json.dumps(s.probs))
-                 for s in selections])
+                "INSERT INTO selections(round, image_id, rank, file, score, predicted, probs, "
+                "sha256) VALUES (?,?,?,?,?,?,?,?)",
+                [(s.round, s.image_id, s.rank, s.file, s.score, s.predicted, json.dumps(s.probs),
+                  s.sha256 or s.image_id) for s in selections])
 
     def selections(self, round: int) -> list[Selection]:
         rows = self._db.execute("SELECT * FROM selections WHERE round=? ORDER BY rank", (round,))
         return [Selection(round=r["round"], image_id=r["image_id"], rank=r["rank"],
                           file=r["file"], score=r["score"], predicted=r["predicted"],
-                          probs=tuple(json.loads(r["probs"]))) for r in rows]
+                          probs=tuple(json.loads(r["probs"])), sha256=r["sha256"])
+                for r in rows]
 
     def pending_image_ids(self) -> set[str]:
         """Images exported in a round that has not been ingested yet (out of the pool)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -138,6 +139,16 @@ class Workspace:
         if self.ledger is None:
             raise WorkspaceError("workspace is not open; use 'with Workspace(cfg) as ws:'")
         return self.ledger
+
+    def secret(self) -> str:
+        """A random per-workspace secret (for de-identification UIDs), created on first use."""
+        with self.db.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='secret'").fetchone()
+            if row is None:
+                value = secrets.token_hex(32)
+                db.execute("INSERT INTO meta(key, value) VALUES ('secret', ?)", (value,))
+                return value
+            return row["value"]
 
     # --- rounds ---------------------------------------------------------------------------
     def ingested_rounds(self) -> int:
