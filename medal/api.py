@@ -21,7 +21,8 @@ from .labelling import Candidate, IngestResult, export_round, ingest_round
 from .models import MCModel, resolve_device
 from .train import build_model, classification_metrics, fit, load_checkpoint, save_checkpoint
 from .uncertainty import mc_predict, mc_predict_tensors
-from .workspace import Item, Workspace
+from .ledger import LabelRecord
+from .workspace import UNSURE, Item, Workspace
 
 
 @dataclass
@@ -242,6 +243,57 @@ def run_round(cfg: Config, *, progress: bool = True) -> RoundReport:
     """Train (fine-tuning after the first round) and query: one active-learning round."""
     t = train(cfg, progress=progress)
     return RoundReport(t, query(cfg, progress=progress))
+
+
+def export_labels(cfg: Config, out: str | Path) -> int:
+    """Write every label row with its provenance to a CSV; returns the number of rows."""
+    import datetime as dt
+
+    from .labelling import neutralise
+
+    with Workspace(cfg, lock=False) as ws:
+        rows = ws.db.labels()
+        paths = {r.id: r.path for r in ws.db.images_by_path().values()}
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "path", "label", "round", "source", "annotator", "origin",
+                    "time"])
+        for r in rows:
+            when = dt.datetime.fromtimestamp(r.created_at, dt.timezone.utc).isoformat()
+            w.writerow([r.image_id, neutralise(paths.get(r.image_id, "")),
+                        neutralise(r.label or "(released)"), r.round, r.source,
+                        neutralise(r.annotator or ""), neutralise(r.origin or ""), when])
+    tmp.replace(out)
+    return len(rows)
+
+
+def unsure_images(cfg: Config) -> list[tuple[str, str]]:
+    """``(image id, path)`` of images whose current label is ``unsure`` (out of the pool)."""
+    with Workspace(cfg, lock=False) as ws:
+        paths = {r.id: r.path for r in ws.db.images_by_path().values()}
+        return sorted((i, paths.get(i, "")) for i, lab in ws.db.current_labels().items()
+                      if lab == UNSURE)
+
+
+def release_unsure(cfg: Config, image_ids: list[str] | None = None) -> int:
+    """Return ``unsure`` images to the pool (all, or those whose id starts with one of
+    ``image_ids``); the ``unsure`` rows stay in the ledger as history."""
+    with Workspace(cfg) as ws:
+        unsure = [i for i, lab in ws.db.current_labels().items() if lab == UNSURE]
+        if image_ids is not None:
+            wanted = [i for i in unsure if any(i.startswith(p) for p in image_ids)]
+            unknown = [p for p in image_ids if not any(i.startswith(p) for i in unsure)]
+            if unknown:
+                raise DataError(f"not an unsure image id (see 'medal labels unsure'): "
+                                f"{', '.join(unknown)}")
+            unsure = wanted
+        when = time.time()
+        with ws.db.transaction() as db:
+            ws.db.add_labels(db, [LabelRecord(i, "", ws.ingested_rounds(), "release", None,
+                                              "medal labels release", when) for i in unsure])
+        return len(unsure)
 
 
 @dataclass

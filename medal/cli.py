@@ -19,6 +19,7 @@ EPILOG = """workflow:
   medal ingest -c CONFIG FOLDER     record the radiologist's labels from a round folder
   medal round  -c CONFIG            fine-tune on all labels, then export the next round
   medal status -c CONFIG            rounds, label counts and metrics
+  medal labels -c CONFIG export -o labels.csv   every label with provenance
 
 See README.md for the config reference."""
 
@@ -76,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", "show rounds, label counts and metrics per round",
         "Show the workspace: rounds exported and ingested, labels per class and source,\n"
         "metrics of each model round, and files that could not be read.")
+    p = add("labels", "export every label with provenance; list or release 'unsure' images",
+            "labels export -o FILE   every label row (round, source, annotator, time) as CSV\n"
+            "labels unsure           images labelled 'unsure' (kept out of the pool)\n"
+            "labels release [ID...]  put 'unsure' images back in the pool (all, or by id\n"
+            "                        prefix)")
+    p.add_argument("action", choices=["export", "unsure", "release"])
+    p.add_argument("ids", nargs="*", help="image id prefixes (release)")
+    p.add_argument("-o", "--output", type=Path, help="CSV to write (export)")
     return parser
 
 
@@ -149,7 +158,30 @@ def cmd_ingest(cfg: Config, args: argparse.Namespace) -> int:
     counts = ", ".join(f"{c} {n}" for c, n in sorted(r.labelled.items())) or "none"
     print(f"round {r.round:03d}: recorded {sum(r.labelled.values())} labels ({counts}); "
           f"{r.returned_to_pool} unlabelled image(s) returned to the pool")
+    for a, b, n, kappa in r.agreement:
+        k = "n/a" if math.isnan(kappa) else f"{kappa:.3f}"
+        print(f"  agreement {a} vs {b}: Cohen's kappa {k} on {n} image(s)")
+    if r.adjudicated:
+        print(f"  {r.adjudicated} disagreement(s) settled by the labels in labels.csv/folders")
     print(f"next: medal round -c {_rel(cfg.path)}")
+    return 0
+
+
+def cmd_labels(cfg: Config, args: argparse.Namespace) -> int:
+    if args.action == "export":
+        if args.output is None:
+            raise MedalError("labels export needs -o FILE")
+        n = api.export_labels(cfg, args.output)
+        print(f"wrote {n} label rows to {args.output}")
+    elif args.action == "unsure":
+        rows = api.unsure_images(cfg)
+        for image_id, path in rows:
+            print(f"{image_id[:12]}  {path}")
+        print(f"{len(rows)} image(s) labelled unsure; 'medal labels release' returns them to "
+              f"the pool")
+    else:
+        n = api.release_unsure(cfg, args.ids or None)
+        print(f"{n} image(s) returned to the pool")
     return 0
 
 
@@ -197,4 +229,4 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "query": cmd_query, "ingest": cmd_ingest, "round": cmd_round,
-            "status": cmd_status}
+            "status": cmd_status, "labels": cmd_labels}

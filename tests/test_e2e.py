@@ -82,7 +82,7 @@ def test_bad_config_and_missing_workspace_are_clear(tmp_path, tiny_data, capsys)
     assert "'query.budget' must be >= 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cmd", ["train", "query", "ingest", "round", "status"])
+@pytest.mark.parametrize("cmd", ["train", "query", "ingest", "round", "status", "labels"])
 def test_every_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
