@@ -176,16 +176,20 @@ def load_round_model(ws: Workspace, cfg: Config) -> tuple[MCModel, int]:
     return model, model_round
 
 
+def _refuse_pending(ws: Workspace) -> None:
+    pending = ws.pending_round()
+    if pending is not None:
+        raise WorkspaceError(
+            f"round {pending:03d} ({ws.round_dir(pending)}) has not been ingested yet; run "
+            f"'medal ingest' on it first (an empty labels.csv returns its images to the pool)")
+
+
 def query(cfg: Config, *, progress: bool = True) -> QueryReport:
     """Score the pool with MC dropout and export the chosen images as the next round folder."""
     device = resolve_device(cfg.device)
     q = cfg.query
     with Workspace(cfg) as ws:
-        pending = ws.pending_round()
-        if pending is not None:
-            raise WorkspaceError(
-                f"round {pending:03d} ({ws.round_dir(pending)}) has not been ingested yet; run "
-                f"'medal ingest' on it first (an empty labels.csv returns its images to the pool)")
+        _refuse_pending(ws)
         snap = ws.sync()
         model, model_round = load_round_model(ws, cfg)
         model.to(device)
@@ -241,6 +245,8 @@ def ingest(cfg: Config, folder: str | Path) -> IngestResult:
 
 def run_round(cfg: Config, *, progress: bool = True) -> RoundReport:
     """Train (fine-tuning after the first round) and query: one active-learning round."""
+    with Workspace(cfg) as ws:  # refuse before spending time on training
+        _refuse_pending(ws)
     t = train(cfg, progress=progress)
     return RoundReport(t, query(cfg, progress=progress))
 

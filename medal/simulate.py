@@ -1,0 +1,733 @@
+"""Simulated active learning: compare strategies on a fully labelled set, hiding its labels.
+
+Every (strategy, seed) run is an ordinary medal workspace driven through the public API, the
+same way a team works with radiologists::
+
+    train (model round 0) -> for each round: query (export) -> the oracle fills labels.csv
+                                              -> ingest -> train (fine-tune)
+
+The oracle plays the radiologist. It is built from a single ``lookup(source_path) -> label``
+function and only ever sees the rows of an exported round's manifest, so the labels of images
+that were not exported cannot leak into a run. Each lookup is also appended to the run's
+``oracle.csv`` for audit.
+
+Layout of the output folder ``<out>``::
+
+    simulation.json                 settings (a rerun with other settings is refused)
+    pool/                           links to every image of the labelled set (shared pool)
+    cache/                          decode cache shared by all runs
+    <strategy>/seed-<k>/            one workspace per run (ledger, checkpoints, rounds),
+                                    plus start.csv (the start set) and oracle.csv
+    results.csv                     one row per (strategy, seed, model round)
+    curve_test_<metric>.png         learning curves (mean and min-max band over seeds)
+    summary.md                      labels to reach random's final metric, area under curve
+
+Everything is resumable: the ledger of each run says which rounds are done, and an
+interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import api
+from .acquisition import STRATEGIES
+from .config import Config, load_config
+from .data import scan_source
+from .errors import DataError, MedalError
+from .workspace import Workspace
+
+MAIN_METRICS = ("auroc", "accuracy", "balanced_accuracy")
+METRIC_TITLES = {"auroc": "AUROC", "accuracy": "accuracy",
+                 "balanced_accuracy": "balanced accuracy"}
+BASELINE = "random"
+START_MODES = ("random", "class_balanced")
+
+# Config fields that differ between runs by design; every other field must match on resume.
+_PER_RUN_KEYS = ("path", "workspace", "seed", "device", "num_workers")
+_PER_RUN_DATA = ("labelled", "pool")
+_PER_RUN_QUERY = ("strategy",)
+
+
+class SimulationError(MedalError):
+    """A simulation cannot start or continue (bad settings, an oracle asked the wrong thing)."""
+
+
+# --- the hidden truth and the oracle ----------------------------------------------------------
+@dataclass(frozen=True)
+class TruthEntry:
+    """One image of the fully labelled set: the original file, its label, its pool link."""
+
+    source: Path
+    label: str
+    link: Path
+
+
+class Truth:
+    """The hidden labels of the fully labelled set, keyed by the pool path a run sees."""
+
+    def __init__(self, entries: Sequence[TruthEntry]) -> None:
+        self.entries = list(entries)
+        self._by_link = {str(e.link): e.label for e in self.entries}
+
+    def lookup(self, source_path: str) -> str:
+        """The label of the pool image at ``source_path`` (as written in a round manifest)."""
+        try:
+            return self._by_link[str(Path(source_path))]
+        except KeyError:
+            raise SimulationError(f"the oracle was asked about {source_path}, which is not in "
+                                  f"the simulation's labelled set") from None
+
+
+class Oracle:
+    """A simulated radiologist that answers for the images exported in a round, and only those.
+
+    It holds nothing but ``lookup``; it calls it once per row of the round's manifest.
+    ``log`` (optional) is a CSV file where each question and answer is appended.
+    """
+
+    def __init__(self, lookup: Callable[[str], str], log: Path | None = None) -> None:
+        self._lookup = lookup
+        self._log = log
+
+    def label_round(self, folder: Path, manifest: Path) -> int:
+        """Fill ``folder/labels.csv`` from the hidden truth of the images listed in ``manifest``.
+
+        Returns the number of labelled rows. Rewriting is idempotent, so a round whose ingest
+        was interrupted can be answered again.
+        """
+        with open(manifest, newline="", encoding="utf-8") as f:
+            source = {r["file"]: r["source_path"] for r in csv.DictReader(f)}
+        with open(folder / "labels.csv", newline="", encoding="utf-8-sig") as f:
+            files = [r["file"] for r in csv.DictReader(f)]
+        missing = sorted(set(files) - set(source))
+        if missing:
+            raise SimulationError(f"{manifest}: no source path for {', '.join(missing)}")
+        answers = [(name, self._lookup(_unneutralise(source[name]))) for name in files]
+        tmp = folder / ".labels.csv.tmp"
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "label"])
+            w.writerows(answers)
+        tmp.replace(folder / "labels.csv")
+        if self._log is not None:
+            new = not self._log.is_file()
+            with open(self._log, "a", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                if new:
+                    w.writerow(["round_folder", "file", "source_path", "label"])
+                w.writerows([folder.name, n, _unneutralise(source[n]), lab]
+                            for n, lab in answers)
+        return len(answers)
+
+
+def _unneutralise(cell: str) -> str:
+    """Undo labelling.neutralise's leading quote (added to cells that look like formulas)."""
+    return cell[1:] if cell.startswith("'") and len(cell) > 1 and cell[1] in "=+-@\t\r" else cell
+
+
+def round_manifest(ws_root: Path, folder: Path) -> Path:
+    """The manifest with source paths for a round folder (kept in the workspace when the
+    round was de-identified)."""
+    in_folder = folder / "manifest.csv"
+    with open(in_folder, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    if "source_path" in header:
+        return in_folder
+    kept = ws_root / "labelling" / "manifests" / f"{folder.name}.csv"
+    if not kept.is_file():
+        raise SimulationError(f"{folder}: the manifest has no source paths and {kept} is missing")
+    return kept
+
+
+# --- settings and preparation -----------------------------------------------------------------
+@dataclass(frozen=True)
+class SimulationSettings:
+    """What to simulate. ``start`` is ``random``, ``class_balanced``, ``class:<name>`` (a
+    single-class start) or the path of a file list (one path per line, or a CSV with a
+    ``file`` column; relative paths resolve against the list's folder)."""
+
+    truth: tuple[Path, ...]
+    out: Path
+    strategies: tuple[str, ...]
+    seeds: tuple[int, ...]
+    rounds: int
+    budget: int
+    start: str = "class_balanced"
+    start_size: int = 20
+    workers: int = 1
+    threads: int = 0
+    """torch threads per worker process; 0 = the CPU count divided by ``workers``."""
+    verbose: bool = True
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One (strategy, seed) run: its config (workspace, start set, pool, strategy set)."""
+
+    strategy: str
+    seed: int
+    cfg: Config
+    rounds: int
+    oracle_log: Path
+    verbose: bool
+
+
+@dataclass
+class SimulationResult:
+    out: Path
+    rows: list[dict[str, Any]]
+    summary: str
+    plots: list[Path]
+    seconds: float
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def read_truth(sources: Iterable[Path], classes: Sequence[str]) -> list[tuple[Path, str]]:
+    """``(resolved file, label)`` for every image of the labelled sources (class folders or
+    CSV ``file,label``), sorted by path; the same file listed twice must agree."""
+    found: dict[Path, str] = {}
+    for src in sources:
+        for e in scan_source(Path(src), classes):
+            p = e.path.resolve()
+            if found.setdefault(p, e.label) != e.label:
+                raise SimulationError(f"{p} is labelled both {found[p]!r} and {e.label!r}")
+    if not found:
+        raise SimulationError("the labelled set for the simulation is empty")
+    return sorted(found.items())
+
+
+def build_pool(out: Path, truth: Sequence[tuple[Path, str]]) -> list[TruthEntry]:
+    """Create ``<out>/pool`` (once): a link (or copy) per image of the labelled set.
+
+    The runs' pool is this folder; start-set images are labelled in each run, so they leave
+    that run's pool by themselves. Built under a temporary name and renamed, so an interrupted
+    build is redone rather than half-used.
+    """
+    pool = out.resolve() / "pool"
+    width = len(str(len(truth)))
+    names = [f"{i:0{width}d}_{src.name}" for i, (src, _) in enumerate(truth)]
+    if not pool.is_dir():
+        tmp = out.resolve() / ".pool.tmp"
+        if tmp.exists():
+            for p in tmp.iterdir():
+                p.unlink()
+        tmp.mkdir(parents=True, exist_ok=True)
+        for (src, _), name in zip(truth, names):
+            try:
+                os.symlink(src, tmp / name)
+            except OSError:  # file systems without symlinks: copy
+                import shutil
+                shutil.copyfile(src, tmp / name)
+        tmp.rename(pool)
+    entries = [TruthEntry(src, label, pool / name) for (src, label), name in zip(truth, names)]
+    absent = [e.link for e in entries if not e.link.exists()]
+    if absent:
+        raise SimulationError(f"{pool} does not match the labelled set ({len(absent)} missing, "
+                              f"e.g. {absent[0]}); use a new output folder")
+    return entries
+
+
+def choose_start(entries: Sequence[TruthEntry], mode: str, size: int, seed: int,
+                 classes: Sequence[str]) -> list[TruthEntry]:
+    """The start set of one seed (the same for every strategy, so runs compare in pairs)."""
+    rng = np.random.default_rng([seed, 20240521])
+    if mode == "random":
+        if size > len(entries):
+            raise SimulationError(f"start size {size} is larger than the labelled set "
+                                  f"({len(entries)})")
+        return [entries[i] for i in sorted(rng.choice(len(entries), size, replace=False))]
+    if mode == "class_balanced" or mode.startswith("class:"):
+        if mode == "class_balanced":
+            want = {c: size // len(classes) + (i < size % len(classes))
+                    for i, c in enumerate(classes)}
+        else:
+            name = {c.lower(): c for c in classes}.get(mode[len("class:"):].lower())
+            if name is None:
+                raise SimulationError(f"start {mode!r}: unknown class; classes: "
+                                      f"{', '.join(classes)}")
+            want = {name: size}
+        chosen: list[TruthEntry] = []
+        for c, k in want.items():
+            of_class = [e for e in entries if e.label == c]
+            if k > len(of_class):
+                raise SimulationError(f"start set: {k} images of class {c!r} wanted, the "
+                                      f"labelled set has {len(of_class)}")
+            chosen += [of_class[i] for i in sorted(rng.choice(len(of_class), k, replace=False))]
+        return sorted(chosen, key=lambda e: str(e.source))
+    return _start_from_list(Path(mode), entries)
+
+
+def _start_from_list(path: Path, entries: Sequence[TruthEntry]) -> list[TruthEntry]:
+    if not path.is_file():
+        raise SimulationError(f"start must be one of {', '.join(START_MODES)}, class:<name> or "
+                              f"an existing file list; got {str(path)!r}")
+    text = path.read_text(encoding="utf-8-sig")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if lines and "file" in [h.strip().lower() for h in lines[0].split(",")]:
+        rows = list(csv.DictReader(lines))
+        names = [next(v for k, v in r.items() if k.strip().lower() == "file").strip()
+                 for r in rows]
+    else:
+        names = lines
+    by_source = {e.source: e for e in entries}
+    chosen, unknown = [], []
+    for n in names:
+        p = Path(n).expanduser()
+        p = (p if p.is_absolute() else path.parent / p).resolve()
+        (chosen.append(by_source[p]) if p in by_source else unknown.append(n))
+    if unknown:
+        raise SimulationError(f"{path}: {len(unknown)} file(s) are not in the labelled set, "
+                              f"e.g. {unknown[0]}")
+    if not chosen:
+        raise SimulationError(f"{path}: the start list is empty")
+    return list({e.source: e for e in chosen}.values())
+
+
+def _fingerprint(cfg: Config, s: SimulationSettings) -> dict[str, Any]:
+    """What must be equal for a rerun to continue the same simulation."""
+    d = cfg.to_dict()
+    for k in _PER_RUN_KEYS:
+        d.pop(k, None)
+    for k in _PER_RUN_DATA:
+        d["data"].pop(k, None)
+    for k in _PER_RUN_QUERY:
+        d["query"].pop(k, None)
+    d["query"]["budget"] = s.budget
+    return {"config": d, "truth": [str(Path(t).resolve()) for t in s.truth],
+            "start": s.start if s.start in START_MODES or s.start.startswith("class:")
+            else str(Path(s.start).resolve()), "start_size": s.start_size}
+
+
+def _check_settings(out: Path, fingerprint: dict[str, Any]) -> None:
+    path = out / "simulation.json"
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        if before != fingerprint:
+            changed = sorted(k for k in set(before) | set(fingerprint)
+                             if before.get(k) != fingerprint.get(k))
+            raise SimulationError(f"{out} holds a simulation with other settings (differs in: "
+                                  f"{', '.join(changed)}); use another --out or delete it")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".simulation.json.tmp"
+    tmp.write_text(json.dumps(fingerprint, indent=2), encoding="utf-8")
+    tmp.replace(path)
+
+
+def plan_runs(cfg: Config, s: SimulationSettings) -> tuple[list[RunSpec], list[TruthEntry]]:
+    """Prepare the output folder (settings, pool, start sets) and one spec per run."""
+    bad = [x for x in s.strategies if x not in STRATEGIES]
+    if bad:
+        raise SimulationError(f"unknown strategy {', '.join(bad)}; valid: {', '.join(STRATEGIES)}")
+    if not s.strategies or not s.seeds:
+        raise SimulationError("at least one strategy and one seed are needed")
+    if s.rounds < 0 or s.budget < 1 or s.start_size < 1:
+        raise SimulationError("rounds must be >= 0, budget and start size >= 1")
+    out = s.out.resolve()
+    truth = read_truth(s.truth, cfg.classes)
+    _check_settings(out, _fingerprint(cfg, s))
+    entries = build_pool(out, truth)
+    shared_cache = out / "cache"
+    specs = []
+    for seed in s.seeds:
+        start = choose_start(entries, s.start, s.start_size, seed, cfg.classes)
+        for strategy in s.strategies:
+            run_dir = out / strategy / f"seed-{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            start_csv = run_dir / "start.csv"
+            if not start_csv.is_file():
+                tmp = run_dir / ".start.csv.tmp"
+                with open(tmp, "w", newline="", encoding="utf-8") as f:
+                    w = csv.writer(f)
+                    w.writerow(["file", "label"])
+                    w.writerows([str(e.link), e.label] for e in start)
+                tmp.replace(start_csv)
+            if cfg.image.cache and not (run_dir / "cache").exists():
+                # workspaces keep their decode cache in <workspace>/cache; pointing each one at
+                # the same folder decodes every image once for the whole simulation
+                shared_cache.mkdir(exist_ok=True)
+                (run_dir / "cache").symlink_to(shared_cache, target_is_directory=True)
+            run_cfg = dataclasses.replace(
+                cfg, workspace=run_dir, seed=seed,
+                data=dataclasses.replace(cfg.data, labelled=start_csv, pool=out / "pool"),
+                query=dataclasses.replace(cfg.query, strategy=strategy, budget=s.budget))
+            specs.append(RunSpec(strategy, seed, run_cfg, s.rounds, run_dir / "oracle.csv",
+                                 s.verbose))
+    return specs, entries
+
+
+# --- one run ----------------------------------------------------------------------------------
+def _ledger_state(cfg: Config) -> tuple[set[int], dict[int, dict[str, Any]]]:
+    """Model rounds trained and exported rounds (by number) recorded in a run's ledger."""
+    if not (cfg.workspace / "ledger.sqlite").is_file():
+        return set(), {}
+    st = api.status(cfg)
+    return {m["round"] for m in st.models}, {r["round"]: r for r in st.rounds}
+
+
+def _pool_is_empty(cfg: Config) -> bool:
+    with Workspace(cfg) as ws:
+        return not ws.sync().pool
+
+
+def run_one(spec: RunSpec, oracle: Oracle) -> int:
+    """Bring one run up to ``spec.rounds`` labelling rounds; returns the model rounds trained
+    now (0 when it was already complete). Finished steps, read from the ledger, are skipped."""
+    cfg, name = spec.cfg, f"{spec.strategy} seed {spec.seed}"
+    with Workspace(cfg):  # finishes or undoes an export that an interruption cut short
+        pass
+    trained, rounds = _ledger_state(cfg)
+    done = 0
+
+    def train() -> None:
+        nonlocal done
+        r = api.train(cfg, progress=False)
+        done += 1
+        if spec.verbose:
+            m = r.metrics.get("test") or r.metrics.get("validation") or {}
+            print(f"[{name}] model round {r.model_round}: {r.n_labels} labels, "
+                  f"AUROC {m.get('auroc', float('nan')):.3f}, "
+                  f"accuracy {m.get('accuracy', float('nan')):.3f} ({r.seconds:.1f} s)",
+                  flush=True)
+
+    if 0 not in trained:
+        train()
+    for k in range(1, spec.rounds + 1):
+        if k in trained:
+            continue
+        rec = rounds.get(k)
+        if rec is None:
+            try:
+                folder = api.query(cfg, progress=False).folder
+            except DataError:
+                if _pool_is_empty(cfg):
+                    if spec.verbose:
+                        print(f"[{name}] the pool is exhausted after round {k - 1}", flush=True)
+                    break
+                raise
+        else:
+            folder = Path(rec["folder"])
+        if rec is None or not rec["ingested"]:
+            oracle.label_round(folder, round_manifest(cfg.workspace, folder))
+            api.ingest(cfg, folder)
+        train()
+    return done
+
+
+def _run_in_worker(spec: RunSpec, entries: list[TruthEntry], threads: int) -> tuple[str, int]:
+    """Process-pool entry point: one run with its own oracle over the shared truth."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    oracle = Oracle(Truth(entries).lookup, spec.oracle_log)
+    return f"{spec.strategy}/seed-{spec.seed}", run_one(spec, oracle)
+
+
+# --- results, curves, summary -----------------------------------------------------------------
+def collect_rows(specs: Sequence[RunSpec]) -> list[dict[str, Any]]:
+    """One row per (strategy, seed, model round) from the runs' ledgers."""
+    rows = []
+    for spec in specs:
+        if not (spec.cfg.workspace / "ledger.sqlite").is_file():
+            continue
+        st = api.status(spec.cfg)
+        score = {r["round"]: r["score_seconds"] for r in st.rounds}
+        for m in st.models:
+            if m["round"] > spec.rounds:
+                continue
+            row: dict[str, Any] = {"strategy": spec.strategy, "seed": spec.seed,
+                                   "round": m["round"], "labels": m["n_labels"],
+                                   "train_seconds": round(m["train_seconds"], 3),
+                                   "score_seconds": "" if score.get(m["round"]) is None
+                                   else round(score[m["round"]], 3)}
+            for split in ("test", "validation"):
+                for metric, v in sorted(st.metrics.get(m["round"], {}).get(split, {}).items()):
+                    row[f"{split}/{metric}"] = v
+            rows.append(row)
+    return rows
+
+
+def write_results(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    fixed = ["strategy", "seed", "round", "labels", "train_seconds", "score_seconds"]
+    metrics = sorted({k for r in rows for k in r} - set(fixed),
+                     key=lambda k: (not k.startswith("test/"), k))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fixed + metrics, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def _split(rows: Sequence[dict[str, Any]]) -> str:
+    return "test" if any("test/auroc" in r for r in rows) else "validation"
+
+
+def curves(rows: Sequence[dict[str, Any]], key: str
+           ) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """``{strategy: {seed: (labels [R], metric [R])}}`` sorted by round, NaNs dropped."""
+    out: dict[str, dict[int, list[tuple[int, float, float]]]] = {}
+    for r in rows:
+        v = r.get(key)
+        if v is None or v == "" or not math.isfinite(float(v)):
+            continue
+        out.setdefault(r["strategy"], {}).setdefault(r["seed"], []).append(
+            (r["round"], float(r["labels"]), float(v)))
+    return {s: {seed: (np.array([p[1] for p in sorted(pts)]), np.array([p[2] for p in
+                                                                         sorted(pts)]))
+                for seed, pts in by_seed.items()} for s, by_seed in out.items()}
+
+
+def _mean_curve(by_seed: dict[int, tuple[np.ndarray, np.ndarray]]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, mean, min and max per round over the seeds that reached that round."""
+    n = max(len(x) for x, _ in by_seed.values())
+    xs, mean, lo, hi = [], [], [], []
+    for i in range(n):
+        pts = [(x[i], y[i]) for x, y in by_seed.values() if i < len(x)]
+        xs.append(np.mean([p[0] for p in pts]))
+        ys = [p[1] for p in pts]
+        mean.append(np.mean(ys))
+        lo.append(np.min(ys))
+        hi.append(np.max(ys))
+    return np.array(xs), np.array(mean), np.array(lo), np.array(hi)
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """A learning-curve PNG per main metric: mean over seeds, min-max band, random dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    split = _split(rows)
+    paths = []
+    for metric in MAIN_METRICS:
+        data = curves(rows, f"{split}/{metric}")
+        if not data:
+            continue
+        fig = Figure(figsize=(7, 4.5))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        n_seeds = max(len(v) for v in data.values())
+        for strategy in sorted(data, key=lambda s: (s == BASELINE, s)):
+            x, mean, lo, hi = _mean_curve(data[strategy])
+            style = dict(color="black", linestyle="--") if strategy == BASELINE else {}
+            line, = ax.plot(x, mean, marker=".", label=strategy, **style)
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_xlabel("labels used")
+        ax.set_ylabel(f"{split} {METRIC_TITLES[metric]}")
+        ax.set_title(f"{split} {METRIC_TITLES[metric]}: mean over {n_seeds} seed(s), "
+                     f"band = min-max")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"curve_{split}_{metric}.png"
+        fig.savefig(path, dpi=120)
+        paths.append(path)
+    return paths
+
+
+def _fmt_ms(values: Sequence[float], digits: int = 3) -> str:
+    if not values:
+        return "–"
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def _normalised_area(x: np.ndarray, y: np.ndarray) -> float:
+    """Trapezoid area under ``y`` over ``x``, divided by the range of ``x``."""
+    if len(x) < 2 or x[-1] <= x[0]:
+        return float(y[0])
+    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2 / (x[-1] - x[0]))
+
+
+def summarise(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per main metric and strategy, the final value, the labels needed to first
+    reach random's final mean value, and the normalised area under the learning curve."""
+    split = _split(rows)
+    lines = []
+    for metric in MAIN_METRICS:
+        data = curves(rows, f"{split}/{metric}")
+        if not data:
+            continue
+        target = None
+        if BASELINE in data:
+            target = float(np.mean([y[-1] for _, y in data[BASELINE].values()]))
+        title = f"{split} {METRIC_TITLES[metric]}"
+        lines += [f"### {title}", ""]
+        reach = (f"labels to reach random's final {target:.3f}" if target is not None
+                 else "labels to reach random's final (no random run)")
+        lines += [f"| strategy | seeds | final labels | final {METRIC_TITLES[metric]} | {reach} "
+                  f"| area under curve |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for strategy in sorted(data, key=lambda s: (s != BASELINE, s)):
+            by_seed = data[strategy]
+            finals = [float(y[-1]) for _, y in by_seed.values()]
+            final_labels = [float(x[-1]) for x, _ in by_seed.values()]
+            aulc = [_normalised_area(x, y) for x, y in by_seed.values()]
+            cell = "–"
+            if target is not None:
+                hits = [float(x[np.argmax(y >= target - 1e-12)]) for x, y in by_seed.values()
+                        if (y >= target - 1e-12).any()]
+                cell = "not reached" if not hits else _fmt_ms(hits, 0) + (
+                    "" if len(hits) == len(by_seed) else f" ({len(hits)}/{len(by_seed)} seeds)")
+            lines.append(f"| {strategy} | {len(by_seed)} | {np.mean(final_labels):.0f} | "
+                         f"{_fmt_ms(finals)} | {cell} | {_fmt_ms(aulc)} |")
+        lines.append("")
+    lines.append("Mean ± sd over seeds. Area under the learning curve: trapezoid area of the "
+                 "metric over labels used, divided by the label range (1.0 = perfect from the "
+                 "start).")
+    return "\n".join(lines) + "\n"
+
+
+# --- the whole simulation ---------------------------------------------------------------------
+def simulate(cfg: Config, s: SimulationSettings) -> SimulationResult:
+    """Run (or resume) every (strategy, seed) run, then write results, curves and summary."""
+    t0 = time.perf_counter()
+    specs, entries = plan_runs(cfg, s)
+    failures: dict[str, str] = {}
+    threads = s.threads or max(1, (os.cpu_count() or 1) // max(1, s.workers))
+    if s.workers <= 1:
+        import torch
+
+        if s.threads > 0:
+            torch.set_num_threads(s.threads)
+        truth = Truth(entries)
+        for spec in specs:
+            run_one(spec, Oracle(truth.lookup, spec.oracle_log))
+    else:
+        with ProcessPoolExecutor(max_workers=s.workers, mp_context=get_context("spawn")) as ex:
+            futures = {ex.submit(_run_in_worker, spec, entries, threads):
+                       f"{spec.strategy}/seed-{spec.seed}" for spec in specs}
+            for fut in as_completed(futures):
+                try:
+                    fut.result()
+                except (MedalError, OSError) as e:
+                    failures[futures[fut]] = str(e)
+                    print(f"[{futures[fut]}] failed: {e}", file=sys.stderr, flush=True)
+    out = s.out.resolve()
+    rows = collect_rows(specs)
+    write_results(out / "results.csv", rows)
+    plots = plot_curves(rows, out) if rows else []
+    summary = summarise(rows) if rows else "no results yet\n"
+    seconds = time.perf_counter() - t0
+    header = (f"# Simulation summary\n\n{len(s.strategies)} strategies × {len(s.seeds)} seeds, "
+              f"{s.rounds} rounds of {s.budget} labels, start: {s.start} ({s.start_size} "
+              f"labels unless a list)\n\n")
+    (out / "summary.md").write_text(header + summary, encoding="utf-8")
+    return SimulationResult(out, rows, header + summary, plots, seconds, failures)
+
+
+# --- command line -----------------------------------------------------------------------------
+HELP = "simulate active learning on a fully labelled set (compare strategies)"
+DESCRIPTION = """Hide the labels of a fully labelled set and run active learning on it: for each
+strategy and seed, a workspace goes through train -> query -> (a simulated radiologist fills
+labels.csv from the hidden labels) -> ingest -> train, for --rounds rounds. Writes results.csv,
+learning curves (PNG) and summary.md to --out. Interrupted simulations resume where they
+stopped when run again with the same settings."""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``simulate`` to the ``medal`` command's subparsers."""
+    p = subparsers.add_parser("simulate", help=HELP, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", required=True, type=Path,
+                   help="TOML config file (classes, model, training, validation/test sets)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only print the summary")
+    p.add_argument("--truth", action="append", type=Path, required=True, metavar="PATH",
+                   help="the fully labelled set: class subfolders or CSV file,label "
+                        "(repeatable; the sources are joined)")
+    p.add_argument("--strategies", default="bald,entropy,random",
+                   help="comma-separated strategies (default bald,entropy,random)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--rounds", type=int, default=10, help="labelling rounds (default 10)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="labels per round (default: query.budget of the config)")
+    p.add_argument("--start", default="class_balanced",
+                   help="start set: random, class_balanced, class:<name> (single class), or a "
+                        "file listing images (default class_balanced)")
+    p.add_argument("--start-size", type=int, default=20,
+                   help="start set size for random/class starts (default 20)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: <workspace>-simulation)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs in parallel, one process each (default 1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per worker (default: CPU count / workers)")
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def command(cfg: Config, args: argparse.Namespace) -> int:
+    """``medal simulate`` with the config already loaded (the CLI's COMMANDS signature)."""
+    try:
+        seeds = tuple(int(x) for x in _csv_list(args.seeds))
+    except ValueError:
+        raise SimulationError(f"--seeds expects integers like 0,1,2, got {args.seeds!r}") from None
+    settings = SimulationSettings(
+        truth=tuple(args.truth), out=args.out or cfg.workspace.with_name(
+            cfg.workspace.name + "-simulation"),
+        strategies=tuple(_csv_list(args.strategies)), seeds=seeds, rounds=args.rounds,
+        budget=args.budget or cfg.query.budget, start=args.start, start_size=args.start_size,
+        workers=args.workers, threads=args.threads, verbose=not args.quiet)
+    r = simulate(cfg, settings)
+    print(r.summary)
+    print(f"results: {r.out / 'results.csv'}; curves: "
+          f"{', '.join(p.name for p in r.plots) or 'none'}; summary: {r.out / 'summary.md'}")
+    print(f"simulation finished in {r.seconds:.0f} s")
+    if r.failures:
+        print(f"{len(r.failures)} run(s) failed: {', '.join(sorted(r.failures))}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the config named by ``args`` and run :func:`command`; errors become exit code 2."""
+    from .cli import _overrides  # here: cli will import this module
+
+    try:
+        cfg = load_config(args.config, _overrides(args.overrides))
+        return command(cfg, args)
+    except MedalError as e:
+        print(f"medal simulate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="medal simulate", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
