@@ -16,11 +16,12 @@ import torch
 from . import acquisition
 from .config import Config
 from .data import ImageDataset, load_all
-from .errors import DataError, ModelError, WorkspaceError
+from .errors import DataError, MedalError, WorkspaceError
 from .labelling import Candidate, IngestResult, export_round, ingest_round
 from .models import MCModel, resolve_device
 from .train import build_model, classification_metrics, fit, load_checkpoint, save_checkpoint
-from .uncertainty import mc_predict, mc_predict_tensors
+from . import distributed
+from .uncertainty import _Collector, mc_predict, mc_predict_tensors, n_batches, score_batches
 from .ledger import LabelRecord
 from .workspace import UNSURE, Item, Workspace
 
@@ -104,8 +105,11 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport:
     """Train the model for the current round on every label so far.
 
     Round 0 trains from scratch (or from ``model.pretrained``); later rounds fine-tune from the
-    previous round's checkpoint.
+    previous round's checkpoint. Under torchrun, trains with DistributedDataParallel and only
+    rank 0 writes (other ranks return ``None``).
     """
+    if distributed.is_distributed():
+        return _train_distributed(cfg, progress=progress)
     device = resolve_device(cfg.device)
     with Workspace(cfg) as ws:
         snap = ws.sync()
@@ -142,6 +146,90 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport:
         return TrainReport(model_round, path, len(items),
                            {c: counts.get(c, 0) for c in cfg.classes}, parent, result.epochs,
                            result.best_epoch, result.seconds, metrics, skipped)
+
+
+def _items(rows: list[tuple[str, str, str | None]]) -> list[Item]:
+    return [Item(i, Path(p), lab) for i, p, lab in rows]
+
+
+def _rows(items: list[Item]) -> list[tuple[str, str, str | None]]:
+    return [(it.id, str(it.path), it.label) for it in items]
+
+
+def _on_main(fn: Any) -> Any:
+    """Run ``fn()`` on rank 0 and hand its result, or its MedalError, to every rank."""
+    result, error = None, None
+    if distributed.is_main():
+        try:
+            result = fn()
+        except MedalError as e:
+            error = e
+    result, error = distributed.broadcast((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+def _train_distributed(cfg: Config, *, progress: bool) -> TrainReport | None:
+    device = distributed.init(cfg.device)
+    main = distributed.is_main()
+    ws = Workspace(cfg) if main else None
+    try:
+        def plan() -> dict[str, Any]:
+            ws.__enter__()
+            snap = ws.sync()
+            if not snap.labelled:
+                raise DataError(f"no labelled images found in {cfg.data.labelled}")
+            model_round = ws.ingested_rounds()
+            parent = None
+            if cfg.train.round_start == "warm_start":
+                parent = max((m["round"] for m in ws.db.models() if m["round"] < model_round),
+                             default=None)
+            return {"labelled": _rows(snap.labelled), "validation": _rows(snap.validation),
+                    "test": _rows(snap.test), "model_round": model_round, "parent": parent,
+                    "parent_path": str(ws.checkpoint_path(parent)) if parent is not None
+                    else None}
+
+        p = _on_main(plan)
+        x, y, items, skipped = _load(cfg, _items(p["labelled"]))
+        xv, yv, _, sk_v = _load(cfg, _items(p["validation"]))
+        xt, yt, _, sk_t = _load(cfg, _items(p["test"]))
+        skipped |= sk_v | sk_t
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg)
+        if p["parent_path"]:
+            load_checkpoint(Path(p["parent_path"]), model, cfg.classes, cfg.model.name,
+                            cfg.model.channels)
+        parent, model_round = p["parent"], p["model_round"]
+        epochs = (cfg.train.fine_tune_epochs or cfg.train.epochs) if parent is not None \
+            else cfg.train.epochs
+        seed = cfg.seed * 1000 + model_round
+        result = fit(model, x, y, cfg, epochs=epochs, device=device,
+                     x_val=xv if len(xv) else None, y_val=yv if len(yv) else None, seed=seed,
+                     progress=progress and main, distributed=True)
+        if not main:
+            distributed.barrier()
+            return None
+        metrics = {}
+        for split, xs, ys in (("validation", xv, yv), ("test", xt, yt)):
+            if len(xs):
+                probs, _ = mc_predict_tensors(model, xs, cfg.query.mc_samples, device=device,
+                                              batch_size=cfg.query.batch_size, seed=seed)
+                metrics[split] = classification_metrics(ys, probs.mean(1), len(cfg.classes),
+                                                        cfg.classes)
+        path = ws.checkpoint_path(model_round)
+        save_checkpoint(path, model, cfg, model_round)
+        ws.db.record_model(model_round, str(path), parent, len(items), result.epochs,
+                           result.seconds, metrics)
+        _record_skipped(ws, skipped)
+        distributed.barrier()
+        counts = Counter(it.label for it in items)
+        return TrainReport(model_round, path, len(items),
+                           {c: counts.get(c, 0) for c in cfg.classes}, parent, result.epochs,
+                           result.best_epoch, result.seconds, metrics, skipped)
+    finally:
+        if ws is not None:
+            ws.__exit__(None, None, None)
 
 
 def initial_model(ws: Workspace, cfg: Config, model_round: int) -> tuple[MCModel, int | None]:
@@ -185,7 +273,14 @@ def _refuse_pending(ws: Workspace) -> None:
 
 
 def query(cfg: Config, *, progress: bool = True) -> QueryReport:
-    """Score the pool with MC dropout and export the chosen images as the next round folder."""
+    """Score the pool with MC dropout and export the chosen images as the next round folder.
+
+    Under torchrun, every rank scores its share of the pool's batches and rank 0 merges the
+    results into the same selection and export a single process makes (other ranks return
+    ``None``).
+    """
+    if distributed.is_distributed():
+        return _query_distributed(cfg, progress=progress)
     device = resolve_device(cfg.device)
     q = cfg.query
     with Workspace(cfg) as ws:
@@ -200,41 +295,120 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport:
         ds = _dataset(cfg, snap.pool)
         number = ws.next_round()
         seed = cfg.seed * 1000 + number
-        mode = q.sampling if q.sampling != "auto" else (
-            "full" if cfg.model.backbone_dropout > 0 else "head")
+        mode, max_items = _sampling(cfg, device)
         streaming_topk = q.strategy in acquisition.SCORE_FUNCTIONS and not q.balance
         mc = mc_predict(model, ds, q.mc_samples, device=device, batch_size=q.batch_size,
                         num_workers=cfg.num_workers, seed=seed, progress=progress,
                         desc=f"scoring {len(ds)} images", mode=mode, precision=q.precision,
-                        max_batch_items=q.max_batch_items or (
-                            4096 if device.type == "cuda" else q.batch_size),
+                        max_batch_items=max_items,
                         out_dir=ws.root / "scores" / f"round-{number:03d}",
                         top_k=(acquisition.SCORE_FUNCTIONS[q.strategy], q.budget)
                         if streaming_topk else None)
-        np.save(ws.root / "scores" / f"round-{number:03d}" / "ids.npy",
-                np.array([snap.pool[int(k)].id for k in mc.kept]))
-        if streaming_topk:
-            idx, scores = mc.top_index, mc.top_scores
-        else:
-            labelled_features = None
-            if q.strategy == "coreset":
-                xl, _, _, _ = _load(cfg, snap.labelled)
-                _, labelled_features = mc_predict_tensors(model, xl, 2, device=device, seed=seed)
-            rng = np.random.default_rng(seed)
-            idx, scores = acquisition.select(q.strategy, np.asarray(mc.probs, np.float32),
-                                             q.budget, rng=rng,
-                                             features=np.asarray(mc.features, np.float32),
-                                             labelled_features=labelled_features,
-                                             balance=q.balance)
-        seconds = time.perf_counter() - t0
-        chosen = [Candidate(snap.pool[int(mc.kept[i])], float(s),
-                            np.asarray(mc.probs[i], np.float32).mean(0))
-                  for i, s in zip(idx, scores)]
-        folder = export_round(ws, number, chosen, strategy=q.strategy, model_round=model_round,
-                              pool_size=len(mc.kept), score_seconds=seconds)
-        _record_skipped(ws, mc.skipped)
-        return QueryReport(number, folder, len(chosen), len(mc.kept), q.strategy, model_round,
-                           seconds, mc.skipped)
+        return _select_and_export(ws, cfg, snap, mc, model, device, number, model_round, seed,
+                                  t0)
+
+
+def _sampling(cfg: Config, device: torch.device) -> tuple[str, int]:
+    q = cfg.query
+    mode = q.sampling if q.sampling != "auto" else (
+        "full" if cfg.model.backbone_dropout > 0 else "head")
+    return mode, q.max_batch_items or (4096 if device.type == "cuda" else q.batch_size)
+
+
+def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MCModel,
+                       device: torch.device, number: int, model_round: int, seed: int,
+                       t0: float) -> QueryReport:
+    q = cfg.query
+    np.save(ws.root / "scores" / f"round-{number:03d}" / "ids.npy",
+            np.array([snap.pool[int(k)].id for k in mc.kept]))
+    if mc.top_index is not None:
+        idx, scores = mc.top_index, mc.top_scores
+    else:
+        labelled_features = None
+        if q.strategy == "coreset":
+            xl, _, _, _ = _load(cfg, snap.labelled)
+            _, labelled_features = mc_predict_tensors(model, xl, 2, device=device, seed=seed)
+        rng = np.random.default_rng(seed)
+        idx, scores = acquisition.select(q.strategy, np.asarray(mc.probs, np.float32),
+                                         q.budget, rng=rng,
+                                         features=np.asarray(mc.features, np.float32),
+                                         labelled_features=labelled_features,
+                                         balance=q.balance)
+    seconds = time.perf_counter() - t0
+    chosen = [Candidate(snap.pool[int(mc.kept[i])], float(s),
+                        np.asarray(mc.probs[i], np.float32).mean(0))
+              for i, s in zip(idx, scores)]
+    folder = export_round(ws, number, chosen, strategy=q.strategy, model_round=model_round,
+                          pool_size=len(mc.kept), score_seconds=seconds)
+    _record_skipped(ws, mc.skipped)
+    return QueryReport(number, folder, len(chosen), len(mc.kept), q.strategy, model_round,
+                       seconds, mc.skipped)
+
+
+def _query_distributed(cfg: Config, *, progress: bool) -> QueryReport | None:
+    device = distributed.init(cfg.device)
+    main = distributed.is_main()
+    q = cfg.query
+    ws = Workspace(cfg) if main else None
+    state: dict[str, Any] = {}
+    try:
+        def plan() -> dict[str, Any]:
+            ws.__enter__()
+            _refuse_pending(ws)
+            snap = ws.sync()
+            model_round = ws.ingested_rounds()
+            rec = {m["round"]: m for m in ws.db.models()}.get(model_round)
+            if rec is None:
+                raise WorkspaceError(f"no model for round {model_round} yet; run medal train "
+                                     f"first")
+            if not snap.pool:
+                raise DataError(f"the pool is empty: every image in {cfg.data.pool} is "
+                                f"labelled or out for labelling")
+            state["snap"] = snap
+            return {"pool": _rows(snap.pool), "number": ws.next_round(),
+                    "model_round": model_round, "checkpoint": rec["checkpoint"]}
+
+        p = _on_main(plan)
+        t0 = time.perf_counter()
+        model = build_model(cfg)
+        load_checkpoint(Path(p["checkpoint"]), model, cfg.classes, cfg.model.name,
+                        cfg.model.channels)
+        model.to(device)
+        pool = _items(p["pool"])
+        ds = _dataset(cfg, pool)
+        number, seed = p["number"], cfg.seed * 1000 + p["number"]
+        mode, max_items = _sampling(cfg, device)
+        world, rank = distributed.world_size(), distributed.rank()
+        mine = range(rank, n_batches(len(ds), q.batch_size), world)
+        chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        skipped = score_batches(
+            model, ds, q.mc_samples, mine, device=device, batch_size=q.batch_size,
+            num_workers=cfg.num_workers, seed=seed, progress=progress and main,
+            desc=f"scoring {len(mine)} of {n_batches(len(ds), q.batch_size)} batches",
+            mode=mode, precision=q.precision, max_batch_items=max_items,
+            sink=lambda r, pr, f: chunks.append((r, pr, f)))
+        gathered = distributed.gather((chunks, skipped))
+        if not main:
+            distributed.barrier()
+            return None
+        streaming_topk = q.strategy in acquisition.SCORE_FUNCTIONS and not q.balance
+        sink = _Collector(len(ds), q.mc_samples, model.num_classes, model.feature_dim,
+                          ws.root / "scores" / f"round-{number:03d}",
+                          (acquisition.SCORE_FUNCTIONS[q.strategy], q.budget)
+                          if streaming_topk else None)
+        all_skipped: dict[Path, str] = {}
+        for rank_chunks, rank_skipped in gathered:
+            for rows, probs, feats in rank_chunks:
+                sink(rows, probs, feats)
+            all_skipped |= rank_skipped
+        mc = sink.result(all_skipped)
+        report = _select_and_export(ws, cfg, state["snap"], mc, model, device, number,
+                                    p["model_round"], seed, t0)
+        distributed.barrier()
+        return report
+    finally:
+        if ws is not None:
+            ws.__exit__(None, None, None)
 
 
 def ingest(cfg: Config, folder: str | Path) -> IngestResult:
@@ -243,12 +417,20 @@ def ingest(cfg: Config, folder: str | Path) -> IngestResult:
         return ingest_round(ws, Path(folder))
 
 
-def run_round(cfg: Config, *, progress: bool = True) -> RoundReport:
+def run_round(cfg: Config, *, progress: bool = True) -> RoundReport | None:
     """Train (fine-tuning after the first round) and query: one active-learning round."""
-    with Workspace(cfg) as ws:  # refuse before spending time on training
-        _refuse_pending(ws)
+    def check() -> None:
+        with Workspace(cfg) as ws:  # refuse before spending time on training
+            _refuse_pending(ws)
+
+    if distributed.is_distributed():
+        distributed.init(cfg.device)
+        _on_main(check)
+    else:
+        check()
     t = train(cfg, progress=progress)
-    return RoundReport(t, query(cfg, progress=progress))
+    q = query(cfg, progress=progress)
+    return RoundReport(t, q) if t is not None and q is not None else None
 
 
 def export_labels(cfg: Config, out: str | Path) -> int:

@@ -11,7 +11,8 @@ from typing import Any
 
 from . import __version__, api
 from .config import Config, load_config
-from .errors import LabellingError, MedalError
+from . import distributed
+from .errors import MedalError
 
 EPILOG = """workflow:
   medal train  -c CONFIG            train on the labelled set (round 0)
@@ -94,15 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, _overrides(args.overrides))
         return COMMANDS[args.command](cfg, args)
-    except LabellingError as e:
-        print(f"medal {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except MedalError as e:
-        print(f"medal {args.command}: error: {e}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"medal {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 def _rel(p: Path) -> str:
@@ -141,12 +142,16 @@ def _print_query(r: api.QueryReport, cfg: Config) -> None:
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
-    _print_train(api.train(cfg, progress=not args.quiet))
+    r = api.train(cfg, progress=not args.quiet)
+    if r is not None:  # None on torchrun ranks other than 0
+        _print_train(r)
     return 0
 
 
 def cmd_query(cfg: Config, args: argparse.Namespace) -> int:
-    _print_query(api.query(cfg, progress=not args.quiet), cfg)
+    r = api.query(cfg, progress=not args.quiet)
+    if r is not None:
+        _print_query(r, cfg)
     return 0
 
 
@@ -186,9 +191,10 @@ def cmd_labels(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_round(cfg: Config, args: argparse.Namespace) -> int:
-    t = api.train(cfg, progress=not args.quiet)
-    _print_train(t)
-    _print_query(api.query(cfg, progress=not args.quiet), cfg)
+    r = api.run_round(cfg, progress=not args.quiet)
+    if r is not None:
+        _print_train(r.train)
+        _print_query(r.query, cfg)
     return 0
 
 

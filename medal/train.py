@@ -90,7 +90,8 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
         device: torch.device, x_val: torch.Tensor | None = None,
         y_val: np.ndarray | None = None, seed: int = 0, progress: bool = True,
         state_path: Path | None = None,
-        on_epoch_end: Callable[[int], None] | None = None) -> FitResult:
+        on_epoch_end: Callable[[int], None] | None = None,
+        distributed: bool = False) -> FitResult:
     """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices) and keep the best epoch.
 
     The best epoch is chosen on the validation set by ``train.monitor`` (ties: lower training
@@ -98,6 +99,8 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     raised so that at least ``train.min_steps`` optimiser steps run, which keeps tiny labelled
     sets from under-training. With ``state_path``, the full training state is saved after every
     epoch and an interrupted training with the same data and settings resumes from it.
+    ``distributed``: under torchrun, wrap the model in DistributedDataParallel; every rank
+    draws the same batches and trains on its share of each, so the ranks stay in step.
     """
     t0 = time.perf_counter()
     tc = cfg.train
@@ -116,6 +119,15 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     yt = torch.as_tensor(y, dtype=torch.long)
     sample_w = (1.0 / torch.bincount(yt, minlength=n_classes).clamp(min=1).float())[yt]
     aug = Augmenter(x.shape[-1], tc.hflip) if tc.augment else None
+    net: nn.Module = model
+    rank, world = 0, 1
+    if distributed:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        net = DistributedDataParallel(model, device_ids=[device.index]
+                                      if device.type == "cuda" else None)
     has_val = x_val is not None and y_val is not None and len(x_val) > 0
     best_key: tuple[float, float] | None = None
     best_state, best_epoch, since_best = None, epochs, 0
@@ -140,26 +152,33 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     for epoch in bar:
         if tc.patience and since_best >= tc.patience:
             break
-        model.train()
+        net.train()
         if tc.balance == "sampler":
             perm = torch.multinomial(sample_w, n, replacement=True, generator=gen)
         else:
             perm = torch.randperm(n, generator=gen)
-        total = 0.0
+        total, seen = 0.0, 0
         for i in tqdm(range(0, n, tc.batch_size), desc=f"epoch {epoch}", unit="batch",
                       leave=False, disable=not progress or steps_per_epoch < 20):
             idx = perm[i:i + tc.batch_size]
+            if world > 1:  # this rank's share (a batch smaller than the world is repeated)
+                idx = idx[rank::world] if len(idx) >= world else idx
             xb = x[idx]
             if aug is not None:
                 xb = aug(xb)
             xb, yb = xb.to(device), yt[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = loss_fn(model(xb).float(), yb)
+                loss = loss_fn(net(xb).float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
-        row = {"epoch": float(epoch), "loss": total / n}
+            seen += len(idx)
+        if world > 1:  # the same epoch loss on every rank keeps their decisions identical
+            t = torch.tensor([total, float(seen)], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            total, seen = float(t[0]), int(t[1])
+        row = {"epoch": float(epoch), "loss": total / seen}
         line = f"epoch {epoch}/{epochs}: loss {row['loss']:.4f}"
         if has_val:
             p = predict_deterministic(model, x_val, device)

@@ -9,7 +9,7 @@ into as few forward calls as ``max_batch_items`` allows.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import ImageDataset, make_loader
+from .data import ImageDataset
 from .models import MCModel, set_mc_mode
 
 
@@ -108,7 +108,131 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The RNG seed of one global batch: the same batch gets the same dropout masks whichever
+    process scores it, so sharded scoring reproduces single-process scoring."""
+    return (seed * 1_000_003 + batch) % (2**63)
+
+
 @torch.no_grad()
+def score_batches(model: MCModel, ds: ImageDataset, T: int, batches: Sequence[int], *,
+                  device: torch.device, batch_size: int, num_workers: int = 0, seed: int = 0,
+                  desc: str = "scoring", progress: bool = True, mode: str = "head",
+                  precision: str = "bf16", max_batch_items: int = 4096,
+                  sink: Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+                  ) -> dict[Path, str]:
+    """Score the global batches ``batches`` (batch ``b`` = items ``b*batch_size`` onwards).
+
+    For every scored chunk, ``sink(rows [B], probs [B, T, C], features [B, D])`` is called
+    with float32 arrays. Returns ``{path: reason}`` for unreadable files.
+    """
+    if mode == "full" and not model.backbone_is_stochastic():
+        raise ValueError("full-network sampling needs dropout inside the backbone "
+                         "(model.backbone_dropout > 0)")
+    set_mc_mode(model)
+    cuda = device.type == "cuda"
+    amp = _amp_dtype(device, precision)
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    n = len(ds)
+    index = [list(range(b * batch_size, min((b + 1) * batch_size, n))) for b in batches]
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=index, num_workers=num_workers,
+                                         pin_memory=cuda)
+    skipped: dict[Path, str] = {}
+    step = batch_size
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            if mode == "full":
+                return full_samples(model, x, T, max_batch_items)
+            f = model.features(x)
+            return head_samples(model, f, T), f.float()
+
+    with _seeded(seed, device):
+        for b, (x, idx, reasons) in zip(batches, tqdm(loader, desc=desc, unit="batch",
+                                                       leave=False,
+                                                       disable=not progress or len(index) < 2)):
+            torch.manual_seed(batch_seed(seed, b))
+            ok = torch.tensor([r == "" for r in reasons], dtype=torch.bool)
+            for j, r in zip(idx.tolist(), reasons):
+                if r:
+                    skipped[ds.paths[j]] = r
+            if not ok.any():
+                continue
+            x, idx = x[ok], idx[ok]
+            if cuda:
+                x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+            i = 0
+            while i < len(x):
+                try:
+                    p, f = run(x[i:i + step])
+                except RuntimeError as e:
+                    if not _is_oom(e) or step == 1:
+                        raise
+                    step = max(1, step // 2)
+                    if cuda:
+                        torch.cuda.empty_cache()
+                    warnings.warn(f"out of memory while scoring; batch size halved to {step}",
+                                  RuntimeWarning, stacklevel=2)
+                    continue
+                sink(idx[i:i + step].numpy(), p.float().cpu().numpy(),
+                     f.float().cpu().numpy())
+                i += step
+    return skipped
+
+
+def n_batches(n: int, batch_size: int) -> int:
+    return (n + batch_size - 1) // batch_size
+
+
+class _Collector:
+    """Receives scored chunks into (memory-mapped) arrays and a streaming top-K."""
+
+    def __init__(self, n: int, T: int, C: int, D: int, out_dir: Path | None,
+                 top_k: tuple[Callable[[np.ndarray], np.ndarray], int] | None) -> None:
+        self.out_dir = out_dir
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.probs = np.lib.format.open_memmap(out_dir / "probs.tmp.npy", "w+", np.float16,
+                                                   (n, T, C))
+            self.feats = np.lib.format.open_memmap(out_dir / "features.tmp.npy", "w+",
+                                                   np.float16, (n, D))
+        else:
+            self.probs = np.zeros((n, T, C), np.float32)
+            self.feats = np.zeros((n, D), np.float32)
+        self.ok = np.zeros(n, dtype=bool)
+        self.score_fn = top_k[0] if top_k else None
+        self.best = TopK(top_k[1]) if top_k else None
+
+    def __call__(self, rows: np.ndarray, probs: np.ndarray, feats: np.ndarray) -> None:
+        self.probs[rows] = probs
+        self.feats[rows] = feats
+        self.ok[rows] = True
+        if self.best is not None:
+            self.best.update(self.score_fn(probs), rows)
+
+    def result(self, skipped: dict[Path, str]) -> MCResult:
+        kept = np.flatnonzero(self.ok)
+        probs, feats = self.probs, self.feats
+        if self.out_dir is not None:
+            probs.flush()
+            feats.flush()
+            del probs, feats, self.probs, self.feats
+            for name in ("probs", "features"):
+                (self.out_dir / f"{name}.tmp.npy").replace(self.out_dir / f"{name}.npy")
+            np.save(self.out_dir / "kept.npy", kept)
+            probs = np.load(self.out_dir / "probs.npy", mmap_mode="r")
+            feats = np.load(self.out_dir / "features.npy", mmap_mode="r")
+        if len(kept) < len(self.ok):
+            probs, feats = probs[kept], feats[kept]
+        out = MCResult(probs, feats, kept, skipped)
+        if self.best is not None:
+            # positions in the dataset -> positions among the kept rows
+            out.top_index = np.searchsorted(kept, self.best.index)
+            out.top_scores = self.best.scores
+        return out
+
+
 def mc_predict(model: MCModel, ds: ImageDataset, T: int, *, device: torch.device,
                batch_size: int = 256, num_workers: int = 0, seed: int = 0,
                desc: str = "scoring", progress: bool = True, mode: str = "head",
@@ -124,90 +248,14 @@ def mc_predict(model: MCModel, ds: ImageDataset, T: int, *, device: torch.device
     returned as memory maps, so memory stays bounded whatever the pool size. With
     ``top_k=(score_fn, k)``, the k best images by ``score_fn`` are also kept incrementally.
     On CUDA out-of-memory the batch is halved (with a warning) and the step retried.
+    Dropout masks are seeded per batch (:func:`batch_seed`).
     """
-    if mode == "full" and not model.backbone_is_stochastic():
-        raise ValueError("full-network sampling needs dropout inside the backbone "
-                         "(model.backbone_dropout > 0)")
-    set_mc_mode(model)
-    cuda = device.type == "cuda"
-    amp = _amp_dtype(device, precision)
-    if cuda:
-        model.to(memory_format=torch.channels_last)
-    n, C, D = len(ds), model.num_classes, model.feature_dim
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probs_all = np.lib.format.open_memmap(out_dir / "probs.tmp.npy", "w+", np.float16,
-                                              (n, T, C))
-        feats_all = np.lib.format.open_memmap(out_dir / "features.tmp.npy", "w+", np.float16,
-                                              (n, D))
-    else:
-        probs_all = np.zeros((n, T, C), np.float32)
-        feats_all = np.zeros((n, D), np.float32)
-    ok_rows = np.zeros(n, dtype=bool)
-    skipped: dict[Path, str] = {}
-    best = TopK(top_k[1]) if top_k else None
-    loader = make_loader(ds, batch_size, num_workers, pin_memory=cuda)
-    step = batch_size
-
-    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            if mode == "full":
-                return full_samples(model, x, T, max_batch_items)
-            f = model.features(x)
-            return head_samples(model, f, T), f.float()
-
-    with _seeded(seed, device):
-        for x, idx, reasons in tqdm(loader, desc=desc, unit="batch", leave=False,
-                                    disable=not progress or len(loader) < 2):
-            ok = torch.tensor([r == "" for r in reasons], dtype=torch.bool)
-            for j, r in zip(idx.tolist(), reasons):
-                if r:
-                    skipped[ds.paths[j]] = r
-            if not ok.any():
-                continue
-            x, idx = x[ok], idx[ok]
-            if cuda:
-                x = x.pin_memory().to(device, non_blocking=True,
-                                      memory_format=torch.channels_last)
-            i = 0
-            while i < len(x):
-                try:
-                    p, f = run(x[i:i + step])
-                except RuntimeError as e:
-                    if not _is_oom(e) or step == 1:
-                        raise
-                    step = max(1, step // 2)
-                    if cuda:
-                        torch.cuda.empty_cache()
-                    warnings.warn(f"out of memory while scoring; batch size halved to {step}",
-                                  RuntimeWarning, stacklevel=2)
-                    continue
-                rows = idx[i:i + step].numpy()
-                p_np = p.float().cpu().numpy()
-                probs_all[rows] = p_np
-                feats_all[rows] = f.float().cpu().numpy()
-                ok_rows[rows] = True
-                if best is not None:
-                    best.update(top_k[0](p_np), rows)
-                i += step
-    kept = np.flatnonzero(ok_rows)
-    if out_dir is not None:
-        probs_all.flush()
-        feats_all.flush()
-        del probs_all, feats_all
-        for name in ("probs", "features"):
-            (out_dir / f"{name}.tmp.npy").replace(out_dir / f"{name}.npy")
-        np.save(out_dir / "kept.npy", kept)
-        probs_all = np.load(out_dir / "probs.npy", mmap_mode="r")
-        feats_all = np.load(out_dir / "features.npy", mmap_mode="r")
-    if len(kept) < n:
-        probs_all, feats_all = probs_all[kept], feats_all[kept]
-    result = MCResult(probs_all, feats_all, kept, skipped)
-    if best is not None:
-        # positions in the dataset -> positions among the kept rows
-        result.top_index = np.searchsorted(kept, best.index)
-        result.top_scores = best.scores
-    return result
+    sink = _Collector(len(ds), T, model.num_classes, model.feature_dim, out_dir, top_k)
+    skipped = score_batches(model, ds, T, range(n_batches(len(ds), batch_size)), device=device,
+                            batch_size=batch_size, num_workers=num_workers, seed=seed,
+                            desc=desc, progress=progress, mode=mode, precision=precision,
+                            max_batch_items=max_batch_items, sink=sink)
+    return sink.result(skipped)
 
 
 class _seeded:

@@ -232,3 +232,12 @@ def test_cli_runs_in_parallel_workers(sim_setup, capsys):
     assert (sim_setup["out"] / "cache").is_dir() and any((sim_setup["out"] / "cache").iterdir())
     assert sim.main([*args[:-4], "--strategies", "nope"]) == 2
     assert "unknown strategy nope" in capsys.readouterr().err
+
+
+def test_single_class_start_runs(sim_setup):
+    cfg = load_config(sim_setup["config"])
+    r = sim.simulate(cfg, settings(sim_setup, strategies=("bald",), seeds=(0,), rounds=1,
+                                   start="class:pneumonia"))
+    start = list(csv.DictReader(open(sim_setup["out"] / "bald" / "seed-0" / "start.csv")))
+    assert len(start) == 4 and {s["label"] for s in start} == {"pneumonia"}
+    assert [row["labels"] for row in r.rows] == [4, 8]
