@@ -250,18 +250,26 @@ def initial_model(ws: Workspace, cfg: Config, model_round: int) -> tuple[MCModel
     return model, parent
 
 
+def current_model_record(ws: Workspace) -> dict[str, Any]:
+    """The newest model that has seen every ingested label (rounds handed back empty do not
+    need a new model); error if there is none."""
+    needed = max((r.round for r in ws.db.rounds()
+                  if r.ingested_at is not None and ws.db.labels(r.round)), default=0)
+    fit = [m for m in ws.db.models() if m["round"] >= needed]
+    if not fit:
+        hint = "medal train" if needed == 0 else "medal train (or medal round)"
+        raise WorkspaceError(f"no model trained on the labels of round {needed} yet; run "
+                             f"{hint} first")
+    return fit[-1]
+
+
 def load_round_model(ws: Workspace, cfg: Config) -> tuple[MCModel, int]:
-    """The checkpoint for the current round (after the last ingest); error if not trained."""
-    model_round = ws.ingested_rounds()
-    rec = {m["round"]: m for m in ws.db.models()}.get(model_round)
-    if rec is None:
-        hint = "medal train" if model_round == 0 else "medal train (or medal round)"
-        raise WorkspaceError(f"no model for round {model_round} yet (labels from round "
-                             f"{model_round} are in but not trained on); run {hint} first")
+    """The model to score the pool with, and its model round."""
+    rec = current_model_record(ws)
     model = build_model(cfg)
     load_checkpoint(Path(rec["checkpoint"]), model, cfg.classes, cfg.model.name,
                     cfg.model.channels)
-    return model, model_round
+    return model, rec["round"]
 
 
 def _refuse_pending(ws: Workspace) -> None:
@@ -356,11 +364,8 @@ def _query_distributed(cfg: Config, *, progress: bool) -> QueryReport | None:
             ws.__enter__()
             _refuse_pending(ws)
             snap = ws.sync()
-            model_round = ws.ingested_rounds()
-            rec = {m["round"]: m for m in ws.db.models()}.get(model_round)
-            if rec is None:
-                raise WorkspaceError(f"no model for round {model_round} yet; run medal train "
-                                     f"first")
+            rec = current_model_record(ws)
+            model_round = rec["round"]
             if not snap.pool:
                 raise DataError(f"the pool is empty: every image in {cfg.data.pool} is "
                                 f"labelled or out for labelling")
