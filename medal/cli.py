@@ -21,6 +21,7 @@ EPILOG = """workflow:
   medal round  -c CONFIG            fine-tune on all labels, then export the next round
   medal status -c CONFIG            rounds, label counts and metrics
   medal labels -c CONFIG export -o labels.csv   every label with provenance
+  medal simulate -c CONFIG --truth DIR --strategies bald,random ...   learning curves
 
 See README.md for the config reference."""
 
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["export", "unsure", "release"])
     p.add_argument("ids", nargs="*", help="image id prefixes (release)")
     p.add_argument("-o", "--output", type=Path, help="CSV to write (export)")
+    from . import simulate
+
+    simulate.add_parser(sub)
     return parser
 
 
@@ -236,3 +240,12 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "query": cmd_query, "ingest": cmd_ingest, "round": cmd_round,
             "status": cmd_status, "labels": cmd_labels}
+
+
+def _simulate(cfg: Config, args: argparse.Namespace) -> int:
+    from . import simulate
+
+    return simulate.command(cfg, args)
+
+
+COMMANDS["simulate"] = _simulate

@@ -240,6 +240,7 @@ class ImageDataset(torch.utils.data.Dataset):
             return torch.zeros(self.channels, self.size, self.size), i, e.reason
         if self.cache is not None:
             self.cache.put(self.ids[i], x)
+            x = x.half().float()  # what the cache returns next time: same result cold or warm
         return x, i, ""
 
 

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -232,7 +233,6 @@ def build_pool(out: Path, truth: Sequence[tuple[Path, str]]) -> list[TruthEntry]
             try:
                 os.symlink(src, tmp / name)
             except OSError:  # file systems without symlinks: copy
-                import shutil
                 shutil.copyfile(src, tmp / name)
         tmp.rename(pool)
     entries = [TruthEntry(src, label, pool / name) for (src, label), name in zip(truth, names)]

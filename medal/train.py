@@ -91,14 +91,15 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
         y_val: np.ndarray | None = None, seed: int = 0, progress: bool = True,
         state_path: Path | None = None,
         on_epoch_end: Callable[[int], None] | None = None,
-        distributed: bool = False) -> FitResult:
+        distributed: bool = False, state_every_s: float = 30.0) -> FitResult:
     """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices) and keep the best epoch.
 
     The best epoch is chosen on the validation set by ``train.monitor`` (ties: lower training
     loss); without one, the last epoch is kept. ``train.patience`` stops early. Epochs are
     raised so that at least ``train.min_steps`` optimiser steps run, which keeps tiny labelled
-    sets from under-training. With ``state_path``, the full training state is saved after every
-    epoch and an interrupted training with the same data and settings resumes from it.
+    sets from under-training. With ``state_path``, the full training state is saved at the end
+    of an epoch when ``state_every_s`` seconds have passed since the last save, and an
+    interrupted training with the same data and settings resumes from it.
     ``distributed``: under torchrun, wrap the model in DistributedDataParallel; every rank
     draws the same batches and trains on its share of each, so the ranks stay in step.
     """
@@ -133,6 +134,7 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     best_state, best_epoch, since_best = None, epochs, 0
     history: list[dict[str, float]] = []
     first = 1
+    last_save = time.perf_counter()
     fingerprint = _fingerprint(y, x, cfg, epochs, seed) if state_path else ""
     if state_path is not None and state_path.is_file():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -196,7 +198,8 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
         history.append(row)
         if progress:
             tqdm.write(line)
-        if state_path is not None:
+        if state_path is not None and time.perf_counter() - last_save >= state_every_s:
+            last_save = time.perf_counter()
             _save_state(state_path, {
                 "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "generator": gen.get_state(),

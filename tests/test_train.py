@@ -97,11 +97,11 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_config, tmp_pa
     state = tmp_path / "state.pt"
     with pytest.raises(KeyboardInterrupt):
         fit(fresh(), x, y, tiny_config, epochs=6, device=torch.device("cpu"), progress=False,
-            state_path=state, on_epoch_end=crash)
+            state_path=state, on_epoch_end=crash, state_every_s=0)
     assert state.is_file()
     resumed = fresh()
     r = fit(resumed, x, y, tiny_config, epochs=6, device=torch.device("cpu"), progress=False,
-            state_path=state)
+            state_path=state, state_every_s=0)
     assert [h["epoch"] for h in r.history] == [1, 2, 3, 4, 5, 6]
     assert not state.exists()
     straight = fresh()
