@@ -329,7 +329,19 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MC
     q = cfg.query
     np.save(ws.root / "scores" / f"round-{number:03d}" / "ids.npy",
             np.array([snap.pool[int(k)].id for k in mc.kept]))
-    if mc.top_index is not None:
+    strategy = q.strategy
+    missing = [c for c in cfg.classes if not any(it.label == c for it in snap.labelled)]
+    if q.cold_start == "diversity" and missing and q.strategy != "random":
+        # uncertainty from a model that never saw a class keeps asking about the classes it
+        # knows; spread the round over the feature space instead until every class is seen
+        xl, _, _, _ = _load(cfg, snap.labelled)
+        _, labelled_features = mc_predict_tensors(model, xl, 2, device=device, seed=seed)
+        idx = acquisition.k_center_greedy(np.asarray(mc.features, np.float32), q.budget,
+                                          rng=np.random.default_rng(seed),
+                                          labelled_features=labelled_features)
+        scores = acquisition.bald(np.asarray(mc.probs[idx], np.float32))
+        strategy = f"{q.strategy}:cold-start-diversity"
+    elif mc.top_index is not None:
         idx, scores = mc.top_index, mc.top_scores
     else:
         labelled_features = None
@@ -346,10 +358,10 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MC
     chosen = [Candidate(snap.pool[int(mc.kept[i])], float(s),
                         np.asarray(mc.probs[i], np.float32).mean(0))
               for i, s in zip(idx, scores)]
-    folder = export_round(ws, number, chosen, strategy=q.strategy, model_round=model_round,
+    folder = export_round(ws, number, chosen, strategy=strategy, model_round=model_round,
                           pool_size=len(mc.kept), score_seconds=seconds)
     _record_skipped(ws, mc.skipped)
-    return QueryReport(number, folder, len(chosen), len(mc.kept), q.strategy, model_round,
+    return QueryReport(number, folder, len(chosen), len(mc.kept), strategy, model_round,
                        seconds, mc.skipped)
 
 

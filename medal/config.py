@@ -100,6 +100,10 @@ class QueryConfig:
     budget: int = 20
     mc_samples: int = 20
     batch_size: int = 256
+    cold_start: str = "diversity"
+    """While some class has no label yet: "diversity" picks the round by k-center (core-set)
+    diversity on backbone features, starting from the labelled images, so a start set that
+    lacks a class recovers quickly; "off" always uses ``strategy``."""
     balance: bool = False
     """Spread the budget over the predicted classes (round-robin by score); for per-image
     strategies."""
@@ -333,6 +337,8 @@ def _validate_values(cfg: Config, where: str) -> None:
     need(cfg.labelling.preview_size >= 16, "labelling.preview_size", ">= 16",
          cfg.labelling.preview_size)
     need(q.batch_size >= 1, "query.batch_size", ">= 1", q.batch_size)
+    need(q.cold_start in ("diversity", "off"), "query.cold_start", "one of diversity, off",
+         q.cold_start)
     need(q.sampling in SAMPLING_MODES, "query.sampling", f"one of {', '.join(SAMPLING_MODES)}",
          q.sampling)
     need(q.precision in PRECISIONS, "query.precision", f"one of {', '.join(PRECISIONS)}",

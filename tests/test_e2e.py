@@ -139,3 +139,20 @@ def test_query_with_each_strategy_kind(tmp_path, tiny_data, strategy):
     api.train(cfg, progress=False)
     r = api.query(cfg, progress=False)
     assert r.n_selected == 6 and r.folder.is_dir()
+
+
+def test_single_class_start_explores_by_diversity(tmp_path, tiny_data):
+    import shutil as sh
+    sh.rmtree(tiny_data["root"] / "labelled" / "pneumonia")  # start set lacks a class
+    cfg = load_config(write_config(tmp_path), {"query.budget": 10})
+    api.train(cfg, progress=False)
+    r = api.query(cfg, progress=False)
+    assert r.strategy == "bald:cold-start-diversity"
+    with open(r.folder / "manifest.csv", newline="") as f:
+        sources = [row["source_path"] for row in csv.DictReader(f)]
+    labels = {tiny_data["truth"][s] for s in sources}
+    assert labels == {"normal", "pneumonia"}  # the missing class is found in one round
+    off = load_config(write_config(tmp_path), {"query.cold_start": "off"})
+    (r.folder / "labels.csv").write_text("file,label\n")
+    api.ingest(off, r.folder)
+    assert api.query(off, progress=False).strategy == "bald"
