@@ -4,6 +4,7 @@ returns a small report object; nothing here prints except progress bars."""
 from __future__ import annotations
 
 import csv
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ class QueryReport:
     model_round: int
     seconds: float
     skipped: dict[Path, str] = field(default_factory=dict)
+    reused: int = 0
+    """Pool images whose scores from an earlier query with the same model were reused."""
 
 
 @dataclass
@@ -305,15 +308,58 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport:
         seed = cfg.seed * 1000 + number
         mode, max_items = _sampling(cfg, device)
         streaming_topk = q.strategy in acquisition.SCORE_FUNCTIONS and not q.balance
-        mc = mc_predict(model, ds, q.mc_samples, device=device, batch_size=q.batch_size,
-                        num_workers=cfg.num_workers, seed=seed, progress=progress,
-                        desc=f"scoring {len(ds)} images", mode=mode, precision=q.precision,
-                        max_batch_items=max_items,
-                        out_dir=ws.root / "scores" / f"round-{number:03d}",
-                        top_k=(acquisition.SCORE_FUNCTIONS[q.strategy], q.budget)
-                        if streaming_topk else None)
-        return _select_and_export(ws, cfg, snap, mc, model, device, number, model_round, seed,
-                                  t0)
+        out_dir = ws.root / "scores" / f"round-{number:03d}"
+        key = _scores_key(cfg, current_model_record(ws), mode)
+        sink = _Collector(len(ds), q.mc_samples, model.num_classes, model.feature_dim, out_dir,
+                          (acquisition.SCORE_FUNCTIONS[q.strategy], q.budget)
+                          if streaming_topk else None)
+        reused = _reuse_scores(ws, key, snap.pool, sink)
+        todo = np.flatnonzero(~sink.ok)
+        sub = _dataset(cfg, [snap.pool[i] for i in todo])
+        skipped = score_batches(
+            model, sub, q.mc_samples, range(n_batches(len(sub), q.batch_size)), device=device,
+            batch_size=q.batch_size, num_workers=cfg.num_workers, seed=seed,
+            progress=progress, desc=f"scoring {len(sub)} images", mode=mode,
+            precision=q.precision, max_batch_items=max_items,
+            sink=lambda rows, p, f: sink(todo[rows], p, f))
+        mc = sink.result(skipped)
+        (out_dir / "meta.json").write_text(json.dumps(key))
+        report = _select_and_export(ws, cfg, snap, mc, model, device, number, model_round,
+                                    seed, t0)
+        report.reused = reused
+        return report
+
+
+def _scores_key(cfg: Config, model_rec: dict[str, Any], mode: str) -> dict[str, Any]:
+    """What scores depend on: the model (checkpoint and when it was written), T, the
+    sampling path and the preprocessing."""
+    return {"checkpoint": model_rec["checkpoint"], "created_at": model_rec["created_at"],
+            "mc_samples": cfg.query.mc_samples, "mode": mode,
+            "preprocess": [cfg.model.channels, cfg.model.image_size, cfg.image.window,
+                           cfg.image.frame]}
+
+
+def _reuse_scores(ws: Workspace, key: dict[str, Any], pool: list[Item], sink: Any) -> int:
+    """Feed ``sink`` the stored scores of pool images that the same model already scored with
+    the same settings (e.g. after a round was handed back unlabelled). Returns how many."""
+    for meta in sorted((ws.root / "scores").glob("round-*/meta.json"), reverse=True):
+        try:
+            if json.loads(meta.read_text()) != json.loads(json.dumps(key)):
+                continue
+            ids = np.load(meta.parent / "ids.npy")
+            kept = np.load(meta.parent / "kept.npy")
+            probs = np.load(meta.parent / "probs.npy", mmap_mode="r")
+            feats = np.load(meta.parent / "features.npy", mmap_mode="r")
+        except (OSError, ValueError):
+            continue
+        row_of = {str(i): int(r) for i, r in zip(ids, kept)}
+        pairs = [(j, row_of[it.id]) for j, it in enumerate(pool) if it.id in row_of]
+        for c in range(0, len(pairs), 4096):
+            chunk = np.array(pairs[c:c + 4096], dtype=np.int64)
+            sink(chunk[:, 0], np.asarray(probs[chunk[:, 1]], np.float32),
+                 np.asarray(feats[chunk[:, 1]], np.float32))
+        return len(pairs)
+    return 0
 
 
 def _sampling(cfg: Config, device: torch.device) -> tuple[str, int]:

@@ -138,6 +138,9 @@ def _print_train(r: api.TrainReport) -> None:
 def _print_query(r: api.QueryReport, cfg: Config) -> None:
     print(f"round {r.round:03d}: {r.n_selected} images chosen by {r.strategy} from a pool of "
           f"{r.pool_size} (model round {r.model_round}, {r.seconds:.1f} s)")
+    if r.reused:
+        print(f"  {r.reused} images' scores reused (same model and settings as an earlier "
+              f"query)")
     if r.skipped:
         print(f"  {len(r.skipped)} unreadable file(s) skipped; see 'medal status'")
     print(f"labelling folder: {_rel(r.folder)}")

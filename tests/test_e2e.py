@@ -156,3 +156,27 @@ def test_single_class_start_explores_by_diversity(tmp_path, tiny_data):
     (r.folder / "labels.csv").write_text("file,label\n")
     api.ingest(off, r.folder)
     assert api.query(off, progress=False).strategy == "bald"
+
+
+def test_unchanged_model_reuses_scores(tmp_path, tiny_data):
+    cfg = load_config(write_config(tmp_path))
+    api.train(cfg, progress=False)
+    first = api.query(cfg, progress=False)
+    assert first.reused == 0
+    (first.folder / "labels.csv").write_text("file,label\n")  # handed back unlabelled
+    api.ingest(cfg, first.folder)
+    second = api.query(cfg, progress=False)  # same model, same pool: nothing re-scored
+    assert second.reused == 40 and second.pool_size == 40
+
+    def chosen(folder):
+        with open(folder / "manifest.csv", newline="") as f:
+            return {r["image_id"]: float(r["score"]) for r in csv.DictReader(f)}
+
+    a, b = chosen(first.folder), chosen(second.folder)
+    for image_id in set(a) & set(b):
+        assert abs(a[image_id] - b[image_id]) < 5e-3  # stored as float16
+    assert len(set(a) & set(b)) >= 4
+    fill(second.folder, tiny_data["truth"])
+    api.ingest(cfg, second.folder)
+    api.train(cfg, progress=False)
+    assert api.query(cfg, progress=False).reused == 0  # a new model scores everything again
