@@ -22,7 +22,7 @@ from .labelling import Candidate, IngestResult, export_round, ingest_round
 from .models import MCModel, resolve_device
 from .train import build_model, classification_metrics, fit, load_checkpoint, save_checkpoint
 from . import distributed
-from .uncertainty import _Collector, mc_predict, mc_predict_tensors, n_batches, score_batches
+from .uncertainty import _Collector, mc_predict_tensors, n_batches, score_batches
 from .ledger import LabelRecord
 from .workspace import UNSURE, Item, Workspace
 
@@ -75,7 +75,7 @@ def _dataset(cfg: Config, items: list[Item]) -> ImageDataset:
     return ImageDataset([it.path for it in items], channels=cfg.model.channels,
                         size=cfg.model.image_size, window=cfg.image.window,
                         frame=cfg.image.frame, ids=[it.id for it in items] if cache else None,
-                        cache_dir=cache)
+                        cache_dir=cache, frames=[it.frame for it in items])
 
 
 def _load(cfg: Config, items: list[Item]) -> tuple[Any, np.ndarray, list[Item], dict[Path, str]]:
@@ -84,7 +84,7 @@ def _load(cfg: Config, items: list[Item]) -> tuple[Any, np.ndarray, list[Item], 
                                 size=cfg.model.image_size, window=cfg.image.window,
                                 frame=cfg.image.frame, num_workers=cfg.num_workers,
                                 ids=[it.id for it in items] if cache else None,
-                                cache_dir=cache)
+                                cache_dir=cache, frames=[it.frame for it in items])
     kept_items = [items[i] for i in kept]
     y = _labels_to_index(kept_items, cfg.classes) if kept_items and kept_items[0].label else \
         np.zeros(0, np.int64)

@@ -43,7 +43,8 @@ class ImageConfig:
     window: str | tuple[float, float] = "file"
     """"file" (the file's own DICOM window), "minmax", or [center, width]."""
     frame: str | int = "middle"
-    """Multi-frame DICOM: "middle" or a frame index."""
+    """Multi-frame DICOM: "middle", a frame index, or "all" (every frame is its own image,
+    with the frame index in its id)."""
     cache: bool = True
     """Keep preprocessed pixels in <workspace>/cache so each image is decoded once."""
 
@@ -259,9 +260,10 @@ def _build(cls: type, table: dict[str, Any], section: str, base: Path, where: st
         elif key == "image.window":
             values[name] = _window(v, key, where)
         elif key == "image.frame":
-            if not (v == "middle" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
-                raise ConfigError(f"{where}: {key!r} must be \"middle\" or a frame index >= 0, "
-                                  f"got {v!r}")
+            if not (v in ("middle", "all")
+                    or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
+                raise ConfigError(f"{where}: {key!r} must be \"middle\", \"all\" or a frame "
+                                  f"index >= 0, got {v!r}")
             values[name] = v
         elif t.startswith("bool"):
             values[name] = _check_type(v, bool, key, where)

@@ -212,8 +212,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, paths: Sequence[Path], *, channels: int, size: int,
                  window: str | tuple[float, float] = "file", frame: str | int = "middle",
-                 ids: Sequence[str] | None = None, cache_dir: Path | None = None) -> None:
+                 ids: Sequence[str] | None = None, cache_dir: Path | None = None,
+                 frames: Sequence[int | None] | None = None) -> None:
         self.paths = list(paths)
+        self.frames = list(frames) if frames is not None else None
         self.channels, self.size, self.window, self.frame = channels, size, window, frame
         if (ids is None) != (cache_dir is None):
             raise ValueError("the decode cache needs both ids and cache_dir")
@@ -232,7 +234,9 @@ class ImageDataset(torch.utils.data.Dataset):
             if isinstance(hit, str):
                 return torch.zeros(self.channels, self.size, self.size), i, hit
         try:
-            x = to_tensor(load_image(self.paths[i], window=self.window, frame=self.frame),
+            frame = self.frames[i] if self.frames and self.frames[i] is not None else self.frame
+            x = to_tensor(load_image(self.paths[i], window=self.window,
+                                     frame="middle" if frame == "all" else frame),
                           self.channels, self.size)
         except ImageReadError as e:
             if self.cache is not None:
@@ -254,14 +258,14 @@ def make_loader(ds: ImageDataset, batch_size: int, num_workers: int,
 def load_all(paths: Sequence[Path], *, channels: int, size: int,
              window: str | tuple[float, float] = "file", frame: str | int = "middle",
              num_workers: int = 0, batch_size: int = 256, ids: Sequence[str] | None = None,
-             cache_dir: Path | None = None
+             cache_dir: Path | None = None, frames: Sequence[int | None] | None = None
              ) -> tuple[torch.Tensor, np.ndarray, dict[Path, str]]:
     """Decode ``paths`` into memory (through the decode cache when ``ids``/``cache_dir``).
 
     Returns ``(x [M, C, S, S], kept [M] indices into paths, {path: reason} for skipped files)``.
     """
     ds = ImageDataset(paths, channels=channels, size=size, window=window, frame=frame,
-                      ids=ids, cache_dir=cache_dir)
+                      ids=ids, cache_dir=cache_dir, frames=frames)
     xs, kept, skipped = [], [], {}
     for x, idx, reasons in make_loader(ds, batch_size, num_workers):
         ok = torch.tensor([r == "" for r in reasons], dtype=torch.bool)

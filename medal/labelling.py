@@ -32,7 +32,7 @@ from .deid import deidentify_file
 from .errors import DataError, ImageReadError, LabellingError
 from .io import load_image, sniff_format
 from .ledger import LabelRecord, RoundRecord, Selection
-from .workspace import UNSURE, Item, Workspace
+from .workspace import UNSURE, Item, Workspace, file_id_of
 
 IGNORED_FILES = {"thumbs.db", "desktop.ini", ".ds_store"}
 PREVIEWS = "previews"
@@ -82,20 +82,22 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
         src = c.item.path
         is_dicom = sniff_format(src) == "dicom"
         ext = src.suffix.lower() or ".dcm"
-        name = f"{rank:0{width}d}_{c.item.id[:12]}{ext}"
+        frame = c.item.frame
+        name = f"{rank:0{width}d}_{c.item.id[:12]}{'' if frame is None else f'_f{frame}'}{ext}"
+        file_id = file_id_of(c.item.id)
         if secret is not None and is_dicom:
             deidentify_file(src, tmp / name, secret)
-            if file_sha256(src) != c.item.id:
+            if file_sha256(src) != file_id:
                 shutil.rmtree(tmp)
                 raise DataError(f"{src}: the file changed while medal was reading it; run the "
                                 f"command again")
         else:
             shutil.copyfile(src, tmp / name)
-            if file_sha256(tmp / name) != c.item.id:
+            if file_sha256(tmp / name) != file_id:
                 shutil.rmtree(tmp)
                 raise DataError(f"{src}: the file changed while medal was reading it; run the "
                                 f"command again")
-        preview = _preview(src, tmp / "previews" / f"{Path(name).stem}.png", cfg) \
+        preview = _preview(src, tmp / "previews" / f"{Path(name).stem}.png", cfg, frame) \
             if cfg.labelling.previews else None
         pred = classes[int(np.argmax(c.probs))]
         probs = tuple(round_float(p) for p in c.probs)
@@ -127,10 +129,12 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
     return final
 
 
-def _preview(src: Path, dst: Path, cfg) -> str | None:
+def _preview(src: Path, dst: Path, cfg, frame: int | None = None) -> str | None:
     """PNG of the image as the model saw it (windowed, before resizing); relative path."""
+    if frame is None:
+        frame = "middle" if cfg.image.frame == "all" else cfg.image.frame
     try:
-        img = load_image(src, window=cfg.image.window, frame=cfg.image.frame)
+        img = load_image(src, window=cfg.image.window, frame=frame)
     except ImageReadError:
         return None
     pil = Image.fromarray(np.round(img * 255).astype(np.uint8))

@@ -191,8 +191,15 @@ class Ledger:
 
     # --- images -------------------------------------------------------------------------------
     def images_by_path(self) -> dict[str, ImageRecord]:
-        rows = self._db.execute("SELECT id, path, size, mtime_ns, format FROM images")
+        """File records by path (frame records of multi-frame files are left out)."""
+        rows = self._db.execute("SELECT id, path, size, mtime_ns, format FROM images "
+                                "WHERE id NOT LIKE '%#%'")
         return {r["path"]: ImageRecord(**dict(r)) for r in rows}
+
+    def frame_ids(self, file_id: str) -> list[str]:
+        """Ids of the frame records of a multi-frame file, in frame order."""
+        rows = self._db.execute("SELECT id FROM images WHERE id LIKE ? ", (file_id + "#f%",))
+        return sorted((r["id"] for r in rows), key=lambda i: int(i.rsplit("#f", 1)[1]))
 
     def image(self, image_id: str) -> ImageRecord | None:
         r = self._db.execute("SELECT id, path, size, mtime_ns, format FROM images WHERE id=?",

@@ -26,11 +26,25 @@ import numpy as np
 
 from .config import Config
 from .data import FileEntry, file_sha256, scan_source
-from .errors import DataError, WorkspaceError
-from .io import sniff_format
+from .errors import DataError, ImageReadError, WorkspaceError
+from .io import count_frames, sniff_format
 from .ledger import ImageRecord, LabelRecord, Ledger
 
 UNSURE = "unsure"
+
+
+def frame_id(file_id: str, frame: int) -> str:
+    """Id of one frame of a multi-frame file (``image.frame = "all"``)."""
+    return f"{file_id}#f{frame}"
+
+
+def file_id_of(image_id: str) -> str:
+    """The content hash of the file an image (or frame) id belongs to."""
+    return image_id.split("#", 1)[0]
+
+
+def frame_of(image_id: str) -> int | None:
+    return int(image_id.rsplit("#f", 1)[1]) if "#f" in image_id else None
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,11 @@ class Item:
     id: str
     path: Path
     label: str | None = None
+
+    @property
+    def frame(self) -> int | None:
+        """The frame of a multi-frame file this item stands for (``image.frame = "all"``)."""
+        return frame_of(self.id)
 
 
 @dataclass
@@ -178,6 +197,31 @@ class Workspace:
             new.append(ImageRecord(image_id, str(e.path), st.st_size, st.st_mtime_ns,
                                    sniff_format(e.path) or "unknown"))
             out.append((image_id, e))
+        if new:
+            self.db.upsert_images(new)
+        if self.cfg.image.frame == "all":
+            out = self._expand_frames(out)
+        return out
+
+    def _expand_frames(self, found: list[tuple[str, FileEntry]]) -> list[tuple[str, FileEntry]]:
+        """Multi-frame DICOM files become one entry per frame (ids ``<sha>#f<k>``)."""
+        out, new = [], []
+        for image_id, e in found:
+            if sniff_format(e.path) != "dicom":
+                out.append((image_id, e))
+                continue
+            ids = self.db.frame_ids(image_id)
+            if not ids:
+                try:
+                    n = count_frames(e.path)
+                except ImageReadError:
+                    n = 1  # unreadable: reported when it is decoded
+                if n > 1:
+                    st = e.path.stat()
+                    ids = [frame_id(image_id, k) for k in range(n)]
+                    new += [ImageRecord(i, str(e.path), st.st_size, st.st_mtime_ns,
+                                        "dicom-frame") for i in ids]
+            out += [(i, e) for i in ids] if ids else [(image_id, e)]
         if new:
             self.db.upsert_images(new)
         return out

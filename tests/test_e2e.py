@@ -180,3 +180,42 @@ def test_unchanged_model_reuses_scores(tmp_path, tiny_data):
     api.ingest(cfg, second.folder)
     api.train(cfg, progress=False)
     assert api.query(cfg, progress=False).reused == 0  # a new model scores everything again
+
+
+def test_every_frame_of_a_multiframe_dicom_is_its_own_image(tmp_path, tiny_data):
+    import numpy as np
+    import pydicom
+
+    from medal.dicomwrite import write_dicom
+    from medal.workspace import Workspace
+
+    path = tiny_data["root"] / "pool" / "dicom" / "cine.dcm"
+    write_dicom(path, np.zeros((16, 16), np.uint16), bits_stored=12)
+    ds = pydicom.dcmread(path)
+    frames = np.stack([np.full((16, 16), v, np.uint16) for v in (100, 2000, 4000)])
+    ds.NumberOfFrames = 3
+    ds.PixelData = frames.tobytes()
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.save_as(path, enforce_file_format=True)
+    cfg = load_config(write_config(tmp_path), {"image.frame": "all", "query.budget": 60,
+                                               "query.strategy": "random"})
+    with Workspace(cfg) as ws:
+        ids = [it.id for it in ws.sync().pool if it.path == path]
+    assert [i.rsplit("#", 1)[1] for i in ids] == ["f0", "f1", "f2"]
+    api.train(cfg, progress=False)
+    r = api.query(cfg, progress=False)
+    assert r.pool_size == 43  # 40 single-frame images + 3 frames of the cine file
+    names = sorted(p.name for p in r.folder.glob("*_f[0-9].dcm"))
+    assert len(names) == 3
+    previews = {n: np.asarray(pydicom.dcmread(r.folder / n).pixel_array).shape for n in names}
+    assert all(shape == (3, 16, 16) for shape in previews.values())  # whole file exported
+    from PIL import Image
+    means = sorted(np.asarray(Image.open(r.folder / "previews" / f"{n[:-4]}.png")).mean()
+                   for n in names)
+    assert means[0] < means[1] < means[2]  # each preview shows its own frame
+    with open(r.folder / "labels.csv", "w") as f:
+        f.write("file,label\n" + "".join(f"{n},{lab}\n" for n, lab in
+                                         zip(names, ["normal", "pneumonia", "normal"])))
+    assert api.ingest(cfg, r.folder).labelled == {"normal": 2, "pneumonia": 1}
+    t = api.train(cfg, progress=False)
+    assert t.n_labels == 8 + 3
