@@ -133,22 +133,30 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport:
                      x_val=xv if len(xv) else None, y_val=yv if len(yv) else None, seed=seed,
                      progress=progress,
                      state_path=ws.checkpoint_path(model_round).with_suffix(".partial.pt"))
-        metrics = {}
-        for split, xs, ys in (("validation", xv, yv), ("test", xt, yt)):
-            if len(xs):
-                probs, _ = mc_predict_tensors(model, xs, cfg.query.mc_samples, device=device,
-                                              batch_size=cfg.query.batch_size, seed=seed)
-                metrics[split] = classification_metrics(ys, probs.mean(1), len(cfg.classes),
-                                                        cfg.classes)
-        path = ws.checkpoint_path(model_round)
-        save_checkpoint(path, model, cfg, model_round)
-        ws.db.record_model(model_round, str(path), parent, len(items), result.epochs,
-                           result.seconds, metrics)
-        _record_skipped(ws, skipped)
-        counts = Counter(it.label for it in items)
-        return TrainReport(model_round, path, len(items),
-                           {c: counts.get(c, 0) for c in cfg.classes}, parent, result.epochs,
-                           result.best_epoch, result.seconds, metrics, skipped)
+        return _finish_training(ws, cfg, model, device, seed, model_round, parent, items,
+                                result, (xv, yv), (xt, yt), skipped)
+
+
+def _finish_training(ws: Workspace, cfg: Config, model: MCModel, device: torch.device,
+                     seed: int, model_round: int, parent: int | None, items: list[Item],
+                     result: Any, val: tuple[Any, np.ndarray], test: tuple[Any, np.ndarray],
+                     skipped: dict[Path, str]) -> TrainReport:
+    """MC-averaged metrics on validation and test, the checkpoint and the ledger row."""
+    metrics = {}
+    for split, (xs, ys) in (("validation", val), ("test", test)):
+        if len(xs):
+            probs, _ = mc_predict_tensors(model, xs, cfg.query.mc_samples, device=device,
+                                          batch_size=cfg.query.batch_size, seed=seed)
+            metrics[split] = classification_metrics(ys, probs.mean(1), len(cfg.classes),
+                                                    cfg.classes)
+    path = ws.checkpoint_path(model_round)
+    save_checkpoint(path, model, cfg, model_round)
+    ws.db.record_model(model_round, str(path), parent, len(items), result.epochs,
+                       result.seconds, metrics)
+    _record_skipped(ws, skipped)
+    counts = Counter(it.label for it in items)
+    return TrainReport(model_round, path, len(items), {c: counts.get(c, 0) for c in cfg.classes},
+                       parent, result.epochs, result.best_epoch, result.seconds, metrics, skipped)
 
 
 def _items(rows: list[tuple[str, str, str | None]]) -> list[Item]:
@@ -213,23 +221,10 @@ def _train_distributed(cfg: Config, *, progress: bool) -> TrainReport | None:
         if not main:
             distributed.barrier()
             return None
-        metrics = {}
-        for split, xs, ys in (("validation", xv, yv), ("test", xt, yt)):
-            if len(xs):
-                probs, _ = mc_predict_tensors(model, xs, cfg.query.mc_samples, device=device,
-                                              batch_size=cfg.query.batch_size, seed=seed)
-                metrics[split] = classification_metrics(ys, probs.mean(1), len(cfg.classes),
-                                                        cfg.classes)
-        path = ws.checkpoint_path(model_round)
-        save_checkpoint(path, model, cfg, model_round)
-        ws.db.record_model(model_round, str(path), parent, len(items), result.epochs,
-                           result.seconds, metrics)
-        _record_skipped(ws, skipped)
+        report = _finish_training(ws, cfg, model, device, seed, model_round, parent, items,
+                                  result, (xv, yv), (xt, yt), skipped)
         distributed.barrier()
-        counts = Counter(it.label for it in items)
-        return TrainReport(model_round, path, len(items),
-                           {c: counts.get(c, 0) for c in cfg.classes}, parent, result.epochs,
-                           result.best_epoch, result.seconds, metrics, skipped)
+        return report
     finally:
         if ws is not None:
             ws.__exit__(None, None, None)
