@@ -412,19 +412,28 @@ def _query_distributed(cfg: Config, *, progress: bool) -> QueryReport | None:
     q = cfg.query
     ws = Workspace(cfg) if main else None
     state: dict[str, Any] = {}
+    streaming_topk = q.strategy in acquisition.SCORE_FUNCTIONS and not q.balance
+    mode, max_items = _sampling(cfg, device)
     try:
         def plan() -> dict[str, Any]:
             ws.__enter__()
             _refuse_pending(ws)
             snap = ws.sync()
             rec = current_model_record(ws)
-            model_round = rec["round"]
             if not snap.pool:
                 raise DataError(f"the pool is empty: every image in {cfg.data.pool} is "
                                 f"labelled or out for labelling")
-            state["snap"] = snap
-            return {"pool": _rows(snap.pool), "number": ws.next_round(),
-                    "model_round": model_round, "checkpoint": rec["checkpoint"]}
+            number = ws.next_round()
+            dims = build_model(cfg)
+            sink = _Collector(len(snap.pool), q.mc_samples, dims.num_classes, dims.feature_dim,
+                              ws.root / "scores" / f"round-{number:03d}",
+                              (acquisition.SCORE_FUNCTIONS[q.strategy], q.budget)
+                              if streaming_topk else None)
+            key = _scores_key(cfg, rec, mode)
+            reused = _reuse_scores(ws, key, snap.pool, sink)
+            state.update(snap=snap, sink=sink, key=key, reused=reused)
+            return {"pool": _rows(snap.pool), "number": number, "model_round": rec["round"],
+                    "checkpoint": rec["checkpoint"], "todo": np.flatnonzero(~sink.ok)}
 
         p = _on_main(plan)
         t0 = time.perf_counter()
@@ -432,36 +441,34 @@ def _query_distributed(cfg: Config, *, progress: bool) -> QueryReport | None:
         load_checkpoint(Path(p["checkpoint"]), model, cfg.classes, cfg.model.name,
                         cfg.model.channels)
         model.to(device)
-        pool = _items(p["pool"])
-        ds = _dataset(cfg, pool)
+        pool, todo = _items(p["pool"]), p["todo"]
+        sub = _dataset(cfg, [pool[i] for i in todo])  # what no earlier query scored already
         number, seed = p["number"], cfg.seed * 1000 + p["number"]
-        mode, max_items = _sampling(cfg, device)
         world, rank = distributed.world_size(), distributed.rank()
-        mine = range(rank, n_batches(len(ds), q.batch_size), world)
+        mine = range(rank, n_batches(len(sub), q.batch_size), world)
         chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         skipped = score_batches(
-            model, ds, q.mc_samples, mine, device=device, batch_size=q.batch_size,
+            model, sub, q.mc_samples, mine, device=device, batch_size=q.batch_size,
             num_workers=cfg.num_workers, seed=seed, progress=progress and main,
-            desc=f"scoring {len(mine)} of {n_batches(len(ds), q.batch_size)} batches",
+            desc=f"scoring {len(mine)} of {n_batches(len(sub), q.batch_size)} batches",
             mode=mode, precision=q.precision, max_batch_items=max_items,
-            sink=lambda r, pr, f: chunks.append((r, pr, f)))
+            sink=lambda r, pr, f: chunks.append((todo[r], pr, f)))
         gathered = distributed.gather((chunks, skipped))
         if not main:
             distributed.barrier()
             return None
-        streaming_topk = q.strategy in acquisition.SCORE_FUNCTIONS and not q.balance
-        sink = _Collector(len(ds), q.mc_samples, model.num_classes, model.feature_dim,
-                          ws.root / "scores" / f"round-{number:03d}",
-                          (acquisition.SCORE_FUNCTIONS[q.strategy], q.budget)
-                          if streaming_topk else None)
+        sink = state["sink"]
         all_skipped: dict[Path, str] = {}
         for rank_chunks, rank_skipped in gathered:
             for rows, probs, feats in rank_chunks:
                 sink(rows, probs, feats)
             all_skipped |= rank_skipped
         mc = sink.result(all_skipped)
+        (ws.root / "scores" / f"round-{number:03d}" / "meta.json").write_text(
+            json.dumps(state["key"]))
         report = _select_and_export(ws, cfg, state["snap"], mc, model, device, number,
                                     p["model_round"], seed, t0)
+        report.reused = state["reused"]
         distributed.barrier()
         return report
     finally:

@@ -48,6 +48,8 @@ def test_two_process_query_selects_what_one_process_selects(tmp_path, tiny_data)
         assert r.stdout.count("labelling folder:") == 1, over  # only rank 0 reports
         folder = tmp_path / "ws2" / "labelling" / single.folder.name
         assert exported(folder) == exported(single.folder)
+        if strategy == "batchbald":  # same model as the bald round: stored scores reused
+            assert single.reused == 40 and "40 images' scores reused" in r.stdout
         # hand both rounds back unlabelled so the next strategy can query again
         for f in (single.folder, folder):
             (f / "labels.csv").write_text("file,label\n")
