@@ -87,22 +87,22 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
         file_id = file_id_of(c.item.id)
         if secret is not None and is_dicom:
             deidentify_file(src, tmp / name, secret)
-            if file_sha256(src) != file_id:
-                shutil.rmtree(tmp)
-                raise DataError(f"{src}: the file changed while medal was reading it; run the "
-                                f"command again")
+            unchanged = file_sha256(src) == file_id
+            exported_sha = file_sha256(tmp / name)
         else:
             shutil.copyfile(src, tmp / name)
-            if file_sha256(tmp / name) != file_id:
-                shutil.rmtree(tmp)
-                raise DataError(f"{src}: the file changed while medal was reading it; run the "
-                                f"command again")
+            exported_sha = file_sha256(tmp / name)
+            unchanged = exported_sha == file_id
+        if not unchanged:
+            shutil.rmtree(tmp)
+            raise DataError(f"{src}: the file changed while medal was reading it; run the "
+                            f"command again")
         preview = _preview(src, tmp / "previews" / f"{Path(name).stem}.png", cfg, frame) \
             if cfg.labelling.previews else None
         pred = classes[int(np.argmax(c.probs))]
         probs = tuple(round_float(p) for p in c.probs)
         selections.append(Selection(round, c.item.id, rank, name, float(c.score), pred, probs,
-                                    file_sha256(tmp / name)))
+                                    exported_sha))
         manifest.append([name, c.item.id, neutralise(str(src)), rank, f"{c.score:.6g}", pred,
                          *[f"{p:.4f}" for p in c.probs]])
         gallery.append((rank, name, preview, float(c.score), pred, c.probs))

@@ -14,10 +14,14 @@ from pydicom.pixels import convert_color_space, get_encoder
 from pydicom.uid import (
     UID,
     BasicTextSRStorage,
+    JPEG2000,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
     SecondaryCaptureImageStorage,
     generate_uid,
@@ -494,3 +498,58 @@ def test_unsupported_transfer_syntax(tmp_path: Path) -> None:
     ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
     with pytest.raises(ImageReadError, match="unsupported transfer syntax 1.2.3.4.5"):
         load_image(path)
+
+
+# ------------------------------------------------- every syntax pydicom writes or encodes
+def _write_uncompressed(path: Path, ds: Dataset, syntax: str) -> Path:
+    """Uncompressed syntaxes: pydicom re-encodes the dataset when writing."""
+    import pydicom
+
+    ds.file_meta.TransferSyntaxUID = syntax
+    big = syntax == ExplicitVRBigEndian
+    if big:
+        arr = np.frombuffer(ds.PixelData, dtype=np.uint16 if ds.BitsAllocated == 16
+                            else np.uint8)
+        ds.PixelData = arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True,
+                     implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=not big)
+    return path
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
+                                    "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"],
+                         ids=["implicit-le", "explicit-le", "deflated", "explicit-be"])
+def test_uncompressed_syntaxes_written_by_pydicom(tmp_path, syntax):
+    px = ramp(8, 10)
+    ref = load_image(save_dicom(tmp_path / "ref.dcm", dicom_dataset(px)), window="minmax")
+    img = load_image(_write_uncompressed(tmp_path / "x.dcm", dicom_dataset(px), syntax),
+                     window="minmax")
+    np.testing.assert_allclose(img, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("syntax, kwargs, tol", [
+    (JPEGLSNearLossless, {"jls_error": 3}, 8 / 4000),
+    (JPEG2000, {"j2k_cr": [5]}, 0.05),
+], ids=["jpeg-ls-near-lossless", "jpeg2000-lossy"])
+def test_lossy_encoders_decode_close_to_the_original(tmp_path, syntax, kwargs, tol):
+    if not get_encoder(syntax).is_available:
+        pytest.fail(f"{UID(syntax).name} encoder missing: install the pylibjpeg/pyjpegls "
+                    f"plugins from pyproject")
+    px = ramp(32, 32)
+    ref = load_image(save_dicom(tmp_path / "ref.dcm", dicom_dataset(px)), window="minmax")
+    ds = dicom_dataset(px)
+    ds.compress(syntax, **kwargs)
+    ds.save_as(tmp_path / "lossy.dcm", enforce_file_format=True)
+    img = load_image(tmp_path / "lossy.dcm", window="minmax")
+    assert np.abs(img - ref).max() <= tol
+
+
+def test_rgb_planar_configuration_1(tmp_path):
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 255, 128, 0
+    ds = dicom_dataset(rgb, photometric="RGB")
+    ds.PlanarConfiguration = 1
+    ds.PixelData = np.ascontiguousarray(rgb.transpose(2, 0, 1)).tobytes()  # RRR..GGG..BBB
+    img = load_image(save_dicom(tmp_path / "planar.dcm", ds))
+    np.testing.assert_allclose(img[0, 0], [1.0, 128 / 255, 0.0], atol=1e-6)
+    assert img.shape == (4, 5, 3)
