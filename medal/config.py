@@ -90,6 +90,9 @@ class TrainConfig:
     """Validation metric that picks the best epoch and drives early stopping."""
     patience: int = 0
     """Stop after this many epochs without a better validation metric; 0 = never stop early."""
+    validate_every: int = 1
+    """Evaluate on the validation set every this many epochs (and after the last one); the
+    best epoch is chosen among the evaluated ones. Larger values train faster."""
     validation_fraction: float = 0.2
     """Without ``data.validation``: share of the initial labelled set held out (stratified,
     chosen once and frozen in the ledger, so metrics compare across rounds)."""
@@ -331,6 +334,7 @@ def _validate_values(cfg: Config, where: str) -> None:
          t.balance)
     need(t.monitor in MONITORS, "train.monitor", f"one of {', '.join(MONITORS)}", t.monitor)
     need(t.patience >= 0, "train.patience", ">= 0", t.patience)
+    need(t.validate_every >= 1, "train.validate_every", ">= 1", t.validate_every)
     need(0.0 <= t.validation_fraction < 1.0, "train.validation_fraction", "in [0, 1)",
          t.validation_fraction)
     need(q.strategy in STRATEGIES, "query.strategy", f"one of {', '.join(STRATEGIES)}", q.strategy)

@@ -182,7 +182,7 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
             total, seen = float(t[0]), int(t[1])
         row = {"epoch": float(epoch), "loss": total / seen}
         line = f"epoch {epoch}/{epochs}: loss {row['loss']:.4f}"
-        if has_val:
+        if has_val and (epoch % tc.validate_every == 0 or epoch == epochs):
             p = predict_deterministic(model, x_val, device)
             m = classification_metrics(y_val, p, n_classes)
             row.update({f"val_{k}": v for k, v in m.items()})
@@ -194,7 +194,7 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 line += "  *"
             else:
-                since_best += 1
+                since_best += tc.validate_every
         history.append(row)
         if progress:
             tqdm.write(line)

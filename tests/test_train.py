@@ -123,3 +123,15 @@ def test_balanced_sampler_and_early_stopping(tiny_config):
             device=torch.device("cpu"), progress=False, x_val=xv, y_val=yv)
     assert len(r.history) < 40  # stopped early
     assert len(r.history) - r.best_epoch == 2
+
+
+def test_validate_every_k_epochs(tiny_config):
+    import dataclasses
+    x, y = separable()
+    cfg = dataclasses.replace(tiny_config, train=dataclasses.replace(
+        tiny_config.train, validate_every=3, min_steps=0))
+    xv, yv = separable(seed=5)
+    r = fit(create_model("small_cnn", 2, hidden=16), x, y, cfg, epochs=7,
+            device=torch.device("cpu"), progress=False, x_val=xv, y_val=yv)
+    assert [int(h["epoch"]) for h in r.history if "val_auroc" in h] == [3, 6, 7]
+    assert r.best_epoch in (3, 6, 7)
