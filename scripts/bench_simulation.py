@@ -39,6 +39,7 @@ OVERRIDES: dict[str, object] = {
     "device": "cpu",
     "train.min_steps": 20,
     "train.fine_tune_epochs": 5,
+    "train.validate_every": 5,  # the per-epoch validation pass dominated training time
     "labelling.previews": False,  # no radiologist looks at them in a simulation
 }
 
