@@ -553,3 +553,22 @@ def test_rgb_planar_configuration_1(tmp_path):
     img = load_image(save_dicom(tmp_path / "planar.dcm", ds))
     np.testing.assert_allclose(img[0, 0], [1.0, 128 / 255, 0.0], atol=1e-6)
     assert img.shape == (4, 5, 3)
+
+
+def test_dicomdir_is_refused_with_a_reason(tmp_path):
+    from pydicom.uid import MediaStorageDirectoryStorage
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MediaStorageDirectoryStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.FileSetID = "MEDAL"
+    ds.DirectoryRecordSequence = []
+    path = tmp_path / "DICOMDIR"
+    ds.save_as(path, enforce_file_format=True)
+    assert sniff_format(path) == "dicom"  # found by a folder scan (no suffix, DICM magic)
+    with pytest.raises(ImageReadError, match="no pixel data") as e:
+        load_image(path)
+    assert "\n" not in e.value.reason
