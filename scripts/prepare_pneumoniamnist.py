@@ -17,29 +17,24 @@ Data: PneumoniaMNIST (MedMNIST v2, CC BY 4.0); see data/pneumoniamnist/ATTRIBUTI
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import json
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from medmnist_folders import (already_prepared, class_balanced_start, finish,  # noqa: E402
+                              load_verified, save_png, write_eval_splits, write_truth)
 
 from medal.dicomwrite import write_dicom  # noqa: E402
 
 NPZ = ROOT / "data" / "pneumoniamnist" / "pneumoniamnist.npz"
 SHA256 = "e1792d3f03751cb101e99f19a63b3c1941436c988665f47853417b05be250cd8"
 CLASSES = ("normal", "pneumonia")
-
-
-def _png(path: Path, img: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(path)
 
 
 def _dicom(path: Path, img: np.ndarray, index: int) -> None:
@@ -53,25 +48,14 @@ def _dicom(path: Path, img: np.ndarray, index: int) -> None:
 def prepare(out: Path, *, labelled: int, dicom_fraction: float, seed: int, force: bool) -> Path:
     settings = {"labelled": labelled, "dicom_fraction": dicom_fraction, "seed": seed,
                 "source_sha256": SHA256}
-    marker = out / "prepared.json"
-    if marker.is_file() and not force:
-        if json.loads(marker.read_text()) == settings:
-            print(f"{out} is already prepared (use --force to rebuild)")
-            return out
-        sys.exit(f"error: {out} was prepared with other settings; use --force to rebuild it")
-    digest = hashlib.sha256(NPZ.read_bytes()).hexdigest()
-    if digest != SHA256:
-        sys.exit(f"error: {NPZ} has sha256 {digest}, expected {SHA256}")
-    if out.exists():
-        shutil.rmtree(out)
-    d = np.load(NPZ)
+    if already_prepared(out, settings, force):
+        return out
+    d = load_verified(NPZ, SHA256, out)
     rng = np.random.default_rng(seed)
     x, y = d["train_images"], d["train_labels"].ravel()
-    # class-balanced start set: labelled // 2 images of each class
-    start = np.concatenate([rng.choice(np.flatnonzero(y == c), labelled // 2, replace=False)
-                            for c in range(len(CLASSES))])
+    start = class_balanced_start(y, len(CLASSES), labelled, rng)
     for i in sorted(start):
-        _png(out / "labelled" / CLASSES[y[i]] / f"train_{i:05d}.png", x[i])
+        save_png(out / "labelled" / CLASSES[y[i]] / f"train_{i:05d}.png", x[i])
     pool = np.setdiff1d(np.arange(len(x)), start)
     as_dicom = set(rng.choice(pool, int(round(len(pool) * dicom_fraction)), replace=False))
     truth = []
@@ -81,17 +65,11 @@ def prepare(out: Path, *, labelled: int, dicom_fraction: float, seed: int, force
             _dicom(out / "pool" / rel, x[i], int(i))
         else:
             rel = f"png/train_{i:05d}.png"
-            _png(out / "pool" / rel, x[i])
+            save_png(out / "pool" / rel, x[i])
         truth.append((f"pool/{rel}", CLASSES[y[i]]))
-    with open(out / "pool_truth.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file", "label"])
-        w.writerows(truth)
-    for split, folder in (("val", "validation"), ("test", "test")):
-        xs, ys = d[f"{split}_images"], d[f"{split}_labels"].ravel()
-        for i in range(len(xs)):
-            _png(out / folder / CLASSES[ys[i]] / f"{split}_{i:05d}.png", xs[i])
-    marker.write_text(json.dumps(settings))
+    write_truth(out, truth)
+    write_eval_splits(out, d, CLASSES)
+    finish(out, settings)
     print(f"prepared {out}: {len(start)} labelled, {len(pool)} pool "
           f"({len(as_dicom)} as DICOM), {len(d['val_images'])} validation, "
           f"{len(d['test_images'])} test")

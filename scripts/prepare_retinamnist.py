@@ -19,65 +19,42 @@ Data: RetinaMNIST (MedMNIST v2, CC BY 4.0; source DeepDRiD); see data/retinamnis
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import json
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from medmnist_folders import (already_prepared, class_balanced_start, finish,  # noqa: E402
+                              load_verified, save_png, write_eval_splits, write_truth)
+
 NPZ = ROOT / "data" / "retinamnist" / "retinamnist.npz"
 SHA256 = "254915f5f0a2074665c4676356824cf4ef4a3bcab233894b4bafcaf48962bd69"
 CLASSES = ("grade0", "grade1", "grade2", "grade3", "grade4")
 
 
-def _png(path: Path, img: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img, mode="RGB").save(path)
-
-
 def prepare(out: Path, *, labelled: int, seed: int, force: bool) -> Path:
     """Write the folders (once; a marker file records the settings). Returns ``out``."""
     settings = {"labelled": labelled, "seed": seed, "source_sha256": SHA256}
-    marker = out / "prepared.json"
-    if marker.is_file() and not force:
-        if json.loads(marker.read_text()) == settings:
-            print(f"{out} is already prepared (use --force to rebuild)")
-            return out
-        sys.exit(f"error: {out} was prepared with other settings; use --force to rebuild it")
-    digest = hashlib.sha256(NPZ.read_bytes()).hexdigest()
-    if digest != SHA256:
-        sys.exit(f"error: {NPZ} has sha256 {digest}, expected {SHA256}")
-    if out.exists():
-        shutil.rmtree(out)
-    d = np.load(NPZ)
+    if already_prepared(out, settings, force):
+        return out
+    d = load_verified(NPZ, SHA256, out)
     rng = np.random.default_rng(seed)
     x, y = d["train_images"], d["train_labels"].ravel()
-    per_class = [labelled // len(CLASSES) + (c < labelled % len(CLASSES))
-                 for c in range(len(CLASSES))]
-    start = np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False)
-                            for c, k in enumerate(per_class)])
+    start = class_balanced_start(y, len(CLASSES), labelled, rng)
     for i in sorted(start):
-        _png(out / "labelled" / CLASSES[y[i]] / f"train_{i:05d}.png", x[i])
+        save_png(out / "labelled" / CLASSES[y[i]] / f"train_{i:05d}.png", x[i])
     pool = np.setdiff1d(np.arange(len(x)), start)
     truth = []
     for i in pool:
         rel = f"pool/train_{i:05d}.png"
-        _png(out / rel, x[i])
+        save_png(out / rel, x[i])
         truth.append((rel, CLASSES[y[i]]))
-    with open(out / "pool_truth.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file", "label"])
-        w.writerows(truth)
-    for split, folder in (("val", "validation"), ("test", "test")):
-        xs, ys = d[f"{split}_images"], d[f"{split}_labels"].ravel()
-        for i in range(len(xs)):
-            _png(out / folder / CLASSES[ys[i]] / f"{split}_{i:05d}.png", xs[i])
-    marker.write_text(json.dumps(settings))
+    write_truth(out, truth)
+    write_eval_splits(out, d, CLASSES)
+    finish(out, settings)
     print(f"prepared {out}: {len(start)} labelled, {len(pool)} pool, "
           f"{len(d['val_images'])} validation, {len(d['test_images'])} test")
     return out
