@@ -183,9 +183,14 @@ class Workspace:
         return max((r.round for r in self.db.rounds()), default=0) + 1
 
     # --- scanning -------------------------------------------------------------------------
-    def identify(self, entries: list[FileEntry]) -> list[tuple[str, FileEntry]]:
-        """Content ids for scanned files; unchanged files (path, size, mtime) are not re-hashed."""
-        known = self.db.images_by_path()
+    def identify(self, entries: list[FileEntry],
+                 known: dict[str, ImageRecord] | None = None) -> list[tuple[str, FileEntry]]:
+        """Content ids for scanned files; unchanged files (path, size, mtime) are not re-hashed.
+
+        ``known``: the ledger's file records by path, when the caller already read them.
+        """
+        if known is None:
+            known = self.db.images_by_path()
         out, new = [], []
         for e in entries:
             st = e.path.stat()
@@ -231,6 +236,7 @@ class Workspace:
         cfg = self.cfg
         classes = list(cfg.classes)
         snap = Snapshot()
+        known = self.db.images_by_path()  # read once for all four sources
 
         def items(source: Path | None, labelled: bool, dedupe: bool = True) -> list[Item]:
             """Scanned files as items; with ``dedupe``, one item per content id."""
@@ -238,7 +244,8 @@ class Workspace:
                 return []
             seen: dict[str, Item] = {}
             out = []
-            for image_id, e in self.identify(scan_source(source, classes if labelled else None)):
+            scanned = scan_source(source, classes if labelled else None)
+            for image_id, e in self.identify(scanned, known):
                 prev = seen.get(image_id)
                 if prev is not None and labelled and prev.label != e.label:
                     raise DataError(f"{source}: the same image is labelled {prev.label!r} "
