@@ -214,11 +214,10 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     lowered = [c.lower() for c in classes]
     if len(set(lowered)) != len(lowered):
         raise ConfigError(f"{where}: 'classes' has duplicates (case-insensitive): {classes}")
-    bad = [c for c in classes if c.lower() in ("unsure", "previews", "") or "/" in c
-           or "\\" in c or c.startswith(".")]
-    if bad:
-        raise ConfigError(f"{where}: class names must be usable as folder names and not "
-                          f"'unsure' or 'previews' (reserved): {bad}")
+    for c in classes:
+        reason = class_name_problem(c)
+        if reason is not None:
+            raise ConfigError(f"{where}: 'classes': {c!r} cannot be a class name: {reason}")
 
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
@@ -239,6 +238,49 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
                  num_workers=num_workers, **sections)
     _validate_values(cfg, where)
     return cfg
+
+
+# Names medal writes into a round folder (besides the image copies and class folders).
+_ROUND_FOLDER_NAMES = ("labels.csv", "manifest.csv", "index.html", "readme.txt", "previews")
+_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"{p}{n}" for p in ("com", "lpt")
+                                                  for n in "123456789\u00b9\u00b2\u00b3")}
+_WINDOWS_FORBIDDEN = set('<>:"/\\|?*')
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a class name (each class is a folder in every round folder and
+    in labelled sources), or ``None`` if it can.
+
+    Refused: ``unsure`` and the names of files medal writes into a round folder
+    (``labels.csv``, ``labels_*.csv``, ``manifest.csv``, ``index.html``, ``README.txt``,
+    ``previews``), compared without case as Windows and macOS do; names that are not folder
+    names on Windows or macOS: longer than 255 bytes in UTF-8, containing ``< > : " / \\ | ? *``
+    or control characters, ending in a dot or a space, ``.``/``..``/hidden (leading dot), and
+    Windows device names (``CON``, ``PRN``, ``AUX``, ``NUL``, ``COM1``-``COM9``,
+    ``LPT1``-``LPT9``, also with an extension, e.g. ``nul.txt``).
+    """
+    low = name.lower()
+    if not name:
+        return "it is empty"
+    if low == "unsure":
+        return "'unsure' is the reserved label for images a reader cannot decide"
+    if low in _ROUND_FOLDER_NAMES or (low.startswith("labels_") and low.endswith(".csv")):
+        return "medal writes a file or folder of that name into every round folder"
+    if len(name.encode("utf-8")) > 255:
+        return f"{len(name.encode('utf-8'))} bytes in UTF-8; folder names allow at most 255"
+    bad = sorted({ch for ch in name if ch in _WINDOWS_FORBIDDEN or ord(ch) < 32
+                  or ord(ch) == 127})
+    if bad:
+        return (f"contains {', '.join(repr(ch) for ch in bad)}, not allowed in folder names "
+                f"(Windows forbids < > : \" / \\ | ? * and control characters)")
+    if name.startswith("."):
+        return "a leading dot makes a hidden folder ('.' and '..' are not folder names)"
+    if name[-1] in ". ":
+        return "Windows does not allow folder names ending in a dot or a space"
+    if low.split(".", 1)[0].rstrip(" ") in _WINDOWS_DEVICES:
+        return ("a reserved device name on Windows (CON, PRN, AUX, NUL, COM1-COM9, "
+                "LPT1-LPT9)")
+    return None
 
 
 def _build(cls: type, table: dict[str, Any], section: str, base: Path, where: str) -> Any:

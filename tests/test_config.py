@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,44 @@ def test_bundled_config_is_valid():
     cfg = load_config(Path(__file__).parents[1] / "configs" / "pneumoniamnist.toml")
     assert cfg.classes == ("normal", "pneumonia")
     assert cfg.data.test is not None
+
+
+@pytest.mark.parametrize("name, match", [
+    ("labels.csv", "writes a file or folder of that name"),
+    ("Labels_dr.CSV", "writes a file or folder of that name"),
+    ("index.html", "writes a file or folder of that name"),
+    ("README.txt", "writes a file or folder of that name"),
+    ("previews", "writes a file or folder of that name"),
+    ("manifest.csv", "writes a file or folder of that name"),
+    ("unsure", "reserved label"),
+    ("é" * 128, "256 bytes in UTF-8; folder names allow at most 255"),
+    ("a<b", r"contains '<'"),
+    ("a:b", r"contains ':'"),
+    ('a"b', "contains '\"'"),
+    ("a|b", r"contains '\|'"),
+    ("a?b", r"contains '\?'"),
+    ("a*b", r"contains '\*'"),
+    ("a/b", r"contains '/'"),
+    ("a\\b", r"contains '\\\\'"),
+    ("a\tb", r"contains '\\t'"),
+    ("a\x01b", r"contains '\\x01'"),
+    ("dot.", "ending in a dot or a space"),
+    (".", "leading dot"),
+    ("..", "leading dot"),
+    (".hidden", "leading dot"),
+    ("CON", "reserved device name"),
+    ("nul.txt", "reserved device name"),
+    ("com1", "reserved device name"),
+    ("LPT9", "reserved device name"),
+])
+def test_class_names_that_break_round_folders_are_refused(tmp_path, name, match):
+    text = BASE.replace('"pneumonia"', json.dumps(name))
+    with pytest.raises(ConfigError, match=rf"'classes': .* cannot be a class name: .*{match}"):
+        load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("name", ["Pneumonia (viral)", "grade 2", "é" * 127, "console", "com10",
+                                  "lpt", "a.b", "=1+1"])
+def test_unusual_but_valid_class_names_are_kept(tmp_path, name):
+    cfg = load_config(write(tmp_path, BASE.replace('"pneumonia"', json.dumps(name))))
+    assert cfg.classes == ("normal", name)
