@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,39 @@ from medal.config import load_config
 from medal.dicomwrite import write_dicom
 
 CLASSES = ("normal", "pneumonia")
+
+BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def find_chromium() -> str | None:
+    """Path of a Chromium/Chrome binary: $MEDAL_CHROMIUM if set, else the first one on PATH."""
+    explicit = os.environ.get("MEDAL_CHROMIUM")
+    if explicit:
+        return shutil.which(explicit)
+    for name in BROWSER_NAMES:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture
+def chromium() -> str:
+    """A headless-capable Chromium for browser tests.
+
+    Without one the test is skipped with the reason (a fresh machine passes the README's test
+    command); with MEDAL_REQUIRE_BROWSER=1 (set by .ci/run) it fails instead, so CI never
+    silently skips browser tests.
+    """
+    path = find_chromium()
+    if path:
+        return path
+    looked = os.environ.get("MEDAL_CHROMIUM") or ", ".join(BROWSER_NAMES)
+    reason = (f"no Chromium found (looked for {looked} on PATH); install one "
+              f"(Debian/Ubuntu: apt-get install chromium) or point MEDAL_CHROMIUM at it")
+    if os.environ.get("MEDAL_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"MEDAL_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
+    pytest.skip(f"{reason}; MEDAL_REQUIRE_BROWSER=1 turns this skip into a failure")
 
 
 def make_image(label: int, rng: np.random.Generator, size: int = 16) -> np.ndarray:

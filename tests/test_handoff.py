@@ -23,20 +23,11 @@ from medal.errors import LabellingError
 from conftest import write_config
 
 
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.fail("headless Chromium is needed for the gallery test: install Debian's "
-                "'chromium' package (.ci/run does)")
-
-
-def run_chromium(*args: str) -> subprocess.CompletedProcess:
+def run_chromium(chromium: str, *args: str) -> subprocess.CompletedProcess:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--virtual-time-budget=5000"]
-    return subprocess.run([chromium(), *flags, *args], capture_output=True, text=True,
+    return subprocess.run([chromium, *flags, *args], capture_output=True, text=True,
                           timeout=120)
 
 
@@ -51,7 +42,8 @@ def files(folder):
         return [r["file"] for r in csv.DictReader(f)]
 
 
-def test_gallery_renders_in_headless_chromium(tmp_path, tiny_data):
+@pytest.mark.browser
+def test_gallery_renders_in_headless_chromium(chromium, tmp_path, tiny_data):
     cfg, folder = export_all(tmp_path)
     names = files(folder)
     previews = sorted((folder / "previews").iterdir())
@@ -60,7 +52,7 @@ def test_gallery_renders_in_headless_chromium(tmp_path, tiny_data):
         with Image.open(p) as im:
             assert im.size == (16, 16) and im.mode == "L"
     page = (folder / "index.html").as_uri()
-    dom = run_chromium(f"--user-data-dir={tmp_path / 'chrome1'}", "--dump-dom", page)
+    dom = run_chromium(chromium, f"--user-data-dir={tmp_path / 'chrome1'}", "--dump-dom", page)
     assert dom.returncode == 0, dom.stderr
     html = dom.stdout
     assert html.count('class="card"') == 6
@@ -71,7 +63,7 @@ def test_gallery_renders_in_headless_chromium(tmp_path, tiny_data):
         assert f"<code>{label}</code>" in html
     assert 'data-rank="1"' in html and "model predicts" in html
     shot = tmp_path / "shot.png"
-    r = run_chromium(f"--user-data-dir={tmp_path / 'chrome2'}", f"--screenshot={shot}",
+    r = run_chromium(chromium, f"--user-data-dir={tmp_path / 'chrome2'}", f"--screenshot={shot}",
                      "--window-size=1200,900", page)
     assert r.returncode == 0 and shot.is_file()
     with Image.open(shot) as im:
