@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -13,6 +14,7 @@ from . import __version__, api
 from .config import Config, load_config
 from . import distributed
 from .errors import MedalError
+from .train import show_metric
 
 EPILOG = """workflow:
   medal train  -c CONFIG            train on the labelled set (round 0)
@@ -97,17 +99,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, _overrides(args.overrides))
-        return COMMANDS[args.command](cfg, args)
-    except MedalError as e:
-        if distributed.is_main():
-            print(f"medal {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        distributed.shutdown()
+        try:
+            cfg = load_config(args.config, _overrides(args.overrides))
+            code = COMMANDS[args.command](cfg, args)
+            sys.stdout.flush()  # a closed pipe (medal status | head) shows here, not at exit
+            return code
+        except MedalError as e:
+            if distributed.is_main():
+                print(f"medal {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        finally:
+            distributed.shutdown()
+    except BrokenPipeError:
+        # The reader of stdout went away (`medal train ... | head`). As the Python docs advise
+        # ("Note on SIGPIPE"): point stdout at devnull so the flush at exit cannot fail again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):  # stdout without a file descriptor
+            pass
+        return 1
 
 
 def _rel(p: Path) -> str:
@@ -117,8 +131,8 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
-def _fmt(v: float) -> str:
-    return "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+def _fmt(v: float | None) -> str:
+    return show_metric(v)
 
 
 def _print_train(r: api.TrainReport) -> None:
@@ -130,6 +144,8 @@ def _print_train(r: api.TrainReport) -> None:
     for split, m in r.metrics.items():
         print(f"  {split:<10} accuracy {_fmt(m['accuracy'])}  balanced accuracy "
               f"{_fmt(m['balanced_accuracy'])}  AUROC {_fmt(m['auroc'])}  (n={int(m['n'])})")
+    for note in r.notes:
+        print(f"  note: {note}")
     print(f"  checkpoint: {_rel(r.checkpoint)}")
     if r.skipped:
         print(f"  {len(r.skipped)} unreadable file(s) skipped; see 'medal status'")
@@ -231,6 +247,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                 f"  {_fmt(met.get(sp, {}).get('auroc')):>10}" for sp in splits)
             print(f"{m['round']:>5}  {m['n_labels']:>6}  {m['epochs']:>6}  "
                   f"{m['train_seconds']:>7.1f}{cells}")
+        for note in s.notes:
+            print(f"  note: {note}")
     if s.skipped:
         print(f"\n{len(s.skipped)} unreadable file(s) skipped:")
         for p, reason in list(s.skipped.items())[:20]:
