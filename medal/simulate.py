@@ -20,7 +20,16 @@ Layout of the output folder ``<out>``::
                                     plus start.csv (the start set) and oracle.csv
     results.csv                     one row per (strategy, seed, model round)
     curve_test_<metric>.png         learning curves (mean and min-max band over seeds)
-    summary.md                      labels to reach random's final metric, area under curve
+    summary.md                      per seed and paired to random: final value, area under
+                                    the curve (95% t intervals); labels to reach random's final
+
+Honest protocol by default: the start set is drawn at random, and no labelled validation set is
+used unless one is passed (``SimulationSettings.validation``); each run then holds out
+``train.validation_fraction`` of the labels it was given for validation. Every label the
+simulated radiologist gave counts on every axis and table, held-out ones included.
+
+A metric that is undefined on a split (NaN, or missing when read back from the ledger) is left
+out of curves and summaries with a note; it never stops a simulation.
 
 Everything is resumable: the ledger of each run says which rounds are done, and an
 interrupted run continues where it stopped.
@@ -37,6 +46,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -169,8 +179,13 @@ class SimulationSettings:
     seeds: tuple[int, ...]
     rounds: int
     budget: int
-    start: str = "class_balanced"
+    start: str = "random"
     start_size: int = 20
+    validation: str = "none"
+    """``none``: no labelled validation set; each run holds out ``train.validation_fraction`` of
+    the labels it was given (counted as labels). ``config``: the config's ``data.validation``.
+    Otherwise the path of a labelled validation set. Labels of a validation set passed this way
+    are not counted as labels given."""
     workers: int = 1
     threads: int = 0
     """torch threads per worker process; 0 = the CPU count divided by ``workers``."""
@@ -299,6 +314,35 @@ def _start_from_list(path: Path, entries: Sequence[TruthEntry]) -> list[TruthEnt
     return list({e.source: e for e in chosen}.values())
 
 
+def with_validation(cfg: Config, validation: str) -> Config:
+    """``cfg`` with the validation set a simulation uses (see ``SimulationSettings``)."""
+    if validation == "config":
+        return cfg
+    if validation == "none":
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, validation=None))
+    path = Path(validation).expanduser().resolve()
+    if not path.exists():
+        raise SimulationError(f"validation must be none, config or an existing folder or CSV "
+                              f"of labelled images; got {validation!r}")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, validation=path))
+
+
+def describe_validation(cfg: Config, validation: str) -> str:
+    """One sentence on the validation set the runs use, for the summary and the console."""
+    used = with_validation(cfg, validation).data.validation
+    if used is not None:
+        return (f"labelled validation set {used} (its labels are not counted as labels given; "
+                f"it picks the best epoch and is reported)")
+    frac = cfg.train.validation_fraction
+    text = (f"no labelled validation set; each run holds out train.validation_fraction = "
+            f"{frac:g} of its start labels for validation, and those labels are counted"
+            if frac > 0 else "none (train.validation_fraction = 0): no model selection")
+    if cfg.data.validation is not None:
+        text += (f" (the config's data.validation, {cfg.data.validation}, is not used; "
+                 f"--validation config uses it)")
+    return text
+
+
 def _fingerprint(cfg: Config, s: SimulationSettings) -> dict[str, Any]:
     """What must be equal for a rerun to continue the same simulation."""
     d = cfg.to_dict()
@@ -339,6 +383,7 @@ def plan_runs(cfg: Config, s: SimulationSettings) -> tuple[list[RunSpec], list[T
         raise SimulationError("at least one strategy and one seed are needed")
     if s.rounds < 0 or s.budget < 1 or s.start_size < 1:
         raise SimulationError("rounds must be >= 0, budget and start size >= 1")
+    cfg = with_validation(cfg, s.validation)
     out = s.out.resolve()
     truth = read_truth(s.truth, cfg.classes)
     _check_settings(out, _fingerprint(cfg, s))
@@ -401,10 +446,9 @@ def run_one(spec: RunSpec, oracle: Oracle) -> int:
         done += 1
         if spec.verbose:
             m = r.metrics.get("test") or r.metrics.get("validation") or {}
-            print(f"[{name}] model round {r.model_round}: {r.n_labels} labels, "
-                  f"AUROC {m.get('auroc', float('nan')):.3f}, "
-                  f"accuracy {m.get('accuracy', float('nan')):.3f} ({r.seconds:.1f} s)",
-                  flush=True)
+            print(f"[{name}] model round {r.model_round}: {r.n_labels} labels in training, "
+                  f"AUROC {_fmt_value(m.get('auroc'))}, "
+                  f"accuracy {_fmt_value(m.get('accuracy'))} ({r.seconds:.1f} s)", flush=True)
 
     if 0 not in trained:
         train()
@@ -441,19 +485,59 @@ def _run_in_worker(spec: RunSpec, entries: list[TruthEntry], threads: int) -> tu
 
 
 # --- results, curves, summary -----------------------------------------------------------------
+LABEL_COLUMNS = ("labels", "labels_train", "labels_holdout")
+"""results.csv's label counts: ``labels`` every class label the simulated radiologist gave up
+to that model round (start set and ingested rounds, held-out validation labels included; the
+x axis of every curve and table), ``labels_train`` those the model was trained on,
+``labels_holdout`` those held out for validation (``train.validation_fraction``, when no
+validation set was passed). ``labels - labels_train - labels_holdout`` were unreadable."""
+
+
+def _labels_given(records: Sequence[Any], classes: Sequence[str],
+                  model_rounds: Iterable[int]) -> dict[int, int]:
+    """``{model round k: images whose latest label recorded in rounds <= k is a class}``.
+
+    ``records`` are the ledger's label rows in insertion order (``image_id``, ``label``,
+    ``round``); the model of round k is trained after the labels of round k are ingested.
+    """
+    wanted = set(classes)
+    out = {}
+    for k in model_rounds:
+        latest: dict[str, str] = {}
+        for rec in records:
+            if rec.round <= k:
+                latest[rec.image_id] = rec.label
+        out[k] = sum(1 for lab in latest.values() if lab in wanted)
+    return out
+
+
+def _label_counts(cfg: Config, model_rounds: Sequence[int]) -> tuple[dict[int, int], int]:
+    """Labels given per model round and the size of the frozen validation hold-out."""
+    with Workspace(cfg, lock=False) as ws:
+        records = ws.db.labels()
+        chosen = ws.db.holdout() or []
+        current = ws.db.current_labels()
+    holdout = sum(1 for i in chosen if current.get(i) in cfg.classes)
+    return _labels_given(records, cfg.classes, model_rounds), holdout
+
+
 def collect_rows(specs: Sequence[RunSpec]) -> list[dict[str, Any]]:
-    """One row per (strategy, seed, model round) from the runs' ledgers."""
+    """One row per (strategy, seed, model round) from the runs' ledgers.
+
+    Metric values are copied as the ledger gives them: an undefined one may be ``None`` or NaN.
+    """
     rows = []
     for spec in specs:
         if not (spec.cfg.workspace / "ledger.sqlite").is_file():
             continue
         st = api.status(spec.cfg)
         score = {r["round"]: r["score_seconds"] for r in st.rounds}
-        for m in st.models:
-            if m["round"] > spec.rounds:
-                continue
+        models = [m for m in st.models if m["round"] <= spec.rounds]
+        given, holdout = _label_counts(spec.cfg, [m["round"] for m in models])
+        for m in models:
             row: dict[str, Any] = {"strategy": spec.strategy, "seed": spec.seed,
-                                   "round": m["round"], "labels": m["n_labels"],
+                                   "round": m["round"], "labels": given[m["round"]],
+                                   "labels_train": m["n_labels"], "labels_holdout": holdout,
                                    "train_seconds": round(m["train_seconds"], 3),
                                    "score_seconds": "" if score.get(m["round"]) is None
                                    else round(score[m["round"]], 3)}
@@ -464,46 +548,89 @@ def collect_rows(specs: Sequence[RunSpec]) -> list[dict[str, Any]]:
     return rows
 
 
+def _value(v: Any) -> float | None:
+    """A metric cell as a float; ``None`` when undefined (None, empty, NaN, infinite)."""
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _fmt_value(v: Any, digits: int = 3) -> str:
+    f = _value(v)
+    return "–" if f is None else f"{f:.{digits}f}"
+
+
 def write_results(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    fixed = ["strategy", "seed", "round", "labels", "train_seconds", "score_seconds"]
+    """results.csv; an undefined metric is an empty cell."""
+    fixed = ["strategy", "seed", "round", *LABEL_COLUMNS, "train_seconds", "score_seconds"]
     metrics = sorted({k for r in rows for k in r} - set(fixed),
                      key=lambda k: (not k.startswith("test/"), k))
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=fixed + metrics, restval="")
         w.writeheader()
-        w.writerows(rows)
+        for r in rows:
+            w.writerow({k: ("" if _value(v) is None else v) if k in metrics else v
+                        for k, v in r.items()})
     tmp.replace(path)
 
 
 def _split(rows: Sequence[dict[str, Any]]) -> str:
-    return "test" if any("test/auroc" in r for r in rows) else "validation"
+    return "test" if any(k.startswith("test/") for r in rows for k in r) else "validation"
 
 
 def curves(rows: Sequence[dict[str, Any]], key: str
            ) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
-    """``{strategy: {seed: (labels [R], metric [R])}}`` sorted by round, NaNs dropped."""
+    """``{strategy: {seed: (labels [R], metric [R])}}`` sorted by round; undefined values
+    (see :func:`undefined_points`) are left out."""
     out: dict[str, dict[int, list[tuple[int, float, float]]]] = {}
     for r in rows:
-        v = r.get(key)
-        if v is None or v == "" or not math.isfinite(float(v)):
+        v = _value(r.get(key))
+        if v is None:
             continue
-        out.setdefault(r["strategy"], {}).setdefault(r["seed"], []).append(
-            (r["round"], float(r["labels"]), float(v)))
+        out.setdefault(r["strategy"], {}).setdefault(int(r["seed"]), []).append(
+            (int(r["round"]), float(r["labels"]), v))
     return {s: {seed: (np.array([p[1] for p in sorted(pts)]), np.array([p[2] for p in
                                                                          sorted(pts)]))
                 for seed, pts in by_seed.items()} for s, by_seed in out.items()}
 
 
+def undefined_points(rows: Sequence[dict[str, Any]], key: str) -> list[tuple[str, int, int]]:
+    """``(strategy, seed, round)`` of the rows that evaluated ``key``'s split but have no
+    defined value for ``key`` (NaN, None, empty or absent): the points curves leave out.
+    Empty when no row records ``key`` at all (a metric that was never computed)."""
+    split = key.split("/", 1)[0] + "/"
+    if not any(key in r for r in rows):
+        return []
+    return sorted((r["strategy"], int(r["seed"]), int(r["round"])) for r in rows
+                  if any(k.startswith(split) for k in r) and _value(r.get(key)) is None)
+
+
+def _undefined_note(rows: Sequence[dict[str, Any]], key: str, title: str) -> str | None:
+    bad = undefined_points(rows, key)
+    if not bad:
+        return None
+    total = sum(1 for r in rows if any(k.startswith(key.split("/", 1)[0] + "/") for k in r))
+    by_run: dict[tuple[str, int], list[int]] = {}
+    for strategy, seed, rnd in bad:
+        by_run.setdefault((strategy, seed), []).append(rnd)
+    where = "; ".join(f"{s} seed {k} round{'s' if len(r) > 1 else ''} "
+                      f"{', '.join(map(str, r))}" for (s, k), r in sorted(by_run.items()))
+    return (f"{title} is undefined at {len(bad)} of {total} points, left out of curves and "
+            f"tables ({where}); a run's final value is then its last defined point.")
+
+
 def _mean_curve(by_seed: dict[int, tuple[np.ndarray, np.ndarray]]
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Labels, mean, min and max per round over the seeds that reached that round."""
-    n = max(len(x) for x, _ in by_seed.values())
-    xs, mean, lo, hi = [], [], [], []
-    for i in range(n):
-        pts = [(x[i], y[i]) for x, y in by_seed.values() if i < len(x)]
-        xs.append(np.mean([p[0] for p in pts]))
-        ys = [p[1] for p in pts]
+    """Labels, mean, min and max per label count over the seeds with a value there."""
+    xs = sorted({float(v) for x, _ in by_seed.values() for v in x})
+    mean, lo, hi = [], [], []
+    for v in xs:
+        ys = [float(y[x == v][0]) for x, y in by_seed.values() if (x == v).any()]
         mean.append(np.mean(ys))
         lo.append(np.min(ys))
         hi.append(np.max(ys))
@@ -518,7 +645,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     split = _split(rows)
     paths = []
     for metric in MAIN_METRICS:
-        data = curves(rows, f"{split}/{metric}")
+        key = f"{split}/{metric}"
+        data = curves(rows, key)
         if not data:
             continue
         fig = Figure(figsize=(7, 4.5))
@@ -530,10 +658,13 @@ def plot_curves(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             style = dict(color="black", linestyle="--") if strategy == BASELINE else {}
             line, = ax.plot(x, mean, marker=".", label=strategy, **style)
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
-        ax.set_xlabel("labels used")
+        ax.set_xlabel("labels given (held-out validation labels included)")
         ax.set_ylabel(f"{split} {METRIC_TITLES[metric]}")
-        ax.set_title(f"{split} {METRIC_TITLES[metric]}: mean over {n_seeds} seed(s), "
-                     f"band = min-max")
+        title = f"{split} {METRIC_TITLES[metric]}: mean over {n_seeds} seed(s), band = min-max"
+        n_bad = len(undefined_points(rows, key))
+        if n_bad:
+            title += f"\n{n_bad} undefined point(s) left out"
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -557,46 +688,166 @@ def _normalised_area(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2 / (x[-1] - x[0]))
 
 
+def t_interval(values: Sequence[float], level: float = 0.95
+               ) -> tuple[float, float | None, float | None]:
+    """Mean and two-sided ``level`` Student t interval of the mean (``None`` bounds for n < 2):
+    ``mean ± t(1 - (1 - level) / 2, n - 1) · sd / √n`` with the sample sd (n - 1)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = float(np.mean(values))
+    if n < 2:
+        return mean, None, None
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
+    return mean, mean - half, mean + half
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``strategy - baseline`` per seed both ran, for the area under the curve and the final
+    value, with the mean and 95% t interval over those seeds."""
+
+    strategy: str
+    seeds: tuple[int, ...]
+    area: tuple[float, ...]
+    final: tuple[float, ...]
+
+    @property
+    def area_interval(self) -> tuple[float, float | None, float | None]:
+        return t_interval(self.area)
+
+    @property
+    def final_interval(self) -> tuple[float, float | None, float | None]:
+        return t_interval(self.final)
+
+
+def paired_differences(data: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]],
+                       baseline: str = BASELINE) -> list[PairedDifference]:
+    """Per strategy other than ``baseline``: its difference to ``baseline`` on the same seeds
+    (same start set), from :func:`curves`' output. Empty without a baseline."""
+    if baseline not in data:
+        return []
+    base = data[baseline]
+    out = []
+    for strategy in sorted(s for s in data if s != baseline):
+        seeds = tuple(sorted(set(data[strategy]) & set(base)))
+        if not seeds:
+            continue
+        area = tuple(_normalised_area(*data[strategy][k]) - _normalised_area(*base[k])
+                     for k in seeds)
+        final = tuple(float(data[strategy][k][1][-1] - base[k][1][-1]) for k in seeds)
+        out.append(PairedDifference(strategy, seeds, area, final))
+    return out
+
+
+def _fmt_diff(v: float) -> str:
+    return f"{v:+.3f}"
+
+
+def _fmt_interval(values: Sequence[float]) -> str:
+    mean, lo, hi = t_interval(values)
+    if lo is None or hi is None:
+        return f"{_fmt_diff(mean)} (n = 1, no interval)"
+    return f"{_fmt_diff(mean)} [{_fmt_diff(lo)}, {_fmt_diff(hi)}]"
+
+
 def summarise(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown: per main metric and strategy, the final value, the labels needed to first
-    reach random's final mean value, and the normalised area under the learning curve."""
+    """Markdown, per main metric: per strategy the final value and the normalised area under the
+    learning curve (mean ± sd over seeds, then per seed), the paired difference of each strategy
+    to random per seed with the mean and a 95% t interval, and per seed the labels needed to
+    first reach random's final mean value. Undefined points are left out, with a note."""
     split = _split(rows)
     lines = []
     for metric in MAIN_METRICS:
-        data = curves(rows, f"{split}/{metric}")
-        if not data:
-            continue
-        target = None
-        if BASELINE in data:
-            target = float(np.mean([y[-1] for _, y in data[BASELINE].values()]))
+        key = f"{split}/{metric}"
+        data = curves(rows, key)
         title = f"{split} {METRIC_TITLES[metric]}"
+        note = _undefined_note(rows, key, title)
+        if not data:
+            if note:
+                lines += [f"### {title}", "", note, ""]
+            continue
+        name = METRIC_TITLES[metric]
+        order = sorted(data, key=lambda s: (s != BASELINE, s))
+        seeds = sorted({k for by_seed in data.values() for k in by_seed})
         lines += [f"### {title}", ""]
-        reach = (f"labels to reach random's final {target:.3f}" if target is not None
-                 else "labels to reach random's final (no random run)")
-        lines += [f"| strategy | seeds | final labels | final {METRIC_TITLES[metric]} | {reach} "
-                  f"| area under curve |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for strategy in sorted(data, key=lambda s: (s != BASELINE, s)):
+        if note:
+            lines += [f"Note: {note}", ""]
+        lines += [f"| strategy | seeds | labels at end | final {name} | area under curve |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for strategy in order:
             by_seed = data[strategy]
             finals = [float(y[-1]) for _, y in by_seed.values()]
             final_labels = [float(x[-1]) for x, _ in by_seed.values()]
             aulc = [_normalised_area(x, y) for x, y in by_seed.values()]
-            cell = "–"
-            if target is not None:
-                hits = [float(x[np.argmax(y >= target - 1e-12)]) for x, y in by_seed.values()
-                        if (y >= target - 1e-12).any()]
-                cell = "not reached" if not hits else _fmt_ms(hits, 0) + (
-                    "" if len(hits) == len(by_seed) else f" ({len(hits)}/{len(by_seed)} seeds)")
             lines.append(f"| {strategy} | {len(by_seed)} | {np.mean(final_labels):.0f} | "
-                         f"{_fmt_ms(finals)} | {cell} | {_fmt_ms(aulc)} |")
+                         f"{_fmt_ms(finals)} | {_fmt_ms(aulc)} |")
+        lines += ["", f"Per seed: final {name} / area under curve", "",
+                  "| seed | " + " | ".join(order) + " |",
+                  "| ---: |" + " ---: |" * len(order)]
+        for k in seeds:
+            cells = [f"{data[s][k][1][-1]:.3f} / {_normalised_area(*data[s][k]):.3f}"
+                     if k in data[s] else "–" for s in order]
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("Mean ± sd over seeds. Area under the learning curve: trapezoid area of the "
-                 "metric over labels used, divided by the label range (1.0 = perfect from the "
-                 "start).")
+        diffs = paired_differences(data)
+        if diffs:
+            lines += ["Paired difference to random (strategy − random on the same seed and "
+                      "start set): per seed, and mean [95% t interval] over the n seeds", "",
+                      "| strategy | n | area: per seed | area: mean [95% CI] "
+                      f"| final {name}: per seed | final: mean [95% CI] |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
+            for d in diffs:
+                lines.append(f"| {d.strategy} | {len(d.seeds)} | "
+                             f"{', '.join(_fmt_diff(v) for v in d.area)} | "
+                             f"{_fmt_interval(d.area)} | "
+                             f"{', '.join(_fmt_diff(v) for v in d.final)} | "
+                             f"{_fmt_interval(d.final)} |")
+            lines.append("")
+        if BASELINE in data:
+            target = float(np.mean([y[-1] for _, y in data[BASELINE].values()]))
+            lines += [f"Labels to reach random's final {target:.3f} (its mean over "
+                      f"{len(data[BASELINE])} seed(s)), per seed; never = not reached within "
+                      f"the run's labels", "",
+                      "| strategy | reached | " + " | ".join(f"seed {k}" for k in seeds) + " |",
+                      "| --- | ---: |" + " ---: |" * len(seeds)]
+            for strategy in order:
+                by_seed = data[strategy]
+                cells, hit = [], 0
+                for k in seeds:
+                    if k not in by_seed:
+                        cells.append("–")
+                        continue
+                    x, y = by_seed[k]
+                    ok = y >= target - 1e-12
+                    if ok.any():
+                        hit += 1
+                        cells.append(f"{x[np.argmax(ok)]:.0f}")
+                    else:
+                        cells.append(f"never (≤{x[-1]:.0f})")
+                lines.append(f"| {strategy} | {hit}/{len(by_seed)} | " + " | ".join(cells)
+                             + " |")
+            lines.append("")
+        else:
+            lines += ["No random run: no paired differences and no labels-to-reach target.", ""]
+    lines.append("Labels: every label the simulated radiologist gave (start set and rounds, "
+                 "held-out validation labels included). Mean ± sd over seeds. Area under the "
+                 "learning curve: trapezoid area of the metric over labels, divided by the "
+                 "label range (1.0 = perfect from the start). 95% CI: Student t interval of "
+                 "the mean paired difference over the n seeds (t with n − 1 degrees of "
+                 "freedom).")
     return "\n".join(lines) + "\n"
 
 
 # --- the whole simulation ---------------------------------------------------------------------
+def _failed(failures: dict[str, str], run: str, e: Exception, verbose: bool) -> None:
+    """Record a run that raised; the simulation goes on with the other runs."""
+    failures[run] = f"{type(e).__name__}: {e}" if not isinstance(e, MedalError) else str(e)
+    print(f"[{run}] failed: {failures[run]}", file=sys.stderr, flush=True)
+    if verbose and not isinstance(e, MedalError):
+        traceback.print_exception(e, file=sys.stderr)
+
+
 def simulate(cfg: Config, s: SimulationSettings) -> SimulationResult:
     """Run (or resume) every (strategy, seed) run, then write results, curves and summary."""
     t0 = time.perf_counter()
@@ -610,7 +861,10 @@ def simulate(cfg: Config, s: SimulationSettings) -> SimulationResult:
             torch.set_num_threads(s.threads)
         truth = Truth(entries)
         for spec in specs:
-            run_one(spec, Oracle(truth.lookup, spec.oracle_log))
+            try:
+                run_one(spec, Oracle(truth.lookup, spec.oracle_log))
+            except Exception as e:  # one failed run must not lose the others' results
+                _failed(failures, f"{spec.strategy}/seed-{spec.seed}", e, s.verbose)
     else:
         with ProcessPoolExecutor(max_workers=s.workers, mp_context=get_context("spawn")) as ex:
             futures = {ex.submit(_run_in_worker, spec, entries, threads):
@@ -618,18 +872,21 @@ def simulate(cfg: Config, s: SimulationSettings) -> SimulationResult:
             for fut in as_completed(futures):
                 try:
                     fut.result()
-                except (MedalError, OSError) as e:
-                    failures[futures[fut]] = str(e)
-                    print(f"[{futures[fut]}] failed: {e}", file=sys.stderr, flush=True)
+                except Exception as e:
+                    _failed(failures, futures[fut], e, s.verbose)
     out = s.out.resolve()
     rows = collect_rows(specs)
     write_results(out / "results.csv", rows)
     plots = plot_curves(rows, out) if rows else []
     summary = summarise(rows) if rows else "no results yet\n"
     seconds = time.perf_counter() - t0
-    header = (f"# Simulation summary\n\n{len(s.strategies)} strategies × {len(s.seeds)} seeds, "
-              f"{s.rounds} rounds of {s.budget} labels, start: {s.start} ({s.start_size} "
-              f"labels unless a list)\n\n")
+    header = (f"# Simulation summary\n\n{len(s.strategies)} strategies × {len(s.seeds)} seeds "
+              f"({', '.join(map(str, s.seeds))}), {s.rounds} rounds of {s.budget} labels, "
+              f"start: {s.start} ({s.start_size} labels unless a list).\n"
+              f"Validation: {describe_validation(cfg, s.validation)}.\n\n")
+    if failures:
+        header += (f"**{len(failures)} run(s) failed** and are missing or cut short here: "
+                   f"{', '.join(sorted(failures))}.\n\n")
     (out / "summary.md").write_text(header + summary, encoding="utf-8")
     return SimulationResult(out, rows, header + summary, plots, seconds, failures)
 
@@ -640,7 +897,11 @@ DESCRIPTION = """Hide the labels of a fully labelled set and run active learning
 strategy and seed, a workspace goes through train -> query -> (a simulated radiologist fills
 labels.csv from the hidden labels) -> ingest -> train, for --rounds rounds. Writes results.csv,
 learning curves (PNG) and summary.md to --out. Interrupted simulations resume where they
-stopped when run again with the same settings."""
+stopped when run again with the same settings.
+
+By default the protocol is the one a team meets: a random start set, no labelled validation set
+(each run holds out train.validation_fraction of its labels), and every label the simulated
+radiologist gave counted, held-out ones included."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -662,15 +923,22 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "(repeatable; the sources are joined)")
     p.add_argument("--strategies", default="bald,entropy,random",
                    help="comma-separated strategies (default bald,entropy,random)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--seeds", default="0,1,2,3,4",
+                   help="comma-separated seeds (default 0,1,2,3,4; the summary's 95%% intervals "
+                        "are over seeds)")
     p.add_argument("--rounds", type=int, default=10, help="labelling rounds (default 10)")
     p.add_argument("--budget", type=int, default=None,
                    help="labels per round (default: query.budget of the config)")
-    p.add_argument("--start", default="class_balanced",
-                   help="start set: random, class_balanced, class:<name> (single class), or a "
-                        "file listing images (default class_balanced)")
+    p.add_argument("--start", default="random",
+                   help="start set: random, class_balanced (drawn knowing the hidden labels), "
+                        "class:<name> (single class), or a file listing images (default random)")
     p.add_argument("--start-size", type=int, default=20,
                    help="start set size for random/class starts (default 20)")
+    p.add_argument("--validation", default="none", metavar="none|config|PATH",
+                   help="labelled validation set: none (default: each run holds out "
+                        "train.validation_fraction of the labels it was given, counted as "
+                        "labels), config (the config's data.validation) or a folder/CSV; the "
+                        "labels of a set passed this way are not counted")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: <workspace>-simulation)")
     p.add_argument("--workers", type=int, default=1,
@@ -694,7 +962,8 @@ def command(cfg: Config, args: argparse.Namespace) -> int:
             cfg.workspace.name + "-simulation"),
         strategies=tuple(_csv_list(args.strategies)), seeds=seeds, rounds=args.rounds,
         budget=args.budget or cfg.query.budget, start=args.start, start_size=args.start_size,
-        workers=args.workers, threads=args.threads, verbose=not args.quiet)
+        validation=args.validation, workers=args.workers, threads=args.threads,
+        verbose=not args.quiet)
     r = simulate(cfg, settings)
     print(r.summary)
     print(f"results: {r.out / 'results.csv'}; curves: "

@@ -71,7 +71,9 @@ def test_simulation_writes_results_plots_summary_and_resumes(sim_setup, monkeypa
     train = Spy(api.train)
     monkeypatch.setattr(api, "train", train)
 
-    r = sim.simulate(cfg, settings(sim_setup))
+    # no validation set is passed (the config's data.validation is not used): each run holds
+    # out one start label per class for validation, and those labels still count
+    r = sim.simulate(cfg, settings(sim_setup, start_size=6))
     out = sim_setup["out"].resolve()
 
     with open(out / "results.csv", newline="") as f:
@@ -79,8 +81,11 @@ def test_simulation_writes_results_plots_summary_and_resumes(sim_setup, monkeypa
     assert len(rows) == 2 * 2 * 3 and len(train.args) == 12
     assert {(x["strategy"], x["seed"], x["round"]) for x in rows} == {
         (s, str(k), str(n)) for s in ("entropy", "random") for k in (0, 1) for n in (0, 1, 2)}
-    assert [int(x["labels"]) for x in rows if x["strategy"] == "entropy" and x["seed"] == "0"] \
-        == [4, 8, 12]
+    run = [x for x in rows if x["strategy"] == "entropy" and x["seed"] == "0"]
+    assert [int(x["labels"]) for x in run] == [6, 10, 14]  # not 4, 8, 12: the 2 held out count
+    assert [int(x["labels_train"]) for x in run] == [4, 8, 12]
+    assert {x["labels_holdout"] for x in rows} == {"2"}
+    assert all(float(x["validation/n"]) == 2 for x in rows)  # the hold-out, not data/validation
     cols = set(rows[0])
     assert {"train_seconds", "score_seconds", "test/auroc", "test/accuracy",
             "test/balanced_accuracy", "test/loss", "test/ece", "validation/auroc",
@@ -92,7 +97,10 @@ def test_simulation_writes_results_plots_summary_and_resumes(sim_setup, monkeypa
         png = out / f"curve_test_{metric}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()
-    assert "labels to reach random's final" in summary and "| entropy | 2 | 12 |" in summary
+    assert "Labels to reach random's final" in summary and "| entropy | 2 | 14 |" in summary
+    assert "Paired difference to random" in summary and "| entropy | 2 |" in summary
+    assert "holds out train.validation_fraction = 0.2" in summary
+    assert "data.validation" in summary and "is not used" in summary
     assert r.summary == summary and not r.failures
 
     # the oracle was asked about exported images only (each once), never about the start sets
@@ -103,7 +111,7 @@ def test_simulation_writes_results_plots_summary_and_resumes(sim_setup, monkeypa
         start = {row["file"] for row in csv.DictReader(open(run / "start.csv", newline=""))}
         asked = [a["source_path"] for a in csv.DictReader(open(run / "oracle.csv", newline=""))]
         assert sorted(asked) == sorted(exported_sources(run.parent.parent, run))
-        assert len(start) == 4 and not start & set(asked)
+        assert len(start) == 6 and not start & set(asked)
     # both strategies of a seed start from the same images; the seeds differ
     starts = {p.parent.relative_to(out).as_posix(): p.read_text()
               for p in out.glob("*/seed-*/start.csv")}
@@ -115,13 +123,14 @@ def test_simulation_writes_results_plots_summary_and_resumes(sim_setup, monkeypa
     ckpt = out / "random" / "seed-1" / "checkpoints" / "round-002.pt"
     mtime = ckpt.stat().st_mtime_ns
     n_lookups = len(lookup.args)
-    again = sim.simulate(cfg, settings(sim_setup))
+    again = sim.simulate(cfg, settings(sim_setup, start_size=6))
     assert len(train.args) == 12 and len(lookup.args) == n_lookups
     assert ckpt.stat().st_mtime_ns == mtime
     assert again.rows == r.rows
 
     # one more round for one run trains exactly one more model
-    sim.simulate(cfg, settings(sim_setup, strategies=("entropy",), seeds=(1,), rounds=3))
+    sim.simulate(cfg, settings(sim_setup, strategies=("entropy",), seeds=(1,), rounds=3,
+                               start_size=6))
     assert len(train.args) == 12 + 1
     assert len(lookup.args) == n_lookups + 4
 
@@ -212,9 +221,102 @@ def test_summary_reach_and_area():
                              "test/balanced_accuracy": 0.5 if strategy == "bald" else 0.6})
     md = sim.summarise(rows)
     auroc = md.split("### test AUROC")[1].split("###")[0]
-    assert "| random | 2 | 30 | 0.800 ± 0.000 | 30 ± 0 | 0.700 ± 0.000 |" in auroc
-    assert "| bald | 2 | 30 | 0.900 ± 0.000 | 20 ± 0 | 0.775 ± 0.000 |" in auroc
-    assert "| bald | 2 | 30 | 0.500 ± 0.000 | not reached |" in md
+    assert "| random | 2 | 30 | 0.800 ± 0.000 | 0.700 ± 0.000 |" in auroc
+    assert "| bald | 2 | 30 | 0.900 ± 0.000 | 0.775 ± 0.000 |" in auroc
+    # per seed: final / area, strategies as columns (random first)
+    assert "| seed | random | bald |" in auroc
+    assert "| 1 | 0.800 / 0.700 | 0.900 / 0.775 |" in auroc
+    # labels to reach random's final 0.800, per seed
+    assert "Labels to reach random's final 0.800" in auroc
+    assert "| random | 2/2 | 30 | 30 |" in auroc and "| bald | 2/2 | 20 | 20 |" in auroc
+    bal = md.split("### test balanced accuracy")[1]
+    assert "| bald | 0/2 | never (≤30) | never (≤30) |" in bal
+
+
+def test_labels_to_reach_lists_every_seed_and_marks_misses():
+    """Old summaries averaged only the seeds that reached the target; each seed is listed."""
+    rows = []
+    curves = {("random", 0): [0.6, 0.7, 0.8], ("random", 1): [0.6, 0.7, 0.8],
+              ("bald", 0): [0.6, 0.85, 0.9], ("bald", 1): [0.6, 0.7, 0.75]}
+    for (strategy, seed), ys in curves.items():
+        for rnd, y in enumerate(ys):
+            rows.append({"strategy": strategy, "seed": seed, "round": rnd,
+                         "labels": 20 + 10 * rnd, "test/auroc": y})
+    auroc = sim.summarise(rows).split("### test AUROC")[1]
+    assert "| bald | 1/2 | 30 | never (≤40) |" in auroc
+
+
+def test_paired_difference_and_t_interval_by_hand():
+    """strategy − random per seed, mean and 95% t interval, checked against values by hand."""
+    # labels 20, 30, 40 for every run; normalised area = (y0 + 2 y1 + y2) / 4
+    random = {0: [0.6, 0.7, 0.8], 1: [0.5, 0.7, 0.9], 2: [0.6, 0.6, 0.7]}
+    bald = {0: [0.6, 0.8, 0.9], 1: [0.5, 0.6, 0.8], 2: [0.6, 0.8, 0.9]}
+    rows = [{"strategy": strategy, "seed": seed, "round": rnd, "labels": 20 + 10 * rnd,
+             "test/auroc": y}
+            for strategy, by_seed in (("random", random), ("bald", bald))
+            for seed, ys in by_seed.items() for rnd, y in enumerate(ys)]
+    # areas: random 0.70, 0.70, 0.625; bald 0.775, 0.625, 0.775
+    d_area = [0.075, -0.075, 0.15]
+    d_final = [0.1, -0.1, 0.2]
+    (diff,) = sim.paired_differences(sim.curves(rows, "test/auroc"))
+    assert diff.strategy == "bald" and diff.seeds == (0, 1, 2)
+    assert diff.area == pytest.approx(d_area) and diff.final == pytest.approx(d_final)
+    # by hand: mean 0.05, sd = sqrt(((0.025)^2 + (0.125)^2 + (0.1)^2) / 2) = 0.114564...,
+    # t(0.975, 2) = 4.302653, half width = 4.302653 * 0.114564 / sqrt(3) = 0.284590
+    mean, lo, hi = sim.t_interval(d_area)
+    assert mean == pytest.approx(0.05)
+    assert lo == pytest.approx(0.05 - 0.284590, abs=1e-5)
+    assert hi == pytest.approx(0.05 + 0.284590, abs=1e-5)
+    # final: mean 0.0667, sd = sqrt((0.0333^2 + 0.1667^2 + 0.1333^2) / 2) = 0.152753, half
+    # width = 4.302653 * 0.152753 / sqrt(3) = 0.379454
+    mean, lo, hi = sim.t_interval(d_final)
+    assert (mean, lo, hi) == pytest.approx((0.066667, -0.312787, 0.446121), abs=1e-5)
+    md = sim.summarise(rows)
+    assert ("| bald | 3 | +0.075, -0.075, +0.150 | +0.050 [-0.235, +0.335] "
+            "| +0.100, -0.100, +0.200 | +0.067 [-0.313, +0.446] |") in md
+    assert sim.t_interval([0.1]) == (0.1, None, None)
+    one = [r for r in rows if r["seed"] == 0]
+    assert "+0.075 (n = 1, no interval)" in sim.summarise(one)
+
+
+def test_undefined_metrics_are_left_out_with_a_note(tmp_path):
+    """NaN (from training) and None (read back from the ledger) points are skipped, counted in
+    a note, written as empty cells, and plotting still works."""
+    rows = []
+    for strategy in ("random", "bald"):
+        for rnd in range(3):
+            v = 0.6 + 0.1 * rnd
+            if (strategy, rnd) == ("bald", 0):
+                v = None
+            elif (strategy, rnd) == ("random", 1):
+                v = float("nan")
+            rows.append({"strategy": strategy, "seed": 0, "round": rnd, "labels": 10 * (rnd + 1),
+                         "labels_train": 8 * (rnd + 1), "labels_holdout": 2,
+                         "train_seconds": 1.0, "score_seconds": "",
+                         "test/auroc": v, "test/accuracy": 0.5, "test/balanced_accuracy": 0.5})
+    assert sim.undefined_points(rows, "test/auroc") == [("bald", 0, 0), ("random", 0, 1)]
+    data = sim.curves(rows, "test/auroc")
+    assert data["bald"][0][0].tolist() == [20, 30] and data["random"][0][0].tolist() == [10, 30]
+    md = sim.summarise(rows)
+    auroc = md.split("### test AUROC")[1].split("###")[0]
+    assert ("Note: test AUROC is undefined at 2 of 6 points, left out of curves and tables "
+            "(bald seed 0 round 0; random seed 0 round 1)") in auroc
+    assert "undefined" not in md.split("### test accuracy")[1]
+    assert "| random | 1 | 30 | 0.800 ± 0.000 | 0.700 ± 0.000 |" in auroc
+    sim.write_results(tmp_path / "results.csv", rows)
+    written = list(csv.DictReader(open(tmp_path / "results.csv", newline="")))
+    assert [r["test/auroc"] for r in written] == ["0.6", "", "0.8", "", "0.7", "0.8"]
+    assert list(written[0])[:6] == ["strategy", "seed", "round", "labels", "labels_train",
+                                    "labels_holdout"]
+    # read back from the CSV (empty cells) the same points are undefined
+    assert sim.undefined_points(written, "test/auroc") == [("bald", 0, 0), ("random", 0, 1)]
+    assert [p.name for p in sim.plot_curves(rows, tmp_path)] == [
+        "curve_test_auroc.png", "curve_test_accuracy.png", "curve_test_balanced_accuracy.png"]
+    # every point undefined: a note, no table, no crash
+    none = [dict(r, **{"test/auroc": None}) for r in rows]
+    assert "test AUROC is undefined at 6 of 6 points" in sim.summarise(none)
+    # a metric no row records is not "undefined"
+    assert sim.undefined_points(rows, "test/ece") == []
 
 
 def test_cli_runs_in_parallel_workers(sim_setup, capsys):
@@ -235,9 +337,52 @@ def test_cli_runs_in_parallel_workers(sim_setup, capsys):
 
 
 def test_single_class_start_runs(sim_setup):
+    """One pneumonia image is held out, so validation AUROC is undefined every round: the
+    simulation runs to the end and the undefined values are empty cells in results.csv."""
     cfg = load_config(sim_setup["config"])
     r = sim.simulate(cfg, settings(sim_setup, strategies=("bald",), seeds=(0,), rounds=1,
                                    start="class:pneumonia"))
     start = list(csv.DictReader(open(sim_setup["out"] / "bald" / "seed-0" / "start.csv")))
     assert len(start) == 4 and {s["label"] for s in start} == {"pneumonia"}
-    assert [row["labels"] for row in r.rows] == [4, 8]
+    assert [row["labels"] for row in r.rows] == [4, 8] and not r.failures
+    assert [row["labels_holdout"] for row in r.rows] == [1, 1]
+    assert all(sim._value(row["validation/auroc"]) is None for row in r.rows)
+    written = list(csv.DictReader(open(sim_setup["out"] / "results.csv", newline="")))
+    assert [row["validation/auroc"] for row in written] == ["", ""]
+    assert all(row["test/auroc"] for row in written)
+
+
+def test_passed_validation_set_is_used_and_not_counted(sim_setup):
+    cfg = load_config(sim_setup["config"])
+    r = sim.simulate(cfg, settings(sim_setup, strategies=("random",), seeds=(0,), rounds=0,
+                                   start_size=6, validation="config"))
+    (row,) = r.rows
+    assert (row["labels"], row["labels_train"], row["labels_holdout"]) == (6, 6, 0)
+    assert row["validation/n"] == 16  # data/validation of the config, 8 per class
+    assert "labelled validation set" in r.summary and "not counted" in r.summary
+    with pytest.raises(sim.SimulationError, match="validation must be none, config or"):
+        sim.plan_runs(cfg, settings(sim_setup, out=sim_setup["out"].parent / "other",
+                                    validation="nowhere"))
+
+
+def test_honest_defaults(sim_setup):
+    """Random start, no validation set, 5 seeds: in the library, the CLI and the benchmark."""
+    import argparse
+    import importlib.util
+
+    s = sim.SimulationSettings(truth=(), out=Path("x"), strategies=("random",), seeds=(0,),
+                               rounds=1, budget=1)
+    assert (s.start, s.validation) == ("random", "none")
+    p = argparse.ArgumentParser()
+    sim._add_arguments(p)
+    a = p.parse_args(["-c", "c.toml", "--truth", "t"])
+    assert (a.start, a.validation, a.seeds) == ("random", "none", "0,1,2,3,4")
+    cfg = load_config(sim_setup["config"])
+    assert sim.with_validation(cfg, "none").data.validation is None
+    assert sim.with_validation(cfg, "config").data.validation == cfg.data.validation
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_simulation.py"
+    spec = importlib.util.spec_from_file_location("bench_simulation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    b = bench.parser().parse_args([])
+    assert (b.start, b.seeds, b.validation) == ("random", "0,1,2,3,4", False)
