@@ -14,12 +14,14 @@ their bytes, so a file moved or renamed keeps its identity and its labels.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import itertools
 import json
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,40 +98,124 @@ def scan_source(source: Path, classes: Sequence[str] | None) -> list[FileEntry]:
     return entries
 
 
+MAX_LISTED_PROBLEMS = 50
+"""Problems listed one per line in an error message; the rest are counted."""
+
+CSV_ENCODINGS = "UTF-8 (with or without BOM), UTF-16 with BOM, or Windows-1252"
+"""The text encodings medal reads CSV files in (what spreadsheets write)."""
+
+
+def csv_encoding(path: Path) -> str:
+    """The codec to read a CSV with: ``"utf-8-sig"`` (UTF-8, with or without BOM),
+    ``"utf-16"`` (a UTF-16 BOM, e.g. Excel's "Unicode Text") or ``"cp1252"`` (not valid
+    UTF-8: Excel's plain "CSV" on Windows). Reads the file in blocks, never whole.
+
+    Raises :class:`DataError` for UTF-32 and for UTF-16 without a BOM (NUL bytes), which
+    cannot be told apart from binary data.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+            raise DataError(f"{path}: the file is UTF-32 text; save it as {CSV_ENCODINGS}")
+        if head.startswith(codecs.BOM_UTF8):
+            return "utf-8-sig"
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return "utf-16"
+        f.seek(0)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        first = True
+        try:
+            while block := f.read(1 << 20):
+                if first and b"\x00" in block[:4096]:
+                    raise DataError(f"{path}: the file has NUL bytes (UTF-16 without a "
+                                    f"byte-order mark, or not text); save it as "
+                                    f"{CSV_ENCODINGS}")
+                first = False
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return "cp1252"
+    return "utf-8-sig"
+
+
+def iter_csv(path: Path, delimiters: str = ",;\t") -> Iterator[tuple[int, list[str]]]:
+    """Rows of a CSV with the line each starts on, read as a stream.
+
+    The encoding comes from :func:`csv_encoding`; the delimiter is the one of ``delimiters``
+    the first line holds most of (``;`` and tab are what spreadsheets write in some locales).
+    A field longer than ``csv.field_size_limit()`` (128 KiB; usually a stray quote that opens a
+    cell never closed) raises :class:`DataError` naming the line.
+    """
+    encoding = csv_encoding(path)
+    with open(path, newline="", encoding=encoding, errors="replace") as f:
+        first = f.readline()
+        delim = max(delimiters, key=first.count) if first else delimiters[0]
+        reader = csv.reader(itertools.chain([first], f), delimiter=delim)
+        line = 1
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                reason = str(e)
+                if "field larger than field limit" in reason:
+                    reason = (f"a cell is longer than {csv.field_size_limit() // 1024} KiB; "
+                              f"usually a stray quote (\") opens a cell that is never closed")
+                raise DataError(f"{path}: line {line}: cannot read the CSV: {reason}") from None
+            yield line, row
+            line = reader.line_num + 1
+
+
+def short(text: str, limit: int = 80) -> str:
+    """``repr`` of ``text`` for an error message, cut to about ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
+
+
 def _read_label_csv(path: Path, classes: Sequence[str]) -> list[FileEntry]:
     by_lower = {c.lower(): c for c in classes}
     problems = []
+    more = 0
     entries = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    if not rows:
+    rows = iter_csv(path)
+    first = next(rows, None)
+    if first is None:
         raise DataError(f"{path}: empty CSV; expected a header 'file,label'")
-    header = [h.strip().lower() for h in rows[0]]
+    header = [h.strip().lower() for h in first[1]]
     if "file" not in header or "label" not in header:
         raise DataError(f"{path}: line 1: header must contain columns 'file' and 'label', "
-                        f"got {rows[0]}")
+                        f"got {short(','.join(first[1]))}")
     fi, li = header.index("file"), header.index("label")
-    for n, row in enumerate(rows[1:], start=2):
+    for n, row in rows:
         if not any(c.strip() for c in row):
             continue
+        problem = None
         if len(row) <= max(fi, li):
-            problems.append(f"{path}: line {n}: too few columns")
-            continue
-        name, label = row[fi].strip(), row[li].strip()
-        cls = by_lower.get(label.lower())
-        if cls is None:
-            problems.append(f"{path}: line {n}: label {label!r} is not one of "
-                            f"{', '.join(classes)}")
-            continue
-        p = Path(name)
-        p = p if p.is_absolute() else path.parent / p
-        if not p.is_file():
-            problems.append(f"{path}: line {n}: file not found: {p}")
-            continue
-        entries.append(FileEntry(p, cls, f"{path.name}:{n}"))
+            problem = f"{path}: line {n}: too few columns"
+        else:
+            name, label = row[fi].strip(), row[li].strip()
+            cls = by_lower.get(label.lower())
+            p = Path(name)
+            p = p if p.is_absolute() else path.parent / p
+            if "\n" in name or "\n" in label:
+                problem = (f"{path}: line {n}: a cell runs over several lines; a stray quote "
+                           f"(\") opens a cell that is never closed")
+            elif cls is None:
+                problem = (f"{path}: line {n}: label {short(label)} is not one of "
+                           f"{', '.join(classes)}")
+            elif not p.is_file():
+                problem = f"{path}: line {n}: file not found: {short(str(p), 200)}"
+            else:
+                entries.append(FileEntry(p, cls, f"{path.name}:{n}"))
+        if problem is not None:
+            if len(problems) < MAX_LISTED_PROBLEMS:
+                problems.append(problem)
+            else:
+                more += 1
     if problems:
-        raise DataError(f"{path}: {len(problems)} problem(s):\n" +
-                        "\n".join(f"  - {p}" for p in problems))
+        listed = problems + ([f"... and {more} more"] if more else [])
+        raise DataError(f"{path}: {len(problems) + more} problem(s):\n" +
+                        "\n".join(f"  - {p}" for p in listed))
     return entries
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import html
-import io
 import itertools
 import shutil
 import time
@@ -27,7 +26,7 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import cohen_kappa_score
 
-from .data import file_sha256
+from .data import MAX_LISTED_PROBLEMS, file_sha256, iter_csv, short
 from .deid import deidentify_file
 from .errors import DataError, ImageReadError, LabellingError
 from .io import load_image, sniff_format
@@ -81,7 +80,7 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
     for rank, c in enumerate(chosen, start=1):
         src = c.item.path
         is_dicom = sniff_format(src) == "dicom"
-        ext = src.suffix.lower() or ".dcm"
+        ext = export_suffix(src, is_dicom)
         frame = c.item.frame
         name = f"{rank:0{width}d}_{c.item.id[:12]}{'' if frame is None else f'_f{frame}'}{ext}"
         file_id = file_id_of(c.item.id)
@@ -103,7 +102,8 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
         probs = tuple(round_float(p) for p in c.probs)
         selections.append(Selection(round, c.item.id, rank, name, float(c.score), pred, probs,
                                     exported_sha))
-        manifest.append([name, c.item.id, neutralise(str(src)), rank, f"{c.score:.6g}", pred,
+        manifest.append([name, c.item.id, neutralise(str(src)), rank, f"{c.score:.6g}",
+                         neutralise(pred),
                          *[f"{p:.4f}" for p in c.probs]])
         gallery.append((rank, name, preview, float(c.score), pred, c.probs))
     _write_csv(tmp / "labels.csv", ["file", "label"], [[s.file, ""] for s in selections])
@@ -127,6 +127,26 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
                                    score_seconds), selections)
     tmp.rename(final)
     return final
+
+
+# Pillow's format name -> the suffix an exported copy gets
+_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "TIFF": ".tif", "BMP": ".bmp"}
+
+
+def export_suffix(src: Path, is_dicom: bool) -> str:
+    """The suffix of an exported copy, from the image's detected format (``.dcm``, ``.png``,
+    ``.jpg``, ``.tif``, ``.bmp``), never copied from the source's name: a source may be named
+    ``x.<img src=x onerror=alert(1)>`` (a DICOM found by its magic) or misnamed."""
+    if is_dicom:
+        return ".dcm"
+    try:
+        with Image.open(src) as im:
+            fmt = im.format or ""
+    except (OSError, ValueError, Image.DecompressionBombError):
+        fmt = ""
+    if fmt in _SUFFIXES:
+        return _SUFFIXES[fmt]
+    return f".{fmt.lower()}" if fmt.isascii() and fmt.isalnum() else ".img"
 
 
 def _preview(src: Path, dst: Path, cfg, frame: int | None = None) -> str | None:
@@ -280,16 +300,18 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
                              f"{ws.root}")
     selections = {s.file: s for s in ws.db.selections(number)}
     read = read_answers(folder, list(ws.cfg.classes), selections)
-    answers, problems = read.answers, list(read.problems)
-    checked = set()
-    for name, a in [*answers.items(), *[(n, x) for per in read.by_annotator.values()
-                                         for n, x in per.items()]]:
-        if (name, a.origin) not in checked:
-            checked.add((name, a.origin))
-            problems += _check_unchanged(folder, name, a, selections[name].sha256)
+    answers, problems = read.answers, read.problems
+    # every image file ingest relies on is checked, whichever source gave its label: the copy
+    # named in a CSV (where it still is at the top) and every entry of a class folder
+    named = {n for n, a in answers.items() if a.source != "folder"}
+    named |= {n for per in read.by_annotator.values() for n in per}
+    for name in sorted(named):
+        problems += _check_unchanged(folder, name, selections[name].sha256)
+    for name, rel in sorted(read.in_folders.items()):
+        problems += _check_unchanged(folder, rel, selections[name].sha256)
     if problems:
-        raise LabellingError(f"{folder}: {len(problems)} problem(s); nothing was recorded",
-                             problems)
+        raise LabellingError(f"{folder}: {problems.total} problem(s); nothing was recorded",
+                             problems.listed())
     result = IngestResult(number, agreement=read.agreement, adjudicated=read.adjudicated)
     for a in answers.values():
         result.labelled[a.label] = result.labelled.get(a.label, 0) + 1
@@ -321,31 +343,113 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
 FINAL_SOURCES = ("labels.csv", "folder", "consensus")
 
 
+class Problems(list[str]):
+    """Problems found in a round folder: the first :data:`MAX_LISTED_PROBLEMS` are kept, the
+    rest only counted (a 50 MB labels.csv of wrong rows gives a short message)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.more = 0
+
+    def append(self, problem: str) -> None:
+        if len(self) < MAX_LISTED_PROBLEMS:
+            super().append(problem)
+        else:
+            self.more += 1
+
+    def extend(self, problems) -> None:  # type: ignore[override]
+        for p in problems:
+            self.append(p)
+
+    def __iadd__(self, problems):  # type: ignore[override]
+        self.extend(problems)
+        return self
+
+    @property
+    def total(self) -> int:
+        return len(self) + self.more
+
+    def listed(self) -> list[str]:
+        return [*self, *([f"... and {self.more} more"] if self.more else [])]
+
+
 @dataclass
 class Answers:
     answers: dict[str, _Answer]
     """The final label of each labelled file."""
-    problems: list[str]
+    problems: Problems
     by_annotator: dict[str, dict[str, _Answer]] = field(default_factory=dict)
     """Labels from each ``labels_<annotator>.csv``."""
     agreement: list[tuple[str, str, int, float]] = field(default_factory=list)
     """(annotator, annotator, images both labelled, Cohen's kappa) per pair."""
     adjudicated: int = 0
+    in_folders: dict[str, str] = field(default_factory=dict)
+    """Exported file name -> its path (relative) in a class folder, for every such file."""
+
+
+LABELS = "labels.csv"
+# what a spreadsheet may have saved labels.csv as, listed when labels.csv is missing
+_SPREADSHEET_SUFFIXES = (".csv", ".tsv", ".txt", ".xlsx", ".xls", ".ods", ".numbers")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """``path`` (followed through links) lies inside ``folder``."""
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except (ValueError, OSError, RuntimeError):  # outside, or a link loop
+        return False
+
+
+def _labels_file_problem(path: Path, folder: Path) -> str | None:
+    """Why a labels file cannot be read safely (checked before anything is read from it)."""
+    if not _inside(path, folder):
+        return (f"{path.name}: is a link to a file outside the round folder; put the labels "
+                f"file itself in the folder")
+    if path.is_dir():
+        return f"{path.name}: is a folder, not a file; save the labels as {path.name}"
+    if not path.is_file():
+        return f"{path.name}: is not a regular file"
+    return None
+
+
+def _missing_labels_problem(folder: Path) -> str:
+    found = sorted(p.name for p in folder.iterdir()
+                   if p.name.lower().startswith("label")
+                   or (p.suffix.lower() in _SPREADSHEET_SUFFIXES
+                       and p.name.lower() not in ("manifest.csv", "readme.txt")))
+    what = f"found {', '.join(found)}" if found else "found no other labels file"
+    return (f"{LABELS} not found in {folder}; {what}. Save the labels as {LABELS} (CSV), or, "
+            f"to hand the round back unlabelled, keep {LABELS} with its header and no labels")
 
 
 def read_answers(folder: Path, classes: list[str], selections: dict[str, Selection]
                  ) -> Answers:
     """Labels from ``labels.csv``, ``labels_<annotator>.csv`` files and the class subfolders,
-    and every problem found."""
+    and every problem found.
+
+    A labels file is read only if it is a regular file inside the folder (not a link leading
+    out of it). Without ``labels.csv``, labels must come from class folders or annotator
+    files: a round closes empty only by an explicit empty ``labels.csv``.
+    """
     allowed = {c.lower(): c for c in classes} | {UNSURE: UNSURE}
     allowed_text = ", ".join([*classes, UNSURE])
-    problems: list[str] = []
+    problems = Problems()
     from_csv: dict[str, _Answer] = {}
-    csv_path = folder / "labels.csv"
-    if csv_path.is_file():
-        from_csv = _read_labels_csv(csv_path, allowed, allowed_text, selections, problems)
+    csv_path = folder / LABELS
+    has_csv = csv_path.exists() or csv_path.is_symlink()
+    if has_csv:
+        problem = _labels_file_problem(csv_path, folder)
+        if problem is not None:
+            problems.append(problem)
+        else:
+            from_csv = _read_labels_csv(csv_path, allowed, allowed_text, selections, problems)
     by_annotator: dict[str, dict[str, _Answer]] = {}
     for path in sorted(folder.glob("labels_*.csv")):
+        problem = _labels_file_problem(path, folder)
+        if problem is not None:
+            problems.append(problem)
+            continue
         name = path.stem[len("labels_"):]
         got = _read_labels_csv(path, allowed, allowed_text, selections, problems,
                                default_annotator=name)
@@ -353,7 +457,8 @@ def read_answers(folder: Path, classes: list[str], selections: dict[str, Selecti
                               for n, a in got.items()}
     from_dirs: dict[str, _Answer] = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-                      and p.name != PREVIEWS):
+                      and p.name != PREVIEWS and p.name != LABELS
+                      and not (p.name.startswith("labels_") and p.name.endswith(".csv"))):
         files = [p for p in sorted(sub.rglob("*"))
                  if p.is_file() and not p.name.startswith(".")
                  and p.name.lower() not in IGNORED_FILES]
@@ -371,6 +476,8 @@ def read_answers(folder: Path, classes: list[str], selections: dict[str, Selecti
                                 f"({from_dirs[p.name].origin} and {rel})")
             else:
                 from_dirs[p.name] = _Answer(label, "folder", rel, None)
+    if not has_csv and not from_dirs and not by_annotator:
+        problems.append(_missing_labels_problem(folder))
     answers = dict(from_csv)
     for name, a in from_dirs.items():
         c = from_csv.get(name)
@@ -379,7 +486,8 @@ def read_answers(folder: Path, classes: list[str], selections: dict[str, Selecti
                             f"{a.origin.split('/')[0]}/ ({a.label!r})")
         elif c is None:
             answers[name] = a
-    out = Answers(answers, problems, by_annotator)
+    out = Answers(answers, problems, by_annotator,
+                  in_folders={n: a.origin for n, a in from_dirs.items()})
     if by_annotator:
         _combine_annotators(out, sorted(selections))
     return out
@@ -418,73 +526,86 @@ def _combine_annotators(out: Answers, files: list[str]) -> None:
 
 
 def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
-                     selections: dict[str, Selection], problems: list[str],
+                     selections: dict[str, Selection], problems: Problems,
                      default_annotator: str | None = None) -> dict[str, _Answer]:
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = path.read_bytes().decode("cp1252", errors="replace")
-    first = text.splitlines()[0] if text.strip() else ""
-    delim = max(",;\t", key=first.count) if first else ","
-    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delim))
+    """Labels from one labels file, read as a stream (UTF-8 with or without BOM, UTF-16 with
+    BOM or Windows-1252; ``,`` ``;`` or tab); problems are appended to ``problems``."""
     out: dict[str, _Answer] = {}
-    if not rows:
-        return out
-    header = [h.strip().lower() for h in rows[0]]
-    if "file" not in header or "label" not in header:
-        problems.append(f"{path.name} line 1: the header must have columns 'file' and 'label' "
-                        f"(got {', '.join(map(repr, rows[0]))})")
-        return out
-    fi, li = header.index("file"), header.index("label")
-    ai = header.index("annotator") if "annotator" in header else None
     lines: dict[str, int] = {}
-    for n, row in enumerate(rows[1:], start=2):
-        if not any(c.strip() for c in row):
-            continue
-        cell = row[fi].strip() if fi < len(row) else ""
-        label_cell = row[li].strip() if li < len(row) else ""
-        where = f"{path.name} line {n}"
-        name = cell.replace("\\", "/")
-        pp = PurePosixPath(name)
-        if not name:
-            problems.append(f"{where}: empty file name")
-            continue
-        if pp.is_absolute() or ".." in pp.parts or (len(name) > 1 and name[1] == ":"):
-            problems.append(f"{where}: file {cell!r} points outside the round folder")
-            continue
-        if pp.name not in selections:
-            problems.append(f"{where}: {cell!r} is not an image exported in this round")
-            continue
-        if pp.name in lines:
-            problems.append(f"{where}: {pp.name} is listed again (first on line "
-                            f"{lines[pp.name]}); keep one row per image")
-            out.pop(pp.name, None)
-            continue
-        lines[pp.name] = n
-        if not label_cell:
-            continue
-        label = allowed.get(label_cell.lower())
-        if label is None:
-            problems.append(f"{where}: label {label_cell!r} for {pp.name} is not allowed; "
-                            f"allowed: {allowed_text} (or leave it empty)")
-            continue
-        annotator = (row[ai].strip() or None) if ai is not None and ai < len(row) else None
-        out[pp.name] = _Answer(label, path.name, f"{path.name}:{n}",
-                               annotator or default_annotator)
+    rows = iter_csv(path)
+    try:
+        first = next(rows, None)
+        if first is None:
+            return out
+        header = [h.strip().lower() for h in first[1]]
+        if "file" not in header or "label" not in header:
+            problems.append(f"{path.name} line 1: the header must have columns 'file' and "
+                            f"'label' (got {short(', '.join(map(repr, first[1])))})")
+            return out
+        fi, li = header.index("file"), header.index("label")
+        ai = header.index("annotator") if "annotator" in header else None
+        for n, row in rows:
+            if not any(c.strip() for c in row):
+                continue
+            cell = row[fi].strip() if fi < len(row) else ""
+            label_cell = row[li].strip() if li < len(row) else ""
+            where = f"{path.name} line {n}"
+            name = cell.replace("\\", "/")
+            pp = PurePosixPath(name)
+            if "\n" in cell or "\n" in label_cell:
+                problems.append(f"{where}: a cell runs over several lines; a stray quote (\") "
+                                f"opens a cell that is never closed")
+                continue
+            if not name:
+                problems.append(f"{where}: empty file name")
+                continue
+            if pp.is_absolute() or ".." in pp.parts or (len(name) > 1 and name[1] == ":"):
+                problems.append(f"{where}: file {short(cell)} points outside the round folder")
+                continue
+            if pp.name not in selections:
+                problems.append(f"{where}: {short(cell)} is not an image exported in this round")
+                continue
+            if pp.name in lines:
+                problems.append(f"{where}: {pp.name} is listed again (first on line "
+                                f"{lines[pp.name]}); keep one row per image")
+                out.pop(pp.name, None)
+                continue
+            lines[pp.name] = n
+            if not label_cell:
+                continue
+            label = allowed.get(label_cell.lower())
+            if label is None:
+                problems.append(f"{where}: label {short(label_cell)} for {pp.name} is not "
+                                f"allowed; allowed: {allowed_text} (or leave it empty)")
+                continue
+            annotator = (row[ai].strip() or None) if ai is not None and ai < len(row) else None
+            out[pp.name] = _Answer(label, path.name, f"{path.name}:{n}",
+                                   annotator or default_annotator)
+    except DataError as e:  # an unreadable encoding or a cell over the field limit
+        msg = str(e)
+        problems.append(f"{path.name}: {msg[len(str(path)) + 2:]}"
+                        if msg.startswith(f"{path}: ") else msg)
+    except OSError as e:
+        problems.append(f"{path.name}: cannot be read: {e.strerror or e}")
     return out
 
 
-def _check_unchanged(folder: Path, name: str, a: _Answer, sha256: str) -> list[str]:
-    """The returned file must be the exported one: same bytes, and inside the round folder."""
-    p = folder / a.origin if a.source == "folder" else folder / name
-    rel = p.relative_to(folder).as_posix()
-    if p.is_symlink() or p.exists():
-        try:
-            p.resolve().relative_to(folder.resolve())
-        except ValueError:
-            return [f"{rel}: is a link to a file outside the round folder; put the exported "
-                    f"image back"]
-    if p.is_file() and file_sha256(p) != sha256:
-        return [f"{rel}: the image file changed since it was exported; put the original copy "
-                f"back"]
-    return []
+def _check_unchanged(folder: Path, rel: str, sha256: str) -> list[str]:
+    """The returned file ``folder/rel`` must be the exported one: inside the round folder (a
+    link may not lead out of it) and with the exported bytes. A file that is gone is fine (a
+    CSV label does not need the copy)."""
+    p = folder / rel
+    if not (p.is_symlink() or p.exists()):
+        return []
+    if not _inside(p, folder):
+        return [f"{rel}: is a link to a file outside the round folder; put the exported "
+                f"image back"]
+    if not p.is_file():
+        return [f"{rel}: is not a regular file; put the exported image back"]
+    try:
+        if file_sha256(p) == sha256:
+            return []
+    except OSError as e:
+        return [f"{rel}: cannot be read ({e.strerror or e}); put the exported image back"]
+    return [f"{rel}: the image file changed since it was exported; put the original copy "
+            f"back"]
