@@ -39,6 +39,7 @@ class TrainReport:
     seconds: float
     metrics: dict[str, dict[str, float]]
     skipped: dict[Path, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -156,7 +157,24 @@ def _finish_training(ws: Workspace, cfg: Config, model: MCModel, device: torch.d
     _record_skipped(ws, skipped)
     counts = Counter(it.label for it in items)
     return TrainReport(model_round, path, len(items), {c: counts.get(c, 0) for c in cfg.classes},
-                       parent, result.epochs, result.best_epoch, result.seconds, metrics, skipped)
+                       parent, result.epochs, result.best_epoch, result.seconds, metrics, skipped,
+                       [*result.notes, *metric_notes(metrics, cfg.classes)])
+
+
+def metric_notes(metrics: dict[str, dict[str, float]], classes: tuple[str, ...]) -> list[str]:
+    """One line per split that lacks a class or has an undefined metric (shown as "–")."""
+    notes = []
+    for split, m in metrics.items():
+        absent = [c for c in classes
+                  if sum(m.get(f"confusion/{c}/{d}", 0.0) for d in classes) == 0]
+        undefined = sorted(k for k, v in m.items() if not np.isfinite(v))
+        if absent:
+            notes.append(f"{split} set has no {', '.join(absent)} image; {len(undefined)} "
+                         f"metric(s) undefined there (AUROC needs every class), shown as '–'")
+        elif undefined:
+            notes.append(f"{split}: {len(undefined)} metric(s) undefined, shown as '–' "
+                         f"({', '.join(undefined[:3])}{', ...' if len(undefined) > 3 else ''})")
+    return notes
 
 
 def _items(rows: list[tuple[str, str, str | None]]) -> list[Item]:
@@ -558,6 +576,7 @@ class Status:
     models: list[dict[str, Any]]
     metrics: dict[int, dict[str, dict[str, float]]]
     skipped: dict[str, str]
+    notes: list[str] = field(default_factory=list)
 
 
 def status(cfg: Config) -> Status:
@@ -573,6 +592,10 @@ def status(cfg: Config) -> Status:
         for rec in db.labels():
             latest[rec.image_id] = rec.source
         by_source.update(latest.values())
+        metrics = db.metrics()
+        latest_model = max(metrics, default=None)
+        notes = [f"model round {latest_model}: {n}"
+                 for n in metric_notes(metrics.get(latest_model, {}), cfg.classes)]
         rounds = []
         for r in db.rounds():
             labels = db.labels(r.round)
@@ -584,4 +607,4 @@ def status(cfg: Config) -> Status:
         return Status(cfg.workspace, rounds,
                       {c: counts.get(c, 0) for c in [*cfg.classes, "unsure"]
                        if c in cfg.classes or counts.get(c)},
-                      dict(by_source), db.models(), db.metrics(), db.skipped())
+                      dict(by_source), db.models(), metrics, db.skipped(), notes)

@@ -16,6 +16,7 @@ recent label row.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,7 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from .errors import WorkspaceError
+
+SCHEMA_VERSION = 2  # 2: metrics.value may be NULL (a metric undefined on its split)
+
+_METRICS_TABLE = """CREATE TABLE IF NOT EXISTS metrics (
+    round INTEGER NOT NULL,
+    split TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value REAL,
+    PRIMARY KEY (round, split, name)
+)"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -81,13 +92,7 @@ CREATE TABLE IF NOT EXISTS models (
     train_seconds REAL NOT NULL,
     created_at REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS metrics (
-    round INTEGER NOT NULL,
-    split TEXT NOT NULL,
-    name TEXT NOT NULL,
-    value REAL NOT NULL,
-    PRIMARY KEY (round, split, name)
-);
+{metrics}
 CREATE TABLE IF NOT EXISTS holdout (
     image_id TEXT PRIMARY KEY REFERENCES images(id),
     created_at REAL NOT NULL
@@ -97,7 +102,7 @@ CREATE TABLE IF NOT EXISTS skipped (
     reason TEXT NOT NULL,
     seen_at REAL NOT NULL
 );
-"""
+""".replace("{metrics}", _METRICS_TABLE + ";")
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,22 @@ class Ledger:
                     self._db.execute(stmt)
             self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)",
                              (str(SCHEMA_VERSION),))
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a ledger written by an older medal up to :data:`SCHEMA_VERSION`."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        version = int(row["value"])
+        if version > SCHEMA_VERSION:
+            raise WorkspaceError(f"{self.path} was written by a newer medal (ledger schema "
+                              f"{version}; this medal reads up to {SCHEMA_VERSION}); upgrade medal")
+        if version < 2:  # metrics.value NOT NULL -> nullable (undefined metrics are NULL)
+            self._db.execute("ALTER TABLE metrics RENAME TO metrics_v1")
+            self._db.execute(_METRICS_TABLE)
+            self._db.execute("INSERT INTO metrics SELECT round, split, name, value "
+                             "FROM metrics_v1")
+            self._db.execute("DROP TABLE metrics_v1")
+        self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         self._db.close()
@@ -322,7 +343,7 @@ class Ledger:
                        (round, checkpoint, parent, n_labels, epochs, train_seconds, time.time()))
             db.execute("DELETE FROM metrics WHERE round=?", (round,))
             db.executemany("INSERT INTO metrics(round, split, name, value) VALUES (?,?,?,?)",
-                           [(round, split, name, float(v)) for split, d in metrics.items()
+                           [(round, split, name, _defined(v)) for split, d in metrics.items()
                             for name, v in d.items()])
 
     def models(self) -> list[dict[str, Any]]:
@@ -333,8 +354,18 @@ class Ledger:
         return dict(r) if r else None
 
     def metrics(self) -> dict[int, dict[str, dict[str, float]]]:
-        """``{model_round: {split: {metric: value}}}``."""
+        """``{model_round: {split: {metric: value}}}``; an undefined metric (stored as NULL,
+        e.g. AUROC on a split with one class) reads back as NaN."""
         out: dict[int, dict[str, dict[str, float]]] = {}
         for r in self._db.execute("SELECT round, split, name, value FROM metrics"):
-            out.setdefault(r["round"], {}).setdefault(r["split"], {})[r["name"]] = r["value"]
+            v = float("nan") if r["value"] is None else float(r["value"])
+            out.setdefault(r["round"], {}).setdefault(r["split"], {})[r["name"]] = v
         return out
+
+
+def _defined(v: float | None) -> float | None:
+    """A metric value for the ledger: NaN, infinities and None (undefined) become NULL."""
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None

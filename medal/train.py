@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ class FitResult:
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
 
 def build_model(cfg: Config) -> MCModel:
@@ -72,10 +74,27 @@ class Augmenter:
 
 
 def monitor_value(metrics: dict[str, float], name: str) -> float:
-    """Higher is better; NaN (e.g. AUROC on a one-class set) counts as 0."""
+    """Higher is better; NaN when any part is undefined (e.g. AUROC on a one-class set)."""
     if name == "loss":
         return -metrics["loss"]
-    return sum(_nan0(metrics.get(part)) for part in name.split("+"))
+    values = [metrics.get(part) for part in name.split("+")]
+    if any(v is None or not np.isfinite(v) for v in values):
+        return float("nan")
+    return float(sum(values))  # type: ignore[arg-type]
+
+
+def defined_monitor(metrics: dict[str, float], name: str) -> tuple[str, str | None]:
+    """The monitor to select epochs by: ``name`` if defined on these validation metrics, else
+    its defined parts, else the validation loss; with a note saying why when it falls back."""
+    if np.isfinite(monitor_value(metrics, name)):
+        return name, None
+    parts = [p for p in name.split("+")
+             if metrics.get(p) is not None and np.isfinite(metrics[p])]
+    used = "+".join(parts) if parts else "loss"
+    missing = [p for p in name.split("+") if p not in parts]
+    return used, (f"train.monitor {name!r} is undefined on this validation set "
+                  f"({', '.join(missing)} needs more classes present; validation has "
+                  f"{int(metrics.get('n', 0))} image(s)); selecting epochs by {used!r} instead")
 
 
 def _fingerprint(y: np.ndarray, x: torch.Tensor, cfg: Config, epochs: int, seed: int) -> str:
@@ -130,6 +149,8 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
         net = DistributedDataParallel(model, device_ids=[device.index]
                                       if device.type == "cuda" else None)
     has_val = x_val is not None and y_val is not None and len(x_val) > 0
+    monitor: str | None = None  # decided on the first validation (its labels are fixed)
+    notes: list[str] = []
     best_key: tuple[float, float] | None = None
     best_state, best_epoch, since_best = None, epochs, 0
     history: list[dict[str, float]] = []
@@ -186,9 +207,15 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
             p = predict_deterministic(model, x_val, device)
             m = classification_metrics(y_val, p, n_classes)
             row.update({f"val_{k}": v for k, v in m.items()})
-            key = (monitor_value(m, tc.monitor), -row["loss"])
+            if monitor is None:
+                monitor, note = defined_monitor(m, tc.monitor)
+                if note is not None:
+                    notes.append(note)
+                    if progress:
+                        tqdm.write(note)
+            key = (monitor_value(m, monitor), -row["loss"])
             line += (f"  val loss {m['loss']:.4f} bal.acc {m['balanced_accuracy']:.3f} "
-                     f"AUROC {_nan0(m['auroc']):.3f}")
+                     f"AUROC {show_metric(m['auroc'])}")
             if best_key is None or key > best_key:
                 best_key, best_epoch, since_best = key, epoch, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -213,7 +240,7 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     if state_path is not None:
         state_path.unlink(missing_ok=True)
     return FitResult(epochs=epochs, best_epoch=best_epoch, history=history,
-                     seconds=time.perf_counter() - t0)
+                     seconds=time.perf_counter() - t0, notes=notes)
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -223,8 +250,9 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _nan0(v: float | None) -> float:
-    return 0.0 if v is None or not np.isfinite(v) else float(v)
+def show_metric(v: float | None, digits: int = 3) -> str:
+    """A metric for people: ``0.912``, or ``–`` when it is undefined (None or NaN)."""
+    return "–" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
 
 
 @torch.no_grad()
@@ -255,27 +283,29 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int,
                            classes: Sequence[str] | None = None) -> dict[str, float]:
     """Metrics from labels ``y [N]`` and probabilities ``probs [N, K]`` (scikit-learn based).
 
-    accuracy, balanced_accuracy, auroc (binary, or macro one-vs-rest over the classes present;
-    NaN with a single class), loss (mean negative log-likelihood), ece, and per class
-    ``sensitivity/<c>``, ``specificity/<c>`` and ``confusion/<true>/<predicted>`` counts.
+    accuracy, balanced_accuracy (over the classes present in ``y``), auroc (binary, or macro
+    one-vs-rest), loss (mean negative log-likelihood), ece, and per class ``sensitivity/<c>``,
+    ``specificity/<c>`` and ``confusion/<true>/<predicted>`` counts. A metric the split cannot
+    define is NaN: AUROC when any class is absent from ``y``, the sensitivity of a class with no
+    example, the specificity of a class that is every example.
     """
     y = np.asarray(y)
     names = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
     labels = list(range(n_classes))
     pred = probs.argmax(1)
     p = np.clip(probs / probs.sum(1, keepdims=True), 1e-12, 1.0)
-    out = {"n": float(len(y)),
-           "accuracy": float(skm.accuracy_score(y, pred)),
-           "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
-           "loss": float(skm.log_loss(y, p, labels=labels)),
-           "ece": expected_calibration_error(y, p)}
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true" on small splits
+        warnings.simplefilter("ignore", UserWarning)
+        out = {"n": float(len(y)),
+               "accuracy": float(skm.accuracy_score(y, pred)),
+               "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
+               "loss": float(skm.log_loss(y, p, labels=labels)),
+               "ece": expected_calibration_error(y, p)}
     present = np.unique(y)
-    if len(present) < 2:
+    if len(present) < n_classes:
         out["auroc"] = float("nan")
     elif n_classes == 2:
         out["auroc"] = float(skm.roc_auc_score(y, p[:, 1]))
-    elif len(present) < n_classes:
-        out["auroc"] = float(np.mean([skm.roc_auc_score(y == c, p[:, c]) for c in present]))
     else:
         out["auroc"] = float(skm.roc_auc_score(y, p, multi_class="ovr", average="macro",
                                                labels=labels))

@@ -288,16 +288,17 @@ class Workspace:
         return snap
 
     def _choose_holdout(self, initial: list[Item]) -> list[str]:
-        """Stratified ``train.validation_fraction`` of the initial labels (at least one per
-        class with two or more images; none if that would leave a class without training
-        images)."""
+        """Stratified ``train.validation_fraction`` of the initial labels, frozen in the ledger.
+
+        A class is held out from only when it has three or more labels, and keeps at least two
+        in training: the only example(s) of a rare class always stay in training (the
+        validation set then lacks that class, and ``medal status`` says so)."""
         frac = self.cfg.train.validation_fraction
         rng = np.random.default_rng(self.cfg.seed)
         chosen: list[str] = []
         for c in self.cfg.classes:
             ids = sorted(it.id for it in initial if it.label == c)
-            k = int(round(len(ids) * frac))
-            k = min(max(k, 1 if len(ids) >= 2 else 0), len(ids) - 1) if ids else 0
+            k = min(max(int(round(len(ids) * frac)), 1), len(ids) - 2) if len(ids) >= 3 else 0
             chosen += list(rng.choice(ids, size=k, replace=False)) if k > 0 else []
         return sorted(str(i) for i in chosen)
 
