@@ -446,7 +446,9 @@ def run_one(spec: RunSpec, oracle: Oracle) -> int:
         done += 1
         if spec.verbose:
             m = r.metrics.get("test") or r.metrics.get("validation") or {}
-            print(f"[{name}] model round {r.model_round}: {r.n_labels} labels in training, "
+            given, holdout = _label_counts(cfg, [r.model_round])
+            print(f"[{name}] model round {r.model_round}: {given[r.model_round]} labels given "
+                  f"({r.n_labels} in training, {holdout} held out for validation), "
                   f"AUROC {_fmt_value(m.get('auroc'))}, "
                   f"accuracy {_fmt_value(m.get('accuracy'))} ({r.seconds:.1f} s)", flush=True)
 

@@ -315,6 +315,7 @@ def test_undefined_metrics_are_left_out_with_a_note(tmp_path):
     # every point undefined: a note, no table, no crash
     none = [dict(r, **{"test/auroc": None}) for r in rows]
     assert "test AUROC is undefined at 6 of 6 points" in sim.summarise(none)
+    assert sim._fmt_value(None) == sim._fmt_value(float("nan")) == sim._fmt_value("") == "–"
     # a metric no row records is not "undefined"
     assert sim.undefined_points(rows, "test/ece") == []
 
@@ -336,12 +337,16 @@ def test_cli_runs_in_parallel_workers(sim_setup, capsys):
     assert "unknown strategy nope" in capsys.readouterr().err
 
 
-def test_single_class_start_runs(sim_setup):
+def test_single_class_start_runs(sim_setup, capsys):
     """One pneumonia image is held out, so validation AUROC is undefined every round: the
     simulation runs to the end and the undefined values are empty cells in results.csv."""
     cfg = load_config(sim_setup["config"])
     r = sim.simulate(cfg, settings(sim_setup, strategies=("bald",), seeds=(0,), rounds=1,
-                                   start="class:pneumonia"))
+                                   start="class:pneumonia", verbose=True))
+    printed = capsys.readouterr().out
+    assert "[bald seed 0] model round 0: 4 labels given (3 in training, 1 held out for " \
+        "validation), AUROC " in printed
+    assert "model round 1: 8 labels given (7 in training, 1 held out" in printed
     start = list(csv.DictReader(open(sim_setup["out"] / "bald" / "seed-0" / "start.csv")))
     assert len(start) == 4 and {s["label"] for s in start} == {"pneumonia"}
     assert [row["labels"] for row in r.rows] == [4, 8] and not r.failures
