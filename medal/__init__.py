@@ -1,3 +1,3 @@
 """medal: active learning for medical images."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
