@@ -41,8 +41,10 @@ def chromium() -> str:
     path = find_chromium()
     if path:
         return path
-    looked = os.environ.get("MEDAL_CHROMIUM") or ", ".join(BROWSER_NAMES)
-    reason = (f"no Chromium found (looked for {looked} on PATH); install one "
+    explicit = os.environ.get("MEDAL_CHROMIUM")
+    looked = (f"MEDAL_CHROMIUM={explicit} is not an executable" if explicit else
+              f"none of {', '.join(BROWSER_NAMES)} is on PATH")
+    reason = (f"no Chromium found ({looked}); install one "
               f"(Debian/Ubuntu: apt-get install chromium) or point MEDAL_CHROMIUM at it")
     if os.environ.get("MEDAL_REQUIRE_BROWSER") == "1":
         pytest.fail(f"MEDAL_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
