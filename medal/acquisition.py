@@ -93,7 +93,7 @@ SCORE_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 STRATEGIES: tuple[str, ...] = (
     "bald", "entropy", "variation_ratios", "mean_std", "margin", "least_confidence",
-    "random", "batchbald", "powerbald", "powerentropy", "coreset", "badge",
+    "random", "batchbald", "powerbald", "powerentropy", "coreset", "badge", "typiclust",
 )
 
 
@@ -275,6 +275,63 @@ def _sq_norms(x: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", x, x).astype(np.float64)
 
 
+def typicality(features: np.ndarray, k: int = 20) -> np.ndarray:
+    """Typicality ``[N]`` of each row of ``features [N, D]``: the inverse of its mean Euclidean
+    distance to its ``k`` nearest other rows (TypiClust, Hacohen et al. 2022)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(features)
+    if n <= 1:
+        return np.ones(n)
+    k = min(k, n - 1)
+    dist, _ = NearestNeighbors(n_neighbors=k + 1).fit(features).kneighbors(features)
+    return 1.0 / (dist[:, 1:].mean(1) + 1e-12)
+
+
+def typiclust(features: np.ndarray, budget: int, *, rng: np.random.Generator,
+              labelled_features: np.ndarray | None = None) -> np.ndarray:
+    """TypiClust (Hacohen et al., ICML 2022): typical and diverse picks for small budgets.
+
+    Clusters the pool ``features [N, D]`` together with ``labelled_features [L, D]`` into
+    L + budget clusters (k-means); then, ``budget`` times, takes the cluster with the fewest
+    labelled or already chosen members (ties: the largest) and picks its most typical pool
+    image. Needs no model output, so it also chooses a first round from zero labels.
+    Returns int64 indices into ``features`` ``[min(budget, N)]``, in pick order.
+    """
+    from sklearn.cluster import KMeans
+
+    f = np.asarray(features, np.float64)
+    n = len(f)
+    k = min(max(budget, 0), n)
+    if k == 0:
+        return np.zeros(0, np.int64)
+    lab = np.zeros((0, f.shape[1])) if labelled_features is None else \
+        np.asarray(labelled_features, np.float64)
+    both = np.concatenate([f, lab])
+    n_clusters = min(len(lab) + k, len(both))
+    km = KMeans(n_clusters=n_clusters, n_init=3,
+                random_state=int(rng.integers(2**31 - 1))).fit(both)
+    pool_cluster, lab_cluster = km.labels_[:n], km.labels_[n:]
+    covered = np.bincount(lab_cluster, minlength=n_clusters)
+    size = np.bincount(pool_cluster, minlength=n_clusters)
+    taken = np.zeros(n, bool)
+    typ: dict[int, np.ndarray] = {}
+    picks: list[int] = []
+    for _ in range(k):
+        left = size - np.bincount(pool_cluster[taken], minlength=n_clusters)
+        order = np.lexsort((-size, covered))  # fewest covered first, then the largest
+        c = next(int(c) for c in order if left[c] > 0)
+        members = np.flatnonzero(pool_cluster == c)
+        if c not in typ:
+            typ[c] = typicality(f[members])
+        t = np.where(taken[members], -np.inf, typ[c])
+        best = members[int(np.argmax(t))]
+        picks.append(int(best))
+        taken[best] = True
+        covered[c] += 1
+    return np.asarray(picks, np.int64)
+
+
 def k_center_greedy(features: np.ndarray, budget: int, *,
                     labelled_features: np.ndarray | None = None,
                     rng: np.random.Generator) -> np.ndarray:
@@ -383,8 +440,9 @@ def select(strategy: str, probs: np.ndarray, budget: int, *, rng: np.random.Gene
     - ``"batchbald"``: :func:`batchbald` picks and their joint-MI gains;
     - ``"powerbald"`` / ``"powerentropy"``: :func:`power_sampling` on BALD / predictive entropy;
       reported scores are those BALD / entropy values;
-    - ``"coreset"`` (:func:`k_center_greedy`, using ``labelled_features [L, D]`` if given) and
-      ``"badge"`` (:func:`badge`) need ``features [N, D]``; reported scores are BALD.
+    - ``"coreset"`` (:func:`k_center_greedy`), ``"typiclust"`` (:func:`typiclust`), both using
+      ``labelled_features [L, D]`` if given, and ``"badge"`` (:func:`badge`) need
+      ``features [N, D]``; reported scores are BALD.
 
     ``balance=True`` spreads the picks over predicted classes (argmax of the mean probabilities)
     with :func:`class_balanced`; it applies to the per-image strategies only and is ignored by
@@ -423,6 +481,8 @@ def select(strategy: str, probs: np.ndarray, budget: int, *, rng: np.random.Gene
                              f"probs has {n}")
         if strategy == "coreset":
             idx = k_center_greedy(features, k, labelled_features=labelled_features, rng=rng)
+        elif strategy == "typiclust":
+            idx = typiclust(features, k, labelled_features=labelled_features, rng=rng)
         else:
             idx = badge(p, features, k, rng=rng)
     return idx, bald(p)[idx]

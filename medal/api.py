@@ -20,6 +20,8 @@ from .data import ImageDataset, load_all
 from .errors import DataError, MedalError, WorkspaceError
 from .labelling import Candidate, IngestResult, export_round, ingest_round
 from .models import MCModel, resolve_device
+from .representation import SSLSettings, load_cached, pretrain_and_cache
+from .representation import cache_key as ssl_cache_key
 from .train import build_model, classification_metrics, fit, load_checkpoint, save_checkpoint
 from . import distributed
 from .uncertainty import _Collector, mc_predict_tensors, n_batches, score_batches
@@ -127,6 +129,9 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport:
         xt, yt, _, sk_t = _load(cfg, snap.test)
         skipped |= sk_v | sk_t
         model, parent = initial_model(ws, cfg, model_round)
+        notes = []
+        if parent is None and cfg.representation.method != "none":
+            notes.append(pretrained_backbone(ws, cfg, model, snap, device, progress))
         epochs = (cfg.train.fine_tune_epochs or cfg.train.epochs) if parent is not None \
             else cfg.train.epochs
         seed = cfg.seed * 1000 + model_round
@@ -134,8 +139,42 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport:
                      x_val=xv if len(xv) else None, y_val=yv if len(yv) else None, seed=seed,
                      progress=progress,
                      state_path=ws.checkpoint_path(model_round).with_suffix(".partial.pt"))
+        result.notes[:0] = notes
         return _finish_training(ws, cfg, model, device, seed, model_round, parent, items,
                                 result, (xv, yv), (xt, yt), skipped)
+
+
+def pretrained_backbone(ws: Workspace, cfg: Config, model: MCModel, snap: Any,
+                        device: torch.device, progress: bool) -> str:
+    """Load (or first train and cache) the self-supervised backbone for this workspace's
+    images: the pool, the labelled images and an automatic hold-out; never the given
+    validation or test sets. Returns a line for the training report."""
+    r = cfg.representation
+    items = [*snap.pool, *snap.labelled]
+    if cfg.data.validation is None:
+        items += snap.validation
+    settings = SSLSettings(epochs=r.epochs, batch_size=r.batch_size, temperature=r.temperature,
+                           lr=r.lr)
+    key = ssl_cache_key([it.id for it in items],
+                        {"size": cfg.model.image_size, "channels": cfg.model.channels,
+                         "window": cfg.image.window, "frame": cfg.image.frame},
+                        {"name": cfg.model.name, "pretrained": cfg.model.pretrained}, settings)
+    path = ws.representation_path(key)
+    t0 = time.perf_counter()
+    if load_cached(path, model.backbone):
+        return f"self-supervised backbone loaded from the cache ({_short(path)})"
+    x, _, _, _ = _load(cfg, items)
+    if len(x) < 2:
+        raise DataError("representation.method = 'simclr' needs at least 2 readable images "
+                        "in the pool and labelled set")
+    pretrain_and_cache(path, model.backbone, model.feature_dim, x, settings, device=device,
+                       progress=progress)
+    return (f"self-supervised backbone pretrained on {len(x)} images in "
+            f"{time.perf_counter() - t0:.0f} s, cached for later rounds")
+
+
+def _short(p: Path) -> str:
+    return f"{p.parent.name}/{p.name[:12]}…"
 
 
 def _finish_training(ws: Workspace, cfg: Config, model: MCModel, device: torch.device,
@@ -390,21 +429,22 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MC
             np.array([snap.pool[int(k)].id for k in mc.kept]))
     strategy = q.strategy
     missing = [c for c in cfg.classes if not any(it.label == c for it in snap.labelled)]
-    if q.cold_start == "diversity" and missing and q.strategy != "random":
+    if q.cold_start != "off" and missing and q.strategy != "random":
         # uncertainty from a model that never saw a class keeps asking about the classes it
         # knows; spread the round over the feature space instead until every class is seen
         xl, _, _, _ = _load(cfg, snap.labelled)
         _, labelled_features = mc_predict_tensors(model, xl, 2, device=device, seed=seed)
-        idx = acquisition.k_center_greedy(np.asarray(mc.features, np.float32), q.budget,
-                                          rng=np.random.default_rng(seed),
-                                          labelled_features=labelled_features)
+        pick = acquisition.typiclust if q.cold_start == "typiclust" else \
+            acquisition.k_center_greedy
+        idx = pick(np.asarray(mc.features, np.float32), q.budget,
+                   rng=np.random.default_rng(seed), labelled_features=labelled_features)
         scores = acquisition.bald(np.asarray(mc.probs[idx], np.float32))
-        strategy = f"{q.strategy}:cold-start-diversity"
+        strategy = f"{q.strategy}:cold-start-{q.cold_start}"
     elif mc.top_index is not None:
         idx, scores = mc.top_index, mc.top_scores
     else:
         labelled_features = None
-        if q.strategy == "coreset":
+        if q.strategy in ("coreset", "typiclust"):
             xl, _, _, _ = _load(cfg, snap.labelled)
             _, labelled_features = mc_predict_tensors(model, xl, 2, device=device, seed=seed)
         rng = np.random.default_rng(seed)

@@ -93,9 +93,25 @@ class TrainConfig:
     validate_every: int = 1
     """Evaluate on the validation set every this many epochs (and after the last one); the
     best epoch is chosen among the evaluated ones. Larger values train faster."""
+    freeze_backbone: bool = False
+    """Train only the stochastic head on fixed backbone features (a "probe"): with a
+    self-supervised backbone (``[representation]``) this keeps what the pool taught it, which
+    full fine-tuning on a few labels throws away. Augmentation does not apply."""
     validation_fraction: float = 0.2
     """Without ``data.validation``: share of the initial labelled set held out (stratified,
     chosen once and frozen in the ledger, so metrics compare across rounds)."""
+
+
+@dataclass(frozen=True)
+class RepresentationConfig:
+    method: str = "none"
+    """"simclr": before the first training, pretrain the backbone self-supervised (SimCLR,
+    NT-Xent) on the pool and labelled images, cached in <workspace>/cache/representation by
+    image content and settings; "none": start from random (or ``model.pretrained``) weights."""
+    epochs: int = 30
+    batch_size: int = 256
+    temperature: float = 0.2
+    lr: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -107,7 +123,8 @@ class QueryConfig:
     cold_start: str = "diversity"
     """While some class has no label yet: "diversity" picks the round by k-center (core-set)
     diversity on backbone features, starting from the labelled images, so a start set that
-    lacks a class recovers quickly; "off" always uses ``strategy``."""
+    lacks a class recovers quickly; "typiclust" by typicality and coverage (TypiClust) on
+    them; "off" always uses ``strategy``."""
     balance: bool = False
     """Spread the budget over the predicted classes (round-robin by score); for per-image
     strategies."""
@@ -143,6 +160,7 @@ class Config:
     image: ImageConfig = field(default_factory=ImageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    representation: RepresentationConfig = field(default_factory=RepresentationConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     labelling: LabellingConfig = field(default_factory=LabellingConfig)
     seed: int = 0
@@ -165,7 +183,8 @@ class Config:
 
 
 _SECTIONS = {"data": DataConfig, "image": ImageConfig, "model": ModelConfig,
-             "train": TrainConfig, "query": QueryConfig, "labelling": LabellingConfig}
+             "train": TrainConfig, "representation": RepresentationConfig,
+             "query": QueryConfig, "labelling": LabellingConfig}
 _TOP_KEYS = ("workspace", "classes", "seed", "device", "num_workers")
 
 
@@ -379,14 +398,21 @@ def _validate_values(cfg: Config, where: str) -> None:
     need(t.validate_every >= 1, "train.validate_every", ">= 1", t.validate_every)
     need(0.0 <= t.validation_fraction < 1.0, "train.validation_fraction", "in [0, 1)",
          t.validation_fraction)
+    r = cfg.representation
+    need(r.method in ("none", "simclr"), "representation.method", "one of none, simclr",
+         r.method)
+    need(r.epochs >= 1, "representation.epochs", ">= 1", r.epochs)
+    need(r.batch_size >= 2, "representation.batch_size", ">= 2", r.batch_size)
+    need(r.temperature > 0, "representation.temperature", "> 0", r.temperature)
+    need(r.lr > 0, "representation.lr", "> 0", r.lr)
     need(q.strategy in STRATEGIES, "query.strategy", f"one of {', '.join(STRATEGIES)}", q.strategy)
     need(q.budget >= 1, "query.budget", ">= 1", q.budget)
     need(q.mc_samples >= 2, "query.mc_samples", ">= 2", q.mc_samples)
     need(cfg.labelling.preview_size >= 16, "labelling.preview_size", ">= 16",
          cfg.labelling.preview_size)
     need(q.batch_size >= 1, "query.batch_size", ">= 1", q.batch_size)
-    need(q.cold_start in ("diversity", "off"), "query.cold_start", "one of diversity, off",
-         q.cold_start)
+    need(q.cold_start in ("diversity", "typiclust", "off"), "query.cold_start",
+         "one of diversity, typiclust, off", q.cold_start)
     need(q.sampling in SAMPLING_MODES, "query.sampling", f"one of {', '.join(SAMPLING_MODES)}",
          q.sampling)
     need(q.precision in PRECISIONS, "query.precision", f"one of {', '.join(PRECISIONS)}",

@@ -133,20 +133,27 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    fingerprint = _fingerprint(y, x, cfg, epochs, seed) if state_path else ""
+    trained: nn.Module = model
+    if tc.freeze_backbone:  # a probe: the head learns on fixed features [N, D]
+        x = backbone_features(model, x, device)
+        if x_val is not None and len(x_val):
+            x_val = backbone_features(model, x_val, device)
+        trained = model.head
+    opt = torch.optim.AdamW(trained.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     weight = class_weights(y, n_classes).to(device) if tc.balance == "loss" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     yt = torch.as_tensor(y, dtype=torch.long)
     sample_w = (1.0 / torch.bincount(yt, minlength=n_classes).clamp(min=1).float())[yt]
-    aug = Augmenter(x.shape[-1], tc.hflip) if tc.augment else None
-    net: nn.Module = model
+    aug = Augmenter(x.shape[-1], tc.hflip) if tc.augment and not tc.freeze_backbone else None
+    net: nn.Module = trained
     rank, world = 0, 1
     if distributed:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
         rank, world = dist.get_rank(), dist.get_world_size()
-        net = DistributedDataParallel(model, device_ids=[device.index]
+        net = DistributedDataParallel(trained, device_ids=[device.index]
                                       if device.type == "cuda" else None)
     has_val = x_val is not None and y_val is not None and len(x_val) > 0
     monitor: str | None = None  # decided on the first validation (its labels are fixed)
@@ -156,7 +163,6 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     history: list[dict[str, float]] = []
     first = 1
     last_save = time.perf_counter()
-    fingerprint = _fingerprint(y, x, cfg, epochs, seed) if state_path else ""
     if state_path is not None and state_path.is_file():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         if st.get("fingerprint") == fingerprint:
@@ -204,7 +210,7 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
         row = {"epoch": float(epoch), "loss": total / seen}
         line = f"epoch {epoch}/{epochs}: loss {row['loss']:.4f}"
         if has_val and (epoch % tc.validate_every == 0 or epoch == epochs):
-            p = predict_deterministic(model, x_val, device)
+            p = predict_deterministic(trained, x_val, device)
             m = classification_metrics(y_val, p, n_classes)
             row.update({f"val_{k}": v for k, v in m.items()})
             if monitor is None:
@@ -256,9 +262,20 @@ def show_metric(v: float | None, digits: int = 3) -> str:
 
 
 @torch.no_grad()
-def predict_deterministic(model: MCModel, x: torch.Tensor, device: torch.device,
+def backbone_features(model: MCModel, x: torch.Tensor, device: torch.device,
+                      batch_size: int = 512) -> torch.Tensor:
+    """Deterministic backbone features ``x [N, C, S, S]`` -> ``[N, D]`` (on CPU)."""
+    model.eval()
+    out = [model.features(x[i:i + batch_size].to(device)).float().cpu()
+           for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, model.feature_dim)
+
+
+@torch.no_grad()
+def predict_deterministic(model: nn.Module, x: torch.Tensor, device: torch.device,
                           batch_size: int = 512) -> np.ndarray:
-    """Dropout off: ``x [N, C, S, S]`` -> probabilities ``[N, K]``."""
+    """Dropout off: ``x [N, ...]`` (images for a model, features for a head) -> probabilities
+    ``[N, K]``."""
     model.eval()
     out = [model(x[i:i + batch_size].to(device)).float().softmax(-1).cpu()
            for i in range(0, len(x), batch_size)]

@@ -95,6 +95,11 @@ class Workspace:
     def checkpoint_path(self, model_round: int) -> Path:
         return self.root / "checkpoints" / f"round-{model_round:03d}.pt"
 
+    def representation_path(self, key: str) -> Path:
+        """A cached self-supervised backbone; under ``cache/`` so simulation runs, whose
+        workspaces share one cache folder, share it too."""
+        return self.root / "cache" / "representation" / f"{key}.pt"
+
     def round_dir(self, round: int) -> Path:
         return self.labelling_dir / f"round-{round:03d}"
 

@@ -11,8 +11,8 @@ import pytest
 from medal import acquisition as acq
 from medal.acquisition import (
     SCORE_FUNCTIONS, STRATEGIES, badge, bald, batchbald, class_balanced, k_center_greedy,
-    least_confidence, margin, mean_std, power_sampling, predictive_entropy, select,
-    validate_strategy, variation_ratios,
+    least_confidence, margin, mean_std, power_sampling, predictive_entropy, select, typicality,
+    typiclust, validate_strategy, variation_ratios,
 )
 
 
@@ -108,7 +108,7 @@ def test_entropy_maximal_at_uniform(c):
 def test_strategy_names():
     assert STRATEGIES == ("bald", "entropy", "variation_ratios", "mean_std", "margin",
                           "least_confidence", "random", "batchbald", "powerbald",
-                          "powerentropy", "coreset", "badge")
+                          "powerentropy", "coreset", "badge", "typiclust")
     assert set(SCORE_FUNCTIONS) <= set(STRATEGIES)
     for name in STRATEGIES:
         validate_strategy(name)
@@ -420,3 +420,28 @@ def test_select_balance_spreads_over_predicted_classes():
     idx, scores = select("entropy", p, 6, rng=np.random.default_rng(0), balance=True)
     assert pred[idx].tolist() == [0, 1, 0, 1, 0, 1]
     np.testing.assert_array_equal(scores, predictive_entropy(p)[idx])
+
+
+def test_typicality_is_inverse_mean_knn_distance():
+    f = np.array([[0.0], [1.0], [3.0]])
+    # k=1: nearest other row at distances 1, 1, 2
+    np.testing.assert_allclose(typicality(f, k=1), [1.0, 1.0, 0.5], rtol=1e-9)
+    # k=2: mean of (1, 3), (1, 2), (2, 3)
+    np.testing.assert_allclose(typicality(f, k=2), [0.5, 1 / 1.5, 0.4], rtol=1e-9)
+
+
+def test_typiclust_picks_the_centre_of_each_cluster_first():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    sizes = (60, 40, 20)
+    blobs = [c + rng.normal(0, 1, (n, 2)) for c, n in zip(centres, sizes)]
+    f = np.concatenate(blobs)
+    which = np.repeat([0, 1, 2], sizes)
+    idx = typiclust(f, 3, rng=np.random.default_rng(1))
+    # one pick per blob, the largest blob first, and each pick near its blob's centre
+    assert list(which[idx]) == [0, 1, 2]
+    assert np.all(np.linalg.norm(f[idx] - centres[which[idx]], axis=1) < 1.0)
+    # a blob that is already labelled is covered: the picks go to the other two
+    idx = typiclust(f, 2, rng=np.random.default_rng(1), labelled_features=centres[:1])
+    assert sorted(which[idx]) == [1, 2]
+    assert len(set(idx.tolist())) == len(idx)

@@ -1,0 +1,69 @@
+"""Self-supervised pretraining on the pool: the loss, the cache, and the frozen-backbone probe."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from medal import api
+from medal.config import load_config
+from medal.representation import SSLSettings, cache_key, nt_xent
+from medal.train import build_model, load_checkpoint
+
+from conftest import write_config
+
+
+def test_nt_xent_matches_a_hand_computation():
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z2 = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    t = 0.5
+    z = torch.cat([z1, z2])
+    z = z / z.norm(dim=1, keepdim=True)
+    sim = (z @ z.T).numpy() / t
+    positive = {0: 2, 1: 3, 2: 0, 3: 1}
+    expected = 0.0
+    for i in range(4):
+        others = [sim[i, j] for j in range(4) if j != i]
+        expected += -sim[i, positive[i]] + math.log(sum(math.exp(v) for v in others))
+    assert abs(float(nt_xent(z1, z2, t)) - expected / 4) < 1e-5
+
+
+def test_cache_key_depends_on_images_and_settings_not_order():
+    s = SSLSettings(epochs=2)
+    a = cache_key(["b", "a"], {"size": 16}, {"name": "small_cnn"}, s)
+    assert a == cache_key(["a", "b"], {"size": 16}, {"name": "small_cnn"}, s)
+    assert a != cache_key(["a", "c"], {"size": 16}, {"name": "small_cnn"}, s)
+    assert a != cache_key(["a", "b"], {"size": 32}, {"name": "small_cnn"}, s)
+    assert a != cache_key(["a", "b"], {"size": 16}, {"name": "small_cnn"}, SSLSettings(epochs=3))
+
+
+def test_simclr_backbone_is_cached_reused_and_kept_by_the_probe(tmp_path, tiny_data):
+    cfg_path = write_config(tmp_path, "")
+    over = {"representation.method": "simclr", "representation.epochs": 2,
+            "representation.batch_size": 16, "train.freeze_backbone": True,
+            "train.round_start": "retrain"}
+    cfg = load_config(cfg_path, over)
+    torch.manual_seed(cfg.seed)
+    untrained = build_model(cfg).backbone.state_dict()
+
+    r = api.train(cfg, progress=False)
+    assert any("pretrained on 48 images" in n for n in r.notes), r.notes  # pool 40 + labelled 8
+    cached = list((cfg.workspace / "cache" / "representation").glob("*.pt"))
+    assert len(cached) == 1
+    ssl_state = torch.load(cached[0], weights_only=True)
+    assert any(not torch.equal(ssl_state[k], untrained[k]) for k in ssl_state
+               if ssl_state[k].dtype.is_floating_point)
+
+    # the probe trained only the head: the checkpoint's backbone is the pretrained one
+    model = build_model(cfg)
+    load_checkpoint(r.checkpoint, model, cfg.classes, cfg.model.name, cfg.model.channels)
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, ssl_state[k]), k
+    assert not torch.equal(model.head[-1].weight, build_model(cfg).head[-1].weight)
+
+    # another training on the same images reuses the cached backbone
+    cfg2 = load_config(cfg_path, {**over, "train.epochs": 1})
+    r2 = api.train(cfg2, progress=False)
+    assert any("loaded from the cache" in n for n in r2.notes), r2.notes
+    assert r2.metrics["validation"]["n"] == 16
