@@ -105,8 +105,8 @@ def check_installed_files(checkout: Path) -> None:
     installed = {str(p).replace(os.sep, "/") for p in importlib.metadata.files(DIST) or []}
     missing = [f for f in tracked if f not in installed]
     check(not missing, "files tracked under medal/ but missing from the installed wheel "
-          "(declare them in pyproject's [tool.setuptools.package-data]):\n  "
-          + "\n  ".join(missing))
+          "(a subpackage belongs in pyproject's [tool.setuptools.packages.find], a data file "
+          "in [tool.setuptools.package-data]):\n  " + "\n  ".join(missing))
     data = [f for f in tracked if not f.endswith(".py")]
     root = importlib.resources.files("medal")
     for rel in data:
