@@ -22,7 +22,8 @@ from .labelling import Candidate, IngestResult, export_round, ingest_round
 from .models import MCModel, resolve_device
 from .representation import SSLSettings, load_cached, pretrain_and_cache
 from .representation import cache_key as ssl_cache_key
-from .train import build_model, classification_metrics, fit, load_checkpoint, save_checkpoint
+from .train import (backbone_features, build_model, classification_metrics, fit, load_checkpoint,
+                    save_checkpoint)
 from . import distributed
 from .uncertainty import _Collector, mc_predict_tensors, n_batches, score_batches
 from .ledger import LabelRecord
@@ -121,7 +122,7 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport:
         snap = ws.sync()
         model_round = ws.ingested_rounds()
         if not snap.labelled:
-            raise DataError(f"no labelled images found in {cfg.data.labelled}")
+            raise DataError(_no_labels(cfg))
         x, y, items, skipped = _load(cfg, snap.labelled)
         if len(items) == 0:
             raise DataError("none of the labelled images could be read; see 'medal status'")
@@ -247,7 +248,7 @@ def _train_distributed(cfg: Config, *, progress: bool) -> TrainReport | None:
             ws.__enter__()
             snap = ws.sync()
             if not snap.labelled:
-                raise DataError(f"no labelled images found in {cfg.data.labelled}")
+                raise DataError(_no_labels(cfg))
             model_round = ws.ingested_rounds()
             parent = None
             if cfg.train.round_start == "warm_start":
@@ -349,6 +350,8 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport:
     with Workspace(cfg) as ws:
         _refuse_pending(ws)
         snap = ws.sync()
+        if not snap.labelled and not ws.db.models():
+            return _zero_label_query(ws, cfg, snap, device, progress)
         model, model_round = load_round_model(ws, cfg)
         model.to(device)
         if not snap.pool:
@@ -380,6 +383,44 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport:
                                     seed, t0)
         report.reused = reused
         return report
+
+
+def _no_labels(cfg: Config) -> str:
+    if cfg.data.labelled is None:
+        return "no labelled images yet (data.labelled is not set, and no round was ingested)"
+    return f"no labelled images found in {cfg.data.labelled}"
+
+
+def _zero_label_query(ws: Workspace, cfg: Config, snap: Any, device: torch.device,
+                      progress: bool) -> QueryReport:
+    """The first round of a project without a single label: TypiClust (typical, diverse
+    images) in the self-supervised embedding of the pool; no classifier exists yet."""
+    if cfg.representation.method == "none":
+        raise WorkspaceError(
+            f"{_no_labels(cfg)} and no model yet: either give a few "
+            f"labelled images, or set representation.method = \"simclr\" so that medal can "
+            f"choose the first round from the pool alone")
+    if not snap.pool:
+        raise DataError(f"the pool is empty: no images found in {cfg.data.pool}")
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    pretrained_backbone(ws, cfg, model, snap, device, progress)
+    x, _, kept, skipped = _load(cfg, snap.pool)
+    features = backbone_features(model, x, device).numpy()
+    number = ws.next_round()
+    rng = np.random.default_rng(cfg.seed * 1000 + number)
+    idx = acquisition.typiclust(features, cfg.query.budget, rng=rng)
+    typical = acquisition.typicality(features[idx], k=len(idx) - 1) if len(idx) > 1 else \
+        np.ones(len(idx))
+    no_model = np.zeros(0, np.float32)
+    chosen = [Candidate(kept[int(i)], float(t), no_model) for i, t in zip(idx, typical)]
+    strategy = "typiclust:zero-label"
+    folder = export_round(ws, number, chosen, strategy=strategy, model_round=-1,
+                          pool_size=len(kept), score_seconds=time.perf_counter() - t0)
+    _record_skipped(ws, skipped)
+    return QueryReport(number, folder, len(chosen), len(kept), strategy, -1,
+                       time.perf_counter() - t0, skipped)
 
 
 def _scores_key(cfg: Config, model_rec: dict[str, Any], mode: str) -> dict[str, Any]:

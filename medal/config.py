@@ -1,6 +1,6 @@
 """TOML config -> frozen dataclasses.
 
-Every key has a default except ``workspace``, ``classes``, ``data.labelled`` and ``data.pool``.
+Every key has a default except ``workspace``, ``classes`` and ``data.pool``.
 Relative paths resolve against the folder of the config file. An unknown key, a missing required
 key or a value of the wrong type or range raises :class:`~medal.errors.ConfigError` naming the key
 and what is allowed.
@@ -28,10 +28,12 @@ MONITORS = ("balanced_accuracy+auroc", "auroc", "balanced_accuracy", "accuracy",
 
 @dataclass(frozen=True)
 class DataConfig:
-    labelled: Path
-    """Folder with one subfolder per class, or a CSV with columns ``file,label``."""
     pool: Path
     """Folder of unlabelled images, searched recursively."""
+    labelled: Path | None = None
+    """Folder with one subfolder per class, or a CSV with columns ``file,label``. Optional:
+    without it (no label yet), ``medal query`` chooses the first round from the pool alone
+    (needs ``representation.method = "simclr"``)."""
     validation: Path | None = None
     """Optional; same forms as ``labelled``. Used to pick the best epoch and report metrics."""
     test: Path | None = None

@@ -98,13 +98,15 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
                             f"command again")
         preview = _preview(src, tmp / "previews" / f"{Path(name).stem}.png", cfg, frame) \
             if cfg.labelling.previews else None
-        pred = classes[int(np.argmax(c.probs))]
+        # a zero-label first round has no model: no prediction, no probabilities
+        pred = classes[int(np.argmax(c.probs))] if len(c.probs) else ""
         probs = tuple(round_float(p) for p in c.probs)
         selections.append(Selection(round, c.item.id, rank, name, float(c.score), pred, probs,
                                     exported_sha))
         manifest.append([name, c.item.id, neutralise(str(src)), rank, f"{c.score:.6g}",
                          neutralise(pred),
-                         *[f"{p:.4f}" for p in c.probs]])
+                         *([f"{p:.4f}" for p in c.probs] if len(c.probs) else
+                           [""] * len(classes))])
         gallery.append((rank, name, preview, float(c.score), pred, c.probs))
     _write_csv(tmp / "labels.csv", ["file", "label"], [[s.file, ""] for s in selections])
     header = ["file", "image_id", "source_path", "rank", "score", "predicted",
@@ -182,8 +184,9 @@ def gallery_html(round: int, classes: list[str],
             f'data-predicted="{esc(pred)}">{img}<figcaption>'
             f'<div class="rank">#{rank}</div><div class="file">{esc(name)}</div>'
             f'<div>score <span class="score">{score:.4g}</span></div>'
-            f'<div>model predicts <b class="pred">{esc(pred)}</b></div>'
-            f'<table class="probs">{prob_rows}</table></figcaption></figure>')
+            + (f'<div>model predicts <b class="pred">{esc(pred)}</b></div>' if pred else
+               '<div>no model yet (first round chosen from the pool alone)</div>')
+            + f'<table class="probs">{prob_rows}</table></figcaption></figure>')
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>medal labelling round {round:03d}</title>

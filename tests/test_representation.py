@@ -67,3 +67,44 @@ def test_simclr_backbone_is_cached_reused_and_kept_by_the_probe(tmp_path, tiny_d
     r2 = api.train(cfg2, progress=False)
     assert any("loaded from the cache" in n for n in r2.notes), r2.notes
     assert r2.metrics["validation"]["n"] == 16
+
+
+def test_zero_label_start_chooses_the_first_round_from_the_pool(tmp_path, tiny_data, capsys):
+    """No labelled image at all: 'medal query' picks round 1 by TypiClust in the
+    self-supervised embedding, then the usual loop runs."""
+    import csv
+    import shutil
+
+
+    from medal.cli import main
+
+    shutil.rmtree(tiny_data["root"] / "labelled")
+    cfg_path = write_config(tmp_path, "")
+    text = cfg_path.read_text()
+    cfg_path.write_text(text.replace('labelled = "data/labelled"\n', ""))
+    c = ["-c", str(cfg_path), "-q"]
+    assert main(["query", *c]) == 2
+    assert 'representation.method = "simclr"' in capsys.readouterr().err
+    assert not (tmp_path / "ws" / "labelling" / "round-001").exists()
+
+    c += ["--set", "representation.method=simclr", "--set", "representation.epochs=2",
+          "--set", "representation.batch_size=16", "--set", "train.freeze_backbone=true"]
+    assert main(["query", *c]) == 0, capsys.readouterr().err
+    assert "chosen by typiclust:zero-label from a pool of 40" in capsys.readouterr().out
+    folder = tmp_path / "ws" / "labelling" / "round-001"
+    with open(folder / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and all(r["predicted"] == "" for r in rows)
+    assert "no model yet" in (folder / "index.html").read_text()
+    with open(folder / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "label"])
+        for r in rows:
+            w.writerow([r["file"], tiny_data["truth"][r["source_path"]]])
+    assert main(["ingest", *c, str(folder)]) == 0
+    assert main(["train", *c]) == 0
+    out = capsys.readouterr().out
+    assert "model round 1: trained from scratch on 6 labels" in out
+    assert "loaded from the cache" in out  # the backbone pretrained for round 1 is reused
+    assert main(["query", *c]) == 0
+    assert "round 002: 6 images chosen by bald" in capsys.readouterr().out
