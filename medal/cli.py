@@ -6,12 +6,11 @@ import argparse
 import math
 import os
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from . import __version__, api
-from .config import Config, load_config
+from .config import Config, load_config, parse_overrides
 from . import distributed
 from .errors import MedalError
 from .train import show_metric
@@ -26,23 +25,6 @@ EPILOG = """workflow:
   medal simulate -c CONFIG --truth DIR --strategies bald,random ...   learning curves
 
 See README.md for the config reference."""
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise MedalError(f"--set expects KEY=VALUE (e.g. query.budget=50), got {pair!r}")
-        out[key.strip()] = _parse_value(value.strip())
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         try:
-            cfg = load_config(args.config, _overrides(args.overrides))
+            cfg = load_config(args.config, parse_overrides(args.overrides))
             code = COMMANDS[args.command](cfg, args)
             sys.stdout.flush()  # a closed pipe (medal status | head) shows here, not at exit
             return code

@@ -190,6 +190,22 @@ _SECTIONS = {"data": DataConfig, "image": ImageConfig, "model": ModelConfig,
 _TOP_KEYS = ("workspace", "classes", "seed", "device", "num_workers")
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["query.budget=50", ...]`` (``--set`` arguments) -> ``{"query.budget": 50}``; values are
+    TOML (``50``, ``true``, ``"text"``, ``[40, 400]``), and anything else is a plain string."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. query.budget=50), got {pair!r}")
+        text = value.strip()
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = text
+    return out
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
     """Read a TOML config file. ``overrides`` maps dotted keys (``"query.budget"``) to values."""
     path = Path(path).expanduser().resolve()

@@ -58,7 +58,7 @@ import numpy as np
 
 from . import api
 from .acquisition import STRATEGIES
-from .config import Config, load_config
+from .config import Config, load_config, parse_overrides
 from .data import scan_source
 from .errors import DataError, MedalError
 from .workspace import Workspace
@@ -980,10 +980,9 @@ def command(cfg: Config, args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config named by ``args`` and run :func:`command`; errors become exit code 2."""
-    from .cli import _overrides  # here: cli will import this module
 
     try:
-        cfg = load_config(args.config, _overrides(args.overrides))
+        cfg = load_config(args.config, parse_overrides(args.overrides))
         return command(cfg, args)
     except MedalError as e:
         print(f"medal simulate: error: {e}", file=sys.stderr)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from prepare_pneumoniamnist import prepare  # noqa: E402
 
-from medal.config import load_config  # noqa: E402
+from medal.config import load_config, parse_overrides  # noqa: E402
 from medal.simulate import SimulationSettings, simulate  # noqa: E402
 
 CONFIG = ROOT / "configs" / "pneumoniamnist.toml"
@@ -78,12 +78,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
 
-    from medal.cli import _overrides
-
     prepare(DATA, labelled=20, dicom_fraction=0.1, seed=0, force=False)
     if a.fresh and a.out.exists():
         shutil.rmtree(a.out)
-    overrides = {**OVERRIDES, "query.mc_samples": a.mc_samples, **_overrides(a.overrides)}
+    overrides = {**OVERRIDES, "query.mc_samples": a.mc_samples, **parse_overrides(a.overrides)}
     cfg = load_config(CONFIG, overrides)
     settings = SimulationSettings(
         truth=(DATA / "pool_truth.csv", DATA / "labelled"), out=a.out,

@@ -117,3 +117,24 @@ def test_class_names_that_break_round_folders_are_refused(tmp_path, name, match)
 def test_unusual_but_valid_class_names_are_kept(tmp_path, name):
     cfg = load_config(write(tmp_path, BASE.replace('"pneumonia"', json.dumps(name))))
     assert cfg.classes == ("normal", name)
+
+
+def test_parse_overrides_reads_toml_values_and_names_a_bad_pair():
+    from medal.config import parse_overrides
+
+    assert parse_overrides(["query.budget=50", "train.augment=false", "image.window=[40, 400]",
+                            "query.strategy=bald", 'workspace="/tmp/x y"']) == {
+        "query.budget": 50, "train.augment": False, "image.window": [40, 400],
+        "query.strategy": "bald", "workspace": "/tmp/x y"}
+    with pytest.raises(ConfigError, match="KEY=VALUE.*'budget'"):
+        parse_overrides(["budget"])
+
+
+def test_cli_and_simulate_import_without_a_cycle():
+    """simulate no longer reaches into the CLI for override parsing (issue 12)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import medal.simulate; "
+            "assert 'medal.cli' not in sys.modules, 'simulate imported the CLI'")
+    subprocess.run([sys.executable, "-c", code], check=True)
