@@ -192,7 +192,7 @@ def _finish_training(ws: Workspace, cfg: Config, model: MCModel, device: torch.d
                                                     cfg.classes)
     path = ws.checkpoint_path(model_round)
     save_checkpoint(path, model, cfg, model_round)
-    ws.db.record_model(model_round, str(path), parent, len(items), result.epochs,
+    ws.db.record_model(model_round, path.relative_to(ws.root).as_posix(), parent, len(items), result.epochs,
                        result.seconds, metrics)
     _record_skipped(ws, skipped)
     counts = Counter(it.label for it in items)
@@ -323,7 +323,7 @@ def load_round_model(ws: Workspace, cfg: Config) -> tuple[MCModel, int]:
     """The model to score the pool with, and its model round."""
     rec = current_model_record(ws)
     model = build_model(cfg)
-    load_checkpoint(Path(rec["checkpoint"]), model, cfg.classes, cfg.model.name,
+    load_checkpoint(ws.checkpoint_path(rec["round"]), model, cfg.classes, cfg.model.name,
                     cfg.model.channels)
     return model, rec["round"]
 
@@ -532,7 +532,8 @@ def _query_distributed(cfg: Config, *, progress: bool) -> QueryReport | None:
             reused = _reuse_scores(ws, key, snap.pool, sink)
             state.update(snap=snap, sink=sink, key=key, reused=reused)
             return {"pool": _rows(snap.pool), "number": number, "model_round": rec["round"],
-                    "checkpoint": rec["checkpoint"], "todo": np.flatnonzero(~sink.ok)}
+                    "checkpoint": str(ws.checkpoint_path(rec["round"])),
+                    "todo": np.flatnonzero(~sink.ok)}
 
         p = _on_main(plan)
         t0 = time.perf_counter()

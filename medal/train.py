@@ -134,6 +134,7 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     torch.manual_seed(seed)
     model.to(device)
     fingerprint = _fingerprint(y, x, cfg, epochs, seed) if state_path else ""
+    notes: list[str] = []
     trained: nn.Module = model
     if tc.freeze_backbone:  # a probe: the head learns on fixed features [N, D]
         x = backbone_features(model, x, device)
@@ -157,14 +158,13 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
                                       if device.type == "cuda" else None)
     has_val = x_val is not None and y_val is not None and len(x_val) > 0
     monitor: str | None = None  # decided on the first validation (its labels are fixed)
-    notes: list[str] = []
     best_key: tuple[float, float] | None = None
     best_state, best_epoch, since_best = None, epochs, 0
     history: list[dict[str, float]] = []
     first = 1
     last_save = time.perf_counter()
-    if state_path is not None and state_path.is_file():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
+    st = _read_state(state_path, notes, progress) if state_path is not None else None
+    if st is not None:
         if st.get("fingerprint") == fingerprint:
             model.load_state_dict(st["model"])
             opt.load_state_dict(st["optimizer"])
@@ -247,6 +247,27 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
         state_path.unlink(missing_ok=True)
     return FitResult(epochs=epochs, best_epoch=best_epoch, history=history,
                      seconds=time.perf_counter() - t0, notes=notes)
+
+
+def _read_state(path: Path, notes: list[str], progress: bool) -> dict[str, Any] | None:
+    """The saved state of an interrupted training, or None. One that cannot be read (truncated
+    by a full disk, tampered with) is set aside beside it and training starts over."""
+    if not path.is_file():
+        return None
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(st, dict):
+            raise ValueError(f"expected a dict, found {type(st).__name__}")
+        return st
+    except Exception as e:  # noqa: BLE001 - any unreadable state means starting over
+        aside = path.with_name(f"{path.name}.unreadable-{time.time_ns()}")
+        path.replace(aside)
+        note = (f"the saved state of an interrupted training, {path.name}, cannot be read "
+                f"({type(e).__name__}); set aside as {aside.name}, training starts over")
+        notes.append(note)
+        if progress:
+            tqdm.write(note)
+        return None
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:

@@ -93,6 +93,9 @@ class Workspace:
         return self.root / "labelling"
 
     def checkpoint_path(self, model_round: int) -> Path:
+        """Where model round ``model_round``'s weights are. Always derived from the workspace
+        (the ledger keeps the path relative to it), so a moved or copied workspace loads its
+        own checkpoints."""
         return self.root / "checkpoints" / f"round-{model_round:03d}.pt"
 
     def representation_path(self, key: str) -> Path:

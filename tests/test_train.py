@@ -135,3 +135,39 @@ def test_validate_every_k_epochs(tiny_config):
             device=torch.device("cpu"), progress=False, x_val=xv, y_val=yv)
     assert [int(h["epoch"]) for h in r.history if "val_auroc" in h] == [3, 6, 7]
     assert r.best_epoch in (3, 6, 7)
+
+
+def test_an_unreadable_saved_state_is_set_aside_and_training_starts_over(tiny_config, tmp_path):
+    x, y = separable()
+    state = tmp_path / "round-000.partial.pt"
+    state.write_bytes(b"PK\x03\x04 truncated by a full disk")
+    r = fit(create_model("small_cnn", 2, hidden=16), x, y, tiny_config, epochs=2,
+            device=torch.device("cpu"), progress=False, state_path=state, state_every_s=0)
+    assert r.history[0]["epoch"] == 1 and len(r.history) == r.epochs  # from the start
+    assert any("cannot be read" in n and "starts over" in n for n in r.notes)
+    aside = list(tmp_path.glob("round-000.partial.pt.unreadable-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"PK")
+    assert not state.exists()  # the finished training removed its own state
+
+
+def test_a_moved_workspace_loads_its_own_checkpoints(tmp_path, tiny_data, capsys):
+    """Checkpoint paths are kept relative to the workspace: a copy queries with its own
+    weights even when the original is gone."""
+    import shutil
+    import sqlite3
+
+    from medal.cli import main
+
+    from conftest import write_config
+
+    cfg_path = write_config(tmp_path)
+    assert main(["train", "-c", str(cfg_path), "-q"]) == 0
+    db = sqlite3.connect(tmp_path / "ws" / "ledger.sqlite")
+    assert db.execute("SELECT checkpoint FROM models").fetchone()[0] == \
+        "checkpoints/round-000.pt"
+    db.close()
+    shutil.move(tmp_path / "ws", tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["query", "-c", str(cfg_path), "-q", "--set", 'workspace="moved"']) == 0, \
+        capsys.readouterr().err
+    assert (tmp_path / "moved" / "labelling" / "round-001").is_dir()
