@@ -17,7 +17,7 @@ import torch
 from . import acquisition
 from .config import Config
 from .data import ImageDataset, load_all
-from .errors import DataError, MedalError, WorkspaceError
+from .errors import DataError, MedalError, ModelError, WorkspaceError
 from .labelling import Candidate, IngestResult, export_round, ingest_round
 from .models import MCModel, resolve_device
 from .representation import SSLSettings, load_cached, pretrain_and_cache
@@ -132,7 +132,7 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport:
         model, parent = initial_model(ws, cfg, model_round)
         notes = []
         if parent is None and cfg.representation.method != "none":
-            notes.append(pretrained_backbone(ws, cfg, model, snap, device, progress))
+            notes.append(pretrained_backbone(ws, cfg, model, snap, device, progress)[0])
         epochs = (cfg.train.fine_tune_epochs or cfg.train.epochs) if parent is not None \
             else cfg.train.epochs
         seed = cfg.seed * 1000 + model_round
@@ -146,10 +146,10 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport:
 
 
 def pretrained_backbone(ws: Workspace, cfg: Config, model: MCModel, snap: Any,
-                        device: torch.device, progress: bool) -> str:
+                        device: torch.device, progress: bool) -> tuple[str, Path]:
     """Load (or first train and cache) the self-supervised backbone for this workspace's
     images: the pool, the labelled images and an automatic hold-out; never the given
-    validation or test sets. Returns a line for the training report."""
+    validation or test sets. Returns a line for the training report and the cache file."""
     r = cfg.representation
     items = [*snap.pool, *snap.labelled]
     if cfg.data.validation is None:
@@ -163,7 +163,7 @@ def pretrained_backbone(ws: Workspace, cfg: Config, model: MCModel, snap: Any,
     path = ws.representation_path(key)
     t0 = time.perf_counter()
     if load_cached(path, model.backbone):
-        return f"self-supervised backbone loaded from the cache ({_short(path)})"
+        return f"self-supervised backbone loaded from the cache ({_short(path)})", path
     x, _, _, _ = _load(cfg, items)
     if len(x) < 2:
         raise DataError("representation.method = 'simclr' needs at least 2 readable images "
@@ -171,7 +171,7 @@ def pretrained_backbone(ws: Workspace, cfg: Config, model: MCModel, snap: Any,
     pretrain_and_cache(path, model.backbone, model.feature_dim, x, settings, device=device,
                        progress=progress)
     return (f"self-supervised backbone pretrained on {len(x)} images in "
-            f"{time.perf_counter() - t0:.0f} s, cached for later rounds")
+            f"{time.perf_counter() - t0:.0f} s, cached for later rounds"), path
 
 
 def _short(p: Path) -> str:
@@ -254,10 +254,14 @@ def _train_distributed(cfg: Config, *, progress: bool) -> TrainReport | None:
             if cfg.train.round_start == "warm_start":
                 parent = max((m["round"] for m in ws.db.models() if m["round"] < model_round),
                              default=None)
+            ssl = None  # rank 0 pretrains (or finds) the self-supervised backbone once
+            if parent is None and cfg.representation.method != "none":
+                ssl = pretrained_backbone(ws, cfg, build_model(cfg), snap, device, progress)
             return {"labelled": _rows(snap.labelled), "validation": _rows(snap.validation),
                     "test": _rows(snap.test), "model_round": model_round, "parent": parent,
                     "parent_path": str(ws.checkpoint_path(parent)) if parent is not None
-                    else None}
+                    else None, "ssl_note": ssl[0] if ssl else None,
+                    "ssl_path": str(ssl[1]) if ssl else None}
 
         p = _on_main(plan)
         x, y, items, skipped = _load(cfg, _items(p["labelled"]))
@@ -269,6 +273,8 @@ def _train_distributed(cfg: Config, *, progress: bool) -> TrainReport | None:
         if p["parent_path"]:
             load_checkpoint(Path(p["parent_path"]), model, cfg.classes, cfg.model.name,
                             cfg.model.channels)
+        if p["ssl_path"] and not load_cached(Path(p["ssl_path"]), model.backbone):
+            raise ModelError(f"cannot read the self-supervised backbone {p['ssl_path']}")
         parent, model_round = p["parent"], p["model_round"]
         epochs = (cfg.train.fine_tune_epochs or cfg.train.epochs) if parent is not None \
             else cfg.train.epochs
@@ -279,6 +285,8 @@ def _train_distributed(cfg: Config, *, progress: bool) -> TrainReport | None:
         if not main:
             distributed.barrier()
             return None
+        if p["ssl_note"]:
+            result.notes.insert(0, p["ssl_note"])
         report = _finish_training(ws, cfg, model, device, seed, model_round, parent, items,
                                   result, (xv, yv), (xt, yt), skipped)
         distributed.barrier()
