@@ -52,6 +52,30 @@ def bald(probs: np.ndarray) -> np.ndarray:
     return np.maximum(_entropy(p.mean(1)) - _entropy(p).mean(1), 0.0)
 
 
+def epig(probs: np.ndarray, target_probs: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """Expected predictive information gain (Smith et al., AISTATS 2023): how much labelling an
+    image is expected to tell about the predictions on target inputs, ``E_x* I(y; y* | x, x*)``.
+
+    ``probs [N, T, C]`` for the candidates and ``target_probs [M, T, C]`` for target inputs
+    drawn from the pool, with the same T parameter samples -> ``[N]``. The joint predictive
+    ``p(y, y*) = E_t p_t(y|x) p_t(y*|x*)`` is compared with the product of its marginals;
+    memory is ``chunk x M x C x C`` at a time.
+    """
+    p, q = _as_probs(probs), _as_probs(target_probs)
+    t = p.shape[1]
+    if q.shape[1] != t:
+        raise ValueError(f"probs and target_probs need the same T, got {t} and {q.shape[1]}")
+    marg_q = q.mean(1)  # [M, C]
+    out = np.empty(len(p))
+    for a in range(0, len(p), chunk):
+        pc = p[a:a + chunk]
+        joint = np.einsum("ntc,mtd->nmcd", pc, q) / t  # [n, M, C, C]
+        indep = pc.mean(1)[:, None, :, None] * marg_q[None, :, None, :]
+        kl = (joint * (np.log(joint + EPS) - np.log(indep + EPS))).sum((2, 3))
+        out[a:a + chunk] = np.maximum(kl.mean(1), 0.0)
+    return out
+
+
 def variation_ratios(probs: np.ndarray) -> np.ndarray:
     """1 - (number of passes voting for the modal class) / T: ``[N, T, C] -> [N]``."""
     p = _as_probs(probs)
@@ -93,7 +117,7 @@ SCORE_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 STRATEGIES: tuple[str, ...] = (
     "bald", "entropy", "variation_ratios", "mean_std", "margin", "least_confidence",
-    "random", "batchbald", "powerbald", "powerentropy", "coreset", "badge", "typiclust",
+    "random", "batchbald", "powerbald", "powerentropy", "coreset", "badge", "typiclust", "epig",
 )
 
 
@@ -438,6 +462,8 @@ def select(strategy: str, probs: np.ndarray, budget: int, *, rng: np.random.Gene
       lower index; reported scores are those scores;
     - ``"random"``: a permutation drawn from ``rng``; reported scores are BALD;
     - ``"batchbald"``: :func:`batchbald` picks and their joint-MI gains;
+    - ``"epig"``: the top K by :func:`epig`, with up to 256 pool images drawn from ``rng`` as
+      the targets;
     - ``"powerbald"`` / ``"powerentropy"``: :func:`power_sampling` on BALD / predictive entropy;
       reported scores are those BALD / entropy values;
     - ``"coreset"`` (:func:`k_center_greedy`), ``"typiclust"`` (:func:`typiclust`), both using
@@ -466,6 +492,11 @@ def select(strategy: str, probs: np.ndarray, budget: int, *, rng: np.random.Gene
         return idx, scores[idx]
     if strategy == "batchbald":
         return batchbald(p, k, rng=rng)
+    if strategy == "epig":  # targets: up to 256 pool images drawn at random
+        targets = rng.choice(n, size=min(n, 256), replace=False)
+        scores = epig(p, p[targets])
+        idx = top_k(scores, k)
+        return idx, scores[idx]
     if strategy in ("powerbald", "powerentropy"):
         scores = bald(p) if strategy == "powerbald" else predictive_entropy(p)
         idx = power_sampling(scores, k, rng=rng)

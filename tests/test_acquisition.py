@@ -10,7 +10,7 @@ import pytest
 
 from medal import acquisition as acq
 from medal.acquisition import (
-    SCORE_FUNCTIONS, STRATEGIES, badge, bald, batchbald, class_balanced, k_center_greedy,
+    SCORE_FUNCTIONS, STRATEGIES, badge, bald, batchbald, epig, class_balanced, k_center_greedy,
     least_confidence, margin, mean_std, power_sampling, predictive_entropy, select, typicality,
     typiclust, validate_strategy, variation_ratios,
 )
@@ -108,7 +108,7 @@ def test_entropy_maximal_at_uniform(c):
 def test_strategy_names():
     assert STRATEGIES == ("bald", "entropy", "variation_ratios", "mean_std", "margin",
                           "least_confidence", "random", "batchbald", "powerbald",
-                          "powerentropy", "coreset", "badge", "typiclust")
+                          "powerentropy", "coreset", "badge", "typiclust", "epig")
     assert set(SCORE_FUNCTIONS) <= set(STRATEGIES)
     for name in STRATEGIES:
         validate_strategy(name)
@@ -445,3 +445,21 @@ def test_typiclust_picks_the_centre_of_each_cluster_first():
     idx = typiclust(f, 2, rng=np.random.default_rng(1), labelled_features=centres[:1])
     assert sorted(which[idx]) == [1, 2]
     assert len(set(idx.tolist())) == len(idx)
+
+
+def test_epig_against_a_hand_computed_case_and_its_bounds():
+    # two parameter samples, two classes; candidate and target flip together
+    a = np.array([[[0.9, 0.1], [0.1, 0.9]]])
+    # y and y* are then the same coin: I(y; y*) = H(joint) terms by hand
+    joint = np.array([[0.9 * 0.9 + 0.1 * 0.1, 0.9 * 0.1 + 0.1 * 0.9],
+                      [0.1 * 0.9 + 0.9 * 0.1, 0.1 * 0.1 + 0.9 * 0.9]]) / 2
+    expected = float((joint * np.log(joint / 0.25)).sum())
+    assert epig(a, a)[0] == pytest.approx(expected, rel=1e-6)
+    # a target the parameters agree on carries no information
+    certain = np.array([[[0.7, 0.3], [0.7, 0.3]]])
+    assert epig(a, certain)[0] == pytest.approx(0.0, abs=1e-9)
+    # EPIG never exceeds BALD (data processing inequality) and is >= 0
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet([1, 1, 1], size=(30, 8))
+    e = epig(p, p[:10], chunk=7)
+    assert np.all(e >= 0) and np.all(e <= bald(p) + 1e-9)
