@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import hashlib
 import itertools
 import json
 import os
+import stat
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -55,26 +57,92 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def scan_folder(root: Path) -> list[Path]:
-    """Every image file under ``root`` (recursive, sorted; hidden files and folders skipped)."""
+def display_path(path: Path | str) -> str:
+    """``path`` as text that can always be stored and printed: bytes of a file name that are
+    not valid UTF-8 are shown as ``\\xNN`` escapes (``bad\\xff.png``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _not_a_file(path: Path, mode: int) -> str:
+    """Why a folder entry that is not a regular file is not scanned (one line)."""
+    if stat.S_ISFIFO(mode):
+        return "not a regular file (a named pipe/FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "not a regular file (a socket)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "not a regular file (a device)"
+    return "not a regular file"
+
+
+def _classify(path: Path) -> tuple[bool, str | None]:
+    """``(is an image to scan, reason to report)`` for one folder entry. A folder, or a file
+    that is not an image, is neither scanned nor reported. One ``lstat`` (and a ``stat`` for
+    links); a pipe or device is never opened."""
+    try:
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                st = path.stat()
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    return False, "a symbolic link loop"
+                if e.errno == errno.ENOENT:
+                    return False, (f"a broken symbolic link (to "
+                                   f"{display_path(os.readlink(path))})")
+                raise
+            if stat.S_ISDIR(st.st_mode):
+                return False, "a symbolic link to a folder; links to folders are not followed"
+    except OSError as e:
+        return False, f"cannot be read: {e.strerror or e}"
+    if stat.S_ISDIR(st.st_mode):
+        return False, None
+    if not stat.S_ISREG(st.st_mode):
+        return False, _not_a_file(path, st.st_mode)
+    if sniff_format(path) is None:
+        return False, None
+    try:
+        os.fsencode(path.name).decode("utf-8")
+    except UnicodeDecodeError:
+        return False, "the file name is not valid UTF-8; rename the file"
+    if st.st_size == 0:
+        return False, "empty file (0 bytes)"
+    return True, None
+
+
+def scan_folder(root: Path, skipped: dict[Path, str] | None = None) -> list[Path]:
+    """Every image file under ``root`` (recursive, sorted; hidden files and folders skipped).
+
+    Entries that cannot be used are left out and, with ``skipped``, added to it with the
+    reason: broken links and link loops, links to folders (not followed), named pipes,
+    sockets and devices (never opened, so a pipe cannot block the scan), image files that
+    are empty or whose name is not valid UTF-8 (it could not be stored in the ledger).
+    Every path is listed, even when several share the same (e.g. empty) content.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     out = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+        if any(part.startswith(".") for part in rel.parts):
             continue
-        if sniff_format(p) is not None:
+        image, reason = _classify(p)
+        if image:
             out.append(p)
+        elif reason is not None and skipped is not None:
+            skipped[p] = reason
     return out
 
 
-def scan_source(source: Path, classes: Sequence[str] | None) -> list[FileEntry]:
-    """Scan a pool folder (``classes=None``) or a labelled folder/CSV (labels checked)."""
+def scan_source(source: Path, classes: Sequence[str] | None,
+                skipped: dict[Path, str] | None = None) -> list[FileEntry]:
+    """Scan a pool folder (``classes=None``) or a labelled folder/CSV (labels checked).
+
+    ``skipped`` collects the files of a folder scan that cannot be used, with the reason
+    (see :func:`scan_folder`)."""
     source = Path(source)
     if classes is None:
-        return [FileEntry(p) for p in scan_folder(source)]
+        return [FileEntry(p) for p in scan_folder(source, skipped)]
     if source.is_file():
         return _read_label_csv(source, classes)
     if not source.is_dir():
@@ -88,7 +156,7 @@ def scan_source(source: Path, classes: Sequence[str] | None) -> list[FileEntry]:
         if cls is None:
             unknown.append(sub.name)
             continue
-        entries += [FileEntry(p, cls, str(sub)) for p in scan_folder(sub)]
+        entries += [FileEntry(p, cls, str(sub)) for p in scan_folder(sub, skipped)]
     if unknown:
         raise DataError(f"{source}: subfolder(s) {', '.join(map(repr, unknown))} are not classes; "
                         f"allowed: {', '.join(classes)}")

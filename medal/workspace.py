@@ -14,6 +14,7 @@ labels ingested from rounds 1..k; querying with model k exports round k+1.
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import os
 import secrets
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config
-from .data import FileEntry, file_sha256, scan_source
+from .data import FileEntry, display_path, file_sha256, scan_source
 from .errors import DataError, ImageReadError, WorkspaceError
 from .io import count_frames, sniff_format
 from .ledger import ImageRecord, LabelRecord, Ledger
@@ -71,6 +72,9 @@ class Snapshot:
     test: list[Item] = field(default_factory=list)
     pending: int = 0
     """Images exported in a round that has not been ingested yet (out of the pool meanwhile)."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Files the scan left out, ``{path: reason}`` (link loops, pipes, empty files, names
+    that are not UTF-8, ...); also recorded in the ledger and ``skipped.csv``."""
 
 
 class Workspace:
@@ -192,21 +196,31 @@ class Workspace:
 
     # --- scanning -------------------------------------------------------------------------
     def identify(self, entries: list[FileEntry],
-                 known: dict[str, ImageRecord] | None = None) -> list[tuple[str, FileEntry]]:
+                 known: dict[str, ImageRecord] | None = None,
+                 skipped: dict[Path, str] | None = None) -> list[tuple[str, FileEntry]]:
         """Content ids for scanned files; unchanged files (path, size, mtime) are not re-hashed.
 
         ``known``: the ledger's file records by path, when the caller already read them.
+        A file that cannot be read (gone since the scan, no permission) is left out and, with
+        ``skipped``, added to it with the reason.
         """
         if known is None:
             known = self.db.images_by_path()
         out, new = [], []
         for e in entries:
-            st = e.path.stat()
-            rec = known.get(str(e.path))
-            if rec is not None and rec.size == st.st_size and rec.mtime_ns == st.st_mtime_ns:
-                out.append((rec.id, e))
+            try:
+                st = e.path.stat()
+                rec = known.get(str(e.path))
+                if rec is not None and rec.size == st.st_size and \
+                        rec.mtime_ns == st.st_mtime_ns:
+                    out.append((rec.id, e))
+                    continue
+                image_id = file_sha256(e.path)
+            except OSError as err:
+                if skipped is None:
+                    raise
+                skipped[e.path] = f"cannot be read: {err.strerror or err}"
                 continue
-            image_id = file_sha256(e.path)
             new.append(ImageRecord(image_id, str(e.path), st.st_size, st.st_mtime_ns,
                                    sniff_format(e.path) or "unknown"))
             out.append((image_id, e))
@@ -245,6 +259,7 @@ class Workspace:
         classes = list(cfg.classes)
         snap = Snapshot()
         known = self.db.images_by_path()  # read once for all four sources
+        skipped: dict[Path, str] = {}
 
         def items(source: Path | None, labelled: bool, dedupe: bool = True) -> list[Item]:
             """Scanned files as items; with ``dedupe``, one item per content id."""
@@ -252,8 +267,8 @@ class Workspace:
                 return []
             seen: dict[str, Item] = {}
             out = []
-            scanned = scan_source(source, classes if labelled else None)
-            for image_id, e in self.identify(scanned, known):
+            scanned = scan_source(source, classes if labelled else None, skipped)
+            for image_id, e in self.identify(scanned, known, skipped):
                 prev = seen.get(image_id)
                 if prev is not None and labelled and prev.label != e.label:
                     raise DataError(f"{source}: the same image is labelled {prev.label!r} "
@@ -269,6 +284,8 @@ class Workspace:
         snap.test = items(cfg.data.test, True, dedupe=False)
         pool = items(cfg.data.pool, False)
         self._record_initial_labels(initial)
+        snap.skipped = {display_path(p): r for p, r in skipped.items()}
+        self.record_skipped(snap.skipped, prune=True)
 
         current = self.db.current_labels()
         paths = {r.id: Path(r.path) for r in self.db.images_by_path().values()}
@@ -294,6 +311,27 @@ class Workspace:
         snap.pool = [it for it in pool
                      if it.id not in current and it.id not in pending and it.id not in held_out]
         return snap
+
+    @property
+    def skipped_csv(self) -> Path:
+        return self.root / "skipped.csv"
+
+    def record_skipped(self, skipped: dict[str, str], *, prune: bool = False) -> None:
+        """Add ``{path: reason}`` to the unreadable files in the ledger and rewrite
+        ``skipped.csv`` (atomically) when the list changed. With ``prune``, files that no
+        longer exist leave the list first. Paths are stored as :func:`display_path` text."""
+        before = self.db.skipped()
+        merged = {p: r for p, r in before.items() if not prune or os.path.lexists(p)}
+        merged |= {display_path(p): r for p, r in skipped.items()}
+        if merged == before:
+            return
+        self.db.set_skipped(merged)
+        tmp = self.skipped_csv.with_name("skipped.csv.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "reason"])
+            w.writerows(sorted(merged.items()))
+        tmp.replace(self.skipped_csv)
 
     def _choose_holdout(self, initial: list[Item]) -> list[str]:
         """Stratified ``train.validation_fraction`` of the initial labels, frozen in the ledger.
