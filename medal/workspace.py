@@ -19,6 +19,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,13 +113,15 @@ class Workspace:
 
     # --- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> Workspace:
-        if self.root.exists() and not self.root.is_dir():
-            raise WorkspaceError(f"workspace {self.root} exists and is not a folder")
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._make_root()
         if self._want_lock:
             self._acquire_lock()
         try:
-            self.ledger = Ledger(self.ledger_path)
+            try:
+                self.ledger = Ledger(self.ledger_path)
+            except sqlite3.Error as e:
+                raise WorkspaceError(self._cannot(f"cannot open the ledger "
+                                                  f"{self.ledger_path.name}", e)) from None
             if self._want_lock:
                 self._recover()
         except BaseException:
@@ -135,19 +138,83 @@ class Workspace:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def _make_root(self) -> None:
+        """Create the workspace folder; a file in the way or a read-only parent is one line
+        naming the folder and the cause."""
+        root = self.root
+        blocker = next((p for p in (root, *root.parents)
+                        if p.exists() and not p.is_dir()), None)
+        if blocker == root:
+            raise WorkspaceError(f"workspace {root} exists and is not a folder")
+        if blocker is not None:
+            raise WorkspaceError(f"cannot create workspace {root}: {blocker} is a file, "
+                                 f"not a folder")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WorkspaceError(f"cannot create workspace {root}: "
+                                 f"{e.strerror or e}") from None
+
+    def _cannot(self, what: str, e: BaseException) -> str:
+        """One line for an OS or SQLite error on the workspace folder."""
+        cause = getattr(e, "strerror", None) or str(e)
+        if not os.access(self.root, os.W_OK):
+            return (f"workspace {self.root} is read-only ({what}: {cause}); make the folder "
+                    f"writable or choose another workspace")
+        return f"workspace {self.root}: {what}: {cause}"
+
+    LOCK_WAIT = 1.0
+    """Seconds a refused command waits for the holder to write its pid into ``.lock``."""
+
     def _acquire_lock(self) -> None:
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise WorkspaceError(self._cannot("cannot create the lock file .lock", e)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+            try:
+                holder = self._lock_holder(fd)
+            finally:
+                os.close(fd)
             raise WorkspaceError(
                 f"workspace {self.root} is in use by another medal command (pid {holder}); "
                 f"wait for it to finish and run this command again") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        # One write of a fixed width: a reader never sees the file empty or half-written.
+        try:
+            os.pwrite(fd, f"{os.getpid():<20}\n".encode(), 0)
+            os.ftruncate(fd, 21)
+        except OSError:  # the lock is held; only the pid note for others is missing
+            pass
         self._lock_fd = fd
+
+    def _lock_holder(self, fd: int) -> str:
+        """The pid holding the lock on ``fd``'s file: from the kernel's lock table
+        (``/proc/locks``, Linux) where it lists the file, else from the pid the holder writes
+        into the file right after taking the lock (waited for up to :attr:`LOCK_WAIT` s)."""
+        st = os.fstat(fd)
+        try:
+            with open("/proc/locks", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    parts = line.split()
+                    # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF" (waiters: "1: -> ...")
+                    if len(parts) >= 6 and parts[1] == "FLOCK" and \
+                            parts[5].rsplit(":", 1)[-1] == str(st.st_ino):
+                        dev = parts[5].rsplit(":", 1)[0].split(":")
+                        if len(dev) == 2 and (int(dev[0], 16), int(dev[1], 16)) == \
+                                (os.major(st.st_dev), os.minor(st.st_dev)) and parts[4] != "-1":
+                            return parts[4]
+        except (OSError, ValueError):
+            pass
+        deadline = time.monotonic() + self.LOCK_WAIT
+        while True:
+            text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            if text.isdigit():
+                return text
+            if time.monotonic() >= deadline:
+                return "unknown"
+            time.sleep(0.02)
 
     def _recover(self) -> None:
         """Finish or undo a round export that a crash interrupted (see labelling.export)."""

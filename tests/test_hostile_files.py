@@ -139,3 +139,119 @@ def test_a_fixed_file_leaves_the_list(tmp_path, tiny_data, capsys):
         assert ws.sync().skipped == {}
         assert ws.db.skipped() == {}
     assert skipped_csv(tmp_path / "ws") == {}
+
+
+# --- workspaces that cannot be created, opened or locked -------------------------------------
+def config_with_workspace(tmp_path: Path, workspace: Path | str) -> Path:
+    cfg = write_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace('workspace = "ws"', f'workspace = "{workspace}"'))
+    return cfg
+
+
+def tree(folder: Path) -> dict[str, bytes | str]:
+    """Every file under ``folder`` with its bytes (``.lock`` only by name)."""
+    return {p.relative_to(folder).as_posix(): "dir" if p.is_dir() else
+            "lock" if p.name == ".lock" else p.read_bytes()
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def read_only():
+    """Makes a folder read-only even for root: ``chattr +i`` (immutable) as root, else
+    ``chmod 555``. Skips where neither stops a write (e.g. a file system without chattr)."""
+    undo = []
+
+    def make(folder: Path) -> None:
+        if os.geteuid() == 0:
+            if shutil.which("chattr") is None or subprocess.run(
+                    ["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+                pytest.skip("running as root and 'chattr +i' is not available here")
+            undo.append(lambda: subprocess.run(["chattr", "-i", str(folder)], check=True))
+        else:
+            folder.chmod(0o555)
+            undo.append(lambda: folder.chmod(0o755))
+        probe = folder / ".probe"
+        try:
+            probe.write_bytes(b"")
+        except OSError:
+            return
+        probe.unlink()
+        pytest.skip(f"could not make {folder} read-only")
+
+    yield make
+    for fn in reversed(undo):
+        fn()
+
+
+def test_workspace_below_a_file(tmp_path, tiny_data, capsys):
+    (tmp_path / "runs").write_text("a file, not a folder\n")
+    cfg = config_with_workspace(tmp_path, "runs/ws")
+    one_line_error(["train", "-q", "-c", str(cfg)], capsys,
+                   r"cannot create workspace .*runs/ws: .*runs is a file, not a folder")
+    assert (tmp_path / "runs").read_text() == "a file, not a folder\n"
+
+
+def test_workspace_where_no_folder_can_be_made(tmp_path, tiny_data, capsys):
+    cfg = config_with_workspace(tmp_path, "/proc/medal-ws")
+    one_line_error(["train", "-q", "-c", str(cfg)], capsys,
+                   r"cannot create workspace /proc/medal-ws: ")
+
+
+def test_new_workspace_in_a_read_only_folder(tmp_path, tiny_data, capsys, read_only):
+    (tmp_path / "ws").mkdir()
+    read_only(tmp_path / "ws")
+    cfg = write_config(tmp_path)
+    one_line_error(["train", "-q", "-c", str(cfg)], capsys,
+                   r"workspace .*ws is read-only \(cannot create the lock file \.lock: ")
+    assert tree(tmp_path / "ws") == {}
+
+
+@pytest.mark.parametrize("command", ["train", "status"])
+def test_existing_workspace_made_read_only(tmp_path, tiny_data, capsys, read_only, command):
+    cfg = write_config(tmp_path)
+    with Workspace(load_config(cfg)) as ws:
+        ws.sync()
+    before = tree(tmp_path / "ws")
+    read_only(tmp_path / "ws")
+    one_line_error([command, "-c", str(cfg)], capsys,
+                   r"workspace .*ws is read-only \(cannot open the ledger ledger\.sqlite: "
+                   r"unable to open database file\)")
+    assert tree(tmp_path / "ws") == before
+
+
+# --- the lock names its holder -----------------------------------------------------------------
+HOLD = textwrap.dedent("""
+    import fcntl, os, sys, time
+    from pathlib import Path
+    ws = Path(sys.argv[1])
+    if sys.argv[2] == "workspace":  # a medal command holding the workspace
+        from medal.config import load_config
+        from medal.workspace import Workspace
+        held = Workspace(load_config(Path(sys.argv[3]))).__enter__()
+    else:  # the moment between taking the lock and writing the pid into it
+        ws.mkdir(exist_ok=True)
+        fd = os.open(ws / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if sys.argv[2] == "stale":
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, b"999999", 0)  # an earlier holder's pid, not yet overwritten
+    print("held", flush=True)
+    sys.stdin.read()
+""")
+
+
+@pytest.mark.parametrize("how", ["workspace", "empty", "stale"])
+def test_lock_message_names_the_holder(tmp_path, tiny_data, capsys, how):
+    cfg = write_config(tmp_path)
+    ws = tmp_path / "ws"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(ws), how, str(cfg)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        one_line_error(["train", "-q", "-c", str(cfg)], capsys,
+                       rf"workspace .*ws is in use by another medal command "
+                       rf"\(pid {holder.pid}\); wait for it")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
