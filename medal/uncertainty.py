@@ -8,6 +8,9 @@ into as few forward calls as ``max_batch_items`` allows.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import ImageDataset
+from .errors import WorkspaceError
 from .models import MCModel, set_mc_mode
 
 
@@ -181,6 +185,50 @@ def score_batches(model: MCModel, ds: ImageDataset, T: int, batches: Sequence[in
     return skipped
 
 
+def _npy_bytes(shape: tuple[int, ...], dtype: type = np.float16) -> int:
+    """Size of a ``.npy`` file of ``shape`` (header included; the header is at most 4 KiB)."""
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize + 4096
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e6:.0f} MB" if n >= 10e6 else f"{n / 1e6:.2f} MB"
+
+
+def check_free_space(folder: Path, needed: int, reclaimed: Sequence[Path] = ()) -> None:
+    """Raise :class:`~medal.errors.WorkspaceError` unless ``folder``'s file system has
+    ``needed`` bytes free (counting the files in ``reclaimed``, about to be overwritten).
+
+    Memory-mapped score files that cannot grow on a full disk kill the process with SIGBUS,
+    with no message; this check names the folder and the sizes instead. ``folder`` need
+    not exist yet (its nearest existing parent is asked)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    free += sum(p.stat().st_size for p in reclaimed if p.is_file())
+    if free < needed:
+        raise WorkspaceError(f"no space left on {folder}: {_size(needed)} needed, "
+                             f"{_size(free)} free; free some space or move the workspace")
+
+
+def _open_score_file(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A float16 ``.npy`` memory map whose blocks are reserved on disk up front
+    (``posix_fallocate``), so a disk that fills meanwhile gives an error here instead of a
+    SIGBUS while scores are written."""
+    arr = np.lib.format.open_memmap(path, "w+", np.float16, shape)
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return arr  # a file system that cannot reserve blocks: the check above stands
+        del arr
+        path.unlink(missing_ok=True)
+        raise WorkspaceError(f"no space left on {path.parent}: "
+                             f"{_size(_npy_bytes(shape))} needed for {path.name}") from None
+    except AttributeError:  # no posix_fallocate (macOS, Windows)
+        pass
+    return arr
+
+
 def n_batches(n: int, batch_size: int) -> int:
     return (n + batch_size - 1) // batch_size
 
@@ -192,11 +240,17 @@ class _Collector:
                  top_k: tuple[Callable[[np.ndarray], np.ndarray], int] | None) -> None:
         self.out_dir = out_dir
         if out_dir is not None:
+            shapes = {"probs": (n, T, C), "features": (n, D)}
+            check_free_space(out_dir, sum(_npy_bytes(s) for s in shapes.values()),
+                             reclaimed=[out_dir / f"{k}.tmp.npy" for k in shapes])
             out_dir.mkdir(parents=True, exist_ok=True)
-            self.probs = np.lib.format.open_memmap(out_dir / "probs.tmp.npy", "w+", np.float16,
-                                                   (n, T, C))
-            self.feats = np.lib.format.open_memmap(out_dir / "features.tmp.npy", "w+",
-                                                   np.float16, (n, D))
+            try:
+                self.probs = _open_score_file(out_dir / "probs.tmp.npy", shapes["probs"])
+                self.feats = _open_score_file(out_dir / "features.tmp.npy", shapes["features"])
+            except WorkspaceError:
+                self.probs = None
+                (out_dir / "probs.tmp.npy").unlink(missing_ok=True)
+                raise
         else:
             self.probs = np.zeros((n, T, C), np.float32)
             self.feats = np.zeros((n, D), np.float32)

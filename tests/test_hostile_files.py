@@ -255,3 +255,52 @@ def test_lock_message_names_the_holder(tmp_path, tiny_data, capsys, how):
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
+
+
+# --- a full disk ---------------------------------------------------------------------------------
+def fake_free(monkeypatch, free: int) -> None:
+    real = shutil.disk_usage
+
+    def disk_usage(path):
+        u = real(path)
+        return type(u)(u.total, u.total - free, free)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+
+
+def test_no_space_for_score_files(tmp_path, tiny_data, capsys, monkeypatch):
+    cfg = write_config(tmp_path)
+    assert main(["train", "-q", "-c", str(cfg)]) == 0
+    capsys.readouterr()
+    ws = tmp_path / "ws"
+    before = tree(ws)
+    fake_free(monkeypatch, 1000)
+    one_line_error(["query", "-q", "-c", str(cfg)], capsys,
+                   r"no space left on .*ws/scores/round-001: 0\.\d\d MB needed, 0\.00 MB free")
+    assert tree(ws) == before
+
+
+def test_free_space_check_sizes(tmp_path, monkeypatch):
+    fake_free(monkeypatch, 500_000_000)
+    out = tmp_path / "scores" / "round-001"
+    with pytest.raises(WorkspaceError, match=rf"no space left on {re.escape(str(out))}: "
+                                             r"1080 MB needed, 500 MB free"):
+        # 1M images: probs 1e6 x 20 x 2 and features 1e6 x 500 in float16
+        uncertainty._Collector(1_000_000, 20, 2, 500, out, None)
+    assert list(tmp_path.iterdir()) == []
+    sink = uncertainty._Collector(1000, 20, 2, 500, out, None)  # 1.08 MB fits
+    assert sink.probs.shape == (1000, 20, 2) and sink.feats.shape == (1000, 500)
+    # blocks are reserved on disk (no sparse file to fill later)
+    assert os.stat(out / "features.tmp.npy").st_blocks * 512 >= 1000 * 500 * 2
+
+
+def test_disk_filling_while_reserving(tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    out = tmp_path / "scores"
+    with pytest.raises(WorkspaceError, match=rf"no space left on {re.escape(str(out))}: "
+                                             r"\d\.\d\d MB needed for probs\.tmp\.npy"):
+        uncertainty._Collector(1000, 20, 2, 500, out, None)
+    assert list(out.iterdir()) == []
