@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 def _rel(p: Path) -> str:
     try:
         return str(Path(p).resolve().relative_to(Path.cwd()))
-    except ValueError:
+    except (ValueError, RuntimeError, OSError):  # elsewhere, or a link loop
         return str(p)
 
 
