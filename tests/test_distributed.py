@@ -66,6 +66,6 @@ def test_two_process_training_with_ddp(tmp_path, tiny_data):
     with Workspace(cfg) as ws:
         models = ws.db.models()
         assert [m["round"] for m in models] == [0]
-        assert Path(models[0]["checkpoint"]).is_file()
+        assert (ws.root / models[0]["checkpoint"]).is_file()  # relative to the workspace
     q = api.query(cfg, progress=False)  # the DDP-trained checkpoint loads and scores
     assert q.n_selected == 6
