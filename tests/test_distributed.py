@@ -69,3 +69,21 @@ def test_two_process_training_with_ddp(tmp_path, tiny_data):
         assert (ws.root / models[0]["checkpoint"]).is_file()  # relative to the workspace
     q = api.query(cfg, progress=False)  # the DDP-trained checkpoint loads and scores
     assert q.n_selected == 6
+
+
+def test_two_process_training_with_a_self_supervised_frozen_backbone(tmp_path, tiny_data):
+    """Rank 0 pretrains the backbone once; both ranks load it and train only the head."""
+    import torch
+
+    path = write_config(tmp_path)
+    sets = ["--set", "representation.method=simclr", "--set", "representation.epochs=1",
+            "--set", "representation.batch_size=16", "--set", "train.freeze_backbone=true"]
+    r = torchrun(["train", "-c", str(path), "-q", *sets])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("self-supervised backbone pretrained on 48 images") == 1
+    cached = list((tmp_path / "ws" / "cache" / "representation").glob("*.pt"))
+    assert len(cached) == 1
+    ssl = torch.load(cached[0], weights_only=True)
+    ck = torch.load(tmp_path / "ws" / "checkpoints" / "round-000.pt", weights_only=True)
+    for k, v in ssl.items():  # the head trained, the backbone stayed the pretrained one
+        assert torch.equal(ck["state_dict"][f"backbone.{k}"], v), k
