@@ -363,8 +363,7 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport:
         model, model_round = load_round_model(ws, cfg)
         model.to(device)
         if not snap.pool:
-            raise DataError(f"the pool is empty: every image in {cfg.data.pool} is labelled or "
-                            f"out for labelling")
+            raise DataError(_empty_pool(cfg))
         t0 = time.perf_counter()
         ds = _dataset(cfg, snap.pool)
         number = ws.next_round()
@@ -393,6 +392,13 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport:
         return report
 
 
+def _empty_pool(cfg: Config) -> str:
+    if cfg.data.pool is None:
+        return "no pool: set data.pool to the folder of unlabelled images to choose from"
+    return (f"the pool is empty: every image in {cfg.data.pool} is labelled or out for "
+            f"labelling")
+
+
 def _no_labels(cfg: Config) -> str:
     if cfg.data.labelled is None:
         return "no labelled images yet (data.labelled is not set, and no round was ingested)"
@@ -409,7 +415,7 @@ def _zero_label_query(ws: Workspace, cfg: Config, snap: Any, device: torch.devic
             f"labelled images, or set representation.method = \"simclr\" so that medal can "
             f"choose the first round from the pool alone")
     if not snap.pool:
-        raise DataError(f"the pool is empty: no images found in {cfg.data.pool}")
+        raise DataError(_empty_pool(cfg))
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
@@ -528,8 +534,7 @@ def _query_distributed(cfg: Config, *, progress: bool) -> QueryReport | None:
             snap = ws.sync()
             rec = current_model_record(ws)
             if not snap.pool:
-                raise DataError(f"the pool is empty: every image in {cfg.data.pool} is "
-                                f"labelled or out for labelling")
+                raise DataError(_empty_pool(cfg))
             number = ws.next_round()
             dims = build_model(cfg)
             sink = _Collector(len(snap.pool), q.mc_samples, dims.num_classes, dims.feature_dim,

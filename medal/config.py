@@ -1,6 +1,6 @@
 """TOML config -> frozen dataclasses.
 
-Every key has a default except ``workspace``, ``classes`` and ``data.pool``.
+Every key has a default except ``workspace`` and ``classes``.
 Relative paths resolve against the folder of the config file. An unknown key, a missing required
 key or a value of the wrong type or range raises :class:`~medal.errors.ConfigError` naming the key
 and what is allowed.
@@ -28,8 +28,9 @@ MONITORS = ("balanced_accuracy+auroc", "auroc", "balanced_accuracy", "accuracy",
 
 @dataclass(frozen=True)
 class DataConfig:
-    pool: Path
-    """Folder of unlabelled images, searched recursively."""
+    pool: Path | None = None
+    """Folder of unlabelled images, searched recursively. Needed by ``medal query``; not by
+    ``medal simulate``, which makes its own pool from ``--truth``."""
     labelled: Path | None = None
     """Folder with one subfolder per class, or a CSV with columns ``file,label``. Optional:
     without it (no label yet), ``medal query`` chooses the first round from the pool alone
@@ -237,7 +238,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
             f"valid top-level keys: {', '.join(sorted(known))}"
         )
-    for key in ("workspace", "classes", "data"):
+    for key in ("workspace", "classes"):
         if key not in raw:
             raise ConfigError(f"{where}: missing required key {key!r}")
 

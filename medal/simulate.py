@@ -850,6 +850,14 @@ def _failed(failures: dict[str, str], run: str, e: Exception, verbose: bool) -> 
         traceback.print_exception(e, file=sys.stderr)
 
 
+def run_progress(done: int, total: int, elapsed: float, name: str) -> str:
+    """``run 3 of 10 finished (bald/seed-2); 2.5 min so far, about 5.8 min left``: the time left
+    is the mean time per finished run so far times the runs still to go."""
+    left = elapsed / done * (total - done)
+    tail = f", about {left / 60:.1f} min left" if done < total else ""
+    return f"run {done} of {total} finished ({name}); {elapsed / 60:.1f} min so far{tail}"
+
+
 def simulate(cfg: Config, s: SimulationSettings) -> SimulationResult:
     """Run (or resume) every (strategy, seed) run, then write results, curves and summary."""
     t0 = time.perf_counter()
@@ -862,20 +870,26 @@ def simulate(cfg: Config, s: SimulationSettings) -> SimulationResult:
         if s.threads > 0:
             torch.set_num_threads(s.threads)
         truth = Truth(entries)
-        for spec in specs:
+        for k, spec in enumerate(specs, 1):
+            name = f"{spec.strategy}/seed-{spec.seed}"
             try:
                 run_one(spec, Oracle(truth.lookup, spec.oracle_log))
             except Exception as e:  # one failed run must not lose the others' results
-                _failed(failures, f"{spec.strategy}/seed-{spec.seed}", e, s.verbose)
+                _failed(failures, name, e, s.verbose)
+            if s.verbose:
+                print(run_progress(k, len(specs), time.perf_counter() - t0, name), flush=True)
     else:
         with ProcessPoolExecutor(max_workers=s.workers, mp_context=get_context("spawn")) as ex:
             futures = {ex.submit(_run_in_worker, spec, entries, threads):
                        f"{spec.strategy}/seed-{spec.seed}" for spec in specs}
-            for fut in as_completed(futures):
+            for k, fut in enumerate(as_completed(futures), 1):
                 try:
                     fut.result()
                 except Exception as e:
                     _failed(failures, futures[fut], e, s.verbose)
+                if s.verbose:
+                    print(run_progress(k, len(specs), time.perf_counter() - t0, futures[fut]),
+                          flush=True)
     out = s.out.resolve()
     rows = collect_rows(specs)
     write_results(out / "results.csv", rows)

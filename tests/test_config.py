@@ -38,8 +38,8 @@ def test_unknown_key_names_key_and_valid_keys(tmp_path):
 
 
 def test_missing_required_key(tmp_path):
-    with pytest.raises(ConfigError, match="missing required key 'data.pool'"):
-        load_config(write(tmp_path, BASE.replace('pool = "pool"', "")))
+    with pytest.raises(ConfigError, match="missing required key 'workspace'"):
+        load_config(write(tmp_path, BASE.replace('workspace = "ws"', "")))
     with pytest.raises(ConfigError, match="missing required key 'classes'"):
         load_config(write(tmp_path, BASE.replace('classes = ["normal", "pneumonia"]', "")))
 
@@ -138,3 +138,17 @@ def test_cli_and_simulate_import_without_a_cycle():
     code = ("import sys; import medal.simulate; "
             "assert 'medal.cli' not in sys.modules, 'simulate imported the CLI'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_data_paths_are_optional_and_query_names_a_missing_pool(tmp_path, capsys):
+    """A config for `medal simulate` needs no [data] (it makes its own pool and start set);
+    `medal query` without data.pool says what to set."""
+    from medal.cli import main
+
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text('workspace = "ws"\nclasses = ["a", "b"]\n')
+    cfg = load_config(cfg_path)
+    assert cfg.data.pool is None and cfg.data.labelled is None
+    assert main(["query", "-c", str(cfg_path), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "data.labelled is not set" in err and 'representation.method = "simclr"' in err

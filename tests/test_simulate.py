@@ -391,3 +391,12 @@ def test_honest_defaults(sim_setup):
     spec.loader.exec_module(bench)
     b = bench.parser().parse_args([])
     assert (b.start, b.seeds, b.validation) == ("random", "0,1,2,3,4", False)
+
+
+def test_run_progress_says_run_k_of_n_and_the_time_left():
+    from medal.simulate import run_progress
+
+    assert run_progress(2, 5, 120.0, "bald/seed-1") == (
+        "run 2 of 5 finished (bald/seed-1); 2.0 min so far, about 3.0 min left")
+    assert run_progress(5, 5, 300.0, "random/seed-4") == (
+        "run 5 of 5 finished (random/seed-4); 5.0 min so far")
