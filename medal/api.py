@@ -57,6 +57,7 @@ class QueryReport:
     skipped: dict[Path, str] = field(default_factory=dict)
     reused: int = 0
     """Pool images whose scores from an earlier query with the same model were reused."""
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -130,7 +131,7 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport:
         xt, yt, _, sk_t = _load(cfg, snap.test)
         skipped |= sk_v | sk_t
         model, parent = initial_model(ws, cfg, model_round)
-        notes = []
+        notes = list(snap.notes)
         if parent is None and cfg.representation.method != "none":
             notes.append(pretrained_backbone(ws, cfg, model, snap, device, progress)[0])
         epochs = (cfg.train.fine_tune_epochs or cfg.train.epochs) if parent is not None \
@@ -389,6 +390,7 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport:
         report = _select_and_export(ws, cfg, snap, mc, model, device, number, model_round,
                                     seed, t0)
         report.reused = reused
+        report.notes[:0] = snap.notes
         return report
 
 

@@ -141,6 +141,8 @@ def _print_query(r: api.QueryReport, cfg: Config) -> None:
               f"query)")
     if r.skipped:
         print(f"  {len(r.skipped)} unreadable file(s) skipped; see 'medal status'")
+    for note in r.notes:
+        print(f"  note: {note}")
     print(f"labelling folder: {_rel(r.folder)}")
     print(f"next: fill {_rel(r.folder / 'labels.csv')} (or sort the images into its class "
           f"folders), then\n  medal ingest -c {_rel(cfg.path)} {_rel(r.folder)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import io
 import os
 import secrets
 import shutil
@@ -73,6 +74,8 @@ class Snapshot:
     test: list[Item] = field(default_factory=list)
     pending: int = 0
     """Images exported in a round that has not been ingested yet (out of the pool meanwhile)."""
+    notes: list[str] = field(default_factory=list)
+    """Things a person should hear once (e.g. pool images that are also evaluation images)."""
     skipped: dict[str, str] = field(default_factory=dict)
     """Files the scan left out, ``{path: reason}`` (link loops, pipes, empty files, names
     that are not UTF-8, ...); also recorded in the ledger and ``skipped.csv``."""
@@ -373,6 +376,7 @@ class Workspace:
                                 if lab != UNSURE and i in paths and i not in frozen),
                                key=lambda it: str(it.path))
         held_out = {it.id for it in snap.validation} | {it.id for it in snap.test}
+        self._note_pool_overlap(snap, pool)
         pending = self.db.pending_image_ids()
         snap.pending = len(pending)
         snap.pool = [it for it in pool
@@ -399,6 +403,27 @@ class Workspace:
             w.writerow(["file", "reason"])
             w.writerows(sorted(merged.items()))
         tmp.replace(self.skipped_csv)
+
+    def _note_pool_overlap(self, snap: Snapshot, pool: list[Item]) -> None:
+        """Pool images byte-identical to a validation or test image never enter the pool
+        (labelling one would leak the evaluation set); list them in ``pool-overlap.csv`` and
+        add a note the first time the list changes."""
+        where = {it.id: "validation" for it in snap.validation}
+        where |= {it.id: "test" for it in snap.test}
+        rows = sorted((str(it.path), where[it.id]) for it in pool if it.id in where)
+        path = self.root / "pool-overlap.csv"
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([("file", "also_in"), *rows])
+        text = buf.getvalue()
+        old = path.read_text(encoding="utf-8") if path.is_file() else "file,also_in\n"
+        if text == old:
+            return
+        tmp = path.with_suffix(".csv.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+        if rows:
+            snap.notes.append(f"{len(rows)} pool image(s) are byte-identical to validation or "
+                              f"test images and are left out of the pool (list: {path})")
 
     def _choose_holdout(self, initial: list[Item]) -> list[str]:
         """Stratified ``train.validation_fraction`` of the initial labels, frozen in the ledger.

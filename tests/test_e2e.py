@@ -219,3 +219,21 @@ def test_every_frame_of_a_multiframe_dicom_is_its_own_image(tmp_path, tiny_data)
     assert api.ingest(cfg, r.folder).labelled == {"normal": 2, "pneumonia": 1}
     t = api.train(cfg, progress=False)
     assert t.n_labels == 8 + 3
+
+
+def test_pool_copies_of_evaluation_images_are_left_out_and_said_once(tmp_path, tiny_data, capsys):
+    import shutil
+
+    root = tiny_data["root"]
+    shutil.copy(root / "validation" / "normal" / "v0.png", root / "pool" / "png" / "copy.png")
+    cfg_path = write_config(tmp_path)
+    c = ["-c", str(cfg_path), "-q"]
+    assert main(["train", *c]) == 0
+    out = capsys.readouterr().out
+    assert "1 pool image(s) are byte-identical to validation or test images" in out
+    listed = (tmp_path / "ws" / "pool-overlap.csv").read_text().splitlines()
+    assert listed[0] == "file,also_in" and listed[1].endswith("copy.png,validation")
+    assert main(["query", *c]) == 0
+    out = capsys.readouterr().out
+    assert "byte-identical" not in out  # said once
+    assert "from a pool of 40" in out  # 41 files, the copy left out
