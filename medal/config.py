@@ -16,9 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-MODEL_NAMES = ("small_cnn", "resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0")
 DEVICES = ("auto", "cpu", "cuda")
-WINDOW_MODES = ("file", "minmax")
 SAMPLING_MODES = ("auto", "head", "full")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ROUND_STARTS = ("warm_start", "retrain")
@@ -364,13 +362,16 @@ def _build(cls: type, table: dict[str, Any], section: str, base: Path, where: st
 
 
 def _window(v: Any, key: str, where: str) -> str | tuple[float, float]:
+    from .io.images import WINDOW_MODES  # io owns the window modes
+
     if isinstance(v, str) and v in WINDOW_MODES:
         return v
     if (isinstance(v, list) and len(v) == 2
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
             and v[1] > 0):
         return (float(v[0]), float(v[1]))
-    raise ConfigError(f"{where}: {key!r} must be \"file\", \"minmax\" or [center, width] with "
+    modes = ", ".join(f'"{m}"' for m in WINDOW_MODES)
+    raise ConfigError(f"{where}: {key!r} must be one of {modes} or [center, width] with "
                       f"width > 0, got {v!r}")
 
 
@@ -390,13 +391,15 @@ def _path(v: Any, key: str, base: Path, where: str) -> Path:
 
 def _validate_values(cfg: Config, where: str) -> None:
     from .acquisition import STRATEGIES  # local: acquisition is a leaf module
+    from .models import available_models  # the registry is the only list of model names
 
     def need(ok: bool, key: str, allowed: str, value: Any) -> None:
         if not ok:
             raise ConfigError(f"{where}: {key!r} must be {allowed}, got {value!r}")
 
     m, t, q = cfg.model, cfg.train, cfg.query
-    need(m.name in MODEL_NAMES, "model.name", f"one of {', '.join(MODEL_NAMES)}", m.name)
+    names = available_models()
+    need(m.name in names, "model.name", f"one of {', '.join(names)}", m.name)
     need(8 <= m.image_size <= 2048, "model.image_size", "between 8 and 2048", m.image_size)
     need(m.channels in (1, 3), "model.channels", "1 or 3", m.channels)
     need(0.0 < m.dropout < 1.0, "model.dropout", "in (0, 1) (MC dropout needs dropout)", m.dropout)

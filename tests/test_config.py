@@ -152,3 +152,19 @@ def test_data_paths_are_optional_and_query_names_a_missing_pool(tmp_path, capsys
     assert main(["query", "-c", str(cfg_path), "-q"]) == 2
     err = capsys.readouterr().err
     assert "data.labelled is not set" in err and 'representation.method = "simclr"' in err
+
+
+def test_model_names_and_window_modes_come_from_their_owners(tmp_path, monkeypatch):
+    """config keeps no copy of these lists: a backbone registered at run time is accepted."""
+    from torch import nn
+
+    from medal import models
+
+    assert "my_net" not in models.available_models()
+    with pytest.raises(ConfigError, match="model.name.*one of small_cnn"):
+        load_config(write(tmp_path, BASE), {"model.name": "my_net"})
+    monkeypatch.setitem(models._REGISTRY, "my_net",
+                        lambda c: (nn.Sequential(nn.Flatten(), nn.LazyLinear(8)), 8))
+    assert load_config(write(tmp_path, BASE), {"model.name": "my_net"}).model.name == "my_net"
+    with pytest.raises(ConfigError, match='image.window.*"file", "minmax" or'):
+        load_config(write(tmp_path, BASE), {"image.window": "lung"})
