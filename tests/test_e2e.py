@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 
 from medal import api
 from medal.cli import main
@@ -82,7 +83,8 @@ def test_bad_config_and_missing_workspace_are_clear(tmp_path, tiny_data, capsys)
     assert "'query.budget' must be >= 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cmd", ["train", "query", "ingest", "round", "status", "labels"])
+@pytest.mark.parametrize("cmd", ["train", "query", "ingest", "round", "status", "labels",
+                                 "simulate"])
 def test_every_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
@@ -132,13 +134,41 @@ def test_frozen_validation_split_without_validation_set(tmp_path, tiny_data):
         assert sorted(it.id for it in ws.sync().validation) == first  # frozen in the ledger
 
 
-@pytest.mark.parametrize("strategy", ["batchbald", "coreset", "badge", "powerbald", "entropy"])
+@pytest.mark.parametrize("strategy", ["batchbald", "coreset", "badge", "powerbald", "entropy",
+                                      "typiclust", "epig"])
 def test_query_with_each_strategy_kind(tmp_path, tiny_data, strategy):
+    """The configured strategy is the one that chose: the export equals what the acquisition
+    function picks from the stored scores (same seed), and the ledger names it."""
+    import numpy as np
+
+    from medal import acquisition
+    from medal.workspace import Workspace
+
     cfg = load_config(write_config(tmp_path), {"query.strategy": strategy,
                                                "query.balance": strategy == "entropy"})
     api.train(cfg, progress=False)
     r = api.query(cfg, progress=False)
-    assert r.n_selected == 6 and r.folder.is_dir()
+    assert r.n_selected == 6 and r.folder.is_dir() and r.strategy == strategy
+    scores = cfg.workspace / "scores" / "round-001"
+    probs = np.load(scores / "probs.npy").astype(np.float32)
+    feats = np.load(scores / "features.npy").astype(np.float32)
+    ids = np.load(scores / "ids.npy")
+    with Workspace(cfg, lock=False) as ws:
+        assert ws.db.rounds()[0].strategy == strategy
+        exported = [s.image_id for s in ws.db.selections(1)]
+        labelled = None
+        if strategy in ("coreset", "typiclust"):
+            from medal.api import _load, load_round_model
+            from medal.uncertainty import mc_predict_tensors
+
+            model, _ = load_round_model(ws, cfg)
+            xl, _, _, _ = _load(cfg, ws.sync().labelled)
+            _, labelled = mc_predict_tensors(model, xl, 2, device=torch.device("cpu"),
+                                             seed=cfg.seed * 1000 + 1)
+    rng = np.random.default_rng(cfg.seed * 1000 + 1)  # the query's seed for round 1
+    idx, _ = acquisition.select(strategy, probs, 6, rng=rng, features=feats,
+                                labelled_features=labelled, balance=strategy == "entropy")
+    assert exported == [str(i) for i in ids[idx]]
 
 
 def test_single_class_start_explores_by_diversity(tmp_path, tiny_data):
