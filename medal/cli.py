@@ -215,8 +215,9 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         print("\nround  strategy     exported  labelled  pool    model  state")
         for r in s.rounds:
             state = "ingested" if r["ingested"] else "awaiting labels"
+            model = r["model_round"] if r["model_round"] >= 0 else "–"  # zero-label round
             print(f"{r['round']:>5}  {r['strategy']:<11}  {r['exported']:>8}  {r['labelled']:>8}"
-                  f"  {r['pool_size']:>6}  {r['model_round']:>5}  {state}")
+                  f"  {r['pool_size']:>6}  {model:>5}  {state}")
     else:
         print("\nno rounds exported yet")
     if s.models:

@@ -102,6 +102,10 @@ def test_zero_label_start_chooses_the_first_round_from_the_pool(tmp_path, tiny_d
         for r in rows:
             w.writerow([r["file"], tiny_data["truth"][r["source_path"]]])
     assert main(["ingest", *c, str(folder)]) == 0
+    capsys.readouterr()
+    assert main(["status", *c]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("1 "))
+    assert "typiclust:zero-label" in line and " – " in line and "-1" not in line
     assert main(["train", *c]) == 0
     out = capsys.readouterr().out
     assert "model round 1: trained from scratch on 6 labels" in out
