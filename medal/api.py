@@ -193,8 +193,8 @@ def _finish_training(ws: Workspace, cfg: Config, model: MCModel, device: torch.d
                                                     cfg.classes)
     path = ws.checkpoint_path(model_round)
     save_checkpoint(path, model, cfg, model_round)
-    ws.db.record_model(model_round, path.relative_to(ws.root).as_posix(), parent, len(items), result.epochs,
-                       result.seconds, metrics)
+    ws.db.record_model(model_round, path.relative_to(ws.root).as_posix(), parent, len(items),
+                       result.epochs, result.seconds, metrics)
     _record_skipped(ws, skipped)
     counts = Counter(it.label for it in items)
     return TrainReport(model_round, path, len(items), {c: counts.get(c, 0) for c in cfg.classes},

@@ -52,9 +52,6 @@ class Views:
     2-core CPU, most of it in Python overhead; this takes about a second.
     """
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """``x [B, C, S, S]`` -> one random view of each image ``[B, C, S, S]``."""
         b = len(x)
@@ -127,7 +124,7 @@ def pretrain(backbone: nn.Module, feature_dim: int, x: torch.Tensor, settings: S
     bs = min(settings.batch_size, n)
     steps = max(1, n // bs) * settings.epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    views = Views(x.shape[-1])
+    views = Views()
     bar = tqdm(range(settings.epochs), desc="self-supervised pretraining", unit="epoch",
                disable=not progress, leave=False)
     t0 = time.perf_counter()
