@@ -90,6 +90,9 @@ class Workspace:
         self._want_lock = lock
         self._lock_fd: int | None = None
         self.ledger: Ledger | None = None
+        self._copies: dict[str, list[str]] = {}
+        """``{path: every path with the same content}`` for files found more than once by the
+        last :meth:`sync` (a decode failure found on one copy is listed for each)."""
 
     # --- paths ----------------------------------------------------------------------------
     @property
@@ -330,6 +333,7 @@ class Workspace:
         snap = Snapshot()
         known = self.db.images_by_path()  # read once for all four sources
         skipped: dict[Path, str] = {}
+        found: dict[str, list[str]] = {}  # content id -> every path scanned with it
 
         def items(source: Path | None, labelled: bool, dedupe: bool = True) -> list[Item]:
             """Scanned files as items; with ``dedupe``, one item per content id."""
@@ -339,6 +343,7 @@ class Workspace:
             out = []
             scanned = scan_source(source, classes if labelled else None, skipped)
             for image_id, e in self.identify(scanned, known, skipped):
+                found.setdefault(image_id, []).append(display_path(e.path))
                 prev = seen.get(image_id)
                 if prev is not None and labelled and prev.label != e.label:
                     raise DataError(f"{source}: the same image is labelled {prev.label!r} "
@@ -353,6 +358,8 @@ class Workspace:
         snap.validation = items(cfg.data.validation, True, dedupe=False)
         snap.test = items(cfg.data.test, True, dedupe=False)
         pool = items(cfg.data.pool, False)
+        self._copies = {p: sorted(set(ps)) for ps in found.values() if len(set(ps)) > 1
+                        for p in ps}
         self._record_initial_labels(initial)
         snap.skipped = {display_path(p): r for p, r in skipped.items()}
         self.record_skipped(snap.skipped, prune=True)
@@ -390,10 +397,14 @@ class Workspace:
     def record_skipped(self, skipped: dict[str, str], *, prune: bool = False) -> None:
         """Add ``{path: reason}`` to the unreadable files in the ledger and rewrite
         ``skipped.csv`` (atomically) when the list changed. With ``prune``, files that no
-        longer exist leave the list first. Paths are stored as :func:`display_path` text."""
+        longer exist leave the list first. Paths are stored as :func:`display_path` text; a
+        file the last :meth:`sync` found byte-identical copies of is listed with each copy
+        (the copies share one id, so only one of them was decoded)."""
         before = self.db.skipped()
         merged = {p: r for p, r in before.items() if not prune or os.path.lexists(p)}
-        merged |= {display_path(p): r for p, r in skipped.items()}
+        for p, r in skipped.items():
+            shown = display_path(p)
+            merged |= dict.fromkeys(self._copies.get(shown, [shown]), r)
         if merged == before:
             return
         self.db.set_skipped(merged)

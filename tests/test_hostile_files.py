@@ -301,3 +301,24 @@ def test_disk_filling_while_reserving(tmp_path, monkeypatch):
                                              r"\d\.\d\d MB needed for probs\.tmp\.npy"):
         uncertainty._Collector(1000, 20, 2, 500, out, None)
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["pool", "labelled"])
+def test_identical_unreadable_copies_are_each_listed(tmp_path, tiny_data, capsys, where):
+    """Two byte-identical corrupt files share one content id; the decode failure is found
+    once, but both paths are listed."""
+    folder = tiny_data["root"] / ("pool/png" if where == "pool" else "labelled/normal")
+    corrupt = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40  # a PNG signature, then nothing decodable
+    (folder / "bad1.png").write_bytes(corrupt)
+    (folder / "bad2.png").write_bytes(corrupt)
+    cfg = write_config(tmp_path)
+    assert main(["train", "-q", "-c", str(cfg)]) == 0
+    if where == "pool":
+        assert main(["query", "-q", "-c", str(cfg)]) == 0
+    capsys.readouterr()
+    listed = {Path(p).name: r for p, r in skipped_csv(tmp_path / "ws").items()}
+    assert set(listed) == {"bad1.png", "bad2.png"}, listed
+    assert listed["bad1.png"] == listed["bad2.png"]
+    assert main(["status", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "2 unreadable file(s) skipped" in out
