@@ -97,16 +97,10 @@ def _load(cfg: Config, items: list[Item]) -> tuple[Any, np.ndarray, list[Item], 
 
 
 def _record_skipped(ws: Workspace, skipped: dict[Path, str]) -> None:
-    """Remember unreadable files in the ledger and in ``<workspace>/skipped.csv``."""
+    """Remember unreadable files in the ledger and in ``<workspace>/skipped.csv`` (with every
+    byte-identical copy of each)."""
     if skipped:
-        merged = ws.db.skipped() | {str(p): r for p, r in skipped.items()}
-        ws.db.set_skipped(merged)
-        tmp = ws.root / "skipped.csv.tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["file", "reason"])
-            w.writerows(sorted(merged.items()))
-        tmp.replace(ws.root / "skipped.csv")
+        ws.record_skipped({str(p): r for p, r in skipped.items()})
 
 
 def train(cfg: Config, *, progress: bool = True) -> TrainReport:
