@@ -228,8 +228,12 @@ def deidentify_file(src: Path, dst: Path, secret: str) -> None:
         ds = pydicom.dcmread(src, force=True)
         deidentify(ds, secret)
         ds.save_as(dst, enforce_file_format=True)
-    except OSError:
-        raise
+    except OSError as e:
+        if e.errno is not None:  # reading or writing the file failed (no space, gone, ...)
+            raise
+        # pydicom's parser raises OSError without errno for malformed data ("No tag to read")
+        raise DataError(f"{src}: cannot write a de-identified copy ({e}); repair the file or "
+                        f"move it out of the pool") from e
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for odd files
         raise DataError(f"{src}: cannot write a de-identified copy ({type(e).__name__}: "
                         f"{e}); repair the file or move it out of the pool") from e

@@ -63,10 +63,10 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
     """Write ``labelling/round-NNN/`` and record the round in the ledger.
 
     The folder is built under a temporary name, the ledger row is committed, then the folder is
-    renamed into place; an interrupted export is finished or undone when the workspace opens.
+    renamed into place. An export that fails removes what it wrote and records nothing; one
+    interrupted (killed) is finished or undone when the workspace opens next.
     """
     cfg = ws.cfg
-    classes = list(cfg.classes)
     final = ws.round_dir(round)
     if final.exists():
         raise LabellingError(f"{final} already exists; refusing to overwrite a labelling folder")
@@ -74,6 +74,32 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    manifest_copy = ws.labelling_dir / "manifests" / f"round-{round:03d}.csv"
+    try:
+        selections = _write_round(ws, round, chosen, tmp, manifest_copy)
+        ws.db.record_round(RoundRecord(round, strategy, len(selections), cfg.query.mc_samples,
+                                       model_round, pool_size, str(final), time.time(), None,
+                                       score_seconds), selections)
+    except BaseException:
+        # Nothing is recorded: remove what was written, so an export that fails (a file
+        # de-identification cannot handle, a full disk, Ctrl-C) leaves no trace.
+        shutil.rmtree(tmp, ignore_errors=True)
+        manifest_copy.unlink(missing_ok=True)
+        try:
+            manifest_copy.parent.rmdir()  # only if this export made it (empty)
+        except OSError:
+            pass
+        raise
+    tmp.rename(final)
+    return final
+
+
+def _write_round(ws: Workspace, round: int, chosen: Sequence[Candidate], tmp: Path,
+                 manifest_copy: Path) -> list[Selection]:
+    """Fill the temporary round folder ``tmp`` (and, de-identified, ``manifest_copy``, the
+    manifest with source paths kept in the workspace); returns the selections to record."""
+    cfg = ws.cfg
+    classes = list(cfg.classes)
     secret = ws.secret() if cfg.labelling.deidentify else None
     width = max(3, len(str(len(chosen))))
     selections, manifest, gallery = [], [], []
@@ -93,7 +119,6 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
             exported_sha = file_sha256(tmp / name)
             unchanged = exported_sha == file_id
         if not unchanged:
-            shutil.rmtree(tmp)
             raise DataError(f"{src}: the file changed while medal was reading it; run the "
                             f"command again")
         preview = _preview(src, tmp / "previews" / f"{Path(name).stem}.png", cfg, frame) \
@@ -113,7 +138,7 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
               *[f"p_{c}" for c in classes]]
     if secret is not None:  # the mapping back to sources stays with the workspace
         (ws.labelling_dir / "manifests").mkdir(parents=True, exist_ok=True)
-        _write_csv(ws.labelling_dir / "manifests" / f"round-{round:03d}.csv", header, manifest)
+        _write_csv(manifest_copy, header, manifest)
         _write_csv(tmp / "manifest.csv", [h for h in header if h not in ("image_id",
                                                                          "source_path")],
                    [[r[0], *r[3:]] for r in manifest])
@@ -124,11 +149,7 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
     (tmp / "README.txt").write_text(_readme(round, classes, len(selections)), encoding="utf-8")
     if cfg.labelling.previews:
         (tmp / "index.html").write_text(gallery_html(round, classes, gallery), encoding="utf-8")
-    ws.db.record_round(RoundRecord(round, strategy, len(selections), cfg.query.mc_samples,
-                                   model_round, pool_size, str(final), time.time(), None,
-                                   score_seconds), selections)
-    tmp.rename(final)
-    return final
+    return selections
 
 
 # Pillow's format name -> the suffix an exported copy gets

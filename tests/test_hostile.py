@@ -24,6 +24,7 @@ from conftest import make_image, save, write_config
 from medal.cli import main
 from medal.config import load_config
 from medal.data import scan_source
+from medal.workspace import Workspace
 from test_labelling import export, files
 
 ROOT = Path(__file__).parents[1]
@@ -203,6 +204,45 @@ def test_exported_names_never_copy_a_hostile_suffix(tmp_path, tiny_data, capsys)
     assert len(names) == 6
     assert all(re.fullmatch(r"\d{3}_[0-9a-f]{12}\.(dcm|png)", n) for n in names), names
     assert sorted(p.name for p in folder.iterdir() if "<" in p.name) == []
+
+
+
+def broken_dicom(path: Path, rng: np.random.Generator, how: str) -> Path:
+    """A DICOM medal decodes and scores, with one attribute de-identification cannot handle
+    (placed before the pixel data): ``fd`` TableFeedPerRotation (0018,9310), FD, 3 bytes (not
+    a multiple of 8); ``sq`` ReferencedStudySequence (0008,1110) whose 5 bytes are no item."""
+    save(path, make_image(1, rng), as_dicom=True)
+    raw = path.read_bytes()
+    at = raw.index(b"\xe0\x7f\x10\x00")  # (7FE0,0010) PixelData, little endian
+    elem = (b"\x18\x00\x10\x93FD\x03\x00\x01\x02\x03" if how == "fd" else
+            b"\x08\x00\x10\x11SQ\x00\x00\x05\x00\x00\x00\x01\x02\x03\x04\x05")
+    path.write_bytes(raw[:at] + elem + raw[at:])
+    return path
+
+
+@pytest.mark.parametrize("how", ["fd", "sq"])
+def test_failed_deidentification_leaves_no_round(tmp_path, tiny_data, capsys, how):
+    """De-identification fails on the second of three exported files: the command stops with
+    one line naming the file, the temporary round folder is removed and no round is
+    recorded, so the next query starts clean."""
+    pool = tmp_path / "small_pool"
+    rng = np.random.default_rng(5)
+    for i in (0, 2):
+        save(pool / f"ok{i}.dcm", make_image(i % 2, rng), as_dicom=True)
+    broken_dicom(pool / "bad1.dcm", rng, how)
+    cfg = write_config(tmp_path)
+    c = ["-c", str(cfg), "-q", "--set", f"data.pool={json.dumps(str(pool))}",
+         "--set", "labelling.deidentify=true", "--set", "query.strategy=random"]
+    assert main(["train", *c, "--set", "train.epochs=1", "--set", "train.min_steps=1"]) == 0
+    capsys.readouterr()
+    ws = tmp_path / "ws"
+    with Workspace(load_config(cfg)) as w:
+        w.secret()  # made once per workspace, on its first de-identified export
+    refuse(["query", *c], capsys, ws, r"bad1\.dcm: cannot write a de-identified copy",
+           problems=0)
+    assert sorted(p.name for p in (ws / "labelling").iterdir()) == []
+    with Workspace(load_config(cfg)) as w:
+        assert w.db.rounds() == []
 
 
 # --- output -----------------------------------------------------------------------------------
