@@ -22,6 +22,7 @@ EPILOG = """workflow:
   medal round  -c CONFIG            fine-tune on all labels, then export the next round
   medal status -c CONFIG            rounds, label counts and metrics
   medal labels -c CONFIG export -o labels.csv   every label with provenance
+  medal labels serve FOLDER         the labelling page for a round folder (local web page)
   medal simulate -c CONFIG --truth DIR --strategies bald,random ...   learning curves
 
 See README.md for the config reference."""
@@ -34,11 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medal {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
+    def add(name: str, help: str, description: str,
+            config_required: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=description,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("-c", "--config", required=True, type=Path,
-                       help="TOML config file (relative paths in it resolve against its folder)")
+        p.add_argument("-c", "--config", required=config_required, type=Path,
+                       help="TOML config file (relative paths in it resolve against its folder)"
+                       + ("" if config_required else "; optional for 'labels serve'"))
         p.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE",
                        help="override a config key, e.g. --set query.budget=50 (repeatable)")
@@ -63,14 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", "show rounds, label counts and metrics per round",
         "Show the workspace: rounds exported and ingested, labels per class and source,\n"
         "metrics of each model round, and files that could not be read.")
-    p = add("labels", "export every label with provenance; list or release 'unsure' images",
+    p = add("labels", "export every label with provenance; list or release 'unsure' images; "
+            "serve the labelling page",
             "labels export -o FILE   every label row (round, source, annotator, time) as CSV\n"
             "labels unsure           images labelled 'unsure' (kept out of the pool)\n"
             "labels release [ID...]  put 'unsure' images back in the pool (all, or by id\n"
-            "                        prefix)")
-    p.add_argument("action", choices=["export", "unsure", "release"])
-    p.add_argument("ids", nargs="*", help="image id prefixes (release)")
+            "                        prefix)\n"
+            "labels serve FOLDER     a local web page to label one round folder with the\n"
+            "                        keyboard; every decision is written to its labels.csv\n"
+            "                        (labels_<NAME>.csv with --annotator NAME) at once.\n"
+            "                        -c is optional here: without it the classes come from\n"
+            "                        the folder's manifest.csv and predictions stay hidden.\n"
+            "                        Needs the serve extra: pip install 'medal-al[serve]'",
+            config_required=False)
+    p.add_argument("action", choices=["export", "unsure", "release", "serve"])
+    p.add_argument("ids", nargs="*", metavar="ID|FOLDER",
+                   help="image id prefixes (release) or the round folder (serve)")
     p.add_argument("-o", "--output", type=Path, help="CSV to write (export)")
+    p.add_argument("--annotator", metavar="NAME",
+                   help="serve: write labels_NAME.csv (several readers) instead of labels.csv")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="serve: address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=0, help="serve: port (default 0: a free one)")
     from . import simulate
 
     simulate.add_parser(sub)
@@ -82,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         try:
-            cfg = load_config(args.config, parse_overrides(args.overrides))
+            cfg = (None if args.config is None  # only 'labels serve' runs without one
+                   else load_config(args.config, parse_overrides(args.overrides)))
             code = COMMANDS[args.command](cfg, args)
             sys.stdout.flush()  # a closed pipe (medal status | head) shows here, not at exit
             return code
@@ -179,7 +197,11 @@ def cmd_ingest(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_labels(cfg: Config, args: argparse.Namespace) -> int:
+def cmd_labels(cfg: Config | None, args: argparse.Namespace) -> int:
+    if args.action == "serve":
+        return _serve(cfg, args)
+    if cfg is None:
+        raise MedalError(f"labels {args.action} needs the config: -c CONFIG")
     if args.action == "export":
         if args.output is None:
             raise MedalError("labels export needs -o FILE")
@@ -194,6 +216,27 @@ def cmd_labels(cfg: Config, args: argparse.Namespace) -> int:
     else:
         n = api.release_unsure(cfg, args.ids or None)
         print(f"{n} image(s) returned to the pool")
+    return 0
+
+
+def _serve(cfg: Config | None, args: argparse.Namespace) -> int:
+    from . import serve
+
+    if len(args.ids) != 1:
+        raise MedalError("labels serve needs exactly one round folder, e.g. "
+                         "medal labels serve runs/x/labelling/round-001")
+    server = serve.serve(Path(args.ids[0]), cfg, annotator=args.annotator, host=args.host,
+                         port=args.port)
+    book = server.book
+    print(f"labelling page for {_rel(book.folder)} ({len(book.images)} images; writes "
+          f"{book.labels_path.name}):")
+    print(f"  {server.url}", flush=True)
+    if not server.local_only:
+        print(f"  note: listening on {args.host}, so other machines can reach it (the token "
+              f"is still required)")
+    print("open the address in a browser; Ctrl-C stops the server (every decision is already "
+          "saved)", flush=True)
+    server.run()
     return 0
 
 

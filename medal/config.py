@@ -149,6 +149,9 @@ class LabellingConfig:
     """Write a PNG preview of each image as the model saw it (windowed) and index.html."""
     preview_size: int = 512
     """Longest side of the previews, in pixels."""
+    show_predictions: bool = False
+    """The labelling page (``medal labels serve``) shows the model's prediction and score.
+    Off by default: readers label blind, as automation bias is real in radiology."""
 
 
 @dataclass(frozen=True)

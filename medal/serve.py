@@ -1,0 +1,604 @@
+"""The labelling page: a local web page for one exported round folder.
+
+``medal labels serve ROUND_FOLDER`` shows the round's images one at a time and writes every
+decision straight into the folder's labels file, so the folder stays the contract between medal
+and the radiologist::
+
+    round-001/
+      manifest.csv           which images, in rank order (read; never written)
+      labels.csv             file,label[,comment]: written by the page (or labels_<name>.csv
+                             with --annotator NAME), exactly the format ``medal ingest`` reads
+      001_3fa2c4e1b07d.dcm   the images the page shows (only files listed in manifest.csv)
+
+Each decision rewrites the labels file atomically (temporary file, fsync, ``os.replace``): a
+stopped server or a closed browser loses nothing, and reopening resumes from the file. Rows and
+columns the page does not own (an ``annotator`` column, rows typed in a spreadsheet) are kept.
+
+Safety: the server binds 127.0.0.1 unless told otherwise; every request must carry the random
+token printed in the address (as Jupyter does), else it gets 403; it reads only files that
+manifest.csv lists, inside the round folder; the page loads nothing from the internet (the
+HTML, CSS and JavaScript are one packaged file, and a Content-Security-Policy forbids anything
+else).
+
+Pixels: the browser receives full-depth values (DICOM: the modality values after the modality
+LUT, e.g. Hounsfield units, as float32; other images: their stored values) and applies the
+window, inversion, zoom and pan itself on a canvas; the 8-bit previews are not used.
+
+The web stack (the ``serve`` extra) is Starlette with uvicorn: a maintained, small ASGI toolkit
+and server; the page needs no template engine or ORM.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import secrets
+import socket
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from pydicom.pixels import apply_modality_lut
+
+from .data import iter_csv, short
+from .errors import DataError, ImageReadError, LabellingError, MedalError
+from .io import load_image, sniff_format
+from .io import dicom as dicom_io
+from .labelling import LABELS, neutralise, round_number
+from .workspace import UNSURE
+
+INSTALL_HINT = "pip install 'medal-al[serve]'"
+MANIFEST = "manifest.csv"
+MAX_COMMENT = 2000
+"""Longest comment kept (characters); ingest refuses cells over 128 KiB."""
+_ANNOTATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_FRAME_IN_NAME = re.compile(r"_f(\d+)\.[A-Za-z0-9]+$")
+# Projection radiography has no calibrated units: its presets come from the image's histogram.
+PROJECTION_MODALITIES = ("CR", "DX", "DR", "RG", "MG", "RF", "XA", "IO", "PX")
+CT_PRESETS = (("lung", -600.0, 1500.0), ("mediastinum", 50.0, 350.0), ("bone", 400.0, 1800.0),
+              ("brain", 40.0, 80.0), ("abdomen", 50.0, 400.0))
+"""CT presets: (name, center, width) in Hounsfield units."""
+
+
+def check_annotator(name: str) -> str:
+    """``name`` if it can be part of ``labels_<name>.csv``; else a :class:`LabellingError`."""
+    if not _ANNOTATOR.fullmatch(name):
+        raise LabellingError(f"annotator name {short(name)} is not allowed; use 1-64 letters, "
+                             f"digits, '_', '-' or '.', starting with a letter or digit")
+    return name
+
+
+@dataclass(frozen=True)
+class RoundImage:
+    """One image of the round, as manifest.csv lists it."""
+
+    file: str
+    rank: int
+    frame: int | None
+    """The frame the image is (``image.frame = "all"`` exports name it ``..._f<k>``)."""
+    score: str
+    predicted: str
+    probs: dict[str, str]
+
+
+class RoundBook:
+    """The images of one round folder and the labels file the page writes.
+
+    ``classes`` (a config's) must match the ``p_<class>`` columns of manifest.csv; without them
+    the classes are read from those columns. ``annotator`` selects ``labels_<annotator>.csv``
+    instead of ``labels.csv``.
+    """
+
+    def __init__(self, folder: str | Path, classes: Sequence[str] | None = None,
+                 annotator: str | None = None) -> None:
+        folder = Path(folder).absolute()
+        if not folder.is_dir():
+            raise LabellingError(f"round folder not found: {folder}")
+        self.round = round_number(folder)
+        self.folder = folder
+        self.annotator = None if annotator is None else check_annotator(annotator)
+        self.labels_path = folder / (LABELS if annotator is None else f"labels_{annotator}.csv")
+        self.images, found = self._read_manifest()
+        if classes is not None:
+            if found and [c.lower() for c in found] != [c.lower() for c in classes]:
+                raise LabellingError(f"{folder}: exported with classes {', '.join(found)}, but "
+                                     f"the config has {', '.join(classes)}; use the config "
+                                     f"of the workspace that exported this round")
+            found = list(classes)
+        if len(found) < 2:
+            raise LabellingError(f"{folder / MANIFEST}: no p_<class> columns to take the "
+                                 f"classes from; pass the workspace's config (-c CONFIG)")
+        self.classes = list(found)
+        self.allowed = {c.lower(): c for c in self.classes} | {UNSURE: UNSURE}
+        self.by_file = {im.file: im for im in self.images}
+        self._lock = threading.Lock()
+        self._check_labels_file()
+
+    # --- reading --------------------------------------------------------------------------
+    def _regular_file(self, path: Path) -> bool:
+        """``path`` is a regular file inside the round folder (a link may not lead out)."""
+        try:
+            path.resolve().relative_to(self.folder.resolve())
+        except (ValueError, OSError, RuntimeError):
+            return False
+        return path.is_file()
+
+    def _read_manifest(self) -> tuple[list[RoundImage], list[str]]:
+        path = self.folder / MANIFEST
+        if not self._regular_file(path):
+            raise LabellingError(f"{path}: not found (or not a regular file in the round "
+                                 f"folder); is {self.folder} a folder exported by medal query?")
+        rows = iter_csv(path)
+        first = next(rows, None)
+        header = [h.strip() for h in first[1]] if first else []
+        lower = [h.lower() for h in header]
+        if "file" not in lower:
+            raise LabellingError(f"{path}: no 'file' column; is this a medal round folder?")
+        col = {h: i for i, h in reversed(list(enumerate(lower)))}
+        classes = [h[2:] for h in header if h.lower().startswith("p_") and len(h) > 2]
+
+        def cell(row: list[str], name: str) -> str:
+            i = col.get(name)
+            return row[i].strip() if i is not None and i < len(row) else ""
+
+        images = []
+        for n, row in rows:
+            name = cell(row, "file")
+            if not name:
+                continue
+            if PurePosixPath(name.replace("\\", "/")).name != name or name in (".", ".."):
+                raise LabellingError(f"{path} line {n}: file {short(name)} is not a plain file "
+                                     f"name in the round folder")
+            rank = cell(row, "rank")
+            m = _FRAME_IN_NAME.search(name)
+            images.append(RoundImage(
+                name, int(rank) if rank.isdigit() else len(images) + 1,
+                int(m.group(1)) if m else None, cell(row, "score"),
+                cell(row, "predicted").lstrip("'"),
+                {c: cell(row, f"p_{c.lower()}") for c in classes}))
+        if not images:
+            raise LabellingError(f"{path}: lists no images")
+        return sorted(images, key=lambda im: im.rank), classes
+
+    def _check_labels_file(self) -> None:
+        p = self.labels_path
+        if (p.exists() or p.is_symlink()) and not self._regular_file(p):
+            raise LabellingError(f"{p}: is a link out of the round folder, a folder or not a "
+                                 f"regular file; the page writes only a plain {p.name}")
+        self._read_rows()  # refuses a file without 'file' and 'label' columns
+
+    def _read_rows(self) -> tuple[list[str], list[list[str]]]:
+        """The labels file as ``(header, rows)``; a missing file is an empty one."""
+        p = self.labels_path
+        if not p.exists():
+            return ["file", "label", "comment"], []
+        try:
+            rows = [row for _, row in iter_csv(p)]
+        except OSError as e:
+            raise LabellingError(f"{p}: cannot be read: {e.strerror or e}") from None
+        except DataError as e:
+            raise LabellingError(str(e)) from None
+        if not rows:
+            return ["file", "label", "comment"], []
+        header = [h.strip() for h in rows[0]]
+        lower = [h.lower() for h in header]
+        if "file" not in lower or "label" not in lower:
+            raise LabellingError(f"{p} line 1: the header must have columns 'file' and 'label' "
+                                 f"(got {short(', '.join(map(repr, rows[0])))}); fix or remove "
+                                 f"the file")
+        return header, rows[1:]
+
+    @staticmethod
+    def _key(cell: str) -> str:
+        return PurePosixPath(cell.strip().replace("\\", "/")).name
+
+    def labels(self) -> dict[str, dict[str, str]]:
+        """``{file: {"label": ..., "comment": ...}}`` for every image of the round, as the labels
+        file says now (``label`` is the class name as configured, ``unsure``, ``""``, or the
+        text found when it is not an allowed label)."""
+        header, rows = self._read_rows()
+        lower = [h.lower() for h in header]
+        fi, li = lower.index("file"), lower.index("label")
+        ci = lower.index("comment") if "comment" in lower else None
+        out = {im.file: {"label": "", "comment": ""} for im in self.images}
+        seen: set[str] = set()
+        for row in rows:
+            name = self._key(row[fi]) if fi < len(row) else ""
+            if name not in out or name in seen:
+                continue  # not an image of the round, or a repeated row (ingest reports both)
+            seen.add(name)
+            raw = row[li].strip() if li < len(row) else ""
+            comment = row[ci] if ci is not None and ci < len(row) else ""
+            out[name] = {"label": self.allowed.get(raw.lower(), raw), "comment": comment}
+        return out
+
+    # --- writing --------------------------------------------------------------------------
+    def set(self, file: str, *, label: str | None = None,
+            comment: str | None = None) -> dict[str, str]:
+        """Record one decision and rewrite the labels file atomically; returns the image's
+        entry as read back. ``label``: a class (any case), ``unsure`` or ``""`` (clear: the
+        image returns to the pool); ``None`` keeps it. ``comment``: ``None`` keeps it."""
+        if file not in self.by_file:
+            raise LabellingError(f"{short(file)} is not an image of round {self.round:03d}")
+        if label is not None:
+            canonical = self.allowed.get(label.strip().lower())
+            if label.strip() and canonical is None:
+                raise LabellingError(f"label {short(label)} is not allowed; allowed: "
+                                     f"{', '.join([*self.classes, UNSURE])} (or empty)")
+            label = canonical or ""
+        if comment is not None:
+            comment = neutralise(" ".join(comment.split())[:MAX_COMMENT])
+        with self._lock:
+            header, rows = self._read_rows()
+            lower = [h.lower() for h in header]
+            if "comment" not in lower:
+                header.append("comment")
+                lower.append("comment")
+            fi, li, ci = lower.index("file"), lower.index("label"), lower.index("comment")
+            width = len(header)
+            rows = [r + [""] * (width - len(r)) for r in rows if any(c.strip() for c in r)]
+            present = {self._key(r[fi]) for r in rows}
+            rows += [[im.file if i == fi else "" for i in range(width)]
+                     for im in self.images if im.file not in present]
+            for row in rows:
+                if self._key(row[fi]) == file:
+                    if label is not None:
+                        row[li] = label
+                    if comment is not None:
+                        row[ci] = comment
+                    break
+            self._write([header, *rows])
+        return self.labels()[file]
+
+    def _write(self, rows: list[list[str]]) -> None:
+        target = self.labels_path
+        tmp = self.folder / f".{target.name}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows(rows)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise LabellingError(f"{target}: cannot be written: {e.strerror or e}") from None
+        try:  # make the rename itself durable (POSIX)
+            fd = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    # --- what the page receives -------------------------------------------------------------
+    def state(self, show_predictions: bool) -> dict[str, Any]:
+        """Everything the page needs except pixels. Without ``show_predictions`` the model's
+        prediction and score are left out of the response itself (blind labelling)."""
+        labels = self.labels()
+        images = []
+        for im in self.images:
+            entry: dict[str, Any] = {"file": im.file, "rank": im.rank, "frame": im.frame,
+                                     **labels[im.file]}
+            if show_predictions:
+                entry |= {"score": im.score, "predicted": im.predicted, "probs": im.probs}
+            images.append(entry)
+        return {"round": self.round, "folder": self.folder.name, "classes": self.classes,
+                "unsure": UNSURE, "labels_file": self.labels_path.name,
+                "annotator": self.annotator, "show_predictions": show_predictions,
+                "images": images}
+
+    def image_path(self, file: str) -> Path:
+        """The file of an image the manifest lists, inside the round folder; anything else is
+        refused (the page can read nothing else)."""
+        if file not in self.by_file:
+            raise LabellingError(f"{short(file)} is not an image of round {self.round:03d}")
+        path = self.folder / file
+        if not self._regular_file(path):
+            raise LabellingError(f"{file}: missing, not a regular file, or a link out of the "
+                                 f"round folder")
+        return path
+
+
+# --- pixels ---------------------------------------------------------------------------------
+def read_pixels(path: Path, frame: int | None = None) -> tuple[dict[str, Any], np.ndarray]:
+    """Full-depth values of one frame for the page, and what the page needs to show them.
+
+    Grey DICOM: the modality values (modality LUT applied: rescale or LUT sequence, e.g.
+    Hounsfield units), decoded by medal's DICOM reader (:mod:`medal.io.dicom`), with the
+    file's window (its first VOI window; a VOI LUT sequence is given as the window spanning
+    the LUT's input range), photometric interpretation and modality. Colour DICOM and other
+    files: :func:`medal.io.load_image` scaled back to their bit depth (255 or 65535).
+    Returns ``(meta, values [H, W] or [H, W, 3] float32)``.
+    """
+    meta: dict[str, Any] = {"frames": 1, "frame": 0, "modality": "", "photometric": "",
+                            "window": None, "units": ""}
+    if sniff_format(path) == "dicom":
+        ds = dicom_io._read(path, header_only=False)
+        n = dicom_io._n_frames(ds)
+        index = n // 2 if frame is None else int(frame)
+        if n == 1:
+            index = 0
+        elif not 0 <= index < n:
+            raise ImageReadError(path, f"frame {index} out of range (file has {n} frames)")
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+        meta |= {"frames": n, "frame": index, "photometric": photometric,
+                 "modality": str(ds.get("Modality", "")).strip().upper()}
+        values = None
+        if photometric in dicom_io.GREY and any(k in ds for k in dicom_io.PIXEL_KEYWORDS):
+            arr = dicom_io._decode(path, ds, index if n > 1 else None)
+            if arr.ndim == 2:
+                luts = dicom_io._frame_luts(ds, index)
+                values = _modality_values(path, arr, luts)
+                meta["window"] = _file_window(luts)
+                if meta["modality"] == "CT" and "RescaleSlope" in luts:
+                    meta["units"] = "HU"
+        if values is None:  # colour, palette, or anything the grey path does not take
+            values = load_image(path, frame=index).astype(np.float64) * 255.0
+            meta["window"] = [127.5, 255.0]
+    else:
+        values, top = _pillow_values(path)
+        meta["window"] = [top / 2.0, top]
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    finite = values[np.isfinite(values)]
+    qs = (0.5, 1, 5, 30, 40, 50, 60, 70, 95, 99, 99.5)
+    pct = np.percentile(finite, qs) if finite.size else np.zeros(len(qs))
+    meta |= {"height": int(values.shape[0]), "width": int(values.shape[1]),
+             "channels": 1 if values.ndim == 2 else int(values.shape[2]),
+             "min": float(finite.min()) if finite.size else 0.0,
+             "max": float(finite.max()) if finite.size else 0.0,
+             "percentiles": {f"{q:g}": float(v) for q, v in zip(qs, pct)}}
+    meta["presets"] = window_presets(meta)
+    return meta, values
+
+
+def window_presets(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Window presets ``{name, center, width}`` for one image; the first is the default view.
+
+    The file's own window first; CT: lung, mediastinum, bone, brain, abdomen in Hounsfield
+    units; projection radiographs (CR, DX, MG ...): lung, mediastinum and bone windows taken
+    from the image's histogram (their values have no calibrated unit), mirrored for
+    MONOCHROME1; every image: its full range and the 1-99 % range.
+    """
+    p = meta["percentiles"]
+    out: list[tuple[str, float, float]] = []
+
+    def span(name: str, lo: float, hi: float) -> None:
+        out.append((name, (lo + hi) / 2.0, max(hi - lo, 1e-6)))
+
+    if meta["window"]:
+        out.append(("file", *meta["window"]))
+    if meta["modality"] == "CT":
+        out += CT_PRESETS
+    elif meta["modality"] in PROJECTION_MODALITIES and meta["channels"] == 1:
+        # dark on screen (air-filled lung) is low values in MONOCHROME2, high in MONOCHROME1
+        mono1 = meta["photometric"] == "MONOCHROME1"
+        for name, lo, hi in (("lung", 1, 60), ("mediastinum", 30, 95), ("bone", 50, 99.5)):
+            if mono1:
+                lo, hi = 100 - hi, 100 - lo
+            span(name, p[f"{lo:g}"], p[f"{hi:g}"])
+    span("full range", meta["min"], meta["max"])
+    span("1-99 %", p["1"], p["99"])
+    return [{"name": n, "center": float(c), "width": float(w)} for n, c, w in out]
+
+
+def _modality_values(path: Path, arr: np.ndarray, luts: Any) -> np.ndarray:
+    if np.issubdtype(arr.dtype, np.floating):  # Float Pixel Data has no modality LUT
+        return arr.astype(np.float64)
+    try:
+        return np.asarray(apply_modality_lut(arr, luts), dtype=np.float64)
+    except Exception as e:  # noqa: BLE001 - malformed LUT attributes
+        raise ImageReadError(path, f"bad modality LUT: {e}") from None
+
+
+def _file_window(luts: Any) -> list[float] | None:
+    """The file's own window ``[center, width]`` in modality values, if it has one."""
+    if "WindowCenter" in luts and "WindowWidth" in luts:
+        try:
+            center = dicom_io._first(luts.WindowCenter)
+            width = dicom_io._first(luts.WindowWidth)
+            if width > 0:
+                return [center, width]
+        except (TypeError, ValueError, IndexError):
+            pass
+    seq = luts.get("VOILUTSequence")
+    if seq:
+        try:
+            entries, first = int(seq[0].LUTDescriptor[0]) or 65536, float(seq[0].LUTDescriptor[1])
+            return [first + entries / 2.0, float(entries)]
+        except (AttributeError, IndexError, TypeError, ValueError):
+            pass
+    return None
+
+
+def _pillow_values(path: Path) -> tuple[np.ndarray, float]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            top = 65535.0 if im.mode.startswith("I") else 255.0
+    except OSError as e:
+        raise ImageReadError(path, f"cannot read image: {e}") from None
+    return np.rint(load_image(path).astype(np.float64) * top), top
+
+
+def encode_pixels(meta: dict[str, Any], values: np.ndarray) -> bytes:
+    """One response body: 4-byte little-endian JSON length, the JSON ``meta`` (padded with
+    spaces to a multiple of 4 bytes), then the values as little-endian float32."""
+    head = json.dumps(meta).encode()
+    head += b" " * (-(len(head) + 4) % 4)
+    return len(head).to_bytes(4, "little") + head + values.astype("<f4").tobytes()
+
+
+# --- the server -----------------------------------------------------------------------------
+def page_html() -> str:
+    """The page: one packaged file with its CSS and JavaScript inline (nothing from the web)."""
+    return (resources.files("medal") / "static" / "labelling.html").read_text(encoding="utf-8")
+
+
+def _require_stack() -> tuple[Any, Any]:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise MedalError(f"the labelling page needs the serve extra ({e.name} is missing): "
+                         f"{INSTALL_HINT}") from None
+    return starlette, uvicorn
+
+
+def build_app(book: RoundBook, token: str, *, show_predictions: bool = False) -> Any:
+    """The ASGI app for ``book``; every request needs ``token`` (query ``?token=`` or header
+    ``X-Medal-Token``), else 403."""
+    _require_stack()
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Route
+
+    html = page_html()
+
+    def headers(nonce: str | None = None) -> dict[str, str]:
+        script = f"'nonce-{nonce}'" if nonce else "'none'"
+        return {"Content-Security-Policy":
+                f"default-src 'none'; script-src {script}; style-src 'unsafe-inline'; "
+                f"connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
+                f"form-action 'none'; frame-ancestors 'none'",
+                "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer"}
+
+    async def index(request: Request) -> Response:
+        nonce = secrets.token_urlsafe(16)
+        return Response(html.replace("__NONCE__", nonce), media_type="text/html",
+                        headers=headers(nonce))
+
+    def error(e: MedalError, status: int = 400) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=status, headers=headers())
+
+    def state(request: Request) -> Response:  # sync: Starlette runs it in a thread
+        try:
+            return JSONResponse(book.state(show_predictions), headers=headers())
+        except MedalError as e:
+            return error(e, 409)
+
+    async def label(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return error(MedalError("the request body is not JSON"))
+        if (not isinstance(body, dict) or not isinstance(body.get("file"), str)
+                or not all(isinstance(body.get(k), (str, type(None)))
+                           for k in ("label", "comment"))):
+            return error(MedalError("expected {file, label?, comment?} as strings"))
+        from starlette.concurrency import run_in_threadpool
+
+        try:
+            entry = await run_in_threadpool(book.set, body["file"], label=body.get("label"),
+                                            comment=body.get("comment"))
+        except MedalError as e:
+            return error(e)
+        return JSONResponse({"file": body["file"], **entry}, headers=headers())
+
+    def pixels(request: Request) -> Response:
+        frame = request.query_params.get("frame")
+        try:
+            path = book.image_path(request.query_params.get("file", ""))
+            if frame is not None and not frame.isdigit():
+                raise MedalError(f"frame must be a number, got {short(frame)}")
+            meta, values = read_pixels(path, None if frame is None else int(frame))
+        except ImageReadError as e:
+            return error(MedalError(e.reason), 422)
+        except MedalError as e:
+            return error(e, 404)
+        return Response(encode_pixels(meta, values), media_type="application/octet-stream",
+                        headers=headers())
+
+    app = Starlette(routes=[Route("/", index), Route("/api/state", state),
+                            Route("/api/label", label, methods=["POST"]),
+                            Route("/api/pixels", pixels)])
+    return TokenGate(app, token)
+
+
+class TokenGate:
+    """ASGI middleware: a request without the right token gets 403 and reaches nothing."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not self._allowed(scope):
+            body = b"403: this page needs the token from the address medal printed\n"
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        if scope["type"] == "websocket":  # the page uses none
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, scope: dict) -> bool:
+        from urllib.parse import parse_qs
+
+        given = [v for k, v in scope.get("headers", []) if k == b"x-medal-token"]
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        given += [v.encode() for v in query.get("token", [])]
+        return any(secrets.compare_digest(g, self.token) for g in given)
+
+
+class LabellingServer:
+    """The labelling page for one round folder, bound to ``host:port`` (``port=0``: a free
+    one). :attr:`url` (with the token) is known before :meth:`run` serves."""
+
+    def __init__(self, folder: str | Path, *, classes: Sequence[str] | None = None,
+                 annotator: str | None = None, show_predictions: bool = False,
+                 host: str = "127.0.0.1", port: int = 0) -> None:
+        _, self._uvicorn = _require_stack()
+        self.book = RoundBook(folder, classes, annotator)
+        self.token = secrets.token_urlsafe(24)
+        self.app = build_app(self.book, self.token, show_predictions=show_predictions)
+        self.host = host
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            self.socket = socket.socket(family, socket.SOCK_STREAM)
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((host, port))
+        except OSError as e:
+            raise MedalError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        self.port = int(self.socket.getsockname()[1])
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.port}/?token={self.token}"
+        self._server: Any = None
+
+    @property
+    def local_only(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1")
+
+    def run(self) -> None:
+        """Serve until interrupted (Ctrl-C); every decision is already on disk."""
+        config = self._uvicorn.Config(self.app, log_level="warning", access_log=False,
+                                      lifespan="off")
+        self._server = self._uvicorn.Server(config)
+        self._server.run(sockets=[self.socket])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+
+
+def serve(folder: str | Path, cfg: Any = None, *, annotator: str | None = None,
+          host: str = "127.0.0.1", port: int = 0) -> LabellingServer:
+    """A :class:`LabellingServer` for ``folder``; ``cfg`` (optional) gives the classes and
+    ``labelling.show_predictions``. Call ``.run()`` to serve."""
+    return LabellingServer(folder, classes=None if cfg is None else cfg.classes,
+                           annotator=annotator,
+                           show_predictions=bool(cfg is not None
+                                                 and cfg.labelling.show_predictions),
+                           host=host, port=port)
