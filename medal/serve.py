@@ -458,7 +458,7 @@ def build_app(book: RoundBook, token: str, *, show_predictions: bool = False) ->
     _require_stack()
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     html = page_html()
@@ -570,6 +570,7 @@ class LabellingServer:
             self.socket = socket.socket(family, socket.SOCK_STREAM)
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.socket.bind((host, port))
+            self.socket.listen(128)  # connections wait in the queue until run() serves them
         except OSError as e:
             raise MedalError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
         self.port = int(self.socket.getsockname()[1])
