@@ -236,7 +236,11 @@ def _serve(cfg: Config | None, args: argparse.Namespace) -> int:
               f"is still required)")
     print("open the address in a browser; Ctrl-C stops the server (every decision is already "
           "saved)", flush=True)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    print(f"stopped; the decisions are in {_rel(book.labels_path)}")
     return 0
 
 
