@@ -140,6 +140,15 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport:
                                 result, (xv, yv), (xt, yt), skipped)
 
 
+def pretrain_representation(cfg: Config, *, progress: bool = True) -> str:
+    """Make sure the self-supervised backbone for this workspace's images is in the cache
+    (pretraining it if needed) without training anything else; returns the report line."""
+    with Workspace(cfg) as ws:
+        snap = ws.sync()
+        model = build_model(cfg)
+        return pretrained_backbone(ws, cfg, model, snap, resolve_device(cfg.device), progress)[0]
+
+
 def pretrained_backbone(ws: Workspace, cfg: Config, model: MCModel, snap: Any,
                         device: torch.device, progress: bool) -> tuple[str, Path]:
     """Load (or first train and cache) the self-supervised backbone for this workspace's

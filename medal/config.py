@@ -58,7 +58,8 @@ class ModelConfig:
     """Input channels the network sees: 1 (grayscale) or 3 (RGB). Images are converted."""
     dropout: float = 0.5
     hidden: int = 128
-    """Width of the hidden layer of the stochastic head."""
+    """Width of the hidden layer of the stochastic head; 0: a linear head on standardised
+    features (dropout on its input), the head to use with ``train.freeze_backbone``."""
     backbone_dropout: float = 0.0
     """> 0 adds Dropout2d after the backbone's stages, so MC sampling runs the whole network."""
     pretrained: Path | None = None
@@ -97,7 +98,13 @@ class TrainConfig:
     freeze_backbone: bool = False
     """Train only the stochastic head on fixed backbone features (a "probe"): with a
     self-supervised backbone (``[representation]``) this keeps what the pool taught it, which
-    full fine-tuning on a few labels throws away. Augmentation does not apply."""
+    full fine-tuning on a few labels throws away. The head trains on all labelled features at
+    once for ``probe_steps`` steps (a fixed schedule: no epoch is chosen on a hold-out, so
+    ``epochs``, ``batch_size``, ``min_steps``, ``augment`` and ``monitor`` do not apply)."""
+    probe_steps: int = 300
+    """With ``freeze_backbone``: full-batch AdamW steps of the head (cosine learning rate)."""
+    probe_lr: float = 0.01
+    """With ``freeze_backbone``: the head's peak learning rate."""
     validation_fraction: float = 0.2
     """Without ``data.validation``: share of the initial labelled set held out (stratified,
     chosen once and frozen in the ledger, so metrics compare across rounds)."""
@@ -406,7 +413,7 @@ def _validate_values(cfg: Config, where: str) -> None:
     need(8 <= m.image_size <= 2048, "model.image_size", "between 8 and 2048", m.image_size)
     need(m.channels in (1, 3), "model.channels", "1 or 3", m.channels)
     need(0.0 < m.dropout < 1.0, "model.dropout", "in (0, 1) (MC dropout needs dropout)", m.dropout)
-    need(m.hidden >= 1, "model.hidden", ">= 1", m.hidden)
+    need(m.hidden >= 0, "model.hidden", ">= 0 (0 = linear head)", m.hidden)
     need(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
     need(t.fine_tune_epochs is None or t.fine_tune_epochs >= 1, "train.fine_tune_epochs", ">= 1",
          t.fine_tune_epochs)
@@ -421,6 +428,8 @@ def _validate_values(cfg: Config, where: str) -> None:
     need(t.monitor in MONITORS, "train.monitor", f"one of {', '.join(MONITORS)}", t.monitor)
     need(t.patience >= 0, "train.patience", ">= 0", t.patience)
     need(t.validate_every >= 1, "train.validate_every", ">= 1", t.validate_every)
+    need(t.probe_steps >= 1, "train.probe_steps", ">= 1", t.probe_steps)
+    need(t.probe_lr > 0, "train.probe_lr", "> 0", t.probe_lr)
     need(0.0 <= t.validation_fraction < 1.0, "train.validation_fraction", "in [0, 1)",
          t.validation_fraction)
     r = cfg.representation

@@ -78,12 +78,39 @@ for _name in ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b
     register_backbone(_name)(_tv(_name))
 
 
+class Standardize(nn.Module):
+    """``[*, D] -> [*, D]``: subtract a per-feature mean, divide by a per-feature scale (buffers,
+    identity until :meth:`fit`), so a linear head's weight decay treats every feature alike."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, f: torch.Tensor) -> None:
+        """Set the statistics from features ``f [N, D]``."""
+        self.mean.copy_(f.mean(0))
+        self.scale.copy_(f.std(0, unbiased=False).clamp(min=1e-6) if len(f) > 1
+                         else torch.ones_like(self.scale))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return (f - self.mean) / self.scale
+
+
 class StochasticHead(nn.Sequential):
-    """``[*, D] -> [*, K]``: dropout, hidden layer, dropout, linear."""
+    """``[*, D] -> [*, K]``: dropout, hidden layer, dropout, linear; or, with ``hidden = 0``, a
+    linear head on standardised features with dropout on its input (the natural head for a
+    frozen self-supervised backbone: dropout-regularised logistic regression)."""
 
     def __init__(self, in_features: int, hidden: int, num_classes: int, p: float) -> None:
-        super().__init__(nn.Dropout(p), nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
-                         nn.Dropout(p), nn.Linear(hidden, num_classes))
+        if hidden == 0:
+            super().__init__(Standardize(in_features), nn.Dropout(p),
+                             nn.Linear(in_features, num_classes))
+        else:
+            super().__init__(nn.Dropout(p), nn.Linear(in_features, hidden),
+                             nn.ReLU(inplace=True), nn.Dropout(p),
+                             nn.Linear(hidden, num_classes))
 
 
 def add_backbone_dropout(backbone: nn.Module, p: float) -> int:

@@ -864,6 +864,12 @@ def simulate(cfg: Config, s: SimulationSettings) -> SimulationResult:
     specs, entries = plan_runs(cfg, s)
     failures: dict[str, str] = {}
     threads = s.threads or max(1, (os.cpu_count() or 1) // max(1, s.workers))
+    if cfg.representation.method != "none" and specs:
+        # every run sees the same images, so one pretraining serves them all; doing it here,
+        # before the workers start, keeps two workers from pretraining the same backbone
+        line = api.pretrain_representation(specs[0].cfg, progress=s.verbose)
+        if s.verbose:
+            print(line, flush=True)
     if s.workers <= 1:
         import torch
 

@@ -171,3 +171,30 @@ def test_a_moved_workspace_loads_its_own_checkpoints(tmp_path, tiny_data, capsys
     assert main(["query", "-c", str(cfg_path), "-q", "--set", 'workspace="moved"']) == 0, \
         capsys.readouterr().err
     assert (tmp_path / "moved" / "labelling" / "round-001").is_dir()
+
+
+def test_probe_trains_a_linear_head_on_fixed_standardised_features(tmp_path, tiny_data):
+    """freeze_backbone + hidden = 0: the backbone is untouched, the head's standardisation is
+    the labelled features' own, and the fixed full-batch schedule learns a separable task."""
+    from medal.config import load_config
+    from medal.models import Standardize
+    from medal.train import backbone_features
+
+    from conftest import write_config
+
+    cfg = load_config(write_config(tmp_path), {"train.freeze_backbone": True, "model.hidden": 0,
+                                               "train.probe_steps": 200})
+    x, y = separable(64)
+    m = create_model("small_cnn", 2, hidden=0)
+    before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
+    r = fit(m, x, y, cfg, epochs=1, device=torch.device("cpu"), progress=False)
+    assert r.epochs == 1 and len(r.history) == 1
+    for k, v in m.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k  # BatchNorm statistics included
+    assert isinstance(m.head[0], Standardize)
+    f = backbone_features(m, x, torch.device("cpu"))
+    assert torch.allclose(m.head[0].mean, f.mean(0), atol=1e-5)
+    assert torch.allclose(m.head[0].scale, f.std(0, unbiased=False).clamp(min=1e-6), atol=1e-5)
+    xv, yv = separable(64, seed=1)
+    p = predict_deterministic(m, xv, torch.device("cpu"))
+    assert (p.argmax(1) == yv).mean() >= 0.9
