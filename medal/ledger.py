@@ -200,15 +200,24 @@ class Ledger:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write: commits on success, rolls back on any exception."""
+        """One atomic write: commits on success, rolls back on any exception.
+
+        A write or commit that fails for lack of space ("database or disk is full", "disk
+        I/O error") may have rolled the transaction back already (SQLite does so for
+        SQLITE_FULL and SQLITE_IOERR); the original error is raised either way, never a
+        "cannot rollback" in its place.
+        """
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
             self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the original error says more
+            raise
 
     # --- images -------------------------------------------------------------------------------
     def images_by_path(self) -> dict[str, ImageRecord]:

@@ -15,13 +15,16 @@ labels ingested from rounds 1..k; querying with model k exports round k+1.
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import io
 import os
+import re
 import secrets
 import shutil
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +84,54 @@ class Snapshot:
     that are not UTF-8, ...); also recorded in the ledger and ``skipped.csv``."""
 
 
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""A write failed for lack of room: a full disk, a full quota, or a file size limit."""
+_SQLITE_FULL, _SQLITE_IOERR = 13, 10  # result codes (the low byte of extended codes)
+_TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+def no_space_message(exc: BaseException, root: Path, written: Sequence[Path] = ()) -> str | None:
+    """``"no space left on <folder>: ..."`` when ``exc`` (or an exception it was raised from)
+    is a write that failed for lack of room, else ``None``.
+
+    ``written``: files whose write failed, when known (e.g. removed checkpoint temporaries),
+    named in the message. SQLite errors name the ledger: SQLite reports ENOSPC as "database
+    or disk is full" and other failed writes (a file size limit, EFBIG) as "disk I/O error";
+    the message gives the free space, so a failing disk that is not full can be told apart.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+            target = Path(os.fsdecode(e.filename)) if e.filename else (
+                written[0] if written else root)
+            return _no_space_line(target, e.strerror or str(e))
+        if isinstance(e, sqlite3.Error):
+            code = getattr(e, "sqlite_errorcode", None)
+            text = str(e)
+            if (code is not None and code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR)) or \
+                    text in ("database or disk is full", "disk I/O error"):
+                return _no_space_line(root / "ledger.sqlite", f"SQLite: {text}")
+        if isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILED):
+            target = written[0] if written else root / "checkpoints"
+            text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", " ".join(str(e).split()))
+            return _no_space_line(target, f"torch.save: {text[:160]}")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _no_space_line(target: Path, cause: str) -> str:
+    folder = target if target.is_dir() else target.parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    name = "" if target == folder else f"writing {target.name.removesuffix('.tmp')} failed: "
+    return (f"no space left on {display_path(folder)}: {name}{cause} ({free}); free some "
+            f"space (or move the workspace) and run the command again")
+
+
 class Workspace:
     """Open with ``with Workspace(cfg) as ws:``; ``lock=True`` makes the command exclusive."""
 
@@ -126,8 +177,8 @@ class Workspace:
             try:
                 self.ledger = Ledger(self.ledger_path)
             except sqlite3.Error as e:
-                raise WorkspaceError(self._cannot(f"cannot open the ledger "
-                                                  f"{self.ledger_path.name}", e)) from None
+                raise WorkspaceError(no_space_message(e, self.root) or self._cannot(
+                    f"cannot open the ledger {self.ledger_path.name}", e)) from None
             if self._want_lock:
                 self._recover()
         except BaseException:
@@ -135,7 +186,17 @@ class Workspace:
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object = None, exc: object = None, tb: object = None) -> None:
+        """Close the ledger and release the lock. A command that failed has its half-written
+        checkpoints (``checkpoints/*.tmp``) removed first; a failure to write for lack of space
+        (a full disk or quota, a file size limit, SQLite's "database or disk is full" /
+        "disk I/O error", torch.save's "unexpected pos") becomes one
+        :class:`WorkspaceError` line: "no space left on <folder>: ...".
+        """
+        full = None
+        if isinstance(exc, BaseException):
+            written = self._remove_partial_writes()
+            full = no_space_message(exc, self.root, written)
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = None
@@ -143,6 +204,20 @@ class Workspace:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
+        if full is not None:
+            raise WorkspaceError(full) from exc
+
+    def _remove_partial_writes(self) -> list[Path]:
+        """Remove the temporary files a checkpoint write leaves when it fails (they are only
+        ever written under the lock); returns the files removed."""
+        removed = []
+        for tmp in sorted((self.root / "checkpoints").glob("*.tmp")):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+        return removed
 
     def _make_root(self) -> None:
         """Create the workspace folder; a file in the way or a read-only parent is one line
@@ -223,7 +298,9 @@ class Workspace:
             time.sleep(0.02)
 
     def _recover(self) -> None:
-        """Finish or undo a round export that a crash interrupted (see labelling.export)."""
+        """Finish or undo a round export that a crash interrupted (see labelling.export);
+        remove checkpoints a crash left half-written."""
+        self._remove_partial_writes()
         if not self.labelling_dir.is_dir():
             return
         recorded = {r.round for r in self.db.rounds()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -322,3 +323,129 @@ def test_identical_unreadable_copies_are_each_listed(tmp_path, tiny_data, capsys
     assert main(["status", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "2 unreadable file(s) skipped" in out
+
+
+# --- a disk that fills while the ledger or a checkpoint is written ---------------------------
+FILL = textwrap.dedent("""
+    import contextlib, csv, io, json, os, resource, signal, sqlite3, subprocess, sys
+    from pathlib import Path
+    from medal.cli import main
+
+    how, room, ws, plan = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), json.loads(sys.argv[4])
+    if how == "tmpfs":  # a real, small file system of its own (in a private mount namespace)
+        ws.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(ws)], check=True)
+
+    def ledger():
+        if not (ws / "ledger.sqlite").exists():
+            return {}
+        db = sqlite3.connect(ws / "ledger.sqlite")
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        dump = {t: sorted(map(repr, db.execute(f"SELECT * FROM {t}"))) for t in tables}
+        db.close()
+        return dump
+
+    for step in plan["before"]:
+        if step[0] == "fill-labels":  # the radiologist labels every image 'normal'
+            path = Path(step[1]) / "labels.csv"
+            rows = list(csv.reader(path.open()))
+            with path.open("w", newline="") as f:
+                csv.writer(f).writerows([rows[0], *[[r[0], "normal"] for r in rows[1:]]])
+        else:
+            assert main(step) == 0, step
+    before = ledger()
+    if how == "tmpfs":  # fill the disk, leaving `room` bytes
+        with open(ws / "filler", "wb") as f:
+            free = os.statvfs(ws).f_bavail * os.statvfs(ws).f_frsize
+            f.write(bytes(max(free - room, 0)))
+    else:  # writes past `room` bytes of any one file fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (room, hard))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(plan["command"])
+    if how == "tmpfs":
+        (ws / "filler").unlink()
+    else:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    files = sorted(str(p.relative_to(ws)) for p in ws.rglob("*") if p.name != "filler")
+    after = ledger()
+    print(json.dumps({"code": code, "stderr": err.getvalue(), "same_ledger": after == before,
+                      "models": len(after.get("models", [])), "files": files}))
+""")
+
+
+def tmpfs_works() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture(params=["tmpfs", "fsize"])
+def fill_disk(request, tmp_path):
+    """Runs medal commands in a subprocess, then one more on a disk without room; returns what
+    it saw. Two stand-ins for a full disk, neither needing root:
+
+    - ``tmpfs``: the workspace is a 16 MB tmpfs mounted in a private user and mount namespace
+      (``unshare -Urm``), filled with a file until ``room`` bytes are left; writes fail with
+      ENOSPC, as on a full disk. Skipped where unprivileged namespaces are not allowed.
+    - ``fsize``: ``RLIMIT_FSIZE`` = ``room`` bytes (SIGXFSZ ignored), so a write past that size
+      of any file fails with EFBIG. The same failing ``write`` at the same point as ENOSPC,
+      only another errno; SQLite reports it as "disk I/O error" instead of "database or disk
+      is full". Works wherever setrlimit does.
+    """
+    how = request.param
+    if how == "tmpfs" and not tmpfs_works():
+        pytest.skip("unprivileged user and mount namespaces (unshare -Urm) are not available")
+
+    def run(before: list[list[str]], command: list[str], room: dict[str, int]) -> dict:
+        argv = [sys.executable, "-c", FILL, how, str(room[how]), str(tmp_path / "ws"),
+                json.dumps({"before": before, "command": command})]
+        if how == "tmpfs":
+            argv = ["unshare", "-Urm", *argv]
+        p = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout.splitlines()[-1])
+
+    run.how = how
+    return run
+
+
+def check_no_space(seen: dict, command: str) -> None:
+    assert seen["code"] == 2, seen
+    lines = seen["stderr"].rstrip("\n").splitlines()
+    assert len(lines) == 1 and "Traceback" not in seen["stderr"], seen["stderr"]
+    assert re.match(rf"medal {command}: error: no space left on \S*ws\b", lines[0]), lines[0]
+    assert not [f for f in seen["files"] if f.endswith(".tmp") or ".tmp." in f], seen["files"]
+
+
+FAST = ["--set", "train.epochs=1", "--set", "train.min_steps=1", "--set", "image.cache=false"]
+
+
+def test_disk_full_while_writing_the_checkpoint(tiny_data, fill_disk):
+    cfg = "medal.toml"
+    write_config(tiny_data["root"].parent)
+    seen = fill_disk([], ["train", "-q", "-c", cfg, *FAST],
+                     {"tmpfs": 250_000, "fsize": 200_000})
+    check_no_space(seen, "train")
+    assert seen["models"] == 0  # the images train found are recorded; no model
+    assert "checkpoints/round-000.pt" not in seen["files"]
+    assert re.search(r"writing round-000\.pt failed", seen["stderr"]), seen["stderr"]
+
+
+def test_disk_full_while_writing_the_ledger(tiny_data, fill_disk):
+    cfg = "medal.toml"
+    write_config(tiny_data["root"].parent)
+    folder = str(tiny_data["root"].parent / "ws" / "labelling" / "round-001")
+    seen = fill_disk([["train", "-q", "-c", cfg, *FAST], ["query", "-q", "-c", cfg, *FAST],
+                      ["fill-labels", folder]], ["ingest", "-c", cfg, folder],
+                     {"tmpfs": 0, "fsize": 4096})
+    check_no_space(seen, "ingest")
+    assert seen["same_ledger"]
+    # SQLite says "database or disk is full" or "disk I/O error", depending on the call that
+    # failed (and on the errno: EFBIG is always an I/O error to it)
+    assert re.search(r"writing ledger\.sqlite failed: SQLite: (database or disk is full|disk "
+                     r"I/O error)", seen["stderr"]), seen["stderr"]
