@@ -471,7 +471,21 @@ def test_label_a_round_in_chromium_and_ingest_it(chromium, tmp_path):
                 "() => !document.getElementById('wl').textContent.includes('lung')")
             center, width = map(float, stage.get_attribute("data-window").split("/"))
             assert center < -600 and width < 1500 and "(custom)" in page.inner_text("#wl")
-            assert _canvas_sum(page) != before
+            windowed = _canvas_sum(page)
+            assert windowed != before
+            page.keyboard.press("i")  # invert, and back
+            page.wait_for_function("() => document.getElementById('wl').textContent"
+                                   ".includes('inverted')")
+            assert _canvas_sum(page) != windowed
+            page.keyboard.press("i")
+            zoom = page.text_content("#overlay")
+            page.mouse.wheel(0, -400)  # zoom in around the pointer, then fit again
+            page.wait_for_function("z => document.getElementById('overlay').textContent !== z",
+                                   arg=zoom)
+            page.keyboard.press("f")
+            page.wait_for_function("z => document.getElementById('overlay').textContent === z",
+                                   arg=zoom)
+            assert _canvas_sum(page) == windowed
             shot = tmp_path / "labelling-page.png"
             page.screenshot(path=str(shot))
             assert shot.stat().st_size > 10_000
