@@ -303,8 +303,15 @@ def to_tensor(img: np.ndarray, channels: int, size: int) -> torch.Tensor:
     return ((t - NORMALISE_MEAN) / NORMALISE_STD).contiguous()
 
 
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: large images decoded reduced (DECODE_REDUCING_GAP)
 """Bump when decoding or preprocessing changes, so old cache entries are not reused."""
+
+DECODE_REDUCING_GAP = 3
+"""A model input of size S is decoded from an image reduced (integer box average; JPEG by
+DCT scaling) to no less than ``DECODE_REDUCING_GAP * S`` pixels on its shorter side, then
+resized with antialiasing, as Pillow's ``reducing_gap``: at 3 the result is
+indistinguishable from resizing the full image, and a 12000 x 12000 scan never exists as a
+full-size float array."""
 
 
 class DecodeCache:
@@ -390,7 +397,8 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             frame = self.frames[i] if self.frames and self.frames[i] is not None else self.frame
             x = to_tensor(load_image(self.paths[i], window=self.window,
-                                     frame="middle" if frame == "all" else frame),
+                                     frame="middle" if frame == "all" else frame,
+                                     min_size=DECODE_REDUCING_GAP * self.size),
                           self.channels, self.size)
         except ImageReadError as e:
             if self.cache is not None:

@@ -177,7 +177,8 @@ def _preview(src: Path, dst: Path, cfg, frame: int | None = None) -> str | None:
     if frame is None:
         frame = "middle" if cfg.image.frame == "all" else cfg.image.frame
     try:
-        img = load_image(src, window=cfg.image.window, frame=frame)
+        img = load_image(src, window=cfg.image.window, frame=frame,
+                         min_size=2 * cfg.labelling.preview_size)
     except ImageReadError:
         return None
     pil = Image.fromarray(np.round(img * 255).astype(np.uint8))

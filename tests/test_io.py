@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -27,6 +28,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from medal.dicomwrite import write_dicom
 from medal.errors import DataError, ImageReadError
 from medal.io import IMAGE_SUFFIXES, count_frames, load_image, read_dicom_header, sniff_format
 
@@ -572,3 +574,102 @@ def test_dicomdir_is_refused_with_a_reason(tmp_path):
     with pytest.raises(ImageReadError, match="no pixel data") as e:
         load_image(path)
     assert "\n" not in e.value.reason
+
+
+# --- very large images: a pixel limit, and decoding reduced ---------------------------------
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims ``width`` x ``height`` (8-bit grey) and holds one empty IDAT: cheap to
+    write, and a decoder that trusts it would allocate width * height bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data +
+                struct.pack(">I", zlib.crc32(kind + data)))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) +
+                     chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def test_image_over_the_pixel_limit_is_refused_unread(tmp_path):
+    from medal.data import ImageDataset
+    from medal.io import MAX_PIXELS
+
+    assert MAX_PIXELS == 178_956_970
+    big = png_header_only(tmp_path / "huge.png", 20_000, 20_000)
+    with pytest.raises(ImageReadError, match=r"huge\.png: image of 400 million pixels is over "
+                                             r"the limit of 179 million \(medal\.io\.MAX_PIXELS"):
+        load_image(big)
+    x, _, reason = ImageDataset([big], channels=1, size=28)[0]
+    assert "over the limit of 179 million" in reason and x.shape == (1, 28, 28)
+    dcm = write_dicom(tmp_path / "huge.dcm", np.zeros((4, 4), np.uint16))
+    ds = pydicom.dcmread(dcm)
+    ds.Rows, ds.Columns = 14_000, 14_000  # the header says so; the check comes first
+    ds.save_as(dcm)
+    with pytest.raises(ImageReadError, match=r"huge\.dcm: image of 14000x14000 = 196 million pixels is "
+                                             r"over the limit"):
+        load_image(dcm)
+
+
+def test_pillow_limit_lowered_elsewhere_is_a_reason(tmp_path, monkeypatch):
+    p = tmp_path / "a.png"
+    Image.fromarray(np.zeros((100, 100), np.uint8)).save(p)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageReadError, match=r"a\.png: image of 0 million pixels is over the "
+                                             r"limit of 0 million \(2 x Pillow's"):
+        load_image(p)
+
+
+def test_large_image_decoded_reduced_matches_the_full_decode(tmp_path):
+    from medal.data import DECODE_REDUCING_GAP, ImageDataset, to_tensor
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:1500, 0:1100]
+    img = (120 + 80 * np.sin(xx / 90) * np.cos(yy / 130) + rng.normal(0, 20, xx.shape))
+    for name, arr in (("grey.png", img.astype(np.uint8)),
+                      ("deep.png", (img * 200).astype(np.uint16)),
+                      ("rgb.png", np.stack([img, img * 0.5, 255 - img], -1).astype(np.uint8))):
+        p = tmp_path / name
+        Image.fromarray(arr).save(p)
+        assert load_image(p, min_size=84).shape[:2] == (150, 110)  # / 10, which divides both
+        full = to_tensor(load_image(p), 1, 28)
+        x, _, reason = ImageDataset([p], channels=1, size=28)[0]
+        assert reason == "" and DECODE_REDUCING_GAP == 3
+        assert float((x - full).abs().max()) < 0.05, name  # normalised units (std 0.25)
+
+
+def test_large_jpeg_is_decoded_at_reduced_resolution(tmp_path):
+    p = tmp_path / "big.jpg"
+    Image.fromarray(np.full((3000, 4000), 128, np.uint8)).save(p, quality=90)
+    out = load_image(p, min_size=300)
+    assert min(out.shape) >= 300 and out.shape[0] <= 3000 // 8 * 1.01  # DCT scaling, 1/8
+    assert load_image(p).shape == (3000, 4000)
+
+
+PEAK = """
+import resource, sys
+from pathlib import Path
+from medal.data import ImageDataset
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+x, _, reason = ImageDataset([Path(sys.argv[1])], channels=1, size=28)[0]
+assert reason == "", reason
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+def test_12000_pixel_png_decodes_without_a_full_size_float_copy(tmp_path):
+    """The issue's case: a 12000 x 12000 PNG (144 MB of 8-bit pixels) took 2.9 GB. Decoded
+    reduced it needs the decoded pixels and little more (measured in a fresh process)."""
+    import subprocess
+    import sys
+
+    p = tmp_path / "scan.png"
+    subprocess.run([sys.executable, "-c", "import sys; from PIL import Image; "
+                    "Image.new('L', (12000, 12000), 90).save(sys.argv[1])", str(p)], check=True)
+    root = Path(__file__).parents[1]
+    out = subprocess.run([sys.executable, "-c", PEAK, str(p)], capture_output=True, text=True,
+                         check=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""})
+    grew = int(out.stdout.split()[-1])
+    assert grew < 500e6, f"{grew / 1e6:.0f} MB"  # pixels 144 MB (+ their array copy)

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from .dicom import DICOM_SUFFIXES, count_dicom_frames, has_dicm_magic, load_dicom, read_dicom_header
-from .images import PILLOW_SUFFIXES, Window, check_window, load_pillow
+from .images import MAX_PIXELS, PILLOW_SUFFIXES, Window, check_window, load_pillow
 
 IMAGE_SUFFIXES: frozenset[str] = PILLOW_SUFFIXES | DICOM_SUFFIXES
 """Lower-case suffixes treated as images when scanning folders (DICOM may also have none)."""
 
-__all__ = ["IMAGE_SUFFIXES", "Window", "count_frames", "load_image", "read_dicom_header",
+__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "Window", "count_frames", "load_image", "read_dicom_header",
            "sniff_format"]
 
 
@@ -37,7 +37,7 @@ def sniff_format(path: str | Path) -> str | None:
 
 
 def load_image(path: str | Path, *, window: Window = "file",
-               frame: str | int = "middle") -> np.ndarray:
+               frame: str | int = "middle", min_size: int | None = None) -> np.ndarray:
     """Decode one file to float32 in [0, 1], C-contiguous: ``[H, W]`` (grey) or ``[H, W, 3]``.
 
     ``window``: ``"file"`` (DICOM: the file's VOI window or LUT, else min-max; other formats:
@@ -46,6 +46,9 @@ def load_image(path: str | Path, *, window: Window = "file",
     values, or on raw pixel values for other formats).
     ``frame``: ``"middle"`` or a frame index, used for multi-frame DICOM only (single-frame
     files have just one frame to give); an index outside a multi-frame file raises.
+    ``min_size``: a PNG/JPEG/TIFF/BMP larger than needed for this many pixels on its shorter
+    side is decoded reduced (see :func:`~medal.io.images.load_pillow`); DICOM is always
+    decoded in full. Files over :data:`MAX_PIXELS` are refused unread.
     Raises :class:`~medal.errors.ImageReadError` for an unreadable file and ``ValueError``
     for an invalid ``window`` / ``frame`` argument.
     """
@@ -55,7 +58,7 @@ def load_image(path: str | Path, *, window: Window = "file",
         return load_dicom(path, window=window, frame=frame)
     if frame != "middle" and (not isinstance(frame, (int, np.integer)) or isinstance(frame, bool)):
         raise ValueError(f"frame must be 'middle' or an int, got {frame!r}")
-    return load_pillow(path, window=window)
+    return load_pillow(path, window=window, min_size=min_size)
 
 
 def count_frames(path: str | Path) -> int:

@@ -18,7 +18,8 @@ from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..errors import ImageReadError
-from .images import Window, _one_line, apply_user_window, apply_window, check_window, scale_minmax
+from .images import (Window, _one_line, apply_user_window, apply_window, check_pixels,
+                     check_window, scale_minmax)
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -75,6 +76,7 @@ def load_dicom(path: str | Path, *, window: Window = "file",
                                        f"{ds.Columns} image (SOP class {_sop_class_name(ds)}; "
                                        f"truncated file?)")
         raise ImageReadError(path, f"no pixel data (SOP class {_sop_class_name(ds)})")
+    check_pixels(path, int(ds.get("Columns") or 0), int(ds.get("Rows") or 0))
     n_frames = _n_frames(ds)
     index = n_frames // 2 if frame == "middle" else int(frame)
     if n_frames == 1:

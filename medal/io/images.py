@@ -6,6 +6,7 @@ Every loader returns float32 in [0, 1]: ``[H, W]`` for grey images, ``[H, W, 3]`
 from __future__ import annotations
 
 import math
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -27,6 +28,40 @@ VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 _PILLOW_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
                   struct.error, IndexError, Image.DecompressionBombError)
 _RGB_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+MAX_PIXELS = 178_956_970
+"""Largest image medal decodes (width x height, e.g. 13,377 x 13,377): Pillow's own
+decompression-bomb limit (2 x its default ``Image.MAX_IMAGE_PIXELS``), fixed here so that it
+does not depend on a global another library may change. Larger files (Pillow formats and
+DICOM frames) are skipped with the reason, never decoded."""
+
+
+def check_pixels(path: Path, width: int, height: int) -> None:
+    """Raise :class:`ImageReadError` if a ``width`` x ``height`` image is over :data:`MAX_PIXELS`."""
+    if width * height > MAX_PIXELS:
+        raise ImageReadError(path, _too_large(f"{width}x{height} = {width * height / 1e6:.0f}",
+                                              MAX_PIXELS))
+
+
+def _too_large(size: str, limit: int) -> str:
+    where = "medal.io.MAX_PIXELS" if limit == MAX_PIXELS else \
+        "2 x Pillow's Image.MAX_IMAGE_PIXELS, lowered in this process"
+    return (f"image of {size} million pixels is over the limit of {limit / 1e6:.0f} million "
+            f"({where}); downscale it to use it")
+
+
+def reduce_factor(width: int, height: int, min_size: int | None) -> int:
+    """The integer factor an image is shrunk by (box average) so that each side stays at
+    least ``min_size`` (1: not at all). Of the factors from half the largest such to the
+    largest, the one leaving the fewest rows and columns over (cropped evenly from both
+    edges) is taken, so the picture's geometry is kept (1500 x 1100 -> 10, not 13)."""
+    if not min_size or min_size <= 0:
+        return 1
+    largest = min(width, height) // min_size
+    if largest < 2:
+        return 1
+    return min(range(max(2, largest // 2), largest + 1),
+               key=lambda f: (width % f / width + height % f / height, -f))
 
 
 def check_window(window: object) -> Window:
@@ -98,13 +133,20 @@ def apply_user_window(values: np.ndarray, center: float, width: float) -> np.nda
     return apply_window(values, center, width, "LINEAR" if width >= 1 else "LINEAR_EXACT")
 
 
-def load_pillow(path: str | Path, *, window: Window = "file") -> np.ndarray:
+def load_pillow(path: str | Path, *, window: Window = "file",
+                min_size: int | None = None) -> np.ndarray:
     """Decode a Pillow-readable file to float32 [0, 1], ``[H, W]`` (grey) or ``[H, W, 3]``.
 
     EXIF orientation is applied; multi-page files give their first page; alpha is dropped.
     ``window="file"`` scales by the bit depth (8-bit /255, 16-bit /65535),
     ``"minmax"`` by the image's own range, ``(center, width)`` windows the raw values.
-    Raises :class:`~medal.errors.ImageReadError` for a missing, corrupt or truncated file.
+    ``min_size``: the caller needs no more than this many pixels on the shorter side, so a
+    larger image is returned reduced by an integer factor (box average of the raw values,
+    as Pillow's ``Image.reduce``) with each side still >= ``min_size``; a JPEG is decoded at
+    reduced resolution to begin with (Pillow ``Image.draft``, DCT scaling). Without it, the
+    full resolution. Images over :data:`MAX_PIXELS` are refused unread.
+    Raises :class:`~medal.errors.ImageReadError` for a missing, corrupt, truncated or too
+    large file.
     """
     window = check_window(window)
     path = Path(path)
@@ -113,9 +155,17 @@ def load_pillow(path: str | Path, *, window: Window = "file") -> np.ndarray:
             # Pillow warns (rather than fails) on e.g. odd EXIF or palette transparency data.
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
+                check_pixels(path, *im.size)
+                if min_size and im.format == "JPEG":
+                    im.draft(im.mode, (min_size, min_size))  # each side stays >= min_size
                 im.load()
                 im = ImageOps.exif_transpose(im)
-                arr, full_scale = _pixels(im)
+                arr, full_scale = _pixels(im, min_size)
+    except Image.DecompressionBombError as e:  # Pillow checks first, on opening
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)) / 1e6:.0f}" if found else "over"
+        limit = min(MAX_PIXELS, 2 * int(Image.MAX_IMAGE_PIXELS or MAX_PIXELS))
+        raise ImageReadError(path, _too_large(size, limit)) from None
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
     except UnidentifiedImageError:
@@ -131,9 +181,27 @@ def load_pillow(path: str | Path, *, window: Window = "file") -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _pixels(im: Image.Image) -> tuple[np.ndarray, float | None]:
+def _pixels(im: Image.Image, min_size: int | None = None) -> tuple[np.ndarray, float | None]:
     """Raw pixel values ``[H, W]`` or ``[H, W, 3]`` and the value meaning full brightness
-    (``None``: no natural full scale, so ``window="file"`` falls back to min-max)."""
+    (``None``: no natural full scale, so ``window="file"`` falls back to min-max), reduced
+    to ``min_size`` (see :func:`load_pillow`)."""
+    arr, full_scale = _raw_pixels(im)
+    factor = reduce_factor(arr.shape[1], arr.shape[0], min_size)
+    return (block_mean(arr, factor) if factor > 1 else arr), full_scale
+
+
+def block_mean(arr: np.ndarray, factor: int) -> np.ndarray:
+    """``[H, W, ...]`` -> ``[H // f, W // f, ...]`` float32, the mean of each f x f block; the
+    rows and columns left over are cropped evenly from both edges. No full-size float copy
+    is made (numpy reduces in buffered chunks)."""
+    h, w = arr.shape[0] // factor * factor, arr.shape[1] // factor * factor
+    top, left = (arr.shape[0] - h) // 2, (arr.shape[1] - w) // 2
+    blocks = arr[top:top + h, left:left + w].reshape(h // factor, factor, w // factor, factor,
+                                                      *arr.shape[2:])
+    return blocks.mean(axis=(1, 3), dtype=np.float32)
+
+
+def _raw_pixels(im: Image.Image) -> tuple[np.ndarray, float | None]:
     mode = im.mode
     if mode in ("P", "PA"):
         # Via RGBA so palette transparency is dropped without Pillow's conversion warning.
