@@ -449,3 +449,43 @@ def test_disk_full_while_writing_the_ledger(tiny_data, fill_disk):
     # failed (and on the errno: EFBIG is always an I/O error to it)
     assert re.search(r"writing ledger\.sqlite failed: SQLite: (database or disk is full|disk "
                      r"I/O error)", seen["stderr"]), seen["stderr"]
+
+
+# --- memory: refuse what cannot fit instead of being killed -----------------------------------
+def test_training_that_cannot_fit_in_memory_is_refused(tmp_path, tiny_data, capsys, monkeypatch):
+    """model.image_size = 2048 was killed by the kernel at ~22 GB; with 8 GB available it is
+    refused before any image is loaded, naming the keys and sizes that fit."""
+    from medal import resources
+
+    monkeypatch.setattr(resources, "available_memory", lambda: 8_000_000_000)
+    cfg = write_config(tmp_path)
+    one_line_error(["train", "-q", "-c", str(cfg), "--set", "model.image_size=2048"], capsys,
+                   r"not enough memory to train: about \d+\.\d GB needed, 8\.0 GB available "
+                   r"\(model\.image_size = 2048: 24 images .* train\.batch_size = 8 through "
+                   r"small_cnn .*\); set model\.image_size = \d+ \(MEDAL_MEMORY_CHECK=off")
+    assert not (tmp_path / "ws" / "checkpoints").exists()
+    # a batch size that fits is suggested when the batch is what does not fit
+    # (24 images: 8 labelled less 0 held out, and the 16 of data.validation)
+    monkeypatch.setattr(resources, "available_memory", lambda: 60_000_000_000)
+    err = one_line_error(["train", "-q", "-c", str(cfg), "--set", "model.image_size=1024",
+                          "--set", "train.batch_size=128"], capsys, r"train\.batch_size = \d+ or "
+                         r"model\.image_size = \d+")
+    batch = int(re.search(r"set train\.batch_size = (\d+)", err).group(1))
+    monkeypatch.setenv("MEDAL_MEMORY_CHECK", "off")
+    assert resources.check_training_memory(load_config(cfg, {
+        "model.image_size": 1024, "train.batch_size": 128}), 32, 16, __import__("torch").device(
+        "cpu")) is None
+    monkeypatch.delenv("MEDAL_MEMORY_CHECK")
+    resources.check_training_memory(load_config(cfg, {"model.image_size": 1024,
+                                                      "train.batch_size": batch}), 32, 16,
+                                    __import__("torch").device("cpu"))  # fits: no error
+
+
+def test_available_memory_reads_meminfo():
+    from medal import resources
+
+    free = resources.available_memory()
+    if not Path("/proc/meminfo").exists():
+        assert free is None
+    else:
+        assert free is not None and free > 0
