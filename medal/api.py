@@ -22,6 +22,7 @@ from .labelling import Candidate, IngestResult, export_round, ingest_round
 from .models import MCModel, resolve_device
 from .representation import SSLSettings, load_cached, pretrain_and_cache
 from .representation import cache_key as ssl_cache_key
+from .resources import check_training_memory
 from .train import (backbone_features, build_model, classification_metrics, fit, load_checkpoint,
                     save_checkpoint)
 from . import distributed
@@ -118,6 +119,8 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport:
         model_round = ws.ingested_rounds()
         if not snap.labelled:
             raise DataError(_no_labels(cfg))
+        check_training_memory(cfg, len(snap.labelled) + len(snap.validation) + len(snap.test),
+                              max(len(snap.validation), len(snap.test)), device)
         x, y, items, skipped = _load(cfg, snap.labelled)
         if len(items) == 0:
             raise DataError("none of the labelled images could be read; see 'medal status'")
