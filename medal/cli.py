@@ -1,4 +1,8 @@
-"""``medal`` command line: parses arguments, calls one library function, prints the outcome."""
+"""``medal`` command line: parses arguments, calls one library function, prints the outcome.
+
+torch is imported only by the commands that need it (through :mod:`medal.api`), so
+``medal --version``, ``medal --help`` and ``medal labels serve`` start without it.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,14 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__, api
+from . import __version__
 from .config import Config, load_config, parse_overrides
-from . import distributed
 from .errors import MedalError
-from .train import show_metric
+
+if TYPE_CHECKING:
+    from . import api
 
 EPILOG = """workflow:
   medal train  -c CONFIG            train on the labelled set (round 0)
@@ -88,10 +93,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="serve: address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=0, help="serve: port (default 0: a free one)")
-    from . import simulate
-
-    simulate.add_parser(sub)
+    p = sub.add_parser("simulate", help=SIMULATE_HELP, description=SIMULATE_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_simulate_arguments(p)
     return parser
+
+
+SIMULATE_HELP = "simulate active learning on a fully labelled set (compare strategies)"
+SIMULATE_DESCRIPTION = """\
+Hide the labels of a fully labelled set and run active learning on it: for each
+strategy and seed, a workspace goes through train -> query -> (a simulated radiologist fills
+labels.csv from the hidden labels) -> ingest -> train, for --rounds rounds. Writes results.csv,
+learning curves (PNG) and summary.md to --out. Interrupted simulations resume where they
+stopped when run again with the same settings.
+
+By default the protocol is the one a team meets: a random start set, no labelled validation set
+(each run holds out train.validation_fraction of its labels), and every label the simulated
+radiologist gave counted, held-out ones included."""
+
+
+def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``medal simulate`` (here, not in :mod:`medal.simulate`, so that building
+    the parser imports no torch)."""
+    p.add_argument("-c", "--config", required=True, type=Path,
+                   help="TOML config file (classes, model, training, validation/test sets)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only print the summary")
+    p.add_argument("--truth", action="append", type=Path, required=True, metavar="PATH",
+                   help="the fully labelled set: class subfolders or CSV file,label "
+                        "(repeatable; the sources are joined)")
+    p.add_argument("--strategies", default="bald,entropy,random",
+                   help="comma-separated strategies (default bald,entropy,random)")
+    p.add_argument("--seeds", default="0,1,2,3,4",
+                   help="comma-separated seeds (default 0,1,2,3,4; the summary's 95%% intervals "
+                        "are over seeds)")
+    p.add_argument("--rounds", type=int, default=10, help="labelling rounds (default 10)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="labels per round (default: query.budget of the config)")
+    p.add_argument("--start", default="random",
+                   help="start set: random, class_balanced (drawn knowing the hidden labels), "
+                        "class:<name> (single class), or a file listing images (default random)")
+    p.add_argument("--start-size", type=int, default=20,
+                   help="start set size for random/class starts (default 20)")
+    p.add_argument("--validation", default="none", metavar="none|config|PATH",
+                   help="labelled validation set: none (default: each run holds out "
+                        "train.validation_fraction of the labels it was given, counted as "
+                        "labels), config (the config's data.validation) or a folder/CSV; the "
+                        "labels of a set passed this way are not counted")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: <workspace>-simulation)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs in parallel, one process each (default 1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per worker (default: CPU count / workers)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,14 +160,16 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # a closed pipe (medal status | head) shows here, not at exit
             return code
         except MedalError as e:
-            if distributed.is_main():
+            if _is_main():
                 print(f"medal {args.command}: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
         finally:
-            distributed.shutdown()
+            dist = sys.modules.get("medal.distributed")  # loaded only by commands that use it
+            if dist is not None:
+                dist.shutdown()
     except BrokenPipeError:
         # The reader of stdout went away (`medal train ... | head`). As the Python docs advise
         # ("Note on SIGPIPE"): point stdout at devnull so the flush at exit cannot fail again.
@@ -124,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _is_main() -> bool:
+    """Rank 0 under torchrun (or no torchrun), without importing torch for it."""
+    dist = sys.modules.get("medal.distributed")
+    return dist.is_main() if dist is not None else os.environ.get("RANK", "0") == "0"
+
+
 def _rel(p: Path) -> str:
     try:
         return str(Path(p).resolve().relative_to(Path.cwd()))
@@ -132,6 +195,8 @@ def _rel(p: Path) -> str:
 
 
 def _fmt(v: float | None) -> str:
+    from .train import show_metric
+
     return show_metric(v)
 
 
@@ -167,6 +232,8 @@ def _print_query(r: api.QueryReport, cfg: Config) -> None:
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    from . import api
+
     r = api.train(cfg, progress=not args.quiet)
     if r is not None:  # None on torchrun ranks other than 0
         _print_train(r)
@@ -174,6 +241,8 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_query(cfg: Config, args: argparse.Namespace) -> int:
+    from . import api
+
     r = api.query(cfg, progress=not args.quiet)
     if r is not None:
         _print_query(r, cfg)
@@ -181,6 +250,8 @@ def cmd_query(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(cfg: Config, args: argparse.Namespace) -> int:
+    from . import api
+
     r = api.ingest(cfg, args.folder)
     if r.already_ingested:
         print(f"round {r.round:03d} was already ingested with these labels; nothing changed")
@@ -202,6 +273,8 @@ def cmd_labels(cfg: Config | None, args: argparse.Namespace) -> int:
         return _serve(cfg, args)
     if cfg is None:
         raise MedalError(f"labels {args.action} needs the config: -c CONFIG")
+    from . import api
+
     if args.action == "export":
         if args.output is None:
             raise MedalError("labels export needs -o FILE")
@@ -245,6 +318,8 @@ def _serve(cfg: Config | None, args: argparse.Namespace) -> int:
 
 
 def cmd_round(cfg: Config, args: argparse.Namespace) -> int:
+    from . import api
+
     r = api.run_round(cfg, progress=not args.quiet)
     if r is not None:
         _print_train(r.train)
@@ -253,6 +328,8 @@ def cmd_round(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    from . import api
+
     s = api.status(cfg)
     print(f"workspace: {_rel(s.workspace)}")
     labels = ", ".join(f"{c} {n}" for c, n in s.label_counts.items())

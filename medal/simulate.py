@@ -913,60 +913,21 @@ def simulate(cfg: Config, s: SimulationSettings) -> SimulationResult:
     return SimulationResult(out, rows, header + summary, plots, seconds, failures)
 
 
-# --- command line -----------------------------------------------------------------------------
-HELP = "simulate active learning on a fully labelled set (compare strategies)"
-DESCRIPTION = """Hide the labels of a fully labelled set and run active learning on it: for each
-strategy and seed, a workspace goes through train -> query -> (a simulated radiologist fills
-labels.csv from the hidden labels) -> ingest -> train, for --rounds rounds. Writes results.csv,
-learning curves (PNG) and summary.md to --out. Interrupted simulations resume where they
-stopped when run again with the same settings.
-
-By default the protocol is the one a team meets: a random start set, no labelled validation set
-(each run holds out train.validation_fraction of its labels), and every label the simulated
-radiologist gave counted, held-out ones included."""
-
-
+# --- command line (the arguments are defined in medal.cli, which imports no torch) -----------
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``simulate`` to the ``medal`` command's subparsers."""
-    p = subparsers.add_parser("simulate", help=HELP, description=DESCRIPTION,
+    from .cli import SIMULATE_DESCRIPTION, SIMULATE_HELP
+
+    p = subparsers.add_parser("simulate", help=SIMULATE_HELP, description=SIMULATE_DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
     return p
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", required=True, type=Path,
-                   help="TOML config file (classes, model, training, validation/test sets)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
-    p.add_argument("-q", "--quiet", action="store_true", help="only print the summary")
-    p.add_argument("--truth", action="append", type=Path, required=True, metavar="PATH",
-                   help="the fully labelled set: class subfolders or CSV file,label "
-                        "(repeatable; the sources are joined)")
-    p.add_argument("--strategies", default="bald,entropy,random",
-                   help="comma-separated strategies (default bald,entropy,random)")
-    p.add_argument("--seeds", default="0,1,2,3,4",
-                   help="comma-separated seeds (default 0,1,2,3,4; the summary's 95%% intervals "
-                        "are over seeds)")
-    p.add_argument("--rounds", type=int, default=10, help="labelling rounds (default 10)")
-    p.add_argument("--budget", type=int, default=None,
-                   help="labels per round (default: query.budget of the config)")
-    p.add_argument("--start", default="random",
-                   help="start set: random, class_balanced (drawn knowing the hidden labels), "
-                        "class:<name> (single class), or a file listing images (default random)")
-    p.add_argument("--start-size", type=int, default=20,
-                   help="start set size for random/class starts (default 20)")
-    p.add_argument("--validation", default="none", metavar="none|config|PATH",
-                   help="labelled validation set: none (default: each run holds out "
-                        "train.validation_fraction of the labels it was given, counted as "
-                        "labels), config (the config's data.validation) or a folder/CSV; the "
-                        "labels of a set passed this way are not counted")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: <workspace>-simulation)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="runs in parallel, one process each (default 1)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per worker (default: CPU count / workers)")
+    from .cli import add_simulate_arguments
+
+    add_simulate_arguments(p)
 
 
 def _csv_list(text: str) -> list[str]:
@@ -1013,7 +974,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="medal simulate", description=DESCRIPTION,
+    from .cli import SIMULATE_DESCRIPTION
+
+    p = argparse.ArgumentParser(prog="medal simulate", description=SIMULATE_DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
     return run(p.parse_args(argv))

@@ -267,3 +267,25 @@ def test_pool_copies_of_evaluation_images_are_left_out_and_said_once(tmp_path, t
     out = capsys.readouterr().out
     assert "byte-identical" not in out  # said once
     assert "from a pool of 40" in out  # 41 files, the copy left out
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["simulate", "--help"], None])
+def test_version_and_help_start_without_torch(argv):
+    """``medal --version`` / ``--help`` and building the parser import no torch (seconds of
+    start-up on a loaded machine); a fresh interpreter shows what the command alone imports."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    call = "medal.cli.build_parser()" if argv is None else f"""
+try:
+    medal.cli.main({argv!r})
+except SystemExit as e:
+    assert e.code == 0, e.code"""
+    code = f"import sys\nimport medal.cli\n{call}\nprint('torch' in sys.modules, file=sys.stderr)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "False", "torch was imported"
+    if argv == ["--version"]:
+        assert r.stdout.startswith("medal ")
