@@ -17,7 +17,8 @@ Layout of the output folder ``<out>``::
     pool/                           links to every image of the labelled set (shared pool)
     cache/                          decode cache shared by all runs
     <strategy>/seed-<k>/            one workspace per run (ledger, checkpoints, rounds),
-                                    plus start.csv (the start set) and oracle.csv
+                                    plus start.csv (the start set), oracle.csv and
+                                    seconds.csv (wall-clock seconds of each round)
     results.csv                     one row per (strategy, seed, model round)
     curve_test_<metric>.png         learning curves (mean and min-max band over seeds)
     summary.md                      per seed and paired to random: final value, area under
@@ -440,27 +441,38 @@ def run_one(spec: RunSpec, oracle: Oracle) -> int:
     trained, rounds = _ledger_state(cfg)
     done = 0
 
-    def train() -> None:
+    def train(t0: float | None, query_seconds: float | None) -> None:
+        """Train this round's model; ``t0``: when the round started (None: it was resumed,
+        so its time is unknown), ``query_seconds``: its query's time (None: round 0 or
+        unknown)."""
         nonlocal done
         r = api.train(cfg, progress=False)
         done += 1
+        round_seconds = None if t0 is None else time.perf_counter() - t0
+        _record_seconds(cfg.workspace, r.model_round, query_seconds, round_seconds)
         if spec.verbose:
             m = r.metrics.get("test") or r.metrics.get("validation") or {}
             given, holdout = _label_counts(cfg, [r.model_round])
             print(f"[{name}] model round {r.model_round}: {given[r.model_round]} labels given "
                   f"({r.n_labels} in training, {holdout} held out for validation), "
                   f"AUROC {_fmt_value(m.get('auroc'))}, "
-                  f"accuracy {_fmt_value(m.get('accuracy'))} ({r.seconds:.1f} s)", flush=True)
+                  f"accuracy {_fmt_value(m.get('accuracy'))} (training {r.seconds:.1f} s"
+                  + ("" if round_seconds is None else f", whole round {round_seconds:.1f} s")
+                  + ")", flush=True)
 
     if 0 not in trained:
-        train()
+        train(time.perf_counter(), None)
     for k in range(1, spec.rounds + 1):
         if k in trained:
             continue
         rec = rounds.get(k)
+        t0: float | None = None
+        query_seconds = None
         if rec is None:
             try:
+                t0 = time.perf_counter()
                 folder = api.query(cfg, progress=False).folder
+                query_seconds = time.perf_counter() - t0
             except DataError:
                 if _pool_is_empty(cfg):
                     if spec.verbose:
@@ -472,8 +484,43 @@ def run_one(spec: RunSpec, oracle: Oracle) -> int:
         if rec is None or not rec["ingested"]:
             oracle.label_round(folder, round_manifest(cfg.workspace, folder))
             api.ingest(cfg, folder)
-        train()
+        train(t0, query_seconds)
     return done
+
+
+SECONDS_COLUMNS = ("train_seconds", "score_seconds", "query_seconds", "round_seconds")
+"""results.csv's timings, wall-clock seconds: ``train_seconds`` fitting the model only (from
+the ledger); ``score_seconds`` MC-dropout scoring and selection of the round's images (from the
+ledger; empty for round 0); ``query_seconds`` the whole query: scoring, selection and export of
+the round folder (copies, previews, manifest; empty for round 0); ``round_seconds`` the whole
+round: query, simulated labelling, ingest and training with its image loading, evaluation and
+checkpoint (round 0: the first training). The last two are measured by the run and kept in its
+``seconds.csv``; they are empty for a round that an interruption split in two."""
+
+
+def _record_seconds(run_dir: Path, model_round: int, query_seconds: float | None,
+                    round_seconds: float | None) -> None:
+    """Append one model round's timings to ``<run>/seconds.csv`` (a later row wins)."""
+    path = run_dir / "seconds.csv"
+    new = not path.is_file()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["round", "query_seconds", "round_seconds"])
+        w.writerow([model_round, *("" if v is None else round(v, 3)
+                                   for v in (query_seconds, round_seconds))])
+
+
+def _read_seconds(run_dir: Path) -> dict[int, dict[str, str]]:
+    """``{model round: {"query_seconds": s, "round_seconds": s}}`` from ``seconds.csv``; an
+    unmeasured value is ``""``."""
+    path = run_dir / "seconds.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        return {int(r["round"]): {k: float(r[k]) if r.get(k) else ""
+                                  for k in ("query_seconds", "round_seconds")}
+                for r in csv.DictReader(f) if (r.get("round") or "").isdigit()}
 
 
 def _run_in_worker(spec: RunSpec, entries: list[TruthEntry], threads: int) -> tuple[str, int]:
@@ -534,6 +581,7 @@ def collect_rows(specs: Sequence[RunSpec]) -> list[dict[str, Any]]:
             continue
         st = api.status(spec.cfg)
         score = {r["round"]: r["score_seconds"] for r in st.rounds}
+        timed = _read_seconds(spec.cfg.workspace)
         models = [m for m in st.models if m["round"] <= spec.rounds]
         given, holdout = _label_counts(spec.cfg, [m["round"] for m in models])
         for m in models:
@@ -542,7 +590,9 @@ def collect_rows(specs: Sequence[RunSpec]) -> list[dict[str, Any]]:
                                    "labels_train": m["n_labels"], "labels_holdout": holdout,
                                    "train_seconds": round(m["train_seconds"], 3),
                                    "score_seconds": "" if score.get(m["round"]) is None
-                                   else round(score[m["round"]], 3)}
+                                   else round(score[m["round"]], 3),
+                                   "query_seconds": "", "round_seconds": "",
+                                   **timed.get(m["round"], {})}
             for split in ("test", "validation"):
                 for metric, v in sorted(st.metrics.get(m["round"], {}).get(split, {}).items()):
                     row[f"{split}/{metric}"] = v
@@ -568,7 +618,7 @@ def _fmt_value(v: Any, digits: int = 3) -> str:
 
 def write_results(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """results.csv; an undefined metric is an empty cell."""
-    fixed = ["strategy", "seed", "round", *LABEL_COLUMNS, "train_seconds", "score_seconds"]
+    fixed = ["strategy", "seed", "round", *LABEL_COLUMNS, *SECONDS_COLUMNS]
     metrics = sorted({k for r in rows for k in r} - set(fixed),
                      key=lambda k: (not k.startswith("test/"), k))
     tmp = path.with_name(f".{path.name}.tmp")

@@ -93,6 +93,18 @@ def test_simulation_writes_results_plots_summary_and_resumes(sim_setup, monkeypa
     assert all(float(x["test/n"]) == 12 for x in rows)
     assert all(x["score_seconds"] == "" for x in rows if x["round"] == "0")
     assert all(float(x["score_seconds"]) >= 0 for x in rows if x["round"] != "0")
+    # the whole round is timed, not only the fitting: query (scoring + export) <= round
+    assert list(rows[0])[6:10] == ["train_seconds", "score_seconds", "query_seconds",
+                                   "round_seconds"]
+    for x in rows:
+        assert float(x["round_seconds"]) >= float(x["train_seconds"]) > 0
+        if x["round"] == "0":
+            assert x["query_seconds"] == ""
+        else:
+            assert float(x["round_seconds"]) >= float(x["query_seconds"]) \
+                >= float(x["score_seconds"])
+            assert float(x["round_seconds"]) >= float(x["query_seconds"]) \
+                + float(x["train_seconds"])
     for metric in sim.MAIN_METRICS:
         png = out / f"curve_test_{metric}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -150,6 +162,10 @@ def test_interrupted_round_is_finished_not_redone(sim_setup, monkeypatch):
     assert [m["round"] for m in st.models] == [0, 1, 2]
     assert all(r["ingested"] for r in st.rounds)
     assert st.rounds[-1]["folder"] == str(exported.folder)
+    # the round split by the interruption has no whole-round time; the others have
+    rows = {x["round"]: x for x in csv.DictReader(open(sim_setup["out"] / "results.csv"))}
+    assert rows["2"]["query_seconds"] == rows["2"]["round_seconds"] == ""
+    assert float(rows["1"]["round_seconds"]) >= float(rows["1"]["query_seconds"]) > 0
 
 
 def test_other_settings_are_refused(sim_setup):
