@@ -111,6 +111,9 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport:
     previous round's checkpoint. Under torchrun, trains with DistributedDataParallel and only
     rank 0 writes (other ranks return ``None``).
     """
+    if cfg.train.tensorboard:  # a missing package is said before training, not after
+        from . import tensorboard_log
+        tensorboard_log.require()
     if distributed.is_distributed():
         return _train_distributed(cfg, progress=progress)
     device = resolve_device(cfg.device)
@@ -202,6 +205,10 @@ def _finish_training(ws: Workspace, cfg: Config, model: MCModel, device: torch.d
     ws.db.record_model(model_round, path.relative_to(ws.root).as_posix(), parent, len(items),
                        result.epochs, result.seconds, metrics)
     _record_skipped(ws, skipped)
+    if cfg.train.tensorboard:  # after the ledger: a logging failure never loses the round
+        from . import tensorboard_log
+        tensorboard_log.write_round(ws.tensorboard_dir(model_round), model_round,
+                                    result.history, metrics, result.best_epoch)
     counts = Counter(it.label for it in items)
     return TrainReport(model_round, path, len(items), {c: counts.get(c, 0) for c in cfg.classes},
                        parent, result.epochs, result.best_epoch, result.seconds, metrics, skipped,

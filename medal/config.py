@@ -108,6 +108,12 @@ class TrainConfig:
     validation_fraction: float = 0.2
     """Without ``data.validation``: share of the initial labelled set held out (stratified,
     chosen once and frozen in the ledger, so metrics compare across rounds)."""
+    tensorboard: bool = False
+    """Write each round's training to TensorBoard, one run per model round in
+    ``<workspace>/tensorboard/round-NNN``: training loss per epoch, validation metrics per
+    evaluated epoch, and the round's final validation/test metrics. Needs the tensorboard
+    extra: ``pip install 'medal-al[tensorboard]'``; view with
+    ``tensorboard --logdir <workspace>/tensorboard``."""
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,15 @@ class Workspace:
         workspaces share one cache folder, share it too."""
         return self.root / "cache" / "representation" / f"{key}.pt"
 
+    @property
+    def tensorboard_root(self) -> Path:
+        """``tensorboard --logdir`` this folder to see every round (``train.tensorboard``)."""
+        return self.root / "tensorboard"
+
+    def tensorboard_dir(self, model_round: int) -> Path:
+        """The TensorBoard run of model round ``model_round``'s training."""
+        return self.tensorboard_root / f"round-{model_round:03d}"
+
     def round_dir(self, round: int) -> Path:
         return self.labelling_dir / f"round-{round:03d}"
 
