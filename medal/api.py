@@ -28,7 +28,7 @@ from .train import (backbone_features, build_model, classification_metrics, fit,
 from . import distributed
 from .uncertainty import _Collector, mc_predict_tensors, n_batches, score_batches
 from .ledger import LabelRecord
-from .workspace import UNSURE, Item, Workspace
+from .workspace import UNSURE, Item, Workspace, cache_dir, has_ledger
 
 
 @dataclass
@@ -73,7 +73,7 @@ def _labels_to_index(items: list[Item], classes: tuple[str, ...]) -> np.ndarray:
 
 
 def _cache_dir(cfg: Config) -> Path | None:
-    return cfg.workspace / "cache" if cfg.image.cache else None
+    return cache_dir(cfg.workspace) if cfg.image.cache else None
 
 
 def _dataset(cfg: Config, items: list[Item]) -> ImageDataset:
@@ -140,7 +140,7 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport:
         result = fit(model, x, y, cfg, epochs=epochs, device=device,
                      x_val=xv if len(xv) else None, y_val=yv if len(yv) else None, seed=seed,
                      progress=progress,
-                     state_path=ws.checkpoint_path(model_round).with_suffix(".partial.pt"))
+                     state_path=ws.training_state_path(model_round))
         result.notes[:0] = notes
         return _finish_training(ws, cfg, model, device, seed, model_round, parent, items,
                                 result, (xv, yv), (xt, yt), skipped)
@@ -202,7 +202,7 @@ def _finish_training(ws: Workspace, cfg: Config, model: MCModel, device: torch.d
                                                     cfg.classes)
     path = ws.checkpoint_path(model_round)
     save_checkpoint(path, model, cfg, model_round)
-    ws.db.record_model(model_round, path.relative_to(ws.root).as_posix(), parent, len(items),
+    ws.db.record_model(model_round, ws.checkpoint_name(model_round), parent, len(items),
                        result.epochs, result.seconds, metrics)
     _record_skipped(ws, skipped)
     if cfg.train.tensorboard:  # after the ledger: a logging failure never loses the round
@@ -384,7 +384,7 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport:
         seed = cfg.seed * 1000 + number
         mode, max_items = _sampling(cfg, device)
         streaming_topk = q.strategy in acquisition.SCORE_FUNCTIONS and not q.balance
-        out_dir = ws.root / "scores" / f"round-{number:03d}"
+        out_dir = ws.scores_dir(number)
         key = _scores_key(cfg, current_model_record(ws), mode)
         sink = _Collector(len(ds), q.mc_samples, model.num_classes, model.feature_dim, out_dir,
                           (acquisition.SCORE_FUNCTIONS[q.strategy], q.budget)
@@ -464,14 +464,14 @@ def _scores_key(cfg: Config, model_rec: dict[str, Any], mode: str) -> dict[str, 
 def _reuse_scores(ws: Workspace, key: dict[str, Any], pool: list[Item], sink: Any) -> int:
     """Feed ``sink`` the stored scores of pool images that the same model already scored with
     the same settings (e.g. after a round was handed back unlabelled). Returns how many."""
-    for meta in sorted((ws.root / "scores").glob("round-*/meta.json"), reverse=True):
+    for stored in ws.stored_scores():
         try:
-            if json.loads(meta.read_text()) != json.loads(json.dumps(key)):
+            if json.loads((stored / "meta.json").read_text()) != json.loads(json.dumps(key)):
                 continue
-            ids = np.load(meta.parent / "ids.npy")
-            kept = np.load(meta.parent / "kept.npy")
-            probs = np.load(meta.parent / "probs.npy", mmap_mode="r")
-            feats = np.load(meta.parent / "features.npy", mmap_mode="r")
+            ids = np.load(stored / "ids.npy")
+            kept = np.load(stored / "kept.npy")
+            probs = np.load(stored / "probs.npy", mmap_mode="r")
+            feats = np.load(stored / "features.npy", mmap_mode="r")
         except (OSError, ValueError):
             continue
         row_of = {str(i): int(r) for i, r in zip(ids, kept)}
@@ -495,7 +495,7 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MC
                        device: torch.device, number: int, model_round: int, seed: int,
                        t0: float) -> QueryReport:
     q = cfg.query
-    np.save(ws.root / "scores" / f"round-{number:03d}" / "ids.npy",
+    np.save(ws.scores_dir(number) / "ids.npy",
             np.array([snap.pool[int(k)].id for k in mc.kept]))
     strategy = q.strategy
     missing = [c for c in cfg.classes if not any(it.label == c for it in snap.labelled)]
@@ -553,7 +553,7 @@ def _query_distributed(cfg: Config, *, progress: bool) -> QueryReport | None:
             number = ws.next_round()
             dims = build_model(cfg)
             sink = _Collector(len(snap.pool), q.mc_samples, dims.num_classes, dims.feature_dim,
-                              ws.root / "scores" / f"round-{number:03d}",
+                              ws.scores_dir(number),
                               (acquisition.SCORE_FUNCTIONS[q.strategy], q.budget)
                               if streaming_topk else None)
             key = _scores_key(cfg, rec, mode)
@@ -592,7 +592,7 @@ def _query_distributed(cfg: Config, *, progress: bool) -> QueryReport | None:
                 sink(rows, probs, feats)
             all_skipped |= rank_skipped
         mc = sink.result(all_skipped)
-        (ws.root / "scores" / f"round-{number:03d}" / "meta.json").write_text(
+        (ws.scores_dir(number) / "meta.json").write_text(
             json.dumps(state["key"]))
         report = _select_and_export(ws, cfg, state["snap"], mc, model, device, number,
                                     p["model_round"], seed, t0)
@@ -687,11 +687,13 @@ class Status:
     metrics: dict[int, dict[str, dict[str, float]]]
     skipped: dict[str, str]
     notes: list[str] = field(default_factory=list)
+    skipped_csv: Path | None = None
+    """The workspace's list of unreadable files (all of ``skipped``)."""
 
 
 def status(cfg: Config) -> Status:
     """Rounds, label counts and metrics per model round, read from the ledger."""
-    if not (cfg.workspace / "ledger.sqlite").is_file():
+    if not has_ledger(cfg.workspace):
         raise WorkspaceError(f"no workspace at {cfg.workspace} yet; run 'medal train' first")
     with Workspace(cfg, lock=False) as ws:
         db = ws.db
@@ -717,4 +719,5 @@ def status(cfg: Config) -> Status:
         return Status(cfg.workspace, rounds,
                       {c: counts.get(c, 0) for c in [*cfg.classes, "unsure"]
                        if c in cfg.classes or counts.get(c)},
-                      dict(by_source), db.models(), metrics, db.skipped(), notes)
+                      dict(by_source), db.models(), metrics, db.skipped(), notes,
+                      ws.skipped_csv)

@@ -364,7 +364,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             print(f"  {_rel(Path(p))}: {reason}")
         if len(s.skipped) > 20:
             print(f"  ... and {len(s.skipped) - 20} more")
-        print(f"  (all of them: {_rel(s.workspace / 'skipped.csv')})")
+        print(f"  (all of them: {_rel(s.skipped_csv or s.workspace)})")
     return 0
 
 

@@ -32,6 +32,7 @@ from .errors import DataError, ImageReadError, LabellingError
 from .io import load_image, sniff_format
 from .ledger import LabelRecord, RoundRecord, Selection
 from .workspace import UNSURE, Item, Workspace, file_id_of
+from .workspace import round_of_folder as round_number
 
 IGNORED_FILES = {"thumbs.db", "desktop.ini", ".ds_store"}
 PREVIEWS = "previews"
@@ -70,11 +71,11 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
     final = ws.round_dir(round)
     if final.exists():
         raise LabellingError(f"{final} already exists; refusing to overwrite a labelling folder")
-    tmp = ws.labelling_dir / f".round-{round:03d}.tmp"
+    tmp = ws.export_tmp_dir(round)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    manifest_copy = ws.labelling_dir / "manifests" / f"round-{round:03d}.csv"
+    manifest_copy = ws.kept_manifest_path(round)
     try:
         selections = _write_round(ws, round, chosen, tmp, manifest_copy)
         ws.db.record_round(RoundRecord(round, strategy, len(selections), cfg.query.mc_samples,
@@ -137,7 +138,7 @@ def _write_round(ws: Workspace, round: int, chosen: Sequence[Candidate], tmp: Pa
     header = ["file", "image_id", "source_path", "rank", "score", "predicted",
               *[f"p_{c}" for c in classes]]
     if secret is not None:  # the mapping back to sources stays with the workspace
-        (ws.labelling_dir / "manifests").mkdir(parents=True, exist_ok=True)
+        manifest_copy.parent.mkdir(parents=True, exist_ok=True)
         _write_csv(manifest_copy, header, manifest)
         _write_csv(tmp / "manifest.csv", [h for h in header if h not in ("image_id",
                                                                          "source_path")],
@@ -301,13 +302,6 @@ class _Answer:
     source: str
     origin: str
     annotator: str | None
-
-
-def round_number(folder: Path) -> int:
-    name = folder.name
-    if not name.startswith("round-") or not name[len("round-"):].isdigit():
-        raise LabellingError(f"{folder}: not a round folder (expected a name like round-001)")
-    return int(name[len("round-"):])
 
 
 def ingest_round(ws: Workspace, folder: Path) -> IngestResult:

@@ -62,7 +62,7 @@ from .acquisition import STRATEGIES
 from .config import Config, load_config, parse_overrides
 from .data import scan_source
 from .errors import DataError, MedalError
-from .workspace import Workspace
+from .workspace import Workspace, cache_dir, has_ledger, kept_manifest, round_of_folder
 
 MAIN_METRICS = ("auroc", "accuracy", "balanced_accuracy")
 METRIC_TITLES = {"auroc": "AUROC", "accuracy": "accuracy",
@@ -161,7 +161,7 @@ def round_manifest(ws_root: Path, folder: Path) -> Path:
         header = next(csv.reader(f), [])
     if "source_path" in header:
         return in_folder
-    kept = ws_root / "labelling" / "manifests" / f"{folder.name}.csv"
+    kept = kept_manifest(ws_root, round_of_folder(folder))
     if not kept.is_file():
         raise SimulationError(f"{folder}: the manifest has no source paths and {kept} is missing")
     return kept
@@ -389,7 +389,7 @@ def plan_runs(cfg: Config, s: SimulationSettings) -> tuple[list[RunSpec], list[T
     truth = read_truth(s.truth, cfg.classes)
     _check_settings(out, _fingerprint(cfg, s))
     entries = build_pool(out, truth)
-    shared_cache = out / "cache"
+    shared_cache = cache_dir(out)  # a workspace-shaped cache the run workspaces share
     specs = []
     for seed in s.seeds:
         start = choose_start(entries, s.start, s.start_size, seed, cfg.classes)
@@ -404,11 +404,11 @@ def plan_runs(cfg: Config, s: SimulationSettings) -> tuple[list[RunSpec], list[T
                     w.writerow(["file", "label"])
                     w.writerows([str(e.link), e.label] for e in start)
                 tmp.replace(start_csv)
-            if cfg.image.cache and not (run_dir / "cache").exists():
+            if cfg.image.cache and not cache_dir(run_dir).exists():
                 # workspaces keep their decode cache in <workspace>/cache; pointing each one at
                 # the same folder decodes every image once for the whole simulation
                 shared_cache.mkdir(exist_ok=True)
-                (run_dir / "cache").symlink_to(shared_cache, target_is_directory=True)
+                cache_dir(run_dir).symlink_to(shared_cache, target_is_directory=True)
             run_cfg = dataclasses.replace(
                 cfg, workspace=run_dir, seed=seed,
                 data=dataclasses.replace(cfg.data, labelled=start_csv, pool=out / "pool"),
@@ -421,7 +421,7 @@ def plan_runs(cfg: Config, s: SimulationSettings) -> tuple[list[RunSpec], list[T
 # --- one run ----------------------------------------------------------------------------------
 def _ledger_state(cfg: Config) -> tuple[set[int], dict[int, dict[str, Any]]]:
     """Model rounds trained and exported rounds (by number) recorded in a run's ledger."""
-    if not (cfg.workspace / "ledger.sqlite").is_file():
+    if not has_ledger(cfg.workspace):
         return set(), {}
     st = api.status(cfg)
     return {m["round"] for m in st.models}, {r["round"]: r for r in st.rounds}
@@ -577,7 +577,7 @@ def collect_rows(specs: Sequence[RunSpec]) -> list[dict[str, Any]]:
     """
     rows = []
     for spec in specs:
-        if not (spec.cfg.workspace / "ledger.sqlite").is_file():
+        if not has_ledger(spec.cfg.workspace):
             continue
         st = api.status(spec.cfg)
         score = {r["round"]: r["score_seconds"] for r in st.rounds}

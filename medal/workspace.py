@@ -5,8 +5,18 @@
     <workspace>/
       ledger.sqlite            images, labels with provenance, rounds, models, metrics
       checkpoints/round-000.pt model trained on the labels of rounds <= 0
+                  round-000.partial.pt   resume state of a training in progress
       labelling/round-001/     folders handed to radiologists
+                .round-001.tmp/          a round folder being written (export)
+                manifests/round-001.csv  manifest with source paths (de-identified rounds)
+      scores/round-001/        the pool's stored MC-dropout scores for round 1
+      cache/                   decoded images; cache/representation/ pretrained backbones
+      skipped.csv              files that could not be read, and why
+      pool-overlap.csv         pool images byte-identical to validation/test images
       .lock                    held while a command changes the workspace
+
+This module is the only one that spells these names: every other module asks a
+:class:`Workspace` (or, with only a workspace folder at hand, the functions below).
 
 Source images are only ever read. Model round k is trained on the initial labels plus the
 labels ingested from rounds 1..k; querying with model k exports round k+1.
@@ -32,11 +42,48 @@ import numpy as np
 
 from .config import Config
 from .data import FileEntry, display_path, file_sha256, scan_source
-from .errors import DataError, ImageReadError, WorkspaceError
+from .errors import DataError, ImageReadError, LabellingError, WorkspaceError
 from .io import count_frames, sniff_format
 from .ledger import ImageRecord, LabelRecord, Ledger
 
 UNSURE = "unsure"
+
+_ROUND_NAME = re.compile(r"round-(\d+)")
+_EXPORT_TMP_NAME = re.compile(r"\.round-(\d+)\.tmp")
+
+
+def round_name(round: int) -> str:
+    """The name of round ``round``'s folder (and of its checkpoint, scores, manifest copy)."""
+    return f"round-{round:03d}"
+
+
+def round_of_folder(folder: Path) -> int:
+    """The round number a round folder's name (``round-NNN``) stands for."""
+    m = _ROUND_NAME.fullmatch(Path(folder).name)
+    if m is None or not m.group(1).isascii():
+        raise LabellingError(f"{folder}: not a round folder (expected a name like round-001)")
+    return int(m.group(1))
+
+
+def ledger_file(root: Path) -> Path:
+    """The ledger of the workspace at ``root`` (which may not exist yet)."""
+    return Path(root) / "ledger.sqlite"
+
+
+def has_ledger(root: Path) -> bool:
+    """Whether a workspace with a ledger exists at ``root`` (a command ran there)."""
+    return ledger_file(root).is_file()
+
+
+def cache_dir(root: Path) -> Path:
+    """The decode cache of the workspace at ``root`` (``image.cache``); readable by every
+    torchrun rank without opening the workspace."""
+    return Path(root) / "cache"
+
+
+def kept_manifest(root: Path, round: int) -> Path:
+    """The manifest with source paths that a de-identified round keeps in the workspace."""
+    return Path(root) / "labelling" / "manifests" / f"{round_name(round)}.csv"
 
 
 def frame_id(file_id: str, frame: int) -> str:
@@ -112,7 +159,7 @@ def no_space_message(exc: BaseException, root: Path, written: Sequence[Path] = (
             text = str(e)
             if (code is not None and code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR)) or \
                     text in ("database or disk is full", "disk I/O error"):
-                return _no_space_line(root / "ledger.sqlite", f"SQLite: {text}")
+                return _no_space_line(ledger_file(root), f"SQLite: {text}")
         if isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILED):
             target = written[0] if written else root / "checkpoints"
             text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", " ".join(str(e).split()))
@@ -148,22 +195,39 @@ class Workspace:
     # --- paths ----------------------------------------------------------------------------
     @property
     def ledger_path(self) -> Path:
-        return self.root / "ledger.sqlite"
+        return ledger_file(self.root)
 
     @property
     def labelling_dir(self) -> Path:
         return self.root / "labelling"
 
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
     def checkpoint_path(self, model_round: int) -> Path:
         """Where model round ``model_round``'s weights are. Always derived from the workspace
         (the ledger keeps the path relative to it), so a moved or copied workspace loads its
         own checkpoints."""
-        return self.root / "checkpoints" / f"round-{model_round:03d}.pt"
+        return self.checkpoints_dir / f"{round_name(model_round)}.pt"
+
+    def checkpoint_name(self, model_round: int) -> str:
+        """Model round ``model_round``'s checkpoint relative to the workspace (as the ledger
+        records it)."""
+        return self.checkpoint_path(model_round).relative_to(self.root).as_posix()
+
+    def training_state_path(self, model_round: int) -> Path:
+        """The resume state of model round ``model_round``'s training while it runs."""
+        return self.checkpoint_path(model_round).with_suffix(".partial.pt")
+
+    @property
+    def cache_dir(self) -> Path:
+        return cache_dir(self.root)
 
     def representation_path(self, key: str) -> Path:
         """A cached self-supervised backbone; under ``cache/`` so simulation runs, whose
         workspaces share one cache folder, share it too."""
-        return self.root / "cache" / "representation" / f"{key}.pt"
+        return self.cache_dir / "representation" / f"{key}.pt"
 
     @property
     def tensorboard_root(self) -> Path:
@@ -172,10 +236,32 @@ class Workspace:
 
     def tensorboard_dir(self, model_round: int) -> Path:
         """The TensorBoard run of model round ``model_round``'s training."""
-        return self.tensorboard_root / f"round-{model_round:03d}"
+        return self.tensorboard_root / round_name(model_round)
 
     def round_dir(self, round: int) -> Path:
-        return self.labelling_dir / f"round-{round:03d}"
+        return self.labelling_dir / round_name(round)
+
+    def export_tmp_dir(self, round: int) -> Path:
+        """The folder an export of round ``round`` is written under before it is renamed to
+        :meth:`round_dir` (what :meth:`_recover` finishes or undoes after a crash)."""
+        return self.labelling_dir / f".{round_name(round)}.tmp"
+
+    def kept_manifest_path(self, round: int) -> Path:
+        return kept_manifest(self.root, round)
+
+    def scores_dir(self, round: int) -> Path:
+        """Where the pool's MC-dropout scores of the query for round ``round`` are stored."""
+        return self.root / "scores" / round_name(round)
+
+    def stored_scores(self) -> list[Path]:
+        """Every :meth:`scores_dir` with a finished set of scores (``meta.json``), newest
+        round first."""
+        return sorted((m.parent for m in (self.root / "scores").glob("round-*/meta.json")),
+                      reverse=True)
+
+    @property
+    def pool_overlap_csv(self) -> Path:
+        return self.root / "pool-overlap.csv"
 
     # --- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> Workspace:
@@ -220,7 +306,7 @@ class Workspace:
         """Remove the temporary files a checkpoint write leaves when it fails (they are only
         ever written under the lock); returns the files removed."""
         removed = []
-        for tmp in sorted((self.root / "checkpoints").glob("*.tmp")):
+        for tmp in sorted(self.checkpoints_dir.glob("*.tmp")):
             try:
                 tmp.unlink()
                 removed.append(tmp)
@@ -314,10 +400,10 @@ class Workspace:
             return
         recorded = {r.round for r in self.db.rounds()}
         for tmp in self.labelling_dir.glob(".round-*.tmp"):
-            try:
-                n = int(tmp.name[len(".round-"):-len(".tmp")])
-            except ValueError:
+            m = _EXPORT_TMP_NAME.fullmatch(tmp.name)
+            if m is None or not m.group(1).isascii():
                 continue
+            n = int(m.group(1))
             final = self.round_dir(n)
             if n in recorded and not final.exists():
                 tmp.rename(final)
@@ -508,7 +594,7 @@ class Workspace:
         where = {it.id: "validation" for it in snap.validation}
         where |= {it.id: "test" for it in snap.test}
         rows = sorted((str(it.path), where[it.id]) for it in pool if it.id in where)
-        path = self.root / "pool-overlap.csv"
+        path = self.pool_overlap_csv
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows([("file", "also_in"), *rows])
         text = buf.getvalue()

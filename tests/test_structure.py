@@ -1,0 +1,42 @@
+"""Ownership checks over medal/'s source: one module per concern (issue 12).
+
+Only :mod:`medal.workspace` spells the names of workspace files and folders; only
+:mod:`medal.ledger` holds SQL. A grep, not a proof: it catches a name or a statement copied
+into another module, which is how a second owner usually starts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).parents[1] / "medal"
+
+# A workspace file or folder name as a string literal, a path joined with one, or a round
+# folder name being built ("round-{...}") or matched ("round-*", ".round-").
+WORKSPACE_NAMES = re.compile(
+    r"""["'](ledger\.sqlite|skipped\.csv|pool-overlap\.csv|\.lock)["']"""
+    r"""|/\s*["'](scores|cache|checkpoints|manifests|labelling|representation|tensorboard)["']"""
+    r"""|["']\.?round-|round-\{|\.partial\.pt""")
+
+
+def offending_lines(pattern: re.Pattern[str], owner: str) -> list[str]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == owner and path.parent == PACKAGE:
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if pattern.search(line):
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{n}: {line.strip()}")
+    return found
+
+
+def test_only_the_workspace_names_workspace_files():
+    assert offending_lines(WORKSPACE_NAMES, "workspace.py") == []
+
+
+def test_the_workspace_pattern_catches_what_it_is_for():
+    assert WORKSPACE_NAMES.search('ws.root / "scores" / f"round-{n:03d}"')
+    assert WORKSPACE_NAMES.search("cfg.workspace / 'ledger.sqlite'")
+    assert WORKSPACE_NAMES.search('labelling_dir.glob(".round-*.tmp")')
+    assert not WORKSPACE_NAMES.search('"""Write ``labelling/round-NNN/`` and record it."""')
