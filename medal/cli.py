@@ -13,9 +13,35 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .config import Config, load_config, parse_overrides
-from .errors import MedalError
+
+def shadowed_package_message() -> str | None:
+    """Why ``medal`` is not this package, in one line; None when it is.
+
+    ``python -m medal``, ``python -c`` and scripts put the current folder first on
+    ``sys.path``. A folder there named ``medal`` without ``__init__.py`` (the folder holding a
+    clone, an empty ``medal/``) then becomes ``medal`` itself, as a namespace package, and an
+    editable install's finder still supplies the submodules (this one included): every
+    ``from . import`` of the package's own names fails with "ImportError: cannot import name
+    ... (unknown location)". The ``medal`` command is not affected (its script's folder comes
+    first). A regular (wheel) install is not affected either: a real package wins over a
+    namespace folder.
+    """
+    pkg = sys.modules.get(__package__ or "medal")
+    if pkg is None or getattr(pkg, "__file__", None) is not None:
+        return None
+    found = ", ".join(str(p) for p in getattr(pkg, "__path__", [])) or "?"
+    return (f"'import medal' found the folder {found}, which is not the medal package (it has "
+            f"no __init__.py), because Python looks in the current folder first: run python "
+            f"from another folder, or use the 'medal' command (medal itself is in "
+            f"{Path(__file__).resolve().parent})")
+
+
+if (_shadowed := shadowed_package_message()) is not None:
+    raise ImportError(_shadowed)
+
+from . import __version__  # noqa: E402  (after the check above, which explains its failure)
+from .config import Config, load_config, parse_overrides  # noqa: E402
+from .errors import MedalError  # noqa: E402
 
 if TYPE_CHECKING:
     from . import api

@@ -289,3 +289,41 @@ except SystemExit as e:
     assert r.stderr.strip().splitlines()[-1] == "False", "torch was imported"
     if argv == ["--version"]:
         assert r.stdout.startswith("medal ")
+
+
+@pytest.mark.parametrize("layout", ["empty folder", "a clone's folder"])
+def test_a_medal_folder_in_the_current_folder_is_named(tmp_path, layout):
+    """From a folder holding a ``medal/`` folder that is not the package (an empty one, or a
+    clone's top folder), ``python -m medal`` and ``import medal.cli`` say what happened instead
+    of "cannot import name ... (unknown location)"; the ``medal`` command still works."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path / "medal"
+    folder.mkdir()
+    if layout == "a clone's folder":
+        (folder / "pyproject.toml").write_text("[project]\nname = 'medal-al'\n")
+        (folder / "data").mkdir()  # shadows medal.data too
+        (folder / "README.md").write_text("medal\n")
+
+    def python(*args):
+        return subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+
+    if python("-c", "import medal; print(medal.__file__)").stdout.strip() != "None":
+        pytest.skip("this install is not shadowed by a folder named medal (a regular install "
+                    "wins over a namespace folder; setuptools' editable finder does not)")
+    said = (f"'import medal' found the folder {folder}, which is not the medal package (it "
+            f"has no __init__.py), because Python looks in the current folder first: run "
+            f"python from another folder, or use the 'medal' command (medal itself is in "
+            f"{Path(__file__).resolve().parents[1] / 'medal'})")
+    r = python("-m", "medal", "--version")
+    assert (r.returncode, r.stderr.strip()) == (2, f"medal: error: {said}")
+    r = python("-c", "import medal.cli")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == f"ImportError: {said}"
+    script = Path(sys.executable).with_name("medal")
+    if script.is_file():
+        r = subprocess.run([str(script), "--version"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0 and r.stdout.startswith("medal ")
