@@ -13,20 +13,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import acquisition
 from .config import Config
 from .data import ImageDataset, load_all
 from .errors import DataError, MedalError, ModelError, WorkspaceError
+from .features import FeatureCache, backbone_key
 from .labelling import Candidate, IngestResult, export_round, ingest_round
-from .models import MCModel, resolve_device
+from .models import MCModel, resolve_device, set_mc_mode
 from .representation import SSLSettings, load_cached, pretrain_and_cache
 from .representation import cache_key as ssl_cache_key
 from .resources import check_training_memory
 from .train import (backbone_features, build_model, classification_metrics, fit, load_checkpoint,
                     save_checkpoint)
 from . import distributed
-from .uncertainty import _Collector, mc_predict_tensors, n_batches, score_batches
+from .uncertainty import (_Collector, batch_seed, head_samples, mc_predict_tensors, n_batches,
+                          score_batches)
 from .ledger import LabelRecord
 from .workspace import UNSURE, Item, Workspace, cache_dir, has_ledger
 
@@ -391,13 +394,17 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport:
                           if streaming_topk else None)
         reused = _reuse_scores(ws, key, snap.pool, sink)
         todo = np.flatnonzero(~sink.ok)
-        sub = _dataset(cfg, [snap.pool[i] for i in todo])
-        skipped = score_batches(
-            model, sub, q.mc_samples, range(n_batches(len(sub), q.batch_size)), device=device,
-            batch_size=q.batch_size, num_workers=cfg.num_workers, seed=seed,
-            progress=progress, desc=f"scoring {len(sub)} images", mode=mode,
-            precision=q.precision, max_batch_items=max_items,
-            sink=lambda rows, p, f: sink(todo[rows], p, f))
+        if cfg.train.freeze_backbone and mode == "head":
+            skipped = _score_frozen(ws, cfg, model, [snap.pool[i] for i in todo], device, seed,
+                                    progress, sink=lambda rows, p, f: sink(todo[rows], p, f))
+        else:
+            sub = _dataset(cfg, [snap.pool[i] for i in todo])
+            skipped = score_batches(
+                model, sub, q.mc_samples, range(n_batches(len(sub), q.batch_size)),
+                device=device, batch_size=q.batch_size, num_workers=cfg.num_workers,
+                seed=seed, progress=progress, desc=f"scoring {len(sub)} images", mode=mode,
+                precision=q.precision, max_batch_items=max_items,
+                sink=lambda rows, p, f: sink(todo[rows], p, f))
         mc = sink.result(skipped)
         (out_dir / "meta.json").write_text(json.dumps(key))
         report = _select_and_export(ws, cfg, snap, mc, model, device, number, model_round,
@@ -405,6 +412,41 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport:
         report.reused = reused
         report.notes[:0] = snap.notes
         return report
+
+
+@torch.no_grad()
+def _score_frozen(ws: Workspace, cfg: Config, model: MCModel, items: list[Item],
+                  device: torch.device, seed: int, progress: bool, *,
+                  sink: Any) -> dict[Path, str]:
+    """Head-only MC scoring under a frozen backbone: every image's features come from the
+    workspace's feature cache (the images not in it are decoded and passed through the
+    backbone once, then cached), and only the head is sampled. ``sink(rows, probs [B, T, C],
+    features [B, D])`` as for :func:`score_batches`; returns the unreadable files."""
+    q = cfg.query
+    key = backbone_key(model.backbone, [cfg.model.channels, cfg.model.image_size,
+                                        cfg.image.window, cfg.image.frame])
+    cache = FeatureCache(ws.feature_cache_path(key))
+    ids = [it.id for it in items]
+    feats, found = cache.lookup(ids, model.feature_dim)
+    skipped: dict[Path, str] = {}
+    missing = np.flatnonzero(~found)
+    if len(missing):
+        x, _, kept_items, skipped = _load(cfg, [items[i] for i in missing])
+        new = backbone_features(model, x, device).numpy()
+        row = {it.id: r for r, it in enumerate(kept_items)}
+        have = np.array([ids[i] in row for i in missing], bool)
+        feats[missing[have]] = new[[row[ids[i]] for i in missing[have]]]
+        found[missing[have]] = True
+        cache.add([it.id for it in kept_items], new)
+    rows = np.flatnonzero(found)
+    set_mc_mode(model)
+    for b in tqdm(range(n_batches(len(rows), q.batch_size)), desc="scoring (head only)",
+                  unit="batch", leave=False, disable=not progress):
+        r = rows[b * q.batch_size:(b + 1) * q.batch_size]
+        torch.manual_seed(batch_seed(seed, b))
+        f = torch.from_numpy(feats[r]).to(device)
+        sink(r, head_samples(model, f, q.mc_samples).float().cpu().numpy(), feats[r])
+    return skipped
 
 
 def _empty_pool(cfg: Config) -> str:

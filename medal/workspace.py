@@ -229,6 +229,11 @@ class Workspace:
         workspaces share one cache folder, share it too."""
         return self.cache_dir / "representation" / f"{key}.pt"
 
+    def feature_cache_path(self, key: str) -> Path:
+        """Backbone features of images under a frozen backbone (:mod:`medal.features`);
+        under ``cache/`` for the same reason as :meth:`representation_path`."""
+        return self.cache_dir / "features" / f"{key}.pt"
+
     @property
     def tensorboard_root(self) -> Path:
         """``tensorboard --logdir`` this folder to see every round (``train.tensorboard``)."""
