@@ -7,7 +7,7 @@ import csv
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from .train import (backbone_features, build_model, classification_metrics, fit,
 from . import distributed
 from .uncertainty import (_Collector, batch_seed, head_samples, mc_predict_tensors, n_batches,
                           score_batches)
-from .ledger import LabelRecord
+from .ledger import LabelRecord, ModelRecord
 from .workspace import UNSURE, Item, Workspace, cache_dir, has_ledger
 
 
@@ -269,7 +269,7 @@ def _train_distributed(cfg: Config, *, progress: bool) -> TrainReport | None:
             model_round = ws.ingested_rounds()
             parent = None
             if cfg.train.round_start == "warm_start":
-                parent = max((m["round"] for m in ws.db.models() if m["round"] < model_round),
+                parent = max((m.round for m in ws.db.models() if m.round < model_round),
                              default=None)
             ssl = None  # rank 0 pretrains (or finds) the self-supervised backbone once
             if parent is None and cfg.representation.method != "none":
@@ -321,7 +321,7 @@ def initial_model(ws: Workspace, cfg: Config, model_round: int) -> tuple[MCModel
     """
     parent = None
     if cfg.train.round_start == "warm_start":
-        parent = max((m["round"] for m in ws.db.models() if m["round"] < model_round),
+        parent = max((m.round for m in ws.db.models() if m.round < model_round),
                      default=None)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
@@ -331,12 +331,12 @@ def initial_model(ws: Workspace, cfg: Config, model_round: int) -> tuple[MCModel
     return model, parent
 
 
-def current_model_record(ws: Workspace) -> dict[str, Any]:
+def current_model_record(ws: Workspace) -> ModelRecord:
     """The newest model that has seen every ingested label (rounds handed back empty do not
     need a new model); error if there is none."""
     needed = max((r.round for r in ws.db.rounds()
                   if r.ingested_at is not None and ws.db.labels(r.round)), default=0)
-    fit = [m for m in ws.db.models() if m["round"] >= needed]
+    fit = [m for m in ws.db.models() if m.round >= needed]
     if not fit:
         hint = "medal train" if needed == 0 else "medal train (or medal round)"
         raise WorkspaceError(f"no model trained on the labels of round {needed} yet; run "
@@ -348,9 +348,9 @@ def load_round_model(ws: Workspace, cfg: Config) -> tuple[MCModel, int]:
     """The model to score the pool with, and its model round."""
     rec = current_model_record(ws)
     model = build_model(cfg)
-    load_checkpoint(ws.checkpoint_path(rec["round"]), model, cfg.classes, cfg.model.name,
+    load_checkpoint(ws.checkpoint_path(rec.round), model, cfg.classes, cfg.model.name,
                     cfg.model.channels)
-    return model, rec["round"]
+    return model, rec.round
 
 
 def _refuse_pending(ws: Workspace) -> None:
@@ -494,10 +494,10 @@ def _zero_label_query(ws: Workspace, cfg: Config, snap: Any, device: torch.devic
                        time.perf_counter() - t0, skipped)
 
 
-def _scores_key(cfg: Config, model_rec: dict[str, Any], mode: str) -> dict[str, Any]:
+def _scores_key(cfg: Config, model_rec: ModelRecord, mode: str) -> dict[str, Any]:
     """What scores depend on: the model (checkpoint and when it was written), T, the
     sampling path and the preprocessing."""
-    return {"checkpoint": model_rec["checkpoint"], "created_at": model_rec["created_at"],
+    return {"checkpoint": model_rec.checkpoint, "created_at": model_rec.created_at,
             "mc_samples": cfg.query.mc_samples, "mode": mode,
             "preprocess": [cfg.model.channels, cfg.model.image_size, cfg.image.window,
                            cfg.image.frame]}
@@ -601,8 +601,8 @@ def _query_distributed(cfg: Config, *, progress: bool) -> QueryReport | None:
             key = _scores_key(cfg, rec, mode)
             reused = _reuse_scores(ws, key, snap.pool, sink)
             state.update(snap=snap, sink=sink, key=key, reused=reused)
-            return {"pool": _rows(snap.pool), "number": number, "model_round": rec["round"],
-                    "checkpoint": str(ws.checkpoint_path(rec["round"])),
+            return {"pool": _rows(snap.pool), "number": number, "model_round": rec.round,
+                    "checkpoint": str(ws.checkpoint_path(rec.round)),
                     "todo": np.flatnonzero(~sink.ok)}
 
         p = _on_main(plan)
@@ -713,9 +713,8 @@ def release_unsure(cfg: Config, image_ids: list[str] | None = None) -> int:
                                 f"{', '.join(unknown)}")
             unsure = wanted
         when = time.time()
-        with ws.db.transaction() as db:
-            ws.db.add_labels(db, [LabelRecord(i, "", ws.ingested_rounds(), "release", None,
-                                              "medal labels release", when) for i in unsure])
+        ws.db.add_labels([LabelRecord(i, "", ws.ingested_rounds(), "release", None,
+                                      "medal labels release", when) for i in unsure])
         return len(unsure)
 
 
@@ -761,5 +760,5 @@ def status(cfg: Config) -> Status:
         return Status(cfg.workspace, rounds,
                       {c: counts.get(c, 0) for c in [*cfg.classes, "unsure"]
                        if c in cfg.classes or counts.get(c)},
-                      dict(by_source), db.models(), metrics, db.skipped(), notes,
-                      ws.skipped_csv)
+                      dict(by_source), [asdict(m) for m in db.models()], metrics,
+                      db.skipped(), notes, ws.skipped_csv)

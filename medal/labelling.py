@@ -353,9 +353,7 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
     # the final label of each image goes last, so it is the image's current label
     rows += [LabelRecord(selections[n].image_id, a.label, number, a.source, a.annotator,
                          a.origin, when) for n, a in sorted(answers.items())]
-    with ws.db.transaction() as db:
-        ws.db.add_labels(db, rows)
-        ws.db.mark_ingested(db, number, when)
+    ws.db.record_ingest(number, rows, when)
     return result
 
 

@@ -140,6 +140,20 @@ class RoundRecord:
 
 
 @dataclass(frozen=True)
+class ModelRecord:
+    """One trained model: its round, checkpoint (relative to the workspace), the model round
+    it was fine-tuned from (``None``: fresh weights), labels, epochs, fitting time."""
+
+    round: int
+    checkpoint: str
+    parent: int | None
+    n_labels: int
+    epochs: int
+    train_seconds: float
+    created_at: float
+
+
+@dataclass(frozen=True)
 class Selection:
     round: int
     image_id: str
@@ -155,7 +169,8 @@ class Selection:
 class Ledger:
     """A SQLite file holding all of medal's durable state except weights and image files.
 
-    Writes go through :meth:`transaction`, so a crash leaves either all or none of a step.
+    The only module with SQL: callers get and give typed records. Every write is one
+    :meth:`transaction`, so a crash leaves either all or none of a step.
     """
 
     def __init__(self, path: Path) -> None:
@@ -220,6 +235,16 @@ class Ledger:
             raise
 
     # --- images -------------------------------------------------------------------------------
+    # --- meta ---------------------------------------------------------------------------------
+    def meta_value(self, key: str, default: str) -> str:
+        """The stored value of ``key``; ``default`` is stored (and returned) the first time."""
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            if row is not None:
+                return str(row["value"])
+            db.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, default))
+            return default
+
     def images_by_path(self) -> dict[str, ImageRecord]:
         """File records by path (frame records of multi-frame files are left out)."""
         rows = self._db.execute("SELECT id, path, size, mtime_ns, format FROM images "
@@ -276,8 +301,19 @@ class Ledger:
             args = (round,)
         return [LabelRecord(**dict(r)) for r in self._db.execute(q + " ORDER BY seq", args)]
 
-    def add_labels(self, db: sqlite3.Connection, rows: Sequence[LabelRecord]) -> None:
-        """Insert label rows inside a caller's :meth:`transaction`."""
+    def add_labels(self, rows: Sequence[LabelRecord]) -> None:
+        """Append label rows (one transaction)."""
+        with self.transaction() as db:
+            self._add_labels(db, rows)
+
+    def record_ingest(self, round: int, rows: Sequence[LabelRecord], when: float) -> None:
+        """A round's labels and its ingest time, in one transaction."""
+        with self.transaction() as db:
+            self._add_labels(db, rows)
+            db.execute("UPDATE rounds SET ingested_at=? WHERE round=?", (when, round))
+
+    @staticmethod
+    def _add_labels(db: sqlite3.Connection, rows: Sequence[LabelRecord]) -> None:
         db.executemany(
             "INSERT INTO labels(image_id, label, round, source, annotator, origin, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -339,9 +375,6 @@ class Ledger:
             "WHERE r.ingested_at IS NULL")
         return {r["image_id"] for r in rows}
 
-    def mark_ingested(self, db: sqlite3.Connection, round: int, when: float) -> None:
-        db.execute("UPDATE rounds SET ingested_at=? WHERE round=?", (when, round))
-
     # --- models and metrics -------------------------------------------------------------------
     def record_model(self, round: int, checkpoint: str, parent: int | None, n_labels: int,
                      epochs: int, train_seconds: float, metrics: dict[str, dict[str, float]]
@@ -355,12 +388,16 @@ class Ledger:
                            [(round, split, name, _defined(v)) for split, d in metrics.items()
                             for name, v in d.items()])
 
-    def models(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._db.execute("SELECT * FROM models ORDER BY round")]
+    _MODEL_COLUMNS = "round, checkpoint, parent, n_labels, epochs, train_seconds, created_at"
 
-    def latest_model(self) -> dict[str, Any] | None:
-        r = self._db.execute("SELECT * FROM models ORDER BY round DESC LIMIT 1").fetchone()
-        return dict(r) if r else None
+    def models(self) -> list[ModelRecord]:
+        return [ModelRecord(**dict(r)) for r in
+                self._db.execute(f"SELECT {self._MODEL_COLUMNS} FROM models ORDER BY round")]
+
+    def latest_model(self) -> ModelRecord | None:
+        r = self._db.execute(f"SELECT {self._MODEL_COLUMNS} FROM models "
+                             f"ORDER BY round DESC LIMIT 1").fetchone()
+        return ModelRecord(**dict(r)) if r else None
 
     def metrics(self) -> dict[int, dict[str, dict[str, float]]]:
         """``{model_round: {split: {metric: value}}}``; an undefined metric (stored as NULL,

@@ -423,13 +423,7 @@ class Workspace:
 
     def secret(self) -> str:
         """A random per-workspace secret (for de-identification UIDs), created on first use."""
-        with self.db.transaction() as db:
-            row = db.execute("SELECT value FROM meta WHERE key='secret'").fetchone()
-            if row is None:
-                value = secrets.token_hex(32)
-                db.execute("INSERT INTO meta(key, value) VALUES ('secret', ?)", (value,))
-                return value
-            return row["value"]
+        return self.db.meta_value("secret", secrets.token_hex(32))
 
     # --- rounds ---------------------------------------------------------------------------
     def ingested_rounds(self) -> int:
@@ -641,5 +635,4 @@ class Workspace:
                 if it.id not in has_label or (it.id in latest_initial
                                               and latest_initial[it.id] != it.label)]
         if rows:
-            with self.db.transaction() as db:
-                self.db.add_labels(db, rows)
+            self.db.add_labels(rows)

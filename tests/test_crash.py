@@ -125,7 +125,7 @@ def test_round_killed_anywhere_recovers(exported, points):
                 with open(ws.round_dir(r.round) / "labels.csv", newline="") as f:
                     assert [x["file"] for x in csv.DictReader(f)] == [s.file for s in sel]
             assert len(ws.db.labels(1)) == n  # earlier labels untouched
-            models = {m["round"] for m in ws.db.models()}
+            models = {m.round for m in ws.db.models()}
             assert models <= {0, 1}
         with Workspace(cfg) as ws:
             finished = ws.db.round(2) is not None
@@ -134,6 +134,6 @@ def test_round_killed_anywhere_recovers(exported, points):
         with Workspace(cfg) as ws:
             rounds = [r.round for r in ws.db.rounds()]
             assert rounds == [1, 2] and ws.round_dir(2).is_dir()
-            assert {m["round"] for m in ws.db.models()} == {0, 1}
+            assert {m.round for m in ws.db.models()} == {0, 1}
             assert len(ws.db.labels(1)) == n
     assert -signal.SIGKILL in outcomes  # at least some kills landed mid-command

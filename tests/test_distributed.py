@@ -65,8 +65,8 @@ def test_two_process_training_with_ddp(tmp_path, tiny_data):
     cfg = load_config(path)
     with Workspace(cfg) as ws:
         models = ws.db.models()
-        assert [m["round"] for m in models] == [0]
-        assert (ws.root / models[0]["checkpoint"]).is_file()  # relative to the workspace
+        assert [m.round for m in models] == [0]
+        assert (ws.root / models[0].checkpoint).is_file()  # relative to the workspace
     q = api.query(cfg, progress=False)  # the DDP-trained checkpoint loads and scores
     assert q.n_selected == 6
 

@@ -40,3 +40,17 @@ def test_the_workspace_pattern_catches_what_it_is_for():
     assert WORKSPACE_NAMES.search("cfg.workspace / 'ledger.sqlite'")
     assert WORKSPACE_NAMES.search('labelling_dir.glob(".round-*.tmp")')
     assert not WORKSPACE_NAMES.search('"""Write ``labelling/round-NNN/`` and record it."""')
+
+
+SQL = re.compile(r"""["'][^"'\n]*\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|PRAGMA)\s"""
+                 r"""|\.execute(many|script)?\(""")
+
+
+def test_only_the_ledger_holds_sql():
+    assert offending_lines(SQL, "ledger.py") == []
+
+
+def test_the_sql_pattern_catches_what_it_is_for():
+    assert SQL.search('db.execute("SELECT value FROM meta WHERE key=?")')
+    assert SQL.search('"INSERT INTO labels(image_id) VALUES (?)"')
+    assert not SQL.search("# select the images, then update the ledger")
