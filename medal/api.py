@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import acquisition
 from .config import Config
 from .data import ImageDataset, load_all
-from .errors import DataError, MedalError, ModelError, WorkspaceError
+from .errors import DataError, ModelError, WorkspaceError
 from .features import FeatureCache, backbone_key
 from .labelling import Candidate, IngestResult, export_round, ingest_round
 from .models import MCModel, resolve_device, set_mc_mode
@@ -28,8 +28,8 @@ from .resources import check_training_memory
 from .train import (backbone_features, build_model, classification_metrics, fit, load_checkpoint,
                     save_checkpoint)
 from . import distributed
-from .uncertainty import (_Collector, batch_seed, head_samples, mc_predict_tensors, n_batches,
-                          score_batches)
+from .uncertainty import (ScoreCollector, batch_seed, head_samples, mc_predict_tensors,
+                          n_batches, score_batches)
 from .ledger import LabelRecord, ModelRecord
 from .workspace import UNSURE, Item, Workspace, cache_dir, has_ledger
 
@@ -107,46 +107,92 @@ def _record_skipped(ws: Workspace, skipped: dict[Path, str]) -> None:
         ws.record_skipped({str(p): r for p, r in skipped.items()})
 
 
-def train(cfg: Config, *, progress: bool = True) -> TrainReport:
+
+def train(cfg: Config, *, progress: bool = True) -> TrainReport | None:
     """Train the model for the current round on every label so far.
 
     Round 0 trains from scratch (or from ``model.pretrained``); later rounds fine-tune from the
-    previous round's checkpoint. Under torchrun, trains with DistributedDataParallel and only
-    rank 0 writes (other ranks return ``None``).
+    previous round's checkpoint. One code path for one process or many: rank 0 plans (reads
+    the workspace, pretrains a self-supervised backbone once), every rank trains (under
+    torchrun with DistributedDataParallel), rank 0 evaluates and records; other ranks return
+    ``None``.
     """
     if cfg.train.tensorboard:  # a missing package is said before training, not after
         from . import tensorboard_log
         tensorboard_log.require()
-    if distributed.is_distributed():
-        return _train_distributed(cfg, progress=progress)
-    device = resolve_device(cfg.device)
-    with Workspace(cfg) as ws:
-        snap = ws.sync()
-        model_round = ws.ingested_rounds()
-        if not snap.labelled:
-            raise DataError(_no_labels(cfg))
-        check_training_memory(cfg, len(snap.labelled) + len(snap.validation) + len(snap.test),
-                              max(len(snap.validation), len(snap.test)), device)
-        x, y, items, skipped = _load(cfg, snap.labelled)
+    device = distributed.setup(cfg.device)
+    with distributed.main_only(lambda: Workspace(cfg)) as ws:
+        plan = distributed.on_main(lambda: _plan_training(ws, cfg, device, progress))
+        x, y, items, skipped = _load(cfg, plan.labelled)
         if len(items) == 0:
             raise DataError("none of the labelled images could be read; see 'medal status'")
-        xv, yv, _, sk_v = _load(cfg, snap.validation)
-        xt, yt, _, sk_t = _load(cfg, snap.test)
+        xv, yv, _, sk_v = _load(cfg, plan.validation)
+        xt, yt, _, sk_t = _load(cfg, plan.test)
         skipped |= sk_v | sk_t
-        model, parent = initial_model(ws, cfg, model_round)
-        notes = list(snap.notes)
-        if parent is None and cfg.representation.method != "none":
-            notes.append(pretrained_backbone(ws, cfg, model, snap, device, progress)[0])
-        epochs = (cfg.train.fine_tune_epochs or cfg.train.epochs) if parent is not None \
-            else cfg.train.epochs
-        seed = cfg.seed * 1000 + model_round
-        result = fit(model, x, y, cfg, epochs=epochs, device=device,
+        model = start_model(cfg, plan.parent_checkpoint, plan.backbone)
+        seed = round_seed(cfg, plan.model_round)
+        result = fit(model, x, y, cfg, epochs=training_epochs(cfg, plan.parent), device=device,
                      x_val=xv if len(xv) else None, y_val=yv if len(yv) else None, seed=seed,
-                     progress=progress,
-                     state_path=ws.training_state_path(model_round))
-        result.notes[:0] = notes
-        return _finish_training(ws, cfg, model, device, seed, model_round, parent, items,
-                                result, (xv, yv), (xt, yt), skipped)
+                     progress=progress and ws is not None, state_path=plan.state_path,
+                     distributed=distributed.is_distributed())
+        report = None
+        if ws is not None:
+            result.notes[:0] = plan.notes
+            report = _finish_training(ws, cfg, model, device, seed, plan.model_round,
+                                      plan.parent, items, result, (xv, yv), (xt, yt), skipped)
+        distributed.barrier()
+        return report
+
+
+@dataclass(frozen=True)
+class _TrainPlan:
+    """What rank 0 decides before every rank trains."""
+
+    labelled: list[Item]
+    validation: list[Item]
+    test: list[Item]
+    model_round: int
+    parent: int | None
+    parent_checkpoint: Path | None
+    backbone: Path | None
+    """The cached self-supervised backbone to start from, if any."""
+    state_path: Path | None
+    """Resume state of an interrupted training (one process only)."""
+    notes: list[str]
+
+
+def _plan_training(ws: Workspace, cfg: Config, device: torch.device,
+                   progress: bool) -> _TrainPlan:
+    snap = ws.sync()
+    if not snap.labelled:
+        raise DataError(_no_labels(cfg))
+    check_training_memory(cfg, len(snap.labelled) + len(snap.validation) + len(snap.test),
+                          max(len(snap.validation), len(snap.test)), device)
+    model_round = ws.ingested_rounds()
+    parent = parent_round(ws, cfg, model_round)
+    notes, backbone = list(snap.notes), None
+    if parent is None and cfg.representation.method != "none":
+        note, backbone = pretrained_backbone(ws, cfg, start_model(cfg, None), snap, device,
+                                             progress)
+        notes.append(note)
+    return _TrainPlan(snap.labelled, snap.validation, snap.test, model_round, parent,
+                      None if parent is None else ws.checkpoint_path(parent), backbone,
+                      None if distributed.is_distributed() else
+                      ws.training_state_path(model_round), notes)
+
+
+def round_seed(cfg: Config, round: int) -> int:
+    """The seed of a round's randomness: of model round ``round``'s training and evaluation,
+    or of the query that exports round ``round`` (scoring, selection)."""
+    return cfg.seed * 1000 + round
+
+
+def training_epochs(cfg: Config, parent: int | None) -> int:
+    """Epochs of a training: ``train.fine_tune_epochs`` (default ``train.epochs``) when it
+    fine-tunes from model round ``parent``, ``train.epochs`` from fresh weights."""
+    if parent is None:
+        return cfg.train.epochs
+    return cfg.train.fine_tune_epochs or cfg.train.epochs
 
 
 def pretrain_representation(cfg: Config, *, progress: bool = True) -> str:
@@ -234,101 +280,36 @@ def metric_notes(metrics: dict[str, dict[str, float]], classes: tuple[str, ...])
     return notes
 
 
-def _items(rows: list[tuple[str, str, str | None]]) -> list[Item]:
-    return [Item(i, Path(p), lab) for i, p, lab in rows]
+
+def parent_round(ws: Workspace, cfg: Config, model_round: int) -> int | None:
+    """The model round whose best checkpoint model round ``model_round``'s training starts
+    from: under ``warm_start`` the latest earlier one; ``None`` (fresh weights) under
+    ``retrain`` or when there is none."""
+    if cfg.train.round_start != "warm_start":
+        return None
+    return max((m.round for m in ws.db.models() if m.round < model_round), default=None)
 
 
-def _rows(items: list[Item]) -> list[tuple[str, str, str | None]]:
-    return [(it.id, str(it.path), it.label) for it in items]
-
-
-def _on_main(fn: Any) -> Any:
-    """Run ``fn()`` on rank 0 and hand its result, or its MedalError, to every rank."""
-    result, error = None, None
-    if distributed.is_main():
-        try:
-            result = fn()
-        except MedalError as e:
-            error = e
-    result, error = distributed.broadcast((result, error))
-    if error is not None:
-        raise error
-    return result
-
-
-def _train_distributed(cfg: Config, *, progress: bool) -> TrainReport | None:
-    device = distributed.init(cfg.device)
-    main = distributed.is_main()
-    ws = Workspace(cfg) if main else None
-    try:
-        def plan() -> dict[str, Any]:
-            ws.__enter__()
-            snap = ws.sync()
-            if not snap.labelled:
-                raise DataError(_no_labels(cfg))
-            model_round = ws.ingested_rounds()
-            parent = None
-            if cfg.train.round_start == "warm_start":
-                parent = max((m.round for m in ws.db.models() if m.round < model_round),
-                             default=None)
-            ssl = None  # rank 0 pretrains (or finds) the self-supervised backbone once
-            if parent is None and cfg.representation.method != "none":
-                ssl = pretrained_backbone(ws, cfg, build_model(cfg), snap, device, progress)
-            return {"labelled": _rows(snap.labelled), "validation": _rows(snap.validation),
-                    "test": _rows(snap.test), "model_round": model_round, "parent": parent,
-                    "parent_path": str(ws.checkpoint_path(parent)) if parent is not None
-                    else None, "ssl_note": ssl[0] if ssl else None,
-                    "ssl_path": str(ssl[1]) if ssl else None}
-
-        p = _on_main(plan)
-        x, y, items, skipped = _load(cfg, _items(p["labelled"]))
-        xv, yv, _, sk_v = _load(cfg, _items(p["validation"]))
-        xt, yt, _, sk_t = _load(cfg, _items(p["test"]))
-        skipped |= sk_v | sk_t
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg)
-        if p["parent_path"]:
-            load_checkpoint(Path(p["parent_path"]), model, cfg.classes, cfg.model.name,
-                            cfg.model.channels)
-        if p["ssl_path"] and not load_cached(Path(p["ssl_path"]), model.backbone):
-            raise ModelError(f"cannot read the self-supervised backbone {p['ssl_path']}")
-        parent, model_round = p["parent"], p["model_round"]
-        epochs = (cfg.train.fine_tune_epochs or cfg.train.epochs) if parent is not None \
-            else cfg.train.epochs
-        seed = cfg.seed * 1000 + model_round
-        result = fit(model, x, y, cfg, epochs=epochs, device=device,
-                     x_val=xv if len(xv) else None, y_val=yv if len(yv) else None, seed=seed,
-                     progress=progress and main, distributed=True)
-        if not main:
-            distributed.barrier()
-            return None
-        if p["ssl_note"]:
-            result.notes.insert(0, p["ssl_note"])
-        report = _finish_training(ws, cfg, model, device, seed, model_round, parent, items,
-                                  result, (xv, yv), (xt, yt), skipped)
-        distributed.barrier()
-        return report
-    finally:
-        if ws is not None:
-            ws.__exit__(None, None, None)
+def start_model(cfg: Config, parent_checkpoint: Path | None,
+                backbone: Path | None = None) -> MCModel:
+    """The weights a training starts from: fresh (``model.pretrained`` when given), seeded so
+    every round starts alike, then the parent's checkpoint or a cached self-supervised
+    ``backbone`` when given."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    if parent_checkpoint is not None:
+        load_checkpoint(parent_checkpoint, model, cfg.classes, cfg.model.name,
+                        cfg.model.channels)
+    if backbone is not None and not load_cached(backbone, model.backbone):
+        raise ModelError(f"cannot read the self-supervised backbone {backbone}")
+    return model
 
 
 def initial_model(ws: Workspace, cfg: Config, model_round: int) -> tuple[MCModel, int | None]:
-    """The weights a round's training starts from, and the model round they come from.
-
-    ``warm_start``: the best checkpoint of the latest earlier round; ``retrain`` (or round 0):
-    fresh weights (``model.pretrained`` when given), seeded so every round starts alike.
-    """
-    parent = None
-    if cfg.train.round_start == "warm_start":
-        parent = max((m.round for m in ws.db.models() if m.round < model_round),
-                     default=None)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
-    if parent is not None:
-        load_checkpoint(ws.checkpoint_path(parent), model, cfg.classes, cfg.model.name,
-                        cfg.model.channels)
-    return model, parent
+    """The weights model round ``model_round``'s training starts from, and the model round
+    they come from (:func:`parent_round`, :func:`start_model`)."""
+    parent = parent_round(ws, cfg, model_round)
+    return start_model(cfg, None if parent is None else ws.checkpoint_path(parent)), parent
 
 
 def current_model_record(ws: Workspace) -> ModelRecord:
@@ -344,13 +325,17 @@ def current_model_record(ws: Workspace) -> ModelRecord:
     return fit[-1]
 
 
+
 def load_round_model(ws: Workspace, cfg: Config) -> tuple[MCModel, int]:
     """The model to score the pool with, and its model round."""
     rec = current_model_record(ws)
+    return _model_from(cfg, ws.checkpoint_path(rec.round)), rec.round
+
+
+def _model_from(cfg: Config, checkpoint: Path) -> MCModel:
     model = build_model(cfg)
-    load_checkpoint(ws.checkpoint_path(rec.round), model, cfg.classes, cfg.model.name,
-                    cfg.model.channels)
-    return model, rec.round
+    load_checkpoint(checkpoint, model, cfg.classes, cfg.model.name, cfg.model.channels)
+    return model
 
 
 def _refuse_pending(ws: Workspace) -> None:
@@ -361,57 +346,119 @@ def _refuse_pending(ws: Workspace) -> None:
             f"'medal ingest' on it first (an empty labels.csv returns its images to the pool)")
 
 
-def query(cfg: Config, *, progress: bool = True) -> QueryReport:
+
+def query(cfg: Config, *, progress: bool = True) -> QueryReport | None:
     """Score the pool with MC dropout and export the chosen images as the next round folder.
 
-    Under torchrun, every rank scores its share of the pool's batches and rank 0 merges the
-    results into the same selection and export a single process makes (other ranks return
-    ``None``).
+    One code path for one process or many: rank 0 plans (reads the workspace, reuses stored
+    scores), every rank scores its share of the pool's batches, rank 0 merges them into the
+    same selection and export a single process makes; other ranks return ``None``.
     """
-    if distributed.is_distributed():
-        return _query_distributed(cfg, progress=progress)
-    device = resolve_device(cfg.device)
-    q = cfg.query
-    with Workspace(cfg) as ws:
-        _refuse_pending(ws)
-        snap = ws.sync()
-        if not snap.labelled and not ws.db.models():
-            return _zero_label_query(ws, cfg, snap, device, progress)
-        model, model_round = load_round_model(ws, cfg)
-        model.to(device)
-        if not snap.pool:
-            raise DataError(_empty_pool(cfg))
+    device = distributed.setup(cfg.device)
+    state: dict[str, Any] = {}  # rank 0's: the snapshot, the score collector, ...
+    with distributed.main_only(lambda: Workspace(cfg)) as ws:
+        plan = distributed.on_main(lambda: _plan_query(ws, cfg, device, progress, state))
+        if isinstance(plan, QueryReport):  # a zero-label first round, exported by rank 0
+            return plan if ws is not None else None
         t0 = time.perf_counter()
-        ds = _dataset(cfg, snap.pool)
-        number = ws.next_round()
-        seed = cfg.seed * 1000 + number
-        mode, max_items = _sampling(cfg, device)
-        streaming_topk = q.strategy in acquisition.SCORE_FUNCTIONS and not q.balance
-        out_dir = ws.scores_dir(number)
-        key = _scores_key(cfg, current_model_record(ws), mode)
-        sink = _Collector(len(ds), q.mc_samples, model.num_classes, model.feature_dim, out_dir,
+        model = state["model"] if ws is not None else _model_from(cfg, plan.checkpoint)
+        model.to(device)
+        seed = round_seed(cfg, plan.number)
+        chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        keep = state["sink"] if ws is not None else \
+            (lambda rows, p, f: chunks.append((rows, p, f)))
+        skipped = _score_pool(ws, cfg, model, plan, device, seed, progress and ws is not None,
+                              keep)
+        gathered = distributed.gather((chunks, skipped))
+        report = None
+        if ws is not None:
+            report = _finish_query(ws, cfg, state, plan, gathered, model, device, seed, t0)
+        distributed.barrier()
+        return report
+
+
+@dataclass(frozen=True)
+class _QueryPlan:
+    """What rank 0 decides before every rank scores."""
+
+    pool: list[Item]
+    number: int
+    """The round to export."""
+    model_round: int
+    checkpoint: Path
+    todo: np.ndarray
+    """Positions in ``pool`` of the images no earlier query scored with this model."""
+    mode: str
+    max_items: int
+
+
+def _plan_query(ws: Workspace, cfg: Config, device: torch.device, progress: bool,
+                state: dict[str, Any]) -> _QueryPlan | QueryReport:
+    q = cfg.query
+    _refuse_pending(ws)
+    snap = ws.sync()
+    if not snap.labelled and not ws.db.models():
+        return _zero_label_query(ws, cfg, snap, device, progress)
+    rec = current_model_record(ws)
+    model = _model_from(cfg, ws.checkpoint_path(rec.round))
+    if not snap.pool:
+        raise DataError(_empty_pool(cfg))
+    number = ws.next_round()
+    mode, max_items = _sampling(cfg, device)
+    streaming_topk = q.strategy in acquisition.SCORE_FUNCTIONS and not q.balance
+    sink = ScoreCollector(len(snap.pool), q.mc_samples, model.num_classes, model.feature_dim,
+                          ws.scores_dir(number),
                           (acquisition.SCORE_FUNCTIONS[q.strategy], q.budget)
                           if streaming_topk else None)
-        reused = _reuse_scores(ws, key, snap.pool, sink)
-        todo = np.flatnonzero(~sink.ok)
-        if cfg.train.freeze_backbone and mode == "head":
-            skipped = _score_frozen(ws, cfg, model, [snap.pool[i] for i in todo], device, seed,
-                                    progress, sink=lambda rows, p, f: sink(todo[rows], p, f))
-        else:
-            sub = _dataset(cfg, [snap.pool[i] for i in todo])
-            skipped = score_batches(
-                model, sub, q.mc_samples, range(n_batches(len(sub), q.batch_size)),
-                device=device, batch_size=q.batch_size, num_workers=cfg.num_workers,
-                seed=seed, progress=progress, desc=f"scoring {len(sub)} images", mode=mode,
-                precision=q.precision, max_batch_items=max_items,
-                sink=lambda rows, p, f: sink(todo[rows], p, f))
-        mc = sink.result(skipped)
-        (out_dir / "meta.json").write_text(json.dumps(key))
-        report = _select_and_export(ws, cfg, snap, mc, model, device, number, model_round,
-                                    seed, t0)
-        report.reused = reused
-        report.notes[:0] = snap.notes
-        return report
+    key = _scores_key(cfg, rec, mode)
+    state.update(snap=snap, sink=sink, key=key, model=model,
+                 reused=_reuse_scores(ws, key, snap.pool, sink))
+    return _QueryPlan(snap.pool, number, rec.round, ws.checkpoint_path(rec.round),
+                      np.flatnonzero(~sink.ok), mode, max_items)
+
+
+def _score_pool(ws: Workspace | None, cfg: Config, model: MCModel, plan: _QueryPlan,
+                device: torch.device, seed: int, progress: bool, sink: Any) -> dict[Path, str]:
+    """Score this rank's share of the images still to score; ``sink(pool positions, probs
+    [B, T, C], features [B, D])``. Returns the unreadable files."""
+    q, todo = cfg.query, plan.todo
+    items = [plan.pool[i] for i in todo]
+
+    def to_pool(rows: np.ndarray, p: np.ndarray, f: np.ndarray) -> None:
+        sink(todo[rows], p, f)
+
+    if cfg.train.freeze_backbone and plan.mode == "head":
+        # features from the workspace's cache, only the head sampled: rank 0 does it alone
+        return {} if ws is None else _score_frozen(ws, cfg, model, items, device, seed,
+                                                   progress, sink=to_pool)
+    sub = _dataset(cfg, items)
+    total = n_batches(len(sub), q.batch_size)
+    mine = distributed.my_share(total)
+    return score_batches(
+        model, sub, q.mc_samples, mine, device=device, batch_size=q.batch_size,
+        num_workers=cfg.num_workers, seed=seed, progress=progress,
+        desc=f"scoring {len(sub)} images" if len(mine) == total else
+        f"scoring {len(mine)} of {total} batches", mode=plan.mode, precision=q.precision,
+        max_batch_items=plan.max_items, sink=to_pool)
+
+
+def _finish_query(ws: Workspace, cfg: Config, state: dict[str, Any], plan: _QueryPlan,
+                  gathered: Any, model: MCModel, device: torch.device, seed: int,
+                  t0: float) -> QueryReport:
+    """Rank 0: merge every rank's scores, store them, select and export the round."""
+    sink = state["sink"]
+    skipped: dict[Path, str] = {}
+    for rank_chunks, rank_skipped in gathered:
+        for rows, probs, feats in rank_chunks:
+            sink(rows, probs, feats)
+        skipped |= rank_skipped
+    mc = sink.result(skipped)
+    (ws.scores_dir(plan.number) / "meta.json").write_text(json.dumps(state["key"]))
+    report = _select_and_export(ws, cfg, state["snap"], mc, model, device, plan.number,
+                                plan.model_round, seed, t0)
+    report.reused = state["reused"]
+    report.notes[:0] = state["snap"].notes
+    return report
 
 
 @torch.no_grad()
@@ -480,7 +527,7 @@ def _zero_label_query(ws: Workspace, cfg: Config, snap: Any, device: torch.devic
     x, _, kept, skipped = _load(cfg, snap.pool)
     features = backbone_features(model, x, device).numpy()
     number = ws.next_round()
-    rng = np.random.default_rng(cfg.seed * 1000 + number)
+    rng = np.random.default_rng(round_seed(cfg, number))
     idx = acquisition.typiclust(features, cfg.query.budget, rng=rng)
     typical = acquisition.typicality(features[idx], k=len(idx) - 1) if len(idx) > 1 else \
         np.ones(len(idx))
@@ -576,80 +623,11 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MC
                        seconds, mc.skipped)
 
 
-def _query_distributed(cfg: Config, *, progress: bool) -> QueryReport | None:
-    device = distributed.init(cfg.device)
-    main = distributed.is_main()
-    q = cfg.query
-    ws = Workspace(cfg) if main else None
-    state: dict[str, Any] = {}
-    streaming_topk = q.strategy in acquisition.SCORE_FUNCTIONS and not q.balance
-    mode, max_items = _sampling(cfg, device)
-    try:
-        def plan() -> dict[str, Any]:
-            ws.__enter__()
-            _refuse_pending(ws)
-            snap = ws.sync()
-            rec = current_model_record(ws)
-            if not snap.pool:
-                raise DataError(_empty_pool(cfg))
-            number = ws.next_round()
-            dims = build_model(cfg)
-            sink = _Collector(len(snap.pool), q.mc_samples, dims.num_classes, dims.feature_dim,
-                              ws.scores_dir(number),
-                              (acquisition.SCORE_FUNCTIONS[q.strategy], q.budget)
-                              if streaming_topk else None)
-            key = _scores_key(cfg, rec, mode)
-            reused = _reuse_scores(ws, key, snap.pool, sink)
-            state.update(snap=snap, sink=sink, key=key, reused=reused)
-            return {"pool": _rows(snap.pool), "number": number, "model_round": rec.round,
-                    "checkpoint": str(ws.checkpoint_path(rec.round)),
-                    "todo": np.flatnonzero(~sink.ok)}
-
-        p = _on_main(plan)
-        t0 = time.perf_counter()
-        model = build_model(cfg)
-        load_checkpoint(Path(p["checkpoint"]), model, cfg.classes, cfg.model.name,
-                        cfg.model.channels)
-        model.to(device)
-        pool, todo = _items(p["pool"]), p["todo"]
-        sub = _dataset(cfg, [pool[i] for i in todo])  # what no earlier query scored already
-        number, seed = p["number"], cfg.seed * 1000 + p["number"]
-        world, rank = distributed.world_size(), distributed.rank()
-        mine = range(rank, n_batches(len(sub), q.batch_size), world)
-        chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        skipped = score_batches(
-            model, sub, q.mc_samples, mine, device=device, batch_size=q.batch_size,
-            num_workers=cfg.num_workers, seed=seed, progress=progress and main,
-            desc=f"scoring {len(mine)} of {n_batches(len(sub), q.batch_size)} batches",
-            mode=mode, precision=q.precision, max_batch_items=max_items,
-            sink=lambda r, pr, f: chunks.append((todo[r], pr, f)))
-        gathered = distributed.gather((chunks, skipped))
-        if not main:
-            distributed.barrier()
-            return None
-        sink = state["sink"]
-        all_skipped: dict[Path, str] = {}
-        for rank_chunks, rank_skipped in gathered:
-            for rows, probs, feats in rank_chunks:
-                sink(rows, probs, feats)
-            all_skipped |= rank_skipped
-        mc = sink.result(all_skipped)
-        (ws.scores_dir(number) / "meta.json").write_text(
-            json.dumps(state["key"]))
-        report = _select_and_export(ws, cfg, state["snap"], mc, model, device, number,
-                                    p["model_round"], seed, t0)
-        report.reused = state["reused"]
-        distributed.barrier()
-        return report
-    finally:
-        if ws is not None:
-            ws.__exit__(None, None, None)
-
-
 def ingest(cfg: Config, folder: str | Path) -> IngestResult:
     """Validate a returned round folder and record its labels (all or nothing)."""
     with Workspace(cfg) as ws:
         return ingest_round(ws, Path(folder))
+
 
 
 def run_round(cfg: Config, *, progress: bool = True) -> RoundReport | None:
@@ -658,11 +636,8 @@ def run_round(cfg: Config, *, progress: bool = True) -> RoundReport | None:
         with Workspace(cfg) as ws:  # refuse before spending time on training
             _refuse_pending(ws)
 
-    if distributed.is_distributed():
-        distributed.init(cfg.device)
-        _on_main(check)
-    else:
-        check()
+    distributed.setup(cfg.device)
+    distributed.on_main(check)
     t = train(cfg, progress=progress)
     q = query(cfg, progress=progress)
     return RoundReport(t, q) if t is not None and q is not None else None

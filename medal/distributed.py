@@ -4,16 +4,27 @@
 ``WORLD_SIZE``, ``LOCAL_RANK`` and a rendezvous in the environment. medal then uses NCCL on
 GPUs and gloo on CPU. Rank 0 alone owns the workspace (ledger, checkpoints, exports); the other
 ranks only read the model and images and send their results to rank 0.
+
+Every command is one code path for one process or many (as torchvision's reference
+``train.py`` with its ``save_on_master``): plan on rank 0 (:func:`on_main`, :func:`main_only`),
+work on every rank (:func:`my_share` of the batches), finish on rank 0 with what
+:func:`gather` brought. With one process (no torchrun) every helper is a pass-through.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from .errors import MedalError
+
+T = TypeVar("T")
 
 
 def world_size() -> int:
@@ -45,22 +56,72 @@ def init(device_name: str) -> torch.device:
     return torch.device("cuda", local) if use_cuda else torch.device("cpu")
 
 
+def setup(device_name: str) -> torch.device:
+    """This process's device: under torchrun, join the process group (:func:`init`); with one
+    process, the configured device (``"auto"``: CUDA when available)."""
+    if is_distributed():
+        return init(device_name)
+    from .models import resolve_device
+
+    return resolve_device(device_name)
+
+
 def broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (pickled)."""
+    """Rank 0's ``obj`` on every rank (pickled); ``obj`` itself with one process."""
+    if not is_distributed():
+        return obj
     box = [obj if is_main() else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def gather(obj: Any) -> list[Any] | None:
-    """Every rank's ``obj`` on rank 0 (in rank order); ``None`` elsewhere."""
+    """Every rank's ``obj`` on rank 0 (in rank order); ``None`` elsewhere; ``[obj]`` with one
+    process."""
+    if not is_distributed():
+        return [obj]
     out: list[Any] | None = [None] * dist.get_world_size() if is_main() else None
     dist.gather_object(obj, out, dst=0)
     return out
 
 
 def barrier() -> None:
-    dist.barrier()
+    if is_distributed():
+        dist.barrier()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn()`` on rank 0 and hand its result, or its :class:`MedalError`, to every rank
+    (so all ranks stop together with rank 0's message); with one process, ``fn()``."""
+    if not is_distributed():
+        return fn()
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except MedalError as e:
+            error = e
+    result, error = broadcast((result, error))
+    if error is not None:
+        raise error
+    return result  # type: ignore[return-value]
+
+
+@contextmanager
+def main_only(open_: Callable[[], AbstractContextManager[T]]) -> Iterator[T | None]:
+    """``with open_() as x`` on rank 0 (e.g. the workspace, which only rank 0 opens); ``None``
+    on the other ranks."""
+    if not is_main():
+        yield None
+        return
+    with open_() as x:
+        yield x
+
+
+def my_share(n: int) -> range:
+    """This rank's share of ``n`` items (e.g. scoring batches): every world-size-th from its
+    rank; all of them with one process."""
+    return range(rank(), n, world_size()) if is_distributed() else range(n)
 
 
 def shutdown() -> None:

@@ -233,8 +233,14 @@ def n_batches(n: int, batch_size: int) -> int:
     return (n + batch_size - 1) // batch_size
 
 
-class _Collector:
-    """Receives scored chunks into (memory-mapped) arrays and a streaming top-K."""
+class ScoreCollector:
+    """Receives scored chunks into (memory-mapped) arrays and a streaming top-K.
+
+    ``ScoreCollector(n, T, C, D, out_dir, top_k)`` is a ``sink`` for :func:`score_batches`
+    (``sink(rows [B], probs [B, T, C], features [B, D])``, rows into the n images);
+    :attr:`ok` marks the rows received so far (e.g. reused from stored scores) and
+    :meth:`result` gives the :class:`MCResult` of the readable ones. With ``out_dir``, the
+    arrays are float16 ``.npy`` files there (``probs``, ``features``, ``kept``)."""
 
     def __init__(self, n: int, T: int, C: int, D: int, out_dir: Path | None,
                  top_k: tuple[Callable[[np.ndarray], np.ndarray], int] | None) -> None:
@@ -304,7 +310,7 @@ def mc_predict(model: MCModel, ds: ImageDataset, T: int, *, device: torch.device
     On CUDA out-of-memory the batch is halved (with a warning) and the step retried.
     Dropout masks are seeded per batch (:func:`batch_seed`).
     """
-    sink = _Collector(len(ds), T, model.num_classes, model.feature_dim, out_dir, top_k)
+    sink = ScoreCollector(len(ds), T, model.num_classes, model.feature_dim, out_dir, top_k)
     skipped = score_batches(model, ds, T, range(n_batches(len(ds), batch_size)), device=device,
                             batch_size=batch_size, num_workers=num_workers, seed=seed,
                             desc=desc, progress=progress, mode=mode, precision=precision,

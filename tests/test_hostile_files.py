@@ -284,9 +284,9 @@ def test_free_space_check_sizes(tmp_path, monkeypatch):
     with pytest.raises(WorkspaceError, match=rf"no space left on {re.escape(str(out))}: "
                                              r"1080 MB needed, 500 MB free"):
         # 1M images: probs 1e6 x 20 x 2 and features 1e6 x 500 in float16
-        uncertainty._Collector(1_000_000, 20, 2, 500, out, None)
+        uncertainty.ScoreCollector(1_000_000, 20, 2, 500, out, None)
     assert list(tmp_path.iterdir()) == []
-    sink = uncertainty._Collector(1000, 20, 2, 500, out, None)  # 1.08 MB fits
+    sink = uncertainty.ScoreCollector(1000, 20, 2, 500, out, None)  # 1.08 MB fits
     assert sink.probs.shape == (1000, 20, 2) and sink.feats.shape == (1000, 500)
     # blocks are reserved on disk (no sparse file to fill later)
     assert os.stat(out / "features.tmp.npy").st_blocks * 512 >= 1000 * 500 * 2
@@ -300,7 +300,7 @@ def test_disk_filling_while_reserving(tmp_path, monkeypatch):
     out = tmp_path / "scores"
     with pytest.raises(WorkspaceError, match=rf"no space left on {re.escape(str(out))}: "
                                              r"\d\.\d\d MB needed for probs\.tmp\.npy"):
-        uncertainty._Collector(1000, 20, 2, 500, out, None)
+        uncertainty.ScoreCollector(1000, 20, 2, 500, out, None)
     assert list(out.iterdir()) == []
 
 
