@@ -54,3 +54,15 @@ def test_the_sql_pattern_catches_what_it_is_for():
     assert SQL.search('db.execute("SELECT value FROM meta WHERE key=?")')
     assert SQL.search('"INSERT INTO labels(image_id) VALUES (?)"')
     assert not SQL.search("# select the images, then update the ledger")
+
+
+def test_the_public_api_resolves_without_importing_torch_first():
+    import subprocess
+    import sys
+
+    code = ("import sys, medal; assert 'torch' not in sys.modules, 'import medal loads torch'; "
+            "missing = [n for n in medal.__all__ if getattr(medal, n, None) is None]; "
+            "assert not missing, missing; print(len(medal.__all__))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=PACKAGE.parent, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
