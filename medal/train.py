@@ -105,6 +105,7 @@ def _fingerprint(y: np.ndarray, x: torch.Tensor, cfg: Config, epochs: int, seed:
     return h.hexdigest()
 
 
+
 def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: int,
         device: torch.device, x_val: torch.Tensor | None = None,
         y_val: np.ndarray | None = None, seed: int = 0, progress: bool = True,
@@ -121,6 +122,8 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     interrupted training with the same data and settings resumes from it.
     ``distributed``: under torchrun, wrap the model in DistributedDataParallel; every rank
     draws the same batches and trains on its share of each, so the ranks stay in step.
+    One epoch is :func:`train_one_epoch`, validation :func:`evaluate` (torchvision's
+    reference ``train.py`` split), the resumable state a :class:`_Run`.
     """
     if len(x) == 0:
         raise ModelError("no labelled images to train on")
@@ -130,121 +133,172 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     t0 = time.perf_counter()
     tc = cfg.train
     n = len(x)
-    steps_per_epoch = math.ceil(n / tc.batch_size)
-    epochs = max(epochs, math.ceil(tc.min_steps / steps_per_epoch))
-    n_classes = len(cfg.classes)
+    epochs = max(epochs, math.ceil(tc.min_steps / math.ceil(n / tc.batch_size)))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device)
     fingerprint = _fingerprint(y, x, cfg, epochs, seed) if state_path else ""
     notes: list[str] = []
-    trained: nn.Module = model
-    opt = torch.optim.AdamW(trained.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    weight = class_weights(y, n_classes).to(device) if tc.balance == "loss" else None
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    weight = class_weights(y, len(cfg.classes)).to(device) if tc.balance == "loss" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     yt = torch.as_tensor(y, dtype=torch.long)
-    sample_w = (1.0 / torch.bincount(yt, minlength=n_classes).clamp(min=1).float())[yt]
+    sample_w = (1.0 / torch.bincount(yt, minlength=len(cfg.classes)).clamp(min=1).float())[yt]
     aug = Augmenter(x.shape[-1], tc.hflip) if tc.augment else None
-    net: nn.Module = trained
-    rank, world = 0, 1
-    if distributed:
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
-
-        rank, world = dist.get_rank(), dist.get_world_size()
-        net = DistributedDataParallel(trained, device_ids=[device.index]
-                                      if device.type == "cuda" else None)
+    net, shard = _wrap(model, device) if distributed else (model, (0, 1))
     has_val = x_val is not None and y_val is not None and len(x_val) > 0
-    monitor: str | None = None  # decided on the first validation (its labels are fixed)
-    best_key: tuple[float, float] | None = None
-    best_state, best_epoch, since_best = None, epochs, 0
-    history: list[dict[str, float]] = []
-    first = 1
-    last_save = time.perf_counter()
+    run = _Run(best_epoch=epochs)
     st = _read_state(state_path, notes, progress) if state_path is not None else None
-    if st is not None:
-        if st.get("fingerprint") == fingerprint:
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            gen.set_state(st["generator"])
-            torch.set_rng_state(st["torch_rng"])
-            best_state, best_epoch = st["best_state"], st["best_epoch"]
-            best_key = tuple(st["best_key"]) if st["best_key"] is not None else None
-            since_best, history = st["since_best"], list(st["history"])
-            first = st["epoch"] + 1
-            if progress:
-                tqdm.write(f"resuming interrupted training at epoch {first}/{epochs}")
-    bar = tqdm(range(first, epochs + 1), desc="training", unit="epoch", disable=not progress,
-               leave=False, initial=first - 1, total=epochs)
+    if st is not None and st.get("fingerprint") == fingerprint:
+        run = _Run.resume(st, model, opt, gen)
+        if progress:
+            tqdm.write(f"resuming interrupted training at epoch {run.epoch + 1}/{epochs}")
+    last_save = time.perf_counter()
+    bar = tqdm(range(run.epoch + 1, epochs + 1), desc="training", unit="epoch",
+               disable=not progress, leave=False, initial=run.epoch, total=epochs)
     for epoch in bar:
-        if tc.patience and since_best >= tc.patience:
+        if tc.patience and run.since_best >= tc.patience:
             break
-        net.train()
         if tc.balance == "sampler":
             perm = torch.multinomial(sample_w, n, replacement=True, generator=gen)
         else:
             perm = torch.randperm(n, generator=gen)
-        total, seen = 0.0, 0
-        for i in tqdm(range(0, n, tc.batch_size), desc=f"epoch {epoch}", unit="batch",
-                      leave=False, disable=not progress or steps_per_epoch < 20):
-            idx = perm[i:i + tc.batch_size]
-            if world > 1:  # this rank's share (a batch smaller than the world is repeated)
-                idx = idx[rank::world] if len(idx) >= world else idx
-            xb = x[idx]
-            if aug is not None:
-                xb = aug(xb)
-            xb, yb = xb.to(device), yt[idx].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = loss_fn(net(xb).float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-        if world > 1:  # the same epoch loss on every rank keeps their decisions identical
-            t = torch.tensor([total, float(seen)], dtype=torch.float64, device=device)
-            dist.all_reduce(t)
-            total, seen = float(t[0]), int(t[1])
-        row = {"epoch": float(epoch), "loss": total / seen}
+        row = {"epoch": float(epoch),
+               "loss": train_one_epoch(net, opt, loss_fn, x, yt, perm, batch_size=tc.batch_size,
+                                       device=device, aug=aug, shard=shard,
+                                       desc=f"epoch {epoch}", progress=progress)}
         line = f"epoch {epoch}/{epochs}: loss {row['loss']:.4f}"
         if has_val and (epoch % tc.validate_every == 0 or epoch == epochs):
-            p = predict_deterministic(trained, x_val, device)
-            m = classification_metrics(y_val, p, n_classes)
-            row.update({f"val_{k}": v for k, v in m.items()})
-            if monitor is None:
-                monitor, note = defined_monitor(m, tc.monitor)
-                if note is not None:
-                    notes.append(note)
-                    if progress:
-                        tqdm.write(note)
-            key = (monitor_value(m, monitor), -row["loss"])
-            line += (f"  val loss {m['loss']:.4f} bal.acc {m['balanced_accuracy']:.3f} "
-                     f"AUROC {show_metric(m['auroc'])}")
-            if best_key is None or key > best_key:
-                best_key, best_epoch, since_best = key, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                line += "  *"
-            else:
-                since_best += tc.validate_every
-        history.append(row)
+            assert x_val is not None and y_val is not None
+            line += run.validated(model, evaluate(model, x_val, y_val, device,
+                                                  len(cfg.classes)), row, epoch, tc, notes,
+                                  progress)
+        run.history.append(row)
+        run.epoch = epoch
         if progress:
             tqdm.write(line)
         if state_path is not None and time.perf_counter() - last_save >= state_every_s:
             last_save = time.perf_counter()
-            _save_state(state_path, {
-                "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "best_state": best_state,
-                "best_epoch": best_epoch, "best_key": list(best_key) if best_key else None,
-                "since_best": since_best, "history": history})
+            _save_state(state_path, run.state(fingerprint, model, opt, gen))
         if on_epoch_end is not None:
             on_epoch_end(epoch)
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
     if state_path is not None:
         state_path.unlink(missing_ok=True)
-    return FitResult(epochs=epochs, best_epoch=best_epoch, history=history,
+    return FitResult(epochs=epochs, best_epoch=run.best_epoch, history=run.history,
                      seconds=time.perf_counter() - t0, notes=notes)
+
+
+def _wrap(model: MCModel, device: torch.device) -> tuple[nn.Module, tuple[int, int]]:
+    """``model`` in DistributedDataParallel, and this process's (rank, world size)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    net = DistributedDataParallel(model, device_ids=[device.index]
+                                  if device.type == "cuda" else None)
+    return net, (dist.get_rank(), dist.get_world_size())
+
+
+def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Module,
+                    x: torch.Tensor, yt: torch.Tensor, perm: torch.Tensor, *, batch_size: int,
+                    device: torch.device, aug: Augmenter | None, shard: tuple[int, int] = (0, 1),
+                    desc: str = "epoch", progress: bool = True) -> float:
+    """One pass over ``x [N, C, S, S]``, ``yt [N]`` in the order ``perm``; the mean loss.
+
+    ``shard`` = (rank, world size): under torchrun each rank trains on its share of every
+    batch, and the loss returned is over every rank's images (the same on each rank, which
+    keeps their decisions identical)."""
+    rank, world = shard
+    net.train()
+    total, seen = 0.0, 0
+    for i in tqdm(range(0, len(perm), batch_size), desc=desc, unit="batch", leave=False,
+                  disable=not progress or math.ceil(len(perm) / batch_size) < 20):
+        idx = perm[i:i + batch_size]
+        if world > 1:  # this rank's share (a batch smaller than the world is repeated)
+            idx = idx[rank::world] if len(idx) >= world else idx
+        xb = x[idx]
+        if aug is not None:
+            xb = aug(xb)
+        xb, yb = xb.to(device), yt[idx].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(net(xb).float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+        seen += len(idx)
+    if world > 1:
+        import torch.distributed as dist
+
+        t = torch.tensor([total, float(seen)], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total, seen = float(t[0]), int(t[1])
+    return total / seen
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: np.ndarray, device: torch.device,
+             n_classes: int) -> dict[str, float]:
+    """Validation metrics of the deterministic model (dropout off) on ``x``, ``y``."""
+    return classification_metrics(y, predict_deterministic(model, x, device), n_classes)
+
+
+@dataclass
+class _Run:
+    """What a training has decided so far: the best epoch and its weights, the epochs since,
+    the history. Saved with the optimiser and RNG states so an interrupted training resumes."""
+
+    best_epoch: int
+    best_state: dict[str, torch.Tensor] | None = None
+    best_key: tuple[float, float] | None = None
+    since_best: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    epoch: int = 0
+    """The last finished epoch."""
+    monitor: str | None = None
+    """Decided on the first validation (its labels are fixed); not saved."""
+
+    def validated(self, model: nn.Module, m: dict[str, float], row: dict[str, float],
+                  epoch: int, tc: Any, notes: list[str], progress: bool) -> str:
+        """Record an epoch's validation metrics ``m`` (in ``row``, and as the best epoch if it
+        is); returns the text for the epoch's line."""
+        row.update({f"val_{k}": v for k, v in m.items()})
+        if self.monitor is None:
+            self.monitor, note = defined_monitor(m, tc.monitor)
+            if note is not None:
+                notes.append(note)
+                if progress:
+                    tqdm.write(note)
+        key = (monitor_value(m, self.monitor), -row["loss"])
+        line = (f"  val loss {m['loss']:.4f} bal.acc {m['balanced_accuracy']:.3f} "
+                f"AUROC {show_metric(m['auroc'])}")
+        if self.best_key is None or key > self.best_key:
+            self.best_key, self.best_epoch, self.since_best = key, epoch, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return line + "  *"
+        self.since_best += tc.validate_every
+        return line
+
+    def state(self, fingerprint: str, model: nn.Module, opt: torch.optim.Optimizer,
+              gen: torch.Generator) -> dict[str, Any]:
+        return {"fingerprint": fingerprint, "epoch": self.epoch, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "best_state": self.best_state,
+                "best_epoch": self.best_epoch,
+                "best_key": list(self.best_key) if self.best_key else None,
+                "since_best": self.since_best, "history": self.history}
+
+    @classmethod
+    def resume(cls, st: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
+               gen: torch.Generator) -> _Run:
+        """Restore a saved state (:meth:`state`) into the model, optimiser and RNGs."""
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        gen.set_state(st["generator"])
+        torch.set_rng_state(st["torch_rng"])
+        return cls(best_epoch=st["best_epoch"], best_state=st["best_state"],
+                   best_key=tuple(st["best_key"]) if st["best_key"] is not None else None,
+                   since_best=st["since_best"], history=list(st["history"]), epoch=st["epoch"])
 
 
 def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
