@@ -40,6 +40,9 @@ image_size = {size}
 [train]
 epochs = 1
 min_steps = 1
+freeze_backbone = false  # this benchmark times whole-network training across processes
+[representation]
+method = "none"
 [query]
 budget = 10
 mc_samples = {t}

@@ -109,6 +109,12 @@ hidden = 32
 epochs = 2
 min_steps = 10
 batch_size = 8
+# the tests exercise whole-network training with a hold-out unless they say otherwise;
+# the defaults (self-supervised backbone, frozen, linear head) have their own tests
+freeze_backbone = false
+validation_fraction = 0.2
+[representation]
+method = "none"
 [query]
 strategy = "bald"
 budget = 6

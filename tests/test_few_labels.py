@@ -69,6 +69,10 @@ hidden = 16
 epochs = 1
 min_steps = 3
 batch_size = 8
+freeze_backbone = false    # these cases are about the hold-out, which the probe does not take
+validation_fraction = 0.2
+[representation]
+method = "none"
 [query]
 budget = 4
 mc_samples = 4
