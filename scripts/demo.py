@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="labelling rounds (default 3)")
     p.add_argument("--workspace", type=Path, default=ROOT / "runs" / "demo")
     p.add_argument("--strategy", default="bald")
+    p.add_argument("--pretrain-epochs", type=int, default=5,
+                   help="self-supervised pretraining epochs (default 5, so the demo takes "
+                        "minutes; the config's default is 30)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     prepare(DATA, labelled=20, dicom_fraction=0.1, seed=0, force=False)
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     common = ["-c", str(CONFIG.relative_to(Path.cwd()) if CONFIG.is_relative_to(Path.cwd())
                         else CONFIG),
               "--set", f'workspace="{a.workspace.resolve()}"',
-              "--set", f'query.strategy="{a.strategy}"', "-q"]
+              "--set", f'query.strategy="{a.strategy}"',
+              "--set", f"representation.epochs={a.pretrain_epochs}", "-q"]
     run(["train", *common])
     run(["query", *common])
     for r in range(1, a.rounds + 1):
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         run(["ingest", *common, str(folder)])
         run(["round", *common] if r < a.rounds else ["train", *common])
     run(["status", *common])
-    cfg = load_config(CONFIG, {"workspace": str(a.workspace.resolve())})
+    cfg = load_config(CONFIG, {"workspace": str(a.workspace.resolve()),
+                               "representation.epochs": a.pretrain_epochs})
     s = api.status(cfg)
     print("\ntest metrics per round (MC-averaged probabilities):")
     print("round  labels  test images  accuracy  AUROC")
