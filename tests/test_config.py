@@ -150,6 +150,10 @@ def test_data_paths_are_optional_and_query_names_a_missing_pool(tmp_path, capsys
     cfg = load_config(cfg_path)
     assert cfg.data.pool is None and cfg.data.labelled is None
     assert main(["query", "-c", str(cfg_path), "-q"]) == 2
+    # with the default self-supervised backbone no label is needed, but a pool is
+    assert "no pool: set data.pool" in capsys.readouterr().err
+    assert main(["query", "-c", str(cfg_path), "-q", "--set",
+                 'representation.method="none"']) == 2
     err = capsys.readouterr().err
     assert "data.labelled is not set" in err and 'representation.method = "simclr"' in err
 
@@ -168,3 +172,13 @@ def test_model_names_and_window_modes_come_from_their_owners(tmp_path, monkeypat
     assert load_config(write(tmp_path, BASE), {"model.name": "my_net"}).model.name == "my_net"
     with pytest.raises(ConfigError, match='image.window.*"file", "minmax" or'):
         load_config(write(tmp_path, BASE), {"image.window": "lung"})
+
+
+def test_defaults_are_the_measured_label_efficient_setup(tmp_path):
+    """The README's label-efficiency measurements are of these defaults."""
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text('workspace = "ws"\nclasses = ["a", "b"]\n')
+    cfg = load_config(cfg_path)
+    assert cfg.representation.method == "simclr" and cfg.train.freeze_backbone
+    assert cfg.model.hidden == 0 and cfg.train.validation_fraction == 0.0
+    assert cfg.query.strategy == "bald"
