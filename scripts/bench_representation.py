@@ -28,6 +28,7 @@ import dataclasses
 import importlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -94,15 +95,36 @@ def auroc(model: torch.nn.Module, x_test: torch.Tensor, y_test: np.ndarray, k: i
                                                                 torch.device("cpu")), k)["auroc"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
-    images = ROOT / "data" / a.dataset / "images"
-    prepare_dataset(a.dataset)
-    out = (a.out or ROOT / "runs" / f"bench-representation-{a.dataset}").resolve()
+@dataclass
+class Measured:
+    """Test AUROC per start and seed, the full-label ceiling, and the seconds spent."""
+    dataset: str
+    seeds: list[int]
+    table: dict[str, list[float]]
+    ceiling: float
+    n_train: int
+    n_test: int
+    seconds_pretrain: float
+    seconds_eval: float
+
+    def diff(self, a: str, b: str) -> tuple[float, float, float]:
+        """Mean paired difference ``a - b`` over seeds with its 95% t interval."""
+        d = np.array(self.table[a]) - np.array(self.table[b])
+        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) \
+            if len(d) > 1 else float("nan")
+        return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def measure(dataset: str, seeds: list[int], *, first: int = 20,
+            overrides: dict[str, object] | None = None, out: Path | None = None,
+            progress: bool = True) -> Measured:
+    """Pretrain (or load) the backbone for ``dataset``'s train split and measure the zero-label
+    start and the full-label ceiling of the frozen-backbone head, per seed."""
+    images = prepare_dataset(dataset)
+    out = (out or ROOT / "runs" / f"bench-representation-{dataset}").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    seeds = [int(s) for s in a.seeds.split(",")]
-    over = {**PROBE, **parse_overrides(a.overrides)}
-    base = load_config(ROOT / "configs" / f"{a.dataset}.toml", over)
+    over = {**PROBE, **(overrides or {})}
+    base = load_config(ROOT / "configs" / f"{dataset}.toml", over)
     rows = truth(images, base.classes)
     labelled_csv = out / "train.csv"
     with open(labelled_csv, "w", newline="", encoding="utf-8") as f:
@@ -111,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         w.writerows([str(p), lab] for p, lab in rows)
     cfg = dataclasses.replace(base, workspace=out, data=dataclasses.replace(
         base.data, labelled=labelled_csv, pool=None, validation=None))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
-    print(api.pretrain_representation(cfg, progress=True), flush=True)
+    line = api.pretrain_representation(cfg, progress=progress)
+    if progress:
+        print(line, flush=True)
     t_pre = time.perf_counter() - t0
     k = len(cfg.classes)
     m = cfg.model
@@ -126,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     x_test, kept_t, _ = load_all([e.path for e in test], channels=m.channels, size=m.image_size,
                                  window=cfg.image.window, frame=cfg.image.frame)
     y_test = np.array([cfg.classes.index(e.label) for e in test])[kept_t]
-    cache = sorted((out / "cache" / "representation").glob("*.pt"), key=lambda p: p.stat().st_mtime)
+    cache = sorted((out / "cache" / "representation").glob("*.pt"),
+                   key=lambda p: p.stat().st_mtime)
 
     def model() -> torch.nn.Module:
         torch.manual_seed(cfg.seed)
@@ -143,33 +167,46 @@ def main(argv: list[str] | None = None) -> int:
                   progress=False)
         return auroc(net, x_test, y_test, k)
 
-    table: dict[str, list[float]] = {f"typiclust {a.first}": [], f"random {a.first}": [],
-                                     f"random {2 * a.first}": []}
+    table: dict[str, list[float]] = {f"typiclust {first}": [], f"random {first}": [],
+                                     f"random {2 * first}": []}
     t1 = time.perf_counter()
     for seed in seeds:
         rng = np.random.default_rng(seed * 1000 + 1)  # as medal query seeds round 1
-        table[f"typiclust {a.first}"].append(
-            probe(acquisition.typiclust(feats, a.first, rng=rng), seed))
+        table[f"typiclust {first}"].append(
+            probe(acquisition.typiclust(feats, first, rng=rng), seed))
         draw = np.random.default_rng(seed)
-        table[f"random {a.first}"].append(probe(draw.choice(len(y), a.first, replace=False), seed))
-        table[f"random {2 * a.first}"].append(
-            probe(draw.choice(len(y), 2 * a.first, replace=False), seed))
+        table[f"random {first}"].append(probe(draw.choice(len(y), first, replace=False), seed))
+        table[f"random {2 * first}"].append(
+            probe(draw.choice(len(y), 2 * first, replace=False), seed))
     ceiling = probe(np.arange(len(y)), 0)
-    t_eval = time.perf_counter() - t1
+    return Measured(dataset, seeds, table, ceiling, len(y), len(y_test), t_pre,
+                    time.perf_counter() - t1)
 
-    print(f"\n{a.dataset}: {len(y)} train images (labels hidden), {len(y_test)} test images; "
-          f"test AUROC of the frozen-backbone linear head")
-    print(f"{'start':<14}" + "".join(f"{'seed ' + str(s):>9}" for s in seeds) + f"{'mean':>9}")
-    for name, vals in table.items():
-        print(f"{name:<14}" + "".join(f"{v:9.3f}" for v in vals) + f"{np.mean(vals):9.3f}")
-    d = np.array(table[f"typiclust {a.first}"]) - np.array(table[f"random {2 * a.first}"])
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else \
-        float("nan")
-    print(f"typiclust {a.first} minus random {2 * a.first}: {d.mean():+.3f} "
-          f"[{d.mean() - half:+.3f}, {d.mean() + half:+.3f}] (95% t interval over "
-          f"{len(d)} seeds)")
-    print(f"full-label ceiling (all {len(y)} train labels): {ceiling:.3f}")
-    print(f"wall time: pretraining or cache load {t_pre:.0f} s, evaluation {t_eval:.0f} s")
+
+def report(r: Measured) -> str:
+    first = next(iter(r.table)).split()[-1]
+    lines = [f"{r.dataset}: {r.n_train} train images (labels hidden), {r.n_test} test images; "
+             f"test AUROC of the frozen-backbone linear head",
+             f"{'start':<14}" + "".join(f"{'seed ' + str(s):>9}" for s in r.seeds)
+             + f"{'mean':>9}"]
+    for name, vals in r.table.items():
+        lines.append(f"{name:<14}" + "".join(f"{v:9.3f}" for v in vals)
+                     + f"{np.mean(vals):9.3f}")
+    m, lo, hi = r.diff(f"typiclust {first}", f"random {2 * int(first)}")
+    lines.append(f"typiclust {first} minus random {2 * int(first)}: {m:+.3f} [{lo:+.3f}, "
+                 f"{hi:+.3f}] (95% t interval over {len(r.seeds)} seeds)")
+    lines.append(f"full-label ceiling (all {r.n_train} train labels): {r.ceiling:.3f}")
+    lines.append(f"wall time: pretraining or cache load {r.seconds_pretrain:.0f} s, "
+                 f"evaluation {r.seconds_eval:.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    r = measure(a.dataset, [int(s) for s in a.seeds.split(",")], first=a.first,
+                overrides=parse_overrides(a.overrides), out=a.out)
+    print()
+    print(report(r))
     return 0
 
 
