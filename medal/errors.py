@@ -41,3 +41,7 @@ class LabellingError(MedalError):
 
 class WorkspaceError(MedalError):
     """The workspace on disk is missing, locked or inconsistent."""
+
+
+class SimulationError(MedalError):
+    """A simulation cannot start or continue (bad settings, an oracle asked the wrong thing)."""

@@ -59,9 +59,9 @@ import numpy as np
 
 from . import api
 from .acquisition import STRATEGIES
-from .config import Config, load_config, parse_overrides
+from .config import Config
 from .data import scan_source
-from .errors import DataError, MedalError
+from .errors import DataError, MedalError, SimulationError
 from .workspace import Workspace, cache_dir, has_ledger, kept_manifest, round_of_folder
 
 MAIN_METRICS = ("auroc", "accuracy", "balanced_accuracy")
@@ -74,10 +74,6 @@ START_MODES = ("random", "class_balanced")
 _PER_RUN_KEYS = ("path", "workspace", "seed", "device", "num_workers")
 _PER_RUN_DATA = ("labelled", "pool")
 _PER_RUN_QUERY = ("strategy",)
-
-
-class SimulationError(MedalError):
-    """A simulation cannot start or continue (bad settings, an oracle asked the wrong thing)."""
 
 
 # --- the hidden truth and the oracle ----------------------------------------------------------
@@ -963,23 +959,7 @@ def simulate(cfg: Config, s: SimulationSettings) -> SimulationResult:
     return SimulationResult(out, rows, header + summary, plots, seconds, failures)
 
 
-# --- command line (the arguments are defined in medal.cli, which imports no torch) -----------
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``simulate`` to the ``medal`` command's subparsers."""
-    from .cli import SIMULATE_DESCRIPTION, SIMULATE_HELP
-
-    p = subparsers.add_parser("simulate", help=SIMULATE_HELP, description=SIMULATE_DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(p)
-    return p
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_simulate_arguments
-
-    add_simulate_arguments(p)
-
-
+# --- the `medal simulate` command (its arguments are parsed in medal.cli) ---------------------
 def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -1007,30 +987,3 @@ def command(cfg: Config, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    """Load the config named by ``args`` and run :func:`command`; errors become exit code 2."""
-
-    try:
-        cfg = load_config(args.config, parse_overrides(args.overrides))
-        return command(cfg, args)
-    except MedalError as e:
-        print(f"medal simulate: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import SIMULATE_DESCRIPTION
-
-    p = argparse.ArgumentParser(prog="medal simulate", description=SIMULATE_DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
