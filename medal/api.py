@@ -131,10 +131,16 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport | None:
         skipped |= sk_v | sk_t
         model = start_model(cfg, plan.parent_checkpoint, plan.backbone)
         seed = round_seed(cfg, plan.model_round)
+        unlabelled = None
+        if ws is not None and cfg.train.freeze_backbone and \
+                cfg.train.semi_supervised != "none" and plan.pool:
+            model.to(device)
+            f, found, _ = frozen_features(ws, cfg, model, plan.pool, device)
+            unlabelled = torch.from_numpy(f[found])
         result = fit(model, x, y, cfg, epochs=training_epochs(cfg, plan.parent), device=device,
                      x_val=xv if len(xv) else None, y_val=yv if len(yv) else None, seed=seed,
                      progress=progress and ws is not None, state_path=plan.state_path,
-                     distributed=distributed.is_distributed())
+                     distributed=distributed.is_distributed(), unlabelled=unlabelled)
         report = None
         if ws is not None:
             result.notes[:0] = plan.notes
@@ -159,6 +165,8 @@ class _TrainPlan:
     state_path: Path | None
     """Resume state of an interrupted training (one process only)."""
     notes: list[str]
+    pool: list[Item] = field(default_factory=list)
+    """The unlabelled pool (for semi-supervised training of a frozen backbone's head)."""
 
 
 def _plan_training(ws: Workspace, cfg: Config, device: torch.device,
@@ -178,7 +186,7 @@ def _plan_training(ws: Workspace, cfg: Config, device: torch.device,
     return _TrainPlan(snap.labelled, snap.validation, snap.test, model_round, parent,
                       None if parent is None else ws.checkpoint_path(parent), backbone,
                       None if distributed.is_distributed() else
-                      ws.training_state_path(model_round), notes)
+                      ws.training_state_path(model_round), notes, list(snap.pool))
 
 
 def round_seed(cfg: Config, round: int) -> int:
@@ -462,14 +470,11 @@ def _finish_query(ws: Workspace, cfg: Config, state: dict[str, Any], plan: _Quer
 
 
 @torch.no_grad()
-def _score_frozen(ws: Workspace, cfg: Config, model: MCModel, items: list[Item],
-                  device: torch.device, seed: int, progress: bool, *,
-                  sink: Any) -> dict[Path, str]:
-    """Head-only MC scoring under a frozen backbone: every image's features come from the
-    workspace's feature cache (the images not in it are decoded and passed through the
-    backbone once, then cached), and only the head is sampled. ``sink(rows, probs [B, T, C],
-    features [B, D])`` as for :func:`score_batches`; returns the unreadable files."""
-    q = cfg.query
+def frozen_features(ws: Workspace, cfg: Config, model: MCModel, items: list[Item],
+                    device: torch.device) -> tuple[np.ndarray, np.ndarray, dict[Path, str]]:
+    """Backbone features of ``items`` under a frozen backbone, from the workspace's feature
+    cache; the images not in it are decoded, passed through the backbone once and cached.
+    Returns ``(features [N, D] float32, found [N] bool, {path: reason} unreadable)``."""
     key = backbone_key(model.backbone, [cfg.model.channels, cfg.model.image_size,
                                         cfg.image.window, cfg.image.frame])
     cache = FeatureCache(ws.feature_cache_path(key))
@@ -485,6 +490,19 @@ def _score_frozen(ws: Workspace, cfg: Config, model: MCModel, items: list[Item],
         feats[missing[have]] = new[[row[ids[i]] for i in missing[have]]]
         found[missing[have]] = True
         cache.add([it.id for it in kept_items], new)
+    return feats, found, skipped
+
+
+@torch.no_grad()
+def _score_frozen(ws: Workspace, cfg: Config, model: MCModel, items: list[Item],
+                  device: torch.device, seed: int, progress: bool, *,
+                  sink: Any) -> dict[Path, str]:
+    """Head-only MC scoring under a frozen backbone: every image's features come from the
+    workspace's feature cache (the images not in it are decoded and passed through the
+    backbone once, then cached), and only the head is sampled. ``sink(rows, probs [B, T, C],
+    features [B, D])`` as for :func:`score_batches`; returns the unreadable files."""
+    q = cfg.query
+    feats, found, skipped = frozen_features(ws, cfg, model, items, device)
     rows = np.flatnonzero(found)
     set_mc_mode(model)
     for b in tqdm(range(n_batches(len(rows), q.batch_size)), desc="scoring (head only)",

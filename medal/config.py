@@ -107,6 +107,12 @@ class TrainConfig:
     """With ``freeze_backbone``: full-batch AdamW steps of the head (cosine learning rate)."""
     probe_lr: float = 0.01
     """With ``freeze_backbone``: the head's peak learning rate."""
+    semi_supervised: str = "none"
+    """With ``freeze_backbone``: "pseudo_label" also learns from the unlabelled pool by
+    self-training (the pool images the head predicts with probability >= ``pseudo_threshold``
+    take that class for a second run of the schedule); "none": labelled images only."""
+    pseudo_threshold: float = 0.95
+    """Confidence a pool image's prediction needs to become a pseudo-label."""
     validation_fraction: float = 0.0
     """Without ``data.validation``: share of the initial labelled set held out (stratified,
     chosen once and frozen in the ledger, so metrics compare across rounds) to choose epochs
@@ -442,6 +448,10 @@ def _validate_values(cfg: Config, where: str) -> None:
     need(t.validate_every >= 1, "train.validate_every", ">= 1", t.validate_every)
     need(t.probe_steps >= 1, "train.probe_steps", ">= 1", t.probe_steps)
     need(t.probe_lr > 0, "train.probe_lr", "> 0", t.probe_lr)
+    need(t.semi_supervised in ("none", "pseudo_label"), "train.semi_supervised",
+         "one of none, pseudo_label", t.semi_supervised)
+    need(0.5 <= t.pseudo_threshold < 1.0, "train.pseudo_threshold", "in [0.5, 1)",
+         t.pseudo_threshold)
     need(0.0 <= t.validation_fraction < 1.0, "train.validation_fraction", "in [0, 1)",
          t.validation_fraction)
     r = cfg.representation

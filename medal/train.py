@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn import metrics as skm
 from torch import nn
 from torchvision.transforms import v2
@@ -111,7 +112,8 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
         y_val: np.ndarray | None = None, seed: int = 0, progress: bool = True,
         state_path: Path | None = None,
         on_epoch_end: Callable[[int], None] | None = None,
-        distributed: bool = False, state_every_s: float = 30.0) -> FitResult:
+        distributed: bool = False, state_every_s: float = 30.0,
+        unlabelled: torch.Tensor | None = None) -> FitResult:
     """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices) and keep the best epoch.
 
     The best epoch is chosen on the validation set by ``train.monitor`` (ties: lower training
@@ -124,12 +126,14 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     draws the same batches and trains on its share of each, so the ranks stay in step.
     One epoch is :func:`train_one_epoch`, validation :func:`evaluate` (torchvision's
     reference ``train.py`` split), the resumable state a :class:`_Run`.
+    With ``train.freeze_backbone`` this is :func:`fit_probe` (``unlabelled``: the pool's
+    backbone features ``[M, D]`` for ``train.semi_supervised``).
     """
     if len(x) == 0:
         raise ModelError("no labelled images to train on")
     if cfg.train.freeze_backbone:
         return fit_probe(model, x, y, cfg, device=device, x_val=x_val, y_val=y_val, seed=seed,
-                         progress=progress)
+                         progress=progress, unlabelled=unlabelled)
     t0 = time.perf_counter()
     tc = cfg.train
     n = len(x)
@@ -304,7 +308,7 @@ class _Run:
 def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
               device: torch.device, x_val: torch.Tensor | None = None,
               y_val: np.ndarray | None = None, seed: int = 0,
-              progress: bool = True) -> FitResult:
+              progress: bool = True, unlabelled: torch.Tensor | None = None) -> FitResult:
     """Train only ``model.head`` on the fixed backbone features of ``x [N, C, S, S]``, ``y [N]``.
 
     All N feature vectors form one batch; ``train.probe_steps`` AdamW steps with a cosine
@@ -312,6 +316,11 @@ def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
     validation set, so a tiny hold-out cannot mislead it; the validation metrics (if any) are
     reported for the final head. A linear head (``model.hidden = 0``) first takes its feature
     standardisation from these N images. Milliseconds to seconds, so nothing is resumed.
+
+    ``train.semi_supervised = "pseudo_label"`` with ``unlabelled`` (the pool's features
+    ``[M, D]``): self-training (Lee 2013). After the supervised schedule, the pool images the
+    head predicts with probability >= ``train.pseudo_threshold`` get that class as a label,
+    and the schedule runs once more on the labelled loss plus the mean loss on those.
     """
     t0 = time.perf_counter()
     tc = cfg.train
@@ -326,16 +335,19 @@ def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
     yt = torch.as_tensor(y, dtype=torch.long, device=device)
     weight = class_weights(y, n_classes).to(device) if tc.balance != "none" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
-    opt = torch.optim.AdamW(head.parameters(), lr=tc.probe_lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.probe_steps)
-    head.train()
-    for _ in tqdm(range(tc.probe_steps), desc="training the head", unit="step",
-                  disable=not progress, leave=False):
-        loss = loss_fn(head(f).float(), yt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    _head_schedule(head, f, yt, loss_fn, tc.probe_lr, tc.weight_decay, tc.probe_steps,
+                   progress)
+    note = ""
+    if tc.semi_supervised == "pseudo_label" and unlabelled is not None and len(unlabelled):
+        fu = unlabelled.to(device).float()
+        with torch.no_grad():
+            p = head(fu).float().softmax(-1)
+        conf, pseudo = p.max(1)
+        keep = conf >= tc.pseudo_threshold
+        if keep.any():
+            _head_schedule(head, f, yt, loss_fn, tc.probe_lr, tc.weight_decay, tc.probe_steps,
+                           progress, extra=(fu[keep], pseudo[keep]))
+        note = f", then with {int(keep.sum())} of {len(fu)} pool images pseudo-labelled"
     head.eval()
     with torch.no_grad():
         row = {"epoch": 1.0, "loss": float(loss_fn(head(f).float(), yt))}
@@ -344,9 +356,30 @@ def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
         row.update({f"val_{k}": v for k, v in
                     classification_metrics(y_val, p, n_classes).items()})
     if progress:
-        tqdm.write(f"head trained on {len(x)} images' features: {tc.probe_steps} steps, "
+        tqdm.write(f"head trained on {len(x)} images' features: {tc.probe_steps} steps{note}, "
                    f"loss {row['loss']:.4f}")
     return FitResult(epochs=1, best_epoch=1, history=[row], seconds=time.perf_counter() - t0)
+
+
+def _head_schedule(head: nn.Module, f: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
+                   lr: float, weight_decay: float, steps: int, progress: bool,
+                   extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """``steps`` full-batch AdamW steps (cosine learning rate, dropout on) of ``head`` on
+    features ``f [N, D]`` with labels ``y [N]``; plus, with ``extra = (features [M, D],
+    pseudo-labels [M])``, the unweighted mean loss on those."""
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    head.train()
+    for _ in tqdm(range(steps), desc="training the head", unit="step", disable=not progress,
+                  leave=False):
+        loss = loss_fn(head(f).float(), y)
+        if extra is not None:
+            loss = loss + F.cross_entropy(head(extra[0]).float(), extra[1])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    head.eval()
 
 
 def _read_state(path: Path, notes: list[str], progress: bool) -> dict[str, Any] | None:

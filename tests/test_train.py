@@ -198,3 +198,41 @@ def test_probe_trains_a_linear_head_on_fixed_standardised_features(tmp_path, tin
     xv, yv = separable(64, seed=1)
     p = predict_deterministic(m, xv, torch.device("cpu"))
     assert (p.argmax(1) == yv).mean() >= 0.9
+
+
+def test_pseudo_labels_learn_from_the_pool(tmp_path, tiny_data):
+    """semi_supervised = pseudo_label: a second schedule on the confident pool predictions.
+    With two labels and a separable pool, self-training moves the head towards the pool's
+    structure and it classifies the pool at least as well; without the pool nothing changes."""
+    from medal.config import load_config
+
+    from conftest import write_config
+
+    over = {"train.freeze_backbone": True, "model.hidden": 0, "train.probe_steps": 100,
+            "train.semi_supervised": "pseudo_label", "train.pseudo_threshold": 0.6}
+    cfg = load_config(write_config(tmp_path), over)
+    x, y = separable(64)
+    xl, yl = x[:4], y[:4]
+    torch.manual_seed(0)
+    plain = create_model("small_cnn", 2, hidden=0)
+    semi = create_model("small_cnn", 2, hidden=0)
+    semi.load_state_dict(plain.state_dict())
+    fit(plain, xl, yl, cfg, epochs=1, device=torch.device("cpu"), progress=False)
+    pool = backbone_features_of(semi, x[4:])
+    fit(semi, xl, yl, cfg, epochs=1, device=torch.device("cpu"), progress=False,
+        unlabelled=pool)
+    assert not torch.equal(plain.head[-1].weight, semi.head[-1].weight)
+    acc = lambda m: (predict_deterministic(m, x[4:], torch.device("cpu")).argmax(1)  # noqa: E731
+                     == y[4:]).mean()
+    assert acc(semi) >= acc(plain) - 0.05
+    # without pool features the setting changes nothing: the same head as plain training
+    torch.manual_seed(0)
+    alone = create_model("small_cnn", 2, hidden=0)
+    fit(alone, xl, yl, cfg, epochs=1, device=torch.device("cpu"), progress=False)
+    assert torch.equal(alone.head[-1].weight, plain.head[-1].weight)
+
+
+def backbone_features_of(model, x):
+    from medal.train import backbone_features
+
+    return backbone_features(model, x, torch.device("cpu"))
