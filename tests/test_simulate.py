@@ -342,14 +342,16 @@ def test_cli_runs_in_parallel_workers(sim_setup, capsys):
             "--seeds", "3", "--rounds", "1", "--budget", "4", "--start", "random",
             "--start-size", "6", "--out", str(sim_setup["out"]), "--workers", "2",
             "--threads", "1"]
-    assert sim.main(args) == 0
+    from medal.cli import main
+
+    assert main(["simulate", *args]) == 0
     out = capsys.readouterr().out
     assert "### test AUROC" in out and "simulation finished" in out
     rows = list(csv.DictReader(open(sim_setup["out"] / "results.csv", newline="")))
     assert sorted((r["strategy"], r["round"], r["labels"]) for r in rows) == [
         ("bald", "0", "6"), ("bald", "1", "10"), ("random", "0", "6"), ("random", "1", "10")]
     assert (sim_setup["out"] / "cache").is_dir() and any((sim_setup["out"] / "cache").iterdir())
-    assert sim.main([*args[:-4], "--strategies", "nope"]) == 2
+    assert main(["simulate", *args[:-4], "--strategies", "nope"]) == 2
     assert "unknown strategy nope" in capsys.readouterr().err
 
 
@@ -394,8 +396,10 @@ def test_honest_defaults(sim_setup):
     s = sim.SimulationSettings(truth=(), out=Path("x"), strategies=("random",), seeds=(0,),
                                rounds=1, budget=1)
     assert (s.start, s.validation) == ("random", "none")
+    from medal.cli import add_simulate_arguments
+
     p = argparse.ArgumentParser()
-    sim._add_arguments(p)
+    add_simulate_arguments(p)
     a = p.parse_args(["-c", "c.toml", "--truth", "t"])
     assert (a.start, a.validation, a.seeds) == ("random", "none", "0,1,2,3,4")
     cfg = load_config(sim_setup["config"])
