@@ -52,9 +52,16 @@ def test_gallery_renders_in_headless_chromium(chromium, tmp_path, tiny_data):
         with Image.open(p) as im:
             assert im.size == (16, 16) and im.mode == "L"
     page = (folder / "index.html").as_uri()
-    dom = run_chromium(chromium, f"--user-data-dir={tmp_path / 'chrome1'}", "--dump-dom", page)
-    assert dom.returncode == 0, dom.stderr
-    html = dom.stdout
+    # --dump-dom can snapshot the page before a busy machine has decoded every preview (seen
+    # once on two loaded cores: a flaky failure); dump again, up to three times, and require
+    # that one snapshot shows every preview decoded
+    for attempt in range(3):
+        dom = run_chromium(chromium, f"--user-data-dir={tmp_path / f'chrome1-{attempt}'}",
+                           "--dump-dom", page)
+        assert dom.returncode == 0, dom.stderr
+        html = dom.stdout
+        if 'data-images="6" data-loaded="6"' in html:
+            break
     assert html.count('class="card"') == 6
     assert 'data-images="6" data-loaded="6"' in html  # every preview decoded by the browser
     for name in names:
