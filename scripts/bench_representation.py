@@ -33,11 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+
+from compare_simulations import interval  # noqa: E402
 
 from medal import acquisition, api  # noqa: E402
 from medal.config import load_config, parse_overrides  # noqa: E402
@@ -109,10 +110,7 @@ class Measured:
 
     def diff(self, a: str, b: str) -> tuple[float, float, float]:
         """Mean paired difference ``a - b`` over seeds with its 95% t interval."""
-        d = np.array(self.table[a]) - np.array(self.table[b])
-        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) \
-            if len(d) > 1 else float("nan")
-        return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+        return interval(np.array(self.table[a]) - np.array(self.table[b]))
 
 
 def measure(dataset: str, seeds: list[int], *, first: int = 20,
