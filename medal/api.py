@@ -24,7 +24,7 @@ from .labelling import Candidate, IngestResult, export_round, ingest_round
 from .models import MCModel, resolve_device, set_mc_mode
 from .representation import SSLSettings, load_cached, pretrain_and_cache
 from .representation import cache_key as ssl_cache_key
-from .resources import check_training_memory
+from .resources import check_pretraining_memory, check_query_memory, check_training_memory
 from .train import (backbone_features, build_model, classification_metrics, fit, load_checkpoint,
                     save_checkpoint)
 from . import distributed
@@ -231,6 +231,7 @@ def pretrained_backbone(ws: Workspace, cfg: Config, model: MCModel, snap: Any,
     t0 = time.perf_counter()
     if load_cached(path, model.backbone):
         return f"self-supervised backbone loaded from the cache ({_short(path)})", path
+    check_pretraining_memory(cfg, len(items), device)
     x, _, _, _ = _load(cfg, items)
     if len(x) < 2:
         raise DataError("representation.method = 'simclr' needs at least 2 readable images "
@@ -405,6 +406,8 @@ def _plan_query(ws: Workspace, cfg: Config, device: torch.device, progress: bool
     q = cfg.query
     _refuse_pending(ws)
     snap = ws.sync()
+    check_query_memory(cfg, len(snap.pool), len(snap.labelled), device,
+                       zero_label=not snap.labelled and not ws.db.models())
     if not snap.labelled and not ws.db.models():
         return _zero_label_query(ws, cfg, snap, device, progress)
     rec = current_model_record(ws)

@@ -1,11 +1,18 @@
-"""Memory estimates: refuse a training that cannot fit instead of being killed by the kernel.
+"""Memory estimates: refuse a command that cannot fit instead of being killed by the kernel.
 
 Training holds every labelled, validation and test image in memory as float32
 ``[C, S, S]`` (``data.load_all``) and keeps each layer's output of a batch for the backward
 pass. Both grow with ``model.image_size`` squared: at 2048 one image through ``small_cnn``
-keeps about 2 GB of activations, so the default batch of 32 needs ~70 GB. The activations per
+keeps about 3 GB of activations, so the default batch of 32 needs ~100 GB. The activations per
 image are measured exactly, without memory, by running the model on PyTorch's ``meta``
 device (shapes only).
+
+Three commands are estimated, each before it loads an image: training
+(:func:`check_training_memory`), scoring the pool (:func:`check_query_memory`: a batch of
+images and its activations at a time, the scores of the whole pool for selection, and the
+whole pool where a frozen backbone's features or a zero-label start decode it at once) and
+self-supervised pretraining (:func:`check_pretraining_memory`: every image it learns from is
+held in memory, and two views of a batch keep their activations).
 
 The estimate is compared with the memory available: ``MemAvailable`` from ``/proc/meminfo``
 and, inside a container, the room left under its cgroup limit; where neither is known (not
@@ -91,6 +98,34 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
+def _check_off() -> bool:
+    return os.environ.get(MEMORY_CHECK_ENV, "").strip().lower() in ("off", "0", "false", "no")
+
+
+def _power_of_two_below(n: float, least: int = 1) -> int:
+    """The largest power of two <= ``n`` (at least ``least``), or 0 if ``n < least``."""
+    if n < least:
+        return 0
+    return 2 ** int(math.log2(n))
+
+
+def _image_size_that_fits(cfg: Config, need: float, free: int) -> int:
+    """``model.image_size`` scaled so that ``need`` (which grows with its square) fits."""
+    scale = math.sqrt(HEADROOM * free / need)
+    return max(8, int(cfg.model.image_size * scale) // 8 * 8)
+
+
+def _model_sizes(cfg: Config) -> tuple[int, int]:
+    """``(parameters, feature dimension)`` of the configured model, from the ``meta`` device
+    (no memory used)."""
+    m = cfg.model
+    with torch.device("meta"):
+        model = create_model(m.name, len(cfg.classes), in_channels=m.channels,
+                             dropout=m.dropout, hidden=m.hidden,
+                             backbone_dropout=m.backbone_dropout)
+    return sum(p.numel() for p in model.parameters()), model.feature_dim
+
+
 def check_training_memory(cfg: Config, n_images: int, n_eval: int,
                           device: torch.device) -> None:
     """Raise :class:`ConfigError` (one line naming the keys, with a batch size or image size
@@ -102,7 +137,7 @@ def check_training_memory(cfg: Config, n_images: int, n_eval: int,
     larger) and the weights with their AdamW state. On CUDA the activations are compared
     with the GPU's free memory instead.
     """
-    if os.environ.get(MEMORY_CHECK_ENV, "").strip().lower() in ("off", "0", "false", "no"):
+    if _check_off():
         return
     m, t = cfg.model, cfg.train
     image = 4 * m.channels * m.image_size ** 2
@@ -134,4 +169,136 @@ def check_training_memory(cfg: Config, n_images: int, n_eval: int,
             f"(model.image_size = {m.image_size}: {n_images} images held in memory "
             f"{_gb(held)}, one batch of train.batch_size = {t.batch_size} through "
             f"{m.name} {_gb(t.batch_size * train_act)}); set {' or '.join(fixes)} "
+            f"({MEMORY_CHECK_ENV}=off skips this check)")
+
+
+FEATURE_BATCH = 512
+"""Images per forward pass when a whole set's backbone features are computed at once
+(``train.backbone_features``: a frozen backbone's features, a zero-label start)."""
+
+
+def check_query_memory(cfg: Config, n_pool: int, n_labelled: int, device: torch.device, *,
+                       zero_label: bool = False) -> None:
+    """Raise :class:`ConfigError` (one line with the estimate, the memory available and a
+    ``query.batch_size`` or ``model.image_size`` that fits) when scoring a pool of ``n_pool``
+    images is estimated not to fit in host memory.
+
+    Counted: the images of the batches in flight (``query.batch_size``, with the data
+    loader's prefetching: two per worker, and the gathered copy), the activations of one
+    forward call on the CPU (``query.batch_size`` images, or up to ``query.max_batch_items``
+    replicas of them in full-network sampling; on CUDA a batch that does not fit is halved
+    while scoring, so GPU memory is not estimated), the scores of the whole pool in float32
+    (``[N, T, C]``, and ``[N, D]`` twice) as a selection from all of them needs (counted for
+    every strategy: a cold start does so too), the ``n_labelled`` labelled images where the
+    strategy (``coreset``, ``typiclust``) or a cold start embeds them, and the
+    whole pool where it is decoded at once: a frozen backbone whose features are computed
+    (counted even where the feature cache already holds them) and a ``zero_label`` first
+    round (:func:`check_pretraining_memory` covers its pretraining).
+    """
+    if _check_off():
+        return
+    if zero_label and cfg.representation.method == "none":
+        return  # the command refuses: a zero-label start needs a representation
+    free = available_memory()
+    if free is None or n_pool == 0:
+        return
+    m, q = cfg.model, cfg.query
+    image = 4 * m.channels * m.image_size ** 2
+    _, infer_act = activation_bytes(cfg)
+    params, dim = _model_sizes(cfg)
+    T, C = q.mc_samples, len(cfg.classes)
+    mode = q.sampling if q.sampling != "auto" else (
+        "full" if m.backbone_dropout > 0 else "head")
+    whole_pool = zero_label or (cfg.train.freeze_backbone and mode == "head")
+    parts: list[tuple[str, float]] = []
+    per_image = 0.0  # bytes per image of query.batch_size (0: the batch size does not matter)
+    calls = 1  # replicas of a batch in one forward call
+    if whole_pool:
+        parts.append((f"the {n_pool} pool images decoded at once", 2 * n_pool * image))
+        parts.append((f"a batch of {min(FEATURE_BATCH, n_pool)} through {m.name}",
+                      min(FEATURE_BATCH, n_pool) * infer_act))
+    else:
+        batch = min(q.batch_size, n_pool)
+        in_flight = 2 * (1 + 2 * cfg.num_workers)
+        if mode == "full":
+            max_items = q.max_batch_items or (4096 if device.type == "cuda" else q.batch_size)
+            calls = max(1, min(T, max_items // batch))
+        per_image = in_flight * image + (0 if device.type == "cuda" else calls * infer_act)
+        parts.append((f"one batch of query.batch_size = {q.batch_size} through {m.name}"
+                      + (f" ({calls} replicas at once)" if calls > 1 else ""),
+                      batch * per_image))
+    if zero_label:
+        parts.append((f"features of {n_pool} images", 2 * 4 * n_pool * dim))
+    else:  # counted for every strategy: a cold start selects from all of them too
+        parts.append((f"scores of {n_pool} images", 4 * n_pool * (T * C + 2 * dim)))
+        if q.cold_start != "off" or q.strategy in ("coreset", "typiclust"):
+            parts.append((f"{n_labelled} labelled images held", 2 * n_labelled * image))
+    parts.append(("weights", 4 * params))
+    need = sum(b for _, b in parts)
+    if need <= HEADROOM * free:
+        return
+    fixes = []
+    if per_image:
+        fixed = need - min(q.batch_size, n_pool) * per_image
+        batch = _power_of_two_below((HEADROOM * free - fixed) / per_image)
+        if batch:
+            fixes.append(f"query.batch_size = {batch}")
+        elif calls > 1:  # one replica per call: query.max_batch_items = 0 (auto) on the CPU
+            one = per_image - (calls - 1) * infer_act
+            batch = _power_of_two_below((HEADROOM * free - fixed) / one)
+            if batch:
+                fixes.append("query.max_batch_items = 0" + (
+                    f" and query.batch_size = {batch}" if batch < q.batch_size else ""))
+    fixes.append(f"model.image_size = {_image_size_that_fits(cfg, need, free)}")
+    what = "choose the first round" if zero_label else "score the pool"
+    shown = ", ".join(f"{name} {_gb(b)}" for name, b in sorted(parts, key=lambda p: -p[1])
+                      if b >= 0.05e9) or "each part under 0.1 GB"
+    raise ConfigError(
+        f"not enough memory to {what}: about {_gb(need)} needed, {_gb(free)} available "
+        f"(model.image_size = {m.image_size}: {shown}); set {' or '.join(fixes)} "
+        f"({MEMORY_CHECK_ENV}=off skips this check)")
+
+
+def check_pretraining_memory(cfg: Config, n_images: int, device: torch.device) -> None:
+    """Raise :class:`ConfigError` (one line with the estimate, the memory available and a
+    ``representation.batch_size`` or ``model.image_size`` that fits) when self-supervised
+    pretraining on ``n_images`` is estimated not to fit.
+
+    Pretraining holds every image in memory (twice while they are gathered), and each step
+    makes two random views of a batch of ``representation.batch_size`` images (a few
+    float32 copies each while they are made) whose activations the backward pass keeps;
+    with the weights and their Adam state. On CUDA the activations are compared with the
+    GPU's free memory instead.
+    """
+    if _check_off() or n_images < 2:
+        return
+    m, r = cfg.model, cfg.representation
+    image = 4 * m.channels * m.image_size ** 2
+    held = 2 * n_images * image
+    train_act, _ = activation_bytes(cfg)
+    params = 16 * _model_sizes(cfg)[0]
+    batch = min(r.batch_size, n_images)
+    on_gpu = device.type == "cuda"
+    # per image of a batch: the two views and the temporaries of making them (on the host),
+    # and the activations of both views (where the model runs)
+    views, act = 6 * image, 2 * train_act
+    host = (held + (0 if on_gpu else params), views + (0 if on_gpu else act))
+    checks = [("memory", host, available_memory())]
+    if on_gpu:
+        checks.append(("GPU memory", (params, 2 * image + act),
+                       torch.cuda.mem_get_info(device)[0]))
+    for what, (fixed, per_image), free in checks:
+        need = fixed + batch * per_image
+        if free is None or need <= HEADROOM * free:
+            continue
+        fixes = []
+        best = _power_of_two_below((HEADROOM * free - fixed) / per_image, least=2)
+        if best:
+            fixes.append(f"representation.batch_size = {best}")
+        fixes.append(f"model.image_size = {_image_size_that_fits(cfg, need, free)}")
+        raise ConfigError(
+            f"not enough {what} for self-supervised pretraining: about {_gb(need)} needed, "
+            f"{_gb(free)} available (model.image_size = {m.image_size}: {n_images} images "
+            f"held in memory {_gb(held)}, two views of a batch of representation.batch_size "
+            f"= {r.batch_size} through {m.name} {_gb(batch * act)}); set {' or '.join(fixes)} "
             f"({MEMORY_CHECK_ENV}=off skips this check)")
