@@ -3,8 +3,11 @@
 Every scoring function is a pure function of MC-dropout probabilities ``probs`` of shape
 ``[N, T, C]`` (N images, T stochastic forward passes, C classes; each ``probs[n, t]`` sums to 1)
 and returns float64 scores ``[N]`` where higher means more worth labelling. Logs are natural.
-Batch strategies (BatchBALD, power sampling, core-set, BADGE, class balancing) choose indices;
-:func:`select` is the single entry point that maps a strategy name to a ranked selection.
+Batch strategies (BatchBALD, power sampling, core-set, BADGE, class balancing) choose indices.
+Every strategy is registered (:func:`register_score`, :func:`register_strategy`) with what it
+needs (pool features, labelled features, the joint samples of the whole pool); the registry is
+the only list of names, and :func:`select` is the single entry point that maps a name to a
+ranked selection.
 
 This is a leaf module: it imports only numpy.
 """
@@ -12,6 +15,7 @@ This is a leaf module: it imports only numpy.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -104,27 +108,6 @@ def margin(probs: np.ndarray) -> np.ndarray:
 def least_confidence(probs: np.ndarray) -> np.ndarray:
     """1 - the largest mean class probability: ``[N, T, C] -> [N]``."""
     return 1.0 - _as_probs(probs).mean(1).max(-1)
-
-
-SCORE_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "bald": bald,
-    "entropy": predictive_entropy,
-    "variation_ratios": variation_ratios,
-    "mean_std": mean_std,
-    "margin": margin,
-    "least_confidence": least_confidence,
-}
-
-STRATEGIES: tuple[str, ...] = (
-    "bald", "entropy", "variation_ratios", "mean_std", "margin", "least_confidence",
-    "random", "batchbald", "powerbald", "powerentropy", "coreset", "badge", "typiclust", "epig",
-)
-
-
-def validate_strategy(name: str) -> None:
-    """Raise ValueError, listing the valid names, if ``name`` is not in :data:`STRATEGIES`."""
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown acquisition strategy {name!r}; valid: {', '.join(STRATEGIES)}")
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -447,73 +430,219 @@ def badge(probs: np.ndarray, features: np.ndarray, budget: int, *,
     return np.asarray(picks, dtype=np.int64)
 
 
+# --------------------------------------------------------------------------- strategy registry
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a strategy may use beyond the probabilities ``[N, T, C]`` of the pool."""
+
+    rng: np.random.Generator
+    features: np.ndarray | None = None
+    """``[N, D]`` backbone features of the pool (``needs_features`` strategies)."""
+    labelled_features: np.ndarray | None = None
+    """``[L, D]`` features of the labelled images (``needs_labelled_features`` strategies)."""
+    balance: bool = False
+    """Spread the picks over predicted classes (per-image strategies only)."""
+
+
+Chooser = Callable[[np.ndarray, int, Inputs], tuple[np.ndarray, np.ndarray]]
+"""``(probs [N, T, C] float64, k, inputs) -> (indices [K] int64, scores [K] float64)``,
+called with ``1 <= k <= N``."""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One acquisition strategy and what it needs (as timm's ``register_model`` entries and
+    MONAI Label's ``Strategy`` classes declare themselves).
+
+    A caller asks the strategy, never its name: :attr:`score` (a per-image score whose
+    top-k is the selection, so a pool can be ranked while it streams past), and which inputs
+    :func:`select` must be given besides the pool's probabilities."""
+
+    name: str
+    choose: Chooser
+    description: str
+    score: Callable[[np.ndarray], np.ndarray] | None = None
+    """A per-image score ``[N, T, C] -> [N]`` whose top-k (ties to the lower index) is the
+    selection; ``None`` for batch strategies."""
+    needs_features: bool = False
+    """Needs ``features [N, D]`` of the pool."""
+    needs_labelled_features: bool = False
+    """Uses ``labelled_features [L, D]`` of the labelled images."""
+    joint_samples: bool = True
+    """Needs every image's T samples at once (not only a running top-k of scores)."""
+    uses_model: bool = True
+    """Uses the model's outputs (``False`` for random: a model that never saw a class
+    cannot mislead it, so the cold-start exploration does not replace it)."""
+
+    def streaming_score(self, balance: bool = False
+                        ) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The score to keep a running top-k of while the pool is scored, when that top-k
+        is the whole selection (a per-image strategy without class balancing); else
+        ``None``."""
+        return None if self.joint_samples or balance else self.score
+
+
+_REGISTRY: dict[str, Strategy] = {}
+
+
+def register_strategy(name: str, description: str, *, needs_features: bool = False, needs_labelled_features: bool = False,
+                      uses_model: bool = True) -> Callable[[Chooser], Chooser]:
+    """Decorator: register a :data:`Chooser` under ``name`` (a batch strategy: it needs the
+    joint samples of the whole pool). Per-image scores use :func:`register_score`."""
+    def add(choose: Chooser) -> Chooser:
+        _add(Strategy(name, choose, description, None, needs_features,
+                      needs_labelled_features, True, uses_model))
+        return choose
+    return add
+
+
+def register_score(name: str, score: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Register a per-image score ``[N, T, C] -> [N]``: the strategy selects its top k (ties
+    to the lower index), or spreads them over predicted classes with ``balance``."""
+    def choose(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+        scores = score(p)
+        if inputs.balance:
+            idx = class_balanced(scores, p.mean(1).argmax(1), k, p.shape[2])
+        else:
+            idx = top_k(scores, k)
+        return idx, scores[idx]
+
+    _add(Strategy(name, choose, f"the top k by {score.__name__} (or class-balanced with "
+                  f"balance); reported scores are those scores", score, joint_samples=False))
+
+
+def _add(strategy: Strategy) -> None:
+    if strategy.name in _REGISTRY:
+        raise ValueError(f"acquisition strategy {strategy.name!r} is registered twice")
+    _REGISTRY[strategy.name] = strategy
+
+
+def available_strategies() -> tuple[str, ...]:
+    """Every registered strategy name, in registration order (the only list of names)."""
+    return tuple(_REGISTRY)
+
+
+def get_strategy(name: str) -> Strategy:
+    """The registered strategy ``name``; ValueError listing the valid names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown acquisition strategy {name!r}; valid: "
+                         f"{', '.join(_REGISTRY)}") from None
+
+
+def validate_strategy(name: str) -> None:
+    """Raise ValueError, listing the valid names, if ``name`` is not a registered strategy."""
+    get_strategy(name)
+
+
+for _name, _fn in (("bald", bald), ("entropy", predictive_entropy),
+                   ("variation_ratios", variation_ratios), ("mean_std", mean_std),
+                   ("margin", margin), ("least_confidence", least_confidence)):
+    register_score(_name, _fn)
+
+
+@register_strategy("random", "a permutation drawn from the rng; reported scores are BALD",
+                   uses_model=False)
+def _random(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+    idx = inputs.rng.permutation(len(p))[:k].astype(np.int64)
+    return idx, bald(p)[idx]
+
+
+@register_strategy("batchbald", "batchbald: greedy joint-MI picks and their gains")
+def _batchbald(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+    return batchbald(p, k, rng=inputs.rng)
+
+
+def _power(score: Callable[[np.ndarray], np.ndarray]) -> Chooser:
+    def choose(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+        scores = score(p)
+        idx = power_sampling(scores, k, rng=inputs.rng)
+        return idx, scores[idx]
+    return choose
+
+
+register_strategy("powerbald", "power_sampling on BALD; reported scores are BALD")(
+    _power(bald))
+register_strategy("powerentropy", "power_sampling on predictive entropy; reported scores "
+                  "are those entropies")(_power(predictive_entropy))
+
+
+@register_strategy("coreset", "k_center_greedy on the pool features, far from the labelled "
+                   "features; reported scores are BALD", needs_features=True,
+                   needs_labelled_features=True)
+def _coreset(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+    idx = k_center_greedy(inputs.features, k, labelled_features=inputs.labelled_features,
+                          rng=inputs.rng)
+    return idx, bald(p)[idx]
+
+
+@register_strategy("badge", "badge on the gradient embeddings; reported scores are BALD",
+                   needs_features=True)
+def _badge(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+    idx = badge(p, inputs.features, k, rng=inputs.rng)
+    return idx, bald(p)[idx]
+
+
+@register_strategy("typiclust", "typiclust on the pool features with the labelled features; "
+                   "reported scores are BALD", needs_features=True,
+                   needs_labelled_features=True)
+def _typiclust(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+    idx = typiclust(inputs.features, k, labelled_features=inputs.labelled_features,
+                    rng=inputs.rng)
+    return idx, bald(p)[idx]
+
+
+@register_strategy("epig", "the top k by epig, with up to 256 pool images drawn from the rng "
+                   "as the targets")
+def _epig(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+    targets = inputs.rng.choice(len(p), size=min(len(p), 256), replace=False)
+    scores = epig(p, p[targets])
+    idx = top_k(scores, k)
+    return idx, scores[idx]
+
+
+STRATEGIES: tuple[str, ...] = available_strategies()
+"""The registered names at import (derived from the registry; for display)."""
+
+SCORE_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    s.name: s.score for s in _REGISTRY.values() if s.score is not None}
+"""The per-image strategies' scores (derived from the registry)."""
+
+
 # --------------------------------------------------------------------------- entry point
 
 
 def select(strategy: str, probs: np.ndarray, budget: int, *, rng: np.random.Generator,
            features: np.ndarray | None = None, labelled_features: np.ndarray | None = None,
            balance: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Choose up to ``budget`` images from ``probs [N, T, C]`` with the named strategy.
+    """Choose up to ``budget`` images from ``probs [N, T, C]`` with the registered strategy
+    named ``strategy`` (:func:`get_strategy`; each one's :attr:`Strategy.description` says
+    what it picks and which scores it reports).
 
     Returns (indices ``[K]`` int64 in rank order, scores ``[K]`` float64 for reporting),
-    K = min(budget, N):
+    K = min(budget, N). ``features [N, D]`` are required by the strategies that declare
+    :attr:`Strategy.needs_features`; ``labelled_features [L, D]`` are used by those that
+    declare :attr:`Strategy.needs_labelled_features`. ``balance=True`` spreads the picks over
+    predicted classes (argmax of the mean probabilities) with :func:`class_balanced`; it
+    applies to the per-image strategies only and is ignored by the others, which have their
+    own notion of a diverse batch.
 
-    - per-image strategies (keys of :data:`SCORE_FUNCTIONS`): the top K by score, ties to the
-      lower index; reported scores are those scores;
-    - ``"random"``: a permutation drawn from ``rng``; reported scores are BALD;
-    - ``"batchbald"``: :func:`batchbald` picks and their joint-MI gains;
-    - ``"epig"``: the top K by :func:`epig`, with up to 256 pool images drawn from ``rng`` as
-      the targets;
-    - ``"powerbald"`` / ``"powerentropy"``: :func:`power_sampling` on BALD / predictive entropy;
-      reported scores are those BALD / entropy values;
-    - ``"coreset"`` (:func:`k_center_greedy`), ``"typiclust"`` (:func:`typiclust`), both using
-      ``labelled_features [L, D]`` if given, and ``"badge"`` (:func:`badge`) need
-      ``features [N, D]``; reported scores are BALD.
-
-    ``balance=True`` spreads the picks over predicted classes (argmax of the mean probabilities)
-    with :func:`class_balanced`; it applies to the per-image strategies only and is ignored by
-    the others, which have their own notion of a diverse batch.
-
-    Raises ValueError for an unknown strategy, or for coreset/badge without ``features``.
+    Raises ValueError for an unknown strategy, or for one that needs ``features`` without
+    them.
     """
-    validate_strategy(strategy)
+    s = get_strategy(strategy)
     p = _as_probs(probs)
     n = len(p)
     k = min(max(budget, 0), n)
     if k == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float64)
-
-    if strategy in SCORE_FUNCTIONS:
-        scores = SCORE_FUNCTIONS[strategy](p)
-        if balance:
-            idx = class_balanced(scores, p.mean(1).argmax(1), k, p.shape[2])
-        else:
-            idx = top_k(scores, k)
-        return idx, scores[idx]
-    if strategy == "batchbald":
-        return batchbald(p, k, rng=rng)
-    if strategy == "epig":  # targets: up to 256 pool images drawn at random
-        targets = rng.choice(n, size=min(n, 256), replace=False)
-        scores = epig(p, p[targets])
-        idx = top_k(scores, k)
-        return idx, scores[idx]
-    if strategy in ("powerbald", "powerentropy"):
-        scores = bald(p) if strategy == "powerbald" else predictive_entropy(p)
-        idx = power_sampling(scores, k, rng=rng)
-        return idx, scores[idx]
-
-    if strategy == "random":
-        idx = rng.permutation(n)[:k].astype(np.int64)
-    else:
+    if s.needs_features:
         if features is None:
             raise ValueError(f"acquisition strategy {strategy!r} needs features [N, D]")
         if len(features) != n:
             raise ValueError(f"strategy {strategy!r}: features has {len(features)} rows, "
                              f"probs has {n}")
-        if strategy == "coreset":
-            idx = k_center_greedy(features, k, labelled_features=labelled_features, rng=rng)
-        elif strategy == "typiclust":
-            idx = typiclust(features, k, labelled_features=labelled_features, rng=rng)
-        else:
-            idx = badge(p, features, k, rng=rng)
-    return idx, bald(p)[idx]
+    return s.choose(p, k, Inputs(rng, features, labelled_features, balance))

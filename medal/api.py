@@ -4,7 +4,6 @@ returns a small report object; nothing here prints except progress bars."""
 from __future__ import annotations
 
 import csv
-import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -28,8 +27,8 @@ from .resources import check_pretraining_memory, check_query_memory, check_train
 from .train import (backbone_features, build_model, classification_metrics, fit, load_checkpoint,
                     save_checkpoint)
 from . import distributed
-from .uncertainty import (ScoreCollector, batch_seed, head_samples, mc_predict_tensors,
-                          n_batches, score_batches)
+from .uncertainty import (ScoreCollector, ScoreStore, batch_seed, head_samples,
+                          mc_predict_tensors, n_batches, score_batches)
 from .ledger import LabelRecord, ModelRecord
 from .workspace import UNSURE, Item, Workspace, cache_dir, has_ledger
 
@@ -416,14 +415,13 @@ def _plan_query(ws: Workspace, cfg: Config, device: torch.device, progress: bool
         raise DataError(_empty_pool(cfg))
     number = ws.next_round()
     mode, max_items = _sampling(cfg, device)
-    streaming_topk = q.strategy in acquisition.SCORE_FUNCTIONS and not q.balance
+    top = acquisition.get_strategy(q.strategy).streaming_score(q.balance)
     sink = ScoreCollector(len(snap.pool), q.mc_samples, model.num_classes, model.feature_dim,
-                          ws.scores_dir(number),
-                          (acquisition.SCORE_FUNCTIONS[q.strategy], q.budget)
-                          if streaming_topk else None)
+                          ws.scores_dir(number), None if top is None else (top, q.budget),
+                          ids=[it.id for it in snap.pool])
     key = _scores_key(cfg, rec, mode)
     state.update(snap=snap, sink=sink, key=key, model=model,
-                 reused=_reuse_scores(ws, key, snap.pool, sink))
+                 reused=sink.reuse([ScoreStore(f) for f in ws.stored_scores()], key))
     return _QueryPlan(snap.pool, number, rec.round, ws.checkpoint_path(rec.round),
                       np.flatnonzero(~sink.ok), mode, max_items)
 
@@ -463,8 +461,7 @@ def _finish_query(ws: Workspace, cfg: Config, state: dict[str, Any], plan: _Quer
         for rows, probs, feats in rank_chunks:
             sink(rows, probs, feats)
         skipped |= rank_skipped
-    mc = sink.result(skipped)
-    (ws.scores_dir(plan.number) / "meta.json").write_text(json.dumps(state["key"]))
+    mc = sink.result(skipped, meta=state["key"])
     report = _select_and_export(ws, cfg, state["snap"], mc, model, device, plan.number,
                                 plan.model_round, seed, t0)
     report.reused = state["reused"]
@@ -571,29 +568,6 @@ def _scores_key(cfg: Config, model_rec: ModelRecord, mode: str) -> dict[str, Any
                            cfg.image.frame]}
 
 
-def _reuse_scores(ws: Workspace, key: dict[str, Any], pool: list[Item], sink: Any) -> int:
-    """Feed ``sink`` the stored scores of pool images that the same model already scored with
-    the same settings (e.g. after a round was handed back unlabelled). Returns how many."""
-    for stored in ws.stored_scores():
-        try:
-            if json.loads((stored / "meta.json").read_text()) != json.loads(json.dumps(key)):
-                continue
-            ids = np.load(stored / "ids.npy")
-            kept = np.load(stored / "kept.npy")
-            probs = np.load(stored / "probs.npy", mmap_mode="r")
-            feats = np.load(stored / "features.npy", mmap_mode="r")
-        except (OSError, ValueError):
-            continue
-        row_of = {str(i): int(r) for i, r in zip(ids, kept)}
-        pairs = [(j, row_of[it.id]) for j, it in enumerate(pool) if it.id in row_of]
-        for c in range(0, len(pairs), 4096):
-            chunk = np.array(pairs[c:c + 4096], dtype=np.int64)
-            sink(chunk[:, 0], np.asarray(probs[chunk[:, 1]], np.float32),
-                 np.asarray(feats[chunk[:, 1]], np.float32))
-        return len(pairs)
-    return 0
-
-
 def _sampling(cfg: Config, device: torch.device) -> tuple[str, int]:
     q = cfg.query
     mode = q.sampling if q.sampling != "auto" else (
@@ -605,11 +579,10 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MC
                        device: torch.device, number: int, model_round: int, seed: int,
                        t0: float) -> QueryReport:
     q = cfg.query
-    np.save(ws.scores_dir(number) / "ids.npy",
-            np.array([snap.pool[int(k)].id for k in mc.kept]))
     strategy = q.strategy
+    declared = acquisition.get_strategy(q.strategy)
     missing = [c for c in cfg.classes if not any(it.label == c for it in snap.labelled)]
-    if q.cold_start != "off" and missing and q.strategy != "random":
+    if q.cold_start != "off" and missing and declared.uses_model:
         # uncertainty from a model that never saw a class keeps asking about the classes it
         # knows; spread the round over the feature space instead until every class is seen
         xl, _, _, _ = _load(cfg, snap.labelled)
@@ -624,7 +597,7 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MC
         idx, scores = mc.top_index, mc.top_scores
     else:
         labelled_features = None
-        if q.strategy in ("coreset", "typiclust"):
+        if declared.needs_labelled_features:
             xl, _, _, _ = _load(cfg, snap.labelled)
             _, labelled_features = mc_predict_tensors(model, xl, 2, device=device, seed=seed)
         rng = np.random.default_rng(seed)
@@ -634,7 +607,8 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MC
                                          labelled_features=labelled_features,
                                          balance=q.balance)
     seconds = time.perf_counter() - t0
-    chosen = [Candidate(snap.pool[int(mc.kept[i])], float(s),
+    by_id = {it.id: it for it in snap.pool}
+    chosen = [Candidate(by_id[str(mc.ids[i])], float(s),
                         np.asarray(mc.probs[i], np.float32).mean(0))
               for i, s in zip(idx, scores)]
     folder = export_round(ws, number, chosen, strategy=strategy, model_round=model_round,

@@ -418,7 +418,7 @@ def _path(v: Any, key: str, base: Path, where: str) -> Path:
 
 
 def _validate_values(cfg: Config, where: str) -> None:
-    from .acquisition import STRATEGIES  # local: acquisition is a leaf module
+    from .acquisition import available_strategies  # the registry is the only list
     from .models import available_models  # the registry is the only list of model names
 
     def need(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -461,7 +461,9 @@ def _validate_values(cfg: Config, where: str) -> None:
     need(r.batch_size >= 2, "representation.batch_size", ">= 2", r.batch_size)
     need(r.temperature > 0, "representation.temperature", "> 0", r.temperature)
     need(r.lr > 0, "representation.lr", "> 0", r.lr)
-    need(q.strategy in STRATEGIES, "query.strategy", f"one of {', '.join(STRATEGIES)}", q.strategy)
+    strategies = available_strategies()
+    need(q.strategy in strategies, "query.strategy", f"one of {', '.join(strategies)}",
+         q.strategy)
     need(q.budget >= 1, "query.budget", ">= 1", q.budget)
     need(q.mc_samples >= 2, "query.mc_samples", ">= 2", q.mc_samples)
     need(cfg.labelling.preview_size >= 16, "labelling.preview_size", ">= 16",

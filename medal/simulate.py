@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from . import api
-from .acquisition import STRATEGIES
+from .acquisition import available_strategies
 from .config import Config
 from .data import scan_source
 from .errors import DataError, MedalError, SimulationError
@@ -373,9 +373,10 @@ def _check_settings(out: Path, fingerprint: dict[str, Any]) -> None:
 
 def plan_runs(cfg: Config, s: SimulationSettings) -> tuple[list[RunSpec], list[TruthEntry]]:
     """Prepare the output folder (settings, pool, start sets) and one spec per run."""
-    bad = [x for x in s.strategies if x not in STRATEGIES]
+    known = available_strategies()
+    bad = [x for x in s.strategies if x not in known]
     if bad:
-        raise SimulationError(f"unknown strategy {', '.join(bad)}; valid: {', '.join(STRATEGIES)}")
+        raise SimulationError(f"unknown strategy {', '.join(bad)}; valid: {', '.join(known)}")
     if not s.strategies or not s.seeds:
         raise SimulationError("at least one strategy and one seed are needed")
     if s.rounds < 0 or s.budget < 1 or s.start_size < 1:

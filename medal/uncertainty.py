@@ -9,12 +9,14 @@ into as few forward calls as ``max_batch_items`` allows.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +40,8 @@ class MCResult:
     top_index: np.ndarray | None = None
     """With ``top_k``: rows (into ``probs``) of the k best images, best first."""
     top_scores: np.ndarray | None = None
+    ids: np.ndarray | None = None
+    """``[M]`` str: the image ids of the readable images (when the scorer was given ids)."""
 
 
 def head_samples(model: MCModel, feats: torch.Tensor, T: int) -> torch.Tensor:
@@ -233,30 +237,93 @@ def n_batches(n: int, batch_size: int) -> int:
     return (n + batch_size - 1) // batch_size
 
 
+class ScoreStore:
+    """The stored MC-dropout scores of one query, in one folder
+    (:meth:`~medal.workspace.Workspace.scores_dir`), keyed by image id; the only owner of
+    their format::
+
+        probs.npy      [N, T, C] float16  one row per scored image (unreadable ones: zeros)
+        features.npy   [N, D] float16     backbone features, same rows
+        kept.npy       [M] int64          the rows of the M readable images
+        ids.npy        [M] str            their image ids (with ``ids``)
+        meta.json      what the scores depend on (model, T, sampling, preprocessing);
+                       written last: a folder with it is complete
+
+    Scores are written through memory maps of temporary files (``*.tmp.npy``) reserved on
+    disk up front, renamed into place by :meth:`commit`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def allocate(self, n: int, T: int, C: int, D: int) -> tuple[np.memmap, np.memmap]:
+        """Writable float16 memory maps for probabilities ``[n, T, C]`` and features
+        ``[n, D]``; :class:`~medal.errors.WorkspaceError` if the disk cannot hold them."""
+        shapes = {"probs": (n, T, C), "features": (n, D)}
+        check_free_space(self.folder, sum(_npy_bytes(s) for s in shapes.values()),
+                         reclaimed=[self.folder / f"{k}.tmp.npy" for k in shapes])
+        self.folder.mkdir(parents=True, exist_ok=True)
+        probs = None
+        try:
+            probs = _open_score_file(self.folder / "probs.tmp.npy", shapes["probs"])
+            feats = _open_score_file(self.folder / "features.tmp.npy", shapes["features"])
+        except WorkspaceError:
+            del probs  # the map goes before its file
+            (self.folder / "probs.tmp.npy").unlink(missing_ok=True)
+            raise
+        return probs, feats
+
+    def commit(self, kept: np.ndarray, ids: Sequence[str] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Put the written arrays in place with ``kept [M]`` (and the image ids of all N rows,
+        of which those of the kept rows are stored); returns read-only memory maps of
+        probabilities ``[N, T, C]`` and features ``[N, D]``. The memory maps from
+        :meth:`allocate` must have been flushed and dropped."""
+        for name in ("probs", "features"):
+            (self.folder / f"{name}.tmp.npy").replace(self.folder / f"{name}.npy")
+        np.save(self.folder / "kept.npy", kept)
+        if ids is not None:
+            np.save(self.folder / "ids.npy", np.array([ids[int(k)] for k in kept]))
+        return (np.load(self.folder / "probs.npy", mmap_mode="r"),
+                np.load(self.folder / "features.npy", mmap_mode="r"))
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        """Mark the scores complete, stating what they depend on (JSON-serialisable)."""
+        (self.folder / "meta.json").write_text(json.dumps(meta))
+
+    def read(self, meta: dict[str, Any]
+             ) -> tuple[dict[str, int], np.ndarray, np.ndarray] | None:
+        """``({image id: row}, probs [N, T, C], features [N, D])`` (memory maps) when the
+        stored scores are complete and were made under ``meta``; ``None`` otherwise."""
+        try:
+            if json.loads((self.folder / "meta.json").read_text()) != \
+                    json.loads(json.dumps(meta)):
+                return None
+            ids = np.load(self.folder / "ids.npy")
+            kept = np.load(self.folder / "kept.npy")
+            probs = np.load(self.folder / "probs.npy", mmap_mode="r")
+            feats = np.load(self.folder / "features.npy", mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+        return {str(i): int(r) for i, r in zip(ids, kept)}, probs, feats
+
+
 class ScoreCollector:
     """Receives scored chunks into (memory-mapped) arrays and a streaming top-K.
 
-    ``ScoreCollector(n, T, C, D, out_dir, top_k)`` is a ``sink`` for :func:`score_batches`
-    (``sink(rows [B], probs [B, T, C], features [B, D])``, rows into the n images);
-    :attr:`ok` marks the rows received so far (e.g. reused from stored scores) and
-    :meth:`result` gives the :class:`MCResult` of the readable ones. With ``out_dir``, the
-    arrays are float16 ``.npy`` files there (``probs``, ``features``, ``kept``)."""
+    ``ScoreCollector(n, T, C, D, out_dir, top_k, ids=...)`` is a ``sink`` for
+    :func:`score_batches` (``sink(rows [B], probs [B, T, C], features [B, D])``, rows into the
+    n images, whose image ids are ``ids``); :attr:`ok` marks the rows received so far (e.g.
+    reused from stored scores, :meth:`reuse`) and :meth:`result` gives the :class:`MCResult`
+    of the readable ones. With ``out_dir``, the arrays are stored there by a
+    :class:`ScoreStore`."""
 
     def __init__(self, n: int, T: int, C: int, D: int, out_dir: Path | None,
-                 top_k: tuple[Callable[[np.ndarray], np.ndarray], int] | None) -> None:
-        self.out_dir = out_dir
-        if out_dir is not None:
-            shapes = {"probs": (n, T, C), "features": (n, D)}
-            check_free_space(out_dir, sum(_npy_bytes(s) for s in shapes.values()),
-                             reclaimed=[out_dir / f"{k}.tmp.npy" for k in shapes])
-            out_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                self.probs = _open_score_file(out_dir / "probs.tmp.npy", shapes["probs"])
-                self.feats = _open_score_file(out_dir / "features.tmp.npy", shapes["features"])
-            except WorkspaceError:
-                self.probs = None
-                (out_dir / "probs.tmp.npy").unlink(missing_ok=True)
-                raise
+                 top_k: tuple[Callable[[np.ndarray], np.ndarray], int] | None, *,
+                 ids: Sequence[str] | None = None) -> None:
+        self.store = None if out_dir is None else ScoreStore(out_dir)
+        self.ids = None if ids is None else list(ids)
+        if self.store is not None:
+            self.probs, self.feats = self.store.allocate(n, T, C, D)
         else:
             self.probs = np.zeros((n, T, C), np.float32)
             self.feats = np.zeros((n, D), np.float32)
@@ -271,21 +338,41 @@ class ScoreCollector:
         if self.best is not None:
             self.best.update(self.score_fn(probs), rows)
 
-    def result(self, skipped: dict[Path, str]) -> MCResult:
+    def reuse(self, stores: Sequence[ScoreStore], meta: dict[str, Any]) -> int:
+        """Take the scores of this collector's images (by id) from the first of ``stores``
+        made under ``meta`` (the same model and settings, e.g. a round handed back
+        unlabelled). Returns how many images it took."""
+        assert self.ids is not None, "reuse needs the image ids"
+        for store in stores:
+            stored = store.read(meta)
+            if stored is None:
+                continue
+            row_of, probs, feats = stored
+            pairs = [(j, row_of[i]) for j, i in enumerate(self.ids) if i in row_of]
+            for c in range(0, len(pairs), 4096):
+                chunk = np.array(pairs[c:c + 4096], dtype=np.int64)
+                self(chunk[:, 0], np.asarray(probs[chunk[:, 1]], np.float32),
+                     np.asarray(feats[chunk[:, 1]], np.float32))
+            return len(pairs)
+        return 0
+
+    def result(self, skipped: dict[Path, str], meta: dict[str, Any] | None = None
+               ) -> MCResult:
+        """The readable images' scores; with a store, they are committed there first (and
+        marked complete with ``meta``, when given)."""
         kept = np.flatnonzero(self.ok)
         probs, feats = self.probs, self.feats
-        if self.out_dir is not None:
+        if self.store is not None:
             probs.flush()
             feats.flush()
             del probs, feats, self.probs, self.feats
-            for name in ("probs", "features"):
-                (self.out_dir / f"{name}.tmp.npy").replace(self.out_dir / f"{name}.npy")
-            np.save(self.out_dir / "kept.npy", kept)
-            probs = np.load(self.out_dir / "probs.npy", mmap_mode="r")
-            feats = np.load(self.out_dir / "features.npy", mmap_mode="r")
+            probs, feats = self.store.commit(kept, self.ids)
+            if meta is not None:
+                self.store.write_meta(meta)
         if len(kept) < len(self.ok):
             probs, feats = probs[kept], feats[kept]
-        out = MCResult(probs, feats, kept, skipped)
+        ids = None if self.ids is None else np.array([self.ids[int(k)] for k in kept])
+        out = MCResult(probs, feats, kept, skipped, ids=ids)
         if self.best is not None:
             # positions in the dataset -> positions among the kept rows
             out.top_index = np.searchsorted(kept, self.best.index)

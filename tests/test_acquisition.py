@@ -106,15 +106,48 @@ def test_entropy_maximal_at_uniform(c):
 
 
 def test_strategy_names():
-    assert len(set(STRATEGIES)) == len(STRATEGIES)
+    assert STRATEGIES == acq.available_strategies()  # derived from the registry
     assert set(SCORE_FUNCTIONS) <= set(STRATEGIES)
-    # every strategy that is not a per-image score is documented where select() dispatches
-    for name in set(STRATEGIES) - set(SCORE_FUNCTIONS):
-        assert f'``"{name}"``' in select.__doc__, name
     for name in STRATEGIES:
         validate_strategy(name)
+        s = acq.get_strategy(name)
+        assert s.name == name and s.description  # every strategy says what it picks
     with pytest.raises(ValueError, match="valid: bald, entropy"):
         validate_strategy("nope")
+
+
+def test_strategies_declare_what_they_need():
+    needs = {name: acq.get_strategy(name) for name in STRATEGIES}
+    assert {n for n, s in needs.items() if s.needs_features} == {"coreset", "badge", "typiclust"}
+    assert {n for n, s in needs.items() if s.needs_labelled_features} == {"coreset",
+                                                                          "typiclust"}
+    assert {n for n, s in needs.items() if not s.joint_samples} == set(SCORE_FUNCTIONS)
+    assert {n for n, s in needs.items() if not s.uses_model} == {"random"}
+    # a running top-k stands in for the selection only for a per-image score, unbalanced
+    assert needs["bald"].streaming_score() is bald
+    assert needs["bald"].streaming_score(balance=True) is None
+    assert needs["batchbald"].streaming_score() is None
+
+
+def test_a_registered_strategy_is_selectable_and_listed():
+    @acq.register_strategy("_test_last", "the last k images", needs_features=True)
+    def last(p, k, inputs):
+        assert inputs.features is not None
+        idx = np.arange(len(p) - 1, len(p) - 1 - k, -1, dtype=np.int64)
+        return idx, np.zeros(k)
+
+    try:
+        assert "_test_last" in acq.available_strategies()
+        p = dirichlet_probs(6, 2, 2)
+        idx, _ = select("_test_last", p, 2, rng=np.random.default_rng(0),
+                        features=np.zeros((6, 3)))
+        assert idx.tolist() == [5, 4]
+        with pytest.raises(ValueError, match="needs features"):
+            select("_test_last", p, 2, rng=np.random.default_rng(0))
+        with pytest.raises(ValueError, match="registered twice"):
+            acq.register_strategy("_test_last", "again")(last)
+    finally:
+        del acq._REGISTRY["_test_last"]
 
 
 # --------------------------------------------------------------------------- BatchBALD

@@ -157,7 +157,7 @@ def test_query_with_each_strategy_kind(tmp_path, tiny_data, strategy):
         assert ws.db.rounds()[0].strategy == strategy
         exported = [s.image_id for s in ws.db.selections(1)]
         labelled = None
-        if strategy in ("coreset", "typiclust"):
+        if acquisition.get_strategy(strategy).needs_labelled_features:
             from medal.api import _load, load_round_model
             from medal.uncertainty import mc_predict_tensors
 

@@ -127,3 +127,29 @@ def test_out_of_memory_halves_the_batch(tmp_path):
         r = mc_predict(m, ds, 4, device=torch.device("cpu"), batch_size=8, progress=False)
     assert r.probs.shape == (7, 4, 2)
     np.testing.assert_allclose(r.probs, ref.probs, atol=1e-5)  # every image scored, correctly
+
+
+def test_score_store_is_keyed_by_image_id(tmp_path):
+    from medal.uncertainty import ScoreCollector, ScoreStore
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([1, 1], size=(4, 3)).astype(np.float32)  # [4, T=3, C=2]
+    feats = rng.normal(size=(4, 5)).astype(np.float32)
+    ids = ["a", "b", "c", "d"]
+    first = ScoreCollector(4, 3, 2, 5, tmp_path / "r1", None, ids=ids)
+    first(np.array([0, 1, 3]), probs[[0, 1, 3]], feats[[0, 1, 3]])  # "c" unreadable
+    mc = first.result({}, meta={"model": 1})
+    assert mc.ids.tolist() == ["a", "b", "d"] and mc.kept.tolist() == [0, 1, 3]
+    np.testing.assert_allclose(mc.probs, probs[[0, 1, 3]], atol=1e-3)
+    unfinished = ScoreCollector(4, 3, 2, 5, tmp_path / "r2", None, ids=ids)
+    unfinished(np.arange(4), probs, feats)
+    unfinished.result({})  # no meta: never reused
+    # a later pool in another order, with an image the stored scores lack
+    later = ScoreCollector(3, 3, 2, 5, None, None, ids=["d", "e", "a"])
+    stores = [ScoreStore(tmp_path / "r2"), ScoreStore(tmp_path / "r1")]
+    assert later.reuse(stores, {"model": 2}) == 0 and not later.ok.any()
+    assert later.reuse(stores, {"model": 1}) == 2
+    assert later.ok.tolist() == [True, False, True]
+    np.testing.assert_allclose(later.probs[[0, 2]], probs[[3, 0]], atol=1e-3)
+    np.testing.assert_allclose(later.feats[[0, 2]], feats[[3, 0]], atol=1e-2)
+    assert ScoreStore(tmp_path / "r2").read({"model": 1}) is None
