@@ -19,7 +19,8 @@ from .config import Config
 from .data import ImageDataset, load_all
 from .errors import DataError, ModelError, WorkspaceError
 from .features import FeatureCache, backbone_key
-from .labelling import Candidate, IngestResult, export_round, ingest_round
+from .labelling.export import Candidate, export_round
+from .labelling.ingest import IngestResult, ingest_round
 from .models import MCModel, resolve_device, set_mc_mode
 from .representation import SSLSettings, load_cached, pretrain_and_cache
 from .representation import cache_key as ssl_cache_key
@@ -642,7 +643,7 @@ def export_labels(cfg: Config, out: str | Path) -> int:
     """Write every label row with its provenance to a CSV; returns the number of rows."""
     import datetime as dt
 
-    from .labelling import neutralise
+    from .labelling.export import neutralise
 
     with Workspace(cfg, lock=False) as ws:
         rows = ws.db.labels()

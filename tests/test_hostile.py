@@ -25,7 +25,7 @@ from medal.cli import main
 from medal.config import load_config
 from medal.data import scan_source
 from medal.workspace import Workspace
-from test_labelling import export, files
+from test_labelling_export import export, files
 
 ROOT = Path(__file__).parents[1]
 

@@ -1,288 +1,25 @@
-"""Round folders for radiologists (export) and validated label ingestion (ingest).
-
-A round folder::
-
-    round-001/
-      README.txt             instructions for the radiologist
-      labels.csv             file,label  (fill the label column)
-      manifest.csv           file, image id, source path, rank, score, prediction, probabilities
-      001_3fa2c4e1b07d.dcm   copies of the chosen images (originals are never touched)
-      normal/  pneumonia/    alternative to the CSV: move each image into its class folder
-"""
+"""Ingest: validate everything in a returned round folder, then record every label in one
+transaction (all or nothing)."""
 
 from __future__ import annotations
 
-import csv
-import html
 import itertools
-import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-
-from PIL import Image
 from sklearn.metrics import cohen_kappa_score
 
-from .data import MAX_LISTED_PROBLEMS, file_sha256, iter_csv, short
-from .deid import deidentify_file
-from .errors import DataError, ImageReadError, LabellingError
-from .io import load_image, sniff_format
-from .ledger import LabelRecord, RoundRecord, Selection
-from .workspace import UNSURE, Item, Workspace, file_id_of
-from .workspace import round_of_folder as round_number
+from ..data import MAX_LISTED_PROBLEMS, file_sha256, iter_csv, short
+from ..errors import DataError, LabellingError
+from ..ledger import LabelRecord, Selection
+from ..workspace import UNSURE, Workspace
+from ..workspace import round_of_folder as round_number
+from .export import LABELS, PREVIEWS
 
 IGNORED_FILES = {"thumbs.db", "desktop.ini", ".ds_store"}
-PREVIEWS = "previews"
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One image chosen for labelling."""
-
-    item: Item
-    score: float
-    probs: np.ndarray
-    """``[C]`` MC-averaged class probabilities."""
-
-
-def neutralise(cell: str) -> str:
-    """Keep a spreadsheet from executing a text cell (leading ``= + - @``)."""
-    if cell and cell[0] in "=+-@\t\r":
-        try:
-            float(cell)
-            return cell
-        except ValueError:
-            return "'" + cell
-    return cell
-
-
-def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, strategy: str,
-                 model_round: int, pool_size: int, score_seconds: float) -> Path:
-    """Write ``labelling/round-NNN/`` and record the round in the ledger.
-
-    The folder is built under a temporary name, the ledger row is committed, then the folder is
-    renamed into place. An export that fails removes what it wrote and records nothing; one
-    interrupted (killed) is finished or undone when the workspace opens next.
-    """
-    cfg = ws.cfg
-    final = ws.round_dir(round)
-    if final.exists():
-        raise LabellingError(f"{final} already exists; refusing to overwrite a labelling folder")
-    tmp = ws.export_tmp_dir(round)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    manifest_copy = ws.kept_manifest_path(round)
-    try:
-        selections = _write_round(ws, round, chosen, tmp, manifest_copy)
-        ws.db.record_round(RoundRecord(round, strategy, len(selections), cfg.query.mc_samples,
-                                       model_round, pool_size, str(final), time.time(), None,
-                                       score_seconds), selections)
-    except BaseException:
-        # Nothing is recorded: remove what was written, so an export that fails (a file
-        # de-identification cannot handle, a full disk, Ctrl-C) leaves no trace.
-        shutil.rmtree(tmp, ignore_errors=True)
-        manifest_copy.unlink(missing_ok=True)
-        try:
-            manifest_copy.parent.rmdir()  # only if this export made it (empty)
-        except OSError:
-            pass
-        raise
-    tmp.rename(final)
-    return final
-
-
-def _write_round(ws: Workspace, round: int, chosen: Sequence[Candidate], tmp: Path,
-                 manifest_copy: Path) -> list[Selection]:
-    """Fill the temporary round folder ``tmp`` (and, de-identified, ``manifest_copy``, the
-    manifest with source paths kept in the workspace); returns the selections to record."""
-    cfg = ws.cfg
-    classes = list(cfg.classes)
-    secret = ws.secret() if cfg.labelling.deidentify else None
-    width = max(3, len(str(len(chosen))))
-    selections, manifest, gallery = [], [], []
-    for rank, c in enumerate(chosen, start=1):
-        src = c.item.path
-        is_dicom = sniff_format(src) == "dicom"
-        ext = export_suffix(src, is_dicom)
-        frame = c.item.frame
-        name = f"{rank:0{width}d}_{c.item.id[:12]}{'' if frame is None else f'_f{frame}'}{ext}"
-        file_id = file_id_of(c.item.id)
-        if secret is not None and is_dicom:
-            deidentify_file(src, tmp / name, secret)
-            unchanged = file_sha256(src) == file_id
-            exported_sha = file_sha256(tmp / name)
-        else:
-            shutil.copyfile(src, tmp / name)
-            exported_sha = file_sha256(tmp / name)
-            unchanged = exported_sha == file_id
-        if not unchanged:
-            raise DataError(f"{src}: the file changed while medal was reading it; run the "
-                            f"command again")
-        preview = _preview(src, tmp / "previews" / f"{Path(name).stem}.png", cfg, frame) \
-            if cfg.labelling.previews else None
-        # a zero-label first round has no model: no prediction, no probabilities
-        pred = classes[int(np.argmax(c.probs))] if len(c.probs) else ""
-        probs = tuple(round_float(p) for p in c.probs)
-        selections.append(Selection(round, c.item.id, rank, name, float(c.score), pred, probs,
-                                    exported_sha))
-        manifest.append([name, c.item.id, neutralise(str(src)), rank, f"{c.score:.6g}",
-                         neutralise(pred),
-                         *([f"{p:.4f}" for p in c.probs] if len(c.probs) else
-                           [""] * len(classes))])
-        gallery.append((rank, name, preview, float(c.score), pred, c.probs))
-    _write_csv(tmp / "labels.csv", ["file", "label"], [[s.file, ""] for s in selections])
-    header = ["file", "image_id", "source_path", "rank", "score", "predicted",
-              *[f"p_{c}" for c in classes]]
-    if secret is not None:  # the mapping back to sources stays with the workspace
-        manifest_copy.parent.mkdir(parents=True, exist_ok=True)
-        _write_csv(manifest_copy, header, manifest)
-        _write_csv(tmp / "manifest.csv", [h for h in header if h not in ("image_id",
-                                                                         "source_path")],
-                   [[r[0], *r[3:]] for r in manifest])
-    else:
-        _write_csv(tmp / "manifest.csv", header, manifest)
-    for c in classes:
-        (tmp / c).mkdir()
-    (tmp / "README.txt").write_text(_readme(round, classes, len(selections)), encoding="utf-8")
-    if cfg.labelling.previews:
-        (tmp / "index.html").write_text(gallery_html(round, classes, gallery), encoding="utf-8")
-    return selections
-
-
-# Pillow's format name -> the suffix an exported copy gets
-_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "TIFF": ".tif", "BMP": ".bmp"}
-
-
-def export_suffix(src: Path, is_dicom: bool) -> str:
-    """The suffix of an exported copy, from the image's detected format (``.dcm``, ``.png``,
-    ``.jpg``, ``.tif``, ``.bmp``), never copied from the source's name: a source may be named
-    ``x.<img src=x onerror=alert(1)>`` (a DICOM found by its magic) or misnamed."""
-    if is_dicom:
-        return ".dcm"
-    try:
-        with Image.open(src) as im:
-            fmt = im.format or ""
-    except (OSError, ValueError, Image.DecompressionBombError):
-        fmt = ""
-    if fmt in _SUFFIXES:
-        return _SUFFIXES[fmt]
-    return f".{fmt.lower()}" if fmt.isascii() and fmt.isalnum() else ".img"
-
-
-def _preview(src: Path, dst: Path, cfg, frame: int | None = None) -> str | None:
-    """PNG of the image as the model saw it (windowed, before resizing); relative path."""
-    if frame is None:
-        frame = "middle" if cfg.image.frame == "all" else cfg.image.frame
-    try:
-        img = load_image(src, window=cfg.image.window, frame=frame,
-                         min_size=2 * cfg.labelling.preview_size)
-    except ImageReadError:
-        return None
-    pil = Image.fromarray(np.round(img * 255).astype(np.uint8))
-    pil.thumbnail((cfg.labelling.preview_size, cfg.labelling.preview_size))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    pil.save(dst)
-    return f"previews/{dst.name}"
-
-
-def gallery_html(round: int, classes: list[str],
-                 rows: list[tuple[int, str, str | None, float, str, np.ndarray]]) -> str:
-    """A self-contained page (no scripts from elsewhere, no network) showing each image."""
-    esc = html.escape
-    labels = "".join(f"<li><code>{esc(c)}</code></li>" for c in [*classes, UNSURE])
-    cards = []
-    for rank, name, preview, score, pred, probs in rows:
-        img = (f'<img src="{esc(preview)}" alt="{esc(name)}" '
-               f'onload="imageLoaded(this)">' if preview else "<p>(no preview)</p>")
-        prob_rows = "".join(
-            f'<tr><td>{esc(c)}</td><td><div class="bar" style="width:{100 * float(p):.1f}%">'
-            f'</div></td><td class="num">{float(p):.3f}</td></tr>'
-            for c, p in zip(classes, probs))
-        cards.append(
-            f'<figure class="card" data-rank="{rank}" data-file="{esc(name)}" '
-            f'data-predicted="{esc(pred)}">{img}<figcaption>'
-            f'<div class="rank">#{rank}</div><div class="file">{esc(name)}</div>'
-            f'<div>score <span class="score">{score:.4g}</span></div>'
-            + (f'<div>model predicts <b class="pred">{esc(pred)}</b></div>' if pred else
-               '<div>no model yet (first round chosen from the pool alone)</div>')
-            + f'<table class="probs">{prob_rows}</table></figcaption></figure>')
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>medal labelling round {round:03d}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; background: #fafafa; color: #222; }}
-.grid {{ display: flex; flex-wrap: wrap; gap: 1em; }}
-.card {{ background: #fff; border: 1px solid #ccc; border-radius: 6px; padding: .6em;
-        margin: 0; width: 260px; }}
-.card img {{ width: 256px; height: 256px; object-fit: contain; background: #000;
-            image-rendering: pixelated; }}
-.rank {{ font-size: 1.3em; font-weight: bold; }}
-.file {{ font-family: monospace; font-size: .85em; word-break: break-all; }}
-.probs {{ width: 100%; font-size: .85em; }}
-.probs td:nth-child(2) {{ width: 50%; }}
-.bar {{ height: .7em; background: #3b7dd8; }}
-.num {{ text-align: right; }}
-</style></head>
-<body data-images="{sum(1 for r in rows if r[2])}" data-loaded="0">
-<h1>Labelling round {round:03d}</h1>
-<p>{len(rows)} images, most uncertain first. Type one label per image in
-<code>labels.csv</code> (or move the image file into its class folder).
-Allowed labels:</p>
-<ul class="labels">{labels}</ul>
-<div class="grid">{"".join(cards)}</div>
-<script>
-function imageLoaded(img) {{
-  if (img.naturalWidth > 0) {{
-    document.body.dataset.loaded = String(Number(document.body.dataset.loaded) + 1);
-  }}
-}}
-</script>
-</body></html>
-"""
-
-
-def round_float(x: float) -> float:
-    return float(f"{float(x):.6g}")
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
-def _readme(round: int, classes: list[str], n: int) -> str:
-    allowed = "\n".join(f"    {c}" for c in classes)
-    return f"""medal labelling round {round:03d}
-{'=' * 28}
-
-This folder holds {n} images chosen because the model is least sure about them.
-The files are copies; the originals are untouched.
-
-How to label (either way works; do not rename the image files):
-
-  A) Open labels.csv in a spreadsheet and type one label per row in the
-     "label" column. Leave a row empty if you cannot decide; that image
-     goes back to the pool for a later round. You may also write "{UNSURE}".
-
-  B) Or move each image file into the subfolder named after its class.
-
-Allowed labels (upper/lower case does not matter):
-{allowed}
-    {UNSURE}   (take the image out of the pool; it will not be asked again)
-
-Optional columns in labels.csv: "annotator" (your name) and "comment".
-manifest.csv lists each image's source and the model's current prediction.
-When you are done, hand the folder back; medal checks it before recording anything.
-"""
-
-
-# --- ingest ---------------------------------------------------------------------------------
 @dataclass
 class IngestResult:
     round: int
@@ -404,7 +141,6 @@ class Answers:
     """Exported file name -> its path (relative) in a class folder, for every such file."""
 
 
-LABELS = "labels.csv"
 # what a spreadsheet may have saved labels.csv as, listed when labels.csv is missing
 _SPREADSHEET_SUFFIXES = (".csv", ".tsv", ".txt", ".xlsx", ".xls", ".ods", ".numbers")
 

@@ -1,0 +1,65 @@
+"""The gallery: a self-contained page of a round's previews, scores and predictions."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+
+from ..workspace import UNSURE
+
+
+def gallery_html(round: int, classes: list[str],
+                 rows: list[tuple[int, str, str | None, float, str, np.ndarray]]) -> str:
+    """A self-contained page (no scripts from elsewhere, no network) showing each image."""
+    esc = html.escape
+    labels = "".join(f"<li><code>{esc(c)}</code></li>" for c in [*classes, UNSURE])
+    cards = []
+    for rank, name, preview, score, pred, probs in rows:
+        img = (f'<img src="{esc(preview)}" alt="{esc(name)}" '
+               f'onload="imageLoaded(this)">' if preview else "<p>(no preview)</p>")
+        prob_rows = "".join(
+            f'<tr><td>{esc(c)}</td><td><div class="bar" style="width:{100 * float(p):.1f}%">'
+            f'</div></td><td class="num">{float(p):.3f}</td></tr>'
+            for c, p in zip(classes, probs))
+        cards.append(
+            f'<figure class="card" data-rank="{rank}" data-file="{esc(name)}" '
+            f'data-predicted="{esc(pred)}">{img}<figcaption>'
+            f'<div class="rank">#{rank}</div><div class="file">{esc(name)}</div>'
+            f'<div>score <span class="score">{score:.4g}</span></div>'
+            + (f'<div>model predicts <b class="pred">{esc(pred)}</b></div>' if pred else
+               '<div>no model yet (first round chosen from the pool alone)</div>')
+            + f'<table class="probs">{prob_rows}</table></figcaption></figure>')
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>medal labelling round {round:03d}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; background: #fafafa; color: #222; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+.card {{ background: #fff; border: 1px solid #ccc; border-radius: 6px; padding: .6em;
+        margin: 0; width: 260px; }}
+.card img {{ width: 256px; height: 256px; object-fit: contain; background: #000;
+            image-rendering: pixelated; }}
+.rank {{ font-size: 1.3em; font-weight: bold; }}
+.file {{ font-family: monospace; font-size: .85em; word-break: break-all; }}
+.probs {{ width: 100%; font-size: .85em; }}
+.probs td:nth-child(2) {{ width: 50%; }}
+.bar {{ height: .7em; background: #3b7dd8; }}
+.num {{ text-align: right; }}
+</style></head>
+<body data-images="{sum(1 for r in rows if r[2])}" data-loaded="0">
+<h1>Labelling round {round:03d}</h1>
+<p>{len(rows)} images, most uncertain first. Type one label per image in
+<code>labels.csv</code> (or move the image file into its class folder).
+Allowed labels:</p>
+<ul class="labels">{labels}</ul>
+<div class="grid">{"".join(cards)}</div>
+<script>
+function imageLoaded(img) {{
+  if (img.naturalWidth > 0) {{
+    document.body.dataset.loaded = String(Number(document.body.dataset.loaded) + 1);
+  }}
+}}
+</script>
+</body></html>
+"""

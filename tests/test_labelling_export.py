@@ -1,0 +1,94 @@
+"""medal.labelling.export on a real workspace (real SQLite, real files)."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from conftest import make_image, save, write_config
+from medal.config import load_config
+from medal.data import file_sha256
+from medal.labelling.export import Candidate, export_round, neutralise
+from medal.workspace import Workspace
+
+
+def export(cfg, n=4):
+    with Workspace(cfg) as ws:
+        snap = ws.sync()
+        chosen = [Candidate(it, 1.0 / (i + 1), np.array([0.3, 0.7]))
+                  for i, it in enumerate(snap.pool[:n])]
+        folder = export_round(ws, ws.next_round(), chosen, strategy="bald", model_round=0,
+                              pool_size=len(snap.pool), score_seconds=0.1)
+        return folder, len(snap.pool)
+
+
+def files(folder: Path) -> list[str]:
+    with open(folder / "labels.csv", newline="") as f:
+        return [r["file"] for r in csv.DictReader(f)]
+
+
+def test_export_writes_folder_and_keeps_sources(tiny_config, tiny_data):
+    before = {p: p.read_bytes() for p in (tiny_data["root"] / "pool").rglob("*") if p.is_file()}
+    folder, pool_size = export(tiny_config)
+    assert folder.name == "round-001"
+    names = files(folder)
+    assert len(names) == 4
+    for name in names:
+        assert (folder / name).is_file()
+    assert (folder / "normal").is_dir() and (folder / "pneumonia").is_dir()
+    assert "pneumonia" in (folder / "README.txt").read_text()
+    with open(folder / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["file", "image_id", "source_path", "rank", "score", "predicted",
+                             "p_normal", "p_pneumonia"]
+    for r in rows:
+        assert file_sha256(folder / r["file"]) == r["image_id"]
+        assert file_sha256(Path(r["source_path"])) == r["image_id"]
+        assert r["predicted"] == "pneumonia"
+    dicoms = [n for n in names if n.endswith(".dcm")]
+    after = {p: p.read_bytes() for p in (tiny_data["root"] / "pool").rglob("*") if p.is_file()}
+    assert before == after  # sources untouched
+    with Workspace(tiny_config) as ws:  # exported images leave the pool until ingested
+        assert len(ws.sync().pool) == pool_size - 4
+    assert all((folder / d).stat().st_size > 128 for d in dicoms)
+
+
+def test_neutralise():
+    assert neutralise("=cmd()") == "'=cmd()"
+    assert neutralise("-0.25") == "-0.25"
+    assert neutralise("a.png") == "a.png"
+
+
+# --- hostile folders and files (issue 13) --------------------------------------------------
+
+
+def test_manifest_predicted_class_is_neutralised(tmp_path, tiny_data):
+    for split in ("labelled", "validation"):
+        (tiny_data["root"] / split / "pneumonia").rename(tiny_data["root"] / split / "=1+1")
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace('"pneumonia"', '"=1+1"'))
+    cfg = load_config(path)
+    folder, _ = export(cfg)  # probabilities [0.3, 0.7]: predicted "=1+1"
+    with open(folder / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["predicted"] for r in rows} == {"'=1+1"}
+
+
+def test_exported_names_take_the_suffix_of_the_detected_format(tmp_path, tiny_data):
+    pool = tmp_path / "hostile_pool"
+    rng = np.random.default_rng(1)
+    save(pool / "x.<img src=x onerror=alert(1)>", make_image(0, rng), as_dicom=True)
+    Image.fromarray(make_image(1, rng)).save(pool / "y.jpeg", format="PNG")  # misnamed
+    Image.fromarray(make_image(1, rng)).save(pool / "z.TIFF", format="JPEG")
+    cfg = load_config(write_config(tmp_path), {"data.pool": str(pool)})
+    folder, _ = export(cfg, n=3)
+    names = sorted(files(folder))
+    assert sorted(Path(n).suffix for n in names) == [".dcm", ".jpg", ".png"]
+    assert all(re.fullmatch(r"\d{3}_[0-9a-f]{12}\.(dcm|png|jpg)", n) for n in names), names
+    with Workspace(cfg) as ws:  # the exported copies are still the source bytes
+        sel = ws.db.selections(1)
+    assert all(file_sha256(folder / s.file) == s.sha256 for s in sel)
