@@ -2,6 +2,15 @@
 
 :func:`load_dicom` returns float32 in [0, 1], ``[H, W]`` for MONOCHROME1/2 and ``[H, W, 3]``
 (RGB) for colour images.
+
+Memory: a frame is decoded at its full Rows x Columns (pydicom's decoders give no reduced
+resolution; JPEG 2000's resolution levels are not exposed through them), so each frame is
+checked against :data:`~medal.io.images.MAX_PIXELS` before any pixel data is read. Pixel
+data is not read with the header (values over :data:`DEFER_BYTES` are left in the file), and
+of a multi-frame file only the frame used is read (``pydicom.pixels.pixel_array`` on the
+file): a file of many frames costs one frame's memory, not the whole file's. Compressed
+(encapsulated) pixel data is the exception: pydicom reads all of its fragments with the
+header.
 """
 
 from __future__ import annotations
@@ -22,6 +31,9 @@ from .images import (Window, _one_line, apply_user_window, apply_window, check_p
                      check_window, scale_minmax)
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+DEFER_BYTES = 1 << 20
+"""Element values larger than this are not read with the dataset; pydicom reads them from the
+file when they are used (``dcmread(defer_size=...)``)."""
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 GREY = ("MONOCHROME1", "MONOCHROME2")
 
@@ -100,7 +112,8 @@ def _read(path: Path, *, header_only: bool) -> Dataset:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(path, stop_before_pixels=header_only)
+            ds = pydicom.dcmread(path, stop_before_pixels=header_only,
+                                 defer_size=None if header_only else DEFER_BYTES)
         for w in caught:
             # pydicom only warns when a file ends inside encapsulated (compressed) pixel data.
             if "end of file reached" in str(w.message).lower():
@@ -176,20 +189,40 @@ def _decode(path: Path, ds: Dataset, index: int | None) -> np.ndarray:
     if not decoder.is_available:
         raise ImageReadError(path, f"unsupported transfer syntax {ts.name} "
                                    f"(no decoder installed)") from None
-    if "PixelData" in ds and not ts.is_compressed:
+    stored = _stored_pixel_bytes(path, ds)
+    if stored is not None and not ts.is_compressed:
         try:
             expected = int(get_expected_length(ds, "bytes"))
         except Exception:  # noqa: BLE001 - bad group 0028 values; decoding reports it below
             expected = 0
-        if len(ds.PixelData) < expected:
-            raise ImageReadError(path, f"truncated pixel data ({len(ds.PixelData)} of "
-                                       f"{expected} bytes)")
+        if stored < expected:
+            raise ImageReadError(path, f"truncated pixel data ({stored} of {expected} bytes)")
+    deferred = "PixelData" in ds and \
+        ds.get_item("PixelData", keep_deferred=True).value is None
     try:
-        arr = pydicom.pixels.pixel_array(ds, index=index)
+        if deferred and index is not None:  # read this frame alone from the file
+            arr = pydicom.pixels.pixel_array(path, index=index, transfer_syntax_uid=ts)
+        else:
+            arr = pydicom.pixels.pixel_array(ds, index=index)
     except Exception as e:  # noqa: BLE001 - decoders raise many types for broken data
         raise ImageReadError(path, f"cannot decode pixel data ({ts.name}): "
                                    f"{_one_line(e)}") from None
     return arr
+
+
+def _stored_pixel_bytes(path: Path, ds: Dataset) -> int | None:
+    """Bytes of PixelData present in the file (``None`` without PixelData), without reading
+    a deferred value: what the file holds after the value's offset, at most its length."""
+    if "PixelData" not in ds:
+        return None
+    elem = ds.get_item("PixelData", keep_deferred=True)
+    if elem.value is not None:
+        return len(elem.value)
+    try:
+        after = path.stat().st_size - int(elem.value_tell)
+    except OSError:
+        return 0
+    return max(0, min(int(elem.length), after))
 
 
 def _frame_luts(ds: Dataset, index: int) -> Dataset:
