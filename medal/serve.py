@@ -44,12 +44,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from pydicom.pixels import apply_modality_lut
 
 from .data import iter_csv, short
 from .errors import DataError, ImageReadError, LabellingError, MedalError
-from .io import load_image, sniff_format
-from .io import dicom as dicom_io
+from .io import load_image, read_dicom_frame, sniff_format
 from .labelling import LABELS, neutralise, round_number
 from .workspace import UNSURE
 
@@ -311,7 +309,7 @@ def read_pixels(path: Path, frame: int | None = None) -> tuple[dict[str, Any], n
     """Full-depth values of one frame for the page, and what the page needs to show them.
 
     Grey DICOM: the modality values (modality LUT applied: rescale or LUT sequence, e.g.
-    Hounsfield units), decoded by medal's DICOM reader (:mod:`medal.io.dicom`), with the
+    Hounsfield units), from :func:`medal.io.read_dicom_frame`, with the
     file's window (its first VOI window; a VOI LUT sequence is given as the window spanning
     the LUT's input range), photometric interpretation and modality. Colour DICOM and other
     files: :func:`medal.io.load_image` scaled back to their bit depth (255 or 65535).
@@ -320,27 +318,16 @@ def read_pixels(path: Path, frame: int | None = None) -> tuple[dict[str, Any], n
     meta: dict[str, Any] = {"frames": 1, "frame": 0, "modality": "", "photometric": "",
                             "window": None, "units": ""}
     if sniff_format(path) == "dicom":
-        ds = dicom_io._read(path, header_only=False)
-        n = dicom_io._n_frames(ds)
-        index = n // 2 if frame is None else int(frame)
-        if n == 1:
-            index = 0
-        elif not 0 <= index < n:
-            raise ImageReadError(path, f"frame {index} out of range (file has {n} frames)")
-        photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-        meta |= {"frames": n, "frame": index, "photometric": photometric,
-                 "modality": str(ds.get("Modality", "")).strip().upper()}
-        values = None
-        if photometric in dicom_io.GREY and any(k in ds for k in dicom_io.PIXEL_KEYWORDS):
-            arr = dicom_io._decode(path, ds, index if n > 1 else None)
-            if arr.ndim == 2:
-                luts = dicom_io._frame_luts(ds, index)
-                values = _modality_values(path, arr, luts)
-                meta["window"] = _file_window(luts)
-                if meta["modality"] == "CT" and "RescaleSlope" in luts:
-                    meta["units"] = "HU"
-        if values is None:  # colour, palette, or anything the grey path does not take
-            values = load_image(path, frame=index).astype(np.float64) * 255.0
+        f = read_dicom_frame(path, frame)
+        meta |= {"frames": f.frames, "frame": f.index, "photometric": f.photometric,
+                 "modality": f.modality}
+        values = f.values
+        if values is not None:
+            meta["window"] = None if f.window is None else list(f.window)
+            if f.modality == "CT" and f.rescaled:
+                meta["units"] = "HU"
+        else:  # colour, palette, or anything the grey path does not take
+            values = load_image(path, frame=f.index).astype(np.float64) * 255.0
             meta["window"] = [127.5, 255.0]
     else:
         values, top = _pillow_values(path)
@@ -386,35 +373,6 @@ def window_presets(meta: dict[str, Any]) -> list[dict[str, Any]]:
     span("full range", meta["min"], meta["max"])
     span("1-99 %", p["1"], p["99"])
     return [{"name": n, "center": float(c), "width": float(w)} for n, c, w in out]
-
-
-def _modality_values(path: Path, arr: np.ndarray, luts: Any) -> np.ndarray:
-    if np.issubdtype(arr.dtype, np.floating):  # Float Pixel Data has no modality LUT
-        return arr.astype(np.float64)
-    try:
-        return np.asarray(apply_modality_lut(arr, luts), dtype=np.float64)
-    except Exception as e:  # noqa: BLE001 - malformed LUT attributes
-        raise ImageReadError(path, f"bad modality LUT: {e}") from None
-
-
-def _file_window(luts: Any) -> list[float] | None:
-    """The file's own window ``[center, width]`` in modality values, if it has one."""
-    if "WindowCenter" in luts and "WindowWidth" in luts:
-        try:
-            center = dicom_io._first(luts.WindowCenter)
-            width = dicom_io._first(luts.WindowWidth)
-            if width > 0:
-                return [center, width]
-        except (TypeError, ValueError, IndexError):
-            pass
-    seq = luts.get("VOILUTSequence")
-    if seq:
-        try:
-            entries, first = int(seq[0].LUTDescriptor[0]) or 65536, float(seq[0].LUTDescriptor[1])
-            return [first + entries / 2.0, float(entries)]
-        except (AttributeError, IndexError, TypeError, ValueError):
-            pass
-    return None
 
 
 def _pillow_values(path: Path) -> tuple[np.ndarray, float]:

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .dicom import DICOM_SUFFIXES, count_dicom_frames, has_dicm_magic, load_dicom, read_dicom_header
+from .dicom import (DICOM_SUFFIXES, DicomFrame, count_dicom_frames, has_dicm_magic, load_dicom,
+                    read_dicom_frame, read_dicom_header)
 from .images import MAX_PIXELS, PILLOW_SUFFIXES, Window, check_window, load_pillow
 
 IMAGE_SUFFIXES: frozenset[str] = PILLOW_SUFFIXES | DICOM_SUFFIXES
 """Lower-case suffixes treated as images when scanning folders (DICOM may also have none)."""
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "Window", "count_frames", "load_image", "read_dicom_header",
-           "sniff_format"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "DicomFrame", "Window", "count_frames", "load_image",
+           "read_dicom_frame", "read_dicom_header", "sniff_format"]
 
 
 def sniff_format(path: str | Path) -> str | None:

@@ -16,6 +16,7 @@ header.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,56 @@ def count_dicom_frames(path: str | Path) -> int:
     return _n_frames(read_dicom_header(path))
 
 
+@dataclass(frozen=True)
+class DicomFrame:
+    """One frame of a DICOM file as a viewer needs it (:func:`read_dicom_frame`)."""
+
+    frames: int
+    """NumberOfFrames (1 when absent)."""
+    index: int
+    """The frame read (0 for a single-frame file)."""
+    photometric: str
+    """PhotometricInterpretation, upper case (``""`` when absent)."""
+    modality: str
+    """Modality, upper case (``""`` when absent)."""
+    values: np.ndarray | None
+    """Grey (MONOCHROME1/2) frames: the modality values ``[H, W]`` float64 (rescale or
+    modality LUT applied, e.g. Hounsfield units), as stored: MONOCHROME1 is not inverted.
+    ``None`` for colour and palette images and files without pixel data (use
+    :func:`load_dicom` for them, which also says why a file cannot be shown)."""
+    window: tuple[float, float] | None
+    """The file's own window ``(center, width)`` in modality values: its first VOI window,
+    else the input range of its first VOI LUT; ``None`` when it has neither."""
+    rescaled: bool
+    """The frame's values were rescaled (RescaleSlope present: Hounsfield units for CT)."""
+
+
+def read_dicom_frame(path: str | Path, frame: int | None = None) -> DicomFrame:
+    """One frame (``None``: the middle one) of a DICOM file at full depth, for display.
+
+    The same reading as :func:`load_dicom` (the pixel limit checked before any pixel data is
+    read; one frame read of a multi-frame file; Enhanced multi-frame functional groups),
+    stopping at the modality values instead of mapping them to [0, 1]. Raises
+    :class:`~medal.errors.ImageReadError` with a one-line reason.
+    """
+    path = Path(path)
+    ds = _read(path, header_only=False)
+    n = _n_frames(ds)
+    index = _frame_index(path, n, "middle" if frame is None else int(frame))
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    modality = str(ds.get("Modality", "")).strip().upper()
+    values, window, rescaled = None, None, False
+    if photometric in GREY and any(k in ds for k in PIXEL_KEYWORDS):
+        check_pixels(path, int(ds.get("Columns") or 0), int(ds.get("Rows") or 0))
+        arr = _decode(path, ds, index if n > 1 else None)
+        if arr.ndim == 2:
+            luts = _frame_luts(ds, index)
+            values = _modality_values(path, arr, luts)
+            window = _stated_window(luts)
+            rescaled = "RescaleSlope" in luts
+    return DicomFrame(n, index, photometric, modality, values, window, rescaled)
+
+
 def load_dicom(path: str | Path, *, window: Window = "file",
                frame: str | int = "middle") -> np.ndarray:
     """Decode one frame to float32 [0, 1]: ``[H, W]`` (MONOCHROME1/2) or ``[H, W, 3]`` (colour).
@@ -90,11 +141,7 @@ def load_dicom(path: str | Path, *, window: Window = "file",
         raise ImageReadError(path, f"no pixel data (SOP class {_sop_class_name(ds)})")
     check_pixels(path, int(ds.get("Columns") or 0), int(ds.get("Rows") or 0))
     n_frames = _n_frames(ds)
-    index = n_frames // 2 if frame == "middle" else int(frame)
-    if n_frames == 1:
-        index = 0
-    elif not 0 <= index < n_frames:
-        raise ImageReadError(path, f"frame {index} out of range (file has {n_frames} frames)")
+    index = _frame_index(path, n_frames, frame)
     arr = _decode(path, ds, index if n_frames > 1 else None)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if photometric == "PALETTE COLOR":
@@ -106,6 +153,16 @@ def load_dicom(path: str | Path, *, window: Window = "file",
         return _grey(path, _frame_luts(ds, index), arr, photometric, window)
     raise ImageReadError(path, f"unsupported pixel layout: shape {arr.shape}, "
                                f"photometric interpretation {photometric or 'missing'}")
+
+
+def _frame_index(path: Path, n_frames: int, frame: str | int) -> int:
+    """The frame to read: ``"middle"`` or ``frame`` (checked), 0 for single-frame files."""
+    if n_frames == 1:
+        return 0
+    index = n_frames // 2 if frame == "middle" else int(frame)
+    if not 0 <= index < n_frames:
+        raise ImageReadError(path, f"frame {index} out of range (file has {n_frames} frames)")
+    return index
 
 
 def _read(path: Path, *, header_only: bool) -> Dataset:
@@ -248,15 +305,39 @@ def _frame_luts(ds: Dataset, index: int) -> Dataset:
     return luts
 
 
+def _modality_values(path: Path, arr: np.ndarray, luts: Dataset) -> np.ndarray:
+    """Stored values -> modality values (float64): rescale or modality LUT sequence."""
+    if np.issubdtype(arr.dtype, np.floating):  # Float Pixel Data has no modality LUT
+        return arr.astype(np.float64)
+    try:
+        return np.asarray(apply_modality_lut(arr, luts), dtype=np.float64)
+    except Exception as e:  # noqa: BLE001 - malformed LUT attributes
+        raise ImageReadError(path, f"bad modality LUT: {_one_line(e)}") from None
+
+
+def _stated_window(luts: Dataset) -> tuple[float, float] | None:
+    """The file's own window ``(center, width)`` in modality values: its first VOI window
+    (width > 0), else the input range of its first VOI LUT; ``None`` if neither is usable."""
+    if "WindowCenter" in luts and "WindowWidth" in luts:
+        try:
+            center, width = _first(luts.WindowCenter), _first(luts.WindowWidth)
+            if width > 0:
+                return center, width
+        except (TypeError, ValueError, IndexError):
+            pass
+    seq = luts.get("VOILUTSequence")
+    if seq:
+        try:
+            entries, first = int(seq[0].LUTDescriptor[0]) or 65536, float(seq[0].LUTDescriptor[1])
+            return first + entries / 2.0, float(entries)
+        except (AttributeError, IndexError, TypeError, ValueError):
+            pass
+    return None
+
+
 def _grey(path: Path, luts: Dataset, arr: np.ndarray, photometric: str,
           window: Window) -> np.ndarray:
-    if np.issubdtype(arr.dtype, np.floating):  # Float Pixel Data has no modality LUT
-        values = arr.astype(np.float64)
-    else:
-        try:
-            values = np.asarray(apply_modality_lut(arr, luts), dtype=np.float64)
-        except Exception as e:  # noqa: BLE001 - malformed LUT attributes
-            raise ImageReadError(path, f"bad modality LUT: {_one_line(e)}") from None
+    values = _modality_values(path, arr, luts)
     if window == "minmax":
         out = scale_minmax(values)
     elif isinstance(window, tuple):
