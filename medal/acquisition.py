@@ -154,52 +154,63 @@ def batchbald(probs: np.ndarray, budget: int, *, rng: np.random.Generator,
     cond = _entropy(p).mean(1)  # [N] E_t H[p_t(y_n)]
     # p arranged as [T, N*C] for the matmul with the configuration weights
     p_tnc = np.ascontiguousarray(p.transpose(1, 0, 2)).reshape(n_pass, n_img * n_cls)
-
-    picks: list[int] = []
-    gains: list[float] = []
     chosen = np.zeros(n_img, dtype=bool)
-
     first_scores = bald(p)
     sel = int(np.argmax(first_scores))
-    picks.append(sel)
-    gains.append(float(first_scores[sel]))
+    picks, gains = [sel], [float(first_scores[sel])]
     chosen[sel] = True
-
-    # Exact state: joint[m, t] = p_t(configuration m of the batch), m over C**k configurations.
-    joint: np.ndarray | None = p[sel].T.copy()  # [C, T]
-    # Sampled state: log_w[m, t] = log prod_i p_t(y_mi), pass_of[m] = the pass m was drawn from.
-    log_w: np.ndarray | None = None
-    pass_of = np.arange(max(num_samples, 1)) % n_pass
-
+    batch = _Configurations(p, sel, num_samples, exact_limit, rng)
     while len(picks) < k_max:
-        if joint is not None and joint.shape[0] > exact_limit:
-            joint = None
-            log_w = _sample_configurations(p, picks, pass_of, rng)
-        if joint is not None:
-            mass = joint.sum(1)  # [M] T * p(y_B = m)
-            weights = joint / np.where(mass > 0, mass, 1.0)[:, None]  # [M, T] w(t | m)
-            config_prob = mass / mass.sum()  # [M]
-        else:
-            assert log_w is not None
-            w = np.exp(log_w - log_w.max(1, keepdims=True))
-            weights = w / w.sum(1, keepdims=True)
-            config_prob = np.full(len(w), 1.0 / len(w))
-
+        weights, config_prob = batch.posterior(picks)
         cond_entropy = _conditional_entropy(weights, config_prob, p_tnc, n_img, n_cls)  # [N]
         scores = np.where(chosen, -np.inf, cond_entropy - cond)
         sel = int(np.argmax(scores))
         picks.append(sel)
         gains.append(float(scores[sel]))
         chosen[sel] = True
-
-        if joint is not None:
-            joint = (joint[:, None, :] * p[sel].T[None]).reshape(-1, n_pass)  # [M*C, T]
-        else:
-            assert log_w is not None
-            labels = _sample_labels(p[sel][pass_of], rng)  # [M]
-            with np.errstate(divide="ignore"):
-                log_w = log_w + np.log(p[sel][:, labels].T)
+        batch.add(sel)
     return np.asarray(picks, dtype=np.int64), np.asarray(gains, dtype=np.float64)
+
+
+class _Configurations:
+    """The label configurations y of a BatchBALD batch B and their weights over the T passes.
+
+    Exact while there are at most ``exact_limit`` of them: ``joint[m, t] = p_t(configuration
+    m)``, m over all C**k configurations. Beyond that, ``num_samples`` configurations sampled
+    from p(y_B): ``log_w[m, t] = log prod_i p_t(y_mi)``, configuration m drawn from pass
+    ``pass_of[m]``."""
+
+    def __init__(self, p: np.ndarray, first: int, num_samples: int, exact_limit: int,
+                 rng: np.random.Generator) -> None:
+        self.p, self.exact_limit, self.rng = p, exact_limit, rng
+        self.joint: np.ndarray | None = p[first].T.copy()  # [C, T]
+        self.log_w: np.ndarray | None = None
+        self.pass_of = np.arange(max(num_samples, 1)) % p.shape[1]
+
+    def posterior(self, picks: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(``w(t | m)`` ``[M, T]``, ``p(y_B = m)`` ``[M]``) of the batch ``picks``; switches
+        to sampled configurations when the exact ones would be too many."""
+        if self.joint is not None and self.joint.shape[0] > self.exact_limit:
+            self.joint = None
+            self.log_w = _sample_configurations(self.p, picks, self.pass_of, self.rng)
+        if self.joint is not None:
+            mass = self.joint.sum(1)  # [M] T * p(y_B = m)
+            weights = self.joint / np.where(mass > 0, mass, 1.0)[:, None]  # [M, T] w(t | m)
+            return weights, mass / mass.sum()
+        assert self.log_w is not None
+        w = np.exp(self.log_w - self.log_w.max(1, keepdims=True))
+        return w / w.sum(1, keepdims=True), np.full(len(w), 1.0 / len(w))
+
+    def add(self, sel: int) -> None:
+        """Extend the batch by image ``sel``."""
+        p, n_pass = self.p, self.p.shape[1]
+        if self.joint is not None:
+            self.joint = (self.joint[:, None, :] * p[sel].T[None]).reshape(-1, n_pass)
+        else:
+            assert self.log_w is not None
+            labels = _sample_labels(p[sel][self.pass_of], self.rng)  # [M]
+            with np.errstate(divide="ignore"):
+                self.log_w = self.log_w + np.log(p[sel][:, labels].T)
 
 
 def _conditional_entropy(weights: np.ndarray, config_prob: np.ndarray, p_tnc: np.ndarray,

@@ -800,6 +800,81 @@ def _fmt_interval(values: Sequence[float]) -> str:
     return f"{_fmt_diff(mean)} [{_fmt_diff(lo)}, {_fmt_diff(hi)}]"
 
 
+Curves = dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]
+"""``{strategy: {seed: (labels [R], metric [R])}}``, as :func:`curves` gives them."""
+
+
+def _strategy_table(data: Curves, order: list[str], seeds: list[int], name: str) -> list[str]:
+    """Per strategy: seeds, labels at the end, final value and area (mean ± sd); then both
+    per seed."""
+    lines = [f"| strategy | seeds | labels at end | final {name} | area under curve |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for strategy in order:
+        by_seed = data[strategy]
+        finals = [float(y[-1]) for _, y in by_seed.values()]
+        final_labels = [float(x[-1]) for x, _ in by_seed.values()]
+        aulc = [_normalised_area(x, y) for x, y in by_seed.values()]
+        lines.append(f"| {strategy} | {len(by_seed)} | {np.mean(final_labels):.0f} | "
+                     f"{_fmt_ms(finals)} | {_fmt_ms(aulc)} |")
+    lines += ["", f"Per seed: final {name} / area under curve", "",
+              "| seed | " + " | ".join(order) + " |",
+              "| ---: |" + " ---: |" * len(order)]
+    for k in seeds:
+        cells = [f"{data[s][k][1][-1]:.3f} / {_normalised_area(*data[s][k]):.3f}"
+                 if k in data[s] else "–" for s in order]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _paired_table(data: Curves, name: str) -> list[str]:
+    """Each strategy minus random on the same seed: per seed and mean [95% t interval]."""
+    diffs = paired_differences(data)
+    if not diffs:
+        return []
+    lines = ["Paired difference to random (strategy − random on the same seed and "
+             "start set): per seed, and mean [95% t interval] over the n seeds", "",
+             "| strategy | n | area: per seed | area: mean [95% CI] "
+             f"| final {name}: per seed | final: mean [95% CI] |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for d in diffs:
+        lines.append(f"| {d.strategy} | {len(d.seeds)} | "
+                     f"{', '.join(_fmt_diff(v) for v in d.area)} | "
+                     f"{_fmt_interval(d.area)} | "
+                     f"{', '.join(_fmt_diff(v) for v in d.final)} | "
+                     f"{_fmt_interval(d.final)} |")
+    return [*lines, ""]
+
+
+def _labels_to_reach(data: Curves, order: list[str], seeds: list[int], name: str
+                     ) -> list[str]:
+    """Per strategy and seed, the labels at which the metric first reaches random's final
+    mean value."""
+    if BASELINE not in data:
+        return ["No random run: no paired differences and no labels-to-reach target.", ""]
+    target = float(np.mean([y[-1] for _, y in data[BASELINE].values()]))
+    lines = [f"Labels to reach random's final {target:.3f} (its mean over "
+             f"{len(data[BASELINE])} seed(s)), per seed; never = not reached within "
+             f"the run's labels", "",
+             "| strategy | reached | " + " | ".join(f"seed {k}" for k in seeds) + " |",
+             "| --- | ---: |" + " ---: |" * len(seeds)]
+    for strategy in order:
+        by_seed = data[strategy]
+        cells, hit = [], 0
+        for k in seeds:
+            if k not in by_seed:
+                cells.append("–")
+                continue
+            x, y = by_seed[k]
+            ok = y >= target - 1e-12
+            if ok.any():
+                hit += 1
+                cells.append(f"{x[np.argmax(ok)]:.0f}")
+            else:
+                cells.append(f"never (≤{x[-1]:.0f})")
+        lines.append(f"| {strategy} | {hit}/{len(by_seed)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def summarise(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown, per main metric: per strategy the final value and the normalised area under the
     learning curve (mean ± sd over seeds, then per seed), the paired difference of each strategy
@@ -822,63 +897,9 @@ def summarise(rows: Sequence[dict[str, Any]]) -> str:
         lines += [f"### {title}", ""]
         if note:
             lines += [f"Note: {note}", ""]
-        lines += [f"| strategy | seeds | labels at end | final {name} | area under curve |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
-        for strategy in order:
-            by_seed = data[strategy]
-            finals = [float(y[-1]) for _, y in by_seed.values()]
-            final_labels = [float(x[-1]) for x, _ in by_seed.values()]
-            aulc = [_normalised_area(x, y) for x, y in by_seed.values()]
-            lines.append(f"| {strategy} | {len(by_seed)} | {np.mean(final_labels):.0f} | "
-                         f"{_fmt_ms(finals)} | {_fmt_ms(aulc)} |")
-        lines += ["", f"Per seed: final {name} / area under curve", "",
-                  "| seed | " + " | ".join(order) + " |",
-                  "| ---: |" + " ---: |" * len(order)]
-        for k in seeds:
-            cells = [f"{data[s][k][1][-1]:.3f} / {_normalised_area(*data[s][k]):.3f}"
-                     if k in data[s] else "–" for s in order]
-            lines.append(f"| {k} | " + " | ".join(cells) + " |")
-        lines.append("")
-        diffs = paired_differences(data)
-        if diffs:
-            lines += ["Paired difference to random (strategy − random on the same seed and "
-                      "start set): per seed, and mean [95% t interval] over the n seeds", "",
-                      "| strategy | n | area: per seed | area: mean [95% CI] "
-                      f"| final {name}: per seed | final: mean [95% CI] |",
-                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
-            for d in diffs:
-                lines.append(f"| {d.strategy} | {len(d.seeds)} | "
-                             f"{', '.join(_fmt_diff(v) for v in d.area)} | "
-                             f"{_fmt_interval(d.area)} | "
-                             f"{', '.join(_fmt_diff(v) for v in d.final)} | "
-                             f"{_fmt_interval(d.final)} |")
-            lines.append("")
-        if BASELINE in data:
-            target = float(np.mean([y[-1] for _, y in data[BASELINE].values()]))
-            lines += [f"Labels to reach random's final {target:.3f} (its mean over "
-                      f"{len(data[BASELINE])} seed(s)), per seed; never = not reached within "
-                      f"the run's labels", "",
-                      "| strategy | reached | " + " | ".join(f"seed {k}" for k in seeds) + " |",
-                      "| --- | ---: |" + " ---: |" * len(seeds)]
-            for strategy in order:
-                by_seed = data[strategy]
-                cells, hit = [], 0
-                for k in seeds:
-                    if k not in by_seed:
-                        cells.append("–")
-                        continue
-                    x, y = by_seed[k]
-                    ok = y >= target - 1e-12
-                    if ok.any():
-                        hit += 1
-                        cells.append(f"{x[np.argmax(ok)]:.0f}")
-                    else:
-                        cells.append(f"never (≤{x[-1]:.0f})")
-                lines.append(f"| {strategy} | {hit}/{len(by_seed)} | " + " | ".join(cells)
-                             + " |")
-            lines.append("")
-        else:
-            lines += ["No random run: no paired differences and no labels-to-reach target.", ""]
+        lines += _strategy_table(data, order, seeds, name)
+        lines += _paired_table(data, name)
+        lines += _labels_to_reach(data, order, seeds, name)
     lines.append("Labels: every label the simulated radiologist gave (start set and rounds, "
                  "held-out validation labels included). Mean ± sd over seeds. Area under the "
                  "learning curve: trapezoid area of the metric over labels, divided by the "

@@ -208,6 +208,29 @@ def read_answers(folder: Path, classes: list[str], selections: dict[str, Selecti
                                default_annotator=name)
         by_annotator[name] = {n: _Answer(a.label, path.name, a.origin, a.annotator or name)
                               for n, a in got.items()}
+    from_dirs = _read_class_folders(folder, allowed, allowed_text, selections, problems)
+    if not has_csv and not from_dirs and not by_annotator:
+        problems.append(_missing_labels_problem(folder))
+    answers = dict(from_csv)
+    for name, a in from_dirs.items():
+        c = from_csv.get(name)
+        if c is not None and c.label != a.label:
+            problems.append(f"{name}: {c.origin} says {c.label!r} but the file is in folder "
+                            f"{a.origin.split('/')[0]}/ ({a.label!r})")
+        elif c is None:
+            answers[name] = a
+    out = Answers(answers, problems, by_annotator,
+                  in_folders={n: a.origin for n, a in from_dirs.items()})
+    if by_annotator:
+        _combine_annotators(out, sorted(selections))
+    return out
+
+
+def _read_class_folders(folder: Path, allowed: dict[str, str], allowed_text: str,
+                        selections: dict[str, Selection], problems: Problems
+                        ) -> dict[str, _Answer]:
+    """Labels from the images moved into class subfolders; problems are appended to
+    ``problems``."""
     from_dirs: dict[str, _Answer] = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
                       and p.name != PREVIEWS and p.name != LABELS
@@ -229,21 +252,7 @@ def read_answers(folder: Path, classes: list[str], selections: dict[str, Selecti
                                 f"({from_dirs[p.name].origin} and {rel})")
             else:
                 from_dirs[p.name] = _Answer(label, "folder", rel, None)
-    if not has_csv and not from_dirs and not by_annotator:
-        problems.append(_missing_labels_problem(folder))
-    answers = dict(from_csv)
-    for name, a in from_dirs.items():
-        c = from_csv.get(name)
-        if c is not None and c.label != a.label:
-            problems.append(f"{name}: {c.origin} says {c.label!r} but the file is in folder "
-                            f"{a.origin.split('/')[0]}/ ({a.label!r})")
-        elif c is None:
-            answers[name] = a
-    out = Answers(answers, problems, by_annotator,
-                  in_folders={n: a.origin for n, a in from_dirs.items()})
-    if by_annotator:
-        _combine_annotators(out, sorted(selections))
-    return out
+    return from_dirs
 
 
 def _combine_annotators(out: Answers, files: list[str]) -> None:
@@ -278,6 +287,22 @@ def _combine_annotators(out: Answers, files: list[str]) -> None:
                                 f"label for it in labels.csv")
 
 
+def _row_problem(cell: str, label_cell: str, selections: dict[str, Selection]) -> str | None:
+    """What is wrong with a labels-file row's file cell (or its cells running over lines)."""
+    name = cell.replace("\\", "/")
+    pp = PurePosixPath(name)
+    if "\n" in cell or "\n" in label_cell:
+        return ("a cell runs over several lines; a stray quote (\") opens a cell that is "
+                "never closed")
+    if not name:
+        return "empty file name"
+    if pp.is_absolute() or ".." in pp.parts or (len(name) > 1 and name[1] == ":"):
+        return f"file {short(cell)} points outside the round folder"
+    if pp.name not in selections:
+        return f"{short(cell)} is not an image exported in this round"
+    return None
+
+
 def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
                      selections: dict[str, Selection], problems: Problems,
                      default_annotator: str | None = None) -> dict[str, _Answer]:
@@ -303,20 +328,10 @@ def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
             cell = row[fi].strip() if fi < len(row) else ""
             label_cell = row[li].strip() if li < len(row) else ""
             where = f"{path.name} line {n}"
-            name = cell.replace("\\", "/")
-            pp = PurePosixPath(name)
-            if "\n" in cell or "\n" in label_cell:
-                problems.append(f"{where}: a cell runs over several lines; a stray quote (\") "
-                                f"opens a cell that is never closed")
-                continue
-            if not name:
-                problems.append(f"{where}: empty file name")
-                continue
-            if pp.is_absolute() or ".." in pp.parts or (len(name) > 1 and name[1] == ":"):
-                problems.append(f"{where}: file {short(cell)} points outside the round folder")
-                continue
-            if pp.name not in selections:
-                problems.append(f"{where}: {short(cell)} is not an image exported in this round")
+            pp = PurePosixPath(cell.replace("\\", "/"))
+            problem = _row_problem(cell, label_cell, selections)
+            if problem is not None:
+                problems.append(f"{where}: {problem}")
                 continue
             if pp.name in lines:
                 problems.append(f"{where}: {pp.name} is listed again (first on line "
