@@ -60,7 +60,7 @@ import numpy as np
 from . import api
 from .acquisition import available_strategies
 from .config import Config
-from .data import scan_source
+from .scan import scan_source
 from .errors import DataError, MedalError, SimulationError
 from .workspace import Workspace, cache_dir, has_ledger, kept_manifest, round_of_folder
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config
-from .data import FileEntry, display_path, file_sha256, scan_source
+from .scan import FileEntry, display_path, file_sha256, scan_source
 from .errors import DataError, ImageReadError, LabellingError, WorkspaceError
 from .io import count_frames, sniff_format
 from .ledger import ImageRecord, LabelRecord, Ledger

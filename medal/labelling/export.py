@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data import file_sha256
+from ..scan import file_sha256
 from ..deid import deidentify_file
 from ..errors import DataError, ImageReadError, LabellingError
 from ..io import load_image, sniff_format

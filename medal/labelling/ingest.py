@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 
 from sklearn.metrics import cohen_kappa_score
 
-from ..data import MAX_LISTED_PROBLEMS, file_sha256, iter_csv, short
+from ..scan import MAX_LISTED_PROBLEMS, file_sha256, iter_csv, short
 from ..errors import DataError, LabellingError
 from ..ledger import LabelRecord, Selection
 from ..workspace import UNSURE, Workspace
