@@ -12,11 +12,13 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
                 bits_stored: int = 12, slope: float = 1.0, intercept: float = 0.0,
                 window: tuple[float, float] | None = None, patient_id: str = "ANON",
-                transfer_syntax: str = ExplicitVRLittleEndian) -> Path:
+                transfer_syntax: str = ExplicitVRLittleEndian, uid_source: str | None = None) -> Path:
     """Save ``pixels [H, W]`` (unsigned ints that fit ``bits_stored``) as a Secondary Capture.
 
     ``slope``/``intercept`` become the modality LUT (RescaleSlope/Intercept), ``window`` the
-    VOI window (center, width).
+    VOI window (center, width). With ``uid_source`` the SOP, study and series UIDs are derived
+    from it (pydicom's hashed ``entropy_srcs``), so the same call writes the same bytes; without
+    it they are random.
     """
     pixels = np.asarray(pixels)
     if pixels.ndim != 2:
@@ -25,14 +27,17 @@ def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROM
         raise ValueError(f"pixel values must fit {bits_stored} unsigned bits")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    def uid(kind: str) -> str:
+        return generate_uid(entropy_srcs=None if uid_source is None else [uid_source, kind])
+
+    meta.MediaStorageSOPInstanceUID = uid("sop")
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
+    ds.StudyInstanceUID = uid("study")
+    ds.SeriesInstanceUID = uid("series")
     ds.PatientID = patient_id
     ds.PatientName = patient_id
     ds.Modality = "OT"

@@ -42,7 +42,8 @@ def _dicom(path: Path, img: np.ndarray, index: int) -> None:
     # so the demo exercises the modality LUT and VOI path and sees the same pixels as the PNGs.
     stored = img.astype(np.uint16) * 16
     write_dicom(path, stored, bits_stored=12, slope=1.0, intercept=-1024.0,
-                window=(1016.5, 4081.0), patient_id=f"PNEUMOMNIST{index:05d}")
+                window=(1016.5, 4081.0), patient_id=f"PNEUMOMNIST{index:05d}",
+                uid_source=f"pneumoniamnist-train-{index:05d}")
 
 
 def prepare(out: Path, *, labelled: int, dicom_fraction: float, seed: int, force: bool) -> Path:
