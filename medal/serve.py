@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import iter_csv, short
+from .scan import iter_csv, short
 from .errors import DataError, ImageReadError, LabellingError, MedalError
 from .io import load_image, read_dicom_frame, sniff_format
 from .labelling import LABELS, neutralise, round_number

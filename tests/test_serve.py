@@ -513,3 +513,27 @@ def _canvas_sum(page) -> int:
     return page.evaluate("""() => { const c = document.getElementById('canvas');
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i]; return s; }""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_labels_serve_does_not_load_torch(tiny_config):
+    """``medal labels serve`` needs no torch: in a real process serving a round (its pixels
+    too, DICOM included), torch's shared library is never mapped (torch took seconds of the
+    start-up)."""
+    from urllib.parse import quote
+
+    folder = exported(tiny_config, n=40)
+    proc, url = start_server(["serve", str(folder)])
+    try:
+        base, token = url.split("/?token=")
+        assert request(f"{base}/api/state", token=token)[0] == 200
+        files = [p.name for p in sorted(folder.iterdir()) if p.suffix in (".dcm", ".png")]
+        assert any(f.endswith(".dcm") for f in files)
+        for name in files[:12]:
+            assert request(f"{base}/api/pixels?file={quote(name)}", token=token)[0] == 200
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "python" in maps  # the process is the server itself
+        assert "libtorch" not in maps and "torchvision" not in maps
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
