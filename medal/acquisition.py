@@ -498,7 +498,8 @@ class Strategy:
 _REGISTRY: dict[str, Strategy] = {}
 
 
-def register_strategy(name: str, description: str, *, needs_features: bool = False, needs_labelled_features: bool = False,
+def register_strategy(name: str, description: str, *, needs_features: bool = False,
+                      needs_labelled_features: bool = False,
                       uses_model: bool = True) -> Callable[[Chooser], Chooser]:
     """Decorator: register a :data:`Chooser` under ``name`` (a batch strategy: it needs the
     joint samples of the whole pool). Per-image scores use :func:`register_score`."""

@@ -189,10 +189,10 @@ def _plan_training(ws: Workspace, cfg: Config, device: torch.device,
                       ws.training_state_path(model_round), notes, list(snap.pool))
 
 
-def round_seed(cfg: Config, round: int) -> int:
-    """The seed of a round's randomness: of model round ``round``'s training and evaluation,
-    or of the query that exports round ``round`` (scoring, selection)."""
-    return cfg.seed * 1000 + round
+def round_seed(cfg: Config, round_no: int) -> int:
+    """The seed of a round's randomness: of model round ``round_no``'s training and evaluation,
+    or of the query that exports round ``round_no`` (scoring, selection)."""
+    return cfg.seed * 1000 + round_no
 
 
 def training_epochs(cfg: Config, parent: int | None) -> int:
@@ -372,7 +372,7 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport | None:
         t0 = time.perf_counter()
         model = state["model"] if ws is not None else _model_from(cfg, plan.checkpoint)
         model.to(device)
-        seed = round_seed(cfg, plan.number)
+        seed = round_seed(cfg, plan.round_no)
         chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         keep = state["sink"] if ws is not None else \
             (lambda rows, p, f: chunks.append((rows, p, f)))
@@ -391,7 +391,7 @@ class _QueryPlan:
     """What rank 0 decides before every rank scores."""
 
     pool: list[Item]
-    number: int
+    round_no: int
     """The round to export."""
     model_round: int
     checkpoint: Path
@@ -414,16 +414,16 @@ def _plan_query(ws: Workspace, cfg: Config, device: torch.device, progress: bool
     model = _model_from(cfg, ws.checkpoint_path(rec.round))
     if not snap.pool:
         raise DataError(_empty_pool(cfg))
-    number = ws.next_round()
+    round_no = ws.next_round()
     mode, max_items = _sampling(cfg, device)
     top = acquisition.get_strategy(q.strategy).streaming_score(q.balance)
     sink = ScoreCollector(len(snap.pool), q.mc_samples, model.num_classes, model.feature_dim,
-                          ws.scores_dir(number), None if top is None else (top, q.budget),
+                          ws.scores_dir(round_no), None if top is None else (top, q.budget),
                           ids=[it.id for it in snap.pool])
     key = _scores_key(cfg, rec, mode)
     state.update(snap=snap, sink=sink, key=key, model=model,
                  reused=sink.reuse([ScoreStore(f) for f in ws.stored_scores()], key))
-    return _QueryPlan(snap.pool, number, rec.round, ws.checkpoint_path(rec.round),
+    return _QueryPlan(snap.pool, round_no, rec.round, ws.checkpoint_path(rec.round),
                       np.flatnonzero(~sink.ok), mode, max_items)
 
 
@@ -463,7 +463,7 @@ def _finish_query(ws: Workspace, cfg: Config, state: dict[str, Any], plan: _Quer
             sink(rows, probs, feats)
         skipped |= rank_skipped
     mc = sink.result(skipped, meta=state["key"])
-    report = _select_and_export(ws, cfg, state["snap"], mc, model, device, plan.number,
+    report = _select_and_export(ws, cfg, state["snap"], mc, model, device, plan.round_no,
                                 plan.model_round, seed, t0)
     report.reused = state["reused"]
     report.notes[:0] = state["snap"].notes
@@ -545,18 +545,18 @@ def _zero_label_query(ws: Workspace, cfg: Config, snap: Any, device: torch.devic
     pretrained_backbone(ws, cfg, model, snap, device, progress)
     x, _, kept, skipped = _load(cfg, snap.pool)
     features = backbone_features(model, x, device).numpy()
-    number = ws.next_round()
-    rng = np.random.default_rng(round_seed(cfg, number))
+    round_no = ws.next_round()
+    rng = np.random.default_rng(round_seed(cfg, round_no))
     idx = acquisition.typiclust(features, cfg.query.budget, rng=rng)
     typical = acquisition.typicality(features[idx], k=len(idx) - 1) if len(idx) > 1 else \
         np.ones(len(idx))
     no_model = np.zeros(0, np.float32)
     chosen = [Candidate(kept[int(i)], float(t), no_model) for i, t in zip(idx, typical)]
     strategy = "typiclust:zero-label"
-    folder = export_round(ws, number, chosen, strategy=strategy, model_round=-1,
+    folder = export_round(ws, round_no, chosen, strategy=strategy, model_round=-1,
                           pool_size=len(kept), score_seconds=time.perf_counter() - t0)
     _record_skipped(ws, skipped)
-    return QueryReport(number, folder, len(chosen), len(kept), strategy, -1,
+    return QueryReport(round_no, folder, len(chosen), len(kept), strategy, -1,
                        time.perf_counter() - t0, skipped)
 
 
@@ -577,7 +577,7 @@ def _sampling(cfg: Config, device: torch.device) -> tuple[str, int]:
 
 
 def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MCModel,
-                       device: torch.device, number: int, model_round: int, seed: int,
+                       device: torch.device, round_no: int, model_round: int, seed: int,
                        t0: float) -> QueryReport:
     q = cfg.query
     strategy = q.strategy
@@ -612,10 +612,10 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MC
     chosen = [Candidate(by_id[str(mc.ids[i])], float(s),
                         np.asarray(mc.probs[i], np.float32).mean(0))
               for i, s in zip(idx, scores)]
-    folder = export_round(ws, number, chosen, strategy=strategy, model_round=model_round,
+    folder = export_round(ws, round_no, chosen, strategy=strategy, model_round=model_round,
                           pool_size=len(mc.kept), score_seconds=seconds)
     _record_skipped(ws, mc.skipped)
-    return QueryReport(number, folder, len(chosen), len(mc.kept), strategy, model_round,
+    return QueryReport(round_no, folder, len(chosen), len(mc.kept), strategy, model_round,
                        seconds, mc.skipped)
 
 

@@ -459,10 +459,10 @@ def run_one(spec: RunSpec, oracle: Oracle) -> int:
 
     if 0 not in trained:
         train(time.perf_counter(), None)
-    for k in range(1, spec.rounds + 1):
-        if k in trained:
+    for round_no in range(1, spec.rounds + 1):
+        if round_no in trained:
             continue
-        rec = rounds.get(k)
+        rec = rounds.get(round_no)
         t0: float | None = None
         query_seconds = None
         if rec is None:
@@ -473,7 +473,8 @@ def run_one(spec: RunSpec, oracle: Oracle) -> int:
             except DataError:
                 if _pool_is_empty(cfg):
                     if spec.verbose:
-                        print(f"[{name}] the pool is exhausted after round {k - 1}", flush=True)
+                        print(f"[{name}] the pool is exhausted after round "
+                              f"{round_no - 1}", flush=True)
                     break
                 raise
         else:
@@ -665,8 +666,8 @@ def _undefined_note(rows: Sequence[dict[str, Any]], key: str, title: str) -> str
         return None
     total = sum(1 for r in rows if any(k.startswith(key.split("/", 1)[0] + "/") for k in r))
     by_run: dict[tuple[str, int], list[int]] = {}
-    for strategy, seed, rnd in bad:
-        by_run.setdefault((strategy, seed), []).append(rnd)
+    for strategy, seed, round_no in bad:
+        by_run.setdefault((strategy, seed), []).append(round_no)
     where = "; ".join(f"{s} seed {k} round{'s' if len(r) > 1 else ''} "
                       f"{', '.join(map(str, r))}" for (s, k), r in sorted(by_run.items()))
     return (f"{title} is undefined at {len(bad)} of {total} points, left out of curves and "

@@ -52,9 +52,9 @@ _ROUND_NAME = re.compile(r"round-(\d+)")
 _EXPORT_TMP_NAME = re.compile(r"\.round-(\d+)\.tmp")
 
 
-def round_name(round: int) -> str:
-    """The name of round ``round``'s folder (and of its checkpoint, scores, manifest copy)."""
-    return f"round-{round:03d}"
+def round_name(round_no: int) -> str:
+    """The name of round ``round_no``'s folder (and of its checkpoint, scores, manifest copy)."""
+    return f"round-{round_no:03d}"
 
 
 def round_of_folder(folder: Path) -> int:
@@ -81,9 +81,9 @@ def cache_dir(root: Path) -> Path:
     return Path(root) / "cache"
 
 
-def kept_manifest(root: Path, round: int) -> Path:
+def kept_manifest(root: Path, round_no: int) -> Path:
     """The manifest with source paths that a de-identified round keeps in the workspace."""
-    return Path(root) / "labelling" / "manifests" / f"{round_name(round)}.csv"
+    return Path(root) / "labelling" / "manifests" / f"{round_name(round_no)}.csv"
 
 
 def frame_id(file_id: str, frame: int) -> str:
@@ -243,20 +243,20 @@ class Workspace:
         """The TensorBoard run of model round ``model_round``'s training."""
         return self.tensorboard_root / round_name(model_round)
 
-    def round_dir(self, round: int) -> Path:
-        return self.labelling_dir / round_name(round)
+    def round_dir(self, round_no: int) -> Path:
+        return self.labelling_dir / round_name(round_no)
 
-    def export_tmp_dir(self, round: int) -> Path:
-        """The folder an export of round ``round`` is written under before it is renamed to
+    def export_tmp_dir(self, round_no: int) -> Path:
+        """The folder an export of round ``round_no`` is written under before it is renamed to
         :meth:`round_dir` (what :meth:`_recover` finishes or undoes after a crash)."""
-        return self.labelling_dir / f".{round_name(round)}.tmp"
+        return self.labelling_dir / f".{round_name(round_no)}.tmp"
 
-    def kept_manifest_path(self, round: int) -> Path:
-        return kept_manifest(self.root, round)
+    def kept_manifest_path(self, round_no: int) -> Path:
+        return kept_manifest(self.root, round_no)
 
-    def scores_dir(self, round: int) -> Path:
-        """Where the pool's MC-dropout scores of the query for round ``round`` are stored."""
-        return self.root / "scores" / round_name(round)
+    def scores_dir(self, round_no: int) -> Path:
+        """Where the pool's MC-dropout scores of the query for round ``round_no`` are stored."""
+        return self.root / "scores" / round_name(round_no)
 
     def stored_scores(self) -> list[Path]:
         """Every :meth:`scores_dir` with a finished set of scores (``meta.json``), newest

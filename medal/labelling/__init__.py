@@ -10,12 +10,11 @@ The names below are re-exported for ``from medal.labelling import ...``.
 
 from __future__ import annotations
 
-from .export import (LABELS, PREVIEWS, Candidate, export_round, export_suffix, neutralise,
-                     round_float)
+from .export import LABELS, PREVIEWS, Candidate, export_round, export_suffix, neutralise
 from .gallery import gallery_html
 from .ingest import (FINAL_SOURCES, IGNORED_FILES, Answers, IngestResult, Problems,
                      ingest_round, read_answers, round_number)
 
 __all__ = ["LABELS", "PREVIEWS", "Candidate", "export_round", "export_suffix", "neutralise",
-           "round_float", "gallery_html", "FINAL_SOURCES", "IGNORED_FILES", "Answers",
+           "gallery_html", "FINAL_SOURCES", "IGNORED_FILES", "Answers",
            "IngestResult", "Problems", "ingest_round", "read_answers", "round_number"]

@@ -58,7 +58,7 @@ def neutralise(cell: str) -> str:
     return cell
 
 
-def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, strategy: str,
+def export_round(ws: Workspace, round_no: int, chosen: Sequence[Candidate], *, strategy: str,
                  model_round: int, pool_size: int, score_seconds: float) -> Path:
     """Write ``labelling/round-NNN/`` and record the round in the ledger.
 
@@ -67,17 +67,17 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
     interrupted (killed) is finished or undone when the workspace opens next.
     """
     cfg = ws.cfg
-    final = ws.round_dir(round)
+    final = ws.round_dir(round_no)
     if final.exists():
         raise LabellingError(f"{final} already exists; refusing to overwrite a labelling folder")
-    tmp = ws.export_tmp_dir(round)
+    tmp = ws.export_tmp_dir(round_no)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    manifest_copy = ws.kept_manifest_path(round)
+    manifest_copy = ws.kept_manifest_path(round_no)
     try:
-        selections = _write_round(ws, round, chosen, tmp, manifest_copy)
-        ws.db.record_round(RoundRecord(round, strategy, len(selections), cfg.query.mc_samples,
+        selections = _write_round(ws, round_no, chosen, tmp, manifest_copy)
+        ws.db.record_round(RoundRecord(round_no, strategy, len(selections), cfg.query.mc_samples,
                                        model_round, pool_size, str(final), time.time(), None,
                                        score_seconds), selections)
     except BaseException:
@@ -94,7 +94,7 @@ def export_round(ws: Workspace, round: int, chosen: Sequence[Candidate], *, stra
     return final
 
 
-def _write_round(ws: Workspace, round: int, chosen: Sequence[Candidate], tmp: Path,
+def _write_round(ws: Workspace, round_no: int, chosen: Sequence[Candidate], tmp: Path,
                  manifest_copy: Path) -> list[Selection]:
     """Fill the temporary round folder ``tmp`` (and, de-identified, ``manifest_copy``, the
     manifest with source paths kept in the workspace); returns the selections to record."""
@@ -125,8 +125,8 @@ def _write_round(ws: Workspace, round: int, chosen: Sequence[Candidate], tmp: Pa
             if cfg.labelling.previews else None
         # a zero-label first round has no model: no prediction, no probabilities
         pred = classes[int(np.argmax(c.probs))] if len(c.probs) else ""
-        probs = tuple(round_float(p) for p in c.probs)
-        selections.append(Selection(round, c.item.id, rank, name, float(c.score), pred, probs,
+        probs = tuple(_six_significant_digits(p) for p in c.probs)
+        selections.append(Selection(round_no, c.item.id, rank, name, float(c.score), pred, probs,
                                     exported_sha))
         manifest.append([name, c.item.id, neutralise(str(src)), rank, f"{c.score:.6g}",
                          neutralise(pred),
@@ -146,9 +146,9 @@ def _write_round(ws: Workspace, round: int, chosen: Sequence[Candidate], tmp: Pa
         _write_csv(tmp / "manifest.csv", header, manifest)
     for c in classes:
         (tmp / c).mkdir()
-    (tmp / "README.txt").write_text(_readme(round, classes, len(selections)), encoding="utf-8")
+    (tmp / "README.txt").write_text(_readme(round_no, classes, len(selections)), encoding="utf-8")
     if cfg.labelling.previews:
-        (tmp / "index.html").write_text(gallery_html(round, classes, gallery), encoding="utf-8")
+        (tmp / "index.html").write_text(gallery_html(round_no, classes, gallery), encoding="utf-8")
     return selections
 
 
@@ -188,7 +188,7 @@ def _preview(src: Path, dst: Path, cfg, frame: int | None = None) -> str | None:
     return f"previews/{dst.name}"
 
 
-def round_float(x: float) -> float:
+def _six_significant_digits(x: float) -> float:
     return float(f"{float(x):.6g}")
 
 
@@ -199,9 +199,9 @@ def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
         w.writerows(rows)
 
 
-def _readme(round: int, classes: list[str], n: int) -> str:
+def _readme(round_no: int, classes: list[str], n: int) -> str:
     allowed = "\n".join(f"    {c}" for c in classes)
-    return f"""medal labelling round {round:03d}
+    return f"""medal labelling round {round_no:03d}
 {'=' * 28}
 
 This folder holds {n} images chosen because the model is least sure about them.

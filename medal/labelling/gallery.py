@@ -9,7 +9,7 @@ import numpy as np
 from ..workspace import UNSURE
 
 
-def gallery_html(round: int, classes: list[str],
+def gallery_html(round_no: int, classes: list[str],
                  rows: list[tuple[int, str, str | None, float, str, np.ndarray]]) -> str:
     """A self-contained page (no scripts from elsewhere, no network) showing each image."""
     esc = html.escape
@@ -32,7 +32,7 @@ def gallery_html(round: int, classes: list[str],
             + f'<table class="probs">{prob_rows}</table></figcaption></figure>')
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<title>medal labelling round {round:03d}</title>
+<title>medal labelling round {round_no:03d}</title>
 <style>
 body {{ font-family: sans-serif; margin: 1.5em; background: #fafafa; color: #222; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 1em; }}
@@ -48,7 +48,7 @@ body {{ font-family: sans-serif; margin: 1.5em; background: #fafafa; color: #222
 .num {{ text-align: right; }}
 </style></head>
 <body data-images="{sum(1 for r in rows if r[2])}" data-loaded="0">
-<h1>Labelling round {round:03d}</h1>
+<h1>Labelling round {round_no:03d}</h1>
 <p>{len(rows)} images, most uncertain first. Type one label per image in
 <code>labels.csv</code> (or move the image file into its class folder).
 Allowed labels:</p>

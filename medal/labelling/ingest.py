@@ -49,12 +49,12 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
     folder = Path(folder).absolute()
     if not folder.is_dir():
         raise LabellingError(f"labelling folder not found: {folder}")
-    number = round_number(folder)
-    rec = ws.db.round(number)
+    round_no = round_number(folder)
+    rec = ws.db.round(round_no)
     if rec is None:
-        raise LabellingError(f"{folder}: round {number} was never exported from workspace "
+        raise LabellingError(f"{folder}: round {round_no} was never exported from workspace "
                              f"{ws.root}")
-    selections = {s.file: s for s in ws.db.selections(number)}
+    selections = {s.file: s for s in ws.db.selections(round_no)}
     read = read_answers(folder, list(ws.cfg.classes), selections)
     answers, problems = read.answers, read.problems
     # every image file ingest relies on is checked, whichever source gave its label: the copy
@@ -68,12 +68,12 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
     if problems:
         raise LabellingError(f"{folder}: {problems.total} problem(s); nothing was recorded",
                              problems.listed())
-    result = IngestResult(number, agreement=read.agreement, adjudicated=read.adjudicated)
+    result = IngestResult(round_no, agreement=read.agreement, adjudicated=read.adjudicated)
     for a in answers.values():
         result.labelled[a.label] = result.labelled.get(a.label, 0) + 1
     result.returned_to_pool = len(selections) - len(answers)
     if rec.ingested_at is not None:
-        before = {r.image_id: r.label for r in ws.db.labels(number) if r.source in FINAL_SOURCES}
+        before = {r.image_id: r.label for r in ws.db.labels(round_no) if r.source in FINAL_SOURCES}
         now = {selections[n].image_id: a.label for n, a in answers.items()}
         if before == now:
             result.already_ingested = True
@@ -81,16 +81,16 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
         diff = [f"{s.file}: recorded {before.get(s.image_id)!r}, folder now says "
                 f"{now.get(s.image_id)!r}" for s in selections.values()
                 if before.get(s.image_id) != now.get(s.image_id)]
-        raise LabellingError(f"{folder}: round {number} was already ingested and its labels "
+        raise LabellingError(f"{folder}: round {round_no} was already ingested and its labels "
                              f"have changed since; nothing was recorded", diff)
     when = time.time()
-    rows = [LabelRecord(selections[n].image_id, a.label, number, a.source, a.annotator,
+    rows = [LabelRecord(selections[n].image_id, a.label, round_no, a.source, a.annotator,
                         a.origin, when)
             for per in read.by_annotator.values() for n, a in sorted(per.items())]
     # the final label of each image goes last, so it is the image's current label
-    rows += [LabelRecord(selections[n].image_id, a.label, number, a.source, a.annotator,
+    rows += [LabelRecord(selections[n].image_id, a.label, round_no, a.source, a.annotator,
                          a.origin, when) for n, a in sorted(answers.items())]
-    ws.db.record_ingest(number, rows, when)
+    ws.db.record_ingest(round_no, rows, when)
     return result
 
 
