@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .acquisition import get_strategy
 from .config import Config
 from .errors import ConfigError
 from .models import create_model
@@ -177,31 +178,11 @@ FEATURE_BATCH = 512
 (``train.backbone_features``: a frozen backbone's features, a zero-label start)."""
 
 
-def check_query_memory(cfg: Config, n_pool: int, n_labelled: int, device: torch.device, *,
-                       zero_label: bool = False) -> None:
-    """Raise :class:`ConfigError` (one line with the estimate, the memory available and a
-    ``query.batch_size`` or ``model.image_size`` that fits) when scoring a pool of ``n_pool``
-    images is estimated not to fit in host memory.
-
-    Counted: the images of the batches in flight (``query.batch_size``, with the data
-    loader's prefetching: two per worker, and the gathered copy), the activations of one
-    forward call on the CPU (``query.batch_size`` images, or up to ``query.max_batch_items``
-    replicas of them in full-network sampling; on CUDA a batch that does not fit is halved
-    while scoring, so GPU memory is not estimated), the scores of the whole pool in float32
-    (``[N, T, C]``, and ``[N, D]`` twice) as a selection from all of them needs (counted for
-    every strategy: a cold start does so too), the ``n_labelled`` labelled images where the
-    strategy (``coreset``, ``typiclust``) or a cold start embeds them, and the
-    whole pool where it is decoded at once: a frozen backbone whose features are computed
-    (counted even where the feature cache already holds them) and a ``zero_label`` first
-    round (:func:`check_pretraining_memory` covers its pretraining).
-    """
-    if _check_off():
-        return
-    if zero_label and cfg.representation.method == "none":
-        return  # the command refuses: a zero-label start needs a representation
-    free = available_memory()
-    if free is None or n_pool == 0:
-        return
+def _query_parts(cfg: Config, n_pool: int, n_labelled: int, device: torch.device,
+                 zero_label: bool) -> tuple[list[tuple[str, float]], float, int, float]:
+    """What scoring holds in host memory, as (what, bytes) parts; the bytes per image of
+    ``query.batch_size`` (0 where the batch size does not matter), the replicas of a batch in
+    one forward call, and the activation bytes of one image (see :func:`check_query_memory`)."""
     m, q = cfg.model, cfg.query
     image = 4 * m.channels * m.image_size ** 2
     _, infer_act = activation_bytes(cfg)
@@ -231,12 +212,43 @@ def check_query_memory(cfg: Config, n_pool: int, n_labelled: int, device: torch.
         parts.append((f"features of {n_pool} images", 2 * 4 * n_pool * dim))
     else:  # counted for every strategy: a cold start selects from all of them too
         parts.append((f"scores of {n_pool} images", 4 * n_pool * (T * C + 2 * dim)))
-        if q.cold_start != "off" or q.strategy in ("coreset", "typiclust"):
+        if q.cold_start != "off" or get_strategy(q.strategy).needs_labelled_features:
             parts.append((f"{n_labelled} labelled images held", 2 * n_labelled * image))
     parts.append(("weights", 4 * params))
+    return parts, per_image, calls, infer_act
+
+
+def check_query_memory(cfg: Config, n_pool: int, n_labelled: int, device: torch.device, *,
+                       zero_label: bool = False) -> None:
+    """Raise :class:`ConfigError` (one line with the estimate, the memory available and a
+    ``query.batch_size`` or ``model.image_size`` that fits) when scoring a pool of ``n_pool``
+    images is estimated not to fit in host memory.
+
+    Counted: the images of the batches in flight (``query.batch_size``, with the data
+    loader's prefetching: two per worker, and the gathered copy), the activations of one
+    forward call on the CPU (``query.batch_size`` images, or up to ``query.max_batch_items``
+    replicas of them in full-network sampling; on CUDA a batch that does not fit is halved
+    while scoring, so GPU memory is not estimated), the scores of the whole pool in float32
+    (``[N, T, C]``, and ``[N, D]`` twice) as a selection from all of them needs (counted for
+    every strategy: a cold start does so too), the ``n_labelled`` labelled images where the
+    strategy needs their features (coreset, typiclust) or a cold start embeds them, and the
+    whole pool where it is decoded at once: a frozen backbone whose features are computed
+    (counted even where the feature cache already holds them) and a ``zero_label`` first
+    round (:func:`check_pretraining_memory` covers its pretraining).
+    """
+    if _check_off():
+        return
+    if zero_label and cfg.representation.method == "none":
+        return  # the command refuses: a zero-label start needs a representation
+    free = available_memory()
+    if free is None or n_pool == 0:
+        return
+    parts, per_image, calls, infer_act = _query_parts(cfg, n_pool, n_labelled, device,
+                                                      zero_label)
     need = sum(b for _, b in parts)
     if need <= HEADROOM * free:
         return
+    m, q = cfg.model, cfg.query
     fixes = []
     if per_image:
         fixed = need - min(q.batch_size, n_pool) * per_image

@@ -144,29 +144,19 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     fingerprint = _fingerprint(y, x, cfg, epochs, seed) if state_path else ""
     notes: list[str] = []
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    weight = class_weights(y, len(cfg.classes)).to(device) if tc.balance == "loss" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight)
-    yt = torch.as_tensor(y, dtype=torch.long)
-    sample_w = (1.0 / torch.bincount(yt, minlength=len(cfg.classes)).clamp(min=1).float())[yt]
+    loss_fn, yt, sample_w = _loss_and_weights(y, cfg, device)
     aug = Augmenter(x.shape[-1], tc.hflip) if tc.augment else None
     net, shard = _wrap(model, device) if distributed else (model, (0, 1))
     has_val = x_val is not None and y_val is not None and len(x_val) > 0
-    run = _Run(best_epoch=epochs)
-    st = _read_state(state_path, notes, progress) if state_path is not None else None
-    if st is not None and st.get("fingerprint") == fingerprint:
-        run = _Run.resume(st, model, opt, gen)
-        if progress:
-            tqdm.write(f"resuming interrupted training at epoch {run.epoch + 1}/{epochs}")
+    run = _start_run(state_path, fingerprint, model, opt, gen, epochs, notes, progress)
     last_save = time.perf_counter()
     bar = tqdm(range(run.epoch + 1, epochs + 1), desc="training", unit="epoch",
                disable=not progress, leave=False, initial=run.epoch, total=epochs)
     for epoch in bar:
         if tc.patience and run.since_best >= tc.patience:
             break
-        if tc.balance == "sampler":
-            perm = torch.multinomial(sample_w, n, replacement=True, generator=gen)
-        else:
-            perm = torch.randperm(n, generator=gen)
+        perm = (torch.multinomial(sample_w, n, replacement=True, generator=gen)
+                if tc.balance == "sampler" else torch.randperm(n, generator=gen))
         row = {"epoch": float(epoch),
                "loss": train_one_epoch(net, opt, loss_fn, x, yt, perm, batch_size=tc.batch_size,
                                        device=device, aug=aug, shard=shard,
@@ -192,6 +182,30 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
         state_path.unlink(missing_ok=True)
     return FitResult(epochs=epochs, best_epoch=run.best_epoch, history=run.history,
                      seconds=time.perf_counter() - t0, notes=notes)
+
+
+def _loss_and_weights(y: np.ndarray, cfg: Config, device: torch.device
+                      ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The loss (class-weighted with ``train.balance = "loss"``), ``y [N]`` as a long tensor and
+    each image's sampling weight ``[N]`` (inverse class frequency, for ``"sampler"``)."""
+    weight = class_weights(y, len(cfg.classes)).to(device) if cfg.train.balance == "loss" else None
+    yt = torch.as_tensor(y, dtype=torch.long)
+    sample_w = (1.0 / torch.bincount(yt, minlength=len(cfg.classes)).clamp(min=1).float())[yt]
+    return nn.CrossEntropyLoss(weight=weight), yt, sample_w
+
+
+def _start_run(state_path: Path | None, fingerprint: str, model: MCModel,
+               opt: torch.optim.Optimizer, gen: torch.Generator, epochs: int, notes: list[str],
+               progress: bool) -> _Run:
+    """A new run, or the interrupted one saved at ``state_path`` when its fingerprint (same
+    data, settings, epochs and seed) matches; a state that cannot be read is set aside."""
+    st = _read_state(state_path, notes, progress) if state_path is not None else None
+    if st is None or st.get("fingerprint") != fingerprint:
+        return _Run(best_epoch=epochs)
+    run = _Run.resume(st, model, opt, gen)
+    if progress:
+        tqdm.write(f"resuming interrupted training at epoch {run.epoch + 1}/{epochs}")
+    return run
 
 
 def _wrap(model: MCModel, device: torch.device) -> tuple[nn.Module, tuple[int, int]]:
