@@ -653,12 +653,13 @@ def export_labels(cfg: Config, out: str | Path) -> int:
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["image_id", "path", "label", "round", "source", "annotator", "origin",
-                    "time"])
+                    "time", "comment"])
         for r in rows:
             when = dt.datetime.fromtimestamp(r.created_at, dt.timezone.utc).isoformat()
             w.writerow([r.image_id, neutralise(paths.get(r.image_id, "")),
                         neutralise(r.label or "(released)"), r.round, r.source,
-                        neutralise(r.annotator or ""), neutralise(r.origin or ""), when])
+                        neutralise(r.annotator or ""), neutralise(r.origin or ""), when,
+                        neutralise(r.comment or "")])
     tmp.replace(out)
     return len(rows)
 

@@ -27,7 +27,8 @@ from typing import Any
 
 from .errors import WorkspaceError
 
-SCHEMA_VERSION = 2  # 2: metrics.value may be NULL (a metric undefined on its split)
+SCHEMA_VERSION = 3  # 2: metrics.value may be NULL (a metric undefined on its split)
+# 3: labels.comment (the annotator's comment on the image, from labels.csv)
 
 _METRICS_TABLE = """CREATE TABLE IF NOT EXISTS metrics (
     round INTEGER NOT NULL,
@@ -56,7 +57,8 @@ CREATE TABLE IF NOT EXISTS labels (
     source TEXT NOT NULL,
     annotator TEXT,
     origin TEXT,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    comment TEXT
 );
 CREATE INDEX IF NOT EXISTS labels_image ON labels(image_id);
 CREATE TABLE IF NOT EXISTS rounds (
@@ -123,6 +125,8 @@ class LabelRecord:
     annotator: str | None
     origin: str | None
     created_at: float
+    comment: str | None = None
+    """The annotator's comment on the image (labels.csv's optional ``comment`` column)."""
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,9 @@ class Ledger:
             self._db.execute("INSERT INTO metrics SELECT round, split, name, value "
                              "FROM metrics_v1")
             self._db.execute("DROP TABLE metrics_v1")
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(labels)")}
+        if "comment" not in columns:  # version < 3: labels.comment
+            self._db.execute("ALTER TABLE labels ADD COLUMN comment TEXT")
         self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
@@ -294,7 +301,8 @@ class Ledger:
         return {r["image_id"]: r["label"] for r in rows if r["label"]}
 
     def labels(self, round: int | None = None) -> list[LabelRecord]:
-        q = ("SELECT image_id, label, round, source, annotator, origin, created_at FROM labels")
+        q = ("SELECT image_id, label, round, source, annotator, origin, created_at, comment "
+             "FROM labels")
         args: tuple[Any, ...] = ()
         if round is not None:
             q += " WHERE round=?"
@@ -315,9 +323,10 @@ class Ledger:
     @staticmethod
     def _add_labels(db: sqlite3.Connection, rows: Sequence[LabelRecord]) -> None:
         db.executemany(
-            "INSERT INTO labels(image_id, label, round, source, annotator, origin, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(r.image_id, r.label, r.round, r.source, r.annotator, r.origin, r.created_at)
+            "INSERT INTO labels(image_id, label, round, source, annotator, origin, created_at, "
+            "comment) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(r.image_id, r.label, r.round, r.source, r.annotator, r.origin, r.created_at,
+              r.comment)
              for r in rows],
         )
 

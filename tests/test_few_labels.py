@@ -164,7 +164,7 @@ def test_metrics_of_a_version_1_ledger_are_migrated(tmp_path):
         m = ledger.metrics()[1]["validation"]
         assert np.isnan(m["auroc"]) and m["accuracy"] == 0.5
     raw = sqlite3.connect(path)
-    assert raw.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "2"
+    assert raw.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "3"
     assert raw.execute("SELECT value FROM metrics WHERE round=1 AND name='auroc'"
                        ).fetchone()[0] is None
     raw.close()

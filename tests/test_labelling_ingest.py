@@ -232,3 +232,28 @@ def test_many_problems_are_capped(tiny_config):
     assert err.problems[0].startswith("labels.csv line 2: 'nope_0.png' is not an image")
     assert err.problems[-1] == "... and 2950 more"
     assert len(str(err).splitlines()) == 52
+
+
+def test_comments_are_recorded_with_their_labels_and_exported(tiny_config, tmp_path):
+    """labels.csv's optional comment column (what the labelling page writes) reaches the
+    ledger with the label it belongs to, and `medal labels export`."""
+    import csv
+
+    from medal.api import export_labels
+
+    folder, _ = export(tiny_config)
+    names = files(folder)
+    with open(folder / "labels.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("file", "label", "comment"),
+                                 (names[0], "normal", "possible nodule, left apex"),
+                                 (names[1], "pneumonia", ""), (names[2], "", "too dark")])
+    with Workspace(tiny_config) as ws:
+        ingest_round(ws, folder)
+        rows = {r.origin: r for r in ws.db.labels(1)}
+    assert rows["labels.csv:2"].comment == "possible nodule, left apex"
+    assert rows["labels.csv:3"].comment is None
+    out = tmp_path / "labels.csv"
+    export_labels(tiny_config, out)
+    exported = {r["origin"]: r for r in csv.DictReader(open(out, encoding="utf-8"))}
+    assert exported["labels.csv:2"]["comment"] == "possible nodule, left apex"
+    assert exported["labels.csv:3"]["comment"] == ""

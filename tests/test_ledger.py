@@ -70,3 +70,29 @@ def test_meta_value_is_stored_once(tmp_path):
     with Ledger(tmp_path / "l.sqlite") as db:
         assert db.meta_value("secret", "first") == "first"
         assert db.meta_value("secret", "second") == "first"
+
+
+def test_a_version_2_ledger_gains_label_comments(tmp_path):
+    """A ledger written before labels had comments keeps its labels (comment None) and records
+    comments afterwards."""
+    path = tmp_path / "ledger.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '2');
+        CREATE TABLE labels (seq INTEGER PRIMARY KEY AUTOINCREMENT, image_id TEXT NOT NULL,
+            label TEXT NOT NULL, round INTEGER NOT NULL, source TEXT NOT NULL, annotator TEXT,
+            origin TEXT, created_at REAL NOT NULL);
+        INSERT INTO labels(image_id, label, round, source, annotator, origin, created_at)
+            VALUES ('a', 'normal', 0, 'initial', NULL, 'x', 1.0);
+    """)
+    db.commit()
+    db.close()
+    with Ledger(path) as ledger:
+        ledger.add_labels([LabelRecord("b", "pneumonia", 1, "labels.csv", None, "y", 2.0,
+                                       "check the apex")])
+        got = [(r.image_id, r.comment) for r in ledger.labels()]
+    assert got == [("a", None), ("b", "check the apex")]
+    raw = sqlite3.connect(path)
+    assert raw.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "3"
+    raw.close()

@@ -39,6 +39,7 @@ class _Answer:
     source: str
     origin: str
     annotator: str | None
+    comment: str | None = None
 
 
 def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
@@ -85,11 +86,11 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
                              f"have changed since; nothing was recorded", diff)
     when = time.time()
     rows = [LabelRecord(selections[n].image_id, a.label, round_no, a.source, a.annotator,
-                        a.origin, when)
+                        a.origin, when, a.comment)
             for per in read.by_annotator.values() for n, a in sorted(per.items())]
     # the final label of each image goes last, so it is the image's current label
     rows += [LabelRecord(selections[n].image_id, a.label, round_no, a.source, a.annotator,
-                         a.origin, when) for n, a in sorted(answers.items())]
+                         a.origin, when, a.comment) for n, a in sorted(answers.items())]
     ws.db.record_ingest(round_no, rows, when)
     return result
 
@@ -206,7 +207,8 @@ def read_answers(folder: Path, classes: list[str], selections: dict[str, Selecti
         name = path.stem[len("labels_"):]
         got = _read_labels_csv(path, allowed, allowed_text, selections, problems,
                                default_annotator=name)
-        by_annotator[name] = {n: _Answer(a.label, path.name, a.origin, a.annotator or name)
+        by_annotator[name] = {n: _Answer(a.label, path.name, a.origin, a.annotator or name,
+                                         a.comment)
                               for n, a in got.items()}
     from_dirs = _read_class_folders(folder, allowed, allowed_text, selections, problems)
     if not has_csv and not from_dirs and not by_annotator:
@@ -322,6 +324,7 @@ def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
             return out
         fi, li = header.index("file"), header.index("label")
         ai = header.index("annotator") if "annotator" in header else None
+        ci = header.index("comment") if "comment" in header else None
         for n, row in rows:
             if not any(c.strip() for c in row):
                 continue
@@ -347,8 +350,9 @@ def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
                                 f"allowed; allowed: {allowed_text} (or leave it empty)")
                 continue
             annotator = (row[ai].strip() or None) if ai is not None and ai < len(row) else None
+            comment = (row[ci].strip() or None) if ci is not None and ci < len(row) else None
             out[pp.name] = _Answer(label, path.name, f"{path.name}:{n}",
-                                   annotator or default_annotator)
+                                   annotator or default_annotator, comment)
     except DataError as e:  # an unreadable encoding or a cell over the field limit
         msg = str(e)
         problems.append(f"{path.name}: {msg[len(str(path)) + 2:]}"
