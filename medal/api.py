@@ -208,7 +208,7 @@ def pretrain_representation(cfg: Config, *, progress: bool = True) -> str:
     (pretraining it if needed) without training anything else; returns the report line."""
     with Workspace(cfg) as ws:
         snap = ws.sync()
-        model = build_model(cfg)
+        model = start_model(cfg, None)  # seeded as `medal train` does: the same backbone
         return pretrained_backbone(ws, cfg, model, snap, resolve_device(cfg.device), progress)[0]
 
 

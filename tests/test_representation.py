@@ -112,3 +112,25 @@ def test_zero_label_start_chooses_the_first_round_from_the_pool(tmp_path, tiny_d
     assert "loaded from the cache" in out  # the backbone pretrained for round 1 is reused
     assert main(["query", *c]) == 0
     assert "round 002: 6 images chosen by bald" in capsys.readouterr().out
+
+
+def test_pretraining_is_repeatable_and_the_same_as_trains(tmp_path, tiny_data):
+    """`simulate` and the benchmarks pretrain through api.pretrain_representation: from the same
+    images and settings it gives the backbone `medal train` pretrains, every time (its initial
+    weights were unseeded, so each fresh benchmark had another backbone)."""
+    over = {"representation.method": "simclr", "representation.epochs": 1,
+            "representation.batch_size": 16, "train.freeze_backbone": True}
+    cfg = load_config(write_config(tmp_path, ""), over)
+    states = []
+    for _ in range(2):
+        api.pretrain_representation(cfg, progress=False)
+        (cached,) = (cfg.workspace / "cache" / "representation").glob("*.pt")
+        states.append(torch.load(cached, weights_only=True))
+        cached.unlink()
+    api.train(cfg, progress=False)
+    (cached,) = (cfg.workspace / "cache" / "representation").glob("*.pt")
+    states.append(torch.load(cached, weights_only=True))
+    for s in states[1:]:
+        assert s.keys() == states[0].keys()
+        for k in s:
+            assert torch.equal(s[k], states[0][k]), k
