@@ -16,7 +16,7 @@ head (scripts/bench_representation.py); and, with --baseline, the comparison wit
 simulation (e.g. whole-network training: run this script with --whole-network --rounds 20
 --strategies random first).
 
-    python scripts/bench_simulation.py                         # PneumoniaMNIST, ~37 min loaded
+    python scripts/bench_simulation.py                         # PneumoniaMNIST, ~20 min
     python scripts/bench_simulation.py --dataset retinamnist
     python scripts/bench_simulation.py --whole-network --rounds 20 --strategies random \\
         --out runs/bench-whole-network
