@@ -406,9 +406,9 @@ def _plan_query(ws: Workspace, cfg: Config, device: torch.device, progress: bool
     q = cfg.query
     _refuse_pending(ws)
     snap = ws.sync()
-    check_query_memory(cfg, len(snap.pool), len(snap.labelled), device,
-                       zero_label=not snap.labelled and not ws.db.models())
-    if not snap.labelled and not ws.db.models():
+    zero_label = not snap.labelled and not ws.db.models()
+    check_query_memory(cfg, len(snap.pool), len(snap.labelled), device, zero_label=zero_label)
+    if zero_label:
         return _zero_label_query(ws, cfg, snap, device, progress)
     rec = current_model_record(ws)
     model = _model_from(cfg, ws.checkpoint_path(rec.round))
@@ -540,8 +540,7 @@ def _zero_label_query(ws: Workspace, cfg: Config, snap: Any, device: torch.devic
     if not snap.pool:
         raise DataError(_empty_pool(cfg))
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
+    model = start_model(cfg, None)
     pretrained_backbone(ws, cfg, model, snap, device, progress)
     x, _, kept, skipped = _load(cfg, snap.pool)
     features = backbone_features(model, x, device).numpy()
