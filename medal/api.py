@@ -4,6 +4,7 @@ returns a small report object; nothing here prints except progress bars."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -180,8 +181,7 @@ def _plan_training(ws: Workspace, cfg: Config, device: torch.device,
     parent = parent_round(ws, cfg, model_round)
     notes, backbone = list(snap.notes), None
     if parent is None and cfg.representation.method != "none":
-        note, backbone = pretrained_backbone(ws, cfg, start_model(cfg, None), snap, device,
-                                             progress)
+        note, backbone = pretrained_backbone(ws, cfg, snap, device, progress)
         notes.append(note)
     return _TrainPlan(snap.labelled, snap.validation, snap.test, model_round, parent,
                       None if parent is None else ws.checkpoint_path(parent), backbone,
@@ -206,14 +206,23 @@ def training_epochs(cfg: Config, parent: int | None) -> int:
 def pretrain_representation(cfg: Config, *, progress: bool = True) -> str:
     """Make sure the self-supervised backbone for this workspace's images is in the cache
     (pretraining it if needed) without training anything else; returns the report line."""
+    return ensure_backbone(cfg, progress=progress)[0]
+
+
+def ensure_backbone(cfg: Config, *, progress: bool = True) -> tuple[str, Path]:
+    """:func:`pretrain_representation`, also returning the cached backbone's file."""
     with Workspace(cfg) as ws:
-        snap = ws.sync()
-        model = start_model(cfg, None)  # seeded as `medal train` does: the same backbone
-        return pretrained_backbone(ws, cfg, model, snap, resolve_device(cfg.device), progress)[0]
+        return pretrained_backbone(ws, cfg, ws.sync(), resolve_device(cfg.device), progress)
 
 
-def pretrained_backbone(ws: Workspace, cfg: Config, model: MCModel, snap: Any,
-                        device: torch.device, progress: bool) -> tuple[str, Path]:
+def representation_seed(cfg: Config) -> int:
+    """The pretraining's seed: ``representation.seed``, by default the project's ``seed``."""
+    r = cfg.representation.seed
+    return cfg.seed if r is None else r
+
+
+def pretrained_backbone(ws: Workspace, cfg: Config, snap: Any, device: torch.device,
+                        progress: bool) -> tuple[str, Path]:
     """Load (or first train and cache) the self-supervised backbone for this workspace's
     images: the pool, the labelled images and an automatic hold-out; never the given
     validation or test sets. Returns a line for the training report and the cache file."""
@@ -221,14 +230,17 @@ def pretrained_backbone(ws: Workspace, cfg: Config, model: MCModel, snap: Any,
     items = [*snap.pool, *snap.labelled]
     if cfg.data.validation is None:
         items += snap.validation
+    seed = representation_seed(cfg)
     settings = SSLSettings(epochs=r.epochs, batch_size=r.batch_size, temperature=r.temperature,
-                           lr=r.lr)
+                           lr=r.lr, seed=seed)
     key = ssl_cache_key([it.id for it in items],
                         {"size": cfg.model.image_size, "channels": cfg.model.channels,
                          "window": cfg.image.window, "frame": cfg.image.frame},
                         {"name": cfg.model.name, "pretrained": cfg.model.pretrained}, settings)
     path = ws.representation_path(key)
     t0 = time.perf_counter()
+    # initial weights as `medal train` with this seed builds them: the same backbone either way
+    model = start_model(dataclasses.replace(cfg, seed=seed), None)
     if load_cached(path, model.backbone):
         return f"self-supervised backbone loaded from the cache ({_short(path)})", path
     check_pretraining_memory(cfg, len(items), device)
@@ -540,8 +552,8 @@ def _zero_label_query(ws: Workspace, cfg: Config, snap: Any, device: torch.devic
     if not snap.pool:
         raise DataError(_empty_pool(cfg))
     t0 = time.perf_counter()
-    model = start_model(cfg, None)
-    pretrained_backbone(ws, cfg, model, snap, device, progress)
+    model = start_model(cfg, None, backbone=pretrained_backbone(ws, cfg, snap, device,
+                                                                progress)[1])
     x, _, kept, skipped = _load(cfg, snap.pool)
     features = backbone_features(model, x, device).numpy()
     round_no = ws.next_round()

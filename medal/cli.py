@@ -167,6 +167,10 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
                         "train.validation_fraction of the labels it was given, counted as "
                         "labels), config (the config's data.validation) or a folder/CSV; the "
                         "labels of a set passed this way are not counted")
+    p.add_argument("--backbones", choices=("per-seed", "shared"), default="per-seed",
+                   help="with representation.method = simclr: per-seed (default) pretrains one "
+                        "self-supervised backbone per seed, so the intervals include the "
+                        "pretraining's variation; shared pretrains one for all runs (faster)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: <workspace>-simulation)")
     p.add_argument("--workers", type=int, default=1,

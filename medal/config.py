@@ -138,6 +138,10 @@ class RepresentationConfig:
     batch_size: int = 256
     temperature: float = 0.2
     lr: float = 1e-3
+    seed: int | None = None
+    """Seed of the pretraining (the backbone's initial weights, the random views, the batch
+    order); part of the cache key. Default: the project's ``seed``. ``medal simulate`` sets it
+    per run (``--backbones``)."""
 
 
 @dataclass(frozen=True)

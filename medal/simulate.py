@@ -69,6 +69,7 @@ METRIC_TITLES = {"auroc": "AUROC", "accuracy": "accuracy",
                  "balanced_accuracy": "balanced accuracy"}
 BASELINE = "random"
 START_MODES = ("random", "class_balanced")
+BACKBONE_MODES = ("per-seed", "shared")
 
 # Config fields that differ between runs by design; every other field must match on resume.
 _PER_RUN_KEYS = ("path", "workspace", "seed", "device", "num_workers")
@@ -187,6 +188,12 @@ class SimulationSettings:
     threads: int = 0
     """torch threads per worker process; 0 = the CPU count divided by ``workers``."""
     verbose: bool = True
+    backbones: str = "per-seed"
+    """With a self-supervised backbone (``representation.method``): ``per-seed`` pretrains one
+    backbone per seed (``representation.seed`` = the run's seed), so the seeds' spread and the
+    paired intervals include the pretraining's own variation; ``shared`` pretrains one, with
+    the config's ``representation.seed`` (default its ``seed``), for every run (faster; the
+    intervals then hold for that one backbone only)."""
 
 
 @dataclass(frozen=True)
@@ -340,6 +347,19 @@ def describe_validation(cfg: Config, validation: str) -> str:
     return text
 
 
+def describe_backbones(cfg: Config, s: SimulationSettings) -> str:
+    """One sentence on the self-supervised backbones the runs start from."""
+    if cfg.representation.method == "none":
+        return "Backbone: no self-supervised pretraining (representation.method = \"none\")."
+    if s.backbones == "per-seed":
+        return ("Backbones: one self-supervised pretraining per seed (representation.seed = "
+                "the seed), shared by that seed's strategies; the spread over seeds includes "
+                "the pretraining's.")
+    return (f"Backbone: one self-supervised pretraining (representation.seed = "
+            f"{api.representation_seed(cfg)}) for every run; the intervals hold for that "
+            f"backbone only (--backbones per-seed varies it).")
+
+
 def _fingerprint(cfg: Config, s: SimulationSettings) -> dict[str, Any]:
     """What must be equal for a rerun to continue the same simulation."""
     d = cfg.to_dict()
@@ -352,7 +372,8 @@ def _fingerprint(cfg: Config, s: SimulationSettings) -> dict[str, Any]:
     d["query"]["budget"] = s.budget
     return {"config": d, "truth": [str(Path(t).resolve()) for t in s.truth],
             "start": s.start if s.start in START_MODES or s.start.startswith("class:")
-            else str(Path(s.start).resolve()), "start_size": s.start_size}
+            else str(Path(s.start).resolve()), "start_size": s.start_size,
+            "backbones": s.backbones}
 
 
 def _check_settings(out: Path, fingerprint: dict[str, Any]) -> None:
@@ -381,6 +402,9 @@ def plan_runs(cfg: Config, s: SimulationSettings) -> tuple[list[RunSpec], list[T
         raise SimulationError("at least one strategy and one seed are needed")
     if s.rounds < 0 or s.budget < 1 or s.start_size < 1:
         raise SimulationError("rounds must be >= 0, budget and start size >= 1")
+    if s.backbones not in BACKBONE_MODES:
+        raise SimulationError(f"backbones must be one of {', '.join(BACKBONE_MODES)}, got "
+                              f"{s.backbones!r}")
     cfg = with_validation(cfg, s.validation)
     out = s.out.resolve()
     truth = read_truth(s.truth, cfg.classes)
@@ -409,7 +433,10 @@ def plan_runs(cfg: Config, s: SimulationSettings) -> tuple[list[RunSpec], list[T
             run_cfg = dataclasses.replace(
                 cfg, workspace=run_dir, seed=seed,
                 data=dataclasses.replace(cfg.data, labelled=start_csv, pool=out / "pool"),
-                query=dataclasses.replace(cfg.query, strategy=strategy, budget=s.budget))
+                query=dataclasses.replace(cfg.query, strategy=strategy, budget=s.budget),
+                representation=dataclasses.replace(
+                    cfg.representation, seed=seed if s.backbones == "per-seed"
+                    else api.representation_seed(cfg)))
             specs.append(RunSpec(strategy, seed, run_cfg, s.rounds, run_dir / "oracle.csv",
                                  s.verbose))
     return specs, entries
@@ -519,6 +546,39 @@ def _read_seconds(run_dir: Path) -> dict[int, dict[str, str]]:
         return {int(r["round"]): {k: float(r[k]) if r.get(k) else ""
                                   for k in ("query_seconds", "round_seconds")}
                 for r in csv.DictReader(f) if (r.get("round") or "").isdigit()}
+
+
+def pretrain_backbones(specs: Sequence[RunSpec], s: SimulationSettings, threads: int) -> None:
+    """Pretrain (or find in the shared cache) every self-supervised backbone the runs start
+    from, before any run starts, so that two workers never pretrain the same one: one per
+    ``representation.seed`` among the runs, in parallel over ``s.workers`` processes."""
+    first: dict[int, RunSpec] = {}
+    for spec in specs:
+        if spec.cfg.representation.method != "none":
+            first.setdefault(api.representation_seed(spec.cfg), spec)
+    todo = [(f"backbone seed {k}", spec.cfg) for k, spec in sorted(first.items())]
+    if s.workers <= 1 or len(todo) <= 1:
+        for name, cfg in todo:
+            line = api.pretrain_representation(cfg, progress=s.verbose)
+            if s.verbose:
+                print(f"{name}: {line}", flush=True)
+        return
+    with ProcessPoolExecutor(max_workers=min(s.workers, len(todo)),
+                             mp_context=get_context("spawn")) as ex:
+        futures = {ex.submit(_pretrain_in_worker, cfg, threads): name for name, cfg in todo}
+        for fut in as_completed(futures):
+            line = fut.result()
+            if s.verbose:
+                print(f"{futures[fut]}: {line}", flush=True)
+
+
+def _pretrain_in_worker(cfg: Config, threads: int) -> str:
+    """Process-pool entry point: one backbone's pretraining."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return api.pretrain_representation(cfg, progress=False)
 
 
 def _run_in_worker(spec: RunSpec, entries: list[TruthEntry], threads: int) -> tuple[str, int]:
@@ -933,12 +993,7 @@ def simulate(cfg: Config, s: SimulationSettings) -> SimulationResult:
     specs, entries = plan_runs(cfg, s)
     failures: dict[str, str] = {}
     threads = s.threads or max(1, (os.cpu_count() or 1) // max(1, s.workers))
-    if cfg.representation.method != "none" and specs:
-        # every run sees the same images, so one pretraining serves them all; doing it here,
-        # before the workers start, keeps two workers from pretraining the same backbone
-        line = api.pretrain_representation(specs[0].cfg, progress=s.verbose)
-        if s.verbose:
-            print(line, flush=True)
+    pretrain_backbones(specs, s, threads)
     if s.workers <= 1:
         import torch
 
@@ -974,7 +1029,8 @@ def simulate(cfg: Config, s: SimulationSettings) -> SimulationResult:
     header = (f"# Simulation summary\n\n{len(s.strategies)} strategies × {len(s.seeds)} seeds "
               f"({', '.join(map(str, s.seeds))}), {s.rounds} rounds of {s.budget} labels, "
               f"start: {s.start} ({s.start_size} labels unless a list).\n"
-              f"Validation: {describe_validation(cfg, s.validation)}.\n\n")
+              f"Validation: {describe_validation(cfg, s.validation)}.\n"
+              f"{describe_backbones(cfg, s)}\n\n")
     if failures:
         header += (f"**{len(failures)} run(s) failed** and are missing or cut short here: "
                    f"{', '.join(sorted(failures))}.\n\n")
@@ -999,7 +1055,7 @@ def command(cfg: Config, args: argparse.Namespace) -> int:
         strategies=tuple(_csv_list(args.strategies)), seeds=seeds, rounds=args.rounds,
         budget=args.budget or cfg.query.budget, start=args.start, start_size=args.start_size,
         validation=args.validation, workers=args.workers, threads=args.threads,
-        verbose=not args.quiet)
+        verbose=not args.quiet, backbones=args.backbones)
     r = simulate(cfg, settings)
     print(r.summary)
     print(f"results: {r.out / 'results.csv'}; curves: "

@@ -68,6 +68,8 @@ def parser() -> argparse.ArgumentParser:
                    help="extra config overrides (TOML values)")
     p.add_argument("--out", type=Path, default=None,
                    help="workspace (default runs/bench-representation-<dataset>)")
+    p.add_argument("--backbones", choices=("per-seed", "shared"), default="per-seed",
+                   help="one pretrained backbone per seed (default) or one for all seeds")
     return p
 
 
@@ -102,7 +104,8 @@ class Measured:
     dataset: str
     seeds: list[int]
     table: dict[str, list[float]]
-    ceiling: float
+    ceiling: list[float]
+    """Per seed's backbone (one value when the seeds share one)."""
     n_train: int
     n_test: int
     seconds_pretrain: float
@@ -115,9 +118,11 @@ class Measured:
 
 def measure(dataset: str, seeds: list[int], *, first: int = 20,
             overrides: dict[str, object] | None = None, out: Path | None = None,
-            progress: bool = True) -> Measured:
+            progress: bool = True, backbones: str = "per-seed") -> Measured:
     """Pretrain (or load) the backbone for ``dataset``'s train split and measure the zero-label
-    start and the full-label ceiling of the frozen-backbone head, per seed."""
+    start and the full-label ceiling of the frozen-backbone head, per seed. ``backbones``:
+    ``per-seed`` pretrains one backbone per seed (``representation.seed`` = the seed, as
+    ``medal simulate --backbones per-seed`` does), ``shared`` one with the config's seed."""
     images = prepare_dataset(dataset)
     out = (out or ROOT / "runs" / f"bench-representation-{dataset}").resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -132,9 +137,13 @@ def measure(dataset: str, seeds: list[int], *, first: int = 20,
     cfg = dataclasses.replace(base, workspace=out, data=dataclasses.replace(
         base.data, labelled=labelled_csv, pool=None, validation=None))
     t0 = time.perf_counter()
-    line = api.pretrain_representation(cfg, progress=progress)
-    if progress:
-        print(line, flush=True)
+    backbone: dict[int, Path] = {}
+    for seed in seeds if backbones == "per-seed" else [api.representation_seed(cfg)]:
+        line, backbone[seed] = api.ensure_backbone(dataclasses.replace(
+            cfg, representation=dataclasses.replace(cfg.representation, seed=seed)),
+            progress=progress)
+        if progress:
+            print(f"backbone seed {seed}: {line}", flush=True)
     t_pre = time.perf_counter() - t0
     k = len(cfg.classes)
     m = cfg.model
@@ -147,20 +156,15 @@ def measure(dataset: str, seeds: list[int], *, first: int = 20,
     x_test, kept_t, _ = load_all([e.path for e in test], channels=m.channels, size=m.image_size,
                                  window=cfg.image.window, frame=cfg.image.frame)
     y_test = np.array([cfg.classes.index(e.label) for e in test])[kept_t]
-    cache = sorted((out / "cache" / "representation").glob("*.pt"),
-                   key=lambda p: p.stat().st_mtime)
-
-    def model() -> torch.nn.Module:
+    def model(path: Path) -> torch.nn.Module:
         torch.manual_seed(cfg.seed)
         net = build_model(cfg)
-        if not load_cached(cache[-1], net.backbone):
-            raise SystemExit(f"cannot load the pretrained backbone {cache[-1]}")
+        if not load_cached(path, net.backbone):
+            raise SystemExit(f"cannot load the pretrained backbone {path}")
         return net
 
-    feats = backbone_features(model(), x, torch.device("cpu")).numpy()
-
-    def probe(idx: np.ndarray, seed: int) -> float:
-        net = model()
+    def probe(path: Path, idx: np.ndarray, seed: int) -> float:
+        net = model(path)
         fit_probe(net, x[idx], y[idx], cfg, device=torch.device("cpu"), seed=seed,
                   progress=False)
         return auroc(net, x_test, y_test, k)
@@ -168,15 +172,20 @@ def measure(dataset: str, seeds: list[int], *, first: int = 20,
     table: dict[str, list[float]] = {f"typiclust {first}": [], f"random {first}": [],
                                      f"random {2 * first}": []}
     t1 = time.perf_counter()
+    feats: dict[Path, np.ndarray] = {}
     for seed in seeds:
+        path = backbone.get(seed) or next(iter(backbone.values()))
+        if path not in feats:
+            feats[path] = backbone_features(model(path), x, torch.device("cpu")).numpy()
         rng = np.random.default_rng(seed * 1000 + 1)  # as medal query seeds round 1
         table[f"typiclust {first}"].append(
-            probe(acquisition.typiclust(feats, first, rng=rng), seed))
+            probe(path, acquisition.typiclust(feats[path], first, rng=rng), seed))
         draw = np.random.default_rng(seed)
-        table[f"random {first}"].append(probe(draw.choice(len(y), first, replace=False), seed))
+        table[f"random {first}"].append(
+            probe(path, draw.choice(len(y), first, replace=False), seed))
         table[f"random {2 * first}"].append(
-            probe(draw.choice(len(y), 2 * first, replace=False), seed))
-    ceiling = probe(np.arange(len(y)), 0)
+            probe(path, draw.choice(len(y), 2 * first, replace=False), seed))
+    ceiling = [probe(path, np.arange(len(y)), 0) for path in backbone.values()]
     return Measured(dataset, seeds, table, ceiling, len(y), len(y_test), t_pre,
                     time.perf_counter() - t1)
 
@@ -193,7 +202,10 @@ def report(r: Measured) -> str:
     m, lo, hi = r.diff(f"typiclust {first}", f"random {2 * int(first)}")
     lines.append(f"typiclust {first} minus random {2 * int(first)}: {m:+.3f} [{lo:+.3f}, "
                  f"{hi:+.3f}] (95% t interval over {len(r.seeds)} seeds)")
-    lines.append(f"full-label ceiling (all {r.n_train} train labels): {r.ceiling:.3f}")
+    each = (f" (per seed's backbone: {', '.join(f'{c:.3f}' for c in r.ceiling)})"
+            if len(r.ceiling) > 1 else "")
+    lines.append(f"full-label ceiling (all {r.n_train} train labels): "
+                 f"{np.mean(r.ceiling):.3f}{each}")
     lines.append(f"wall time: pretraining or cache load {r.seconds_pretrain:.0f} s, "
                  f"evaluation {r.seconds_eval:.0f} s")
     return "\n".join(lines)
@@ -202,7 +214,7 @@ def report(r: Measured) -> str:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     r = measure(a.dataset, [int(s) for s in a.seeds.split(",")], first=a.first,
-                overrides=parse_overrides(a.overrides), out=a.out)
+                overrides=parse_overrides(a.overrides), out=a.out, backbones=a.backbones)
     print()
     print(report(r))
     return 0

@@ -79,6 +79,10 @@ def parser() -> argparse.ArgumentParser:
                    help="train the whole network from random weights (the defaults before 0.2)")
     p.add_argument("--baseline", default=None, metavar="RESULTS.csv[+MORE.csv]:STRATEGY",
                    help="compare every strategy with this simulation's strategy, seed by seed")
+    p.add_argument("--backbones", choices=("per-seed", "shared"), default="per-seed",
+                   help="per-seed (default): one self-supervised pretraining per seed, so the "
+                        "intervals include its variation; shared: one for all (5x less "
+                        "pretraining)")
     p.add_argument("--no-representation", action="store_true",
                    help="skip the zero-label start and full-label ceiling measurement")
     p.add_argument("--mc-samples", type=int, default=20)
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         strategies=tuple(strategies), seeds=tuple(seeds), rounds=a.rounds,
         budget=a.budget, start=a.start, start_size=a.start_size,
         validation="config" if a.validation else "none", workers=a.workers,
-        threads=a.threads, verbose=not a.quiet)
+        threads=a.threads, verbose=not a.quiet, backbones=a.backbones)
     t0 = time.perf_counter()
     r = simulate(cfg, settings)
     wall = time.perf_counter() - t0
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (ws / "cache").exists():  # the simulation's cache holds the same backbone
             (ws / "cache").symlink_to(out / "cache", target_is_directory=True)
         rep = measure(a.dataset, seeds, overrides=parse_overrides(a.overrides), out=ws,
-                      progress=not a.quiet)
+                      progress=not a.quiet, backbones=a.backbones)
     print(f"\n=== {a.dataset}: label efficiency, honest protocol (test AUROC"
           f"{', macro' if len(cfg.classes) > 2 else ''}) ===")
     if r.rows:

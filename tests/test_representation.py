@@ -134,3 +134,32 @@ def test_pretraining_is_repeatable_and_the_same_as_trains(tmp_path, tiny_data):
         assert s.keys() == states[0].keys()
         for k in s:
             assert torch.equal(s[k], states[0][k]), k
+
+
+def test_representation_seed_is_the_project_seed_by_default_and_names_another_backbone(
+        tmp_path, tiny_data):
+    """representation.seed (default: the project's seed) picks the pretraining's initial
+    weights and views: another seed is another cache entry with other weights; the same seed
+    given explicitly is the same backbone."""
+    over = {"representation.method": "simclr", "representation.epochs": 1,
+            "representation.batch_size": 16, "train.freeze_backbone": True}
+    cfg = load_config(write_config(tmp_path, ""), over)
+
+    def backbone(c) -> tuple[str, dict]:
+        _, path = api.ensure_backbone(c, progress=False)
+        return path.name, torch.load(path, weights_only=True)
+
+    default = backbone(cfg)
+    assert api.representation_seed(cfg) == cfg.seed == 0
+    explicit = backbone(load_config(cfg.path, {**over, "representation.seed": 0}))
+    assert explicit[0] == default[0]
+    other = backbone(load_config(cfg.path, {**over, "representation.seed": 1}))
+    assert other[0] != default[0]
+    assert any(not torch.equal(other[1][k], default[1][k]) for k in default[1])
+    # the project's seed is the default: seed 1 without representation.seed is that backbone
+    follows = backbone(load_config(cfg.path, {**over, "seed": 1}))
+    assert follows[0] == other[0]
+    for k in follows[1]:
+        assert torch.equal(follows[1][k], other[1][k]), k
+    files = sorted(p.name for p in (cfg.workspace / "cache" / "representation").glob("*.pt"))
+    assert files == sorted({default[0], other[0]})

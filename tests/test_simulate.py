@@ -420,3 +420,40 @@ def test_run_progress_says_run_k_of_n_and_the_time_left():
         "run 2 of 5 finished (bald/seed-1); 2.0 min so far, about 3.0 min left")
     assert run_progress(5, 5, 300.0, "random/seed-4") == (
         "run 5 of 5 finished (random/seed-4); 5.0 min so far")
+
+
+@pytest.mark.parametrize("backbones, workers", [("per-seed", 2), ("shared", 1)])
+def test_backbones_per_seed_or_shared(sim_setup, backbones, workers, capsys):
+    """--backbones per-seed pretrains one self-supervised backbone per seed before the runs
+    (in worker processes when there are several), shared one for all; no run pretrains its
+    own, and the summary says which."""
+    over = {"representation.method": "simclr", "representation.epochs": 1,
+            "representation.batch_size": 8, "train.freeze_backbone": True,
+            "train.validation_fraction": 0.0}
+    cfg = load_config(sim_setup["config"], over)
+    r = sim.simulate(cfg, settings(sim_setup, strategies=("random", "bald"), seeds=(0, 1),
+                                   rounds=1, start="random", start_size=6, workers=workers,
+                                   threads=1, backbones=backbones, verbose=True))
+    printed = capsys.readouterr().out
+    assert not r.failures
+    cached = sorted((sim_setup["out"] / "cache" / "representation").glob("*.pt"))
+    assert len(cached) == (2 if backbones == "per-seed" else 1)
+    assert printed.count("self-supervised backbone pretrained") == len(cached)
+    if backbones == "per-seed":
+        assert "backbone seed 0: " in printed and "backbone seed 1: " in printed
+        assert "one self-supervised pretraining per seed" in r.summary
+        # each seed's runs load that seed's backbone: the representation seed is the run's
+        for spec in sim.plan_runs(cfg, settings(sim_setup, strategies=("random", "bald"),
+                                                seeds=(0, 1), rounds=1, start="random",
+                                                start_size=6, backbones=backbones))[0]:
+            assert api.representation_seed(spec.cfg) == spec.seed
+    else:
+        assert "representation.seed = 0) for every run" in r.summary
+    with pytest.raises(sim.SimulationError, match="differs in: backbones"):
+        sim.plan_runs(cfg, settings(sim_setup, strategies=("random", "bald"), seeds=(0, 1),
+                                    rounds=1, start="random", start_size=6,
+                                    backbones="shared" if backbones == "per-seed"
+                                    else "per-seed"))
+    with pytest.raises(sim.SimulationError, match="backbones must be one of per-seed, shared"):
+        sim.plan_runs(cfg, settings(sim_setup, out=sim_setup["out"].parent / "o2",
+                                    backbones="each"))
