@@ -6,8 +6,8 @@ folder plus the pool with its hidden labels from pool_truth.csv); test is the of
 split. As a team meets it: a start of 20 labels drawn at random, no labelled validation set,
 every label given counted (held-out ones included), 10 labels per round, 8 rounds (100 labels),
 MC dropout T = 20, seeds 0-4, strategies random and bald, the config's defaults (a frozen
-self-supervised backbone and a linear dropout head), two worker processes with one torch
-thread each.
+self-supervised backbone, pretrained once per seed, and a linear dropout head), two worker
+processes with one torch thread each.
 
 Then, in one table: per seed, each strategy's test AUROC at the end and area under the learning
 curve; each strategy's paired difference to random (95% t interval over seeds); the zero-label
@@ -16,7 +16,7 @@ head (scripts/bench_representation.py); and, with --baseline, the comparison wit
 simulation (e.g. whole-network training: run this script with --whole-network --rounds 20
 --strategies random first).
 
-    python scripts/bench_simulation.py                         # PneumoniaMNIST, ~20 min
+    python scripts/bench_simulation.py                         # PneumoniaMNIST, ~40 min
     python scripts/bench_simulation.py --dataset retinamnist
     python scripts/bench_simulation.py --whole-network --rounds 20 --strategies random \\
         --out runs/bench-whole-network
