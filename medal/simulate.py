@@ -425,9 +425,11 @@ def plan_runs(cfg: Config, s: SimulationSettings) -> tuple[list[RunSpec], list[T
                     w.writerow(["file", "label"])
                     w.writerows([str(e.link), e.label] for e in start)
                 tmp.replace(start_csv)
-            if cfg.image.cache and not cache_dir(run_dir).exists():
-                # workspaces keep their decode cache in <workspace>/cache; pointing each one at
-                # the same folder decodes every image once for the whole simulation
+            if not cache_dir(run_dir).exists():
+                # workspaces keep their caches in <workspace>/cache (decoded images when
+                # image.cache is on, pretrained backbones and their features always); pointing
+                # each one at the same folder decodes and pretrains once for the whole
+                # simulation
                 shared_cache.mkdir(exist_ok=True)
                 cache_dir(run_dir).symlink_to(shared_cache, target_is_directory=True)
             run_cfg = dataclasses.replace(

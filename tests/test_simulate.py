@@ -422,14 +422,15 @@ def test_run_progress_says_run_k_of_n_and_the_time_left():
         "run 5 of 5 finished (random/seed-4); 5.0 min so far")
 
 
-@pytest.mark.parametrize("backbones, workers", [("per-seed", 2), ("shared", 1)])
-def test_backbones_per_seed_or_shared(sim_setup, backbones, workers, capsys):
+@pytest.mark.parametrize("backbones, workers, image_cache",
+                         [("per-seed", 2, True), ("shared", 1, False)])
+def test_backbones_per_seed_or_shared(sim_setup, backbones, workers, image_cache, capsys):
     """--backbones per-seed pretrains one self-supervised backbone per seed before the runs
     (in worker processes when there are several), shared one for all; no run pretrains its
-    own, and the summary says which."""
+    own (also without the decode cache), and the summary says which."""
     over = {"representation.method": "simclr", "representation.epochs": 1,
             "representation.batch_size": 8, "train.freeze_backbone": True,
-            "train.validation_fraction": 0.0}
+            "train.validation_fraction": 0.0, "image.cache": image_cache}
     cfg = load_config(sim_setup["config"], over)
     r = sim.simulate(cfg, settings(sim_setup, strategies=("random", "bald"), seeds=(0, 1),
                                    rounds=1, start="random", start_size=6, workers=workers,
@@ -438,6 +439,13 @@ def test_backbones_per_seed_or_shared(sim_setup, backbones, workers, capsys):
     assert not r.failures
     cached = sorted((sim_setup["out"] / "cache" / "representation").glob("*.pt"))
     assert len(cached) == (2 if backbones == "per-seed" else 1)
+    every = {p.resolve() for p in sim_setup["out"].glob("**/representation/*.pt")}
+    assert every == {p.resolve() for p in cached}  # no run pretrained a backbone of its own
+    shared = {p.name for p in (sim_setup["out"] / "cache").iterdir()}
+    if image_cache:  # the decode cache is shared too
+        assert shared - {"representation", "features"}
+    else:
+        assert shared == {"representation", "features"}
     assert printed.count("self-supervised backbone pretrained") == len(cached)
     if backbones == "per-seed":
         assert "backbone seed 0: " in printed and "backbone seed 1: " in printed
