@@ -43,8 +43,7 @@ from compare_simulations import interval  # noqa: E402
 from medal import acquisition, api  # noqa: E402
 from medal.config import load_config, parse_overrides  # noqa: E402
 from medal.data import load_all, scan_source  # noqa: E402
-from medal.representation import load_cached  # noqa: E402
-from medal.train import (backbone_features, build_model, classification_metrics,  # noqa: E402
+from medal.train import (backbone_features, classification_metrics,  # noqa: E402
                          fit_probe, predict_deterministic)
 
 DATASETS = ("pneumoniamnist", "retinamnist")
@@ -156,15 +155,9 @@ def measure(dataset: str, seeds: list[int], *, first: int = 20,
     x_test, kept_t, _ = load_all([e.path for e in test], channels=m.channels, size=m.image_size,
                                  window=cfg.image.window, frame=cfg.image.frame)
     y_test = np.array([cfg.classes.index(e.label) for e in test])[kept_t]
-    def model(path: Path) -> torch.nn.Module:
-        torch.manual_seed(cfg.seed)
-        net = build_model(cfg)
-        if not load_cached(path, net.backbone):
-            raise SystemExit(f"cannot load the pretrained backbone {path}")
-        return net
 
     def probe(path: Path, idx: np.ndarray, seed: int) -> float:
-        net = model(path)
+        net = api.start_model(cfg, None, backbone=path)
         fit_probe(net, x[idx], y[idx], cfg, device=torch.device("cpu"), seed=seed,
                   progress=False)
         return auroc(net, x_test, y_test, k)
@@ -176,7 +169,8 @@ def measure(dataset: str, seeds: list[int], *, first: int = 20,
     for seed in seeds:
         path = backbone.get(seed) or next(iter(backbone.values()))
         if path not in feats:
-            feats[path] = backbone_features(model(path), x, torch.device("cpu")).numpy()
+            feats[path] = backbone_features(api.start_model(cfg, None, backbone=path), x,
+                                            torch.device("cpu")).numpy()
         rng = np.random.default_rng(seed * 1000 + 1)  # as medal query seeds round 1
         table[f"typiclust {first}"].append(
             probe(path, acquisition.typiclust(feats[path], first, rng=rng), seed))
