@@ -248,7 +248,7 @@ def pretrained_backbone(ws: Workspace, cfg: Config, snap: Any, device: torch.dev
     if len(x) < 2:
         raise DataError("representation.method = 'simclr' needs at least 2 readable images "
                         "in the pool and labelled set")
-    pretrain_and_cache(path, model.backbone, model.feature_dim, x, settings, device=device,
+    pretrain_and_cache(path, model.backbone, model.backbone_dim, x, settings, device=device,
                        progress=progress)
     return (f"self-supervised backbone pretrained on {len(x)} images in "
             f"{time.perf_counter() - t0:.0f} s, cached for later rounds"), path
@@ -488,8 +488,10 @@ def frozen_features(ws: Workspace, cfg: Config, model: MCModel, items: list[Item
     """Backbone features of ``items`` under a frozen backbone, from the workspace's feature
     cache; the images not in it are decoded, passed through the backbone once and cached.
     Returns ``(features [N, D] float32, found [N] bool, {path: reason} unreadable)``."""
+    # "last" features keep the key they had before model.features existed
     key = backbone_key(model.backbone, [cfg.model.channels, cfg.model.image_size,
-                                        cfg.image.window, cfg.image.frame])
+                                        cfg.image.window, cfg.image.frame]
+                       + ([f"stages={model.stages}"] if model.stages else []))
     cache = FeatureCache(ws.feature_cache_path(key))
     ids = [it.id for it in items]
     feats, found = cache.lookup(ids, model.feature_dim)

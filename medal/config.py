@@ -63,6 +63,9 @@ class ModelConfig:
     dropout, linear), for training the whole network."""
     backbone_dropout: float = 0.0
     """> 0 adds Dropout2d after the backbone's stages, so MC sampling runs the whole network."""
+    features: str = "auto"
+    """What the head sees: "last" (the backbone's pooled output), "multiscale" (that plus the
+    pooled output of each earlier stage), "auto" (multiscale unless backbone_dropout > 0)."""
     pretrained: Path | None = None
     """Optional local weights file for the backbone (never downloaded)."""
 
@@ -423,7 +426,7 @@ def _path(v: Any, key: str, base: Path, where: str) -> Path:
 
 def _validate_values(cfg: Config, where: str) -> None:
     from .acquisition import available_strategies  # the registry is the only list
-    from .models import available_models  # the registry is the only list of model names
+    from .models import FEATURE_MODES, available_models  # the registry is the only list of model names
 
     def need(ok: bool, key: str, allowed: str, value: Any) -> None:
         if not ok:
@@ -482,6 +485,11 @@ def _validate_values(cfg: Config, where: str) -> None:
     need(q.max_batch_items >= 0, "query.max_batch_items", ">= 0 (0 = auto)", q.max_batch_items)
     need(0.0 <= m.backbone_dropout < 1.0, "model.backbone_dropout", "in [0, 1)",
          m.backbone_dropout)
+    need(m.features in FEATURE_MODES, "model.features", f"one of {', '.join(FEATURE_MODES)}",
+         m.features)
+    need(not (m.features == "multiscale" and m.backbone_dropout > 0), "model.features",
+         '"last" or "auto" when model.backbone_dropout > 0 (full-network sampling splits the '
+         'backbone)', m.features)
     need(not (q.sampling == "full" and m.backbone_dropout == 0), "query.sampling",
          '"head" or "auto" when model.backbone_dropout = 0 (the backbone has no dropout)',
          q.sampling)

@@ -2,7 +2,8 @@
 
 Every model maps ``x [B, C, S, S]`` to logits ``[B, K]`` and exposes ``features(x) -> [B, D]``
 (the deterministic backbone) and ``head(f) -> [B, K]`` (the stochastic part), so MC dropout can
-run the backbone once and sample only the head.
+run the backbone once and sample only the head. ``features = "multiscale"`` makes ``D`` the
+backbone's pooled output plus the global-average-pooled output of each earlier stage.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from .errors import ModelError
 _REGISTRY: dict[str, Callable[[int], tuple[nn.Module, int]]] = {}
 
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+FEATURE_MODES = ("auto", "last", "multiscale")
 
 
 def register_backbone(name: str) -> Callable:
@@ -143,18 +146,80 @@ def add_backbone_dropout(backbone: nn.Module, p: float) -> int:
     return n
 
 
+def earlier_stages(backbone: nn.Module) -> list[str]:
+    """Names of the backbone's stages before its last, whose pooled outputs join its own
+    output under ``features = "multiscale"``: small_cnn's first conv blocks (their ReLUs),
+    ``layer1..3`` of ResNets, the first dense blocks of DenseNet, EfficientNet's stages."""
+    if isinstance(backbone, nn.Sequential):
+        return [k for k, m in backbone.named_children() if isinstance(m, nn.ReLU)][:-1]
+    if all(hasattr(backbone, f"layer{i}") for i in range(1, 5)):
+        return ["layer1", "layer2", "layer3"]
+    feats = getattr(backbone, "features", None)
+    if isinstance(feats, nn.Sequential):
+        dense = [f"features.{k}" for k in dict(feats.named_children()) if k.startswith("denseblock")]
+        return dense[:-1] if dense else [f"features.{i}" for i in range(1, len(feats) - 2)]
+    raise ModelError(f"model.features = 'multiscale': no known stages in "
+                     f"{type(backbone).__name__}; use 'last'")
+
+
 class MCModel(nn.Module):
-    """A backbone (deterministic unless ``backbone_dropout`` > 0) and a stochastic head."""
+    """A backbone (deterministic unless ``backbone_dropout`` > 0) and a stochastic head.
+
+    ``features``: "last" (the backbone's pooled output, ``backbone_dim`` values), "multiscale"
+    (that plus the pooled output of each earlier stage; a frozen self-supervised backbone's
+    lower stages keep texture a linear head can use), or "auto" (multiscale unless the backbone
+    has dropout, whose full-network sampling splits the backbone and needs "last")."""
 
     def __init__(self, name: str, num_classes: int, *, in_channels: int = 1,
-                 dropout: float = 0.5, hidden: int = 128, backbone_dropout: float = 0.0) -> None:
+                 dropout: float = 0.5, hidden: int = 128, backbone_dropout: float = 0.0,
+                 features: str = "last") -> None:
         super().__init__()
         if name not in _REGISTRY:
             raise ModelError(f"unknown model {name!r}; available: {', '.join(_REGISTRY)}")
-        self.backbone, self.feature_dim = _REGISTRY[name](in_channels)
+        if features not in FEATURE_MODES:
+            raise ModelError(f"model.features must be one of {', '.join(FEATURE_MODES)}, "
+                             f"got {features!r}")
+        if features == "multiscale" and backbone_dropout > 0:
+            raise ModelError("model.features = 'multiscale' needs model.backbone_dropout = 0; "
+                             "use 'last' (or 'auto') with backbone dropout")
+        self.backbone, self.backbone_dim = _REGISTRY[name](in_channels)
+        multiscale = features == "multiscale" or (features == "auto" and backbone_dropout == 0)
+        self.stages = earlier_stages(self.backbone) if multiscale else []
+        self.feature_dim = self.backbone_dim + sum(self._stage_widths())
         if backbone_dropout > 0:
             add_backbone_dropout(self.backbone, backbone_dropout)
         self.head = StochasticHead(self.feature_dim, hidden, num_classes, dropout)
+
+    @torch.no_grad()
+    def _stage_widths(self) -> list[int]:
+        """Channels of each earlier stage, from one forward pass of a 32x32 input (on the
+        backbone's device, ``meta`` included; eval mode, so no statistics change)."""
+        if not self.stages:
+            return []
+        p = next(self.backbone.parameters())
+        was = self.backbone.training
+        self.backbone.eval()
+        try:
+            taps = self._run(torch.zeros(1, self._in_channels(), 32, 32, device=p.device,
+                                         dtype=p.dtype))[0]
+        finally:
+            self.backbone.train(was)
+        return [t.shape[1] for t in taps]
+
+    def _in_channels(self) -> int:
+        return next(m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)).in_channels
+
+    def _run(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``(earlier stages' outputs [B, C_i, H_i, W_i], backbone output [B, backbone_dim])``."""
+        taps: list[torch.Tensor] = []
+        handles = [self.backbone.get_submodule(n).register_forward_hook(
+            lambda _m, _i, out: taps.append(out)) for n in self.stages]
+        try:
+            out = self.backbone(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return taps, out
 
     @property
     def num_classes(self) -> int:
@@ -167,6 +232,8 @@ class MCModel(nn.Module):
                                       Callable[[torch.Tensor], torch.Tensor]]:
         """``(prefix, rest)`` with ``features(x) == rest(prefix(x))`` and no dropout in
         ``prefix``, so full-network sampling computes the deterministic stem once."""
+        if self.stages:
+            raise ModelError("full-network sampling needs model.features = 'last'")
         bb = self.backbone
         if isinstance(bb, nn.Sequential):
             mods = list(bb)
@@ -184,8 +251,11 @@ class MCModel(nn.Module):
         return nn.Identity(), bb
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, C, S, S]`` -> ``[B, D]``."""
-        return self.backbone(x)
+        """``x [B, C, S, S]`` -> ``[B, D]`` (``D = feature_dim``)."""
+        if not self.stages:
+            return self.backbone(x)
+        taps, out = self._run(x)
+        return torch.cat([t.mean((2, 3)) for t in taps] + [out], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, C, S, S]`` -> logits ``[B, K]``."""
@@ -194,10 +264,14 @@ class MCModel(nn.Module):
 
 def create_model(name: str, num_classes: int, *, in_channels: int = 1, dropout: float = 0.5,
                  hidden: int = 128, pretrained: Path | None = None,
-                 backbone_dropout: float = 0.0) -> MCModel:
+                 backbone_dropout: float = 0.0, features: str = "last") -> MCModel:
     """Build a model by registry name; ``pretrained`` is a local backbone state-dict file
-    (loaded before the backbone dropout layers are inserted, so plain torchvision keys fit)."""
-    model = MCModel(name, num_classes, in_channels=in_channels, dropout=dropout, hidden=hidden)
+    (loaded before the backbone dropout layers are inserted, so plain torchvision keys fit).
+    ``features``: see :class:`MCModel` ("auto" resolves with ``backbone_dropout``)."""
+    if features == "auto":
+        features = "last" if backbone_dropout > 0 else "multiscale"
+    model = MCModel(name, num_classes, in_channels=in_channels, dropout=dropout, hidden=hidden,
+                    features=features)
     if pretrained is not None:
         load_backbone_weights(model, Path(pretrained))
     if backbone_dropout > 0:

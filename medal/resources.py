@@ -73,7 +73,7 @@ def activation_bytes(cfg: Config) -> tuple[int, int]:
     with torch.device("meta"):
         model = create_model(m.name, len(cfg.classes), in_channels=m.channels,
                              dropout=m.dropout, hidden=m.hidden,
-                             backbone_dropout=m.backbone_dropout)
+                             backbone_dropout=m.backbone_dropout, features=m.features)
     total, largest = 0, 0
 
     def hook(mod: nn.Module, inputs: tuple, output: object) -> None:
@@ -123,7 +123,7 @@ def _model_sizes(cfg: Config) -> tuple[int, int]:
     with torch.device("meta"):
         model = create_model(m.name, len(cfg.classes), in_channels=m.channels,
                              dropout=m.dropout, hidden=m.hidden,
-                             backbone_dropout=m.backbone_dropout)
+                             backbone_dropout=m.backbone_dropout, features=m.features)
     return sum(p.numel() for p in model.parameters()), model.feature_dim
 
 
@@ -147,7 +147,8 @@ def check_training_memory(cfg: Config, n_images: int, n_eval: int,
     val_batch = min(512, n_eval)  # train.predict_deterministic's batch
     act = max(t.batch_size * train_act, val_batch * infer_act)
     params = 16 * sum(p.numel() for p in create_model(
-        m.name, len(cfg.classes), in_channels=m.channels, hidden=m.hidden).parameters())
+        m.name, len(cfg.classes), in_channels=m.channels, hidden=m.hidden,
+        backbone_dropout=m.backbone_dropout, features=m.features).parameters())
     on_gpu = device.type == "cuda"
     host_need = held + (0 if on_gpu else act + params)
     host_free = available_memory()

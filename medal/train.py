@@ -41,7 +41,7 @@ def build_model(cfg: Config) -> MCModel:
     m = cfg.model
     return create_model(m.name, len(cfg.classes), in_channels=m.channels, dropout=m.dropout,
                         hidden=m.hidden, pretrained=m.pretrained,
-                        backbone_dropout=m.backbone_dropout)
+                        backbone_dropout=m.backbone_dropout, features=m.features)
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:

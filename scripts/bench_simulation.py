@@ -57,7 +57,7 @@ OVERRIDES: dict[str, object] = {"device": "cpu", "labelling.previews": False}
 WHOLE_NETWORK: dict[str, object] = {
     "representation.method": "none", "train.freeze_backbone": False, "model.hidden": 128,
     "train.validation_fraction": 0.2, "train.min_steps": 20, "train.fine_tune_epochs": 5,
-    "train.validate_every": 5,
+    "train.validate_every": 5, "model.features": "last",
 }
 
 
