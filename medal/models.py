@@ -146,6 +146,20 @@ def add_backbone_dropout(backbone: nn.Module, p: float) -> int:
     return n
 
 
+def resolve_features(features: str, backbone_dropout: float) -> str:
+    """``model.features`` as built: "last" or "multiscale" ("auto": multiscale unless the
+    backbone has dropout, whose full-network sampling splits it and needs "last")."""
+    if features not in FEATURE_MODES:
+        raise ModelError(f"model.features must be one of {', '.join(FEATURE_MODES)}, "
+                         f"got {features!r}")
+    if features == "multiscale" and backbone_dropout > 0:
+        raise ModelError("model.features = 'multiscale' needs model.backbone_dropout = 0; "
+                         "use 'last' (or 'auto') with backbone dropout")
+    if features == "auto":
+        return "last" if backbone_dropout > 0 else "multiscale"
+    return features
+
+
 def earlier_stages(backbone: nn.Module) -> list[str]:
     """Names of the backbone's stages before its last, whose pooled outputs join its own
     output under ``features = "multiscale"``: small_cnn's first conv blocks (their ReLUs),
@@ -176,15 +190,9 @@ class MCModel(nn.Module):
         super().__init__()
         if name not in _REGISTRY:
             raise ModelError(f"unknown model {name!r}; available: {', '.join(_REGISTRY)}")
-        if features not in FEATURE_MODES:
-            raise ModelError(f"model.features must be one of {', '.join(FEATURE_MODES)}, "
-                             f"got {features!r}")
-        if features == "multiscale" and backbone_dropout > 0:
-            raise ModelError("model.features = 'multiscale' needs model.backbone_dropout = 0; "
-                             "use 'last' (or 'auto') with backbone dropout")
+        features = resolve_features(features, backbone_dropout)
         self.backbone, self.backbone_dim = _REGISTRY[name](in_channels)
-        multiscale = features == "multiscale" or (features == "auto" and backbone_dropout == 0)
-        self.stages = earlier_stages(self.backbone) if multiscale else []
+        self.stages = earlier_stages(self.backbone) if features == "multiscale" else []
         self.feature_dim = self.backbone_dim + sum(self._stage_widths())
         if backbone_dropout > 0:
             add_backbone_dropout(self.backbone, backbone_dropout)
@@ -268,10 +276,8 @@ def create_model(name: str, num_classes: int, *, in_channels: int = 1, dropout: 
     """Build a model by registry name; ``pretrained`` is a local backbone state-dict file
     (loaded before the backbone dropout layers are inserted, so plain torchvision keys fit).
     ``features``: see :class:`MCModel` ("auto" resolves with ``backbone_dropout``)."""
-    if features == "auto":
-        features = "last" if backbone_dropout > 0 else "multiscale"
     model = MCModel(name, num_classes, in_channels=in_channels, dropout=dropout, hidden=hidden,
-                    features=features)
+                    features=resolve_features(features, backbone_dropout))
     if pretrained is not None:
         load_backbone_weights(model, Path(pretrained))
     if backbone_dropout > 0:

@@ -51,6 +51,9 @@ def test_missing_required_key(tmp_path):
     ('[query]\nbudget = "ten"\n', r"query\.budget.*must be int"),
     ("[model]\ndropout = 0.0\n", r"model\.dropout"),
     ('[image]\nwindow = [40]\n', r"image\.window"),
+    ('[model]\nfeatures = "deep"\n', r"model\.features.*one of auto, last, multiscale"),
+    ('[model]\nfeatures = "multiscale"\nbackbone_dropout = 0.2\n',
+     r"model\.features.*\"last\" or \"auto\" when model\.backbone_dropout > 0"),
 ])
 def test_bad_values_name_key_and_allowed(tmp_path, snippet, match):
     with pytest.raises(ConfigError, match=match):
@@ -182,3 +185,4 @@ def test_defaults_are_the_measured_label_efficient_setup(tmp_path):
     assert cfg.representation.method == "simclr" and cfg.train.freeze_backbone
     assert cfg.model.hidden == 0 and cfg.train.validation_fraction == 0.0
     assert cfg.query.strategy == "bald"
+    assert cfg.model.features == "auto"  # multiscale on the frozen backbone

@@ -53,6 +53,8 @@ def test_frozen_query_from_cached_features_equals_fresh(tmp_path, tiny_data):
     ws = tmp_path / "ws"
     cached = list((ws / "cache" / "features").glob("*.pt"))
     assert len(cached) == 1 and len(FeatureCache(cached[0])) == 40  # the whole pool, once
+    ids = list(torch.load(cached[0], weights_only=True)["ids"])
+    assert FeatureCache(cached[0]).lookup(ids, 32 + 64 + 128)[1].all()  # multiscale default
     folder = ws / "labelling" / "round-001"
     with open(folder / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -70,3 +70,44 @@ def test_backbone_split_reproduces_features(name):
         torch.testing.assert_close(rest(prefix(x)), m.features(x))
     assert not any(isinstance(mod, nn.Dropout2d) for mod in getattr(prefix, "modules",
                                                                      lambda: [])())
+
+
+@pytest.mark.parametrize("name, width", [("small_cnn", 32 + 64 + 128),
+                                         ("resnet18", 64 + 128 + 256 + 512)])
+def test_multiscale_features_add_each_earlier_stage(name, width):
+    ms = create_model(name, 2, hidden=0, features="multiscale").eval()
+    last = create_model(name, 2, hidden=0, features="last").eval()
+    last.backbone.load_state_dict(ms.backbone.state_dict())  # same weights, same keys
+    assert ms.feature_dim == width and last.feature_dim == ms.backbone_dim
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        f = ms.features(x)
+        assert f.shape == (3, width)
+        torch.testing.assert_close(f[:, -ms.backbone_dim:], last.features(x))
+        if name == "small_cnn":  # first stage: conv, BN, ReLU, then global average pooling
+            torch.testing.assert_close(f[:, :32], ms.backbone[:3](x).mean((2, 3)))
+        else:
+            bb = ms.backbone
+            stem = bb.maxpool(bb.relu(bb.bn1(bb.conv1(x))))
+            torch.testing.assert_close(f[:, :64], bb.layer1(stem).mean((2, 3)))
+    assert ms(x).shape == (3, 2)
+    assert not any(m._forward_hooks for m in ms.backbone.modules())  # none left behind
+    ms.train()
+    ms.features(x)[:, 0].sum().backward()  # the earliest stage trains with the whole network
+    assert ms.backbone[0].weight.grad.abs().sum() > 0 if name == "small_cnn" else \
+        ms.backbone.conv1.weight.grad.abs().sum() > 0
+
+
+def test_auto_features_follow_backbone_dropout():
+    assert create_model("small_cnn", 2, features="auto").feature_dim == 224
+    assert create_model("small_cnn", 2, features="last").feature_dim == 128
+    with_dropout = create_model("small_cnn", 2, features="auto", backbone_dropout=0.2)
+    assert with_dropout.feature_dim == 128 and with_dropout.backbone_is_stochastic()
+    with pytest.raises(ModelError, match="multiscale.*backbone_dropout = 0"):
+        create_model("small_cnn", 2, features="multiscale", backbone_dropout=0.2)
+    with pytest.raises(ModelError, match="features must be one of auto, last, multiscale"):
+        create_model("small_cnn", 2, features="deep")
+    with pytest.raises(ModelError, match="full-network sampling needs model.features = 'last'"):
+        create_model("small_cnn", 2, features="multiscale").backbone_split()
+    with torch.device("meta"):  # the memory checks build models without weights
+        assert create_model("resnet18", 2, features="auto").feature_dim == 960
