@@ -190,9 +190,10 @@ class MCModel(nn.Module):
         super().__init__()
         if name not in _REGISTRY:
             raise ModelError(f"unknown model {name!r}; available: {', '.join(_REGISTRY)}")
-        features = resolve_features(features, backbone_dropout)
+        self.features_mode = resolve_features(features, backbone_dropout)
+        """"last" or "multiscale", as built."""
         self.backbone, self.backbone_dim = _REGISTRY[name](in_channels)
-        self.stages = earlier_stages(self.backbone) if features == "multiscale" else []
+        self.stages = earlier_stages(self.backbone) if self.features_mode == "multiscale" else []
         self.feature_dim = self.backbone_dim + sum(self._stage_widths())
         if backbone_dropout > 0:
             add_backbone_dropout(self.backbone, backbone_dropout)

@@ -512,7 +512,8 @@ def save_checkpoint(path: Path, model: MCModel, cfg: Config, round: int,
     """Weights + effective config + class names + medal version, written atomically."""
     payload = {"state_dict": model.state_dict(), "config": cfg.to_dict(),
                "classes": list(cfg.classes), "model_name": cfg.model.name,
-               "channels": cfg.model.channels, "medal_version": __version__, "round": round,
+               "channels": cfg.model.channels, "features": model.features_mode,
+               "medal_version": __version__, "round": round,
                **(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -536,6 +537,12 @@ def load_checkpoint(path: Path, model: MCModel, classes: Sequence[str], model_na
         raise ModelError(f"checkpoint {path} is a {ck.get('model_name')} with "
                          f"{ck.get('channels')} input channel(s); the config asks for "
                          f"{model_name} with {channels}")
+    trained = ck.get("features", "last")  # checkpoints from before model.features: "last"
+    if trained != model.features_mode:
+        raise ModelError(f"checkpoint {path} was trained with model.features = {trained!r}, "
+                         f"the config builds {model.features_mode!r} (another head width); set "
+                         f"model.features = \"{trained}\" to go on from this project's "
+                         f"checkpoints (those of medal before 0.2 are \"last\")")
     try:
         model.load_state_dict(ck["state_dict"])
     except RuntimeError as e:

@@ -65,6 +65,25 @@ def test_checkpoint_round_trip_and_refusals(tiny_config, tmp_path):
         load_checkpoint(tmp_path / "nope.pt", m2, tiny_config.classes, "small_cnn", 1)
 
 
+def test_checkpoint_of_other_features_names_the_setting(tiny_config, tmp_path):
+    """A project trained before multiscale features became the default keeps its checkpoints
+    usable: the error says which model.features they need."""
+    last = create_model("small_cnn", 2, hidden=0, features="last")
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, last, tiny_config, 1)
+    multiscale = create_model("small_cnn", 2, hidden=0, features="auto")
+    with pytest.raises(ModelError, match=r"trained with model.features = 'last'.*"
+                                         r"set model.features = \"last\""):
+        load_checkpoint(path, multiscale, tiny_config.classes, "small_cnn", 1)
+    old = torch.load(path, weights_only=True)
+    del old["features"]  # as medal wrote checkpoints before model.features existed
+    torch.save(old, path)
+    load_checkpoint(path, create_model("small_cnn", 2, hidden=0, features="last"),
+                    tiny_config.classes, "small_cnn", 1)
+    with pytest.raises(ModelError, match="trained with model.features = 'last'"):
+        load_checkpoint(path, multiscale, tiny_config.classes, "small_cnn", 1)
+
+
 def test_per_class_metrics_and_ece():
     y = np.array([0, 0, 1, 1, 1])
     p = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
