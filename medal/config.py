@@ -426,7 +426,7 @@ def _path(v: Any, key: str, base: Path, where: str) -> Path:
 
 def _validate_values(cfg: Config, where: str) -> None:
     from .acquisition import available_strategies  # the registry is the only list
-    from .models import FEATURE_MODES, available_models  # the registry is the only list of model names
+    from .models import FEATURE_MODES, available_models  # the registry lists the model names
 
     def need(ok: bool, key: str, allowed: str, value: Any) -> None:
         if not ok:

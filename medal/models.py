@@ -170,7 +170,7 @@ def earlier_stages(backbone: nn.Module) -> list[str]:
         return ["layer1", "layer2", "layer3"]
     feats = getattr(backbone, "features", None)
     if isinstance(feats, nn.Sequential):
-        dense = [f"features.{k}" for k in dict(feats.named_children()) if k.startswith("denseblock")]
+        dense = [f"features.{k}" for k, _ in feats.named_children() if k.startswith("denseblock")]
         return dense[:-1] if dense else [f"features.{i}" for i in range(1, len(feats) - 2)]
     raise ModelError(f"model.features = 'multiscale': no known stages in "
                      f"{type(backbone).__name__}; use 'last'")
