@@ -194,13 +194,13 @@ class MCModel(nn.Module):
         """"last" or "multiscale", as built."""
         self.backbone, self.backbone_dim = _REGISTRY[name](in_channels)
         self.stages = earlier_stages(self.backbone) if self.features_mode == "multiscale" else []
-        self.feature_dim = self.backbone_dim + sum(self._stage_widths())
+        self.feature_dim = self.backbone_dim + sum(self._stage_widths(in_channels))
         if backbone_dropout > 0:
             add_backbone_dropout(self.backbone, backbone_dropout)
         self.head = StochasticHead(self.feature_dim, hidden, num_classes, dropout)
 
     @torch.no_grad()
-    def _stage_widths(self) -> list[int]:
+    def _stage_widths(self, in_channels: int) -> list[int]:
         """Channels of each earlier stage, from one forward pass of a 32x32 input (on the
         backbone's device, ``meta`` included; eval mode, so no statistics change)."""
         if not self.stages:
@@ -209,14 +209,11 @@ class MCModel(nn.Module):
         was = self.backbone.training
         self.backbone.eval()
         try:
-            taps = self._run(torch.zeros(1, self._in_channels(), 32, 32, device=p.device,
+            taps = self._run(torch.zeros(1, in_channels, 32, 32, device=p.device,
                                          dtype=p.dtype))[0]
         finally:
             self.backbone.train(was)
         return [t.shape[1] for t in taps]
-
-    def _in_channels(self) -> int:
-        return next(m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)).in_channels
 
     def _run(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``(earlier stages' outputs [B, C_i, H_i, W_i], backbone output [B, backbone_dim])``."""
