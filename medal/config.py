@@ -153,11 +153,12 @@ class QueryConfig:
     budget: int = 20
     mc_samples: int = 20
     batch_size: int = 256
-    cold_start: str = "diversity"
-    """While some class has no label yet: "diversity" picks the round by k-center (core-set)
-    diversity on backbone features, starting from the labelled images, so a start set that
-    lacks a class recovers quickly; "typiclust" by typicality and coverage (TypiClust) on
-    them; "off" always uses ``strategy``."""
+    cold_start: str = "typiclust"
+    """While some class has no label yet, the model cannot be trusted to look for it:
+    "typiclust" picks the round by typicality and coverage (TypiClust, with the labelled
+    images as covered clusters) on backbone features, the same choice as a zero-label first
+    round; "diversity" by k-center (core-set) diversity on them, starting from the labelled
+    images; "off" always uses ``strategy``."""
     balance: bool = False
     """Spread the budget over the predicted classes (round-robin by score); for per-image
     strategies."""

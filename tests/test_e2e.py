@@ -171,13 +171,17 @@ def test_query_with_each_strategy_kind(tmp_path, tiny_data, strategy):
     assert exported == [str(i) for i in ids[idx]]
 
 
-def test_single_class_start_explores_by_diversity(tmp_path, tiny_data):
+@pytest.mark.parametrize("cold_start", ["typiclust", "diversity"])
+def test_single_class_start_explores_the_feature_space(tmp_path, tiny_data, cold_start):
     import shutil as sh
     sh.rmtree(tiny_data["root"] / "labelled" / "pneumonia")  # start set lacks a class
-    cfg = load_config(write_config(tmp_path), {"query.budget": 10})
+    overrides = {"query.budget": 10}
+    if cold_start != "typiclust":  # typiclust is the default
+        overrides["query.cold_start"] = cold_start
+    cfg = load_config(write_config(tmp_path), overrides)
     api.train(cfg, progress=False)
     r = api.query(cfg, progress=False)
-    assert r.strategy == "bald:cold-start-diversity"
+    assert r.strategy == f"bald:cold-start-{cold_start}"
     with open(r.folder / "manifest.csv", newline="") as f:
         sources = [row["source_path"] for row in csv.DictReader(f)]
     labels = {tiny_data["truth"][s] for s in sources}
