@@ -596,6 +596,7 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MC
     strategy = q.strategy
     declared = acquisition.get_strategy(q.strategy)
     missing = [c for c in cfg.classes if not any(it.label == c for it in snap.labelled)]
+    notes: list[str] = []
     if q.cold_start != "off" and missing and declared.uses_model:
         # uncertainty from a model that never saw a class keeps asking about the classes it
         # knows; spread the round over the feature space instead until every class is seen
@@ -607,6 +608,11 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MC
                    rng=np.random.default_rng(seed), labelled_features=labelled_features)
         scores = acquisition.bald(np.asarray(mc.probs[idx], np.float32))
         strategy = f"{q.strategy}:cold-start-{q.cold_start}"
+        how = "typicality and coverage (TypiClust)" if q.cold_start == "typiclust" else \
+            "k-center diversity"
+        notes.append(f"no label yet for {', '.join(missing)}: chosen by {how} in the feature "
+                     f"space instead of {q.strategy} until every class has a label "
+                     f"(query.cold_start)")
     elif mc.top_index is not None:
         idx, scores = mc.top_index, mc.top_scores
     else:
@@ -629,7 +635,7 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MC
                           pool_size=len(mc.kept), score_seconds=seconds)
     _record_skipped(ws, mc.skipped)
     return QueryReport(round_no, folder, len(chosen), len(mc.kept), strategy, model_round,
-                       seconds, mc.skipped)
+                       seconds, mc.skipped, notes=notes)
 
 
 def ingest(cfg: Config, folder: str | Path) -> IngestResult:

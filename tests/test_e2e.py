@@ -182,6 +182,7 @@ def test_single_class_start_explores_the_feature_space(tmp_path, tiny_data, cold
     api.train(cfg, progress=False)
     r = api.query(cfg, progress=False)
     assert r.strategy == f"bald:cold-start-{cold_start}"
+    assert any(n.startswith("no label yet for pneumonia: chosen by") for n in r.notes)
     with open(r.folder / "manifest.csv", newline="") as f:
         sources = [row["source_path"] for row in csv.DictReader(f)]
     labels = {tiny_data["truth"][s] for s in sources}
@@ -189,7 +190,8 @@ def test_single_class_start_explores_the_feature_space(tmp_path, tiny_data, cold
     off = load_config(write_config(tmp_path), {"query.cold_start": "off"})
     (r.folder / "labels.csv").write_text("file,label\n")
     api.ingest(off, r.folder)
-    assert api.query(off, progress=False).strategy == "bald"
+    plain = api.query(off, progress=False)
+    assert plain.strategy == "bald" and not any("no label yet" in n for n in plain.notes)
 
 
 def test_unchanged_model_reuses_scores(tmp_path, tiny_data):
