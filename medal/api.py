@@ -589,6 +589,11 @@ def _sampling(cfg: Config, device: torch.device) -> tuple[str, int]:
     return mode, q.max_batch_items or (4096 if device.type == "cuda" else q.batch_size)
 
 
+# query.cold_start -> (selection in the feature space, how the query's note describes it)
+_COLD_START = {"typiclust": (acquisition.typiclust, "typicality and coverage (TypiClust)"),
+               "diversity": (acquisition.k_center_greedy, "k-center diversity")}
+
+
 def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MCModel,
                        device: torch.device, round_no: int, model_round: int, seed: int,
                        t0: float) -> QueryReport:
@@ -602,14 +607,11 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MC
         # knows; spread the round over the feature space instead until every class is seen
         xl, _, _, _ = _load(cfg, snap.labelled)
         _, labelled_features = mc_predict_tensors(model, xl, 2, device=device, seed=seed)
-        pick = acquisition.typiclust if q.cold_start == "typiclust" else \
-            acquisition.k_center_greedy
+        pick, how = _COLD_START[q.cold_start]
         idx = pick(np.asarray(mc.features, np.float32), q.budget,
                    rng=np.random.default_rng(seed), labelled_features=labelled_features)
         scores = acquisition.bald(np.asarray(mc.probs[idx], np.float32))
         strategy = f"{q.strategy}:cold-start-{q.cold_start}"
-        how = "typicality and coverage (TypiClust)" if q.cold_start == "typiclust" else \
-            "k-center diversity"
         notes.append(f"no label yet for {', '.join(missing)}: chosen by {how} in the feature "
                      f"space instead of {q.strategy} until every class has a label "
                      f"(query.cold_start)")
