@@ -56,7 +56,7 @@ EPILOG = """workflow:
   medal labels serve FOLDER         the labelling page for a round folder (local web page)
   medal simulate -c CONFIG --truth DIR --strategies bald,random ...   learning curves
 
-See README.md for the config reference."""
+See docs/configuration.md for the config reference."""
 
 
 def build_parser() -> argparse.ArgumentParser:
