@@ -457,6 +457,13 @@ class Inputs:
     """Spread the picks over predicted classes (per-image strategies only)."""
 
 
+def _required(features: np.ndarray | None, strategy: str) -> np.ndarray:
+    """The pool features a ``needs_features`` strategy was promised by the registry."""
+    if features is None:
+        raise ValueError(f"strategy {strategy!r} needs the pool's features (Inputs.features)")
+    return features
+
+
 Chooser = Callable[[np.ndarray, int, Inputs], tuple[np.ndarray, np.ndarray]]
 """``(probs [N, T, C] float64, k, inputs) -> (indices [K] int64, scores [K] float64)``,
 called with ``1 <= k <= N``."""
@@ -586,7 +593,8 @@ register_strategy("powerentropy", "power_sampling on predictive entropy; reporte
                    "features; reported scores are BALD", needs_features=True,
                    needs_labelled_features=True)
 def _coreset(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
-    idx = k_center_greedy(inputs.features, k, labelled_features=inputs.labelled_features,
+    idx = k_center_greedy(_required(inputs.features, "coreset"), k,
+                          labelled_features=inputs.labelled_features,
                           rng=inputs.rng)
     return idx, bald(p)[idx]
 
@@ -594,7 +602,7 @@ def _coreset(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndar
 @register_strategy("badge", "badge on the gradient embeddings; reported scores are BALD",
                    needs_features=True)
 def _badge(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
-    idx = badge(p, inputs.features, k, rng=inputs.rng)
+    idx = badge(p, _required(inputs.features, "badge"), k, rng=inputs.rng)
     return idx, bald(p)[idx]
 
 
@@ -602,7 +610,8 @@ def _badge(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarra
                    "reported scores are BALD", needs_features=True,
                    needs_labelled_features=True)
 def _typiclust(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
-    idx = typiclust(inputs.features, k, labelled_features=inputs.labelled_features,
+    idx = typiclust(_required(inputs.features, "typiclust"), k,
+                    labelled_features=inputs.labelled_features,
                     rng=inputs.rng)
     return idx, bald(p)[idx]
 

@@ -119,7 +119,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.channels, self.size, self.window, self.frame = channels, size, window, frame
         if (ids is None) != (cache_dir is None):
             raise ValueError("the decode cache needs both ids and cache_dir")
-        self.ids = list(ids) if ids is not None else None
+        self.ids: list[str] = list(ids) if ids is not None else []
         self.cache = DecodeCache(cache_dir, channels=channels, size=size, window=window,
                                  frame=frame) if cache_dir is not None else None
 
@@ -134,7 +134,8 @@ class ImageDataset(torch.utils.data.Dataset):
             if isinstance(hit, str):
                 return torch.zeros(self.channels, self.size, self.size), i, hit
         try:
-            frame = self.frames[i] if self.frames and self.frames[i] is not None else self.frame
+            fi = self.frames[i] if self.frames else None
+            frame = fi if fi is not None else self.frame
             x = to_tensor(load_image(self.paths[i], window=self.window,
                                      frame="middle" if frame == "all" else frame,
                                      min_size=DECODE_REDUCING_GAP * self.size),

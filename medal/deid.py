@@ -104,12 +104,14 @@ def basic_profile() -> dict[tuple[int, ...], str]:
 
 @functools.cache
 def _compiled() -> tuple[dict[int, str], list[tuple[int, int, int, int, str]]]:
-    exact, masked = {}, []
+    exact: dict[int, str] = {}
+    masked: list[tuple[int, int, int, int, str]] = []
     for row, code in basic_profile().items():
         if len(row) == 2:
             exact[(row[0] << 16) | row[1]] = code
         else:
-            masked.append((*row, code))
+            a, b, c, d = row
+            masked.append((a, b, c, d, code))
     return exact, masked
 
 

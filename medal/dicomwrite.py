@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 
 def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
@@ -27,7 +27,7 @@ def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROM
         raise ValueError(f"pixel values must fit {bits_stored} unsigned bits")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    def uid(kind: str) -> str:
+    def uid(kind: str) -> UID:
         return generate_uid(entropy_srcs=None if uid_source is None else [uid_source, kind])
 
     meta.MediaStorageSOPInstanceUID = uid("sop")

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -322,6 +322,8 @@ class ScoreCollector:
                  ids: Sequence[str] | None = None) -> None:
         self.store = None if out_dir is None else ScoreStore(out_dir)
         self.ids = None if ids is None else list(ids)
+        self.probs: np.ndarray
+        self.feats: np.ndarray
         if self.store is not None:
             self.probs, self.feats = self.store.allocate(n, T, C, D)
         else:
@@ -335,7 +337,7 @@ class ScoreCollector:
         self.probs[rows] = probs
         self.feats[rows] = feats
         self.ok[rows] = True
-        if self.best is not None:
+        if self.best is not None and self.score_fn is not None:
             self.best.update(self.score_fn(probs), rows)
 
     def reuse(self, stores: Sequence[ScoreStore], meta: dict[str, Any]) -> int:
@@ -363,8 +365,8 @@ class ScoreCollector:
         kept = np.flatnonzero(self.ok)
         probs, feats = self.probs, self.feats
         if self.store is not None:
-            probs.flush()
-            feats.flush()
+            cast(np.memmap, probs).flush()
+            cast(np.memmap, feats).flush()
             del probs, feats, self.probs, self.feats
             probs, feats = self.store.commit(kept, self.ids)
             if meta is not None:
@@ -417,5 +419,5 @@ class _seeded:
         self._fork.__enter__()
         torch.manual_seed(self.seed)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self._fork.__exit__(*exc)

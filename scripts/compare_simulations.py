@@ -15,48 +15,27 @@ validation labels included), as in results.csv. Only seeds present in both are c
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-from collections import defaultdict
+import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from medal.simulate import curve_area, read_curves, t_interval  # noqa: E402
 
-def curves(spec: str, metric: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """``{seed: (labels [R], metric [R])}`` for ``file[+file...]:strategy``; undefined points
-    (empty cells) are left out."""
-    files, strategy = spec.rsplit(":", 1)
-    pts: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    for f in files.split("+"):
-        with open(Path(f), newline="", encoding="utf-8") as fh:
-            for r in csv.DictReader(fh):
-                v = r.get(f"test/{metric}", "")
-                if r["strategy"] == strategy and v not in ("", "nan"):
-                    pts[int(r["seed"])].append((float(r["labels"]), float(v)))
-    out = {}
-    for seed, p in pts.items():
-        p.sort()
-        out[seed] = (np.array([a for a, _ in p]), np.array([b for _, b in p]))
-    return out
+curves = read_curves
 
 
 def area(x: np.ndarray, y: np.ndarray, lo: float, hi: float) -> float:
-    """Mean of the piecewise-linear curve over [lo, hi] (trapezoid area / width)."""
-    keep = (x >= lo) & (x <= hi)
-    xs, ys = x[keep], y[keep]
-    if len(xs) < 2:
-        return float("nan")
-    return float(np.trapezoid(ys, xs) / (xs[-1] - xs[0]))
+    """The curve's mean value over [lo, hi] labels (medal.simulate.curve_area)."""
+    return curve_area(x, y, lo, hi)
 
 
 def interval(d: np.ndarray) -> tuple[float, float, float]:
-    m = float(d.mean())
-    if len(d) < 2:
-        return m, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
-    return m, m - half, m + half
+    """Mean and 95% t interval over seeds (medal.simulate.t_interval; NaN bounds for n < 2)."""
+    m, lo, hi = t_interval(list(d))
+    return m, float("nan") if lo is None else lo, float("nan") if hi is None else hi
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{s:>4} {by[-1]:>9.3f}@{bx[-1]:<4.0f} {cy[-1]:>10.3f}@{cx[-1]:<4.0f} "
               f"{'never' if math.isnan(reach[-1]) else f'{reach[-1]:.0f}':>16} {ab:>10.4f} "
               f"{ac:>10.4f} {ac - ab:>+7.4f}")
-    m, l, h = interval(np.array(diffs))
+    m, low, high = interval(np.array(diffs))
     done = [r for r in reach if not math.isnan(r)]
     print(f"candidate reaches {target:.3f} in {len(done)} of {len(seeds)} seeds"
           + (f" (mean {np.mean(done):.0f} labels over those)" if done else ""))
-    print(f"area difference candidate - baseline: {m:+.4f} [{l:+.4f}, {h:+.4f}] (95% t "
+    print(f"area difference candidate - baseline: {m:+.4f} [{low:+.4f}, {high:+.4f}] (95% t "
           f"interval over {len(seeds)} seeds); positive in {sum(d > 0 for d in diffs)} of "
           f"{len(diffs)}")
     cand_last = np.array([cand[s][1][-1] for s in seeds])

@@ -331,7 +331,8 @@ def test_undefined_metrics_are_left_out_with_a_note(tmp_path):
     # every point undefined: a note, no table, no crash
     none = [dict(r, **{"test/auroc": None}) for r in rows]
     assert "test AUROC is undefined at 6 of 6 points" in sim.summarise(none)
-    assert sim._fmt_value(None) == sim._fmt_value(float("nan")) == sim._fmt_value("") == "–"
+    fmt = sim.format_metric
+    assert fmt(None) == fmt(float("nan")) == fmt("") == "–"
     # a metric no row records is not "undefined"
     assert sim.undefined_points(rows, "test/ece") == []
 
@@ -369,7 +370,7 @@ def test_single_class_start_runs(sim_setup, capsys):
     assert len(start) == 4 and {s["label"] for s in start} == {"pneumonia"}
     assert [row["labels"] for row in r.rows] == [4, 8] and not r.failures
     assert [row["labels_holdout"] for row in r.rows] == [1, 1]
-    assert all(sim._value(row["validation/auroc"]) is None for row in r.rows)
+    assert all(sim.parse_metric(row["validation/auroc"]) is None for row in r.rows)
     written = list(csv.DictReader(open(sim_setup["out"] / "results.csv", newline="")))
     assert [row["validation/auroc"] for row in written] == ["", ""]
     assert all(row["test/auroc"] for row in written)
