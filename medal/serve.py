@@ -95,6 +95,44 @@ class RoundImage:
     probs: dict[str, str]
 
 
+def lock_file(labels_path: Path) -> Path:
+    """The lock file of a labels file: ``.<name>.lock`` beside it."""
+    return labels_path.with_name(f".{labels_path.name}.lock")
+
+
+@contextlib.contextmanager
+def labels_lock(labels_path: Path, *, to_write: bool = True) -> Iterator[None]:
+    """Hold the OS lock (``flock``) on ``labels_path``'s :func:`lock_file` across processes:
+    every save of the labels page is a read-modify-write under it (a reader such as ingest
+    that takes it sees no save half-way). The OS drops the lock of a killed process. Waits up
+    to :data:`LOCK_TIMEOUT` seconds, then raises :class:`LabellingError`. Not ``to_write``
+    (only reading): a folder where the lock file cannot be created is read unlocked."""
+    path = lock_file(labels_path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if to_write:
+            raise LabellingError(f"{path}: cannot create the lock file: {e.strerror or e}") \
+                from None
+        fd = -1
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LabellingError(f"{labels_path}: another labelling page has been "
+                                         f"saving for over {LOCK_TIMEOUT:g} s; try again"
+                                         ) from None
+                time.sleep(0.01)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)  # releases the flock
+
+
 class RoundIngested(LabellingError):
     """A save refused because the round was already ingested (the page turns read-only)."""
 
@@ -136,7 +174,7 @@ class RoundBook:
         self.classes = list(found)
         self.allowed = {c.lower(): c for c in self.classes} | {UNSURE: UNSURE}
         self.by_file = {im.file: im for im in self.images}
-        self.lock_path = folder / f".{self.labels_path.name}.lock"
+        self.lock_path = lock_file(self.labels_path)
         # the workspace whose ledger says whether this round was ingested: the config's, else
         # the one the folder sits in (<workspace>/labelling/round-NNN)
         if workspace is None and folder.parent.name == "labelling":
@@ -172,7 +210,7 @@ class RoundBook:
             i = col.get(name)
             return row[i].strip() if i is not None and i < len(row) else ""
 
-        images = []
+        images: list[RoundImage] = []
         for n, row in rows:
             name = cell(row, "file")
             if not name:
@@ -276,34 +314,10 @@ class RoundBook:
     # --- writing --------------------------------------------------------------------------
     @contextlib.contextmanager
     def locked(self, *, to_write: bool = True) -> Iterator[None]:
-        """Hold the labels file's lock: this process's threads and other processes (``flock``
-        on ``.<labels file>.lock``; released by the OS if the holder dies). Waits up to
-        :data:`LOCK_TIMEOUT` seconds, then raises :class:`LabellingError`. Not ``to_write``
-        (only reading): a folder where the lock file cannot be created is read unlocked."""
-        with self._lock:
-            try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-            except OSError as e:
-                if not to_write:
-                    yield
-                    return
-                raise LabellingError(f"{self.lock_path}: cannot create the lock file: "
-                                     f"{e.strerror or e}") from None
-            try:
-                deadline = time.monotonic() + LOCK_TIMEOUT
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            raise LabellingError(
-                                f"{self.labels_path}: another labelling page has been saving "
-                                f"for over {LOCK_TIMEOUT:g} s; try again") from None
-                        time.sleep(0.01)
-                yield
-            finally:
-                os.close(fd)  # releases the flock
+        """Hold the labels file's lock (:func:`labels_lock`) for this process's threads and
+        for other processes."""
+        with self._lock, labels_lock(self.labels_path, to_write=to_write):
+            yield
 
     def set(self, file: str, *, label: str | None = None,
             comment: str | None = None) -> dict[str, str]:
@@ -478,7 +492,9 @@ def window_presets(meta: dict[str, Any]) -> list[dict[str, Any]]:
     elif meta["modality"] in PROJECTION_MODALITIES and meta["channels"] == 1:
         # dark on screen (air-filled lung) is low values in MONOCHROME2, high in MONOCHROME1
         mono1 = meta["photometric"] == "MONOCHROME1"
-        for name, lo, hi in (("lung", 1, 60), ("mediastinum", 30, 95), ("bone", 50, 99.5)):
+        spans: tuple[tuple[str, float, float], ...] = (
+            ("lung", 1, 60), ("mediastinum", 30, 95), ("bone", 50, 99.5))
+        for name, lo, hi in spans:
             if mono1:
                 lo, hi = 100 - hi, 100 - lo
             span(name, p[f"{lo:g}"], p[f"{hi:g}"])

@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from test_serve import exported, read_labels, start_server, sync_playwright
 
 pytestmark = pytest.mark.browser
