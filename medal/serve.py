@@ -14,6 +14,19 @@ Each decision rewrites the labels file atomically (temporary file, fsync, ``os.r
 stopped server or a closed browser loses nothing, and reopening resumes from the file. Rows and
 columns the page does not own (an ``annotator`` column, rows typed in a spreadsheet) are kept.
 
+Concurrency: every save re-reads the labels file and rewrites it while holding an OS lock
+(``flock`` on ``.labels.csv.lock`` beside it), so several servers (processes) and tabs on one
+round folder lose no decision; the OS drops a killed server's lock. Each answer carries the
+file's version; a tab whose view is stale is told so and gets all labels (the page also polls).
+Readers with ``--annotator NAME`` write ``labels_NAME.csv`` each, independently.
+
+Ingested rounds: once the workspace's ledger says the round was ingested (asked on every save
+and state request, so also when ``medal ingest`` runs while the page is open) saves are refused
+(409) and the page turns read-only: a change would not reach the ledger.
+
+The page counts a decision, and moves on, only after the server confirmed it; an unsaved one is
+marked NOT SAVED and retried.
+
 Safety: the server binds 127.0.0.1 unless told otherwise; every request must carry the random
 token printed in the address (as Jupyter does), else it gets 403; it reads only files that
 manifest.csv lists, inside the round folder; the page loads nothing from the internet (the
