@@ -424,3 +424,25 @@ def _defined(v: float | None) -> float | None:
         return None
     v = float(v)
     return v if math.isfinite(v) else None
+
+
+def round_ingest_state(path: Path, round_no: int) -> tuple[float | None, set[str]] | None:
+    """Read-only look at round ``round_no`` in the ledger at ``path``: ``(ingested_at or None,
+    the exported file names)``; ``None`` when there is no such ledger or round. Opens the file
+    read-only and writes nothing, so a process that is not a medal command (the labelling
+    page) can ask while ``medal ingest`` runs."""
+    if not Path(path).is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True,
+                             timeout=10.0)
+        try:
+            row = db.execute("SELECT ingested_at FROM rounds WHERE round=?",
+                             (round_no,)).fetchone()
+            files = {r[0] for r in db.execute("SELECT file FROM selections WHERE round=?",
+                                              (round_no,))}
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        raise WorkspaceError(f"{path}: cannot be read: {e}") from None
+    return None if row is None else (row[0], files)

@@ -14,6 +14,19 @@ Each decision rewrites the labels file atomically (temporary file, fsync, ``os.r
 stopped server or a closed browser loses nothing, and reopening resumes from the file. Rows and
 columns the page does not own (an ``annotator`` column, rows typed in a spreadsheet) are kept.
 
+Concurrency: every save re-reads the labels file and rewrites it while holding an OS lock
+(``flock`` on ``.labels.csv.lock`` beside it), so several servers (processes) and tabs on one
+round folder lose no decision; the OS drops a killed server's lock. Each answer carries the
+file's version; a tab whose view is stale is told so and gets all labels (the page also polls).
+Readers with ``--annotator NAME`` write ``labels_NAME.csv`` each, independently.
+
+Ingested rounds: once the workspace's ledger says the round was ingested (asked on every save
+and state request, so also when ``medal ingest`` runs while the page is open) saves are refused
+(409) and the page turns read-only: a change would not reach the ledger.
+
+The page counts a decision, and moves on, only after the server confirmed it; an unsaved one is
+marked NOT SAVED and retried.
+
 Safety: the server binds 127.0.0.1 unless told otherwise; every request must carry the random
 token printed in the address (as Jupyter does), else it gets 403; it reads only files that
 manifest.csv lists, inside the round folder; the page loads nothing from the internet (the
@@ -30,14 +43,19 @@ and server; the page needs no template engine or ORM.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
+import hashlib
 import json
 import os
 import re
 import secrets
+import shlex
 import socket
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -45,15 +63,20 @@ from typing import Any
 
 import numpy as np
 
-from .scan import iter_csv, short
 from .errors import DataError, ImageReadError, LabellingError, MedalError
 from .io import load_image, read_dicom_frame, sniff_format
 from .labelling import LABELS, neutralise, round_number
-from .workspace import UNSURE
+from .ledger import round_ingest_state
+from .scan import iter_csv, short
+from .workspace import UNSURE, ledger_file
 
 INSTALL_HINT = "pip install 'medal-al[serve]'"
 MANIFEST = "manifest.csv"
 MAX_COMMENT = 2000
+LOCK_TIMEOUT = 20.0
+"""Seconds a save waits for another process's save of the same labels file."""
+MAX_BODY = 64 * 1024
+"""Largest ``POST /api/label`` body (bytes): a file name, a label and a comment fit easily."""
 """Longest comment kept (characters); ingest refuses cells over 128 KiB."""
 _ANNOTATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _FRAME_IN_NAME = re.compile(r"_f(\d+)\.[A-Za-z0-9]+$")
@@ -85,16 +108,65 @@ class RoundImage:
     probs: dict[str, str]
 
 
+def lock_file(labels_path: Path) -> Path:
+    """The lock file of a labels file: ``.<name>.lock`` beside it."""
+    return labels_path.with_name(f".{labels_path.name}.lock")
+
+
+@contextlib.contextmanager
+def labels_lock(labels_path: Path, *, to_write: bool = True) -> Iterator[None]:
+    """Hold the OS lock (``flock``) on ``labels_path``'s :func:`lock_file` across processes:
+    every save of the labels page is a read-modify-write under it (a reader such as ingest
+    that takes it sees no save half-way). The OS drops the lock of a killed process. Waits up
+    to :data:`LOCK_TIMEOUT` seconds, then raises :class:`LabellingError`. Not ``to_write``
+    (only reading): a folder where the lock file cannot be created is read unlocked."""
+    path = lock_file(labels_path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if to_write:
+            raise LabellingError(f"{path}: cannot create the lock file: {e.strerror or e}") \
+                from None
+        fd = -1
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LabellingError(f"{labels_path}: another labelling page has been "
+                                         f"saving for over {LOCK_TIMEOUT:g} s; try again"
+                                         ) from None
+                time.sleep(0.01)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)  # releases the flock
+
+
+class RoundIngested(LabellingError):
+    """A save refused because the round was already ingested (the page turns read-only)."""
+
+
 class RoundBook:
     """The images of one round folder and the labels file the page writes.
 
     ``classes`` (a config's) must match the ``p_<class>`` columns of manifest.csv; without them
     the classes are read from those columns. ``annotator`` selects ``labels_<annotator>.csv``
-    instead of ``labels.csv``.
+    instead of ``labels.csv``. ``workspace`` (default: the folder's own, when the folder is
+    ``<workspace>/labelling/round-NNN``) is where the ledger tells whether the round was
+    ingested.
+
+    Every save is a read-modify-write of the labels file on disk under :meth:`locked`, an OS
+    lock (``flock``) on ``.<labels file>.lock`` beside it, so any number of servers (processes)
+    and tabs on one folder never lose each other's decisions; the OS drops the lock of a killed
+    process. :attr:`version` names the file's content, so a page learns when its view is stale.
     """
 
     def __init__(self, folder: str | Path, classes: Sequence[str] | None = None,
-                 annotator: str | None = None) -> None:
+                 annotator: str | None = None, workspace: str | Path | None = None) -> None:
         folder = Path(folder).absolute()
         if not folder.is_dir():
             raise LabellingError(f"round folder not found: {folder}")
@@ -115,6 +187,12 @@ class RoundBook:
         self.classes = list(found)
         self.allowed = {c.lower(): c for c in self.classes} | {UNSURE: UNSURE}
         self.by_file = {im.file: im for im in self.images}
+        self.lock_path = lock_file(self.labels_path)
+        # the workspace whose ledger says whether this round was ingested: the config's, else
+        # the one the folder sits in (<workspace>/labelling/round-NNN)
+        if workspace is None and folder.parent.name == "labelling":
+            workspace = folder.parent.parent
+        self.ledger_path = None if workspace is None else ledger_file(Path(workspace))
         self._lock = threading.Lock()
         self._check_labels_file()
 
@@ -145,7 +223,7 @@ class RoundBook:
             i = col.get(name)
             return row[i].strip() if i is not None and i < len(row) else ""
 
-        images = []
+        images: list[RoundImage] = []
         for n, row in rows:
             name = cell(row, "file")
             if not name:
@@ -200,7 +278,9 @@ class RoundBook:
         """``{file: {"label": ..., "comment": ...}}`` for every image of the round, as the labels
         file says now (``label`` is the class name as configured, ``unsure``, ``""``, or the
         text found when it is not an allowed label)."""
-        header, rows = self._read_rows()
+        return self._labels_of(*self._read_rows())
+
+    def _labels_of(self, header: list[str], rows: list[list[str]]) -> dict[str, dict[str, str]]:
         lower = [h.lower() for h in header]
         fi, li = lower.index("file"), lower.index("label")
         ci = lower.index("comment") if "comment" in lower else None
@@ -216,12 +296,56 @@ class RoundBook:
             out[name] = {"label": self.allowed.get(raw.lower(), raw), "comment": comment}
         return out
 
+    def version(self) -> str:
+        """A name for the labels file's current content (``"0"``: no file yet): it changes with
+        every save, whichever server or tab made it."""
+        try:
+            return hashlib.sha256(self.labels_path.read_bytes()).hexdigest()[:16]
+        except FileNotFoundError:
+            return "0"
+        except OSError as e:
+            raise LabellingError(f"{self.labels_path}: cannot be read: {e.strerror or e}") \
+                from None
+
+    def ingested(self) -> str | None:
+        """Why the page is read-only: the round was ingested (the workspace's ledger says so,
+        asked afresh on every call), else ``None``. A ledger whose round lists other files
+        is not this folder's workspace and is ignored."""
+        if self.ledger_path is None:
+            return None
+        try:
+            state = round_ingest_state(self.ledger_path, self.round)
+        except MedalError as e:
+            raise LabellingError(f"cannot tell whether round {self.round:03d} was ingested: "
+                                 f"{e}") from None
+        if state is None or state[0] is None or state[1] != set(self.by_file):
+            return None
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(state[0]))
+        return (f"round {self.round:03d} was ingested on {when}; this page is read-only (a "
+                f"change made now would not reach the ledger)")
+
     # --- writing --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self, *, to_write: bool = True) -> Iterator[None]:
+        """Hold the labels file's lock (:func:`labels_lock`) for this process's threads and
+        for other processes."""
+        with self._lock, labels_lock(self.labels_path, to_write=to_write):
+            yield
+
     def set(self, file: str, *, label: str | None = None,
             comment: str | None = None) -> dict[str, str]:
         """Record one decision and rewrite the labels file atomically; returns the image's
         entry as read back. ``label``: a class (any case), ``unsure`` or ``""`` (clear: the
         image returns to the pool); ``None`` keeps it. ``comment``: ``None`` keeps it."""
+        saved = self.save(file, label=label, comment=comment)
+        return {"label": saved["label"], "comment": saved["comment"]}
+
+    def save(self, file: str, *, label: str | None = None, comment: str | None = None,
+             seen: str | None = None) -> dict[str, Any]:
+        """:meth:`set`, for the page: ``{file, label, comment, version}``, the version after
+        the save. ``seen``: the version the page last knew; when another save came in between
+        (another tab or server), the answer also has ``stale: true`` and all ``labels``.
+        Refused once the round was ingested (:meth:`ingested`)."""
         if file not in self.by_file:
             raise LabellingError(f"{short(file)} is not an image of round {self.round:03d}")
         if label is not None:
@@ -232,27 +356,41 @@ class RoundBook:
             label = canonical or ""
         if comment is not None:
             comment = neutralise(" ".join(comment.split())[:MAX_COMMENT])
-        with self._lock:
-            header, rows = self._read_rows()
-            lower = [h.lower() for h in header]
-            if "comment" not in lower:
-                header.append("comment")
-                lower.append("comment")
-            fi, li, ci = lower.index("file"), lower.index("label"), lower.index("comment")
-            width = len(header)
-            rows = [r + [""] * (width - len(r)) for r in rows if any(c.strip() for c in r)]
-            present = {self._key(r[fi]) for r in rows}
-            rows += [[im.file if i == fi else "" for i in range(width)]
-                     for im in self.images if im.file not in present]
-            for row in rows:
-                if self._key(row[fi]) == file:
-                    if label is not None:
-                        row[li] = label
-                    if comment is not None:
-                        row[ci] = comment
-                    break
+        with self.locked():
+            why = self.ingested()
+            if why is not None:
+                raise RoundIngested(why)
+            before = self.version()
+            header, rows = self._updated(file, label, comment)
             self._write([header, *rows])
-        return self.labels()[file]
+            out: dict[str, Any] = {"file": file, **self._labels_of(header, rows)[file],
+                                   "version": self.version()}
+            if seen is not None and seen != before:
+                out |= {"stale": True, "labels": self._labels_of(header, rows)}
+        return out
+
+    def _updated(self, file: str, label: str | None, comment: str | None
+                 ) -> tuple[list[str], list[list[str]]]:
+        """The labels file as read now, with ``file``'s row changed (every image has a row)."""
+        header, rows = self._read_rows()
+        lower = [h.lower() for h in header]
+        if "comment" not in lower:
+            header.append("comment")
+            lower.append("comment")
+        fi, li, ci = lower.index("file"), lower.index("label"), lower.index("comment")
+        width = len(header)
+        rows = [r + [""] * (width - len(r)) for r in rows if any(c.strip() for c in r)]
+        present = {self._key(r[fi]) for r in rows}
+        rows += [[im.file if i == fi else "" for i in range(width)]
+                 for im in self.images if im.file not in present]
+        for row in rows:
+            if self._key(row[fi]) == file:
+                if label is not None:
+                    row[li] = label
+                if comment is not None:
+                    row[ci] = comment
+                break
+        return header, rows
 
     def _write(self, rows: list[list[str]]) -> None:
         target = self.labels_path
@@ -279,7 +417,8 @@ class RoundBook:
     def state(self, show_predictions: bool) -> dict[str, Any]:
         """Everything the page needs except pixels. Without ``show_predictions`` the model's
         prediction and score are left out of the response itself (blind labelling)."""
-        labels = self.labels()
+        with self.locked(to_write=False):  # the labels and their version from one file
+            labels, version = self.labels(), self.version()
         images = []
         for im in self.images:
             entry: dict[str, Any] = {"file": im.file, "rank": im.rank, "frame": im.frame,
@@ -290,7 +429,7 @@ class RoundBook:
         return {"round": self.round, "folder": self.folder.name, "classes": self.classes,
                 "unsure": UNSURE, "labels_file": self.labels_path.name,
                 "annotator": self.annotator, "show_predictions": show_predictions,
-                "images": images}
+                "version": version, "read_only": self.ingested(), "images": images}
 
     def image_path(self, file: str) -> Path:
         """The file of an image the manifest lists, inside the round folder; anything else is
@@ -366,7 +505,9 @@ def window_presets(meta: dict[str, Any]) -> list[dict[str, Any]]:
     elif meta["modality"] in PROJECTION_MODALITIES and meta["channels"] == 1:
         # dark on screen (air-filled lung) is low values in MONOCHROME2, high in MONOCHROME1
         mono1 = meta["photometric"] == "MONOCHROME1"
-        for name, lo, hi in (("lung", 1, 60), ("mediastinum", 30, 95), ("bone", 50, 99.5)):
+        spans: tuple[tuple[str, float, float], ...] = (
+            ("lung", 1, 60), ("mediastinum", 30, 95), ("bone", 50, 99.5))
+        for name, lo, hi in spans:
             if mono1:
                 lo, hi = 100 - hi, 100 - lo
             span(name, p[f"{lo:g}"], p[f"{hi:g}"])
@@ -410,9 +551,17 @@ def _require_stack() -> tuple[Any, Any]:
     return starlette, uvicorn
 
 
-def build_app(book: RoundBook, token: str, *, show_predictions: bool = False) -> Any:
+def ingest_command(folder: Path, config: Path | None) -> str:
+    """The command that ingests ``folder``, as the page's done banner shows it (``-c CONFIG``
+    with the config's real path when the server was given one)."""
+    cfg = shlex.quote(str(Path(config).absolute())) if config is not None else "CONFIG"
+    return f"medal ingest -c {cfg} {shlex.quote(str(folder))}"
+
+
+def build_app(book: RoundBook, token: str, *, show_predictions: bool = False,
+              config: Path | None = None) -> Any:
     """The ASGI app for ``book``; every request needs ``token`` (query ``?token=`` or header
-    ``X-Medal-Token``), else 403."""
+    ``X-Medal-Token``), else 403. ``config``: the config file the server was started with."""
     _require_stack()
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -420,6 +569,7 @@ def build_app(book: RoundBook, token: str, *, show_predictions: bool = False) ->
     from starlette.routing import Route
 
     html = page_html()
+    command = ingest_command(book.folder, config)
 
     def headers(nonce: str | None = None) -> dict[str, str]:
         script = f"'nonce-{nonce}'" if nonce else "'none'"
@@ -440,27 +590,27 @@ def build_app(book: RoundBook, token: str, *, show_predictions: bool = False) ->
 
     def state(request: Request) -> Response:  # sync: Starlette runs it in a thread
         try:
-            return JSONResponse(book.state(show_predictions), headers=headers())
+            return JSONResponse({**book.state(show_predictions), "ingest_command": command},
+                                headers=headers())
         except MedalError as e:
             return error(e, 409)
 
     async def label(request: Request) -> Response:
         try:
-            body = await request.json()
-        except ValueError:
-            return error(MedalError("the request body is not JSON"))
-        if (not isinstance(body, dict) or not isinstance(body.get("file"), str)
-                or not all(isinstance(body.get(k), (str, type(None)))
-                           for k in ("label", "comment"))):
-            return error(MedalError("expected {file, label?, comment?} as strings"))
+            body = decision(await request.body())
+        except MedalError as e:
+            return error(e)
         from starlette.concurrency import run_in_threadpool
 
         try:
-            entry = await run_in_threadpool(book.set, body["file"], label=body.get("label"),
-                                            comment=body.get("comment"))
+            saved = await run_in_threadpool(book.save, body["file"], label=body.get("label"),
+                                            comment=body.get("comment"),
+                                            seen=body.get("version"))
+        except RoundIngested as e:
+            return error(e, 409)
         except MedalError as e:
             return error(e)
-        return JSONResponse({"file": body["file"], **entry}, headers=headers())
+        return JSONResponse(saved, headers=headers())
 
     def pixels(request: Request) -> Response:
         frame = request.query_params.get("frame")
@@ -480,6 +630,24 @@ def build_app(book: RoundBook, token: str, *, show_predictions: bool = False) ->
                             Route("/api/label", label, methods=["POST"]),
                             Route("/api/pixels", pixels)])
     return TokenGate(app, token)
+
+
+def decision(raw: bytes) -> dict[str, Any]:
+    """The body of ``POST /api/label``: a JSON object ``{file, label?, comment?, version?}`` of
+    strings; anything else is a :class:`MedalError` with a one-line reason."""
+    if len(raw) > MAX_BODY:
+        raise MedalError(f"the request body is {len(raw)} bytes; at most {MAX_BODY} are taken")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else "not JSON"
+        raise MedalError(f"the request body is {what}; expected {{file, label?, comment?}}") \
+            from None
+    if (not isinstance(body, dict) or not isinstance(body.get("file"), str)
+            or not all(isinstance(body.get(k), (str, type(None)))
+                       for k in ("label", "comment", "version"))):
+        raise MedalError("expected {file, label?, comment?, version?} as strings")
+    return body
 
 
 class TokenGate:
@@ -517,11 +685,13 @@ class LabellingServer:
 
     def __init__(self, folder: str | Path, *, classes: Sequence[str] | None = None,
                  annotator: str | None = None, show_predictions: bool = False,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, workspace: Path | None = None,
+                 config: Path | None = None) -> None:
         _, self._uvicorn = _require_stack()
-        self.book = RoundBook(folder, classes, annotator)
+        self.book = RoundBook(folder, classes, annotator, workspace)
         self.token = secrets.token_urlsafe(24)
-        self.app = build_app(self.book, self.token, show_predictions=show_predictions)
+        self.app = build_app(self.book, self.token, show_predictions=show_predictions,
+                             config=config)
         self.host = host
         try:
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
@@ -555,9 +725,13 @@ class LabellingServer:
 def serve(folder: str | Path, cfg: Any = None, *, annotator: str | None = None,
           host: str = "127.0.0.1", port: int = 0) -> LabellingServer:
     """A :class:`LabellingServer` for ``folder``; ``cfg`` (optional) gives the classes and
-    ``labelling.show_predictions``. Call ``.run()`` to serve."""
+    ``labelling.show_predictions``, and its workspace's ledger tells whether the round was
+    ingested (without it: the workspace the folder sits in, if any). Call ``.run()`` to
+    serve."""
     return LabellingServer(folder, classes=None if cfg is None else cfg.classes,
                            annotator=annotator,
                            show_predictions=bool(cfg is not None
                                                  and cfg.labelling.show_predictions),
-                           host=host, port=port)
+                           host=host, port=port,
+                           workspace=None if cfg is None else cfg.workspace,
+                           config=None if cfg is None else cfg.path)

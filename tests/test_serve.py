@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
 from conftest import make_image, save, write_config
+
 from medal.cli import main
 from medal.config import load_config
 from medal.dicomwrite import write_dicom
@@ -312,7 +312,9 @@ def test_every_request_needs_the_token_and_only_round_images_are_read(served, tm
     assert request(f"{base}/api/pixels?file={files[0]}", token=token)[0] == 200
     status, body, _ = request(base + "/api/label", token=token,
                               body={"file": files[0], "label": "normal"})
-    assert json.loads(body) == {"file": files[0], "label": "normal", "comment": ""}
+    saved = json.loads(body)
+    assert saved.pop("version") == server.book.version()
+    assert saved == {"file": files[0], "label": "normal", "comment": ""}
     assert request(base + "/api/label", token=token,
                    body={"file": files[0], "label": "cat"})[0] == 400
     assert read_labels(folder / "labels.csv")[0]["label"] == "normal"
