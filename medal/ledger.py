@@ -300,13 +300,13 @@ class Ledger:
             "(SELECT MAX(seq) FROM labels GROUP BY image_id)")
         return {r["image_id"]: r["label"] for r in rows if r["label"]}
 
-    def labels(self, round: int | None = None) -> list[LabelRecord]:
+    def labels(self, round_no: int | None = None) -> list[LabelRecord]:
         q = ("SELECT image_id, label, round, source, annotator, origin, created_at, comment "
              "FROM labels")
         args: tuple[Any, ...] = ()
-        if round is not None:
+        if round_no is not None:
             q += " WHERE round=?"
-            args = (round,)
+            args = (round_no,)
         return [LabelRecord(**dict(r)) for r in self._db.execute(q + " ORDER BY seq", args)]
 
     def add_labels(self, rows: Sequence[LabelRecord]) -> None:
@@ -314,11 +314,11 @@ class Ledger:
         with self.transaction() as db:
             self._add_labels(db, rows)
 
-    def record_ingest(self, round: int, rows: Sequence[LabelRecord], when: float) -> None:
+    def record_ingest(self, round_no: int, rows: Sequence[LabelRecord], when: float) -> None:
         """A round's labels and its ingest time, in one transaction."""
         with self.transaction() as db:
             self._add_labels(db, rows)
-            db.execute("UPDATE rounds SET ingested_at=? WHERE round=?", (when, round))
+            db.execute("UPDATE rounds SET ingested_at=? WHERE round=?", (when, round_no))
 
     @staticmethod
     def _add_labels(db: sqlite3.Connection, rows: Sequence[LabelRecord]) -> None:
@@ -370,8 +370,9 @@ class Ledger:
                 [(s.round, s.image_id, s.rank, s.file, s.score, s.predicted, json.dumps(s.probs),
                   s.sha256 or s.image_id) for s in selections])
 
-    def selections(self, round: int) -> list[Selection]:
-        rows = self._db.execute("SELECT * FROM selections WHERE round=? ORDER BY rank", (round,))
+    def selections(self, round_no: int) -> list[Selection]:
+        rows = self._db.execute("SELECT * FROM selections WHERE round=? ORDER BY rank",
+                                (round_no,))
         return [Selection(round=r["round"], image_id=r["image_id"], rank=r["rank"],
                           file=r["file"], score=r["score"], predicted=r["predicted"],
                           probs=tuple(json.loads(r["probs"])), sha256=r["sha256"])
@@ -385,16 +386,17 @@ class Ledger:
         return {r["image_id"] for r in rows}
 
     # --- models and metrics -------------------------------------------------------------------
-    def record_model(self, round: int, checkpoint: str, parent: int | None, n_labels: int,
+    def record_model(self, round_no: int, checkpoint: str, parent: int | None, n_labels: int,
                      epochs: int, train_seconds: float, metrics: dict[str, dict[str, float]]
                      ) -> None:
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO models(round, checkpoint, parent, n_labels, epochs, "
                        "train_seconds, created_at) VALUES (?,?,?,?,?,?,?)",
-                       (round, checkpoint, parent, n_labels, epochs, train_seconds, time.time()))
-            db.execute("DELETE FROM metrics WHERE round=?", (round,))
+                       (round_no, checkpoint, parent, n_labels, epochs, train_seconds,
+                        time.time()))
+            db.execute("DELETE FROM metrics WHERE round=?", (round_no,))
             db.executemany("INSERT INTO metrics(round, split, name, value) VALUES (?,?,?,?)",
-                           [(round, split, name, _defined(v)) for split, d in metrics.items()
+                           [(round_no, split, name, _defined(v)) for split, d in metrics.items()
                             for name, v in d.items()])
 
     _MODEL_COLUMNS = "round, checkpoint, parent, n_labels, epochs, train_seconds, created_at"

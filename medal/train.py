@@ -507,13 +507,13 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int,
 
 
 # --- checkpoints ----------------------------------------------------------------------------
-def save_checkpoint(path: Path, model: MCModel, cfg: Config, round: int,
+def save_checkpoint(path: Path, model: MCModel, cfg: Config, round_no: int,
                     extra: dict[str, Any] | None = None) -> None:
     """Weights + effective config + class names + medal version, written atomically."""
     payload = {"state_dict": model.state_dict(), "config": cfg.to_dict(),
                "classes": list(cfg.classes), "model_name": cfg.model.name,
                "channels": cfg.model.channels, "features": model.features_mode,
-               "medal_version": __version__, "round": round,
+               "medal_version": __version__, "round": round_no,
                **(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -17,7 +17,7 @@ def test_labels_are_append_only_and_latest_wins(tmp_path):
         db.add_labels([LabelRecord("a", "pneumonia", 2, "labels.csv", None, "z", 3.0)])
         assert db.current_labels() == {"a": "pneumonia", "b": "pneumonia"}
         assert [r.label for r in db.labels() if r.image_id == "a"] == ["normal", "pneumonia"]
-        assert [r.image_id for r in db.labels(round=1)] == ["b"]
+        assert [r.image_id for r in db.labels(round_no=1)] == ["b"]
 
 
 def test_transaction_rolls_back_on_error(tmp_path):
