@@ -183,8 +183,10 @@ class LabellingConfig:
     preview_size: int = 512
     """Longest side of the previews, in pixels."""
     show_predictions: bool = False
-    """The labelling page (``medal labels serve``) shows the model's prediction and score.
-    Off by default: readers label blind, as automation bias is real in radiology."""
+    """The labelling page (``medal labels serve``) and the round folder (``index.html``,
+    ``manifest.csv``) show the model's prediction, probabilities and score. Off by default:
+    readers label blind, as automation bias is real in radiology; the workspace keeps them
+    (``labelling/manifests/round-NNN.csv``)."""
 
 
 @dataclass(frozen=True)

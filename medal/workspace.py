@@ -8,7 +8,7 @@
                   round-000.partial.pt   resume state of a training in progress
       labelling/round-001/     folders handed to radiologists
                 .round-001.tmp/          a round folder being written (export)
-                manifests/round-001.csv  manifest with source paths (de-identified rounds)
+                manifests/round-001.csv  full manifest: sources, scores, predictions
       scores/round-001/        the pool's stored MC-dropout scores for round 1
       cache/                   decoded images; cache/representation/ pretrained backbones
       skipped.csv              files that could not be read, and why
@@ -82,7 +82,8 @@ def cache_dir(root: Path) -> Path:
 
 
 def kept_manifest(root: Path, round_no: int) -> Path:
-    """The manifest with source paths that a de-identified round keeps in the workspace."""
+    """The full manifest of a round (source paths, scores, predictions, probabilities) that
+    the workspace keeps; the round folder's own lacks some of it (blind, de-identified)."""
     return Path(root) / "labelling" / "manifests" / f"{round_name(round_no)}.csv"
 
 
