@@ -570,7 +570,7 @@ def _zero_label_query(ws: Workspace, cfg: Config, snap: Any, device: torch.devic
                           pool_size=len(kept), score_seconds=time.perf_counter() - t0)
     _record_skipped(ws, skipped)
     return QueryReport(round_no, folder, len(chosen), len(kept), strategy, -1,
-                       time.perf_counter() - t0, skipped)
+                       time.perf_counter() - t0, skipped, notes=list(snap.notes))
 
 
 def _scores_key(cfg: Config, model_rec: ModelRecord, mode: str) -> dict[str, Any]:

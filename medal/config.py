@@ -31,8 +31,8 @@ class DataConfig:
     ``medal simulate``, which makes its own pool from ``--truth``."""
     labelled: Path | None = None
     """Folder with one subfolder per class, or a CSV with columns ``file,label``. Optional:
-    without it (no label yet), ``medal query`` chooses the first round from the pool alone
-    (needs ``representation.method = "simclr"``)."""
+    without it, or with its class subfolders still empty (no label yet), ``medal query``
+    chooses the first round from the pool alone (needs ``representation.method = "simclr"``)."""
     validation: Path | None = None
     """Optional; same forms as ``labelled``. Used to pick the best epoch and report metrics."""
     test: Path | None = None

@@ -507,13 +507,15 @@ class Workspace:
         skipped: dict[Path, str] = {}
         found: dict[str, list[str]] = {}  # content id -> every path scanned with it
 
-        def items(source: Path | None, labelled: bool, dedupe: bool = True) -> list[Item]:
+        def items(source: Path | None, labelled: bool, dedupe: bool = True,
+                  empty_ok: bool = False) -> list[Item]:
             """Scanned files as items; with ``dedupe``, one item per content id."""
             if source is None:
                 return []
             seen: dict[str, Item] = {}
             out = []
-            scanned = scan_source(source, classes if labelled else None, skipped)
+            scanned = scan_source(source, classes if labelled else None, skipped,
+                                  empty_ok=empty_ok)
             for image_id, e in self.identify(scanned, known, skipped):
                 found.setdefault(image_id, []).append(display_path(e.path))
                 prev = seen.get(image_id)
@@ -525,7 +527,8 @@ class Workspace:
                 seen.setdefault(image_id, out[-1])
             return out
 
-        initial = items(cfg.data.labelled, True)
+        # a new project's labelled/<class>/ folders are still empty: zero labels, not an error
+        initial = items(cfg.data.labelled, True, empty_ok=True)
         # evaluation sets keep byte-identical copies so metrics cover every file listed
         snap.validation = items(cfg.data.validation, True, dedupe=False)
         snap.test = items(cfg.data.test, True, dedupe=False)
@@ -554,6 +557,11 @@ class Workspace:
         snap.labelled = sorted((Item(i, paths[i], lab) for i, lab in current.items()
                                 if lab != UNSURE and i in paths and i not in frozen),
                                key=lambda it: str(it.path))
+        if cfg.data.labelled is not None and cfg.data.labelled.is_dir() and not initial \
+                and not snap.labelled:
+            snap.notes.append(f"no labelled image yet: the class folders in "
+                              f"{display_path(cfg.data.labelled)} are empty, so the project "
+                              f"starts with zero labels")
         held_out = {it.id for it in snap.validation} | {it.id for it in snap.test}
         self._note_pool_overlap(snap, pool)
         pending = self.db.pending_image_ids()

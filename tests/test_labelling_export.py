@@ -148,6 +148,7 @@ def test_with_show_predictions_the_round_folder_shows_them(tmp_path, tiny_data):
     html = texts["index.html"]
     assert "model predicts" in html and "0.877" in html and "87.7%" in html and "0.618" in html
     assert "Blind" not in texts["README.txt"] and "prediction" in texts["README.txt"]
+    assert f'medal labels serve -c "{cfg.path}" "{folder}"' in texts["README.txt"]
 
 
 def test_a_blind_de_identified_round_keeps_only_file_and_rank(tmp_path, tiny_data):

@@ -145,7 +145,7 @@ def _write_round(ws: Workspace, round_no: int, chosen: Sequence[Candidate], tmp:
     for c in classes:
         (tmp / c).mkdir()
     (tmp / "README.txt").write_text(
-        _readme(round_no, classes, len(selections), ws.round_dir(round_no),
+        _readme(round_no, classes, len(selections), _serve_command(ws, round_no),
                 sources=secret is None, predictions=cfg.labelling.show_predictions),
         encoding="utf-8")
     if cfg.labelling.previews:
@@ -218,7 +218,14 @@ def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
         w.writerows(rows)
 
 
-def _readme(round_no: int, classes: list[str], n: int, folder: Path, *, sources: bool,
+def _serve_command(ws: Workspace, round_no: int) -> str:
+    """The command that opens the labelling page of round ``round_no`` (with the config when
+    the page is to show the model's predictions: without one it is blind)."""
+    config = f' -c "{ws.cfg.path}"' if ws.cfg.labelling.show_predictions else ""
+    return f'medal labels serve{config} "{ws.round_dir(round_no)}"'
+
+
+def _readme(round_no: int, classes: list[str], n: int, serve: str, *, sources: bool,
             predictions: bool) -> str:
     allowed = "\n".join(f"    {c}" for c in classes)
     listed = "each image's source file and rank" if sources else "each image's rank"
@@ -243,7 +250,7 @@ How to label (any way works; do not rename the image files):
 
   A) In your browser: run
 
-       medal labels serve "{folder}"
+       {serve}
 
      and open the address it prints (a page on this computer only; each
      decision is saved to labels.csv at once). Needs the serve extra:

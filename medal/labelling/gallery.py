@@ -47,8 +47,9 @@ body {{ font-family: sans-serif; margin: 1.5em; background: #fafafa; color: #222
 </style></head>
 <body data-images="{sum(1 for r in rows if r[2])}" data-loaded="0">
 <h1>Labelling round {round_no:03d}</h1>
-<p>{len(rows)} images, most uncertain first{"" if show_predictions else _BLIND}. Type one label per image in
-<code>labels.csv</code> (or move the image file into its class folder).
+<p>{len(rows)} images, most uncertain first{"" if show_predictions else _BLIND}.
+Type one label per image in <code>labels.csv</code> (or move the image file into its class
+folder), or label them on the labelling page: <code>medal labels serve</code>.
 Allowed labels:</p>
 <ul class="labels">{labels}</ul>
 <div class="grid">{"".join(cards)}</div>
