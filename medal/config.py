@@ -122,9 +122,10 @@ class TrainConfig:
     by. 0 (default): none, since the probe's fixed schedule chooses nothing on it; with
     ``freeze_backbone = false`` a hold-out of e.g. 0.2 picks the best epoch."""
     tensorboard: bool = False
-    """Write each round's training to TensorBoard, one run per model round in
-    ``<workspace>/tensorboard/round-NNN``: training loss per epoch, validation metrics per
-    evaluated epoch, and the round's final validation/test metrics. Needs the tensorboard
+    """Log the project to TensorBoard, one run in ``<workspace>/tensorboard``: each model
+    round's validation/test metrics against the number of labels (``labels/...``), its
+    training loss and validation metrics written while it trains (``round-NNN/...``), and the
+    self-supervised pretraining loss per step (``pretraining/loss``). Needs the tensorboard
     extra: ``pip install 'medal-al[tensorboard]'``; view with
     ``tensorboard --logdir <workspace>/tensorboard``."""
 

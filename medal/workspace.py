@@ -237,12 +237,8 @@ class Workspace:
 
     @property
     def tensorboard_root(self) -> Path:
-        """``tensorboard --logdir`` this folder to see every round (``train.tensorboard``)."""
+        """The project's TensorBoard run (``train.tensorboard``; ``tensorboard --logdir`` it)."""
         return self.root / "tensorboard"
-
-    def tensorboard_dir(self, model_round: int) -> Path:
-        """The TensorBoard run of model round ``model_round``'s training."""
-        return self.tensorboard_root / round_name(model_round)
 
     def round_dir(self, round_no: int) -> Path:
         return self.labelling_dir / round_name(round_no)
