@@ -268,6 +268,8 @@ Allowed labels (upper/lower case does not matter):
     {UNSURE}   (take the image out of the pool; it will not be asked again)
 
 Optional columns in labels.csv: "annotator" (your name) and "comment".
+
 {shown}
+
 When you are done, hand the folder back; medal checks it before recording anything.
 """
