@@ -132,6 +132,7 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport | None:
         skipped |= sk_v | sk_t
         model = start_model(cfg, plan.parent_checkpoint, plan.backbone)
         seed = round_seed(cfg, plan.model_round)
+        tb = _tensorboard_round(ws, cfg, plan.model_round)
         unlabelled = None
         if ws is not None and cfg.train.freeze_backbone and \
                 cfg.train.semi_supervised != "none" and plan.pool:
@@ -141,14 +142,27 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport | None:
         result = fit(model, x, y, cfg, epochs=training_epochs(cfg, plan.parent), device=device,
                      x_val=xv if len(xv) else None, y_val=yv if len(yv) else None, seed=seed,
                      progress=progress and ws is not None, state_path=plan.state_path,
-                     distributed=distributed.is_distributed(), unlabelled=unlabelled)
+                     distributed=distributed.is_distributed(), unlabelled=unlabelled,
+                     log=None if tb is None else tb.row)
         report = None
         if ws is not None:
             result.notes[:0] = plan.notes
             report = _finish_training(ws, cfg, model, device, seed, plan.model_round,
                                       plan.parent, items, result, (xv, yv), (xt, yt), skipped)
+        if tb is not None and report is not None:  # after the ledger: the round is kept
+            tb.round_metrics(report.n_labels, report.model_round, report.metrics,
+                             report.best_epoch)
+            tb.close()
         distributed.barrier()
         return report
+
+
+def _tensorboard_round(ws: Workspace | None, cfg: Config, model_round: int) -> Any:
+    """Rank 0's TensorBoard event file of this model round (``train.tensorboard``), or None."""
+    if ws is None or not cfg.train.tensorboard:
+        return None
+    from . import tensorboard_log
+    return tensorboard_log.round_part(ws.tensorboard_root, model_round)
 
 
 @dataclass(frozen=True)
@@ -248,8 +262,14 @@ def pretrained_backbone(ws: Workspace, cfg: Config, snap: Any, device: torch.dev
     if len(x) < 2:
         raise DataError("representation.method = 'simclr' needs at least 2 readable images "
                         "in the pool and labelled set")
-    pretrain_and_cache(path, model.backbone, model.backbone_dim, x, settings, device=device,
-                       progress=progress)
+    if cfg.train.tensorboard:  # the pretraining loss per step, written as it trains
+        from . import tensorboard_log
+        with tensorboard_log.pretraining_part(ws.tensorboard_root) as tb:
+            pretrain_and_cache(path, model.backbone, model.backbone_dim, x, settings,
+                               device=device, progress=progress, log=tb.pretraining_loss)
+    else:
+        pretrain_and_cache(path, model.backbone, model.backbone_dim, x, settings,
+                           device=device, progress=progress)
     return (f"self-supervised backbone pretrained on {len(x)} images in "
             f"{time.perf_counter() - t0:.0f} s, cached for later rounds"), path
 
@@ -275,10 +295,6 @@ def _finish_training(ws: Workspace, cfg: Config, model: MCModel, device: torch.d
     ws.db.record_model(model_round, ws.checkpoint_name(model_round), parent, len(items),
                        result.epochs, result.seconds, metrics)
     _record_skipped(ws, skipped)
-    if cfg.train.tensorboard:  # after the ledger: a logging failure never loses the round
-        from . import tensorboard_log
-        tensorboard_log.write_round(ws.tensorboard_dir(model_round), model_round,
-                                    result.history, metrics, result.best_epoch)
     counts = Counter(it.label for it in items)
     return TrainReport(model_round, path, len(items), {c: counts.get(c, 0) for c in cfg.classes},
                        parent, result.epochs, result.best_epoch, result.seconds, metrics, skipped,
@@ -570,7 +586,7 @@ def _zero_label_query(ws: Workspace, cfg: Config, snap: Any, device: torch.devic
                           pool_size=len(kept), score_seconds=time.perf_counter() - t0)
     _record_skipped(ws, skipped)
     return QueryReport(round_no, folder, len(chosen), len(kept), strategy, -1,
-                       time.perf_counter() - t0, skipped)
+                       time.perf_counter() - t0, skipped, notes=list(snap.notes))
 
 
 def _scores_key(cfg: Config, model_rec: ModelRecord, mode: str) -> dict[str, Any]:

@@ -257,8 +257,10 @@ def _print_query(r: api.QueryReport, cfg: Config) -> None:
     for note in r.notes:
         print(f"  note: {note}")
     print(f"labelling folder: {_rel(r.folder)}")
-    print(f"next: fill {_rel(r.folder / 'labels.csv')} (or sort the images into its class "
-          f"folders), then\n  medal ingest -c {_rel(cfg.path)} {_rel(r.folder)}")
+    c = f"-c {_rel(cfg.path)}"
+    print(f"next: label the images on the labelling page:\n  medal labels serve {c} "
+          f"{_rel(r.folder)}\n  (or fill {_rel(r.folder / 'labels.csv')}, or sort the images "
+          f"into its class folders), then\n  medal ingest {c} {_rel(r.folder)}")
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:

@@ -31,8 +31,8 @@ class DataConfig:
     ``medal simulate``, which makes its own pool from ``--truth``."""
     labelled: Path | None = None
     """Folder with one subfolder per class, or a CSV with columns ``file,label``. Optional:
-    without it (no label yet), ``medal query`` chooses the first round from the pool alone
-    (needs ``representation.method = "simclr"``)."""
+    without it, or with its class subfolders still empty (no label yet), ``medal query``
+    chooses the first round from the pool alone (needs ``representation.method = "simclr"``)."""
     validation: Path | None = None
     """Optional; same forms as ``labelled``. Used to pick the best epoch and report metrics."""
     test: Path | None = None
@@ -122,9 +122,10 @@ class TrainConfig:
     by. 0 (default): none, since the probe's fixed schedule chooses nothing on it; with
     ``freeze_backbone = false`` a hold-out of e.g. 0.2 picks the best epoch."""
     tensorboard: bool = False
-    """Write each round's training to TensorBoard, one run per model round in
-    ``<workspace>/tensorboard/round-NNN``: training loss per epoch, validation metrics per
-    evaluated epoch, and the round's final validation/test metrics. Needs the tensorboard
+    """Log the project to TensorBoard, one run in ``<workspace>/tensorboard``: each model
+    round's validation/test metrics against the number of labels (``labels/...``), its
+    training loss and validation metrics written while it trains (``round-NNN/...``), and the
+    self-supervised pretraining loss per step (``pretraining/loss``). Needs the tensorboard
     extra: ``pip install 'medal-al[tensorboard]'``; view with
     ``tensorboard --logdir <workspace>/tensorboard``."""
 
@@ -183,8 +184,10 @@ class LabellingConfig:
     preview_size: int = 512
     """Longest side of the previews, in pixels."""
     show_predictions: bool = False
-    """The labelling page (``medal labels serve``) shows the model's prediction and score.
-    Off by default: readers label blind, as automation bias is real in radiology."""
+    """The labelling page (``medal labels serve``) and the round folder (``index.html``,
+    ``manifest.csv``) show the model's prediction, probabilities and score. Off by default:
+    readers label blind, as automation bias is real in radiology; the workspace keeps them
+    (``labelling/manifests/round-NNN.csv``)."""
 
 
 @dataclass(frozen=True)

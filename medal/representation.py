@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,9 +109,11 @@ def cache_key(image_ids: Sequence[str], preprocess: dict, model: dict,
 
 
 def pretrain(backbone: nn.Module, feature_dim: int, x: torch.Tensor, settings: SSLSettings,
-             *, device: torch.device, progress: bool = True) -> dict[str, torch.Tensor]:
+             *, device: torch.device, progress: bool = True,
+             log: Callable[[float, int], None] | None = None) -> dict[str, torch.Tensor]:
     """Train ``backbone`` (``[B, C, S, S] -> [B, D]``) contrastively on ``x [N, C, S, S]`` in
-    place; returns its state dict (on CPU). bf16 autocast on CUDA."""
+    place; returns its state dict (on CPU). bf16 autocast on CUDA. ``log(loss, step)`` gets
+    each optimiser step's loss as it trains (TensorBoard)."""
     gen = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     proj = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(inplace=True),
@@ -143,6 +145,8 @@ def pretrain(backbone: nn.Module, feature_dim: int, x: torch.Tensor, settings: S
             sched.step()
             total += loss.item() * len(xb)
             seen += len(xb)
+            if log is not None:
+                log(loss.item(), int(sched.last_epoch))
         bar.set_postfix(loss=f"{total / max(seen, 1):.3f}")
     if progress:
         tqdm.write(f"self-supervised pretraining: {settings.epochs} epochs on {n} images in "
@@ -166,9 +170,12 @@ def load_cached(path: Path, backbone: nn.Module) -> bool:
 
 def pretrain_and_cache(path: Path, backbone: nn.Module, feature_dim: int, x: torch.Tensor,
                        settings: SSLSettings, *, device: torch.device,
-                       progress: bool = True) -> None:
-    """Pretrain ``backbone`` on ``x`` and cache its weights at ``path`` (atomically)."""
-    state = pretrain(backbone, feature_dim, x, settings, device=device, progress=progress)
+                       progress: bool = True,
+                       log: Callable[[float, int], None] | None = None) -> None:
+    """Pretrain ``backbone`` on ``x`` and cache its weights at ``path`` (atomically); ``log``
+    as for :func:`pretrain`."""
+    state = pretrain(backbone, feature_dim, x, settings, device=device, progress=progress,
+                     log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{time.time_ns()}.tmp")
     torch.save(state, tmp)

@@ -127,11 +127,13 @@ def scan_folder(root: Path, skipped: dict[Path, str] | None = None) -> list[Path
 
 
 def scan_source(source: Path, classes: Sequence[str] | None,
-                skipped: dict[Path, str] | None = None) -> list[FileEntry]:
+                skipped: dict[Path, str] | None = None, *,
+                empty_ok: bool = False) -> list[FileEntry]:
     """Scan a pool folder (``classes=None``) or a labelled folder/CSV (labels checked).
 
     ``skipped`` collects the files of a folder scan that cannot be used, with the reason
-    (see :func:`scan_folder`)."""
+    (see :func:`scan_folder`). A labelled folder whose class subfolders hold no image is an
+    error unless ``empty_ok`` (then: no entries; a new project's ``labelled/<class>/``)."""
     source = Path(source)
     if classes is None:
         return [FileEntry(p) for p in scan_folder(source, skipped)]
@@ -152,7 +154,7 @@ def scan_source(source: Path, classes: Sequence[str] | None,
     if unknown:
         raise DataError(f"{source}: subfolder(s) {', '.join(map(repr, unknown))} are not classes; "
                         f"allowed: {', '.join(classes)}")
-    if not entries:
+    if not entries and not empty_ok:
         raise DataError(f"{source}: no images found in class subfolders "
                         f"({', '.join(classes)})")
     return entries

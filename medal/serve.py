@@ -153,11 +153,11 @@ class RoundIngested(LabellingError):
 class RoundBook:
     """The images of one round folder and the labels file the page writes.
 
-    ``classes`` (a config's) must match the ``p_<class>`` columns of manifest.csv; without them
-    the classes are read from those columns. ``annotator`` selects ``labels_<annotator>.csv``
-    instead of ``labels.csv``. ``workspace`` (default: the folder's own, when the folder is
-    ``<workspace>/labelling/round-NNN``) is where the ledger tells whether the round was
-    ingested.
+    ``classes`` (a config's) must match the ``p_<class>`` columns of manifest.csv (a blind
+    export has none: its class subfolders); without them the classes are read from there.
+    ``annotator`` selects ``labels_<annotator>.csv`` instead of ``labels.csv``. ``workspace``
+    (default: the folder's own, when the folder is ``<workspace>/labelling/round-NNN``) is where
+    the ledger tells whether the round was ingested.
 
     Every save is a read-modify-write of the labels file on disk under :meth:`locked`, an OS
     lock (``flock``) on ``.<labels file>.lock`` beside it, so any number of servers (processes)
@@ -175,15 +175,19 @@ class RoundBook:
         self.annotator = None if annotator is None else check_annotator(annotator)
         self.labels_path = folder / (LABELS if annotator is None else f"labels_{annotator}.csv")
         self.images, found = self._read_manifest()
+        if not found:  # a blind export's manifest has no p_<class> columns: its class folders
+            found = sorted(p.name for p in folder.iterdir()
+                           if p.is_dir() and not p.is_symlink() and p.name != "previews")
         if classes is not None:
-            if found and [c.lower() for c in found] != [c.lower() for c in classes]:
+            if found and sorted(c.lower() for c in found) != sorted(c.lower() for c in classes):
                 raise LabellingError(f"{folder}: exported with classes {', '.join(found)}, but "
                                      f"the config has {', '.join(classes)}; use the config "
                                      f"of the workspace that exported this round")
             found = list(classes)
         if len(found) < 2:
-            raise LabellingError(f"{folder / MANIFEST}: no p_<class> columns to take the "
-                                 f"classes from; pass the workspace's config (-c CONFIG)")
+            raise LabellingError(f"{folder / MANIFEST}: no p_<class> columns or class folders "
+                                 f"to take the classes from; pass the workspace's config "
+                                 f"(-c CONFIG)")
         self.classes = list(found)
         self.allowed = {c.lower(): c for c in self.classes} | {UNSURE: UNSURE}
         self.by_file = {im.file: im for im in self.images}

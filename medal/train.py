@@ -27,6 +27,9 @@ from .data import NORMALISE_MEAN, NORMALISE_STD
 from .errors import ModelError
 from .models import MCModel, Standardize, create_model
 
+TrainingLog = Callable[[dict[str, float], int], None]
+"""Receives history rows (``loss``, ``val_<metric>``) and their step while a model trains."""
+
 
 @dataclass
 class FitResult:
@@ -113,7 +116,7 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
         state_path: Path | None = None,
         on_epoch_end: Callable[[int], None] | None = None,
         distributed: bool = False, state_every_s: float = 30.0,
-        unlabelled: torch.Tensor | None = None) -> FitResult:
+        unlabelled: torch.Tensor | None = None, log: TrainingLog | None = None) -> FitResult:
     """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices) and keep the best epoch.
 
     The best epoch is chosen on the validation set by ``train.monitor`` (ties: lower training
@@ -128,12 +131,14 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     reference ``train.py`` split), the resumable state a :class:`_Run`.
     With ``train.freeze_backbone`` this is :func:`fit_probe` (``unlabelled``: the pool's
     backbone features ``[M, D]`` for ``train.semi_supervised``).
+    ``log(row, step)`` receives each history row as it is made (TensorBoard, written while it
+    trains): here once per epoch (``step`` = epoch), the rows of a resumed run first.
     """
     if len(x) == 0:
         raise ModelError("no labelled images to train on")
     if cfg.train.freeze_backbone:
         return fit_probe(model, x, y, cfg, device=device, x_val=x_val, y_val=y_val, seed=seed,
-                         progress=progress, unlabelled=unlabelled)
+                         progress=progress, unlabelled=unlabelled, log=log)
     t0 = time.perf_counter()
     tc = cfg.train
     n = len(x)
@@ -149,6 +154,8 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     net, shard = _wrap(model, device) if distributed else (model, (0, 1))
     has_val = x_val is not None and y_val is not None and len(x_val) > 0
     run = _start_run(state_path, fingerprint, model, opt, gen, epochs, notes, progress)
+    for done in run.history if log is not None else ():  # a resumed run's earlier epochs
+        log(done, int(done["epoch"]))
     last_save = time.perf_counter()
     bar = tqdm(range(run.epoch + 1, epochs + 1), desc="training", unit="epoch",
                disable=not progress, leave=False, initial=run.epoch, total=epochs)
@@ -165,9 +172,11 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
         if has_val and (epoch % tc.validate_every == 0 or epoch == epochs):
             assert x_val is not None and y_val is not None
             line += run.validated(model, evaluate(model, x_val, y_val, device,
-                                                  len(cfg.classes)), row, epoch, tc, notes,
-                                  progress)
+                                                  len(cfg.classes), cfg.classes), row, epoch,
+                                  tc, notes, progress)
         run.history.append(row)
+        if log is not None:
+            log(row, epoch)
         run.epoch = epoch
         if progress:
             tqdm.write(line)
@@ -256,9 +265,11 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Modu
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: np.ndarray, device: torch.device,
-             n_classes: int) -> dict[str, float]:
-    """Validation metrics of the deterministic model (dropout off) on ``x``, ``y``."""
-    return classification_metrics(y, predict_deterministic(model, x, device), n_classes)
+             n_classes: int, classes: Sequence[str] | None = None) -> dict[str, float]:
+    """Validation metrics of the deterministic model (dropout off) on ``x``, ``y``; per-class
+    metrics named by ``classes`` (as the round's reported metrics are) when given."""
+    return classification_metrics(y, predict_deterministic(model, x, device), n_classes,
+                                  classes)
 
 
 @dataclass
@@ -322,7 +333,8 @@ class _Run:
 def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
               device: torch.device, x_val: torch.Tensor | None = None,
               y_val: np.ndarray | None = None, seed: int = 0,
-              progress: bool = True, unlabelled: torch.Tensor | None = None) -> FitResult:
+              progress: bool = True, unlabelled: torch.Tensor | None = None,
+              log: TrainingLog | None = None) -> FitResult:
     """Train only ``model.head`` on the fixed backbone features of ``x [N, C, S, S]``, ``y [N]``.
 
     All N feature vectors form one batch; ``train.probe_steps`` AdamW steps with a cosine
@@ -335,6 +347,8 @@ def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
     ``[M, D]``): self-training (Lee 2013). After the supervised schedule, the pool images the
     head predicts with probability >= ``train.pseudo_threshold`` get that class as a label,
     and the schedule runs once more on the labelled loss plus the mean loss on those.
+    ``log(row, step)`` receives the loss of every optimiser step as it is made, then the final
+    row (with the validation metrics) at the last step.
     """
     t0 = time.perf_counter()
     tc = cfg.train
@@ -350,7 +364,8 @@ def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
     weight = class_weights(y, n_classes).to(device) if tc.balance != "none" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     _head_schedule(head, f, yt, loss_fn, tc.probe_lr, tc.weight_decay, tc.probe_steps,
-                   progress)
+                   progress, log=log)
+    step = tc.probe_steps
     note = ""
     if tc.semi_supervised == "pseudo_label" and unlabelled is not None and len(unlabelled):
         fu = unlabelled.to(device).float()
@@ -360,7 +375,8 @@ def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
         keep = conf >= tc.pseudo_threshold
         if keep.any():
             _head_schedule(head, f, yt, loss_fn, tc.probe_lr, tc.weight_decay, tc.probe_steps,
-                           progress, extra=(fu[keep], pseudo[keep]))
+                           progress, extra=(fu[keep], pseudo[keep]), log=log, first_step=step)
+            step += tc.probe_steps
         note = f", then with {int(keep.sum())} of {len(fu)} pool images pseudo-labelled"
     head.eval()
     with torch.no_grad():
@@ -368,7 +384,9 @@ def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
     if x_val is not None and y_val is not None and len(x_val):
         p = predict_deterministic(model, x_val, device)
         row.update({f"val_{k}": v for k, v in
-                    classification_metrics(y_val, p, n_classes).items()})
+                    classification_metrics(y_val, p, n_classes, cfg.classes).items()})
+    if log is not None:
+        log({k: v for k, v in row.items() if k.startswith("val_")}, step)
     if progress:
         tqdm.write(f"head trained on {len(x)} images' features: {tc.probe_steps} steps{note}, "
                    f"loss {row['loss']:.4f}")
@@ -377,14 +395,16 @@ def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
 
 def _head_schedule(head: nn.Module, f: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
                    lr: float, weight_decay: float, steps: int, progress: bool,
-                   extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                   extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   log: TrainingLog | None = None, first_step: int = 0) -> None:
     """``steps`` full-batch AdamW steps (cosine learning rate, dropout on) of ``head`` on
     features ``f [N, D]`` with labels ``y [N]``; plus, with ``extra = (features [M, D],
-    pseudo-labels [M])``, the unweighted mean loss on those."""
+    pseudo-labels [M])``, the unweighted mean loss on those. ``log`` gets each step's loss
+    (steps numbered from ``first_step + 1``)."""
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     head.train()
-    for _ in tqdm(range(steps), desc="training the head", unit="step", disable=not progress,
+    for i in tqdm(range(steps), desc="training the head", unit="step", disable=not progress,
                   leave=False):
         loss = loss_fn(head(f).float(), y)
         if extra is not None:
@@ -393,6 +413,8 @@ def _head_schedule(head: nn.Module, f: torch.Tensor, y: torch.Tensor, loss_fn: n
         loss.backward()
         opt.step()
         sched.step()
+        if log is not None:
+            log({"loss": loss.item()}, first_step + i + 1)
     head.eval()
 
 

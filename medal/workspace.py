@@ -8,7 +8,7 @@
                   round-000.partial.pt   resume state of a training in progress
       labelling/round-001/     folders handed to radiologists
                 .round-001.tmp/          a round folder being written (export)
-                manifests/round-001.csv  manifest with source paths (de-identified rounds)
+                manifests/round-001.csv  full manifest: sources, scores, predictions
       scores/round-001/        the pool's stored MC-dropout scores for round 1
       cache/                   decoded images; cache/representation/ pretrained backbones
       skipped.csv              files that could not be read, and why
@@ -82,7 +82,8 @@ def cache_dir(root: Path) -> Path:
 
 
 def kept_manifest(root: Path, round_no: int) -> Path:
-    """The manifest with source paths that a de-identified round keeps in the workspace."""
+    """The full manifest of a round (source paths, scores, predictions, probabilities) that
+    the workspace keeps; the round folder's own lacks some of it (blind, de-identified)."""
     return Path(root) / "labelling" / "manifests" / f"{round_name(round_no)}.csv"
 
 
@@ -236,12 +237,8 @@ class Workspace:
 
     @property
     def tensorboard_root(self) -> Path:
-        """``tensorboard --logdir`` this folder to see every round (``train.tensorboard``)."""
+        """The project's TensorBoard run (``train.tensorboard``; ``tensorboard --logdir`` it)."""
         return self.root / "tensorboard"
-
-    def tensorboard_dir(self, model_round: int) -> Path:
-        """The TensorBoard run of model round ``model_round``'s training."""
-        return self.tensorboard_root / round_name(model_round)
 
     def round_dir(self, round_no: int) -> Path:
         return self.labelling_dir / round_name(round_no)
@@ -506,13 +503,15 @@ class Workspace:
         skipped: dict[Path, str] = {}
         found: dict[str, list[str]] = {}  # content id -> every path scanned with it
 
-        def items(source: Path | None, labelled: bool, dedupe: bool = True) -> list[Item]:
+        def items(source: Path | None, labelled: bool, dedupe: bool = True,
+                  empty_ok: bool = False) -> list[Item]:
             """Scanned files as items; with ``dedupe``, one item per content id."""
             if source is None:
                 return []
             seen: dict[str, Item] = {}
             out = []
-            scanned = scan_source(source, classes if labelled else None, skipped)
+            scanned = scan_source(source, classes if labelled else None, skipped,
+                                  empty_ok=empty_ok)
             for image_id, e in self.identify(scanned, known, skipped):
                 found.setdefault(image_id, []).append(display_path(e.path))
                 prev = seen.get(image_id)
@@ -524,7 +523,8 @@ class Workspace:
                 seen.setdefault(image_id, out[-1])
             return out
 
-        initial = items(cfg.data.labelled, True)
+        # a new project's labelled/<class>/ folders are still empty: zero labels, not an error
+        initial = items(cfg.data.labelled, True, empty_ok=True)
         # evaluation sets keep byte-identical copies so metrics cover every file listed
         snap.validation = items(cfg.data.validation, True, dedupe=False)
         snap.test = items(cfg.data.test, True, dedupe=False)
@@ -553,6 +553,11 @@ class Workspace:
         snap.labelled = sorted((Item(i, paths[i], lab) for i, lab in current.items()
                                 if lab != UNSURE and i in paths and i not in frozen),
                                key=lambda it: str(it.path))
+        if cfg.data.labelled is not None and cfg.data.labelled.is_dir() and not initial \
+                and not snap.labelled:
+            snap.notes.append(f"no labelled image yet: the class folders in "
+                              f"{display_path(cfg.data.labelled)} are empty, so the project "
+                              f"starts with zero labels")
         held_out = {it.id for it in snap.validation} | {it.id for it in snap.test}
         self._note_pool_overlap(snap, pool)
         pending = self.db.pending_image_ids()

@@ -27,7 +27,8 @@ def torchrun(args: list[str], n: int = 2) -> subprocess.CompletedProcess:
 
 
 def exported(folder: Path) -> list[tuple[str, str, str]]:
-    with open(folder / "manifest.csv", newline="") as f:
+    # scores and probabilities are in the workspace's manifest (the round folder is blind)
+    with open(folder.parent / "manifests" / f"{folder.name}.csv", newline="") as f:
         return [(r["image_id"], r["score"], r["p_normal"]) for r in csv.DictReader(f)]
 
 

@@ -204,8 +204,8 @@ def test_unchanged_model_reuses_scores(tmp_path, tiny_data):
     second = api.query(cfg, progress=False)  # same model, same pool: nothing re-scored
     assert second.reused == 40 and second.pool_size == 40
 
-    def chosen(folder):
-        with open(folder / "manifest.csv", newline="") as f:
+    def chosen(folder):  # the workspace's manifest has the scores (the round folder is blind)
+        with open(folder.parent / "manifests" / f"{folder.name}.csv", newline="") as f:
             return {r["image_id"]: float(r["score"]) for r in csv.DictReader(f)}
 
     a, b = chosen(first.folder), chosen(second.folder)

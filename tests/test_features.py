@@ -40,7 +40,7 @@ def test_feature_cache_round_trip_and_unreadable_file(tmp_path):
 
 
 def _chosen(ws):
-    with open(ws / "labelling" / "round-002" / "manifest.csv", newline="") as f:
+    with open(ws / "labelling" / "manifests" / "round-002.csv", newline="") as f:
         return [(r["source_path"], r["score"]) for r in csv.DictReader(f)]
 
 

@@ -44,7 +44,7 @@ def files(folder):
 
 @pytest.mark.browser
 def test_gallery_renders_in_headless_chromium(chromium, tmp_path, tiny_data):
-    cfg, folder = export_all(tmp_path)
+    cfg, folder = export_all(tmp_path, **{"labelling.show_predictions": True})
     names = files(folder)
     previews = sorted((folder / "previews").iterdir())
     assert len(previews) == len(names) == 6

@@ -94,8 +94,8 @@ def test_zero_label_start_chooses_the_first_round_from_the_pool(tmp_path, tiny_d
     folder = tmp_path / "ws" / "labelling" / "round-001"
     with open(folder / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6 and all(r["predicted"] == "" for r in rows)
-    assert "no model yet" in (folder / "index.html").read_text()
+    assert len(rows) == 6 and list(rows[0]) == ["file", "image_id", "source_path", "rank"]
+    assert "no model yet" not in (folder / "index.html").read_text()  # blind
     with open(folder / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "label"])

@@ -189,15 +189,16 @@ def test_a_folder_that_is_not_this_rounds_is_refused(tiny_config, tmp_path):
 def test_blind_by_default(tiny_config):
     from medal.serve import RoundBook
 
-    folder = exported(tiny_config, n=2)
+    folder = exported(tiny_config, n=2)  # blind: the folder holds no prediction to show
     book = RoundBook(folder)
+    assert book.classes == ["normal", "pneumonia"]  # from the class folders
     blind = book.state(show_predictions=False)
     assert not {"predicted", "score", "probs"} & set(blind["images"][0])
-    shown = book.state(show_predictions=True)["images"][0]
-    assert shown["predicted"] == "pneumonia" and shown["probs"] == {"normal": "0.3000",
-                                                                    "pneumonia": "0.7000"}
     cfg = load_config(tiny_config.path, {"labelling.show_predictions": True})
     assert cfg.labelling.show_predictions and not tiny_config.labelling.show_predictions
+    shown = RoundBook(exported(cfg, n=2)).state(show_predictions=True)["images"][0]
+    assert shown["predicted"] == "pneumonia" and shown["probs"] == {"normal": "0.3000",
+                                                                    "pneumonia": "0.7000"}
 
 
 # --- pixels ---------------------------------------------------------------------------------

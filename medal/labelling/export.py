@@ -5,10 +5,16 @@ A round folder::
     round-001/
       README.txt             instructions for the radiologist
       labels.csv             file,label  (fill the label column)
-      manifest.csv           file, image id, source path, rank, score, prediction, probabilities
+      manifest.csv           file, image id, source path, rank (+ score, prediction and
+                             probabilities with ``labelling.show_predictions = true``)
       001_3fa2c4e1b07d.dcm   copies of the chosen images (originals are never touched)
       previews/ index.html   the gallery (``labelling.previews``; :mod:`.gallery`)
       normal/  pneumonia/    alternative to the CSV: move each image into its class folder
+
+Blind labelling (``labelling.show_predictions = false``, the default): no file in the round
+folder shows the model's prediction, probabilities or score. The full manifest (source paths,
+scores, predictions, probabilities) is always kept in the workspace,
+``labelling/manifests/round-NNN.csv``, and the ledger holds the same per selection.
 """
 
 from __future__ import annotations
@@ -96,8 +102,8 @@ def export_round(ws: Workspace, round_no: int, chosen: Sequence[Candidate], *, s
 
 def _write_round(ws: Workspace, round_no: int, chosen: Sequence[Candidate], tmp: Path,
                  manifest_copy: Path) -> list[Selection]:
-    """Fill the temporary round folder ``tmp`` (and, de-identified, ``manifest_copy``, the
-    manifest with source paths kept in the workspace); returns the selections to record."""
+    """Fill the temporary round folder ``tmp`` (and ``manifest_copy``, the full manifest kept in
+    the workspace); returns the selections to record."""
     cfg = ws.cfg
     classes = list(cfg.classes)
     secret = ws.secret() if cfg.labelling.deidentify else None
@@ -134,21 +140,18 @@ def _write_round(ws: Workspace, round_no: int, chosen: Sequence[Candidate], tmp:
                            [""] * len(classes))])
         gallery.append((rank, name, preview, float(c.score), pred, c.probs))
     _write_csv(tmp / LABELS, ["file", "label"], [[s.file, ""] for s in selections])
-    header = ["file", "image_id", "source_path", "rank", "score", "predicted",
-              *[f"p_{c}" for c in classes]]
-    if secret is not None:  # the mapping back to sources stays with the workspace
-        manifest_copy.parent.mkdir(parents=True, exist_ok=True)
-        _write_csv(manifest_copy, header, manifest)
-        _write_csv(tmp / "manifest.csv", [h for h in header if h not in ("image_id",
-                                                                         "source_path")],
-                   [[r[0], *r[3:]] for r in manifest])
-    else:
-        _write_csv(tmp / "manifest.csv", header, manifest)
+    _write_manifests(tmp / "manifest.csv", manifest_copy, classes, manifest,
+                     sources=secret is None, predictions=cfg.labelling.show_predictions)
     for c in classes:
         (tmp / c).mkdir()
-    (tmp / "README.txt").write_text(_readme(round_no, classes, len(selections)), encoding="utf-8")
+    (tmp / "README.txt").write_text(
+        _readme(round_no, classes, len(selections), _serve_command(ws, round_no),
+                sources=secret is None, predictions=cfg.labelling.show_predictions),
+        encoding="utf-8")
     if cfg.labelling.previews:
-        (tmp / "index.html").write_text(gallery_html(round_no, classes, gallery), encoding="utf-8")
+        (tmp / "index.html").write_text(
+            gallery_html(round_no, classes, gallery,
+                         show_predictions=cfg.labelling.show_predictions), encoding="utf-8")
     return selections
 
 
@@ -192,6 +195,22 @@ def _six_significant_digits(x: float) -> float:
     return float(f"{float(x):.6g}")
 
 
+def _write_manifests(in_folder: Path, kept: Path, classes: list[str], rows: list[list[object]],
+                     *, sources: bool, predictions: bool) -> None:
+    """The full manifest (``rows``: file, image id, source path, rank, score, prediction,
+    probabilities) kept in the workspace at ``kept``, and the round folder's manifest: without
+    the source columns when the copies are de-identified (``sources`` false), without score,
+    prediction and probabilities when labelling is blind (``predictions`` false)."""
+    header = ["file", "image_id", "source_path", "rank", "score", "predicted",
+              *[f"p_{c}" for c in classes]]
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    _write_csv(kept, header, rows)
+    columns = [i for i, h in enumerate(header)
+               if (sources or h not in ("image_id", "source_path"))
+               and (predictions or i < header.index("score"))]
+    _write_csv(in_folder, [header[i] for i in columns], [[r[i] for i in columns] for r in rows])
+
+
 def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -199,27 +218,58 @@ def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
         w.writerows(rows)
 
 
-def _readme(round_no: int, classes: list[str], n: int) -> str:
+def _serve_command(ws: Workspace, round_no: int) -> str:
+    """The command that opens the labelling page of round ``round_no`` (with the config when
+    the page is to show the model's predictions: without one it is blind)."""
+    config = f' -c "{ws.cfg.path}"' if ws.cfg.labelling.show_predictions else ""
+    return f'medal labels serve{config} "{ws.round_dir(round_no)}"'
+
+
+def _readme(round_no: int, classes: list[str], n: int, serve: str, *, sources: bool,
+            predictions: bool) -> str:
     allowed = "\n".join(f"    {c}" for c in classes)
+    listed = "each image's source file and rank" if sources else "each image's rank"
+    if predictions:
+        shown = f"""manifest.csv lists {listed}, and the model's current prediction,
+class probabilities and uncertainty score; index.html shows them too
+(labelling.show_predictions = true)."""
+    else:
+        shown = f"""Blind labelling (labelling.show_predictions = false): no file in this
+folder shows the model's prediction, its class probabilities or its
+uncertainty score, so that they cannot sway your reading. The images
+are numbered from the one the model is least sure about; the number says
+nothing about which class the model expects.
+manifest.csv lists {listed}."""
     return f"""medal labelling round {round_no:03d}
 {'=' * 28}
 
 This folder holds {n} images chosen because the model is least sure about them.
 The files are copies; the originals are untouched.
 
-How to label (either way works; do not rename the image files):
+How to label (any way works; do not rename the image files):
 
-  A) Open labels.csv in a spreadsheet and type one label per row in the
+  A) In your browser: run
+
+       {serve}
+
+     and open the address it prints (a page on this computer only; each
+     decision is saved to labels.csv at once). Needs the serve extra:
+     pip install 'medal-al[serve]'. If this folder was copied elsewhere,
+     give its path there instead.
+
+  B) Open labels.csv in a spreadsheet and type one label per row in the
      "label" column. Leave a row empty if you cannot decide; that image
      goes back to the pool for a later round. You may also write "{UNSURE}".
 
-  B) Or move each image file into the subfolder named after its class.
+  C) Or move each image file into the subfolder named after its class.
 
 Allowed labels (upper/lower case does not matter):
 {allowed}
     {UNSURE}   (take the image out of the pool; it will not be asked again)
 
 Optional columns in labels.csv: "annotator" (your name) and "comment".
-manifest.csv lists each image's source and the model's current prediction.
+
+{shown}
+
 When you are done, hand the folder back; medal checks it before recording anything.
 """

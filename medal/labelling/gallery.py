@@ -1,4 +1,5 @@
-"""The gallery: a self-contained page of a round's previews, scores and predictions."""
+"""The gallery: a self-contained page of a round's previews (with the model's scores and
+predictions only when ``labelling.show_predictions`` is true)."""
 
 from __future__ import annotations
 
@@ -10,26 +11,23 @@ from ..workspace import UNSURE
 
 
 def gallery_html(round_no: int, classes: list[str],
-                 rows: list[tuple[int, str, str | None, float, str, np.ndarray]]) -> str:
-    """A self-contained page (no scripts from elsewhere, no network) showing each image."""
+                 rows: list[tuple[int, str, str | None, float, str, np.ndarray]], *,
+                 show_predictions: bool = False) -> str:
+    """A self-contained page (no scripts from elsewhere, no network) showing each image; the
+    model's score, prediction and probabilities only with ``show_predictions`` (otherwise the
+    page is blind: nothing of the model's opinion is in it)."""
     esc = html.escape
     labels = "".join(f"<li><code>{esc(c)}</code></li>" for c in [*classes, UNSURE])
     cards = []
     for rank, name, preview, score, pred, probs in rows:
         img = (f'<img src="{esc(preview)}" alt="{esc(name)}" '
                f'onload="imageLoaded(this)">' if preview else "<p>(no preview)</p>")
-        prob_rows = "".join(
-            f'<tr><td>{esc(c)}</td><td><div class="bar" style="width:{100 * float(p):.1f}%">'
-            f'</div></td><td class="num">{float(p):.3f}</td></tr>'
-            for c, p in zip(classes, probs))
+        model = _model_opinion(classes, score, pred, probs) if show_predictions else ""
         cards.append(
-            f'<figure class="card" data-rank="{rank}" data-file="{esc(name)}" '
-            f'data-predicted="{esc(pred)}">{img}<figcaption>'
-            f'<div class="rank">#{rank}</div><div class="file">{esc(name)}</div>'
-            f'<div>score <span class="score">{score:.4g}</span></div>'
-            + (f'<div>model predicts <b class="pred">{esc(pred)}</b></div>' if pred else
-               '<div>no model yet (first round chosen from the pool alone)</div>')
-            + f'<table class="probs">{prob_rows}</table></figcaption></figure>')
+            f'<figure class="card" data-rank="{rank}" data-file="{esc(name)}"'
+            + (f' data-predicted="{esc(pred)}"' if show_predictions else "") + f'>{img}'
+            f'<figcaption><div class="rank">#{rank}</div><div class="file">{esc(name)}</div>'
+            f'{model}</figcaption></figure>')
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>medal labelling round {round_no:03d}</title>
@@ -49,8 +47,9 @@ body {{ font-family: sans-serif; margin: 1.5em; background: #fafafa; color: #222
 </style></head>
 <body data-images="{sum(1 for r in rows if r[2])}" data-loaded="0">
 <h1>Labelling round {round_no:03d}</h1>
-<p>{len(rows)} images, most uncertain first. Type one label per image in
-<code>labels.csv</code> (or move the image file into its class folder).
+<p>{len(rows)} images, most uncertain first{"" if show_predictions else _BLIND}.
+Type one label per image in <code>labels.csv</code> (or move the image file into its class
+folder), or label them on the labelling page: <code>medal labels serve</code>.
 Allowed labels:</p>
 <ul class="labels">{labels}</ul>
 <div class="grid">{"".join(cards)}</div>
@@ -63,3 +62,20 @@ function imageLoaded(img) {{
 </script>
 </body></html>
 """
+
+
+_BLIND = (" (blind labelling: the model's predictions and scores are not shown; "
+          "<code>labelling.show_predictions</code>)")
+
+
+def _model_opinion(classes: list[str], score: float, pred: str, probs: np.ndarray) -> str:
+    """The score, prediction and probability bars of one image."""
+    esc = html.escape
+    prob_rows = "".join(
+        f'<tr><td>{esc(c)}</td><td><div class="bar" style="width:{100 * float(p):.1f}%">'
+        f'</div></td><td class="num">{float(p):.3f}</td></tr>'
+        for c, p in zip(classes, probs))
+    return (f'<div>score <span class="score">{score:.4g}</span></div>'
+            + (f'<div>model predicts <b class="pred">{esc(pred)}</b></div>' if pred else
+               '<div>no model yet (first round chosen from the pool alone)</div>')
+            + f'<table class="probs">{prob_rows}</table>')
