@@ -227,6 +227,34 @@ def iter_csv(path: Path, delimiters: str = ",;\t") -> Iterator[tuple[int, list[s
             line = reader.line_num + 1
 
 
+def column_indices(header: Sequence[str], names: Sequence[str]
+                   ) -> tuple[dict[str, int], str | None]:
+    """Index of each of ``names`` found in a CSV ``header`` (compared stripped and without case),
+    and the problem when one of them appears more than once (``file,label,label``: which
+    column holds the label would be a guess), naming the columns by number."""
+    seen: dict[str, list[int]] = {}
+    for i, cell in enumerate(header):
+        seen.setdefault(cell.strip().lower(), []).append(i)
+    for name in names:
+        at = seen.get(name, [])
+        if len(at) > 1:
+            where = " and ".join(str(i + 1) for i in at)
+            return {}, (f"column {name!r} appears {len(at)} times (columns {where}); keep one "
+                        f"{name!r} column")
+    return {n: seen[n][0] for n in names if n in seen}, None
+
+
+def extra_cells_problem(row: Sequence[str], width: int) -> str | None:
+    """Why a CSV row with more non-empty cells than its header's ``width`` columns is refused
+    (the extra cells would be lost; usually a comma in a cell that is not in double quotes).
+    Extra cells that are empty (what spreadsheets often write) lose nothing."""
+    extra = [c for c in row[width:] if c.strip()]
+    if not extra:
+        return None
+    return (f"{len(row)} cells but the header has {width} columns (extra: "
+            f"{short(','.join(row[width:]))}); put a cell that holds a comma in double quotes")
+
+
 def short(text: str, limit: int = 80) -> str:
     """``repr`` of ``text`` for an error message, cut to about ``limit`` characters."""
     return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
@@ -241,16 +269,21 @@ def _read_label_csv(path: Path, classes: Sequence[str]) -> list[FileEntry]:
     first = next(rows, None)
     if first is None:
         raise DataError(f"{path}: empty CSV; expected a header 'file,label'")
-    header = [h.strip().lower() for h in first[1]]
-    if "file" not in header or "label" not in header:
+    cols, dup = column_indices(first[1], ("file", "label"))
+    if dup is not None:
+        raise DataError(f"{path}: line 1: {dup}")
+    if "file" not in cols or "label" not in cols:
         raise DataError(f"{path}: line 1: header must contain columns 'file' and 'label', "
                         f"got {short(','.join(first[1]))}")
-    fi, li = header.index("file"), header.index("label")
+    fi, li = cols["file"], cols["label"]
     for n, row in rows:
         if not any(c.strip() for c in row):
             continue
         problem = None
-        if len(row) <= max(fi, li):
+        extra = extra_cells_problem(row, len(first[1]))
+        if extra is not None:
+            problem = f"{path}: line {n}: {extra}"
+        elif len(row) <= max(fi, li):
             problem = f"{path}: line {n}: too few columns"
         else:
             name, label = row[fi].strip(), row[li].strip()

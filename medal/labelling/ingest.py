@@ -10,9 +10,16 @@ from pathlib import Path, PurePosixPath
 
 from sklearn.metrics import cohen_kappa_score
 
-from ..scan import MAX_LISTED_PROBLEMS, file_sha256, iter_csv, short
 from ..errors import DataError, LabellingError
 from ..ledger import LabelRecord, Selection
+from ..scan import (
+    MAX_LISTED_PROBLEMS,
+    column_indices,
+    extra_cells_problem,
+    file_sha256,
+    iter_csv,
+    short,
+)
 from ..workspace import UNSURE, Workspace
 from ..workspace import round_of_folder as round_number
 from .export import LABELS, PREVIEWS
@@ -317,16 +324,22 @@ def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
         first = next(rows, None)
         if first is None:
             return out
-        header = [h.strip().lower() for h in first[1]]
-        if "file" not in header or "label" not in header:
+        cols, dup = column_indices(first[1], ("file", "label", "annotator", "comment"))
+        if dup is not None:
+            problems.append(f"{path.name} line 1: {dup}")
+            return out
+        if "file" not in cols or "label" not in cols:
             problems.append(f"{path.name} line 1: the header must have columns 'file' and "
                             f"'label' (got {short(', '.join(map(repr, first[1])))})")
             return out
-        fi, li = header.index("file"), header.index("label")
-        ai = header.index("annotator") if "annotator" in header else None
-        ci = header.index("comment") if "comment" in header else None
+        fi, li = cols["file"], cols["label"]
+        ai, ci = cols.get("annotator"), cols.get("comment")
         for n, row in rows:
             if not any(c.strip() for c in row):
+                continue
+            extra = extra_cells_problem(row, len(first[1]))
+            if extra is not None:
+                problems.append(f"{path.name} line {n}: {extra}")
                 continue
             cell = row[fi].strip() if fi < len(row) else ""
             label_cell = row[li].strip() if li < len(row) else ""

@@ -1,0 +1,87 @@
+"""`medal ingest` on returned round folders whose labels were lost or recorded wrong (issue 26).
+
+Each case drives the CLI in-process on a round folder made by a real export, with a real SQLite
+ledger. A refusal must exit != 0 with one message line (plus one line per problem) naming the
+file and line, and leave the ledger and the round folder byte-identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_hostile import refuse
+from test_labelling_export import export, files
+
+from medal.cli import main
+from medal.workspace import Workspace
+
+
+@pytest.fixture
+def round_folder(tiny_config):
+    """An exported round-001 of 4 images, the CLI's -c arguments, the workspace folder."""
+    folder, _ = export(tiny_config)
+    return folder, ["-c", str(tiny_config.path)], tiny_config.workspace
+
+
+def ingest(c: list[str], folder, capsys) -> str:
+    """Run `medal ingest` expecting success; its standard output."""
+    assert main(["ingest", *c, str(folder)]) == 0
+    return capsys.readouterr().out
+
+
+def rows_of(cfg_path, round_no: int = 1) -> list[tuple[str, str, str | None]]:
+    from medal.config import load_config
+    with Workspace(load_config(cfg_path)) as ws:
+        return [(r.label, r.source, r.comment) for r in ws.db.labels(round_no)]
+
+
+# --- broken CSV shapes -----------------------------------------------------------------------
+@pytest.mark.parametrize("header, row, name, cols", [
+    ("file,label,label", "{f},normal,pneumonia", "label", "2 and 3"),
+    ("file,label,file", "{f},normal,{g}", "file", "1 and 3"),
+    ("File,Label, LABEL ", "{f},normal,normal", "label", "2 and 3"),
+    ("file,label,comment,Comment", "{f},normal,a,b", "comment", "3 and 4"),
+])
+def test_duplicate_columns_are_refused(round_folder, capsys, header, row, name, cols):
+    folder, c, ws = round_folder
+    n = files(folder)
+    (folder / "labels.csv").write_text(f"{header}\n{row.format(f=n[0], g=n[1])}\n")
+    refuse(["ingest", *c, str(folder)], capsys, ws,
+           rf"labels\.csv line 1: column '{name}' appears 2 times \(columns {cols}\)")
+
+
+def test_row_with_more_cells_than_the_header_is_refused(round_folder, capsys):
+    folder, c, ws = round_folder
+    n = files(folder)
+    (folder / "labels.csv").write_text(f"file,label,comment\n{n[1]},pneumonia,\n"
+                                       f"{n[0]},normal,rib, or nodule?\n")
+    refuse(["ingest", *c, str(folder)], capsys, ws,
+           r"labels\.csv line 3: 4 cells but the header has 3 columns \(extra: ' or nodule\?'\)"
+           r"; put a cell that holds a comma in double quotes")
+    # quoted, the whole comment is kept; empty extra cells (spreadsheets write them) lose nothing
+    (folder / "labels.csv").write_text(f'file,label,comment\n{n[1]},pneumonia,,,\n'
+                                       f'{n[0]},normal,"rib, or nodule?"\n')
+    assert "recorded 2 labels" in ingest(c, folder, capsys)
+    assert ("normal", "labels.csv", "rib, or nodule?") in rows_of(c[1])
+
+
+def test_reader_file_with_a_ragged_row_is_refused(round_folder, capsys):
+    folder, c, ws = round_folder
+    n = files(folder)
+    (folder / "labels_bob.csv").write_text(f"file,label\n{n[0]},normal,pneumonia\n")
+    refuse(["ingest", *c, str(folder)], capsys, ws, r"labels_bob\.csv line 2: 3 cells but the "
+           r"header has 2 columns \(extra: 'pneumonia'\)")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("file,label,label\n{p},normal,pneumonia\n", r"line 1: column 'label' appears 2 times"),
+    ("file,label\n{p},normal,pneumonia\n", r"line 2: 3 cells but the header has 2 columns"),
+])
+def test_labelled_csv_with_broken_shape_is_refused(tiny_data, tmp_path, text, match):
+    from medal.errors import DataError
+    from medal.scan import scan_source
+    path = tmp_path / "data" / "labelled.csv"
+    path.write_text(text.format(p="labelled/normal/l0.png"))
+    with pytest.raises(DataError, match=match):
+        scan_source(path, ["normal", "pneumonia"])
+    path.write_text("file,label,,\nlabelled/normal/l0.png,normal,,\n")  # empty extras are fine
+    assert [e.label for e in scan_source(path, ["normal", "pneumonia"])] == ["normal"]
