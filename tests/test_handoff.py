@@ -182,6 +182,7 @@ def test_links_pointing_outside_are_refused(tmp_path, tiny_data):
 def test_second_command_on_a_locked_workspace_fails_clearly(tmp_path, tiny_data, capsys):
     import sys
     cfg, folder = export_all(tmp_path)
+    (folder / "labels.csv").write_text("file,label\n")  # hand the round back unlabelled
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"

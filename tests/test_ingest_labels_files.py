@@ -7,6 +7,8 @@ file and line, and leave the ledger and the round folder byte-identical.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from test_hostile import refuse
 from test_labelling_export import export, files
@@ -85,3 +87,79 @@ def test_labelled_csv_with_broken_shape_is_refused(tiny_data, tmp_path, text, ma
         scan_source(path, ["normal", "pneumonia"])
     path.write_text("file,label,,\nlabelled/normal/l0.png,normal,,\n")  # empty extras are fine
     assert [e.label for e in scan_source(path, ["normal", "pneumonia"])] == ["normal"]
+
+
+# --- an untouched labels.csv must not close the round while the labels are elsewhere ---------
+def filled(n: list[str], header: str = "file,label") -> str:
+    return f"{header}\n{n[0]},normal\n{n[1]},pneumonia\n{n[2]},\n{n[3]},\n"
+
+
+@pytest.mark.parametrize("saved_as", ["labels.xlsx", "labels (1).csv", "Labels.csv.txt"])
+def test_untouched_labels_csv_with_the_labels_saved_elsewhere_is_refused(round_folder, capsys,
+                                                                        saved_as):
+    folder, c, ws = round_folder
+    n = files(folder)
+    (folder / saved_as).write_text(filled(n))  # the reader's save; labels.csv is the export
+    refuse(["ingest", *c, str(folder)], capsys, ws,
+           rf"nothing to record: labels\.csv has 4 row\(s\) and no label in them; found "
+           rf"{re.escape(saved_as)}\. Save the labels in labels\.csv")
+    # the reader's labels copied into labels.csv are then recorded (not refused as a change)
+    (folder / "labels.csv").write_text(filled(n))
+    (folder / saved_as).unlink()
+    assert "recorded 2 labels (normal 1, pneumonia 1)" in ingest(c, folder, capsys)
+
+
+def test_untouched_labels_csv_alone_is_refused_and_the_header_alone_closes_the_round(
+        round_folder, capsys):
+    folder, c, ws = round_folder
+    refuse(["ingest", *c, str(folder)], capsys, ws,
+           r"labels\.csv has 4 row\(s\) and no label in them; found no other labels file\. "
+           r".*to hand the round back unlabelled, leave only the header line in labels\.csv$")
+    (folder / "labels.csv").write_text("file,label\n")  # the deliberate hand-back (README)
+    assert ("recorded 0 labels (none); 4 unlabelled image(s) returned to the pool"
+            in ingest(c, folder, capsys))
+    assert "already ingested" in ingest(c, folder, capsys)
+
+
+@pytest.mark.parametrize("name", ["Labels_bob.csv", "labels_bob.CSV", "LABELS_bob.Csv"])
+def test_reader_file_name_in_any_case_is_read(round_folder, capsys, name):
+    folder, c, ws = round_folder
+    n = files(folder)
+    (folder / name).write_text(filled(n))
+    assert "recorded 2 labels (normal 1, pneumonia 1)" in ingest(c, folder, capsys)
+    assert rows_of(c[1]).count(("normal", name, None)) == 1
+
+
+@pytest.mark.parametrize("name, fix", [
+    ("labels-bob.csv", "rename it labels_bob.csv"), ("labels bob.csv", "rename it labels_bob.csv"),
+    ("label_bob.csv", "rename it labels_bob.csv"),
+    ("labels_bob.xlsx", "save it as CSV: labels_bob.csv")])
+def test_near_miss_reader_file_is_refused_even_with_labels_elsewhere(round_folder, capsys, name,
+                                                                     fix):
+    folder, c, ws = round_folder
+    n = files(folder)
+    (folder / "labels.csv").write_text(filled(n))
+    (folder / name).write_text(filled(n).replace("normal", "pneumonia"))
+    refuse(["ingest", *c, str(folder)], capsys, ws,
+           rf"{re.escape(name)}: looks like a reader's labels file but is not read \(a reader's "
+           rf"file is named labels_<name>\.csv\); {re.escape(fix)}, or move it out")
+
+
+def test_two_files_for_one_reader_are_refused(round_folder, capsys):
+    folder, c, ws = round_folder
+    n = files(folder)
+    (folder / "labels_bob.csv").write_text(filled(n))
+    (folder / "Labels_Bob.csv").write_text(filled(n).replace("normal", "pneumonia"))
+    refuse(["ingest", *c, str(folder)], capsys, ws,
+           r"labels_bob\.csv: a second labels file for reader 'bob' \(the other is "
+           r"Labels_Bob\.csv\); keep one")
+
+
+def test_reader_files_without_a_label_do_not_close_the_round(round_folder, capsys):
+    folder, c, ws = round_folder
+    n = files(folder)
+    (folder / "labels.csv").unlink()
+    (folder / "labels_bob.csv").write_text(f"file,label\n{n[0]},\n")
+    refuse(["ingest", *c, str(folder)], capsys, ws,
+           r"nothing to record: labels\.csv not found, and labels_bob\.csv give\(s\) no label; "
+           r"found no other labels file")
