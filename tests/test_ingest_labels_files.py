@@ -163,3 +163,38 @@ def test_reader_files_without_a_label_do_not_close_the_round(round_folder, capsy
     refuse(["ingest", *c, str(folder)], capsys, ws,
            r"nothing to record: labels\.csv not found, and labels_bob\.csv give\(s\) no label; "
            r"found no other labels file")
+
+
+# --- text encodings --------------------------------------------------------------------------
+def test_labels_csv_mixing_utf8_and_cp1252_is_refused_naming_the_line(round_folder, capsys):
+    """Read as Windows-1252, the UTF-8 line's 'café' was recorded as 'cafÃ©'."""
+    folder, c, ws = round_folder
+    n = files(folder)
+    (folder / "labels.csv").write_bytes(
+        f"file,label,comment\n{n[0]},normal,café\n".encode()
+        + f"{n[1]},pneumonia,épanchement\n".encode("cp1252"))
+    refuse(["ingest", *c, str(folder)], capsys, ws,
+           r"labels\.csv: line 3: not UTF-8 text, though line 2 is: the file mixes text "
+           r"encodings; save it again as UTF-8")
+    # saved again as UTF-8 (no BOM), both comments are recorded as written
+    (folder / "labels.csv").write_bytes(f"file,label,comment\n{n[0]},normal,café\n"
+                                        f"{n[1]},pneumonia,épanchement\n".encode())
+    assert "recorded 2 labels" in ingest(c, folder, capsys)
+    comments = {r[2] for r in rows_of(c[1])}
+    assert {"café", "épanchement"} <= comments
+
+
+@pytest.mark.parametrize("tail, line", [
+    (b"\xed\xa0\xbd\xed\xb8\x80", 3),  # an emoji as two encoded surrogates (CESU-8)
+    ("é".encode()[:1], 3),  # a UTF-8 character cut in two at the end of the file
+])
+def test_csv_with_broken_utf8_is_not_read_as_cp1252(tmp_path, tail, line):
+    from medal.errors import DataError
+    from medal.scan import csv_encoding
+    path = tmp_path / "list.csv"
+    path.write_bytes("file,label\ncafé.png,normal\nx.png,".encode() + tail)
+    with pytest.raises(DataError, match=rf"list\.csv: line {line}: not UTF-8 text, though "
+                                        rf"line 2 is"):
+        csv_encoding(path)
+    path.write_bytes("file,label\ncafé.png,normal\n".encode("cp1252"))  # all cp1252: fine
+    assert csv_encoding(path) == "cp1252"
