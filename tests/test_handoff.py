@@ -147,7 +147,7 @@ def test_several_annotators_agreement_and_adjudication(tmp_path, tiny_data, caps
     assert len(mine) == 8 + 4  # every annotator's label kept, plus the final labels
     assert {r["annotator"] for r in mine} >= {"alice", "bob"}
     assert {r["source"] for r in mine} == {"labels_alice.csv", "labels_bob.csv", "consensus",
-                                           "labels.csv"}
+                                           "adjudicated"}  # labels.csv's one label settled n[2]
 
 
 def test_unsure_leaves_the_pool_until_released(tmp_path, tiny_data, capsys):

@@ -198,3 +198,22 @@ def test_csv_with_broken_utf8_is_not_read_as_cp1252(tmp_path, tail, line):
         csv_encoding(path)
     path.write_bytes("file,label\ncafé.png,normal\n".encode("cp1252"))  # all cp1252: fine
     assert csv_encoding(path) == "cp1252"
+
+
+# --- labels.csv against one reader -----------------------------------------------------------
+def test_labels_csv_overriding_a_single_reader_is_said_and_recorded_as_adjudicated(
+        round_folder, capsys):
+    folder, c, ws = round_folder
+    n = files(folder)
+    (folder / "labels_bob.csv").write_text(f"file,label\n{n[0]},normal\n{n[1]},pneumonia\n")
+    (folder / "labels.csv").write_text(f"file,label\n{n[0]},pneumonia\n{n[1]},pneumonia\n")
+    out = ingest(c, folder, capsys)
+    assert "recorded 2 labels (pneumonia 2)" in out
+    assert "1 disagreement(s) settled by the labels in labels.csv/folders" in out
+    from medal.config import load_config
+    with Workspace(load_config(c[1])) as ws_:
+        rows = [(r.label, r.source, r.annotator, r.origin) for r in ws_.db.labels(1)]
+    assert ("normal", "labels_bob.csv", "bob", "labels_bob.csv:2") in rows  # bob's label kept
+    assert ("pneumonia", "adjudicated", None, "labels.csv:2") in rows  # n[0]: overrides bob
+    assert ("pneumonia", "labels.csv", None, "labels.csv:3") in rows  # n[1]: bob agrees
+    assert "already ingested" in ingest(c, folder, capsys)  # the adjudicated row is a final one

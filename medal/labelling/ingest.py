@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from sklearn.metrics import cohen_kappa_score
@@ -38,7 +38,8 @@ class IngestResult:
     agreement: list[tuple[str, str, int, float]] = field(default_factory=list)
     """(annotator, annotator, images both labelled, Cohen's kappa) for multi-annotator rounds."""
     adjudicated: int = 0
-    """Disagreements settled by a label in labels.csv or a class folder."""
+    """Images whose final label (labels.csv or a class folder) settles a disagreement between
+    readers or differs from a reader's label (recorded with source ``adjudicated``)."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,10 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
     return result
 
 
-FINAL_SOURCES = ("labels.csv", "folder", "consensus")
+ADJUDICATED = "adjudicated"
+"""The ledger source of a final label (from labels.csv or a class folder; its origin says
+which) that differs from a reader's label in ``labels_<name>.csv``."""
+FINAL_SOURCES = ("labels.csv", "folder", "consensus", ADJUDICATED)
 
 
 class Problems(list[str]):
@@ -345,8 +349,9 @@ def _read_class_folders(folder: Path, allowed: dict[str, str], allowed_text: str
 
 
 def _combine_annotators(out: Answers, files: list[str]) -> None:
-    """Consensus where annotators agree; labels.csv / folders adjudicate disagreements; any
-    disagreement left is a problem (never resolved silently). Fills ``out.agreement``."""
+    """Consensus where annotators agree; labels.csv / folders adjudicate disagreements (and a
+    final label that differs from even one reader's is marked adjudicated, never silently
+    preferred); any disagreement left is a problem. Fills ``out.agreement``."""
     names = sorted(out.by_annotator)
     for a, b in itertools.combinations(names, 2):
         both = [f for f in files if f in out.by_annotator[a] and f in out.by_annotator[b]]
@@ -363,9 +368,11 @@ def _combine_annotators(out: Answers, files: list[str]) -> None:
         given = {n: out.by_annotator[n][f].label for n in names if f in out.by_annotator[n]}
         if not given:
             continue
-        if f in out.answers:  # an explicit final label (labels.csv or a class folder)
-            if len(set(given.values())) > 1:
+        final = out.answers.get(f)
+        if final is not None:  # an explicit final label (labels.csv or a class folder)
+            if set(given.values()) != {final.label}:  # readers disagree, or it overrides them
                 out.adjudicated += 1
+                out.answers[f] = replace(final, source=ADJUDICATED)
             continue
         if len(set(given.values())) == 1:
             label = next(iter(given.values()))
