@@ -217,3 +217,27 @@ def test_labels_csv_overriding_a_single_reader_is_said_and_recorded_as_adjudicat
     assert ("pneumonia", "adjudicated", None, "labels.csv:2") in rows  # n[0]: overrides bob
     assert ("pneumonia", "labels.csv", None, "labels.csv:3") in rows  # n[1]: bob agrees
     assert "already ingested" in ingest(c, folder, capsys)  # the adjudicated row is a final one
+
+
+# --- medal status counts images, and readers' rows apart --------------------------------------
+def test_status_counts_labelled_images_not_label_rows(round_folder, capsys):
+    folder, c, ws = round_folder
+    n = files(folder)
+    for reader in ("alice", "bob"):  # two readers agree on 3 of the 4 images
+        (folder / f"labels_{reader}.csv").write_text(filled(n).replace(f"{n[2]},", f"{n[2]},"
+                                                                       "unsure"))
+    (folder / "labels.csv").write_text(f"file,label\n{n[0]},pneumonia\n")  # overrides both
+    assert "recorded 3 labels" in ingest(c, folder, capsys)
+    assert main(["status", *c]) == 0
+    out = capsys.readouterr().out
+    table = out.splitlines()
+    head = next(i for i, line in enumerate(table) if line.startswith("round  strategy"))
+    assert table[head].split() == ["round", "strategy", "exported", "labelled", "readers", "pool",
+                                   "model", "state"]
+    cells = table[head + 1].split()
+    assert cells[:5] == ["1", "bald", "4", "3", "6"]  # 3 images; 2 readers x 3 rows
+    assert "adjudicated 1" in out  # by source
+    from medal import api
+    from medal.config import load_config
+    r = api.status(load_config(c[1])).rounds[0]
+    assert (r["labelled"], r["reader_labels"]) == (3, 6)
