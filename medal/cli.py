@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("ingest", "record the labels returned in a round folder",
             "Validate a returned round folder (labels.csv and/or class subfolders). On any\n"
             "problem, list every problem and record nothing; otherwise record all labels in\n"
-            "one transaction. Unlabelled images go back to the pool. Running it twice is safe.")
+            "one transaction. Unlabelled images go back to the pool. Running it twice is safe.\n"
+            "To hand a round back unlabelled, leave only the header line in labels.csv (an\n"
+            "ingest that would record no label is refused otherwise, naming the other labels\n"
+            "files found). Readers' files are labels_<name>.csv (any case).")
     p.add_argument("folder", type=Path, help="the round folder, e.g. runs/x/labelling/round-001")
     add("round", "one active-learning round: train (fine-tune), then query",
         "Fine-tune on all labels so far (the same as 'medal train'), then export the next\n"

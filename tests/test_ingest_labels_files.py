@@ -116,6 +116,7 @@ def test_untouched_labels_csv_alone_is_refused_and_the_header_alone_closes_the_r
            r"labels\.csv has 4 row\(s\) and no label in them; found no other labels file\. "
            r".*to hand the round back unlabelled, leave only the header line in labels\.csv$")
     (folder / "labels.csv").write_text("file,label\n")  # the deliberate hand-back (README)
+    (folder / "._labels.csv").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata: not labels
     assert ("recorded 0 labels (none); 4 unlabelled image(s) returned to the pool"
             in ingest(c, folder, capsys))
     assert "already ingested" in ingest(c, folder, capsys)

@@ -192,10 +192,11 @@ _NEAR_READER_FILE = re.compile(
 
 
 def _label_like(folder: Path, read: set[str]) -> list[str]:
-    """Files in ``folder`` (not sub-folders) that may hold labels but are not among the files
-    read: named ``label…`` or with a spreadsheet's suffix (manifest.csv and README.txt aside)."""
+    """Files in ``folder`` (not sub-folders, not hidden: ``._labels.csv`` is macOS metadata)
+    that may hold labels but are not among the files read: named ``label…`` or with a
+    spreadsheet's suffix (manifest.csv and README.txt aside)."""
     return sorted(p.name for p in folder.iterdir()
-                  if p.name not in read and not p.is_dir()
+                  if p.name not in read and not p.name.startswith(".") and not p.is_dir()
                   and (p.name.lower().startswith("label")
                        or (p.suffix.lower() in _SPREADSHEET_SUFFIXES
                            and p.name.lower() not in ("manifest.csv", "readme.txt"))))
