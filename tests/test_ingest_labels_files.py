@@ -242,3 +242,16 @@ def test_status_counts_labelled_images_not_label_rows(round_folder, capsys):
     from medal.config import load_config
     r = api.status(load_config(c[1])).rounds[0]
     assert (r["labelled"], r["reader_labels"]) == (3, 6)
+
+
+def test_labels_after_a_hand_back_are_refused_saying_the_round_was_handed_back(round_folder,
+                                                                               capsys):
+    folder, c, ws = round_folder
+    n = files(folder)
+    (folder / "labels.csv").write_text("file,label\n")
+    ingest(c, folder, capsys)
+    (folder / "labels.csv").write_text(filled(n))
+    refuse(["ingest", *c, str(folder)], capsys, ws,
+           r"round 1 was already ingested and its labels have changed since \(it was handed "
+           r"back unlabelled, so its images went back to the pool: a later query can export "
+           r"them again for these labels\); nothing was recorded", problems=2)

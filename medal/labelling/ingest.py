@@ -85,16 +85,9 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
         result.labelled[a.label] = result.labelled.get(a.label, 0) + 1
     result.returned_to_pool = len(selections) - len(answers)
     if rec.ingested_at is not None:
-        before = {r.image_id: r.label for r in ws.db.labels(round_no) if r.source in FINAL_SOURCES}
-        now = {selections[n].image_id: a.label for n, a in answers.items()}
-        if before == now:
-            result.already_ingested = True
-            return result
-        diff = [f"{s.file}: recorded {before.get(s.image_id)!r}, folder now says "
-                f"{now.get(s.image_id)!r}" for s in selections.values()
-                if before.get(s.image_id) != now.get(s.image_id)]
-        raise LabellingError(f"{folder}: round {round_no} was already ingested and its labels "
-                             f"have changed since; nothing was recorded", diff)
+        _check_same_as_recorded(ws, folder, round_no, selections, answers)
+        result.already_ingested = True
+        return result
     when = time.time()
     rows = [LabelRecord(selections[n].image_id, a.label, round_no, a.source, a.annotator,
                         a.origin, when, a.comment)
@@ -110,6 +103,24 @@ ADJUDICATED = "adjudicated"
 """The ledger source of a final label (from labels.csv or a class folder; its origin says
 which) that differs from a reader's label in ``labels_<name>.csv``."""
 FINAL_SOURCES = ("labels.csv", "folder", "consensus", ADJUDICATED)
+
+
+def _check_same_as_recorded(ws: Workspace, folder: Path, round_no: int,
+                            selections: dict[str, Selection], answers: dict[str, _Answer]
+                            ) -> None:
+    """An ingested round's folder must still say what was recorded; else a
+    :class:`LabellingError` lists each change."""
+    before = {r.image_id: r.label for r in ws.db.labels(round_no) if r.source in FINAL_SOURCES}
+    now = {selections[n].image_id: a.label for n, a in answers.items()}
+    if before == now:
+        return
+    diff = [f"{s.file}: recorded {before.get(s.image_id)!r}, folder now says "
+            f"{now.get(s.image_id)!r}" for s in selections.values()
+            if before.get(s.image_id) != now.get(s.image_id)]
+    why = (" (it was handed back unlabelled, so its images went back to the pool: a later "
+           "query can export them again for these labels)" if not before else "")
+    raise LabellingError(f"{folder}: round {round_no} was already ingested and its labels "
+                         f"have changed since{why}; nothing was recorded", diff)
 
 
 class Problems(list[str]):
@@ -206,7 +217,7 @@ def _missing_labels_problem(folder: Path) -> str:
     found = _label_like(folder, set())
     what = f"found {', '.join(found)}" if found else "found no other labels file"
     return (f"{LABELS} not found in {folder}; {what}. Save the labels as {LABELS} (CSV), or, "
-            f"to hand the round back unlabelled, keep {LABELS} with its header and no labels")
+            f"to hand the round back unlabelled, leave only the header line in {LABELS}")
 
 
 def _near_miss_problems(folder: Path) -> list[str]:
