@@ -411,6 +411,20 @@ def _row_problem(cell: str, label_cell: str, selections: dict[str, Selection]) -
     return None
 
 
+def _header_columns(path: Path, header: list[str], problems: Problems) -> dict[str, int] | None:
+    """Where a labels file's header has its columns; ``None`` (and a problem appended) when
+    'file' or 'label' is missing or a known column appears twice."""
+    cols, dup = column_indices(header, ("file", "label", "annotator", "comment"))
+    if dup is not None:
+        problems.append(f"{path.name} line 1: {dup}")
+        return None
+    if "file" not in cols or "label" not in cols:
+        problems.append(f"{path.name} line 1: the header must have columns 'file' and "
+                        f"'label' (got {short(', '.join(map(repr, header)))})")
+        return None
+    return cols
+
+
 def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
                      selections: dict[str, Selection], problems: Problems,
                      default_annotator: str | None = None
@@ -427,13 +441,8 @@ def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
         if first is None:
             return out, count
         count = 0
-        cols, dup = column_indices(first[1], ("file", "label", "annotator", "comment"))
-        if dup is not None:
-            problems.append(f"{path.name} line 1: {dup}")
-            return out, count
-        if "file" not in cols or "label" not in cols:
-            problems.append(f"{path.name} line 1: the header must have columns 'file' and "
-                            f"'label' (got {short(', '.join(map(repr, first[1])))})")
+        cols = _header_columns(path, first[1], problems)
+        if cols is None:
             return out, count
         fi, li = cols["file"], cols["label"]
         ai, ci = cols.get("annotator"), cols.get("comment")
