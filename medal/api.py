@@ -21,7 +21,7 @@ from .data import ImageDataset, load_all
 from .errors import DataError, ModelError, WorkspaceError
 from .features import FeatureCache, backbone_key
 from .labelling.export import Candidate, export_round
-from .labelling.ingest import IngestResult, ingest_round
+from .labelling.ingest import FINAL_SOURCES, IngestResult, ingest_round
 from .models import MCModel, resolve_device, set_mc_mode
 from .representation import SSLSettings, load_cached, pretrain_and_cache
 from .representation import cache_key as ssl_cache_key
@@ -759,10 +759,12 @@ def status(cfg: Config) -> Status:
         notes = [f"model round {latest_model}: {n}"
                  for n in metric_notes(metrics.get(latest_model, {}), cfg.classes)]
         rounds = []
+        counts_by_round = db.round_label_counts(FINAL_SOURCES)
         for r in db.rounds():
-            labels = db.labels(r.round)
+            images, readers = counts_by_round.get(r.round, (0, 0))
             rounds.append({"round": r.round, "strategy": r.strategy, "exported": r.budget,
-                           "labelled": len(labels), "model_round": r.model_round,
+                           "labelled": images, "reader_labels": readers,
+                           "model_round": r.model_round,
                            "pool_size": r.pool_size, "folder": r.folder,
                            "ingested": r.ingested_at is not None,
                            "score_seconds": r.score_seconds})

@@ -89,13 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("ingest", "record the labels returned in a round folder",
             "Validate a returned round folder (labels.csv and/or class subfolders). On any\n"
             "problem, list every problem and record nothing; otherwise record all labels in\n"
-            "one transaction. Unlabelled images go back to the pool. Running it twice is safe.")
+            "one transaction. Unlabelled images go back to the pool. Running it twice is safe.\n"
+            "To hand a round back unlabelled, leave only the header line in labels.csv (an\n"
+            "ingest that would record no label is refused otherwise, naming the other labels\n"
+            "files found). Readers' files are labels_<name>.csv (any case).")
     p.add_argument("folder", type=Path, help="the round folder, e.g. runs/x/labelling/round-001")
     add("round", "one active-learning round: train (fine-tune), then query",
         "Fine-tune on all labels so far (the same as 'medal train'), then export the next\n"
         "round (the same as 'medal query').")
     add("status", "show rounds, label counts and metrics per round",
-        "Show the workspace: rounds exported and ingested, labels per class and source,\n"
+        "Show the workspace: rounds exported and ingested (images labelled; readers: the\n"
+        "rows of their labels_<name>.csv files), labels per class and source,\n"
         "metrics of each model round, and files that could not be read.")
     p = add("labels", "export every label with provenance; list or release 'unsure' images; "
             "serve the labelling page",
@@ -368,12 +372,12 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     sources = ", ".join(f"{k} {n}" for k, n in sorted(s.labels_by_source.items()))
     print(f"labels: {sum(s.label_counts.values())} ({labels}); by source: {sources or 'none'}")
     if s.rounds:
-        print("\nround  strategy     exported  labelled  pool    model  state")
+        print("\nround  strategy     exported  labelled  readers  pool    model  state")
         for r in s.rounds:
             state = "ingested" if r["ingested"] else "awaiting labels"
             model = r["model_round"] if r["model_round"] >= 0 else "–"  # zero-label round
             print(f"{r['round']:>5}  {r['strategy']:<11}  {r['exported']:>8}  {r['labelled']:>8}"
-                  f"  {r['pool_size']:>6}  {model:>5}  {state}")
+                  f"  {r['reader_labels'] or '–':>7}  {r['pool_size']:>6}  {model:>5}  {state}")
     else:
         print("\nno rounds exported yet")
     if s.models:

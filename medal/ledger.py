@@ -309,6 +309,19 @@ class Ledger:
             args = (round_no,)
         return [LabelRecord(**dict(r)) for r in self._db.execute(q + " ORDER BY seq", args)]
 
+    def round_label_counts(self, final_sources: Sequence[str]) -> dict[int, tuple[int, int]]:
+        """``{round: (images, reader rows)}``: the images given a label (``unsure`` included)
+        by a row of ``final_sources`` in the round, and the round's rows from readers' own
+        ``labels_<name>.csv`` files (kept beside the final labels, so a row count would count
+        an image once per reader and once more)."""
+        marks = ",".join("?" * len(final_sources))
+        rows = self._db.execute(
+            f"SELECT round, COUNT(DISTINCT CASE WHEN source IN ({marks}) AND label != '' "
+            f"THEN image_id END) AS images, "
+            f"SUM(source LIKE 'labels\\_%.csv' ESCAPE '\\') AS readers "
+            f"FROM labels GROUP BY round", tuple(final_sources))
+        return {r["round"]: (r["images"], r["readers"] or 0) for r in rows}
+
     def add_labels(self, rows: Sequence[LabelRecord]) -> None:
         """Append label rows (one transaction)."""
         with self.transaction() as db:

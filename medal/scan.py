@@ -21,10 +21,12 @@ import errno
 import hashlib
 import itertools
 import os
+import re
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import DataError
 from .io import sniff_format
@@ -170,10 +172,13 @@ CSV_ENCODINGS = "UTF-8 (with or without BOM), UTF-16 with BOM, or Windows-1252"
 def csv_encoding(path: Path) -> str:
     """The codec to read a CSV with: ``"utf-8-sig"`` (UTF-8, with or without BOM),
     ``"utf-16"`` (a UTF-16 BOM, e.g. Excel's "Unicode Text") or ``"cp1252"`` (not valid
-    UTF-8: Excel's plain "CSV" on Windows). Reads the file in blocks, never whole.
+    UTF-8 anywhere: Excel's plain "CSV" on Windows). UTF-8 is tried first, on the whole file,
+    read in blocks, never whole.
 
-    Raises :class:`DataError` for UTF-32 and for UTF-16 without a BOM (NUL bytes), which
-    cannot be told apart from binary data.
+    Raises :class:`DataError` for UTF-32, for UTF-16 without a BOM (NUL bytes), which cannot
+    be told apart from binary data, and for a file that mixes encodings (valid UTF-8 on some
+    lines, bytes that are not UTF-8 on others): read as Windows-1252 its UTF-8 text would turn
+    into other characters (``café`` into ``cafÃ©``) without a word, so the line is named.
     """
     with open(path, "rb") as f:
         head = f.read(4)
@@ -184,20 +189,46 @@ def csv_encoding(path: Path) -> str:
         if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
             return "utf-16"
         f.seek(0)
+        first = f.read(4096)
+        if b"\x00" in first:
+            raise DataError(f"{path}: the file has NUL bytes (UTF-16 without a byte-order "
+                            f"mark, or not text); save it as {CSV_ENCODINGS}")
+        f.seek(0)
         decoder = codecs.getincrementaldecoder("utf-8")()
-        first = True
         try:
             while block := f.read(1 << 20):
-                if first and b"\x00" in block[:4096]:
-                    raise DataError(f"{path}: the file has NUL bytes (UTF-16 without a "
-                                    f"byte-order mark, or not text); save it as "
-                                    f"{CSV_ENCODINGS}")
-                first = False
                 decoder.decode(block)
             decoder.decode(b"", final=True)
+            return "utf-8-sig"
         except UnicodeDecodeError:
-            return "cp1252"
-    return "utf-8-sig"
+            f.seek(0)
+            bad_line, utf8_line = _utf8_check(f)  # a second pass only for text that is not UTF-8
+    if utf8_line is None:
+        return "cp1252"
+    raise DataError(f"{path}: line {bad_line}: not UTF-8 text, though line {utf8_line} is: the "
+                    f"file mixes text encodings; save it again as UTF-8")
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as surrogateescape gives
+_UTF8_MULTIBYTE = re.compile("[^\x00-\x7f\udc80-\udcff]")
+
+
+def _utf8_check(f: BinaryIO) -> tuple[int | None, int | None]:
+    """``(first line with bytes that are not UTF-8, first line with a UTF-8 character beyond
+    ASCII)``, ``None`` where there is none, reading ``f`` in blocks."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+    bad = good = None
+    line = 1
+    while True:
+        block = f.read(1 << 20)
+        text = decoder.decode(block, final=not block)
+        if bad is None and (m := _NOT_UTF8.search(text)):
+            bad = line + text.count("\n", 0, m.start())
+        if good is None and (m := _UTF8_MULTIBYTE.search(text)):
+            good = line + text.count("\n", 0, m.start())
+        if (bad is not None and good is not None) or not block:
+            return bad, good
+        line += text.count("\n")
 
 
 def iter_csv(path: Path, delimiters: str = ",;\t") -> Iterator[tuple[int, list[str]]]:
@@ -229,6 +260,34 @@ def iter_csv(path: Path, delimiters: str = ",;\t") -> Iterator[tuple[int, list[s
             line = reader.line_num + 1
 
 
+def column_indices(header: Sequence[str], names: Sequence[str]
+                   ) -> tuple[dict[str, int], str | None]:
+    """Index of each of ``names`` found in a CSV ``header`` (compared stripped and without case),
+    and the problem when one of them appears more than once (``file,label,label``: which
+    column holds the label would be a guess), naming the columns by number."""
+    seen: dict[str, list[int]] = {}
+    for i, cell in enumerate(header):
+        seen.setdefault(cell.strip().lower(), []).append(i)
+    for name in names:
+        at = seen.get(name, [])
+        if len(at) > 1:
+            where = " and ".join(str(i + 1) for i in at)
+            return {}, (f"column {name!r} appears {len(at)} times (columns {where}); keep one "
+                        f"{name!r} column")
+    return {n: seen[n][0] for n in names if n in seen}, None
+
+
+def extra_cells_problem(row: Sequence[str], width: int) -> str | None:
+    """Why a CSV row with more non-empty cells than its header's ``width`` columns is refused
+    (the extra cells would be lost; usually a comma in a cell that is not in double quotes).
+    Extra cells that are empty (what spreadsheets often write) lose nothing."""
+    extra = [c for c in row[width:] if c.strip()]
+    if not extra:
+        return None
+    return (f"{len(row)} cells but the header has {width} columns (extra: "
+            f"{short(','.join(row[width:]))}); put a cell that holds a comma in double quotes")
+
+
 def short(text: str, limit: int = 80) -> str:
     """``repr`` of ``text`` for an error message, cut to about ``limit`` characters."""
     return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
@@ -243,16 +302,21 @@ def _read_label_csv(path: Path, classes: Sequence[str]) -> list[FileEntry]:
     first = next(rows, None)
     if first is None:
         raise DataError(f"{path}: empty CSV; expected a header 'file,label'")
-    header = [h.strip().lower() for h in first[1]]
-    if "file" not in header or "label" not in header:
+    cols, dup = column_indices(first[1], ("file", "label"))
+    if dup is not None:
+        raise DataError(f"{path}: line 1: {dup}")
+    if "file" not in cols or "label" not in cols:
         raise DataError(f"{path}: line 1: header must contain columns 'file' and 'label', "
                         f"got {short(','.join(first[1]))}")
-    fi, li = header.index("file"), header.index("label")
+    fi, li = cols["file"], cols["label"]
     for n, row in rows:
         if not any(c.strip() for c in row):
             continue
         problem = None
-        if len(row) <= max(fi, li):
+        extra = extra_cells_problem(row, len(first[1]))
+        if extra is not None:
+            problem = f"{path}: line {n}: {extra}"
+        elif len(row) <= max(fi, li):
             problem = f"{path}: line {n}: too few columns"
         else:
             name, label = row[fi].strip(), row[li].strip()

@@ -147,7 +147,7 @@ def test_several_annotators_agreement_and_adjudication(tmp_path, tiny_data, caps
     assert len(mine) == 8 + 4  # every annotator's label kept, plus the final labels
     assert {r["annotator"] for r in mine} >= {"alice", "bob"}
     assert {r["source"] for r in mine} == {"labels_alice.csv", "labels_bob.csv", "consensus",
-                                           "labels.csv"}
+                                           "adjudicated"}  # labels.csv's one label settled n[2]
 
 
 def test_unsure_leaves_the_pool_until_released(tmp_path, tiny_data, capsys):
@@ -182,6 +182,7 @@ def test_links_pointing_outside_are_refused(tmp_path, tiny_data):
 def test_second_command_on_a_locked_workspace_fails_clearly(tmp_path, tiny_data, capsys):
     import sys
     cfg, folder = export_all(tmp_path)
+    (folder / "labels.csv").write_text("file,label\n")  # hand the round back unlabelled
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"

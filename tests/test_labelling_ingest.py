@@ -136,8 +136,14 @@ def test_missing_labels_csv_is_an_error_naming_what_was_found(tiny_config, found
     what = f"found {', '.join(found)}" if found else "found no other labels file"
     err = refused(tiny_config, folder, rf"labels\.csv not found in {folder}; {re.escape(what)}")
     assert len(err.problems) == 1
-    # the deliberate way to hand a round back unlabelled still works
+    # the deliberate way to hand a round back unlabelled still works, once no other labels
+    # file is left in the folder (their labels would be lost)
     (folder / "labels.csv").write_text("file,label\n")
+    if found:
+        refused(tiny_config, folder, rf"nothing to record: labels\.csv has only its header; "
+                                     rf"{re.escape(what)}\. .*move the other files out")
+        for f in found:
+            (folder / f).unlink()
     with Workspace(tiny_config) as ws:
         r = ingest_round(ws, folder)
     assert r.labelled == {} and r.returned_to_pool == 4

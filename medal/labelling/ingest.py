@@ -4,15 +4,23 @@ transaction (all or nothing)."""
 from __future__ import annotations
 
 import itertools
+import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from sklearn.metrics import cohen_kappa_score
 
-from ..scan import MAX_LISTED_PROBLEMS, file_sha256, iter_csv, short
 from ..errors import DataError, LabellingError
 from ..ledger import LabelRecord, Selection
+from ..scan import (
+    MAX_LISTED_PROBLEMS,
+    column_indices,
+    extra_cells_problem,
+    file_sha256,
+    iter_csv,
+    short,
+)
 from ..workspace import UNSURE, Workspace
 from ..workspace import round_of_folder as round_number
 from .export import LABELS, PREVIEWS
@@ -30,7 +38,8 @@ class IngestResult:
     agreement: list[tuple[str, str, int, float]] = field(default_factory=list)
     """(annotator, annotator, images both labelled, Cohen's kappa) for multi-annotator rounds."""
     adjudicated: int = 0
-    """Disagreements settled by a label in labels.csv or a class folder."""
+    """Images whose final label (labels.csv or a class folder) settles a disagreement between
+    readers or differs from a reader's label (recorded with source ``adjudicated``)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,8 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
         problems += _check_unchanged(folder, name, selections[name].sha256)
     for name, rel in sorted(read.in_folders.items()):
         problems += _check_unchanged(folder, rel, selections[name].sha256)
+    if read.nothing_recorded is not None and rec.ingested_at is None:
+        problems.append(read.nothing_recorded)
     if problems:
         raise LabellingError(f"{folder}: {problems.total} problem(s); nothing was recorded",
                              problems.listed())
@@ -74,16 +85,9 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
         result.labelled[a.label] = result.labelled.get(a.label, 0) + 1
     result.returned_to_pool = len(selections) - len(answers)
     if rec.ingested_at is not None:
-        before = {r.image_id: r.label for r in ws.db.labels(round_no) if r.source in FINAL_SOURCES}
-        now = {selections[n].image_id: a.label for n, a in answers.items()}
-        if before == now:
-            result.already_ingested = True
-            return result
-        diff = [f"{s.file}: recorded {before.get(s.image_id)!r}, folder now says "
-                f"{now.get(s.image_id)!r}" for s in selections.values()
-                if before.get(s.image_id) != now.get(s.image_id)]
-        raise LabellingError(f"{folder}: round {round_no} was already ingested and its labels "
-                             f"have changed since; nothing was recorded", diff)
+        _check_same_as_recorded(ws, folder, round_no, selections, answers)
+        result.already_ingested = True
+        return result
     when = time.time()
     rows = [LabelRecord(selections[n].image_id, a.label, round_no, a.source, a.annotator,
                         a.origin, when, a.comment)
@@ -95,7 +99,28 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
     return result
 
 
-FINAL_SOURCES = ("labels.csv", "folder", "consensus")
+ADJUDICATED = "adjudicated"
+"""The ledger source of a final label (from labels.csv or a class folder; its origin says
+which) that differs from a reader's label in ``labels_<name>.csv``."""
+FINAL_SOURCES = ("labels.csv", "folder", "consensus", ADJUDICATED)
+
+
+def _check_same_as_recorded(ws: Workspace, folder: Path, round_no: int,
+                            selections: dict[str, Selection], answers: dict[str, _Answer]
+                            ) -> None:
+    """An ingested round's folder must still say what was recorded; else a
+    :class:`LabellingError` lists each change."""
+    before = {r.image_id: r.label for r in ws.db.labels(round_no) if r.source in FINAL_SOURCES}
+    now = {selections[n].image_id: a.label for n, a in answers.items()}
+    if before == now:
+        return
+    diff = [f"{s.file}: recorded {before.get(s.image_id)!r}, folder now says "
+            f"{now.get(s.image_id)!r}" for s in selections.values()
+            if before.get(s.image_id) != now.get(s.image_id)]
+    why = (" (it was handed back unlabelled, so its images went back to the pool: a later "
+           "query can export them again for these labels)" if not before else "")
+    raise LabellingError(f"{folder}: round {round_no} was already ingested and its labels "
+                         f"have changed since{why}; nothing was recorded", diff)
 
 
 class Problems(list[str]):
@@ -140,6 +165,9 @@ class Answers:
     adjudicated: int = 0
     in_folders: dict[str, str] = field(default_factory=dict)
     """Exported file name -> its path (relative) in a class folder, for every such file."""
+    nothing_recorded: str | None = None
+    """Why recording no label at all would not be the deliberate hand-back of the round
+    (``None`` when there are labels, or when it is)."""
 
 
 # what a spreadsheet may have saved labels.csv as, listed when labels.csv is missing
@@ -167,24 +195,75 @@ def _labels_file_problem(path: Path, folder: Path) -> str | None:
     return None
 
 
+_READER_FILE = re.compile(r"labels_(.+)\.csv", re.IGNORECASE)
+"""A reader's labels file, ``labels_<name>.csv`` in any case (``Labels_bob.CSV``)."""
+_NEAR_READER_FILE = re.compile(
+    r"labels?[-_ ]+([a-z0-9][\w.-]*?)\.(csv|tsv|txt|xlsx?|ods|numbers)", re.IGNORECASE)
+"""A name a reader's file was likely meant to have: ``labels-bob.csv``, ``label_bob.xlsx``."""
+
+
+def _label_like(folder: Path, read: set[str]) -> list[str]:
+    """Files in ``folder`` (not sub-folders, not hidden: ``._labels.csv`` is macOS metadata)
+    that may hold labels but are not among the files read: named ``label…`` or with a
+    spreadsheet's suffix (manifest.csv and README.txt aside)."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name not in read and not p.name.startswith(".") and not p.is_dir()
+                  and (p.name.lower().startswith("label")
+                       or (p.suffix.lower() in _SPREADSHEET_SUFFIXES
+                           and p.name.lower() not in ("manifest.csv", "readme.txt"))))
+
+
 def _missing_labels_problem(folder: Path) -> str:
-    found = sorted(p.name for p in folder.iterdir()
-                   if p.name.lower().startswith("label")
-                   or (p.suffix.lower() in _SPREADSHEET_SUFFIXES
-                       and p.name.lower() not in ("manifest.csv", "readme.txt")))
+    found = _label_like(folder, set())
     what = f"found {', '.join(found)}" if found else "found no other labels file"
     return (f"{LABELS} not found in {folder}; {what}. Save the labels as {LABELS} (CSV), or, "
-            f"to hand the round back unlabelled, keep {LABELS} with its header and no labels")
+            f"to hand the round back unlabelled, leave only the header line in {LABELS}")
+
+
+def _near_miss_problems(folder: Path) -> list[str]:
+    """A file named almost like a reader's labels file is refused, never skipped: its labels
+    would be lost without a word."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        m = _NEAR_READER_FILE.fullmatch(p.name)
+        if m is None or _READER_FILE.fullmatch(p.name) or p.is_dir():
+            continue
+        want = f"labels_{m.group(1)}.csv"
+        how = f"rename it {want}" if m.group(2).lower() == "csv" else f"save it as CSV: {want}"
+        out.append(f"{p.name}: looks like a reader's labels file but is not read (a reader's "
+                   f"file is named labels_<name>.csv); {how}, or move it out of the round folder")
+    return out
+
+
+def _nothing_recorded_problem(folder: Path, csv_rows: int | None, readers: list[str],
+                              read: set[str]) -> str | None:
+    """Why an ingest that would record no label is refused; ``None`` when it is the deliberate
+    hand-back: a ``labels.csv`` with only its header and no other labels file in the folder.
+    ``csv_rows``: data rows in labels.csv, ``-1`` without a header, ``None`` without the file.
+    """
+    found = _label_like(folder, read)
+    if csv_rows == 0 and not found:
+        return None
+    what = {None: f"{LABELS} not found", -1: f"{LABELS} is empty",
+            0: f"{LABELS} has only its header"}.get(
+        csv_rows, f"{LABELS} has {csv_rows} row(s) and no label in them")
+    if readers:
+        what += f", and {', '.join(readers)} give(s) no label"
+    others = f"found {', '.join(found)}" if found else "found no other labels file"
+    move = " and move the other files out of the round folder" if found else ""
+    return (f"nothing to record: {what}; {others}. Save the labels in {LABELS} (CSV), or, to "
+            f"hand the round back unlabelled, leave only the header line in {LABELS}{move}")
 
 
 def read_answers(folder: Path, classes: list[str], selections: dict[str, Selection]
                  ) -> Answers:
-    """Labels from ``labels.csv``, ``labels_<annotator>.csv`` files and the class subfolders,
-    and every problem found.
+    """Labels from ``labels.csv``, ``labels_<annotator>.csv`` files (any case) and the class
+    subfolders, and every problem found.
 
     A labels file is read only if it is a regular file inside the folder (not a link leading
-    out of it). Without ``labels.csv``, labels must come from class folders or annotator
-    files: a round closes empty only by an explicit empty ``labels.csv``.
+    out of it). A file named almost like a reader's file (``labels-bob.csv``) is a problem.
+    A round closes empty only by a ``labels.csv`` with just its header and no other labels
+    file in the folder (see :attr:`Answers.nothing_recorded`).
     """
     allowed = {c.lower(): c for c in classes} | {UNSURE: UNSURE}
     allowed_text = ", ".join([*classes, UNSURE])
@@ -192,24 +271,17 @@ def read_answers(folder: Path, classes: list[str], selections: dict[str, Selecti
     from_csv: dict[str, _Answer] = {}
     csv_path = folder / LABELS
     has_csv = csv_path.exists() or csv_path.is_symlink()
+    csv_rows: int | None = None
     if has_csv:
         problem = _labels_file_problem(csv_path, folder)
         if problem is not None:
             problems.append(problem)
         else:
-            from_csv = _read_labels_csv(csv_path, allowed, allowed_text, selections, problems)
-    by_annotator: dict[str, dict[str, _Answer]] = {}
-    for path in sorted(folder.glob("labels_*.csv")):
-        problem = _labels_file_problem(path, folder)
-        if problem is not None:
-            problems.append(problem)
-            continue
-        name = path.stem[len("labels_"):]
-        got = _read_labels_csv(path, allowed, allowed_text, selections, problems,
-                               default_annotator=name)
-        by_annotator[name] = {n: _Answer(a.label, path.name, a.origin, a.annotator or name,
-                                         a.comment)
-                              for n, a in got.items()}
+            from_csv, csv_rows = _read_labels_csv(csv_path, allowed, allowed_text, selections,
+                                                  problems)
+    by_annotator = _read_reader_files(folder, allowed, allowed_text, selections, problems)
+    read = {LABELS, *(f for f, _ in by_annotator.values())}
+    problems += _near_miss_problems(folder)
     from_dirs = _read_class_folders(folder, allowed, allowed_text, selections, problems)
     if not has_csv and not from_dirs and not by_annotator:
         problems.append(_missing_labels_problem(folder))
@@ -221,10 +293,41 @@ def read_answers(folder: Path, classes: list[str], selections: dict[str, Selecti
                             f"{a.origin.split('/')[0]}/ ({a.label!r})")
         elif c is None:
             answers[name] = a
-    out = Answers(answers, problems, by_annotator,
+    out = Answers(answers, problems, {n: got for n, (_, got) in by_annotator.items()},
                   in_folders={n: a.origin for n, a in from_dirs.items()})
     if by_annotator:
         _combine_annotators(out, sorted(selections))
+    if not answers and not any(out.by_annotator.values()) and not problems:
+        out.nothing_recorded = _nothing_recorded_problem(
+            folder, csv_rows, sorted(f for f, _ in by_annotator.values()), read)
+    return out
+
+
+def _read_reader_files(folder: Path, allowed: dict[str, str], allowed_text: str,
+                       selections: dict[str, Selection], problems: Problems
+                       ) -> dict[str, tuple[str, dict[str, _Answer]]]:
+    """``{reader: (file name, labels)}`` from every ``labels_<reader>.csv`` (the name in any
+    case); problems are appended to ``problems``."""
+    out: dict[str, tuple[str, dict[str, _Answer]]] = {}
+    seen: dict[str, str] = {}
+    for path in sorted(folder.iterdir()):
+        m = _READER_FILE.fullmatch(path.name)
+        if m is None:
+            continue
+        problem = _labels_file_problem(path, folder)
+        if problem is not None:
+            problems.append(problem)
+            continue
+        name = m.group(1)
+        if name.lower() in seen:
+            problems.append(f"{path.name}: a second labels file for reader {name!r} (the other "
+                            f"is {seen[name.lower()]}); keep one")
+            continue
+        seen[name.lower()] = path.name
+        got, _ = _read_labels_csv(path, allowed, allowed_text, selections, problems,
+                                  default_annotator=name)
+        out[name] = (path.name, {n: _Answer(a.label, path.name, a.origin, a.annotator or name,
+                                            a.comment) for n, a in got.items()})
     return out
 
 
@@ -236,7 +339,7 @@ def _read_class_folders(folder: Path, allowed: dict[str, str], allowed_text: str
     from_dirs: dict[str, _Answer] = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
                       and p.name != PREVIEWS and p.name != LABELS
-                      and not (p.name.startswith("labels_") and p.name.endswith(".csv"))):
+                      and not _READER_FILE.fullmatch(p.name)):
         files = [p for p in sorted(sub.rglob("*"))
                  if p.is_file() and not p.name.startswith(".")
                  and p.name.lower() not in IGNORED_FILES]
@@ -258,8 +361,9 @@ def _read_class_folders(folder: Path, allowed: dict[str, str], allowed_text: str
 
 
 def _combine_annotators(out: Answers, files: list[str]) -> None:
-    """Consensus where annotators agree; labels.csv / folders adjudicate disagreements; any
-    disagreement left is a problem (never resolved silently). Fills ``out.agreement``."""
+    """Consensus where annotators agree; labels.csv / folders adjudicate disagreements (and a
+    final label that differs from even one reader's is marked adjudicated, never silently
+    preferred); any disagreement left is a problem. Fills ``out.agreement``."""
     names = sorted(out.by_annotator)
     for a, b in itertools.combinations(names, 2):
         both = [f for f in files if f in out.by_annotator[a] and f in out.by_annotator[b]]
@@ -276,9 +380,11 @@ def _combine_annotators(out: Answers, files: list[str]) -> None:
         given = {n: out.by_annotator[n][f].label for n in names if f in out.by_annotator[n]}
         if not given:
             continue
-        if f in out.answers:  # an explicit final label (labels.csv or a class folder)
-            if len(set(given.values())) > 1:
+        final = out.answers.get(f)
+        if final is not None:  # an explicit final label (labels.csv or a class folder)
+            if set(given.values()) != {final.label}:  # readers disagree, or it overrides them
                 out.adjudicated += 1
+                out.answers[f] = replace(final, source=ADJUDICATED)
             continue
         if len(set(given.values())) == 1:
             label = next(iter(given.values()))
@@ -305,28 +411,48 @@ def _row_problem(cell: str, label_cell: str, selections: dict[str, Selection]) -
     return None
 
 
+def _header_columns(path: Path, header: list[str], problems: Problems) -> dict[str, int] | None:
+    """Where a labels file's header has its columns; ``None`` (and a problem appended) when
+    'file' or 'label' is missing or a known column appears twice."""
+    cols, dup = column_indices(header, ("file", "label", "annotator", "comment"))
+    if dup is not None:
+        problems.append(f"{path.name} line 1: {dup}")
+        return None
+    if "file" not in cols or "label" not in cols:
+        problems.append(f"{path.name} line 1: the header must have columns 'file' and "
+                        f"'label' (got {short(', '.join(map(repr, header)))})")
+        return None
+    return cols
+
+
 def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
                      selections: dict[str, Selection], problems: Problems,
-                     default_annotator: str | None = None) -> dict[str, _Answer]:
+                     default_annotator: str | None = None
+                     ) -> tuple[dict[str, _Answer], int]:
     """Labels from one labels file, read as a stream (UTF-8 with or without BOM, UTF-16 with
-    BOM or Windows-1252; ``,`` ``;`` or tab); problems are appended to ``problems``."""
+    BOM or Windows-1252; ``,`` ``;`` or tab), and its number of data rows that are not blank
+    (``-1``: not even a header); problems are appended to ``problems``."""
     out: dict[str, _Answer] = {}
     lines: dict[str, int] = {}
+    count = -1
     rows = iter_csv(path)
     try:
         first = next(rows, None)
         if first is None:
-            return out
-        header = [h.strip().lower() for h in first[1]]
-        if "file" not in header or "label" not in header:
-            problems.append(f"{path.name} line 1: the header must have columns 'file' and "
-                            f"'label' (got {short(', '.join(map(repr, first[1])))})")
-            return out
-        fi, li = header.index("file"), header.index("label")
-        ai = header.index("annotator") if "annotator" in header else None
-        ci = header.index("comment") if "comment" in header else None
+            return out, count
+        count = 0
+        cols = _header_columns(path, first[1], problems)
+        if cols is None:
+            return out, count
+        fi, li = cols["file"], cols["label"]
+        ai, ci = cols.get("annotator"), cols.get("comment")
         for n, row in rows:
             if not any(c.strip() for c in row):
+                continue
+            count += 1
+            extra = extra_cells_problem(row, len(first[1]))
+            if extra is not None:
+                problems.append(f"{path.name} line {n}: {extra}")
                 continue
             cell = row[fi].strip() if fi < len(row) else ""
             label_cell = row[li].strip() if li < len(row) else ""
@@ -359,7 +485,7 @@ def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
                         if msg.startswith(f"{path}: ") else msg)
     except OSError as e:
         problems.append(f"{path.name}: cannot be read: {e.strerror or e}")
-    return out
+    return out, count
 
 
 def _check_unchanged(folder: Path, rel: str, sha256: str) -> list[str]:
