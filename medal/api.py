@@ -680,7 +680,7 @@ def export_labels(cfg: Config, out: str | Path) -> int:
     """Write every label row with its provenance to a CSV; returns the number of rows."""
     import datetime as dt
 
-    from .labelling.export import neutralise
+    from .roundfolder import neutralise
 
     with Workspace(cfg, lock=False) as ws:
         rows = ws.db.labels()

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import hashlib
 import json
 import os
@@ -65,20 +64,19 @@ import numpy as np
 
 from .errors import DataError, ImageReadError, LabellingError, MedalError
 from .io import load_image, read_dicom_frame, sniff_format
-from .labelling import LABELS, neutralise, round_number
+from .labelling import round_number
+from .roundfolder import (LABELS, MANIFEST, PREVIEWS, annotator_file, create_lock_file,
+                          labels_lock, lock_file, manifest_classes, neutralise, read_manifest,
+                          unneutralise, valid_annotator)
 from .ledger import round_ingest_state
 from .scan import iter_csv, short
 from .workspace import UNSURE, ledger_file
 
 INSTALL_HINT = "pip install 'medal-al[serve]'"
-MANIFEST = "manifest.csv"
 MAX_COMMENT = 2000
-LOCK_TIMEOUT = 20.0
-"""Seconds a save waits for another process's save of the same labels file."""
 MAX_BODY = 64 * 1024
 """Largest ``POST /api/label`` body (bytes): a file name, a label and a comment fit easily."""
 """Longest comment kept (characters); ingest refuses cells over 128 KiB."""
-_ANNOTATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _FRAME_IN_NAME = re.compile(r"_f(\d+)\.[A-Za-z0-9]+$")
 # Projection radiography has no calibrated units: its presets come from the image's histogram.
 PROJECTION_MODALITIES = ("CR", "DX", "DR", "RG", "MG", "RF", "XA", "IO", "PX")
@@ -89,7 +87,7 @@ CT_PRESETS = (("lung", -600.0, 1500.0), ("mediastinum", 50.0, 350.0), ("bone", 4
 
 def check_annotator(name: str) -> str:
     """``name`` if it can be part of ``labels_<name>.csv``; else a :class:`LabellingError`."""
-    if not _ANNOTATOR.fullmatch(name):
+    if not valid_annotator(name):
         raise LabellingError(f"annotator name {short(name)} is not allowed; use 1-64 letters, "
                              f"digits, '_', '-' or '.', starting with a letter or digit")
     return name
@@ -106,44 +104,6 @@ class RoundImage:
     score: str
     predicted: str
     probs: dict[str, str]
-
-
-def lock_file(labels_path: Path) -> Path:
-    """The lock file of a labels file: ``.<name>.lock`` beside it."""
-    return labels_path.with_name(f".{labels_path.name}.lock")
-
-
-@contextlib.contextmanager
-def labels_lock(labels_path: Path, *, to_write: bool = True) -> Iterator[None]:
-    """Hold the OS lock (``flock``) on ``labels_path``'s :func:`lock_file` across processes:
-    every save of the labels page is a read-modify-write under it (a reader such as ingest
-    that takes it sees no save half-way). The OS drops the lock of a killed process. Waits up
-    to :data:`LOCK_TIMEOUT` seconds, then raises :class:`LabellingError`. Not ``to_write``
-    (only reading): a folder where the lock file cannot be created is read unlocked."""
-    path = lock_file(labels_path)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError as e:
-        if to_write:
-            raise LabellingError(f"{path}: cannot create the lock file: {e.strerror or e}") \
-                from None
-        fd = -1
-    try:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        while fd >= 0:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LabellingError(f"{labels_path}: another labelling page has been "
-                                         f"saving for over {LOCK_TIMEOUT:g} s; try again"
-                                         ) from None
-                time.sleep(0.01)
-        yield
-    finally:
-        if fd >= 0:
-            os.close(fd)  # releases the flock
 
 
 class RoundIngested(LabellingError):
@@ -173,11 +133,11 @@ class RoundBook:
         self.round = round_number(folder)
         self.folder = folder
         self.annotator = None if annotator is None else check_annotator(annotator)
-        self.labels_path = folder / (LABELS if annotator is None else f"labels_{annotator}.csv")
+        self.labels_path = folder / (LABELS if annotator is None else annotator_file(annotator))
         self.images, found = self._read_manifest()
         if not found:  # a blind export's manifest has no p_<class> columns: its class folders
             found = sorted(p.name for p in folder.iterdir()
-                           if p.is_dir() and not p.is_symlink() and p.name != "previews")
+                           if p.is_dir() and not p.is_symlink() and p.name != PREVIEWS)
         if classes is not None:
             if found and sorted(c.lower() for c in found) != sorted(c.lower() for c in classes):
                 raise LabellingError(f"{folder}: exported with classes {', '.join(found)}, but "
@@ -192,6 +152,7 @@ class RoundBook:
         self.allowed = {c.lower(): c for c in self.classes} | {UNSURE: UNSURE}
         self.by_file = {im.file: im for im in self.images}
         self.lock_path = lock_file(self.labels_path)
+        create_lock_file(self.labels_path)  # so that an ingest meanwhile waits for saves
         # the workspace whose ledger says whether this round was ingested: the config's, else
         # the one the folder sits in (<workspace>/labelling/round-NNN)
         if workspace is None and folder.parent.name == "labelling":
@@ -214,34 +175,21 @@ class RoundBook:
         if not self._regular_file(path):
             raise LabellingError(f"{path}: not found (or not a regular file in the round "
                                  f"folder); is {self.folder} a folder exported by medal query?")
-        rows = iter_csv(path)
-        first = next(rows, None)
-        header = [h.strip() for h in first[1]] if first else []
-        lower = [h.lower() for h in header]
-        if "file" not in lower:
-            raise LabellingError(f"{path}: no 'file' column; is this a medal round folder?")
-        col = {h: i for i, h in reversed(list(enumerate(lower)))}
-        classes = [h[2:] for h in header if h.lower().startswith("p_") and len(h) > 2]
-
-        def cell(row: list[str], name: str) -> str:
-            i = col.get(name)
-            return row[i].strip() if i is not None and i < len(row) else ""
-
+        header, rows = read_manifest(path)
+        classes = manifest_classes(header)
         images: list[RoundImage] = []
         for n, row in rows:
-            name = cell(row, "file")
-            if not name:
-                continue
+            name = row["file"]
             if PurePosixPath(name.replace("\\", "/")).name != name or name in (".", ".."):
                 raise LabellingError(f"{path} line {n}: file {short(name)} is not a plain file "
                                      f"name in the round folder")
-            rank = cell(row, "rank")
+            rank = row.get("rank", "")
             m = _FRAME_IN_NAME.search(name)
             images.append(RoundImage(
                 name, int(rank) if rank.isdigit() else len(images) + 1,
-                int(m.group(1)) if m else None, cell(row, "score"),
-                cell(row, "predicted").lstrip("'"),
-                {c: cell(row, f"p_{c.lower()}") for c in classes}))
+                int(m.group(1)) if m else None, row.get("score", ""),
+                unneutralise(row.get("predicted", "")),
+                {c: row.get(f"p_{c.lower()}", "") for c in classes}))
         if not images:
             raise LabellingError(f"{path}: lists no images")
         return sorted(images, key=lambda im: im.rank), classes

@@ -170,23 +170,32 @@ def score_batches(model: MCModel, ds: ImageDataset, T: int, batches: Sequence[in
             x, idx = x[ok], idx[ok]
             if cuda:
                 x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-            i = 0
-            while i < len(x):
-                try:
-                    p, f = run(x[i:i + step])
-                except RuntimeError as e:
-                    if not _is_oom(e) or step == 1:
-                        raise
-                    step = max(1, step // 2)
-                    if cuda:
-                        torch.cuda.empty_cache()
-                    warnings.warn(f"out of memory while scoring; batch size halved to {step}",
-                                  RuntimeWarning, stacklevel=2)
-                    continue
-                sink(idx[i:i + step].numpy(), p.float().cpu().numpy(),
-                     f.float().cpu().numpy())
-                i += step
+            step = _sink_in_chunks(run, x, idx, step, cuda, sink)
     return skipped
+
+
+def _sink_in_chunks(run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                    x: torch.Tensor, idx: torch.Tensor, step: int, cuda: bool,
+                    sink: Callable[[np.ndarray, np.ndarray, np.ndarray], None]) -> int:
+    """Score ``x [B, ...]`` in chunks of ``step`` images and pass each to ``sink``; on running
+    out of memory, halve ``step`` and retry that chunk. Returns the step that worked, which
+    the next batch starts from."""
+    i = 0
+    while i < len(x):
+        try:
+            p, f = run(x[i:i + step])
+        except RuntimeError as e:
+            if not _is_oom(e) or step == 1:
+                raise
+            step = max(1, step // 2)
+            if cuda:
+                torch.cuda.empty_cache()
+            warnings.warn(f"out of memory while scoring; batch size halved to {step}",
+                          RuntimeWarning, stacklevel=3)
+            continue
+        sink(idx[i:i + step].numpy(), p.float().cpu().numpy(), f.float().cpu().numpy())
+        i += step
+    return step
 
 
 def _npy_bytes(shape: tuple[int, ...], dtype: type = np.float16) -> int:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from prepare_pneumoniamnist import prepare  # noqa: E402
 
 from medal import api  # noqa: E402
+from medal.roundfolder import MANIFEST, labels_files, manifest_sources, write_labels  # noqa: E402
 from medal.cli import main as medal  # noqa: E402
 from medal.config import load_config  # noqa: E402
 
@@ -32,17 +33,10 @@ DATA = ROOT / "data" / "pneumoniamnist" / "images"
 
 def radiologist(folder: Path, truth: dict[str, str]) -> int:
     """Fill labels.csv the way a radiologist would, from the hidden labels of the sources."""
-    with open(folder / "manifest.csv", newline="") as f:
-        source = {r["file"]: r["source_path"] for r in csv.DictReader(f)}
-    with open(folder / "labels.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["label"] = truth[str(Path(source[r["file"]]).resolve())]
-    with open(folder / "labels.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["file", "label"])
-        w.writeheader()
-        w.writerows(rows)
-    return len(rows)
+    source = manifest_sources(folder / MANIFEST)
+    answers = [(f, truth[str(Path(source[f]).resolve())]) for f in labels_files(folder)]
+    write_labels(folder, answers)
+    return len(answers)
 
 
 def run(cmd: list[str]) -> None:

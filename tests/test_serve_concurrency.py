@@ -187,3 +187,41 @@ def test_a_bad_body_is_a_400_with_one_line(tiny_config):
     finally:
         _stop(proc)
     assert Path(folder / "labels.csv").is_file()
+
+
+def test_ingest_reads_under_the_pages_lock_and_no_save_slips_in_after(tiny_config, monkeypatch,
+                                                                      capsys):
+    """Ingest reads and records the labels files under the page's lock: while another process
+    holds it (a save half-way), `medal ingest` waits (here, for a shortened limit, then stops
+    with one line and records nothing) instead of reading a file about to change; once it has
+    recorded, a save through the page is refused, so the ledger and labels.csv agree."""
+    import medal.roundfolder
+    from medal.cli import main
+    from medal.roundfolder import write_labels
+
+    folder = exported(tiny_config, n=2)
+    files = [r["file"] for r in read_labels(folder / "labels.csv")]
+    write_labels(folder, [(f, "pneumonia") for f in files])
+    monkeypatch.setattr(medal.roundfolder, "LOCK_TIMEOUT", 1.0)
+    ledger = tiny_config.workspace / "ledger.sqlite"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLD_LOCK), str(folder)],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        before = ledger.read_bytes()
+        capsys.readouterr()
+        assert main(["ingest", "-c", str(tiny_config.path), "-q", str(folder)]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "labels.csv: locked for over 1 s" in err[0], err
+        assert ledger.read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert main(["ingest", "-c", str(tiny_config.path), "-q", str(folder)]) == 0
+    proc, url = start_server(["serve", str(folder)])
+    try:
+        base, token = _base_token(url)
+        assert request(base + "/api/label", token=token,
+                       body={"file": files[0], "label": "normal"})[0] == 409
+    finally:
+        _stop(proc)

@@ -19,7 +19,6 @@ scores, predictions, probabilities) is always kept in the workspace,
 
 from __future__ import annotations
 
-import csv
 import shutil
 import time
 from collections.abc import Sequence
@@ -35,13 +34,9 @@ from ..errors import DataError, ImageReadError, LabellingError
 from ..io import load_image, sniff_format
 from ..ledger import RoundRecord, Selection
 from ..workspace import UNSURE, Item, Workspace, file_id_of
+from ..roundfolder import (GALLERY, LABELS, MANIFEST, PREVIEWS, README, create_lock_file,
+                           neutralise, write_csv, write_manifests)
 from .gallery import gallery_html
-
-LABELS = "labels.csv"
-"""The labels file of a round folder."""
-PREVIEWS = "previews"
-"""The folder of a round's preview images."""
-
 
 @dataclass(frozen=True)
 class Candidate:
@@ -51,17 +46,6 @@ class Candidate:
     score: float
     probs: np.ndarray
     """``[C]`` MC-averaged class probabilities."""
-
-
-def neutralise(cell: str) -> str:
-    """Keep a spreadsheet from executing a text cell (leading ``= + - @``)."""
-    if cell and cell[0] in "=+-@\t\r":
-        try:
-            float(cell)
-            return cell
-        except ValueError:
-            return "'" + cell
-    return cell
 
 
 def export_round(ws: Workspace, round_no: int, chosen: Sequence[Candidate], *, strategy: str,
@@ -139,17 +123,18 @@ def _write_round(ws: Workspace, round_no: int, chosen: Sequence[Candidate], tmp:
                          *([f"{p:.4f}" for p in c.probs] if len(c.probs) else
                            [""] * len(classes))])
         gallery.append((rank, name, preview, float(c.score), pred, c.probs))
-    _write_csv(tmp / LABELS, ["file", "label"], [[s.file, ""] for s in selections])
-    _write_manifests(tmp / "manifest.csv", manifest_copy, classes, manifest,
+    write_csv(tmp / LABELS, ["file", "label"], [[s.file, ""] for s in selections])
+    create_lock_file(tmp / LABELS)
+    write_manifests(tmp / MANIFEST, manifest_copy, classes, manifest,
                      sources=secret is None, predictions=cfg.labelling.show_predictions)
     for c in classes:
         (tmp / c).mkdir()
-    (tmp / "README.txt").write_text(
+    (tmp / README).write_text(
         _readme(round_no, classes, len(selections), _serve_command(ws, round_no),
                 sources=secret is None, predictions=cfg.labelling.show_predictions),
         encoding="utf-8")
     if cfg.labelling.previews:
-        (tmp / "index.html").write_text(
+        (tmp / GALLERY).write_text(
             gallery_html(round_no, classes, gallery,
                          show_predictions=cfg.labelling.show_predictions), encoding="utf-8")
     return selections
@@ -188,34 +173,11 @@ def _preview(src: Path, dst: Path, cfg, frame: int | None = None) -> str | None:
     pil.thumbnail((cfg.labelling.preview_size, cfg.labelling.preview_size))
     dst.parent.mkdir(parents=True, exist_ok=True)
     pil.save(dst)
-    return f"previews/{dst.name}"
+    return f"{PREVIEWS}/{dst.name}"
 
 
 def _six_significant_digits(x: float) -> float:
     return float(f"{float(x):.6g}")
-
-
-def _write_manifests(in_folder: Path, kept: Path, classes: list[str], rows: list[list[object]],
-                     *, sources: bool, predictions: bool) -> None:
-    """The full manifest (``rows``: file, image id, source path, rank, score, prediction,
-    probabilities) kept in the workspace at ``kept``, and the round folder's manifest: without
-    the source columns when the copies are de-identified (``sources`` false), without score,
-    prediction and probabilities when labelling is blind (``predictions`` false)."""
-    header = ["file", "image_id", "source_path", "rank", "score", "predicted",
-              *[f"p_{c}" for c in classes]]
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    _write_csv(kept, header, rows)
-    columns = [i for i, h in enumerate(header)
-               if (sources or h not in ("image_id", "source_path"))
-               and (predictions or i < header.index("score"))]
-    _write_csv(in_folder, [header[i] for i in columns], [[r[i] for i in columns] for r in rows])
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def _serve_command(ws: Workspace, round_no: int) -> str:

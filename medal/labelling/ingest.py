@@ -4,7 +4,6 @@ transaction (all or nothing)."""
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -12,7 +11,7 @@ from pathlib import Path, PurePosixPath
 from sklearn.metrics import cohen_kappa_score
 
 from ..errors import DataError, LabellingError
-from ..ledger import LabelRecord, Selection
+from ..ledger import LabelRecord, RoundRecord, Selection
 from ..scan import (
     MAX_LISTED_PROBLEMS,
     column_indices,
@@ -23,9 +22,9 @@ from ..scan import (
 )
 from ..workspace import UNSURE, Workspace
 from ..workspace import round_of_folder as round_number
-from .export import LABELS, PREVIEWS
+from ..roundfolder import (IGNORED_FILES, LABELS, PREVIEWS, all_labels_locked, is_medal_file,
+                           near_reader_file, reader_of)
 
-IGNORED_FILES = {"thumbs.db", "desktop.ini", ".ds_store"}
 
 
 @dataclass
@@ -65,6 +64,14 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
         raise LabellingError(f"{folder}: round {round_no} was never exported from workspace "
                              f"{ws.root}")
     selections = {s.file: s for s in ws.db.selections(round_no)}
+    # a labelling page's saves wait while the folder is read and recorded (and are refused
+    # after, the round being ingested), so none slips in between
+    with all_labels_locked(folder):
+        return _ingest_locked(ws, folder, round_no, rec, selections)
+
+
+def _ingest_locked(ws: Workspace, folder: Path, round_no: int, rec: RoundRecord,
+                   selections: dict[str, Selection]) -> IngestResult:
     read = read_answers(folder, list(ws.cfg.classes), selections)
     answers, problems = read.answers, read.problems
     # every image file ingest relies on is checked, whichever source gave its label: the copy
@@ -195,13 +202,6 @@ def _labels_file_problem(path: Path, folder: Path) -> str | None:
     return None
 
 
-_READER_FILE = re.compile(r"labels_(.+)\.csv", re.IGNORECASE)
-"""A reader's labels file, ``labels_<name>.csv`` in any case (``Labels_bob.CSV``)."""
-_NEAR_READER_FILE = re.compile(
-    r"labels?[-_ ]+([a-z0-9][\w.-]*?)\.(csv|tsv|txt|xlsx?|ods|numbers)", re.IGNORECASE)
-"""A name a reader's file was likely meant to have: ``labels-bob.csv``, ``label_bob.xlsx``."""
-
-
 def _label_like(folder: Path, read: set[str]) -> list[str]:
     """Files in ``folder`` (not sub-folders, not hidden: ``._labels.csv`` is macOS metadata)
     that may hold labels but are not among the files read: named ``label…`` or with a
@@ -210,7 +210,7 @@ def _label_like(folder: Path, read: set[str]) -> list[str]:
                   if p.name not in read and not p.name.startswith(".") and not p.is_dir()
                   and (p.name.lower().startswith("label")
                        or (p.suffix.lower() in _SPREADSHEET_SUFFIXES
-                           and p.name.lower() not in ("manifest.csv", "readme.txt"))))
+                           and not is_medal_file(p.name))))
 
 
 def _missing_labels_problem(folder: Path) -> str:
@@ -225,11 +225,11 @@ def _near_miss_problems(folder: Path) -> list[str]:
     would be lost without a word."""
     out = []
     for p in sorted(folder.iterdir()):
-        m = _NEAR_READER_FILE.fullmatch(p.name)
-        if m is None or _READER_FILE.fullmatch(p.name) or p.is_dir():
+        near = near_reader_file(p.name)
+        if near is None or p.is_dir():
             continue
-        want = f"labels_{m.group(1)}.csv"
-        how = f"rename it {want}" if m.group(2).lower() == "csv" else f"save it as CSV: {want}"
+        want, is_csv = near
+        how = f"rename it {want}" if is_csv else f"save it as CSV: {want}"
         out.append(f"{p.name}: looks like a reader's labels file but is not read (a reader's "
                    f"file is named labels_<name>.csv); {how}, or move it out of the round folder")
     return out
@@ -311,14 +311,13 @@ def _read_reader_files(folder: Path, allowed: dict[str, str], allowed_text: str,
     out: dict[str, tuple[str, dict[str, _Answer]]] = {}
     seen: dict[str, str] = {}
     for path in sorted(folder.iterdir()):
-        m = _READER_FILE.fullmatch(path.name)
-        if m is None:
+        name = reader_of(path.name)
+        if name is None:
             continue
         problem = _labels_file_problem(path, folder)
         if problem is not None:
             problems.append(problem)
             continue
-        name = m.group(1)
         if name.lower() in seen:
             problems.append(f"{path.name}: a second labels file for reader {name!r} (the other "
                             f"is {seen[name.lower()]}); keep one")
@@ -339,7 +338,7 @@ def _read_class_folders(folder: Path, allowed: dict[str, str], allowed_text: str
     from_dirs: dict[str, _Answer] = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
                       and p.name != PREVIEWS and p.name != LABELS
-                      and not _READER_FILE.fullmatch(p.name)):
+                      and reader_of(p.name) is None):
         files = [p for p in sorted(sub.rglob("*"))
                  if p.is_file() and not p.name.startswith(".")
                  and p.name.lower() not in IGNORED_FILES]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SimulationError
+from ..roundfolder import MANIFEST, has_sources, labels_files, manifest_sources, write_labels
 from ..workspace import kept_manifest, round_of_folder
 
 
@@ -53,43 +54,29 @@ class Oracle:
         Returns the number of labelled rows. Rewriting is idempotent, so a round whose ingest
         was interrupted can be answered again.
         """
-        with open(manifest, newline="", encoding="utf-8") as f:
-            source = {r["file"]: r["source_path"] for r in csv.DictReader(f)}
-        with open(folder / "labels.csv", newline="", encoding="utf-8-sig") as f:
-            files = [r["file"] for r in csv.DictReader(f)]
+        source = manifest_sources(manifest)
+        files = labels_files(folder)
         missing = sorted(set(files) - set(source))
         if missing:
             raise SimulationError(f"{manifest}: no source path for {', '.join(missing)}")
-        answers = [(name, self._lookup(_unneutralise(source[name]))) for name in files]
-        tmp = folder / ".labels.csv.tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["file", "label"])
-            w.writerows(answers)
-        tmp.replace(folder / "labels.csv")
+        answers = [(name, self._lookup(source[name])) for name in files]
+        write_labels(folder, answers)
         if self._log is not None:
             new = not self._log.is_file()
             with open(self._log, "a", newline="", encoding="utf-8") as f:
                 w = csv.writer(f)
                 if new:
                     w.writerow(["round_folder", "file", "source_path", "label"])
-                w.writerows([folder.name, n, _unneutralise(source[n]), lab]
+                w.writerows([folder.name, n, source[n], lab]
                             for n, lab in answers)
         return len(answers)
-
-
-def _unneutralise(cell: str) -> str:
-    """Undo labelling.neutralise's leading quote (added to cells that look like formulas)."""
-    return cell[1:] if cell.startswith("'") and len(cell) > 1 and cell[1] in "=+-@\t\r" else cell
 
 
 def round_manifest(ws_root: Path, folder: Path) -> Path:
     """The manifest with source paths for a round folder (kept in the workspace when the
     round was de-identified)."""
-    in_folder = folder / "manifest.csv"
-    with open(in_folder, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
-    if "source_path" in header:
+    in_folder = folder / MANIFEST
+    if has_sources(in_folder):
         return in_folder
     kept = kept_manifest(ws_root, round_of_folder(folder))
     if not kept.is_file():
