@@ -109,7 +109,7 @@ def _ingest_locked(ws: Workspace, folder: Path, round_no: int, rec: RoundRecord,
 ADJUDICATED = "adjudicated"
 """The ledger source of a final label (from labels.csv or a class folder; its origin says
 which) that differs from a reader's label in ``labels_<name>.csv``."""
-FINAL_SOURCES = ("labels.csv", "folder", "consensus", ADJUDICATED)
+FINAL_SOURCES = (LABELS, "folder", "consensus", ADJUDICATED)
 
 
 def _check_same_as_recorded(ws: Workspace, folder: Path, round_no: int,
