@@ -94,6 +94,29 @@ def ingest_command(folder: Path, config: Path | None) -> str:
     return f"medal ingest -c {cfg} {shlex.quote(str(folder))}"
 
 
+def headers(nonce: str | None = None) -> dict[str, str]:
+    """Every answer's headers: a Content-Security-Policy that allows only the page's own inline
+    script (``nonce``) and requests to the server itself, no caching, no sniffing, no referrer."""
+    script = f"'nonce-{nonce}'" if nonce else "'none'"
+    return {"Content-Security-Policy":
+            f"default-src 'none'; script-src {script}; style-src 'unsafe-inline'; "
+            f"connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
+            f"form-action 'none'; frame-ancestors 'none'",
+            "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer"}
+
+
+def pixel_bytes(book: RoundBook, file: str, frame: str | None) -> bytes:
+    """``GET /api/pixels``: the encoded full-depth values of ``file`` (one of the round's) at
+    ``frame`` (a number, or None for the file's own); :class:`MedalError` or
+    :class:`ImageReadError` otherwise."""
+    path = book.image_path(file)
+    if frame is not None and not frame.isdigit():
+        raise MedalError(f"frame must be a number, got {short(frame)}")
+    meta, values = read_pixels(path, None if frame is None else int(frame))
+    return encode_pixels(meta, values)
+
+
 def build_app(book: RoundBook, token: str, *, show_predictions: bool = False,
               config: Path | None = None) -> Any:
     """The ASGI app for ``book``; every request needs ``token`` (query ``?token=`` or header
@@ -107,22 +130,13 @@ def build_app(book: RoundBook, token: str, *, show_predictions: bool = False,
     html = page_html()
     command = ingest_command(book.folder, config)
 
-    def headers(nonce: str | None = None) -> dict[str, str]:
-        script = f"'nonce-{nonce}'" if nonce else "'none'"
-        return {"Content-Security-Policy":
-                f"default-src 'none'; script-src {script}; style-src 'unsafe-inline'; "
-                f"connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
-                f"form-action 'none'; frame-ancestors 'none'",
-                "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
-                "Referrer-Policy": "no-referrer"}
+    def error(e: MedalError, status: int = 400) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=status, headers=headers())
 
     async def index(request: Request) -> Response:
         nonce = secrets.token_urlsafe(16)
         return Response(html.replace("__NONCE__", nonce), media_type="text/html",
                         headers=headers(nonce))
-
-    def error(e: MedalError, status: int = 400) -> JSONResponse:
-        return JSONResponse({"error": str(e)}, status_code=status, headers=headers())
 
     def state(request: Request) -> Response:  # sync: Starlette runs it in a thread
         try:
@@ -149,18 +163,14 @@ def build_app(book: RoundBook, token: str, *, show_predictions: bool = False,
         return JSONResponse(saved, headers=headers())
 
     def pixels(request: Request) -> Response:
-        frame = request.query_params.get("frame")
         try:
-            path = book.image_path(request.query_params.get("file", ""))
-            if frame is not None and not frame.isdigit():
-                raise MedalError(f"frame must be a number, got {short(frame)}")
-            meta, values = read_pixels(path, None if frame is None else int(frame))
+            data = pixel_bytes(book, request.query_params.get("file", ""),
+                               request.query_params.get("frame"))
         except ImageReadError as e:
             return error(MedalError(e.reason), 422)
         except MedalError as e:
             return error(e, 404)
-        return Response(encode_pixels(meta, values), media_type="application/octet-stream",
-                        headers=headers())
+        return Response(data, media_type="application/octet-stream", headers=headers())
 
     app = Starlette(routes=[Route("/", index), Route("/api/state", state),
                             Route("/api/label", label, methods=["POST"]),
