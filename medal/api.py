@@ -7,9 +7,10 @@ import csv
 import dataclasses
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ class RoundReport:
 
 def _labels_to_index(items: list[Item], classes: tuple[str, ...]) -> np.ndarray:
     lookup = {c: i for i, c in enumerate(classes)}
-    return np.array([lookup[it.label] for it in items], dtype=np.int64)
+    return np.array([lookup[str(it.label)] for it in items], dtype=np.int64)
 
 
 def _cache_dir(cfg: Config) -> Path | None:
@@ -123,7 +124,8 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport | None:
         tensorboard_log.require()
     device = distributed.setup(cfg.device)
     with distributed.main_only(lambda: Workspace(cfg)) as ws:
-        plan = distributed.on_main(lambda: _plan_training(ws, cfg, device, progress))
+        plan = distributed.on_main(lambda: _plan_training(cast(Workspace, ws), cfg, device,
+                                                          progress))
         x, y, items, skipped = _load(cfg, plan.labelled)
         if len(items) == 0:
             raise DataError("none of the labelled images could be read; see 'medal status'")
@@ -394,7 +396,8 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport | None:
     device = distributed.setup(cfg.device)
     state: dict[str, Any] = {}  # rank 0's: the snapshot, the score collector, ...
     with distributed.main_only(lambda: Workspace(cfg)) as ws:
-        plan = distributed.on_main(lambda: _plan_query(ws, cfg, device, progress, state))
+        plan = distributed.on_main(lambda: _plan_query(cast(Workspace, ws), cfg, device, progress,
+                                                       state))
         if isinstance(plan, QueryReport):  # a zero-label first round, exported by rank 0
             return plan if ws is not None else None
         t0 = time.perf_counter()
@@ -606,8 +609,9 @@ def _sampling(cfg: Config, device: torch.device) -> tuple[str, int]:
 
 
 # query.cold_start -> (selection in the feature space, how the query's note describes it)
-_COLD_START = {"typiclust": (acquisition.typiclust, "typicality and coverage (TypiClust)"),
-               "diversity": (acquisition.k_center_greedy, "k-center diversity")}
+_COLD_START: dict[str, tuple[Callable[..., np.ndarray], str]] = {
+    "typiclust": (acquisition.typiclust, "typicality and coverage (TypiClust)"),
+    "diversity": (acquisition.k_center_greedy, "k-center diversity")}
 
 
 def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MCModel,
@@ -749,15 +753,16 @@ def status(cfg: Config) -> Status:
         db = ws.db
         current = db.current_labels()
         counts = Counter(current.values())
-        by_source = Counter()
-        latest = {}
+        by_source: Counter[str] = Counter()
+        latest: dict[str, str] = {}
         for rec in db.labels():
             latest[rec.image_id] = rec.source
         by_source.update(latest.values())
         metrics = db.metrics()
         latest_model = max(metrics, default=None)
+        latest_metrics = {} if latest_model is None else metrics.get(latest_model, {})
         notes = [f"model round {latest_model}: {n}"
-                 for n in metric_notes(metrics.get(latest_model, {}), cfg.classes)]
+                 for n in metric_notes(latest_metrics, cfg.classes)]
         rounds = []
         counts_by_round = db.round_label_counts(FINAL_SOURCES)
         for r in db.rounds():

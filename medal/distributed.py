@@ -104,7 +104,7 @@ def on_main(fn: Callable[[], T]) -> T:
     result, error = broadcast((result, error))
     if error is not None:
         raise error
-    return result  # type: ignore[return-value]
+    return result
 
 
 @contextmanager

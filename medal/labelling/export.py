@@ -127,8 +127,8 @@ def _write_round(ws: Workspace, round_no: int, chosen: Sequence[Candidate], tmp:
     create_lock_file(tmp / LABELS)
     write_manifests(tmp / MANIFEST, manifest_copy, classes, manifest,
                      sources=secret is None, predictions=cfg.labelling.show_predictions)
-    for c in classes:
-        (tmp / c).mkdir()
+    for name in classes:
+        (tmp / name).mkdir()
     (tmp / README).write_text(
         _readme(round_no, classes, len(selections), _serve_command(ws, round_no),
                 sources=secret is None, predictions=cfg.labelling.show_predictions),
@@ -162,10 +162,10 @@ def export_suffix(src: Path, is_dicom: bool) -> str:
 
 def _preview(src: Path, dst: Path, cfg, frame: int | None = None) -> str | None:
     """PNG of the image as the model saw it (windowed, before resizing); relative path."""
-    if frame is None:
-        frame = "middle" if cfg.image.frame == "all" else cfg.image.frame
+    which: str | int = frame if frame is not None else (
+        "middle" if cfg.image.frame == "all" else cfg.image.frame)
     try:
-        img = load_image(src, window=cfg.image.window, frame=frame,
+        img = load_image(src, window=cfg.image.window, frame=which,
                          min_size=2 * cfg.labelling.preview_size)
     except ImageReadError:
         return None

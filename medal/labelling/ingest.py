@@ -144,11 +144,11 @@ class Problems(list[str]):
         else:
             self.more += 1
 
-    def extend(self, problems) -> None:  # type: ignore[override]
+    def extend(self, problems) -> None:
         for p in problems:
             self.append(p)
 
-    def __iadd__(self, problems):  # type: ignore[override]
+    def __iadd__(self, problems):  # type: ignore[misc]
         self.extend(problems)
         return self
 
