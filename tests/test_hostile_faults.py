@@ -1,0 +1,126 @@
+"""Hostile settings, files and faults (issue 26).
+
+Each attack here was once a traceback, a hang, a write through a link or a silent wrong
+outcome. Each refusal must give an exit code != 0, ONE error line naming the key or file and
+what would be valid, and leave the workspace byte-identical: every file under it is hashed
+before and after (links by their target; ``.lock`` by name only, since every command that takes
+the lock writes its own pid into it, by design).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+
+from medal.cli import main
+from medal.config import load_config
+from medal.workspace import Workspace
+
+ROOT = Path(__file__).parents[1]
+
+
+def workspace_hashes(ws: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``ws``; links by their target, folders by type."""
+    out: dict[str, str] = {}
+    for p in sorted(ws.rglob("*")):
+        key = p.relative_to(ws).as_posix()
+        if p.is_symlink():
+            out[key] = "-> " + os.readlink(p)
+        elif p.is_dir():
+            out[key] = "dir"
+        elif p.name == ".lock":
+            out[key] = "lock"
+        else:
+            out[key] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def refused(argv: list[str], capsys, ws: Path, pattern: str) -> str:
+    """Run the CLI in-process; assert exit code != 0, one error line matching ``pattern``
+    and an unchanged workspace; return the line."""
+    before = workspace_hashes(ws)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code != 0, out
+    assert out == "" and "Traceback" not in err, err
+    lines = err.rstrip("\n").splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"medal {argv[0]}: error: "), err
+    assert re.search(pattern, lines[0]), err
+    assert workspace_hashes(ws) == before
+    return lines[0]
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_data) -> tuple[Path, Path]:
+    """A config and its workspace with a ledger (the pool scanned, nothing trained)."""
+    cfg = write_config(tmp_path)
+    with Workspace(load_config(cfg)) as ws:
+        ws.sync()
+    return cfg, tmp_path / "ws"
+
+
+# --- config values that were tracebacks, hangs or NaN models ----------------------------------
+@pytest.mark.parametrize("setting, pattern", [
+    ("train.lr=inf", r"'train\.lr' must be a finite number, got inf"),
+    ("train.lr=nan", r"'train\.lr' must be a finite number, got nan"),
+    ("train.weight_decay=inf", r"'train\.weight_decay' must be a finite number"),
+    ("train.probe_lr=inf", r"'train\.probe_lr' must be a finite number"),
+    ("representation.temperature=inf", r"'representation\.temperature' must be a finite"),
+    ("representation.lr=inf", r"'representation\.lr' must be a finite number"),
+    ("image.window=[0, inf]", r"'image\.window' must be .*\[center, width\] of finite numbers"),
+    ("image.window=[nan, 400]", r"'image\.window' must be .*\[center, width\] of finite"),
+    ("seed=9223372036854775807", r"'seed' must be between 0 and 4294967295 \(2\*\*32 - 1\), "
+                                 r"got 9223372036854775807"),
+    ("seed=-1", r"'seed' must be between 0 and 4294967295"),
+    ("representation.seed=4294967296", r"'representation\.seed' must be between 0 and "),
+    ("num_workers=1000000", r"'num_workers' must be between 0 and \d+ \(the CPUs this machine "
+                            r"gives medal.*got 1000000"),
+    ('workspace="ws\\u0000x"', r"'workspace' contains a NUL character"),
+    ('data.pool="pool\\u0000"', r"'data\.pool' contains a NUL character"),
+    ('model.pretrained="w\\u0000.pt"', r"'model\.pretrained' contains a NUL character"),
+])
+@pytest.mark.parametrize("command", ["train", "query", "status"])
+def test_hostile_setting_is_one_line_naming_the_key(workspace, capsys, setting, pattern,
+                                                    command):
+    cfg, ws = workspace
+    refused([command, "-q", "-c", str(cfg), "--set", setting], capsys, ws,
+            rf"medal\.toml: {pattern}")
+
+
+@pytest.mark.parametrize("classes, pattern", [
+    (["normal", "CONIN$"], r"'CONIN\$' cannot be a class name: a reserved device name"),
+    (["normal", "conout$"], r"'conout\$' cannot be a class name: a reserved device name"),
+    (["normal", "COM0"], r"'COM0' cannot be a class name: a reserved device name"),
+    (["normal", "lpt0.txt"], r"'lpt0\.txt' cannot be a class name: a reserved device name"),
+    (["caf\u00e9", "cafe\u0301"], r"'classes' has duplicates \(ignoring case and Unicode "
+                                  r"normalisation, NFC/NFD\): 'caf\\xe9', 'cafe\\u0301'"),
+    (["Caf\u00e9", "cafe\u0301"], r"'classes' has duplicates"),
+    (["normal", "pneu\u202emonia"], r"'pneu\\u202emonia' cannot be a class name: contains "
+                                    r"'\\u202e' \(RIGHT-TO-LEFT OVERRIDE\)"),
+    (["normal", "pneu\u2066monia"], r"contains '\\u2066' \(LEFT-TO-RIGHT ISOLATE\)"),
+    (["normal", "normal\u200b"], r"contains '\\u200b' \(ZERO WIDTH SPACE\)"),
+    (["normal", "nor\u200dmal"], r"contains '\\u200d' \(ZERO WIDTH JOINER\)"),
+    (["normal", "\ufeffpneumonia"], r"contains '\\ufeff' \(ZERO WIDTH NO-BREAK SPACE\)"),
+    (["normal", "a\u2028b"], r"contains '\\u2028' \(LINE SEPARATOR\), a line separator"),
+])
+def test_class_names_that_hide_or_alias_are_refused(workspace, capsys, classes, pattern):
+    cfg, ws = workspace
+    text = cfg.read_text().replace('classes = ["normal", "pneumonia"]',
+                                   f"classes = {json.dumps(classes)}")
+    cfg.write_text(text)
+    line = refused(["train", "-q", "-c", str(cfg)], capsys, ws, pattern)
+    assert line.isascii()  # the bidi character itself never reaches the terminal
+
+
+@pytest.mark.parametrize("name", ["COM10", "conin", "pneumonia\u00e9", "\u0645\u0631\u064a\u0636"])
+def test_near_miss_class_names_are_kept(tmp_path, name):
+    cfg = write_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace('"pneumonia"', json.dumps(name)))
+    assert load_config(cfg).classes == ("normal", name)
