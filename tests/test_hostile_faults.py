@@ -124,3 +124,36 @@ def test_near_miss_class_names_are_kept(tmp_path, name):
     cfg = write_config(tmp_path)
     cfg.write_text(cfg.read_text().replace('"pneumonia"', json.dumps(name)))
     assert load_config(cfg).classes == ("normal", name)
+
+
+# --- the workspace lock ------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "hard link"])
+def test_lock_that_is_a_link_is_refused_and_its_target_untouched(workspace, tmp_path, capsys,
+                                                                  kind):
+    """A ``.lock`` planted as a link to another file made any medal command overwrite that file
+    with its pid (and truncate it): the link is refused and the file keeps its bytes."""
+    cfg, ws = workspace
+    victim = tmp_path / "victim.txt"
+    (ws / ".lock").unlink(missing_ok=True)
+    if kind == "hard link":
+        victim.write_text("precious\n" * 100)
+        os.link(victim, ws / ".lock")
+        pattern = r"\.lock is a hard link \(2 names for one file\)"
+    else:
+        if kind == "symlink":
+            victim.write_text("precious\n" * 100)
+        os.symlink(victim, ws / ".lock")
+        pattern = rf"\.lock is a symbolic link \(to {re.escape(str(victim))}\); .*remove the link"
+    for command in ("train", "query"):
+        refused([command, "-q", "-c", str(cfg)], capsys, ws, rf"{re.escape(str(ws))}/{pattern}")
+    if kind == "dangling symlink":
+        assert not victim.exists()  # nothing was created through the link either
+    else:
+        assert victim.read_text() == "precious\n" * 100
+
+
+def test_lock_that_is_a_folder_is_refused(workspace, capsys):
+    cfg, ws = workspace
+    (ws / ".lock").unlink(missing_ok=True)
+    (ws / ".lock").mkdir()
+    refused(["train", "-q", "-c", str(cfg)], capsys, ws, r"\.lock")
