@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,22 @@ def test_lock_that_is_a_folder_is_refused(workspace, capsys):
     (ws / ".lock").unlink(missing_ok=True)
     (ws / ".lock").mkdir()
     refused(["train", "-q", "-c", str(cfg)], capsys, ws, r"\.lock")
+
+
+# --- output that cannot be written ---------------------------------------------------------------
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_status_into_a_full_device_is_one_line(workspace, unbuffered):
+    """`medal status > /dev/full`: every write fails with ENOSPC (at print when unbuffered, at
+    the final flush otherwise); one line on stderr, exit code != 0, no traceback."""
+    cfg, ws = workspace
+    before = workspace_hashes(ws)
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-m", "medal", "status", "-c", str(cfg)],
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                          "PYTHONUNBUFFERED": unbuffered})
+    assert p.returncode != 0
+    assert p.stderr.splitlines() == [
+        "medal status: error: cannot write the output to /dev/full: No space left on device"]
+    assert workspace_hashes(ws) == before
