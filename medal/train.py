@@ -25,7 +25,7 @@ from . import __version__
 from .config import Config
 from .data import NORMALISE_MEAN, NORMALISE_STD
 from .errors import ModelError
-from .models import MCModel, Standardize, create_model
+from .models import MCModel, Standardize, create_model, read_weights
 
 
 @dataclass
@@ -525,11 +525,12 @@ def load_checkpoint(path: Path, model: MCModel, classes: Sequence[str], model_na
                     channels: int) -> dict[str, Any]:
     """Load weights into ``model``; refuse a checkpoint for other classes or architecture."""
     if not path.is_file():
-        raise ModelError(f"checkpoint not found: {path}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ModelError(f"cannot read checkpoint {path}: {e}") from None
+        raise ModelError(f"checkpoint not found: {path}" + (
+            " (it is a folder, not a file)" if path.is_dir() else ""))
+    ck = read_weights(path, "checkpoint")
+    if not isinstance(ck, dict) or not isinstance(ck.get("state_dict"), dict):
+        raise ModelError(f"checkpoint {path} holds a {type(ck).__name__} without a state_dict; "
+                         f"expected a checkpoint medal wrote")
     if list(ck.get("classes", [])) != list(classes):
         raise ModelError(f"checkpoint {path} was trained for classes {ck.get('classes')}, "
                          f"but the config has {list(classes)}")
@@ -546,5 +547,6 @@ def load_checkpoint(path: Path, model: MCModel, classes: Sequence[str], model_na
     try:
         model.load_state_dict(ck["state_dict"])
     except RuntimeError as e:
-        raise ModelError(f"checkpoint {path} does not fit the model: {e}") from None
+        detail = " ".join(str(e).split())  # torch lists each key on its own line
+        raise ModelError(f"checkpoint {path} does not fit the model: {detail[:300]}") from None
     return ck

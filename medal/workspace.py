@@ -72,8 +72,14 @@ def ledger_file(root: Path) -> Path:
 
 
 def has_ledger(root: Path) -> bool:
-    """Whether a workspace with a ledger exists at ``root`` (a command ran there)."""
-    return ledger_file(root).is_file()
+    """Whether a workspace with a ledger exists at ``root`` (a command ran there); a ledger
+    path that is something else (a folder) is a :class:`WorkspaceError`."""
+    path = ledger_file(root)
+    if path.exists() and not path.is_file():
+        what = "a folder" if path.is_dir() else "not a regular file"
+        raise WorkspaceError(f"{path} is {what}; expected the workspace's SQLite ledger file "
+                             f"(move it away, or choose another workspace)")
+    return path.is_file()
 
 
 def cache_dir(root: Path) -> Path:
@@ -275,6 +281,7 @@ class Workspace:
         if self._want_lock:
             self._acquire_lock()
         try:
+            has_ledger(self.root)  # refuses a folder in the ledger's place
             try:
                 self.ledger = Ledger(self.ledger_path)
             except sqlite3.Error as e:

@@ -178,3 +178,71 @@ def test_status_into_a_full_device_is_one_line(workspace, unbuffered):
     assert p.stderr.splitlines() == [
         "medal status: error: cannot write the output to /dev/full: No space left on device"]
     assert workspace_hashes(ws) == before
+
+
+# --- weights files and the ledger that are not what they should be --------------------------------
+def weights_file(path: Path, how: str) -> Path:
+    """A file in ``model.pretrained`` or a checkpoint's place that medal cannot use."""
+    import argparse
+
+    import torch
+
+    if how == "text":  # e.g. model.pretrained = "/etc/passwd"
+        path.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    elif how == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif how == "pickled object":  # unpickling it would run code: weights_only refuses it
+        torch.save({"state_dict": {}, "args": argparse.Namespace(lr=1)}, path)
+    elif how == "tensor":
+        torch.save(torch.zeros(3), path)
+    return path
+
+
+PROBLEMS = {"text": r"is not a PyTorch weights file \(expected a file written by torch\.save: a "
+                    r"zip archive; this one starts with b'root'\)",
+            "truncated": r"is truncated or corrupt \(expected a file written by torch\.save\): "
+                         r"PytorchStreamReader failed reading zip archive",
+            "pickled object": r"holds Python objects other than tensors, which medal does not "
+                              r"unpickle",
+            "tensor": r"holds a Tensor"}
+
+
+@pytest.mark.parametrize("how", list(PROBLEMS))
+def test_pretrained_weights_that_are_not_weights(workspace, tmp_path, capsys, how):
+    cfg, ws = workspace
+    bad = weights_file(tmp_path / "weights.bin", how)
+    refused(["train", "-q", "-c", str(cfg), "--set", f'model.pretrained="{bad}"'], capsys, ws,
+            rf"model\.pretrained: {re.escape(str(bad))} {PROBLEMS[how]}")
+
+
+@pytest.fixture
+def trained(workspace) -> tuple[Path, Path]:
+    """The workspace after one real (short) training: model round 0 and its checkpoint."""
+    cfg, ws = workspace
+    assert main(["train", "-q", "-c", str(cfg), "--set", "train.epochs=1",
+                 "--set", "train.min_steps=1"]) == 0
+    return cfg, ws
+
+
+def test_corrupt_checkpoints_are_one_line_each(trained, capsys):
+    cfg, ws = trained
+    checkpoint = ws / "checkpoints" / "round-000.pt"
+    good = checkpoint.read_bytes()
+    for how, problem in PROBLEMS.items():
+        weights_file(checkpoint, how)
+        problem = r"holds a Tensor without a state_dict" if how == "tensor" else problem
+        refused(["query", "-q", "-c", str(cfg)], capsys, ws,
+                rf"checkpoint {re.escape(str(checkpoint))} {problem}")
+    checkpoint.write_bytes(good)
+    assert main(["query", "-q", "-c", str(cfg)]) == 0
+
+
+@pytest.mark.parametrize("command", ["status", "train", "query"])
+def test_ledger_that_is_a_folder(workspace, capsys, command):
+    cfg, ws = workspace
+    (ws / "ledger.sqlite").unlink()
+    (ws / "ledger.sqlite").mkdir()
+    refused([command, "-q", "-c", str(cfg)], capsys, ws,
+            rf"{re.escape(str(ws))}/ledger\.sqlite is a folder; expected the workspace's SQLite "
+            rf"ledger file")
