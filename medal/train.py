@@ -161,6 +161,8 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
                "loss": train_one_epoch(net, opt, loss_fn, x, yt, perm, batch_size=tc.batch_size,
                                        device=device, aug=aug, shard=shard,
                                        desc=f"epoch {epoch}", progress=progress)}
+        for value in (row["loss"], _health(model, x, device)):  # before validating NaN
+            check_finite(value, f"in epoch {epoch} of {epochs}", "train.lr", tc.lr)
         line = f"epoch {epoch}/{epochs}: loss {row['loss']:.4f}"
         if has_val and (epoch % tc.validate_every == 0 or epoch == epochs):
             assert x_val is not None and y_val is not None
@@ -182,6 +184,25 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
         state_path.unlink(missing_ok=True)
     return FitResult(epochs=epochs, best_epoch=run.best_epoch, history=run.history,
                      seconds=time.perf_counter() - t0, notes=notes)
+
+
+def check_finite(value: float, when: str, lr_key: str, lr: float) -> None:
+    """Stop a training whose loss, weights or outputs became NaN or infinite: one line, raised
+    before anything is saved, so the previous checkpoint stays the current one."""
+    if not math.isfinite(value):
+        raise ModelError(f"training stopped {when}: the loss, weights or outputs became {value} "
+                         f"(not finite); {lr_key} = {lr:g} is probably too high (try 10 times "
+                         f"lower); nothing was saved, the previous checkpoint stays current")
+
+
+def _health(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+    """A sum that is NaN or infinite when any weight or buffer (batch-norm statistics) of
+    ``model`` is, or any of its outputs on (up to 64 of) ``x``: weights can stay finite and
+    still overflow in the forward pass."""
+    with torch.no_grad():
+        total = sum(float(t.double().sum()) for t in model.state_dict().values()
+                    if t.is_floating_point())
+    return total + float(predict_deterministic(model, x[:64], device).sum())
 
 
 def _loss_and_weights(y: np.ndarray, cfg: Config, device: torch.device
@@ -365,6 +386,9 @@ def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
     head.eval()
     with torch.no_grad():
         row = {"epoch": 1.0, "loss": float(loss_fn(head(f).float(), yt))}
+    for value in (row["loss"], _health(head, f, device)):
+        check_finite(value, f"after the head's {tc.probe_steps} steps", "train.probe_lr",
+                     tc.probe_lr)
     if x_val is not None and y_val is not None and len(x_val):
         p = predict_deterministic(model, x_val, device)
         row.update({f"val_{k}": v for k, v in

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -128,7 +129,7 @@ def test_near_miss_class_names_are_kept(tmp_path, name):
     assert load_config(cfg).classes == ("normal", name)
 
 
-# --- the workspace lock ------------------------------------------------------------------------
+# --- the workspace lock -----------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "hard link"])
 def test_lock_that_is_a_link_is_refused_and_its_target_untouched(workspace, tmp_path, capsys,
                                                                   kind):
@@ -161,7 +162,7 @@ def test_lock_that_is_a_folder_is_refused(workspace, capsys):
     refused(["train", "-q", "-c", str(cfg)], capsys, ws, r"\.lock")
 
 
-# --- output that cannot be written ---------------------------------------------------------------
+# --- output that cannot be written ------------------------------------------------------------
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 @pytest.mark.parametrize("unbuffered", ["1", ""])
 def test_status_into_a_full_device_is_one_line(workspace, unbuffered):
@@ -180,7 +181,7 @@ def test_status_into_a_full_device_is_one_line(workspace, unbuffered):
     assert workspace_hashes(ws) == before
 
 
-# --- weights files and the ledger that are not what they should be --------------------------------
+# --- weights files and the ledger that are not what they should be ----------------------------
 def weights_file(path: Path, how: str) -> Path:
     """A file in ``model.pretrained`` or a checkpoint's place that medal cannot use."""
     import argparse
@@ -246,3 +247,28 @@ def test_ledger_that_is_a_folder(workspace, capsys, command):
     refused([command, "-q", "-c", str(cfg)], capsys, ws,
             rf"{re.escape(str(ws))}/ledger\.sqlite is a folder; expected the workspace's SQLite "
             rf"ledger file")
+
+
+# --- a training that diverges -----------------------------------------------------------------
+@pytest.mark.parametrize("settings, pattern", [
+    (["train.lr=1e30"], r"training stopped in epoch 1 of \d+: the loss, weights or outputs became "
+                        r"nan \(not finite\); train\.lr = 1e\+30 is probably too high"),
+    (["train.lr=1e30", 'data.validation=""', "train.validation_fraction=0.0"],  # as reported
+     r"training stopped in epoch 1 of \d+: .* train\.lr = 1e\+30"),
+    (["train.freeze_backbone=true", "train.probe_lr=1e30"],
+     r"training stopped after the head's 300 steps: .* train\.probe_lr = 1e\+30"),
+])
+def test_non_finite_training_keeps_the_previous_checkpoint(trained, capsys, settings, pattern):
+    """A learning rate that makes the loss NaN used to save a NaN checkpoint and exit 0; the
+    next query then died on sqlite3.IntegrityError. Now the training stops with one line, the
+    workspace (checkpoint, ledger) is as before, and a query uses the previous model."""
+    cfg, ws = trained
+    sets = [a for s in settings for a in ("--set", s)]
+    refused(["train", "-q", "-c", str(cfg), *sets], capsys, ws,
+            rf"{pattern}.*nothing was saved, the previous checkpoint stays current$")
+    assert main(["query", "-q", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"round 001: 6 images chosen by bald .*\(model round 0,", out), out
+    with Workspace(load_config(cfg)) as w:
+        assert [m.round for m in w.db.models()] == [0]
+        assert all(math.isfinite(s.score) for s in w.db.selections(1)), "a NaN score was stored"
