@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from conftest import make_image, save, write_config
 
 from medal.cli import main
 from medal.config import load_config
@@ -272,3 +272,47 @@ def test_non_finite_training_keeps_the_previous_checkpoint(trained, capsys, sett
     with Workspace(load_config(cfg)) as w:
         assert [m.round for m in w.db.models()] == [0]
         assert all(math.isfinite(s.score) for s in w.db.selections(1)), "a NaN score was stored"
+
+
+# --- pool files: each one an image or a listed skip -------------------------------------------
+def headerless_dicom(path: Path, file_meta: bool) -> Path:
+    """A real DICOM image written by pydicom without the 128-byte preamble and "DICM" (and,
+    with ``file_meta=False``, without the file meta group either), under a name without a
+    suffix, as some archives store them."""
+    import numpy as np
+    import pydicom
+
+    save(path.with_suffix(".tmp.dcm"), make_image(1, np.random.default_rng(7)), as_dicom=True)
+    ds = pydicom.dcmread(path.with_suffix(".tmp.dcm"))
+    path.with_suffix(".tmp.dcm").unlink()
+    ds.preamble = None
+    if not file_meta:
+        del ds.file_meta
+    ds.save_as(path, enforce_file_format=False, implicit_vr=not file_meta, little_endian=True)
+    assert path.read_bytes()[128:132] != b"DICM"
+    return path
+
+
+def test_every_pool_file_is_an_image_or_a_listed_skip(tmp_path, tiny_data, capsys):
+    pool = tiny_data["root"] / "pool" / "archive"
+    pool.mkdir()
+    images = [headerless_dicom(pool / "1.2.840.113619.2.55.3.1", file_meta=True),
+              headerless_dicom(pool / "IM0001", file_meta=False)]
+    (pool / "notes.txt").write_text("reader notes, not an image\n")
+    (pool / "1.2.840.99").write_bytes(b"\x08\x00\x16\x00" + b"\x00" * 60)  # starts like DICOM
+    cfg = write_config(tmp_path)
+    assert main(["train", "-q", "-c", str(cfg)]) == 0
+    assert main(["query", "-q", "-c", str(cfg)]) == 0  # decodes (scores) every pool image
+    capsys.readouterr()
+    with Workspace(load_config(cfg)) as ws:
+        scanned = {Path(p) for p in ws.db.images_by_path()}
+        listed = ws.db.skipped()
+    assert set(images) <= scanned and not set(images) & {Path(p) for p in listed}
+    assert {Path(p).name: r for p, r in listed.items()} == {
+        "notes.txt": "not an image file medal reads (PNG, JPEG, TIFF, BMP by suffix; DICOM by "
+                     "suffix .dcm/.dicom or by its content)",
+        "1.2.840.99": "not a DICOM file (no DICM header and no image in it)"}
+    root = tiny_data["root"] / "pool"
+    every = {p for p in root.rglob("*") if p.is_file()}
+    accounted = {p for p in scanned | {Path(p) for p in listed} if root in p.parents}
+    assert every == accounted  # nothing left out silently
