@@ -97,6 +97,13 @@ def test_hostile_setting_is_one_line_naming_the_key(workspace, capsys, setting, 
             rf"medal\.toml: {pattern}")
 
 
+def test_path_through_a_link_loop_is_one_line(workspace, tmp_path, capsys):
+    cfg, ws = workspace
+    os.symlink("loop", tmp_path / "loop")
+    refused(["status", "-c", str(cfg), "--set", 'data.pool="loop/pool"'], capsys, ws,
+            r"'data\.pool': cannot resolve the path 'loop/pool': Symlink loop")
+
+
 @pytest.mark.parametrize("classes, pattern", [
     (["normal", "CONIN$"], r"'CONIN\$' cannot be a class name: a reserved device name"),
     (["normal", "conout$"], r"'conout\$' cannot be a class name: a reserved device name"),
