@@ -23,7 +23,7 @@ from .errors import DataError, ModelError, WorkspaceError
 from .features import FeatureCache, backbone_key
 from .labelling.export import Candidate, export_round
 from .labelling.ingest import FINAL_SOURCES, IngestResult, ingest_round
-from .models import MCModel, resolve_device, set_mc_mode
+from .models import MCModel, read_pretrained, resolve_device, set_mc_mode
 from .representation import SSLSettings, load_cached, pretrain_and_cache
 from .representation import cache_key as ssl_cache_key
 from .resources import check_pretraining_memory, check_query_memory, check_training_memory
@@ -122,6 +122,8 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport | None:
     if cfg.train.tensorboard:  # a missing package is said before training, not after
         from . import tensorboard_log
         tensorboard_log.require()
+    if cfg.model.pretrained is not None:  # a bad file is refused before anything is written
+        read_pretrained(cfg.model.pretrained)
     device = distributed.setup(cfg.device)
     with distributed.main_only(lambda: Workspace(cfg)) as ws:
         plan = distributed.on_main(lambda: _plan_training(cast(Workspace, ws), cfg, device,
@@ -393,6 +395,8 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport | None:
     scores), every rank scores its share of the pool's batches, rank 0 merges them into the
     same selection and export a single process makes; other ranks return ``None``.
     """
+    if cfg.model.pretrained is not None:  # a bad file is refused before anything is written
+        read_pretrained(cfg.model.pretrained)
     device = distributed.setup(cfg.device)
     state: dict[str, Any] = {}  # rank 0's: the snapshot, the score collector, ...
     with distributed.main_only(lambda: Workspace(cfg)) as ws:

@@ -183,9 +183,68 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads per worker (default: CPU count / workers)")
 
 
+class OutputError(MedalError):
+    """Standard output cannot be written (a full disk, ``> /dev/full``, an I/O error)."""
+
+
+class _GuardedStdout:
+    """``sys.stdout`` whose write errors (other than a closed pipe) become
+    :class:`OutputError`, so they end as one line instead of a traceback."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def _failed(self, e: OSError) -> OutputError:
+        try:
+            where = os.readlink(f"/proc/self/fd/{self._stream.fileno()}")
+        except (AttributeError, OSError, ValueError):  # not Linux, or no file descriptor
+            where = "standard output"
+        _silence_stdout(self._stream)  # the unwritten rest must not fail again at exit
+        return OutputError(f"cannot write the output to {where}: {e.strerror or e}")
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _silence_stdout(stream: Any) -> None:
+    """Point ``stream``'s file descriptor at devnull (the Python docs' advice for a closed
+    pipe), so the flush at exit has nowhere to fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # stdout without a file descriptor
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    real_stdout, sys.stdout = sys.stdout, _GuardedStdout(sys.stdout)
+    try:
+        return _run(args)
+    finally:
+        if isinstance(sys.stdout, _GuardedStdout):
+            sys.stdout = real_stdout
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         try:
             cfg = (None if args.config is None  # only 'labels serve' runs without one
@@ -207,11 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader of stdout went away (`medal train ... | head`). As the Python docs advise
         # ("Note on SIGPIPE"): point stdout at devnull so the flush at exit cannot fail again.
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except (AttributeError, OSError, ValueError):  # stdout without a file descriptor
-            pass
+        _silence_stdout(sys.stdout)
         return 1
 
 

@@ -9,7 +9,10 @@ and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,9 +289,11 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         raise ConfigError(f"{where}: 'classes' must be a list of at least two non-empty strings, "
                           f"got {classes!r}")
     classes = [c.strip() for c in classes]
-    lowered = [c.lower() for c in classes]
+    # macOS and Windows folder names ignore case, and macOS Unicode normalisation too
+    lowered = [unicodedata.normalize("NFC", c).lower() for c in classes]
     if len(set(lowered)) != len(lowered):
-        raise ConfigError(f"{where}: 'classes' has duplicates (case-insensitive): {classes}")
+        raise ConfigError(f"{where}: 'classes' has duplicates (ignoring case and Unicode "
+                          f"normalisation, NFC/NFD): {', '.join(map(ascii, classes))}")
     for c in classes:
         reason = class_name_problem(c)
         if reason is not None:
@@ -301,14 +306,12 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             raise ConfigError(f"{where}: [{name}] must be a table")
         sections[name] = _build(cls, table, name, base, where)
 
-    seed = _check_type(raw.get("seed", 0), int, "seed", where)
+    seed = _seed(raw.get("seed", 0), "seed", where)
     device = raw.get("device", "auto")
     if device not in DEVICES and not (isinstance(device, str) and device.startswith("cuda:")):
         raise ConfigError(f"{where}: 'device' must be one of {', '.join(DEVICES)} or 'cuda:N', "
                           f"got {device!r}")
-    num_workers = _check_type(raw.get("num_workers", 0), int, "num_workers", where)
-    if num_workers < 0:
-        raise ConfigError(f"{where}: 'num_workers' must be >= 0, got {num_workers}")
+    num_workers = _num_workers(raw.get("num_workers", 0), where)
     cfg = Config(path=path, workspace=workspace, classes=tuple(classes), seed=seed, device=device,
                  num_workers=num_workers, **sections)
     _validate_values(cfg, where)
@@ -317,8 +320,13 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
 
 # Names medal writes into a round folder (besides the image copies and class folders).
 _ROUND_FOLDER_NAMES = ("labels.csv", "manifest.csv", "index.html", "readme.txt", "previews")
-_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"{p}{n}" for p in ("com", "lpt")
-                                                  for n in "123456789\u00b9\u00b2\u00b3")}
+_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", "conin$", "conout$",
+                    *(f"{p}{n}" for p in ("com", "lpt") for n in "0123456789\u00b9\u00b2\u00b3")}
+# Unicode categories of characters that are invisible or reorder the text around them
+# (bidi overrides and isolates, zero-width spaces and joiners, line/paragraph separators):
+# a folder name with one looks like another name, or like nothing.
+_INVISIBLE_CATEGORIES = {"Cf": "an invisible formatting character", "Zl": "a line separator",
+                         "Zp": "a paragraph separator"}
 _WINDOWS_FORBIDDEN = set('<>:"/\\|?*')
 
 
@@ -331,8 +339,11 @@ def class_name_problem(name: str) -> str | None:
     ``previews``), compared without case as Windows and macOS do; names that are not folder
     names on Windows or macOS: longer than 255 bytes in UTF-8, containing ``< > : " / \\ | ? *``
     or control characters, ending in a dot or a space, ``.``/``..``/hidden (leading dot), and
-    Windows device names (``CON``, ``PRN``, ``AUX``, ``NUL``, ``COM1``-``COM9``,
-    ``LPT1``-``LPT9``, also with an extension, e.g. ``nul.txt``).
+    Windows device names (``CON``, ``PRN``, ``AUX``, ``NUL``, ``CONIN$``, ``CONOUT$``,
+    ``COM0``-``COM9``, ``LPT0``-``LPT9``, also with an extension, e.g. ``nul.txt``); names
+    with invisible characters that make them look like another name (Unicode format
+    characters such as bidi overrides, zero-width spaces and joiners; line and paragraph
+    separators).
     """
     low = name.lower()
     if not name:
@@ -348,13 +359,19 @@ def class_name_problem(name: str) -> str | None:
     if bad:
         return (f"contains {', '.join(repr(ch) for ch in bad)}, not allowed in folder names "
                 f"(Windows forbids < > : \" / \\ | ? * and control characters)")
+    invisible = sorted({ch for ch in name if unicodedata.category(ch) in _INVISIBLE_CATEGORIES})
+    if invisible:
+        ch = invisible[0]
+        return (f"contains {ascii(ch)} ({unicodedata.name(ch, 'unnamed')}), "
+                f"{_INVISIBLE_CATEGORIES[unicodedata.category(ch)]}: the name would look "
+                f"like another one")
     if name.startswith("."):
         return "a leading dot makes a hidden folder ('.' and '..' are not folder names)"
     if name[-1] in ". ":
         return "Windows does not allow folder names ending in a dot or a space"
     if low.split(".", 1)[0].rstrip(" ") in _WINDOWS_DEVICES:
-        return ("a reserved device name on Windows (CON, PRN, AUX, NUL, COM1-COM9, "
-                "LPT1-LPT9)")
+        return ("a reserved device name on Windows (CON, PRN, AUX, NUL, CONIN$, CONOUT$, "
+                "COM0-COM9, LPT0-LPT9)")
     return None
 
 
@@ -387,12 +404,14 @@ def _build(cls: type, table: dict[str, Any], section: str, base: Path, where: st
             values[name] = v
         elif t.startswith("bool"):
             values[name] = _check_type(v, bool, key, where)
+        elif key == "representation.seed":
+            values[name] = _seed(v, key, where)
         elif t.startswith("int"):
             values[name] = _check_type(v, int, key, where)
         elif t.startswith("float"):
             if isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
-            values[name] = _check_type(v, float, key, where)
+            values[name] = _finite(_check_type(v, float, key, where), key, where)
         elif t.startswith("str"):
             values[name] = _check_type(v, str, key, where)
         else:  # pragma: no cover - guards against adding a field without a parser
@@ -406,12 +425,13 @@ def _window(v: Any, key: str, where: str) -> str | tuple[float, float]:
     if isinstance(v, str) and v in WINDOW_MODES:
         return v
     if (isinstance(v, list) and len(v) == 2
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                    and math.isfinite(x) for x in v)
             and v[1] > 0):
         return (float(v[0]), float(v[1]))
     modes = ", ".join(f'"{m}"' for m in WINDOW_MODES)
-    raise ConfigError(f"{where}: {key!r} must be one of {modes} or [center, width] with "
-                      f"width > 0, got {v!r}")
+    raise ConfigError(f"{where}: {key!r} must be one of {modes} or [center, width] of finite "
+                      f"numbers with width > 0, got {v!r}")
 
 
 def _check_type(v: Any, t: type, key: str, where: str) -> Any:
@@ -424,8 +444,52 @@ def _check_type(v: Any, t: type, key: str, where: str) -> Any:
 def _path(v: Any, key: str, base: Path, where: str) -> Path:
     if not isinstance(v, str) or not v.strip():
         raise ConfigError(f"{where}: {key!r} must be a non-empty path string, got {v!r}")
+    if "\x00" in v:
+        raise ConfigError(f"{where}: {key!r} contains a NUL character (\\x00), which no path "
+                          f"can hold, got {v!r}")
     p = Path(v).expanduser()
-    return (p if p.is_absolute() else base / p).resolve()
+    try:
+        return (p if p.is_absolute() else base / p).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a link loop, a name too long
+        raise ConfigError(f"{where}: {key!r}: cannot resolve the path {v!r}: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
+
+
+def _finite(v: float, key: str, where: str) -> float:
+    if not math.isfinite(v):
+        raise ConfigError(f"{where}: {key!r} must be a finite number, got {v!r}")
+    return v
+
+
+SEED_MAX = 2**32 - 1
+"""Largest seed: NumPy's and torch's generators take it, and the round seeds derived from it
+(``seed * 1000 + round``) stay within torch's 64-bit range."""
+
+
+def _seed(v: Any, key: str, where: str) -> int:
+    v = _check_type(v, int, key, where)
+    if not 0 <= v <= SEED_MAX:
+        raise ConfigError(f"{where}: {key!r} must be between 0 and {SEED_MAX} (2**32 - 1), "
+                          f"got {v}")
+    return v
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity, where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _num_workers(v: Any, where: str) -> int:
+    v = _check_type(v, int, "num_workers", where)
+    cpus = cpu_count()
+    if not 0 <= v <= cpus:
+        raise ConfigError(f"{where}: 'num_workers' must be between 0 and {cpus} (the CPUs this "
+                          f"machine gives medal; more worker processes cannot load faster), "
+                          f"got {v}")
+    return v
 
 
 def _validate_values(cfg: Config, where: str) -> None:

@@ -8,8 +8,10 @@ backbone's pooled output plus the global-average-pooled output of each earlier s
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -283,20 +285,31 @@ def create_model(name: str, num_classes: int, *, in_channels: int = 1, dropout: 
     return model
 
 
+def read_pretrained(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a ``model.pretrained`` file, or one :class:`ModelError` line naming
+    the file and what was expected. Commands call it before they write anything, so a bad
+    file leaves the workspace as it was."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model.pretrained: weights file not found: {path} (medal never "
+                         f"downloads weights; save them locally and give the path)")
+    state = read_weights(path, "model.pretrained:")
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise ModelError(f"model.pretrained: {path} holds a {type(state).__name__}, not a "
+                         f"state dict (names -> tensors, as torch.save(model.state_dict()) "
+                         f"writes)")
+    return state
+
+
 def load_backbone_weights(model: MCModel, path: Path) -> None:
     """Load a torchvision-style state dict into the backbone (classifier keys ignored).
 
     A 3-channel stem is averaged over its RGB filters when the model takes 1 channel.
     """
-    if not path.is_file():
-        raise ModelError(f"model.pretrained: weights file not found: {path} (medal never "
-                         f"downloads weights; save them locally and give the path)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise ModelError(f"model.pretrained: cannot read {path}: {e}") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+    state = read_pretrained(path)
     own = model.backbone.state_dict()
     adapted = {}
     for k, v in state.items():
@@ -312,6 +325,39 @@ def load_backbone_weights(model: MCModel, path: Path) -> None:
                          f"({len(bad)} shape mismatches, {len(missing)} of {len(own)} weights "
                          f"missing)")
     model.backbone.load_state_dict(adapted, strict=False)
+
+
+_ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
+
+
+def read_weights(path: Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, or one :class:`ModelError` line
+    starting with ``what`` and naming ``path``: a file that is not one torch.save writes (a zip
+    archive, or the legacy pickle format), a truncated or corrupt one, or one that holds more
+    than tensors and plain containers (never unpickled: that would run code from the file)."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelError(f"{what} cannot read {path}: {e.strerror or e}") from None
+    expected = "expected a file written by torch.save"
+    if not (magic == _ZIP_MAGIC or magic[:1] == _PICKLE_MAGIC):
+        raise ModelError(f"{what} {path} is not a PyTorch weights file ({expected}: a zip "
+                         f"archive; this one starts with {magic!r})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelError(f"{what} {path} holds Python objects other than tensors, which medal "
+                         f"does not unpickle ({expected} of a state dict)") from None
+    except Exception as e:  # noqa: BLE001 - any failure to load means an unusable file
+        raise ModelError(f"{what} {path} is truncated or corrupt ({expected}): "
+                         f"{first_sentence(e)}") from None
+
+
+def first_sentence(e: BaseException) -> str:
+    """The first sentence of an exception's message (torch's run to paragraphs)."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text.split(". ", 1)[0].rstrip(".")
 
 
 def set_mc_mode(model: nn.Module) -> int:

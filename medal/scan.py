@@ -68,10 +68,15 @@ def _not_a_file(path: Path, mode: int) -> str:
     return "not a regular file"
 
 
+NOT_AN_IMAGE = ("not an image file medal reads (PNG, JPEG, TIFF, BMP by suffix; DICOM by "
+                "suffix .dcm/.dicom or by its content)")
+
+
 def _classify(path: Path) -> tuple[bool, str | None]:
-    """``(is an image to scan, reason to report)`` for one folder entry. A folder, or a file
-    that is not an image, is neither scanned nor reported. One ``lstat`` (and a ``stat`` for
-    links); a pipe or device is never opened."""
+    """``(is an image to scan, reason to report)`` for one folder entry. A folder is neither
+    scanned nor reported; every file is one or the other (a file that is not an image is
+    reported as such). One ``lstat`` (and a ``stat`` for links); a pipe or device is never
+    opened."""
     try:
         st = path.lstat()
         if stat.S_ISLNK(st.st_mode):
@@ -93,7 +98,7 @@ def _classify(path: Path) -> tuple[bool, str | None]:
     if not stat.S_ISREG(st.st_mode):
         return False, _not_a_file(path, st.st_mode)
     if sniff_format(path) is None:
-        return False, None
+        return False, NOT_AN_IMAGE
     try:
         os.fsencode(path.name).decode("utf-8")
     except UnicodeDecodeError:
@@ -108,8 +113,9 @@ def scan_folder(root: Path, skipped: dict[Path, str] | None = None) -> list[Path
 
     Entries that cannot be used are left out and, with ``skipped``, added to it with the
     reason: broken links and link loops, links to folders (not followed), named pipes,
-    sockets and devices (never opened, so a pipe cannot block the scan), image files that
-    are empty or whose name is not valid UTF-8 (it could not be stored in the ledger).
+    sockets and devices (never opened, so a pipe cannot block the scan), files that are not
+    images medal reads, image files that are empty or whose name is not valid UTF-8 (it could
+    not be stored in the ledger).
     Every path is listed, even when several share the same (e.g. empty) content.
     """
     root = Path(root)

@@ -25,7 +25,7 @@ from . import __version__
 from .config import Config
 from .data import NORMALISE_MEAN, NORMALISE_STD
 from .errors import ModelError
-from .models import MCModel, Standardize, create_model
+from .models import MCModel, Standardize, create_model, read_weights
 
 TrainingLog = Callable[[dict[str, float], int], None]
 """Receives history rows (``loss``, ``val_<metric>``) and their step while a model trains."""
@@ -168,6 +168,8 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
                "loss": train_one_epoch(net, opt, loss_fn, x, yt, perm, batch_size=tc.batch_size,
                                        device=device, aug=aug, shard=shard,
                                        desc=f"epoch {epoch}", progress=progress)}
+        for value in (row["loss"], _health(model, x, device)):  # before validating NaN
+            check_finite(value, f"in epoch {epoch} of {epochs}", "train.lr", tc.lr)
         line = f"epoch {epoch}/{epochs}: loss {row['loss']:.4f}"
         if has_val and (epoch % tc.validate_every == 0 or epoch == epochs):
             assert x_val is not None and y_val is not None
@@ -191,6 +193,25 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
         state_path.unlink(missing_ok=True)
     return FitResult(epochs=epochs, best_epoch=run.best_epoch, history=run.history,
                      seconds=time.perf_counter() - t0, notes=notes)
+
+
+def check_finite(value: float, when: str, lr_key: str, lr: float) -> None:
+    """Stop a training whose loss, weights or outputs became NaN or infinite: one line, raised
+    before anything is saved, so the previous checkpoint stays the current one."""
+    if not math.isfinite(value):
+        raise ModelError(f"training stopped {when}: the loss, weights or outputs became {value} "
+                         f"(not finite); {lr_key} = {lr:g} is probably too high (try 10 times "
+                         f"lower); nothing was saved, the previous checkpoint stays current")
+
+
+def _health(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+    """A sum that is NaN or infinite when any weight or buffer (batch-norm statistics) of
+    ``model`` is, or any of its outputs on (up to 8 of) ``x``: weights can stay finite and
+    still overflow in the forward pass (then every input does; 8 keep the check cheap)."""
+    with torch.no_grad():
+        total = sum(float(t.double().sum()) for t in model.state_dict().values()
+                    if t.is_floating_point())
+    return total + float(predict_deterministic(model, x[:8], device).sum())
 
 
 def _loss_and_weights(y: np.ndarray, cfg: Config, device: torch.device
@@ -381,6 +402,9 @@ def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
     head.eval()
     with torch.no_grad():
         row = {"epoch": 1.0, "loss": float(loss_fn(head(f).float(), yt))}
+    for value in (row["loss"], _health(head, f, device)):
+        check_finite(value, f"after the head's {tc.probe_steps} steps", "train.probe_lr",
+                     tc.probe_lr)
     if x_val is not None and y_val is not None and len(x_val):
         p = predict_deterministic(model, x_val, device)
         row.update({f"val_{k}": v for k, v in
@@ -547,11 +571,12 @@ def load_checkpoint(path: Path, model: MCModel, classes: Sequence[str], model_na
                     channels: int) -> dict[str, Any]:
     """Load weights into ``model``; refuse a checkpoint for other classes or architecture."""
     if not path.is_file():
-        raise ModelError(f"checkpoint not found: {path}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ModelError(f"cannot read checkpoint {path}: {e}") from None
+        raise ModelError(f"checkpoint not found: {path}" + (
+            " (it is a folder, not a file)" if path.is_dir() else ""))
+    ck = read_weights(path, "checkpoint")
+    if not isinstance(ck, dict) or not isinstance(ck.get("state_dict"), dict):
+        raise ModelError(f"checkpoint {path} holds a {type(ck).__name__} without a state_dict; "
+                         f"expected a checkpoint medal wrote")
     if list(ck.get("classes", [])) != list(classes):
         raise ModelError(f"checkpoint {path} was trained for classes {ck.get('classes')}, "
                          f"but the config has {list(classes)}")
@@ -568,5 +593,6 @@ def load_checkpoint(path: Path, model: MCModel, classes: Sequence[str], model_na
     try:
         model.load_state_dict(ck["state_dict"])
     except RuntimeError as e:
-        raise ModelError(f"checkpoint {path} does not fit the model: {e}") from None
+        detail = " ".join(str(e).split())  # torch lists each key on its own line
+        raise ModelError(f"checkpoint {path} does not fit the model: {detail[:300]}") from None
     return ck

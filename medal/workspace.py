@@ -33,6 +33,7 @@ import re
 import secrets
 import shutil
 import sqlite3
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,8 +72,14 @@ def ledger_file(root: Path) -> Path:
 
 
 def has_ledger(root: Path) -> bool:
-    """Whether a workspace with a ledger exists at ``root`` (a command ran there)."""
-    return ledger_file(root).is_file()
+    """Whether a workspace with a ledger exists at ``root`` (a command ran there); a ledger
+    path that is something else (a folder) is a :class:`WorkspaceError`."""
+    path = ledger_file(root)
+    if path.exists() and not path.is_file():
+        what = "a folder" if path.is_dir() else "not a regular file"
+        raise WorkspaceError(f"{path} is {what}; expected the workspace's SQLite ledger file "
+                             f"(move it away, or choose another workspace)")
+    return path.is_file()
 
 
 def cache_dir(root: Path) -> Path:
@@ -271,6 +278,7 @@ class Workspace:
         if self._want_lock:
             self._acquire_lock()
         try:
+            has_ledger(self.root)  # refuses a folder in the ledger's place
             try:
                 self.ledger = Ledger(self.ledger_path)
             except sqlite3.Error as e:
@@ -344,11 +352,30 @@ class Workspace:
     LOCK_WAIT = 1.0
     """Seconds a refused command waits for the holder to write its pid into ``.lock``."""
 
-    def _acquire_lock(self) -> None:
+    def _open_lock(self) -> int:
+        """Open ``.lock`` without following a link, so that writing the pid into it can never
+        overwrite another file; refuse a link or anything but a plain file of one name."""
+        path = self.root / ".lock"
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, flags, 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP or path.is_symlink():
+                raise WorkspaceError(
+                    f"{path} is a symbolic link (to {os.readlink(path)}); medal writes its "
+                    f"pid into .lock and never through a link: remove the link") from None
             raise WorkspaceError(self._cannot("cannot create the lock file .lock", e)) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            what = ("is not a regular file" if not stat.S_ISREG(st.st_mode) else
+                    f"is a hard link ({st.st_nlink} names for one file)")
+            raise WorkspaceError(f"{path} {what}; medal writes its pid into .lock, which must "
+                                 f"be a plain file of its own: remove it")
+        return fd
+
+    def _acquire_lock(self) -> None:
+        fd = self._open_lock()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -27,6 +27,7 @@ from medal import uncertainty
 from medal.cli import main
 from medal.config import load_config
 from medal.errors import WorkspaceError
+from medal.scan import NOT_AN_IMAGE
 from medal.workspace import Workspace
 
 ROOT = Path(__file__).parents[1]
@@ -82,8 +83,9 @@ def odd_entries(pool: Path, elsewhere: Path, loops: bool = True) -> dict[str, st
     (odd / "empty1.png").write_bytes(b"")
     (odd / "empty2.png").write_bytes(b"")  # the same (empty) content: the same id
     os.symlink(pool / "png", odd / "folder")
-    (odd / "notes.txt").write_text("not an image, not listed")
+    (odd / "notes.txt").write_text("not an image: listed as such")
     return want | {
+        "notes.txt": NOT_AN_IMAGE,
         "dangling.png": f"a broken symbolic link (to {elsewhere / 'gone.png'})",
         "pipe.png": "not a regular file (a named pipe/FIFO)",
         "empty1.png": "empty file (0 bytes)",

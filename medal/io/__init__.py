@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dicom import (DICOM_SUFFIXES, DicomFrame, count_dicom_frames, has_dicm_magic, load_dicom,
+from .dicom import (DICOM_SUFFIXES, DicomFrame, count_dicom_frames, load_dicom, looks_like_dicom,
                     read_dicom_frame, read_dicom_header)
 from .images import MAX_PIXELS, PILLOW_SUFFIXES, Window, check_window, load_pillow
 
@@ -26,7 +26,8 @@ def sniff_format(path: str | Path) -> str | None:
 
     By suffix first (``.dcm``/``.dicom`` -> DICOM, :data:`IMAGE_SUFFIXES` Pillow ones ->
     ``"pillow"``); any other file is DICOM only if it has the ``DICM`` magic at offset 128
-    (archives often name DICOM files by UID or give them no suffix at all).
+    or starts like a DICOM data set written without the preamble (archives often name DICOM
+    files by UID or give them no suffix at all; see :func:`~medal.io.dicom.looks_like_dicom`).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -34,7 +35,7 @@ def sniff_format(path: str | Path) -> str | None:
         return "dicom"
     if suffix in PILLOW_SUFFIXES:
         return "pillow"
-    return "dicom" if has_dicm_magic(path) else None
+    return "dicom" if looks_like_dicom(path) else None
 
 
 def load_image(path: str | Path, *, window: Window = "file",

@@ -45,14 +45,29 @@ _LUT_KEYWORDS = ("ModalityLUTSequence", "RescaleSlope", "RescaleIntercept", "Res
                  "PixelRepresentation", "BitsStored", "BitsAllocated")
 
 
-def has_dicm_magic(path: str | Path) -> bool:
-    """True if the file has the ``DICM`` prefix after the 128-byte preamble."""
+# A data set written without the 128-byte preamble and "DICM" (older archives, some PACS
+# exports) starts with its first element: the file meta group 0002 (explicit VR) or, with no
+# file meta at all, group 0008 (Specific Character Set, Image Type, SOP Class UID ...).
+_RAW_START_GROUPS = (0x0002, 0x0008)
+
+
+def looks_like_dicom(path: str | Path) -> bool:
+    """True if the file has the ``DICM`` prefix after the 128-byte preamble, or starts like a
+    DICOM data set without one (a group 0002/0008 element tag followed by a two-letter VR or a
+    plausible 32-bit length): such a file is read with pydicom's ``force=True`` and kept only
+    if it holds an image."""
     try:
         with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
+            head = f.read(132)
     except OSError:
         return False
+    if head[128:132] == b"DICM":
+        return True
+    if len(head) < 8 or int.from_bytes(head[0:2], "little") not in _RAW_START_GROUPS:
+        return False
+    vr = head[4:6]
+    explicit = vr.isalpha() and vr.isupper()
+    return explicit or int.from_bytes(head[4:8], "little") < (1 << 16)
 
 
 def read_dicom_header(path: str | Path) -> Dataset:
