@@ -42,6 +42,7 @@ if (_shadowed := shadowed_package_message()) is not None:
 from . import __version__  # noqa: E402  (after the check above, which explains its failure)
 from .config import Config, load_config, parse_overrides  # noqa: E402
 from .errors import MedalError  # noqa: E402
+from .roundfolder import LABELS  # noqa: E402
 
 if TYPE_CHECKING:
     from . import api
@@ -318,7 +319,7 @@ def _print_query(r: api.QueryReport, cfg: Config) -> None:
     print(f"labelling folder: {_rel(r.folder)}")
     c = f"-c {_rel(cfg.path)}"
     print(f"next: label the images on the labelling page:\n  medal labels serve {c} "
-          f"{_rel(r.folder)}\n  (or fill {_rel(r.folder / 'labels.csv')}, or sort the images "
+          f"{_rel(r.folder)}\n  (or fill {_rel(r.folder / LABELS)}, or sort the images "
           f"into its class folders), then\n  medal ingest {c} {_rel(r.folder)}")
 
 

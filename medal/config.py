@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .roundfolder import reserved_name
 
 DEVICES = ("auto", "cpu", "cuda")
 SAMPLING_MODES = ("auto", "head", "full")
@@ -319,7 +320,6 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
 
 
 # Names medal writes into a round folder (besides the image copies and class folders).
-_ROUND_FOLDER_NAMES = ("labels.csv", "manifest.csv", "index.html", "readme.txt", "previews")
 _WINDOWS_DEVICES = {"con", "prn", "aux", "nul", "conin$", "conout$",
                     *(f"{p}{n}" for p in ("com", "lpt") for n in "0123456789\u00b9\u00b2\u00b3")}
 # Unicode categories of characters that are invisible or reorder the text around them
@@ -350,7 +350,7 @@ def class_name_problem(name: str) -> str | None:
         return "it is empty"
     if low == "unsure":
         return "'unsure' is the reserved label for images a reader cannot decide"
-    if low in _ROUND_FOLDER_NAMES or (low.startswith("labels_") and low.endswith(".csv")):
+    if reserved_name(name):
         return "medal writes a file or folder of that name into every round folder"
     if len(name.encode("utf-8")) > 255:
         return f"{len(name.encode('utf-8'))} bytes in UTF-8; folder names allow at most 255"

@@ -66,3 +66,25 @@ def test_the_public_api_resolves_without_importing_torch_first():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=PACKAGE.parent, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# A round-folder file name as a string literal, a reader's file name being built or matched,
+# or the spreadsheet-formula characters that neutralising guards against.
+ROUND_FOLDER_NAMES = re.compile(
+    r"""["'](labels\.csv|manifest\.csv|(?i:readme\.txt)|index\.html|previews)["']"""
+    r"""|["']labels_["']|labels_\{|=\+-@""")
+
+
+def test_only_the_round_folder_module_names_round_folder_files():
+    assert offending_lines(ROUND_FOLDER_NAMES, "roundfolder.py") == []
+
+
+def test_the_round_folder_pattern_catches_what_it_is_for():
+    assert ROUND_FOLDER_NAMES.search('folder / "labels.csv"')
+    assert ROUND_FOLDER_NAMES.search("tmp / 'README.txt'")
+    assert ROUND_FOLDER_NAMES.search('f"labels_{annotator}.csv"')
+    assert ROUND_FOLDER_NAMES.search('low.startswith("labels_")')
+    assert ROUND_FOLDER_NAMES.search('if cell[0] in "=+-@\\t\\r":')
+    assert not ROUND_FOLDER_NAMES.search('LABEL_COLUMNS = ("labels", "labels_train")')
+    assert not ROUND_FOLDER_NAMES.search('"""Fill ``labels.csv`` from the hidden truth."""')
+    assert not ROUND_FOLDER_NAMES.search('__all__ = ["LABELS", "PREVIEWS"]')
