@@ -399,6 +399,9 @@ def _serve(cfg: Config | None, args: argparse.Namespace) -> int:
     if not server.local_only:
         print(f"  note: listening on {args.host}, so other machines can reach it (the token "
               f"is still required)")
+    ingested = book.ingested()
+    if ingested is not None:
+        print(f"  note: {ingested}", flush=True)
     print("open the address in a browser; Ctrl-C stops the server (every decision is already "
           "saved)", flush=True)
     try:

@@ -148,9 +148,11 @@ def test_saves_after_ingest_are_refused_and_the_page_says_so(tiny_config):
         assert state["read_only"].startswith("round 001 was ingested on")
     finally:
         _stop(proc)
-    # served again, with the config: read-only from the first request
+    # served again, with the config: read-only from the first request, and the terminal says so
     proc, url = start_server(["serve", str(folder), "-c", str(tiny_config.path)])
     try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("  note: round 001 was ingested on")
         base, token = _base_token(url)
         state = json.loads(request(base + "/api/state", token=token)[1])
         assert "this page is read-only" in state["read_only"]
