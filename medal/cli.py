@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -463,8 +464,11 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "query": cmd_query, "ingest": cmd_ingest, "round": cmd_round,
-            "status": cmd_status, "labels": cmd_labels}
+# Each command takes the loaded config (None only for 'labels serve' without -c, which
+# cmd_labels handles) and the parsed arguments, and returns the exit code.
+COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
+    "train": cmd_train, "query": cmd_query, "ingest": cmd_ingest, "round": cmd_round,
+    "status": cmd_status, "labels": cmd_labels}
 
 
 def _simulate(cfg: Config, args: argparse.Namespace) -> int:

@@ -12,7 +12,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorag
 def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
                 bits_stored: int = 12, slope: float = 1.0, intercept: float = 0.0,
                 window: tuple[float, float] | None = None, patient_id: str = "ANON",
-                transfer_syntax: str = ExplicitVRLittleEndian, uid_source: str | None = None) -> Path:
+                transfer_syntax: str = ExplicitVRLittleEndian, uid_source: str | None = None
+                ) -> Path:
     """Save ``pixels [H, W]`` (unsigned ints that fit ``bits_stored``) as a Secondary Capture.
 
     ``slope``/``intercept`` become the modality LUT (RescaleSlope/Intercept), ``window`` the

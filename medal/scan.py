@@ -301,7 +301,7 @@ def short(text: str, limit: int = 80) -> str:
 
 def _read_label_csv(path: Path, classes: Sequence[str]) -> list[FileEntry]:
     by_lower = {c.lower(): c for c in classes}
-    problems = []
+    problems: list[str] = []
     more = 0
     entries = []
     rows = iter_csv(path)

@@ -309,7 +309,7 @@ class Workspace:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
-        if full is not None:
+        if full is not None and isinstance(exc, BaseException):
             raise WorkspaceError(full) from exc
 
     def _remove_partial_writes(self) -> list[Path]:

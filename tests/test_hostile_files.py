@@ -9,7 +9,6 @@ command with one line naming the folder and the cause (exit code != 0, nothing w
 from __future__ import annotations
 
 import csv
-import fcntl
 import json
 import os
 import re
@@ -19,10 +18,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import make_image, save, write_config
+from conftest import write_config
 from medal import uncertainty
 from medal.cli import main
 from medal.config import load_config

@@ -18,6 +18,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -184,7 +185,7 @@ def _read(path: Path, *, header_only: bool) -> Dataset:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(path, stop_before_pixels=header_only,
+            ds: Dataset = pydicom.dcmread(path, stop_before_pixels=header_only,
                                  defer_size=None if header_only else DEFER_BYTES)
         for w in caught:
             # pydicom only warns when a file ends inside encapsulated (compressed) pixel data.
@@ -287,7 +288,7 @@ def _stored_pixel_bytes(path: Path, ds: Dataset) -> int | None:
     a deferred value: what the file holds after the value's offset, at most its length."""
     if "PixelData" not in ds:
         return None
-    elem = ds.get_item("PixelData", keep_deferred=True)
+    elem: Any = ds.get_item("PixelData", keep_deferred=True)  # a deferred RawDataElement
     if elem.value is not None:
         return len(elem.value)
     try:

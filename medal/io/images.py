@@ -37,7 +37,8 @@ DICOM frames) are skipped with the reason, never decoded."""
 
 
 def check_pixels(path: Path, width: int, height: int) -> None:
-    """Raise :class:`ImageReadError` if a ``width`` x ``height`` image is over :data:`MAX_PIXELS`."""
+    """Raise :class:`ImageReadError` if a ``width`` x ``height`` image is over
+    :data:`MAX_PIXELS`."""
     if width * height > MAX_PIXELS:
         raise ImageReadError(path, _too_large(f"{width}x{height} = {width * height / 1e6:.0f}",
                                               MAX_PIXELS))
@@ -159,7 +160,7 @@ def load_pillow(path: str | Path, *, window: Window = "file",
                 if min_size and im.format == "JPEG":
                     im.draft(im.mode, (min_size, min_size))  # each side stays >= min_size
                 im.load()
-                im = ImageOps.exif_transpose(im)
+                im = ImageOps.exif_transpose(im)  # type: ignore[assignment]
                 arr, full_scale = _pixels(im, min_size)
     except Image.DecompressionBombError as e:  # Pillow checks first, on opening
         found = re.search(r"\((\d+) pixels\)", str(e))
