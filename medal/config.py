@@ -13,6 +13,7 @@ import math
 import os
 import tomllib
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -390,33 +391,45 @@ def _build(cls: type, table: dict[str, Any], section: str, base: Path, where: st
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{where}: missing required key {key!r}")
             continue
-        v = table[name]
-        t = str(f.type)
-        if "Path" in t:
-            values[name] = None if v in ("", None) and "None" in t else _path(v, key, base, where)
-        elif key == "image.window":
-            values[name] = _window(v, key, where)
-        elif key == "image.frame":
-            if not (v in ("middle", "all")
-                    or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
-                raise ConfigError(f"{where}: {key!r} must be \"middle\", \"all\" or a frame "
-                                  f"index >= 0, got {v!r}")
-            values[name] = v
-        elif t.startswith("bool"):
-            values[name] = _check_type(v, bool, key, where)
-        elif key == "representation.seed":
-            values[name] = _seed(v, key, where)
-        elif t.startswith("int"):
-            values[name] = _check_type(v, int, key, where)
-        elif t.startswith("float"):
-            if isinstance(v, int) and not isinstance(v, bool):
-                v = float(v)
-            values[name] = _finite(_check_type(v, float, key, where), key, where)
-        elif t.startswith("str"):
-            values[name] = _check_type(v, str, key, where)
-        else:  # pragma: no cover - guards against adding a field without a parser
-            raise AssertionError(f"no parser for {key} of type {t}")
+        parse = _KEY_PARSERS.get(key) or _TYPE_PARSERS.get(str(f.type))
+        if parse is None:  # pragma: no cover - guards against adding a field without a parser
+            raise AssertionError(f"no parser for {key} of type {f.type}")
+        values[name] = parse(table[name], key, base, where)
     return cls(**values)
+
+
+def _frame(v: Any, key: str, where: str) -> str | int:
+    if not (v in ("middle", "all") or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
+        raise ConfigError(f"{where}: {key!r} must be \"middle\", \"all\" or a frame index >= 0, "
+                          f"got {v!r}")
+    return v
+
+
+def _float(v: Any, key: str, where: str) -> float:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    return _finite(_check_type(v, float, key, where), key, where)
+
+
+# How a config value is read, by the field's annotation; ``(value, key, base, where)``: ``key``
+# is the dotted key, ``base`` the folder relative paths resolve against, ``where`` the source
+# named in messages.
+_Parser = Callable[[Any, str, Path, str], Any]
+_TYPE_PARSERS: dict[str, _Parser] = {
+    "Path": lambda v, key, base, where: _path(v, key, base, where),
+    "Path | None": lambda v, key, base, where: (None if v in ("", None)
+                                                else _path(v, key, base, where)),
+    "str | tuple[float, float]": lambda v, key, base, where: _window(v, key, where),
+    "str | int": lambda v, key, base, where: _frame(v, key, where),
+    "bool": lambda v, key, base, where: _check_type(v, bool, key, where),
+    "int": lambda v, key, base, where: _check_type(v, int, key, where),
+    "int | None": lambda v, key, base, where: _check_type(v, int, key, where),
+    "float": lambda v, key, base, where: _float(v, key, where),
+    "str": lambda v, key, base, where: _check_type(v, str, key, where),
+}
+_KEY_PARSERS: dict[str, _Parser] = {
+    "representation.seed": lambda v, key, base, where: _seed(v, key, where),
+}
 
 
 def _window(v: Any, key: str, where: str) -> str | tuple[float, float]:
