@@ -11,12 +11,15 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .errors import ModelError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 _REGISTRY: dict[str, Callable[[int], tuple[nn.Module, int]]] = {}
 
@@ -283,6 +286,16 @@ def create_model(name: str, num_classes: int, *, in_channels: int = 1, dropout: 
     if backbone_dropout > 0:
         add_backbone_dropout(model.backbone, backbone_dropout)
     return model
+
+
+def model_from_config(cfg: Config, *, load_pretrained: bool = True) -> MCModel:
+    """The model ``cfg.model`` describes for ``cfg.classes``: the one place the config becomes
+    a :func:`create_model` call. ``load_pretrained`` false leaves ``model.pretrained`` unread
+    (a model built on the ``meta`` device to measure its size)."""
+    m = cfg.model
+    return create_model(m.name, len(cfg.classes), in_channels=m.channels, dropout=m.dropout,
+                        hidden=m.hidden, pretrained=m.pretrained if load_pretrained else None,
+                        backbone_dropout=m.backbone_dropout, features=m.features)
 
 
 def read_pretrained(path: Path) -> dict[str, torch.Tensor]:

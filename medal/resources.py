@@ -31,7 +31,7 @@ from torch import nn
 from .acquisition import get_strategy
 from .config import Config
 from .errors import ConfigError
-from .models import create_model
+from .models import model_from_config
 
 MEMORY_CHECK_ENV = "MEDAL_MEMORY_CHECK"
 """Set to ``off`` to skip the memory check (e.g. when swap makes room the estimate ignores)."""
@@ -69,11 +69,8 @@ def activation_bytes(cfg: Config) -> tuple[int, int]:
     model at ``model.image_size``: the sum of every layer's output (kept for the backward
     pass), and the largest input + output of one layer (all inference needs at once).
     Measured on the ``meta`` device: no memory is used, no weights are read."""
-    m = cfg.model
     with torch.device("meta"):
-        model = create_model(m.name, len(cfg.classes), in_channels=m.channels,
-                             dropout=m.dropout, hidden=m.hidden,
-                             backbone_dropout=m.backbone_dropout, features=m.features)
+        model = model_from_config(cfg, load_pretrained=False)
     total, largest = 0, 0
 
     def hook(mod: nn.Module, inputs: tuple, output: object) -> None:
@@ -88,7 +85,8 @@ def activation_bytes(cfg: Config) -> tuple[int, int]:
     try:
         with torch.no_grad():
             model.eval()
-            model(torch.empty(1, m.channels, m.image_size, m.image_size, device="meta"))
+            size = cfg.model.image_size
+            model(torch.empty(1, cfg.model.channels, size, size, device="meta"))
     finally:
         for h in handles:
             h.remove()
@@ -119,11 +117,8 @@ def _image_size_that_fits(cfg: Config, need: float, free: int) -> int:
 def _model_sizes(cfg: Config) -> tuple[int, int]:
     """``(parameters, feature dimension)`` of the configured model, from the ``meta`` device
     (no memory used)."""
-    m = cfg.model
     with torch.device("meta"):
-        model = create_model(m.name, len(cfg.classes), in_channels=m.channels,
-                             dropout=m.dropout, hidden=m.hidden,
-                             backbone_dropout=m.backbone_dropout, features=m.features)
+        model = model_from_config(cfg, load_pretrained=False)
     return sum(p.numel() for p in model.parameters()), model.feature_dim
 
 
@@ -146,9 +141,8 @@ def check_training_memory(cfg: Config, n_images: int, n_eval: int,
     train_act, infer_act = activation_bytes(cfg)
     val_batch = min(512, n_eval)  # train.predict_deterministic's batch
     act = max(t.batch_size * train_act, val_batch * infer_act)
-    params = 16 * sum(p.numel() for p in create_model(
-        m.name, len(cfg.classes), in_channels=m.channels, hidden=m.hidden,
-        backbone_dropout=m.backbone_dropout, features=m.features).parameters())
+    params = 16 * sum(p.numel() for p in model_from_config(cfg, load_pretrained=False)
+                      .parameters())
     on_gpu = device.type == "cuda"
     host_need = held + (0 if on_gpu else act + params)
     host_free = available_memory()

@@ -25,7 +25,7 @@ from . import __version__
 from .config import Config
 from .data import NORMALISE_MEAN, NORMALISE_STD
 from .errors import ModelError
-from .models import MCModel, Standardize, create_model, read_weights
+from .models import MCModel, Standardize, model_from_config, read_weights
 
 TrainingLog = Callable[[dict[str, float], int], None]
 """Receives history rows (``loss``, ``val_<metric>``) and their step while a model trains."""
@@ -41,10 +41,8 @@ class FitResult:
 
 
 def build_model(cfg: Config) -> MCModel:
-    m = cfg.model
-    return create_model(m.name, len(cfg.classes), in_channels=m.channels, dropout=m.dropout,
-                        hidden=m.hidden, pretrained=m.pretrained,
-                        backbone_dropout=m.backbone_dropout, features=m.features)
+    """The configured model, its ``model.pretrained`` backbone loaded."""
+    return model_from_config(cfg)
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
