@@ -27,8 +27,8 @@ from .models import MCModel, read_pretrained, resolve_device, set_mc_mode
 from .representation import SSLSettings, load_cached, pretrain_and_cache
 from .representation import cache_key as ssl_cache_key
 from .resources import check_pretraining_memory, check_query_memory, check_training_memory
-from .train import (backbone_features, build_model, classification_metrics, fit, load_checkpoint,
-                    save_checkpoint)
+from .metrics import classification_metrics
+from .train import backbone_features, build_model, fit, load_checkpoint, save_checkpoint
 from . import distributed
 from .uncertainty import (ScoreCollector, ScoreStore, batch_seed, head_samples,
                           mc_predict_tensors, n_batches, score_batches)

@@ -286,7 +286,7 @@ def _rel(p: Path) -> str:
 
 
 def _fmt(v: float | None) -> str:
-    from .train import show_metric
+    from .metrics import show_metric
 
     return show_metric(v)
 

@@ -43,8 +43,8 @@ from compare_simulations import interval  # noqa: E402
 from medal import acquisition, api  # noqa: E402
 from medal.config import load_config, parse_overrides  # noqa: E402
 from medal.data import load_all, scan_source  # noqa: E402
-from medal.train import (backbone_features, classification_metrics,  # noqa: E402
-                         fit_probe, predict_deterministic)
+from medal.metrics import classification_metrics  # noqa: E402
+from medal.train import backbone_features, fit_probe, predict_deterministic  # noqa: E402
 
 DATASETS = ("pneumoniamnist", "retinamnist")
 # frozen self-supervised backbone, linear head, no hold-out (the head's schedule is fixed)

@@ -5,8 +5,8 @@ from sklearn import metrics as skm
 
 from medal.errors import ModelError
 from medal.models import create_model
-from medal.train import (class_weights, classification_metrics, fit, load_checkpoint,
-                         predict_deterministic, save_checkpoint)
+from medal.metrics import classification_metrics
+from medal.train import class_weights, fit, load_checkpoint, predict_deterministic, save_checkpoint
 
 
 def separable(n=32, seed=0):
