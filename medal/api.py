@@ -28,12 +28,14 @@ from .representation import SSLSettings, load_cached, pretrain_and_cache
 from .representation import cache_key as ssl_cache_key
 from .resources import check_pretraining_memory, check_query_memory, check_training_memory
 from .metrics import classification_metrics
-from .train import backbone_features, build_model, fit, load_checkpoint, save_checkpoint
+from .train import (FitResult, backbone_features, build_model, fit, load_checkpoint,
+                    save_checkpoint)
 from . import distributed
-from .uncertainty import (ScoreCollector, ScoreStore, batch_seed, head_samples,
+from .uncertainty import (MCResult, ScoreCollector, ScoreStore, batch_seed, head_samples,
                           mc_predict_tensors, n_batches, score_batches)
 from .ledger import LabelRecord, ModelRecord
-from .workspace import UNSURE, Item, Workspace, cache_dir, has_ledger
+from .sources import Item, Snapshot, sync
+from .workspace import UNSURE, Workspace, cache_dir, has_ledger
 
 
 @dataclass
@@ -190,7 +192,7 @@ class _TrainPlan:
 
 def _plan_training(ws: Workspace, cfg: Config, device: torch.device,
                    progress: bool) -> _TrainPlan:
-    snap = ws.sync()
+    snap = sync(ws)
     if not snap.labelled:
         raise DataError(_no_labels(cfg))
     check_training_memory(cfg, len(snap.labelled) + len(snap.validation) + len(snap.test),
@@ -230,7 +232,7 @@ def pretrain_representation(cfg: Config, *, progress: bool = True) -> str:
 def ensure_backbone(cfg: Config, *, progress: bool = True) -> tuple[str, Path]:
     """:func:`pretrain_representation`, also returning the cached backbone's file."""
     with Workspace(cfg) as ws:
-        return pretrained_backbone(ws, cfg, ws.sync(), resolve_device(cfg.device), progress)
+        return pretrained_backbone(ws, cfg, sync(ws), resolve_device(cfg.device), progress)
 
 
 def representation_seed(cfg: Config) -> int:
@@ -239,7 +241,7 @@ def representation_seed(cfg: Config) -> int:
     return cfg.seed if r is None else r
 
 
-def pretrained_backbone(ws: Workspace, cfg: Config, snap: Any, device: torch.device,
+def pretrained_backbone(ws: Workspace, cfg: Config, snap: Snapshot, device: torch.device,
                         progress: bool) -> tuple[str, Path]:
     """Load (or first train and cache) the self-supervised backbone for this workspace's
     images: the pool, the labelled images and an automatic hold-out; never the given
@@ -284,7 +286,8 @@ def _short(p: Path) -> str:
 
 def _finish_training(ws: Workspace, cfg: Config, model: MCModel, device: torch.device,
                      seed: int, model_round: int, parent: int | None, items: list[Item],
-                     result: Any, val: tuple[Any, np.ndarray], test: tuple[Any, np.ndarray],
+                     result: FitResult, val: tuple[Any, np.ndarray],
+                     test: tuple[Any, np.ndarray],
                      skipped: dict[Path, str]) -> TrainReport:
     """MC-averaged metrics on validation and test, the checkpoint and the ledger row."""
     metrics = {}
@@ -440,7 +443,7 @@ def _plan_query(ws: Workspace, cfg: Config, device: torch.device, progress: bool
                 state: dict[str, Any]) -> _QueryPlan | QueryReport:
     q = cfg.query
     _refuse_pending(ws)
-    snap = ws.sync()
+    snap = sync(ws)
     zero_label = not snap.labelled and not ws.db.models()
     check_query_memory(cfg, len(snap.pool), len(snap.labelled), device, zero_label=zero_label)
     if zero_label:
@@ -565,7 +568,7 @@ def _no_labels(cfg: Config) -> str:
     return f"no labelled images found in {cfg.data.labelled}"
 
 
-def _zero_label_query(ws: Workspace, cfg: Config, snap: Any, device: torch.device,
+def _zero_label_query(ws: Workspace, cfg: Config, snap: Snapshot, device: torch.device,
                       progress: bool) -> QueryReport:
     """The first round of a project without a single label: TypiClust (typical, diverse
     images) in the self-supervised embedding of the pool; no classifier exists yet."""
@@ -618,7 +621,8 @@ _COLD_START: dict[str, tuple[Callable[..., np.ndarray], str]] = {
     "diversity": (acquisition.k_center_greedy, "k-center diversity")}
 
 
-def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MCModel,
+def _select_and_export(ws: Workspace, cfg: Config, snap: Snapshot, mc: MCResult,
+                       model: MCModel,
                        device: torch.device, round_no: int, model_round: int, seed: int,
                        t0: float) -> QueryReport:
     q = cfg.query
@@ -639,7 +643,7 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MC
         notes.append(f"no label yet for {', '.join(missing)}: chosen by {how} in the feature "
                      f"space instead of {q.strategy} until every class has a label "
                      f"(query.cold_start)")
-    elif mc.top_index is not None:
+    elif mc.top_index is not None and mc.top_scores is not None:
         idx, scores = mc.top_index, mc.top_scores
     else:
         labelled_features = None
@@ -654,7 +658,10 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Any, mc: Any, model: MC
                                          balance=q.balance)
     seconds = time.perf_counter() - t0
     by_id = {it.id: it for it in snap.pool}
-    chosen = [Candidate(by_id[str(mc.ids[i])], float(s),
+    if mc.ids is None:  # the query's scorer is always given the pool's ids
+        raise ValueError("the pool's scores carry no image ids")
+    ids = mc.ids
+    chosen = [Candidate(by_id[str(ids[i])], float(s),
                         np.asarray(mc.probs[i], np.float32).mean(0))
               for i, s in zip(idx, scores)]
     folder = export_round(ws, round_no, chosen, strategy=strategy, model_round=model_round,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import errno
 import fcntl
-import io
 import os
 import re
 import secrets
@@ -36,16 +35,13 @@ import sqlite3
 import stat
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from .config import Config
-from .scan import FileEntry, display_path, file_sha256, scan_source
-from .errors import DataError, ImageReadError, LabellingError, WorkspaceError
-from .io import count_frames, sniff_format
-from .ledger import ImageRecord, LabelRecord, Ledger
+from .scan import display_path
+from .errors import LabellingError, WorkspaceError
+from .ledger import Ledger
 
 UNSURE = "unsure"
 
@@ -108,37 +104,6 @@ def frame_of(image_id: str) -> int | None:
     return int(image_id.rsplit("#f", 1)[1]) if "#f" in image_id else None
 
 
-@dataclass(frozen=True)
-class Item:
-    """An image known to the workspace: content id, current path, label (if any)."""
-
-    id: str
-    path: Path
-    label: str | None = None
-
-    @property
-    def frame(self) -> int | None:
-        """The frame of a multi-frame file this item stands for (``image.frame = "all"``)."""
-        return frame_of(self.id)
-
-
-@dataclass
-class Snapshot:
-    """What the data sources hold right now, keyed by image id."""
-
-    labelled: list[Item] = field(default_factory=list)
-    pool: list[Item] = field(default_factory=list)
-    validation: list[Item] = field(default_factory=list)
-    test: list[Item] = field(default_factory=list)
-    pending: int = 0
-    """Images exported in a round that has not been ingested yet (out of the pool meanwhile)."""
-    notes: list[str] = field(default_factory=list)
-    """Things a person should hear once (e.g. pool images that are also evaluation images)."""
-    skipped: dict[str, str] = field(default_factory=dict)
-    """Files the scan left out, ``{path: reason}`` (link loops, pipes, empty files, names
-    that are not UTF-8, ...); also recorded in the ledger and ``skipped.csv``."""
-
-
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 """A write failed for lack of room: a full disk, a full quota, or a file size limit."""
 _SQLITE_FULL, _SQLITE_IOERR = 13, 10  # result codes (the low byte of extended codes)
@@ -196,9 +161,10 @@ class Workspace:
         self._want_lock = lock
         self._lock_fd: int | None = None
         self.ledger: Ledger | None = None
-        self._copies: dict[str, list[str]] = {}
+        self.copies: dict[str, list[str]] = {}
         """``{path: every path with the same content}`` for files found more than once by the
-        last :meth:`sync` (a decode failure found on one copy is listed for each)."""
+        last :func:`medal.sources.sync` (a decode failure found on one copy is listed for
+        each)."""
 
     # --- paths ----------------------------------------------------------------------------
     @property
@@ -463,135 +429,6 @@ class Workspace:
         return max((r.round for r in self.db.rounds()), default=0) + 1
 
     # --- scanning -------------------------------------------------------------------------
-    def identify(self, entries: list[FileEntry],
-                 known: dict[str, ImageRecord] | None = None,
-                 skipped: dict[Path, str] | None = None) -> list[tuple[str, FileEntry]]:
-        """Content ids for scanned files; unchanged files (path, size, mtime) are not re-hashed.
-
-        ``known``: the ledger's file records by path, when the caller already read them.
-        A file that cannot be read (gone since the scan, no permission) is left out and, with
-        ``skipped``, added to it with the reason.
-        """
-        if known is None:
-            known = self.db.images_by_path()
-        out, new = [], []
-        for e in entries:
-            try:
-                st = e.path.stat()
-                rec = known.get(str(e.path))
-                if rec is not None and rec.size == st.st_size and \
-                        rec.mtime_ns == st.st_mtime_ns:
-                    out.append((rec.id, e))
-                    continue
-                image_id = file_sha256(e.path)
-            except OSError as err:
-                if skipped is None:
-                    raise
-                skipped[e.path] = f"cannot be read: {err.strerror or err}"
-                continue
-            new.append(ImageRecord(image_id, str(e.path), st.st_size, st.st_mtime_ns,
-                                   sniff_format(e.path) or "unknown"))
-            out.append((image_id, e))
-        if new:
-            self.db.upsert_images(new)
-        if self.cfg.image.frame == "all":
-            out = self._expand_frames(out)
-        return out
-
-    def _expand_frames(self, found: list[tuple[str, FileEntry]]) -> list[tuple[str, FileEntry]]:
-        """Multi-frame DICOM files become one entry per frame (ids ``<sha>#f<k>``)."""
-        out, new = [], []
-        for image_id, e in found:
-            if sniff_format(e.path) != "dicom":
-                out.append((image_id, e))
-                continue
-            ids = self.db.frame_ids(image_id)
-            if not ids:
-                try:
-                    n = count_frames(e.path)
-                except ImageReadError:
-                    n = 1  # unreadable: reported when it is decoded
-                if n > 1:
-                    st = e.path.stat()
-                    ids = [frame_id(image_id, k) for k in range(n)]
-                    new += [ImageRecord(i, str(e.path), st.st_size, st.st_mtime_ns,
-                                        "dicom-frame") for i in ids]
-            out += [(i, e) for i in ids] if ids else [(image_id, e)]
-        if new:
-            self.db.upsert_images(new)
-        return out
-
-    def sync(self) -> Snapshot:
-        """Scan every data source, register new images and initial labels; return the sets."""
-        cfg = self.cfg
-        classes = list(cfg.classes)
-        snap = Snapshot()
-        known = self.db.images_by_path()  # read once for all four sources
-        skipped: dict[Path, str] = {}
-        found: dict[str, list[str]] = {}  # content id -> every path scanned with it
-
-        def items(source: Path | None, labelled: bool, dedupe: bool = True,
-                  empty_ok: bool = False) -> list[Item]:
-            """Scanned files as items; with ``dedupe``, one item per content id."""
-            if source is None:
-                return []
-            seen: dict[str, Item] = {}
-            out = []
-            scanned = scan_source(source, classes if labelled else None, skipped,
-                                  empty_ok=empty_ok)
-            for image_id, e in self.identify(scanned, known, skipped):
-                found.setdefault(image_id, []).append(display_path(e.path))
-                prev = seen.get(image_id)
-                if prev is not None and labelled and prev.label != e.label:
-                    raise DataError(f"{source}: the same image is labelled {prev.label!r} "
-                                    f"({prev.path}) and {e.label!r} ({e.path})")
-                if prev is None or not dedupe:
-                    out.append(Item(image_id, e.path, e.label))
-                seen.setdefault(image_id, out[-1])
-            return out
-
-        # a new project's labelled/<class>/ folders are still empty: zero labels, not an error
-        initial = items(cfg.data.labelled, True, empty_ok=True)
-        # evaluation sets keep byte-identical copies so metrics cover every file listed
-        snap.validation = items(cfg.data.validation, True, dedupe=False)
-        snap.test = items(cfg.data.test, True, dedupe=False)
-        pool = items(cfg.data.pool, False)
-        self._copies = {p: sorted(set(ps)) for ps in found.values() if len(set(ps)) > 1
-                        for p in ps}
-        self._record_initial_labels(initial)
-        snap.skipped = {display_path(p): r for p, r in skipped.items()}
-        self.record_skipped(snap.skipped, prune=True)
-
-        current = self.db.current_labels()
-        paths = {r.id: Path(r.path) for r in self.db.images_by_path().values()}
-        for it in initial:
-            paths[it.id] = it.path
-        for it in pool:
-            paths[it.id] = it.path
-        frozen: set[str] = set()
-        if cfg.data.validation is None and cfg.train.validation_fraction > 0:
-            chosen = self.db.holdout()
-            if chosen is None:
-                chosen = self._choose_holdout(initial)
-                self.db.set_holdout(chosen)
-            frozen = set(chosen)
-            snap.validation = [Item(i, paths[i], current[i]) for i in chosen
-                               if i in paths and current.get(i) in classes]
-        snap.labelled = sorted((Item(i, paths[i], lab) for i, lab in current.items()
-                                if lab != UNSURE and i in paths and i not in frozen),
-                               key=lambda it: str(it.path))
-        if cfg.data.labelled is not None and cfg.data.labelled.is_dir() and not initial \
-                and not snap.labelled:
-            snap.notes.append(f"no labelled image yet: the class folders in "
-                              f"{display_path(cfg.data.labelled)} are empty, so the project "
-                              f"starts with zero labels")
-        held_out = {it.id for it in snap.validation} | {it.id for it in snap.test}
-        self._note_pool_overlap(snap, pool)
-        pending = self.db.pending_image_ids()
-        snap.pending = len(pending)
-        snap.pool = [it for it in pool
-                     if it.id not in current and it.id not in pending and it.id not in held_out]
-        return snap
 
     @property
     def skipped_csv(self) -> Path:
@@ -601,13 +438,13 @@ class Workspace:
         """Add ``{path: reason}`` to the unreadable files in the ledger and rewrite
         ``skipped.csv`` (atomically) when the list changed. With ``prune``, files that no
         longer exist leave the list first. Paths are stored as :func:`display_path` text; a
-        file the last :meth:`sync` found byte-identical copies of is listed with each copy
-        (the copies share one id, so only one of them was decoded)."""
+        file the last :func:`medal.sources.sync` found byte-identical copies of is listed with
+        each copy (the copies share one id, so only one of them was decoded)."""
         before = self.db.skipped()
         merged = {p: r for p, r in before.items() if not prune or os.path.lexists(p)}
         for p, r in skipped.items():
             shown = display_path(p)
-            merged |= dict.fromkeys(self._copies.get(shown, [shown]), r)
+            merged |= dict.fromkeys(self.copies.get(shown, [shown]), r)
         if merged == before:
             return
         self.db.set_skipped(merged)
@@ -618,53 +455,4 @@ class Workspace:
             w.writerows(sorted(merged.items()))
         tmp.replace(self.skipped_csv)
 
-    def _note_pool_overlap(self, snap: Snapshot, pool: list[Item]) -> None:
-        """Pool images byte-identical to a validation or test image never enter the pool
-        (labelling one would leak the evaluation set); list them in ``pool-overlap.csv`` and
-        add a note the first time the list changes."""
-        where = {it.id: "validation" for it in snap.validation}
-        where |= {it.id: "test" for it in snap.test}
-        rows = sorted((str(it.path), where[it.id]) for it in pool if it.id in where)
-        path = self.pool_overlap_csv
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerows([("file", "also_in"), *rows])
-        text = buf.getvalue()
-        old = path.read_text(encoding="utf-8") if path.is_file() else "file,also_in\n"
-        if text == old:
-            return
-        tmp = path.with_suffix(".csv.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-        if rows:
-            snap.notes.append(f"{len(rows)} pool image(s) are byte-identical to validation or "
-                              f"test images and are left out of the pool (list: {path})")
 
-    def _choose_holdout(self, initial: list[Item]) -> list[str]:
-        """Stratified ``train.validation_fraction`` of the initial labels, frozen in the ledger.
-
-        A class is held out from only when it has three or more labels, and keeps at least two
-        in training: the only example(s) of a rare class always stay in training (the
-        validation set then lacks that class, and ``medal status`` says so)."""
-        frac = self.cfg.train.validation_fraction
-        rng = np.random.default_rng(self.cfg.seed)
-        chosen: list[str] = []
-        for c in self.cfg.classes:
-            ids = sorted(it.id for it in initial if it.label == c)
-            k = min(max(int(round(len(ids) * frac)), 1), len(ids) - 2) if len(ids) >= 3 else 0
-            chosen += list(rng.choice(ids, size=k, replace=False)) if k > 0 else []
-        return sorted(str(i) for i in chosen)
-
-    def _record_initial_labels(self, initial: list[Item]) -> None:
-        latest_initial: dict[str, str] = {}
-        has_label = set()
-        for rec in self.db.labels():
-            has_label.add(rec.image_id)
-            if rec.source == "initial":
-                latest_initial[rec.image_id] = rec.label
-        now = time.time()
-        rows = [LabelRecord(it.id, it.label or "", 0, "initial", None, str(it.path), now)
-                for it in initial
-                if it.id not in has_label or (it.id in latest_initial
-                                              and latest_initial[it.id] != it.label)]
-        if rows:
-            self.db.add_labels(rows)

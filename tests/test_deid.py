@@ -23,6 +23,7 @@ from medal.config import load_config
 from medal.dicomwrite import write_dicom
 from medal.labelling import Candidate, export_round
 from medal.workspace import Workspace
+from medal.sources import sync
 
 UID_ROOT = "1.2.999.7331."  # marker UIDs; medal's new UIDs are 2.25.<digits>
 
@@ -161,7 +162,7 @@ def export(tmp_path: Path) -> Path:
             save(tmp_path / "data" / split / name / "x.png", make_image(c, rng))
     cfg = load_config(write_config(tmp_path), {"labelling.deidentify": True})
     with Workspace(cfg) as ws:
-        snap = ws.sync()
+        snap = sync(ws)
         chosen = [Candidate(it, 1.0 / (i + 1), np.array([0.5, 0.5]))
                   for i, it in enumerate(snap.pool)]
         assert len(chosen) == len(list((tmp_path / "data" / "pool").iterdir()))

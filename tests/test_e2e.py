@@ -12,6 +12,7 @@ from medal.cli import main
 from medal.config import load_config
 
 from conftest import write_config
+from medal.sources import sync
 
 
 def fill(folder, truth, leave_empty=0):
@@ -123,7 +124,7 @@ def test_frozen_validation_split_without_validation_set(tmp_path, tiny_data):
     cfg_path.write_text(text)
     cfg = load_config(cfg_path, {"train.validation_fraction": 0.25})
     with Workspace(cfg) as ws:
-        snap = ws.sync()
+        snap = sync(ws)
         first = sorted(it.id for it in snap.validation)
         assert len(first) == 2  # 25% of 4 per class, stratified
         assert {it.label for it in snap.validation} == {"normal", "pneumonia"}
@@ -131,7 +132,7 @@ def test_frozen_validation_split_without_validation_set(tmp_path, tiny_data):
     r = api.train(cfg, progress=False)
     assert r.n_labels == 6 and r.metrics["validation"]["n"] == 2
     with Workspace(load_config(cfg_path, {"train.validation_fraction": 0.5})) as ws:
-        assert sorted(it.id for it in ws.sync().validation) == first  # frozen in the ledger
+        assert sorted(it.id for it in sync(ws).validation) == first  # frozen in the ledger
 
 
 @pytest.mark.parametrize("strategy", ["batchbald", "coreset", "badge", "powerbald", "entropy",
@@ -162,7 +163,7 @@ def test_query_with_each_strategy_kind(tmp_path, tiny_data, strategy):
             from medal.uncertainty import mc_predict_tensors
 
             model, _ = load_round_model(ws, cfg)
-            xl, _, _, _ = _load(cfg, ws.sync().labelled)
+            xl, _, _, _ = _load(cfg, sync(ws).labelled)
             _, labelled = mc_predict_tensors(model, xl, 2, device=torch.device("cpu"),
                                              seed=cfg.seed * 1000 + 1)
     rng = np.random.default_rng(cfg.seed * 1000 + 1)  # the query's seed for round 1
@@ -236,7 +237,7 @@ def test_every_frame_of_a_multiframe_dicom_is_its_own_image(tmp_path, tiny_data)
     cfg = load_config(write_config(tmp_path), {"image.frame": "all", "query.budget": 60,
                                                "query.strategy": "random"})
     with Workspace(cfg) as ws:
-        ids = [it.id for it in ws.sync().pool if it.path == path]
+        ids = [it.id for it in sync(ws).pool if it.path == path]
     assert [i.rsplit("#", 1)[1] for i in ids] == ["f0", "f1", "f2"]
     api.train(cfg, progress=False)
     r = api.query(cfg, progress=False)

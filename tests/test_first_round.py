@@ -12,6 +12,7 @@ from medal.cli import main
 from medal.config import load_config
 from medal.errors import DataError
 from medal.workspace import Workspace
+from medal.sources import sync
 
 
 def empty_class_folders(root) -> None:
@@ -25,7 +26,7 @@ def test_empty_class_folders_are_zero_labels_with_a_note(tmp_path, tiny_data):
     empty_class_folders(tiny_data["root"])
     cfg = load_config(write_config(tmp_path))
     with Workspace(cfg) as ws:
-        snap = ws.sync()
+        snap = sync(ws)
     assert snap.labelled == [] and len(snap.pool) == 40
     assert [n for n in snap.notes if "no labelled image yet" in n and "are empty" in n], snap.notes
     # the evaluation sets keep their check: an empty validation folder is still an error
@@ -33,7 +34,7 @@ def test_empty_class_folders_are_zero_labels_with_a_note(tmp_path, tiny_data):
     for c in ("normal", "pneumonia"):
         (tiny_data["root"] / "validation" / c).mkdir(parents=True)
     with Workspace(cfg) as ws, pytest.raises(DataError, match="no images found in class"):
-        ws.sync()
+        sync(ws)
 
 
 def test_the_first_round_of_a_new_project_starts_from_empty_class_folders(tmp_path, tiny_data,

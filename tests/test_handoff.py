@@ -21,6 +21,7 @@ from medal.dicomwrite import write_dicom
 from medal.errors import LabellingError
 
 from conftest import write_config
+from medal.sources import sync
 
 
 def run_chromium(chromium: str, *args: str) -> subprocess.CompletedProcess:
@@ -162,10 +163,10 @@ def test_unsure_leaves_the_pool_until_released(tmp_path, tiny_data, capsys):
     assert pool_before.n_labels == 9  # unsure is not a training label
     from medal.workspace import Workspace
     with Workspace(cfg) as ws:
-        size = len(ws.sync().pool)
+        size = len(sync(ws).pool)
     assert main(["labels", *c, "release"]) == 0
     with Workspace(cfg) as ws:
-        assert len(ws.sync().pool) == size + 1
+        assert len(sync(ws).pool) == size + 1
 
 
 def test_links_pointing_outside_are_refused(tmp_path, tiny_data):

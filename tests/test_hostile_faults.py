@@ -24,6 +24,7 @@ from conftest import make_image, save, write_config
 from medal.cli import main
 from medal.config import load_config
 from medal.workspace import Workspace
+from medal.sources import sync
 
 ROOT = Path(__file__).parents[1]
 
@@ -65,7 +66,7 @@ def workspace(tmp_path, tiny_data) -> tuple[Path, Path]:
     """A config and its workspace with a ledger (the pool scanned, nothing trained)."""
     cfg = write_config(tmp_path)
     with Workspace(load_config(cfg)) as ws:
-        ws.sync()
+        sync(ws)
     return cfg, tmp_path / "ws"
 
 

@@ -27,6 +27,7 @@ from medal.config import load_config
 from medal.errors import WorkspaceError
 from medal.scan import NOT_AN_IMAGE
 from medal.workspace import Workspace
+from medal.sources import sync
 
 ROOT = Path(__file__).parents[1]
 
@@ -113,7 +114,7 @@ def test_status_lists_links_pipes_and_empty_files(tmp_path, tiny_data, capsys):
     want = odd_entries(tiny_data["root"] / "pool", tmp_path, loops=False)
     cfg = write_config(tmp_path)
     with Workspace(load_config(cfg)) as ws:
-        ws.sync()
+        sync(ws)
     check_status_lists(cfg, want, capsys)
 
 
@@ -121,7 +122,7 @@ def test_status_lists_link_loops(tmp_path, tiny_data, capsys):
     want = odd_entries(tiny_data["root"] / "pool", tmp_path)
     cfg = write_config(tmp_path)
     with Workspace(load_config(cfg)) as ws:
-        ws.sync()
+        sync(ws)
     check_status_lists(cfg, want, capsys)
 
 
@@ -131,10 +132,10 @@ def test_a_fixed_file_leaves_the_list(tmp_path, tiny_data, capsys):
     cfg = write_config(tmp_path)
     ws = Workspace(load_config(cfg))
     with ws:
-        assert [Path(p).name for p in ws.sync().skipped] == ["dangling.png"]
+        assert [Path(p).name for p in sync(ws).skipped] == ["dangling.png"]
     (pool / "dangling.png").unlink()
     with ws:
-        assert ws.sync().skipped == {}
+        assert sync(ws).skipped == {}
         assert ws.db.skipped() == {}
     assert skipped_csv(tmp_path / "ws") == {}
 
@@ -208,7 +209,7 @@ def test_new_workspace_in_a_read_only_folder(tmp_path, tiny_data, capsys, read_o
 def test_existing_workspace_made_read_only(tmp_path, tiny_data, capsys, read_only, command):
     cfg = write_config(tmp_path)
     with Workspace(load_config(cfg)) as ws:
-        ws.sync()
+        sync(ws)
     before = tree(tmp_path / "ws")
     read_only(tmp_path / "ws")
     one_line_error([command, "-c", str(cfg)], capsys,

@@ -14,11 +14,12 @@ from medal.config import load_config
 from medal.data import file_sha256
 from medal.labelling.export import Candidate, export_round, neutralise
 from medal.workspace import Workspace, kept_manifest
+from medal.sources import sync
 
 
 def export(cfg, n=4, probs=(0.3, 0.7), score=lambda i: 1.0 / (i + 1)):
     with Workspace(cfg) as ws:
-        snap = ws.sync()
+        snap = sync(ws)
         chosen = [Candidate(it, score(i), np.array(probs))
                   for i, it in enumerate(snap.pool[:n])]
         folder = export_round(ws, ws.next_round(), chosen, strategy="bald", model_round=0,
@@ -55,7 +56,7 @@ def test_export_writes_folder_and_keeps_sources(tiny_config, tiny_data):
     after = {p: p.read_bytes() for p in (tiny_data["root"] / "pool").rglob("*") if p.is_file()}
     assert before == after  # sources untouched
     with Workspace(tiny_config) as ws:  # exported images leave the pool until ingested
-        assert len(ws.sync().pool) == pool_size - 4
+        assert len(sync(ws).pool) == pool_size - 4
     assert all((folder / d).stat().st_size > 128 for d in dicoms)
 
 

@@ -13,6 +13,7 @@ from medal.errors import LabellingError
 from medal.labelling.ingest import ingest_round
 from medal.workspace import Workspace
 from test_labelling_export import export, files
+from medal.sources import sync
 
 
 def ledger_dump(cfg):
@@ -39,7 +40,7 @@ def test_ingest_records_labels_once(tiny_config):
     dump = ledger_dump(tiny_config)
     with Workspace(tiny_config) as ws:
         r2 = ingest_round(ws, folder)
-        snap = ws.sync()
+        snap = sync(ws)
     assert r2.already_ingested
     assert ledger_dump(tiny_config) == dump  # second ingest changed nothing
     assert len(snap.pool) == pool_size - 2  # unlabelled rows are back in the pool

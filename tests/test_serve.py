@@ -24,6 +24,7 @@ from medal.dicomwrite import write_dicom
 from medal.errors import LabellingError, MedalError
 from medal.labelling import Candidate, export_round
 from medal.workspace import Workspace
+from medal.sources import sync
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "labelling-page.png"
@@ -85,7 +86,7 @@ def round_data(tmp_path: Path) -> Path:
 def exported(cfg, n: int = 4) -> Path:
     """A round folder of the first ``n`` pool images, exported without a model (fast)."""
     with Workspace(cfg) as ws:
-        snap = ws.sync()
+        snap = sync(ws)
         chosen = [Candidate(it, 1.0 / (i + 1), np.array([0.3, 0.7]))
                   for i, it in enumerate(snap.pool[:n])]
         return export_round(ws, ws.next_round(), chosen, strategy="bald", model_round=0,

@@ -33,7 +33,8 @@ from ..deid import deidentify_file
 from ..errors import DataError, ImageReadError, LabellingError
 from ..io import load_image, sniff_format
 from ..ledger import RoundRecord, Selection
-from ..workspace import UNSURE, Item, Workspace, file_id_of
+from ..sources import Item
+from ..workspace import UNSURE, Workspace, file_id_of
 from ..roundfolder import (GALLERY, LABELS, MANIFEST, PREVIEWS, README, create_lock_file,
                            neutralise, write_csv, write_manifests)
 from .gallery import gallery_html

@@ -27,6 +27,7 @@ from .planning import (
 )
 from .records import format_metric, label_counts, record_seconds
 from .report import collect_rows, plot_curves, summarise, write_results
+from ..sources import sync
 
 
 def _ledger_state(cfg: Config) -> tuple[set[int], dict[int, dict[str, Any]]]:
@@ -39,7 +40,7 @@ def _ledger_state(cfg: Config) -> tuple[set[int], dict[int, dict[str, Any]]]:
 
 def _pool_is_empty(cfg: Config) -> bool:
     with Workspace(cfg) as ws:
-        return not ws.sync().pool
+        return not sync(ws).pool
 
 
 def run_one(spec: RunSpec, oracle: Oracle) -> int:
