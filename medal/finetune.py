@@ -145,7 +145,7 @@ def after_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, pro
             f"{cfg.train.lr:g}, loss {ft.history[-1]['loss']:.4f}, {ft.seconds:.0f} s")
     if progress:
         tqdm.write(line)
+    shifted = [{**row, "epoch": row["epoch"] + probe.epochs} for row in ft.history]
     return FitResult(epochs=probe.epochs + ft.epochs, best_epoch=probe.epochs + ft.epochs,
-                     history=[*probe.history, *({**row, "epoch": row["epoch"] + probe.epochs}
-                                                for row in ft.history)], seconds=probe.seconds + ft.seconds,
+                     history=[*probe.history, *shifted], seconds=probe.seconds + ft.seconds,
                      notes=[*probe.notes, line])

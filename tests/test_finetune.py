@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import write_config
 from torch import nn
 
 from medal import api
@@ -13,8 +14,6 @@ from medal.errors import ConfigError
 from medal.finetune import finetune_decision
 from medal.train import build_model, fit, load_checkpoint
 from medal.workspace import Workspace
-
-from conftest import write_config
 
 PROBE = {"train.freeze_backbone": True, "model.hidden": 0, "train.validation_fraction": 0.0,
          "train.epochs": 1, "train.min_steps": 3, "train.probe_steps": 20}
