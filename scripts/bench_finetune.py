@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     x_all, y_all = arrays(a.dataset, "train")
     x_test, y_test = arrays(a.dataset, "test")
     results = a.out / "results.csv"
+    code = commit()  # the code this process imported, not HEAD when a row is written
     done = set()
     if results.is_file():
         with open(results, newline="") as f:
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             auc = classification_metrics(y_test, probs, len(cfg.classes))["auroc"]
             row = {"dataset": a.dataset, "pool": len(y), "seed": seed, "arm": arm,
                    "test_auroc": f"{auc:.4f}", "seconds": f"{time.perf_counter() - t0:.0f}",
-                   "commit": commit(), "overrides": ";".join(a.overrides)}
+                   "commit": code, "overrides": ";".join(a.overrides)}
             new = not results.is_file()
             with open(results, "a", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=list(row))
