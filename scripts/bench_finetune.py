@@ -46,7 +46,7 @@ from medal.data import NORMALISE_MEAN, NORMALISE_STD  # noqa: E402
 from medal.representation import SSLSettings, pretrain_and_cache  # noqa: E402
 from medal.train import build_model, classification_metrics, fit, predict_deterministic  # noqa: E402
 
-ARMS = ("frozen", "lpft", "whole")
+ARMS = ("frozen", "lpft", "auto", "whole")
 COMMON = {"device": "cpu", "representation.method": "simclr", "model.hidden": 0,
           "train.freeze_backbone": True, "train.validation_fraction": 0.0}
 WHOLE = {"representation.method": "none", "model.hidden": 128,
@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
                    help="config overrides for every arm (TOML values)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--curve", metavar="START:STOP:STEP", default=None,
+                   help="learning curve with random picks instead of the ceiling "
+                        "(e.g. 20:320:30); rows go to --out/curve.csv")
     return p
 
 
@@ -96,7 +99,9 @@ def run_arm(arm: str, cfg: Config, x: torch.Tensor, y: np.ndarray, bb: Path,
     if arm == "whole":
         torch.manual_seed(seed)
         model = build_model(cfg)
-        tr, va = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y,
+        strat = y if np.bincount(y).min(initial=len(y)) >= 2 and \
+            len(set(y.tolist())) == len(np.bincount(y)) else None
+        tr, va = train_test_split(np.arange(len(y)), test_size=0.2, stratify=strat,
                                   random_state=seed)
         fit(model, x[tr], y[tr], cfg, epochs=cfg.train.epochs, device=cpu, x_val=x[va],
             y_val=y[va], seed=seed, progress=False)
@@ -122,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     conf = ROOT / "configs" / f"{a.dataset}.toml"
     x_all, y_all = arrays(a.dataset, "train")
     x_test, y_test = arrays(a.dataset, "test")
-    results = a.out / "results.csv"
+    results = a.out / ("curve.csv" if a.curve else "results.csv")
     code = commit()  # the code this process imported, not HEAD when a row is written
     done = set()
     if results.is_file():
         with open(results, newline="") as f:
-            done = {(int(r["seed"]), r["arm"]) for r in csv.DictReader(f)}
+            done = {(int(r["seed"]), r["arm"], int(r.get("labels") or r["pool"]))
+                    for r in csv.DictReader(f)}
     for seed in [int(s) for s in a.seeds.split(",")]:
         rng = np.random.default_rng(seed)
         idx = (np.sort(rng.choice(len(y_all), a.pool, replace=False)) if a.pool
@@ -135,28 +141,42 @@ def main(argv: list[str] | None = None) -> int:
         x, y = x_all[idx], y_all[idx]
         base = dataclasses.replace(load_config(conf, {**COMMON, **over}), seed=seed)
         bb = backbone(base, x, a.out / f"backbone-seed{seed}.pt")
-        for arm in a.arms.split(","):
-            if (seed, arm) in done:
-                continue
-            extra = {"lpft": {"train.finetune": "always"}, "whole": WHOLE}.get(arm, {})
-            cfg = dataclasses.replace(load_config(conf, {**COMMON, **extra, **over}),
-                                      seed=seed)
-            t0 = time.perf_counter()
-            model = run_arm(arm, cfg, x, y, bb, seed)
-            probs = predict_deterministic(model, x_test, torch.device("cpu"))
-            auc = classification_metrics(y_test, probs, len(cfg.classes))["auroc"]
-            row = {"dataset": a.dataset, "pool": len(y), "seed": seed, "arm": arm,
-                   "test_auroc": f"{auc:.4f}", "seconds": f"{time.perf_counter() - t0:.0f}",
-                   "commit": code, "overrides": ";".join(a.overrides)}
-            new = not results.is_file()
-            with open(results, "a", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(row))
-                if new:
-                    w.writeheader()
-                w.writerow(row)
-            print(row, flush=True)
-    print(summary(results))
+        for n, pick in points(a.curve, len(y), seed):
+            for arm in a.arms.split(","):
+                if (seed, arm, n) in done:
+                    continue
+                extra = {"lpft": {"train.finetune": "always"}, "whole": WHOLE,
+                         "auto": {"train.finetune": "auto"}}.get(arm, {})
+                cfg = dataclasses.replace(load_config(conf, {**COMMON, **extra, **over}),
+                                          seed=seed)
+                t0 = time.perf_counter()
+                model = run_arm(arm, cfg, x[pick], y[pick], bb, seed)
+                probs = predict_deterministic(model, x_test, torch.device("cpu"))
+                auc = classification_metrics(y_test, probs, len(cfg.classes))["auroc"]
+                row = {"dataset": a.dataset, "pool": len(y), "seed": seed, "arm": arm,
+                       **({"labels": n} if a.curve else {}),
+                       "test_auroc": f"{auc:.4f}", "seconds": f"{time.perf_counter() - t0:.0f}",
+                       "commit": code, "overrides": ";".join(a.overrides)}
+                new = not results.is_file()
+                with open(results, "a", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(row))
+                    if new:
+                        w.writeheader()
+                    w.writerow(row)
+                print(row, flush=True)
+    print(curve_summary(results) if a.curve else summary(results))
     return 0
+
+
+def points(curve: str | None, n_pool: int, seed: int) -> list[tuple[int, np.ndarray]]:
+    """``[(labels, pool positions)]``: every pool label (the ceiling), or with ``curve`` =
+    ``START:STOP:STEP`` the first ``labels`` of one random order of the pool per seed (random
+    picks: each point's set contains the previous one, as rounds add labels)."""
+    if not curve:
+        return [(n_pool, np.arange(n_pool))]
+    start, stop, step = (int(v) for v in curve.split(":"))
+    order = np.random.default_rng(1000 + seed).permutation(n_pool)
+    return [(n, order[:n]) for n in range(start, min(stop, n_pool) + 1, step)]
 
 
 def summary(results: Path) -> str:
@@ -175,6 +195,35 @@ def summary(results: Path) -> str:
         if len(both) >= 2:
             m, lo, hi = interval(np.array([by["lpft", s] - by[other, s] for s in both]))
             lines.append(f"lpft - {other}: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                         f"(95% t interval, {len(both)} seeds)")
+    return "\n".join(lines)
+
+
+def curve_summary(results: Path) -> str:
+    """Per arm: mean AUROC at each label count, the area (trapezoid mean over the points) per
+    seed, and the paired area differences auto - frozen and auto - whole (95 % t)."""
+    with open(results, newline="") as f:
+        rows = list(csv.DictReader(f))
+    by = {(r["arm"], int(r["seed"]), int(r["labels"])): float(r["test_auroc"]) for r in rows}
+    arms = [a for a in ARMS if any(k[0] == a for k in by)]
+    seeds = sorted({k[1] for k in by})
+    ns = sorted({k[2] for k in by})
+    lines = [f"{'arm':<8}" + "".join(f"{n:>7}" for n in ns)]
+    area: dict[str, dict[int, float]] = {}
+    for arm in arms:
+        lines.append(f"{arm:<8}" + "".join(
+            f"{np.mean([by[arm, s, n] for s in seeds if (arm, s, n) in by]):7.3f}"
+            if any((arm, s, n) in by for s in seeds) else f"{'':>7}" for n in ns))
+        area[arm] = {s: float(np.trapezoid([by[arm, s, n] for n in ns], ns) / (ns[-1] - ns[0]))
+                     for s in seeds if all((arm, s, n) in by for n in ns)}
+        if area[arm]:
+            lines.append(f"  area {arm}: " + ", ".join(f"{v:.3f}" for v in area[arm].values())
+                         + f"; mean {np.mean(list(area[arm].values())):.3f}")
+    for a, b in (("auto", "frozen"), ("auto", "whole"), ("frozen", "whole")):
+        both = sorted(set(area.get(a, {})) & set(area.get(b, {})))
+        if len(both) >= 2:
+            m, lo, hi = interval(np.array([area[a][s] - area[b][s] for s in both]))
+            lines.append(f"area {a} - {b}: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] "
                          f"(95% t interval, {len(both)} seeds)")
     return "\n".join(lines)
 
