@@ -6,6 +6,8 @@ random cut of it) with every label given, test AUROC on the official test split:
   frozen, linear dropout head (``train.fit_probe``);
 * ``lpft``: the same probe, then the whole network fine-tuned (``train.finetune = "always"``,
   :mod:`medal.finetune`);
+* ``auto``: the probe, fine-tuned as ``lpft`` only once every class has
+  ``train.finetune_min_per_class`` labels (``train.finetune = "auto"``);
 * ``whole``: whole-network training from random weights, the defaults before 0.2
   (``representation.method = "none"``, ``model.hidden = 128``, 20 % of the labels held out,
   stratified, to choose the best epoch: the honest protocol has no other validation set).
@@ -18,6 +20,10 @@ differences with 95 % t intervals over seeds.
 
     python scripts/bench_finetune.py --dataset pneumoniamnist --pool 500 --out RUNS/pn500
     python scripts/bench_finetune.py --dataset retinamnist --out RUNS/retina
+    python scripts/bench_finetune.py --pool 500 --curve 20:320:30 --arms frozen,auto,whole \
+        --out RUNS/pn500          # learning curves with random picks: RUNS/pn500/curve.csv
+
+docs/experiments-lpft.md records every run of it and the rule each was judged by.
 """
 
 from __future__ import annotations
