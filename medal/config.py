@@ -121,6 +121,17 @@ class TrainConfig:
     take that class for a second run of the schedule); "none": labelled images only."""
     pseudo_threshold: float = 0.95
     """Confidence a pool image's prediction needs to become a pseudo-label."""
+    finetune: str = "off"
+    """With ``freeze_backbone``, after the probe: "off" (default: the head only), "always", or
+    "auto": once every class has ``finetune_min_per_class`` training labels, fine-tune backbone
+    and head together (LP-FT; ``epochs`` epochs of ``batch_size``, at least ``min_steps``
+    steps, cosine learning rate from ``lr`` for the head and ``lr * finetune_lr_scale`` for the
+    backbone, ``augment``, BatchNorm statistics kept from the pretraining, last epoch kept).
+    The cached self-supervised backbone is never changed."""
+    finetune_min_per_class: int = 50
+    """``finetune = "auto"``: training labels every class needs before fine-tuning starts."""
+    finetune_lr_scale: float = 0.1
+    """Fine-tuning: the backbone's learning rate as a fraction of the head's (``lr``)."""
     validation_fraction: float = 0.0
     """Without ``data.validation``: share of the initial labelled set held out (stratified,
     chosen once and frozen in the ledger, so metrics compare across rounds) to choose epochs
@@ -540,6 +551,12 @@ def _validate_values(cfg: Config, where: str) -> None:
          "one of none, pseudo_label", t.semi_supervised)
     need(0.5 <= t.pseudo_threshold < 1.0, "train.pseudo_threshold", "in [0.5, 1)",
          t.pseudo_threshold)
+    need(t.finetune in ("off", "auto", "always"), "train.finetune",
+         "one of off, auto, always", t.finetune)
+    need(t.finetune_min_per_class >= 1, "train.finetune_min_per_class", ">= 1",
+         t.finetune_min_per_class)
+    need(0.0 < t.finetune_lr_scale <= 1.0, "train.finetune_lr_scale", "in (0, 1]",
+         t.finetune_lr_scale)
     need(0.0 <= t.validation_fraction < 1.0, "train.validation_fraction", "in [0, 1)",
          t.validation_fraction)
     r = cfg.representation

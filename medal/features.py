@@ -4,7 +4,9 @@ With ``train.freeze_backbone`` the backbone never changes between rounds, so an 
 features ``[D]`` do not either: scoring a round then needs only the head's dropout samples,
 and the pool is decoded and passed through the backbone once per project (and once per
 simulation, whose runs share one cache folder) instead of once per round.
-The cache is one file per backbone (its weights and the image settings are the key).
+The cache is one file per backbone (its weights and the image settings are the key), so a
+backbone fine-tuned by ``train.finetune`` (LP-FT) gets a file of its own, computed once for that
+round's weights, and never the self-supervised backbone's features.
 """
 
 from __future__ import annotations

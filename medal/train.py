@@ -102,15 +102,20 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     One epoch is :func:`train_one_epoch`, validation :func:`evaluate` (torchvision's
     reference ``train.py`` split), the resumable state a :class:`_Run`.
     With ``train.freeze_backbone`` this is :func:`fit_probe` (``unlabelled``: the pool's
-    backbone features ``[M, D]`` for ``train.semi_supervised``).
+    backbone features ``[M, D]`` for ``train.semi_supervised``), then, as ``train.finetune``
+    decides, fine-tuning of the whole network (:func:`medal.finetune.after_probe`, LP-FT).
     ``log(row, step)`` receives each history row as it is made (TensorBoard, written while it
     trains): here once per epoch (``step`` = epoch), the rows of a resumed run first.
     """
     if len(x) == 0:
         raise ModelError("no labelled images to train on")
     if cfg.train.freeze_backbone:
-        return fit_probe(model, x, y, cfg, device=device, x_val=x_val, y_val=y_val, seed=seed,
-                         progress=progress, unlabelled=unlabelled, log=log)
+        from .finetune import after_probe  # imports this module
+
+        return after_probe(model, x, y, cfg, fit_probe(
+            model, x, y, cfg, device=device, x_val=x_val, y_val=y_val, seed=seed,
+            progress=progress, unlabelled=unlabelled, log=log), device=device, seed=seed,
+            progress=progress)
     t0 = time.perf_counter()
     tc = cfg.train
     n = len(x)

@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Full-label ceiling of three ways to train, on a bundled dataset's official train split (or a
+random cut of it) with every label given, test AUROC on the official test split:
+
+* ``frozen``: the defaults: SimCLR backbone pretrained on the pool (its images, no labels),
+  frozen, linear dropout head (``train.fit_probe``);
+* ``lpft``: the same probe, then the whole network fine-tuned (``train.finetune = "always"``,
+  :mod:`medal.finetune`);
+* ``auto``: the probe, fine-tuned as ``lpft`` only once every class has
+  ``train.finetune_min_per_class`` labels (``train.finetune = "auto"``);
+* ``whole``: whole-network training from random weights, the defaults before 0.2
+  (``representation.method = "none"``, ``model.hidden = 128``, 20 % of the labels held out,
+  stratified, to choose the best epoch: the honest protocol has no other validation set).
+
+Images come straight from the bundled ``.npz`` (28x28, scaled to [0, 1] and normalised as
+medal's loader does), so nothing needs preparing. One backbone is pretrained per seed on that
+seed's pool and cached in ``--out``. Every (seed, arm) appends a row to ``--out/results.csv``
+(resumable) with the git commit; the table at the end gives each arm's mean and the paired
+differences with 95 % t intervals over seeds.
+
+    python scripts/bench_finetune.py --dataset pneumoniamnist --pool 500 --out RUNS/pn500
+    python scripts/bench_finetune.py --dataset retinamnist --out RUNS/retina
+    python scripts/bench_finetune.py --pool 500 --curve 20:320:30 --arms frozen,auto,whole \
+        --out RUNS/pn500          # learning curves with random picks: RUNS/pn500/curve.csv
+
+docs/experiments-lpft.md records every run of it and the rule each was judged by.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from compare_simulations import interval  # noqa: E402
+
+from medal import api  # noqa: E402
+from medal.config import Config, load_config, parse_overrides  # noqa: E402
+from medal.data import NORMALISE_MEAN, NORMALISE_STD  # noqa: E402
+from medal.representation import SSLSettings, pretrain_and_cache  # noqa: E402
+from medal.train import build_model, classification_metrics, fit, predict_deterministic  # noqa: E402
+
+ARMS = ("frozen", "lpft", "auto", "whole")
+COMMON = {"device": "cpu", "representation.method": "simclr", "model.hidden": 0,
+          "train.freeze_backbone": True, "train.validation_fraction": 0.0}
+WHOLE = {"representation.method": "none", "model.hidden": 128,
+         "train.freeze_backbone": False}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=("pneumoniamnist", "retinamnist"),
+                   default="pneumoniamnist")
+    p.add_argument("--pool", type=int, default=0,
+                   help="cut the train split to this many images, drawn per seed (0: all)")
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every arm (TOML values)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--curve", metavar="START:STOP:STEP", default=None,
+                   help="learning curve with random picks instead of the ceiling "
+                        "(e.g. 20:320:30); rows go to --out/curve.csv")
+    return p
+
+
+def arrays(dataset: str, split: str) -> tuple[torch.Tensor, np.ndarray]:
+    """``(x [N, C, 28, 28] normalised, y [N])`` of an official split."""
+    d = np.load(ROOT / "data" / dataset / f"{dataset}.npz")
+    img = torch.from_numpy(d[f"{split}_images"].astype(np.float32) / 255.0)
+    img = img.unsqueeze(1) if img.ndim == 3 else img.permute(0, 3, 1, 2)
+    return ((img - NORMALISE_MEAN) / NORMALISE_STD).contiguous(), d[f"{split}_labels"].ravel()
+
+
+def backbone(cfg: Config, x: torch.Tensor, path: Path) -> Path:
+    """The seed's SimCLR backbone on ``x`` (cached at ``path``), as ``medal train`` makes it."""
+    if not path.is_file():
+        r = cfg.representation
+        model = api.start_model(cfg, None)
+        pretrain_and_cache(path, model.backbone, model.backbone_dim, x,
+                           SSLSettings(epochs=r.epochs, batch_size=r.batch_size,
+                                       temperature=r.temperature, lr=r.lr, seed=cfg.seed),
+                           device=torch.device("cpu"), progress=False)
+    return path
+
+
+def run_arm(arm: str, cfg: Config, x: torch.Tensor, y: np.ndarray, bb: Path,
+            seed: int) -> torch.nn.Module:
+    """Train one arm on every label of the pool ``x``, ``y``; returns the model."""
+    cpu = torch.device("cpu")
+    if arm == "whole":
+        torch.manual_seed(seed)
+        model = build_model(cfg)
+        strat = y if np.bincount(y).min(initial=len(y)) >= 2 and \
+            len(set(y.tolist())) == len(np.bincount(y)) else None
+        tr, va = train_test_split(np.arange(len(y)), test_size=0.2, stratify=strat,
+                                  random_state=seed)
+        fit(model, x[tr], y[tr], cfg, epochs=cfg.train.epochs, device=cpu, x_val=x[va],
+            y_val=y[va], seed=seed, progress=False)
+        return model
+    model = api.start_model(cfg, None, backbone=bb)
+    fit(model, x, y, cfg, epochs=cfg.train.epochs, device=cpu, seed=seed, progress=False)
+    return model
+
+
+def commit() -> str:
+    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                       capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "medal", "scripts"],
+                           capture_output=True, text=True).stdout.strip()
+    return r.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    over = parse_overrides(a.overrides)
+    conf = ROOT / "configs" / f"{a.dataset}.toml"
+    x_all, y_all = arrays(a.dataset, "train")
+    x_test, y_test = arrays(a.dataset, "test")
+    results = a.out / ("curve.csv" if a.curve else "results.csv")
+    code = commit()  # the code this process imported, not HEAD when a row is written
+    done = set()
+    if results.is_file():
+        with open(results, newline="") as f:
+            done = {(int(r["seed"]), r["arm"], int(r.get("labels") or r["pool"]))
+                    for r in csv.DictReader(f)}
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        rng = np.random.default_rng(seed)
+        idx = (np.sort(rng.choice(len(y_all), a.pool, replace=False)) if a.pool
+               else np.arange(len(y_all)))
+        x, y = x_all[idx], y_all[idx]
+        base = dataclasses.replace(load_config(conf, {**COMMON, **over}), seed=seed)
+        bb = backbone(base, x, a.out / f"backbone-seed{seed}.pt")
+        for n, pick in points(a.curve, len(y), seed):
+            for arm in a.arms.split(","):
+                if (seed, arm, n) in done:
+                    continue
+                extra = {"lpft": {"train.finetune": "always"}, "whole": WHOLE,
+                         "auto": {"train.finetune": "auto"}}.get(arm, {})
+                cfg = dataclasses.replace(load_config(conf, {**COMMON, **extra, **over}),
+                                          seed=seed)
+                t0 = time.perf_counter()
+                model = run_arm(arm, cfg, x[pick], y[pick], bb, seed)
+                probs = predict_deterministic(model, x_test, torch.device("cpu"))
+                auc = classification_metrics(y_test, probs, len(cfg.classes))["auroc"]
+                row = {"dataset": a.dataset, "pool": len(y), "seed": seed, "arm": arm,
+                       **({"labels": n} if a.curve else {}),
+                       "test_auroc": f"{auc:.4f}", "seconds": f"{time.perf_counter() - t0:.0f}",
+                       "commit": code, "overrides": ";".join(a.overrides)}
+                new = not results.is_file()
+                with open(results, "a", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(row))
+                    if new:
+                        w.writeheader()
+                    w.writerow(row)
+                print(row, flush=True)
+    print(curve_summary(results) if a.curve else summary(results))
+    return 0
+
+
+def points(curve: str | None, n_pool: int, seed: int) -> list[tuple[int, np.ndarray]]:
+    """``[(labels, pool positions)]``: every pool label (the ceiling), or with ``curve`` =
+    ``START:STOP:STEP`` the first ``labels`` of one random order of the pool per seed (random
+    picks: each point's set contains the previous one, as rounds add labels)."""
+    if not curve:
+        return [(n_pool, np.arange(n_pool))]
+    start, stop, step = (int(v) for v in curve.split(":"))
+    order = np.random.default_rng(1000 + seed).permutation(n_pool)
+    return [(n, order[:n]) for n in range(start, min(stop, n_pool) + 1, step)]
+
+
+def summary(results: Path) -> str:
+    """Each arm's per-seed AUROC and mean; paired differences of lpft to the others."""
+    with open(results, newline="") as f:
+        rows = list(csv.DictReader(f))
+    by = {(r["arm"], int(r["seed"])): float(r["test_auroc"]) for r in rows}
+    arms = [a for a in ARMS if any(k[0] == a for k in by)]
+    seeds = sorted({s for _, s in by})
+    lines = [f"{'arm':<8}" + "".join(f"{'seed ' + str(s):>9}" for s in seeds) + f"{'mean':>9}"]
+    for arm in arms:
+        v = [by.get((arm, s), float("nan")) for s in seeds]
+        lines.append(f"{arm:<8}" + "".join(f"{x:9.3f}" for x in v) + f"{np.nanmean(v):9.3f}")
+    for other in ("frozen", "whole"):
+        both = [s for s in seeds if ("lpft", s) in by and (other, s) in by]
+        if len(both) >= 2:
+            m, lo, hi = interval(np.array([by["lpft", s] - by[other, s] for s in both]))
+            lines.append(f"lpft - {other}: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                         f"(95% t interval, {len(both)} seeds)")
+    return "\n".join(lines)
+
+
+def curve_summary(results: Path) -> str:
+    """Per arm: mean AUROC at each label count, the area (trapezoid mean over the points) per
+    seed, and the paired area differences auto - frozen and auto - whole (95 % t)."""
+    with open(results, newline="") as f:
+        rows = list(csv.DictReader(f))
+    by = {(r["arm"], int(r["seed"]), int(r["labels"])): float(r["test_auroc"]) for r in rows}
+    arms = [a for a in ARMS if any(k[0] == a for k in by)]
+    seeds = sorted({k[1] for k in by})
+    ns = sorted({k[2] for k in by})
+    lines = [f"{'arm':<8}" + "".join(f"{n:>7}" for n in ns)]
+    area: dict[str, dict[int, float]] = {}
+    for arm in arms:
+        lines.append(f"{arm:<8}" + "".join(
+            f"{np.mean([by[arm, s, n] for s in seeds if (arm, s, n) in by]):7.3f}"
+            if any((arm, s, n) in by for s in seeds) else f"{'':>7}" for n in ns))
+        area[arm] = {s: float(np.trapezoid([by[arm, s, n] for n in ns], ns) / (ns[-1] - ns[0]))
+                     for s in seeds if all((arm, s, n) in by for n in ns)}
+        if area[arm]:
+            lines.append(f"  area {arm}: " + ", ".join(f"{v:.3f}" for v in area[arm].values())
+                         + f"; mean {np.mean(list(area[arm].values())):.3f}")
+    for a, b in (("auto", "frozen"), ("auto", "whole"), ("frozen", "whole")):
+        both = sorted(set(area.get(a, {})) & set(area.get(b, {})))
+        if len(both) >= 2:
+            m, lo, hi = interval(np.array([area[a][s] - area[b][s] for s in both]))
+            lines.append(f"area {a} - {b}: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                         f"(95% t interval, {len(both)} seeds)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
