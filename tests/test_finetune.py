@@ -12,6 +12,7 @@ from medal import api
 from medal.config import load_config
 from medal.errors import ConfigError
 from medal.finetune import finetune_decision
+from medal.sources import sync
 from medal.train import build_model, fit, load_checkpoint
 from medal.workspace import Workspace
 
@@ -96,7 +97,7 @@ def test_fine_tuning_leaves_the_cached_backbone_alone_and_gets_fresh_features(tm
     ssl_state = torch.load(cached, weights_only=True)
     with Workspace(cfg_off) as ws:  # the frozen backbone's pool features, cached
         model = api.start_model(cfg_off, None, backbone=cached)
-        pool = ws.sync().pool
+        pool = sync(ws).pool
         f_ssl, found, _ = api.frozen_features(ws, cfg_off, model, pool, torch.device("cpu"))
     assert found.all()
 
