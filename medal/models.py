@@ -11,7 +11,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -56,7 +56,8 @@ def _adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     """A copy of ``conv`` taking ``in_channels`` inputs (weights re-initialised as torchvision)."""
     if conv.in_channels == in_channels:
         return conv
-    return nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+    square = cast(tuple[int, int], conv.kernel_size), cast(tuple[int, int], conv.stride)
+    return nn.Conv2d(in_channels, conv.out_channels, *square, cast(Any, conv.padding),
                      bias=conv.bias is not None)
 
 
@@ -89,6 +90,9 @@ for _name in ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b
 class Standardize(nn.Module):
     """``[*, D] -> [*, D]``: subtract a per-feature mean, divide by a per-feature scale (buffers,
     identity until :meth:`fit`), so a linear head's weight decay treats every feature alike."""
+
+    mean: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -234,7 +238,7 @@ class MCModel(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.head[-1].out_features
+        return int(cast(nn.Linear, self.head[-1]).out_features)
 
     def backbone_is_stochastic(self) -> bool:
         return any(isinstance(m, _DROPOUT_TYPES) for m in self.backbone.modules())
@@ -245,7 +249,7 @@ class MCModel(nn.Module):
         ``prefix``, so full-network sampling computes the deterministic stem once."""
         if self.stages:
             raise ModelError("full-network sampling needs model.features = 'last'")
-        bb = self.backbone
+        bb: Any = self.backbone  # torchvision's ResNet attributes below are typed as Module
         if isinstance(bb, nn.Sequential):
             mods = list(bb)
             k = next((i for i, m in enumerate(mods) if isinstance(m, _DROPOUT_TYPES)), 0)

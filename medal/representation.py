@@ -130,7 +130,7 @@ def pretrain(backbone: nn.Module, feature_dim: int, x: torch.Tensor, settings: S
     bar = tqdm(range(settings.epochs), desc="self-supervised pretraining", unit="epoch",
                disable=not progress, leave=False)
     t0 = time.perf_counter()
-    for epoch in bar:
+    for _ in bar:
         perm = torch.randperm(n, generator=gen)
         total, seen = 0.0, 0
         for i in range(0, n - bs + 1, bs):  # full batches only: NT-Xent needs negatives

@@ -131,8 +131,9 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     net, shard = _wrap(model, device) if distributed else (model, (0, 1))
     has_val = x_val is not None and y_val is not None and len(x_val) > 0
     run = _start_run(state_path, fingerprint, model, opt, gen, epochs, notes, progress)
-    for done in run.history if log is not None else ():  # a resumed run's earlier epochs
-        log(done, int(done["epoch"]))
+    if log is not None:  # a resumed run's earlier epochs
+        for done in run.history:
+            log(done, int(done["epoch"]))
     last_save = time.perf_counter()
     bar = tqdm(range(run.epoch + 1, epochs + 1), desc="training", unit="epoch",
                disable=not progress, leave=False, initial=run.epoch, total=epochs)
