@@ -28,8 +28,8 @@ from .representation import SSLSettings, load_cached, pretrain_and_cache
 from .representation import cache_key as ssl_cache_key
 from .resources import check_pretraining_memory, check_query_memory, check_training_memory
 from .metrics import classification_metrics
-from .train import (FitResult, backbone_features, build_model, fit, load_checkpoint,
-                    save_checkpoint)
+from .fitting import FitResult
+from .train import backbone_features, build_model, fit, load_checkpoint, save_checkpoint
 from . import distributed
 from .uncertainty import (MCResult, ScoreCollector, ScoreStore, batch_seed, head_samples,
                           mc_predict_tensors, n_batches, score_batches)

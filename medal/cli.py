@@ -116,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
             "                        the folder's manifest.csv and predictions stay hidden.\n"
             "                        Needs the serve extra: pip install 'medal-al[serve]'",
             config_required=False)
+    add_labels_arguments(p)
+    p = sub.add_parser("simulate", help=SIMULATE_HELP, description=SIMULATE_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_simulate_arguments(p)
+    return parser
+
+
+def add_labels_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``medal labels`` besides the config: an action and its options."""
     p.add_argument("action", choices=["export", "unsure", "release", "serve"])
     p.add_argument("ids", nargs="*", metavar="ID|FOLDER",
                    help="image id prefixes (release) or the round folder (serve)")
@@ -125,10 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="serve: address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=0, help="serve: port (default 0: a free one)")
-    p = sub.add_parser("simulate", help=SIMULATE_HELP, description=SIMULATE_DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_simulate_arguments(p)
-    return parser
 
 
 SIMULATE_HELP = "simulate active learning on a fully labelled set (compare strategies)"

@@ -516,15 +516,30 @@ def _num_workers(v: Any, where: str) -> int:
     return v
 
 
-def _validate_values(cfg: Config, where: str) -> None:
-    from .acquisition import available_strategies  # the registry is the only list
-    from .models import FEATURE_MODES, available_models  # the registry lists the model names
+class _Need:
+    """``need(ok, key, allowed, value)``: a :class:`ConfigError` naming the key, what it must
+    be and what it is, unless ``ok``."""
 
-    def need(ok: bool, key: str, allowed: str, value: Any) -> None:
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __call__(self, ok: bool, key: str, allowed: str, value: Any) -> None:
         if not ok:
-            raise ConfigError(f"{where}: {key!r} must be {allowed}, got {value!r}")
+            raise ConfigError(f"{self.where}: {key!r} must be {allowed}, got {value!r}")
 
-    m, t, q = cfg.model, cfg.train, cfg.query
+
+def _validate_values(cfg: Config, where: str) -> None:
+    """Every value in its range, in the order the keys are checked (model, train, then the
+    rest): the first bad one is named."""
+    need = _Need(where)
+    _validate_model_and_train(cfg, need)
+    _validate_the_rest(cfg, need)
+
+
+def _validate_model_and_train(cfg: Config, need: _Need) -> None:
+    from .models import available_models  # the registry lists the model names
+
+    m, t = cfg.model, cfg.train
     names = available_models()
     need(m.name in names, "model.name", f"one of {', '.join(names)}", m.name)
     need(8 <= m.image_size <= 2048, "model.image_size", "between 8 and 2048", m.image_size)
@@ -559,7 +574,13 @@ def _validate_values(cfg: Config, where: str) -> None:
          t.finetune_lr_scale)
     need(0.0 <= t.validation_fraction < 1.0, "train.validation_fraction", "in [0, 1)",
          t.validation_fraction)
-    r = cfg.representation
+
+
+def _validate_the_rest(cfg: Config, need: _Need) -> None:
+    from .acquisition import available_strategies  # the registry is the only list
+    from .models import FEATURE_MODES
+
+    m, q, r = cfg.model, cfg.query, cfg.representation
     need(r.method in ("none", "simclr"), "representation.method", "one of none, simclr",
          r.method)
     need(r.epochs >= 1, "representation.epochs", ">= 1", r.epochs)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from .config import Config
 from .errors import ModelError
 from .models import MCModel
-from .train import Augmenter, FitResult, class_weights
+from .fitting import Augmenter, FitResult, class_weights
 
 
 def finetune_decision(cfg: Config, y: np.ndarray) -> tuple[bool, str]:

@@ -11,15 +11,12 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
 
 from .errors import ModelError
-
-if TYPE_CHECKING:
-    from .config import Config
 
 _REGISTRY: dict[str, Callable[[int], tuple[nn.Module, int]]] = {}
 
@@ -292,7 +289,36 @@ def create_model(name: str, num_classes: int, *, in_channels: int = 1, dropout: 
     return model
 
 
-def model_from_config(cfg: Config, *, load_pretrained: bool = True) -> MCModel:
+class ModelSettings(Protocol):
+    """What :func:`model_from_config` reads of a config's ``[model]`` (``medal.config``'s
+    ``ModelConfig``; a protocol, so that this module needs no import of the config)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def channels(self) -> int: ...
+    @property
+    def dropout(self) -> float: ...
+    @property
+    def hidden(self) -> int: ...
+    @property
+    def pretrained(self) -> Path | None: ...
+    @property
+    def backbone_dropout(self) -> float: ...
+    @property
+    def features(self) -> str: ...
+
+
+class ConfigWithModel(Protocol):
+    """A config with ``model`` settings and ``classes`` (``medal.config.Config``)."""
+
+    @property
+    def model(self) -> ModelSettings: ...
+    @property
+    def classes(self) -> tuple[str, ...]: ...
+
+
+def model_from_config(cfg: ConfigWithModel, *, load_pretrained: bool = True) -> MCModel:
     """The model ``cfg.model`` describes for ``cfg.classes``: the one place the config becomes
     a :func:`create_model` call. ``load_pretrained`` false leaves ``model.pretrained`` unread
     (a model built on the ``meta`` device to measure its size)."""

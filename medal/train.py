@@ -16,13 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from . import __version__
 from .config import Config
-from .data import NORMALISE_MEAN, NORMALISE_STD
 from .errors import ModelError
+from .fitting import Augmenter, FitResult, class_weights
 from .metrics import classification_metrics, defined_monitor, monitor_value, show_metric
 from .models import MCModel, Standardize, model_from_config, read_weights
 
@@ -30,48 +29,9 @@ TrainingLog = Callable[[dict[str, float], int], None]
 """Receives history rows (``loss``, ``val_<metric>``) and their step while a model trains."""
 
 
-@dataclass
-class FitResult:
-    epochs: int
-    best_epoch: int
-    history: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-
 def build_model(cfg: Config) -> MCModel:
     """The configured model, its ``model.pretrained`` backbone loaded."""
     return model_from_config(cfg)
-
-
-def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights ``[K]`` (mean 1 over the classes present; 0 for absent ones)."""
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    present = counts > 0
-    w = np.zeros(n_classes)
-    w[present] = counts.sum() / (present.sum() * counts[present])
-    return torch.tensor(w, dtype=torch.float32)
-
-
-class Augmenter:
-    """Training-time augmentation with torchvision.transforms.v2, per image, on normalised
-    tensors ``[C, S, S]`` (undone to [0, 1] for the intensity jitter, then re-normalised)."""
-
-    def __init__(self, size: int, hflip: bool) -> None:
-        steps: list[v2.Transform] = [
-            v2.RandomResizedCrop(size, scale=(0.85, 1.0), ratio=(0.9, 1.1), antialias=True),
-            v2.RandomRotation(10),
-            v2.ColorJitter(brightness=0.15, contrast=0.15),
-        ]
-        if hflip:
-            steps.insert(0, v2.RandomHorizontalFlip())
-        self.t = v2.Compose(steps)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, C, S, S]`` -> augmented ``[B, C, S, S]``."""
-        out = [(self.t((img * NORMALISE_STD + NORMALISE_MEAN).clamp(0, 1)) - NORMALISE_MEAN)
-               / NORMALISE_STD for img in x]
-        return torch.stack(out)
 
 
 def _fingerprint(y: np.ndarray, x: torch.Tensor, cfg: Config, epochs: int, seed: int) -> str:
@@ -116,6 +76,18 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
             model, x, y, cfg, device=device, x_val=x_val, y_val=y_val, seed=seed,
             progress=progress, unlabelled=unlabelled, log=log), device=device, seed=seed,
             progress=progress)
+    val = (x_val, y_val) if x_val is not None and y_val is not None and len(x_val) else None
+    return _fit_network(model, x, y, cfg, epochs=epochs, device=device, val=val, seed=seed,
+                        progress=progress, state_path=state_path, on_epoch_end=on_epoch_end,
+                        distributed=distributed, state_every_s=state_every_s, log=log)
+
+
+def _fit_network(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: int,
+                 device: torch.device, val: tuple[torch.Tensor, np.ndarray] | None, seed: int,
+                 progress: bool, state_path: Path | None,
+                 on_epoch_end: Callable[[int], None] | None, distributed: bool,
+                 state_every_s: float, log: TrainingLog | None) -> FitResult:
+    """:func:`fit` of the whole network (``val``: the validation set, if any)."""
     t0 = time.perf_counter()
     tc = cfg.train
     n = len(x)
@@ -129,7 +101,6 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     loss_fn, yt, sample_w = _loss_and_weights(y, cfg, device)
     aug = Augmenter(x.shape[-1], tc.hflip) if tc.augment else None
     net, shard = _wrap(model, device) if distributed else (model, (0, 1))
-    has_val = x_val is not None and y_val is not None and len(x_val) > 0
     run = _start_run(state_path, fingerprint, model, opt, gen, epochs, notes, progress)
     if log is not None:  # a resumed run's earlier epochs
         for done in run.history:
@@ -142,18 +113,15 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
             break
         perm = (torch.multinomial(sample_w, n, replacement=True, generator=gen)
                 if tc.balance == "sampler" else torch.randperm(n, generator=gen))
-        row = {"epoch": float(epoch),
-               "loss": train_one_epoch(net, opt, loss_fn, x, yt, perm, batch_size=tc.batch_size,
-                                       device=device, aug=aug, shard=shard,
-                                       desc=f"epoch {epoch}", progress=progress)}
+        row = {"epoch": float(epoch), "loss": train_one_epoch(
+            net, opt, loss_fn, x, yt, perm, batch_size=tc.batch_size, device=device, aug=aug,
+            shard=shard, desc=f"epoch {epoch}", progress=progress)}
         for value in (row["loss"], _health(model, x, device)):  # before validating NaN
             check_finite(value, f"in epoch {epoch} of {epochs}", "train.lr", tc.lr)
         line = f"epoch {epoch}/{epochs}: loss {row['loss']:.4f}"
-        if has_val and (epoch % tc.validate_every == 0 or epoch == epochs):
-            assert x_val is not None and y_val is not None
-            line += run.validated(model, evaluate(model, x_val, y_val, device,
-                                                  len(cfg.classes), cfg.classes), row, epoch,
-                                  tc, notes, progress)
+        if val is not None and (epoch % tc.validate_every == 0 or epoch == epochs):
+            line += run.validated(model, evaluate(model, *val, device, len(cfg.classes),
+                                                  cfg.classes), row, epoch, tc, notes, progress)
         run.history.append(row)
         if log is not None:
             log(row, epoch)
@@ -364,19 +332,10 @@ def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     _head_schedule(head, f, yt, loss_fn, tc.probe_lr, tc.weight_decay, tc.probe_steps,
                    progress, log=log)
-    step = tc.probe_steps
-    note = ""
+    step, note = tc.probe_steps, ""
     if tc.semi_supervised == "pseudo_label" and unlabelled is not None and len(unlabelled):
-        fu = unlabelled.to(device).float()
-        with torch.no_grad():
-            p = head(fu).float().softmax(-1)
-        conf, pseudo = p.max(1)
-        keep = conf >= tc.pseudo_threshold
-        if keep.any():
-            _head_schedule(head, f, yt, loss_fn, tc.probe_lr, tc.weight_decay, tc.probe_steps,
-                           progress, extra=(fu[keep], pseudo[keep]), log=log, first_step=step)
-            step += tc.probe_steps
-        note = f", then with {int(keep.sum())} of {len(fu)} pool images pseudo-labelled"
+        step, note = _pseudo_label_schedule(head, f, yt, loss_fn, unlabelled.to(device).float(),
+                                            cfg, progress, log)
     head.eval()
     with torch.no_grad():
         row = {"epoch": 1.0, "loss": float(loss_fn(head(f).float(), yt))}
@@ -393,6 +352,25 @@ def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
         tqdm.write(f"head trained on {len(x)} images' features: {tc.probe_steps} steps{note}, "
                    f"loss {row['loss']:.4f}")
     return FitResult(epochs=1, best_epoch=1, history=[row], seconds=time.perf_counter() - t0)
+
+
+def _pseudo_label_schedule(head: nn.Module, f: torch.Tensor, yt: torch.Tensor,
+                           loss_fn: nn.Module, fu: torch.Tensor, cfg: Config, progress: bool,
+                           log: TrainingLog | None) -> tuple[int, str]:
+    """Self-training after the supervised schedule: the pool features ``fu [M, D]`` the head
+    predicts with probability >= ``train.pseudo_threshold`` take that class, and the schedule
+    runs once more with them. Returns the steps taken in all and the note for the log line."""
+    tc = cfg.train
+    step = tc.probe_steps
+    with torch.no_grad():
+        p = head(fu).float().softmax(-1)
+    conf, pseudo = p.max(1)
+    keep = conf >= tc.pseudo_threshold
+    if keep.any():
+        _head_schedule(head, f, yt, loss_fn, tc.probe_lr, tc.weight_decay, tc.probe_steps,
+                       progress, extra=(fu[keep], pseudo[keep]), log=log, first_step=step)
+        step += tc.probe_steps
+    return step, f", then with {int(keep.sum())} of {len(fu)} pool images pseudo-labelled"
 
 
 def _head_schedule(head: nn.Module, f: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,

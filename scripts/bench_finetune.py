@@ -50,7 +50,8 @@ from medal import api  # noqa: E402
 from medal.config import Config, load_config, parse_overrides  # noqa: E402
 from medal.data import NORMALISE_MEAN, NORMALISE_STD  # noqa: E402
 from medal.representation import SSLSettings, pretrain_and_cache  # noqa: E402
-from medal.train import build_model, classification_metrics, fit, predict_deterministic  # noqa: E402
+from medal.metrics import classification_metrics  # noqa: E402
+from medal.train import build_model, fit, predict_deterministic  # noqa: E402
 
 ARMS = ("frozen", "lpft", "auto", "whole")
 COMMON = {"device": "cpu", "representation.method": "simclr", "model.hidden": 0,

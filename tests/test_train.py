@@ -6,7 +6,8 @@ from sklearn import metrics as skm
 from medal.errors import ModelError
 from medal.models import create_model
 from medal.metrics import classification_metrics
-from medal.train import class_weights, fit, load_checkpoint, predict_deterministic, save_checkpoint
+from medal.fitting import class_weights
+from medal.train import fit, load_checkpoint, predict_deterministic, save_checkpoint
 
 
 def separable(n=32, seed=0):

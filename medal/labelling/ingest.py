@@ -424,6 +424,11 @@ def _header_columns(path: Path, header: list[str], problems: Problems) -> dict[s
     return cols
 
 
+def _cell(row: list[str], i: int | None) -> str:
+    """Column ``i`` of a CSV row, stripped; empty for a missing column or a short row."""
+    return row[i].strip() if i is not None and i < len(row) else ""
+
+
 def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
                      selections: dict[str, Selection], problems: Problems,
                      default_annotator: str | None = None
@@ -453,8 +458,7 @@ def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
             if extra is not None:
                 problems.append(f"{path.name} line {n}: {extra}")
                 continue
-            cell = row[fi].strip() if fi < len(row) else ""
-            label_cell = row[li].strip() if li < len(row) else ""
+            cell, label_cell = _cell(row, fi), _cell(row, li)
             where = f"{path.name} line {n}"
             pp = PurePosixPath(cell.replace("\\", "/"))
             problem = _row_problem(cell, label_cell, selections)
@@ -474,8 +478,7 @@ def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
                 problems.append(f"{where}: label {short(label_cell)} for {pp.name} is not "
                                 f"allowed; allowed: {allowed_text} (or leave it empty)")
                 continue
-            annotator = (row[ai].strip() or None) if ai is not None and ai < len(row) else None
-            comment = (row[ci].strip() or None) if ci is not None and ci < len(row) else None
+            annotator, comment = _cell(row, ai) or None, _cell(row, ci) or None
             out[pp.name] = _Answer(label, path.name, f"{path.name}:{n}",
                                    annotator or default_annotator, comment)
     except DataError as e:  # an unreadable encoding or a cell over the field limit

@@ -1,0 +1,52 @@
+"""What every training loop uses: the :class:`FitResult` record, inverse-frequency class
+weights and the training-time augmentation (:mod:`medal.train`'s loops and the LP-FT
+fine-tuning of :mod:`medal.finetune` share them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from .data import NORMALISE_MEAN, NORMALISE_STD
+
+
+@dataclass
+class FitResult:
+    epochs: int
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights ``[K]`` (mean 1 over the classes present; 0 for absent ones)."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    w = np.zeros(n_classes)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(w, dtype=torch.float32)
+
+
+class Augmenter:
+    """Training-time augmentation with torchvision.transforms.v2, per image, on normalised
+    tensors ``[C, S, S]`` (undone to [0, 1] for the intensity jitter, then re-normalised)."""
+
+    def __init__(self, size: int, hflip: bool) -> None:
+        steps: list[v2.Transform] = [
+            v2.RandomResizedCrop(size, scale=(0.85, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.RandomRotation(10),
+            v2.ColorJitter(brightness=0.15, contrast=0.15),
+        ]
+        if hflip:
+            steps.insert(0, v2.RandomHorizontalFlip())
+        self.t = v2.Compose(steps)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, C, S, S]`` -> augmented ``[B, C, S, S]``."""
+        out = [(self.t((img * NORMALISE_STD + NORMALISE_MEAN).clamp(0, 1)) - NORMALISE_MEAN)
+               / NORMALISE_STD for img in x]
+        return torch.stack(out)
