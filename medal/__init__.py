@@ -19,7 +19,7 @@ _PUBLIC = {
     "Config": "config", "load_config": "config",
     "TrainReport": "api", "QueryReport": "api", "RoundReport": "api", "Status": "api",
     "SimulationSettings": "simulate",
-    "Workspace": "workspace", "Ledger": "ledger",
+    "Workspace": "workspace", "Ledger": "ledger", "Snapshot": "sources", "sync": "sources",
     "MedalError": "errors", "ConfigError": "errors", "DataError": "errors",
     "ImageReadError": "errors", "ModelError": "errors", "LabellingError": "errors",
     "WorkspaceError": "errors",
