@@ -541,3 +541,20 @@ def test_labels_serve_does_not_load_torch(tiny_config):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("header", ["file,label,label", "file,label,file",
+                                    "File,label,Comment,comment"])
+def test_a_labels_file_with_a_repeated_column_is_refused_by_the_page(tiny_config, header):
+    """The page reads labels.csv as ingest does: a column named twice (which one holds the
+    label would be a guess) stops the page with one line naming line 1; the file is kept."""
+    from medal.serve import RoundBook
+
+    folder = exported(tiny_config, n=2)
+    files = [r["file"] for r in read_labels(folder / "labels.csv")]
+    width = len(header.split(","))
+    text = header + "\n" + "".join(f"{f}{',' * (width - 1)}\n" for f in files)
+    (folder / "labels.csv").write_text(text, encoding="utf-8")
+    with pytest.raises(LabellingError, match=r"labels\.csv line 1: column '\w+' appears 2 times"):
+        RoundBook(folder, tiny_config.classes).save(files[0], label="normal")
+    assert (folder / "labels.csv").read_text(encoding="utf-8") == text

@@ -37,7 +37,7 @@ from ..roundfolder import (LABELS, MANIFEST, PREVIEWS, annotator_file, create_lo
                           labels_lock, lock_file, manifest_classes, neutralise, read_manifest,
                           unneutralise, valid_annotator)
 from ..ledger import round_ingest_state
-from ..scan import iter_csv, short
+from ..scan import column_indices, iter_csv, short
 from ..workspace import UNSURE, ledger_file
 
 MAX_COMMENT = 2000
@@ -180,6 +180,9 @@ class RoundBook:
             raise LabellingError(f"{p} line 1: the header must have columns 'file' and 'label' "
                                  f"(got {short(', '.join(map(repr, rows[0])))}); fix or remove "
                                  f"the file")
+        _, repeated = column_indices(header, ("file", "label", "comment", "annotator"))
+        if repeated is not None:  # which column holds the label would be a guess, as in ingest
+            raise LabellingError(f"{p} line 1: {repeated}")
         return header, rows[1:]
 
     @staticmethod
