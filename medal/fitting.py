@@ -1,9 +1,11 @@
 """What every training loop uses: the :class:`FitResult` record, inverse-frequency class
-weights and the training-time augmentation (:mod:`medal.train`'s loops and the LP-FT
-fine-tuning of :mod:`medal.finetune` share them)."""
+weights, the training-time augmentation and the stop on a non-finite loss (the loops of
+:mod:`medal.train`, the LP-FT fine-tuning of :mod:`medal.finetune` and the self-supervised
+pretraining of :mod:`medal.representation` share them)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from torchvision.transforms import v2
 
 from .data import NORMALISE_MEAN, NORMALISE_STD
+from .errors import ModelError
 
 
 @dataclass
@@ -50,3 +53,12 @@ class Augmenter:
         out = [(self.t((img * NORMALISE_STD + NORMALISE_MEAN).clamp(0, 1)) - NORMALISE_MEAN)
                / NORMALISE_STD for img in x]
         return torch.stack(out)
+
+
+def check_finite(value: float, when: str, lr_key: str, lr: float) -> None:
+    """Stop a training whose loss, weights or outputs became NaN or infinite: one line, raised
+    before anything is saved, so the previous checkpoint stays the current one."""
+    if not math.isfinite(value):
+        raise ModelError(f"training stopped {when}: the loss, weights or outputs became {value} "
+                         f"(not finite); {lr_key} = {lr:g} is probably too high (try 10 times "
+                         f"lower); nothing was saved, the previous checkpoint stays current")

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import NORMALISE_MEAN, NORMALISE_STD
+from .fitting import check_finite
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def pretrain(backbone: nn.Module, feature_dim: int, x: torch.Tensor, settings: S
     bar = tqdm(range(settings.epochs), desc="self-supervised pretraining", unit="epoch",
                disable=not progress, leave=False)
     t0 = time.perf_counter()
-    for _ in bar:
+    for epoch in bar:
         perm = torch.randperm(n, generator=gen)
         total, seen = 0.0, 0
         for i in range(0, n - bs + 1, bs):  # full batches only: NT-Xent needs negatives
@@ -148,11 +149,21 @@ def pretrain(backbone: nn.Module, feature_dim: int, x: torch.Tensor, settings: S
             if log is not None:
                 log(loss.item(), int(sched.last_epoch))
         bar.set_postfix(loss=f"{total / max(seen, 1):.3f}")
+        check_finite(total / max(seen, 1) + _weights_sum(backbone),
+                     f"in self-supervised pretraining epoch {epoch + 1} of {settings.epochs}",
+                     "representation.lr", settings.lr)
     if progress:
         tqdm.write(f"self-supervised pretraining: {settings.epochs} epochs on {n} images in "
                    f"{time.perf_counter() - t0:.0f} s")
     backbone.eval()
     return {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+
+
+def _weights_sum(module: nn.Module) -> float:
+    """NaN or infinite when any floating-point weight or buffer of ``module`` is."""
+    with torch.no_grad():
+        return sum(float(t.double().sum()) for t in module.state_dict().values()
+                   if t.is_floating_point())
 
 
 def load_cached(path: Path, backbone: nn.Module) -> bool:

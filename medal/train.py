@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import Config
 from .errors import ModelError
-from .fitting import Augmenter, FitResult, class_weights
+from .fitting import Augmenter, FitResult, check_finite, class_weights
 from .metrics import classification_metrics, defined_monitor, monitor_value, show_metric
 from .models import MCModel, Standardize, model_from_config, read_weights
 
@@ -139,15 +139,6 @@ def _fit_network(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
         state_path.unlink(missing_ok=True)
     return FitResult(epochs=epochs, best_epoch=run.best_epoch, history=run.history,
                      seconds=time.perf_counter() - t0, notes=notes)
-
-
-def check_finite(value: float, when: str, lr_key: str, lr: float) -> None:
-    """Stop a training whose loss, weights or outputs became NaN or infinite: one line, raised
-    before anything is saved, so the previous checkpoint stays the current one."""
-    if not math.isfinite(value):
-        raise ModelError(f"training stopped {when}: the loss, weights or outputs became {value} "
-                         f"(not finite); {lr_key} = {lr:g} is probably too high (try 10 times "
-                         f"lower); nothing was saved, the previous checkpoint stays current")
 
 
 def _health(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:

@@ -282,6 +282,20 @@ def test_non_finite_training_keeps_the_previous_checkpoint(trained, capsys, sett
         assert all(math.isfinite(s.score) for s in w.db.selections(1)), "a NaN score was stored"
 
 
+def test_diverging_pretraining_caches_no_backbone(workspace, capsys):
+    """Self-supervised pretraining whose loss turns non-finite stops with one line naming
+    representation.lr, before a backbone is cached (a NaN backbone would poison every round
+    after), and the workspace is as it was (the decode cache, which any decode fills, is off
+    here so that the comparison covers the rest)."""
+    cfg, ws = workspace
+    sets = ["representation.method=simclr", "train.freeze_backbone=true", "image.cache=false",
+            "representation.epochs=3", "representation.lr=1e30"]
+    refused(["train", "-q", "-c", str(cfg), *[a for s in sets for a in ("--set", s)]], capsys,
+            ws, r"training stopped in self-supervised pretraining epoch \d of 3: .* "
+                r"representation\.lr = 1e\+30 is probably too high")
+    assert not list(ws.rglob("*.pt")), "a backbone was cached"
+
+
 # --- pool files: each one an image or a listed skip -------------------------------------------
 def headerless_dicom(path: Path, file_meta: bool) -> Path:
     """A real DICOM image written by pydicom without the 128-byte preamble and "DICM" (and,
