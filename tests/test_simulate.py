@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -42,17 +43,6 @@ def settings(setup: dict, **kw) -> sim.SimulationSettings:
     return sim.SimulationSettings(**(base | kw))
 
 
-class Spy:
-    """Counts calls to a function and remembers the first argument of each."""
-
-    def __init__(self, fn):
-        self.fn, self.args = fn, []
-
-    def __call__(self, *a, **kw):
-        self.args.append(a[0] if a else None)
-        return self.fn(*a, **kw)
-
-
 def exported_sources(out: Path, run: Path | None = None) -> list[str]:
     """Source paths of every image exported in the round folders of every run (or of one)."""
     found = []
@@ -63,13 +53,21 @@ def exported_sources(out: Path, run: Path | None = None) -> list[str]:
     return found
 
 
-def test_simulation_writes_results_plots_summary_and_resumes(sim_setup, monkeypatch, capsys):
+def checkpoints(out: Path) -> dict[str, int]:
+    """``{run/checkpoints/round-NNN.pt: mtime_ns}``: every model the simulation trained."""
+    return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns
+            for p in out.glob("*/seed-*/checkpoints/round-*.pt")
+            if re.fullmatch(r"round-\d+\.pt", p.name)}
+
+
+def oracle_questions(out: Path) -> list[str]:
+    """Every question the simulated radiologist was asked, from the runs' oracle.csv audits."""
+    return [a["source_path"] for log in sorted(out.glob("*/seed-*/oracle.csv"))
+            for a in csv.DictReader(open(log, newline=""))]
+
+
+def test_simulation_writes_results_plots_summary_and_resumes(sim_setup, capsys):
     cfg = load_config(sim_setup["config"])
-    real_lookup = sim.Truth.lookup
-    lookup = Spy(lambda path, truth: real_lookup(truth, path))
-    monkeypatch.setattr(sim.Truth, "lookup", lambda self, path: lookup(path, self))
-    train = Spy(api.train)
-    monkeypatch.setattr(api, "train", train)
 
     # no validation set is passed (the config's data.validation is not used): each run holds
     # out one start label per class for validation, and those labels still count
@@ -78,7 +76,7 @@ def test_simulation_writes_results_plots_summary_and_resumes(sim_setup, monkeypa
 
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 2 * 3 and len(train.args) == 12
+    assert len(rows) == 2 * 2 * 3 and len(checkpoints(out)) == 12
     assert {(x["strategy"], x["seed"], x["round"]) for x in rows} == {
         (s, str(k), str(n)) for s in ("entropy", "random") for k in (0, 1) for n in (0, 1, 2)}
     run = [x for x in rows if x["strategy"] == "entropy" and x["seed"] == "0"]
@@ -118,7 +116,7 @@ def test_simulation_writes_results_plots_summary_and_resumes(sim_setup, monkeypa
     # the oracle was asked about exported images only (each once), never about the start sets
     exported = exported_sources(out)
     assert len(exported) == 2 * 2 * 2 * 4
-    assert sorted(lookup.args) == sorted(exported)
+    assert sorted(oracle_questions(out)) == sorted(exported)
     for run in out.glob("*/seed-*"):
         start = {row["file"] for row in csv.DictReader(open(run / "start.csv", newline=""))}
         asked = [a["source_path"] for a in csv.DictReader(open(run / "oracle.csv", newline=""))]
@@ -132,33 +130,34 @@ def test_simulation_writes_results_plots_summary_and_resumes(sim_setup, monkeypa
     assert len(audit) == 8 and all(a["label"] in CLASSES for a in audit)
 
     # a rerun resumes: nothing is trained or asked again and checkpoints stay as they were
-    ckpt = out / "random" / "seed-1" / "checkpoints" / "round-002.pt"
-    mtime = ckpt.stat().st_mtime_ns
-    n_lookups = len(lookup.args)
+    trained, n_asked = checkpoints(out), len(oracle_questions(out))
     again = sim.simulate(cfg, settings(sim_setup, start_size=6))
-    assert len(train.args) == 12 and len(lookup.args) == n_lookups
-    assert ckpt.stat().st_mtime_ns == mtime
+    assert checkpoints(out) == trained and len(oracle_questions(out)) == n_asked
     assert again.rows == r.rows
 
-    # one more round for one run trains exactly one more model
+    # one more round for one run trains exactly one more model and asks about its 4 images
     sim.simulate(cfg, settings(sim_setup, strategies=("entropy",), seeds=(1,), rounds=3,
                                start_size=6))
-    assert len(train.args) == 12 + 1
-    assert len(lookup.args) == n_lookups + 4
+    after = checkpoints(out)
+    assert set(after) - set(trained) == {"entropy/seed-1/checkpoints/round-003.pt"}
+    assert all(after[k] == trained[k] for k in trained)
+    assert len(oracle_questions(out)) == n_asked + 4
 
 
-def test_interrupted_round_is_finished_not_redone(sim_setup, monkeypatch):
+def test_interrupted_round_is_finished_not_redone(sim_setup):
     cfg = load_config(sim_setup["config"])
     s = settings(sim_setup, strategies=("bald",), seeds=(0,), rounds=1)
     sim.simulate(cfg, s)
     run_cfg = sim.plan_runs(cfg, s)[0][0].cfg
     # interrupted after exporting round 2 (before the oracle answered)
     exported = api.query(run_cfg, progress=False)
-    query = Spy(api.query)
-    monkeypatch.setattr(api, "query", query)
+    manifest = exported.folder / "manifest.csv"
+    written = manifest.stat().st_mtime_ns, manifest.read_bytes()
     sim.simulate(cfg, settings(sim_setup, strategies=("bald",), seeds=(0,), rounds=2))
-    assert query.args == []  # the pending round was answered, not queried again
+    # the pending round was answered, not queried (exported) again
+    assert (manifest.stat().st_mtime_ns, manifest.read_bytes()) == written
     st = api.status(run_cfg)
+    assert [r["round"] for r in st.rounds] == [1, 2]
     assert [m["round"] for m in st.models] == [0, 1, 2]
     assert all(r["ingested"] for r in st.rounds)
     assert st.rounds[-1]["folder"] == str(exported.folder)
