@@ -16,12 +16,23 @@ from typing import Any
 __version__ = "0.2.0.dev0"
 
 _PUBLIC = {
-    "Config": "config", "load_config": "config",
-    "TrainReport": "api", "QueryReport": "api", "RoundReport": "api", "Status": "api",
+    "Config": "config",
+    "load_config": "config",
+    "TrainReport": "api",
+    "QueryReport": "api",
+    "RoundReport": "api",
+    "Status": "api",
     "SimulationSettings": "simulate",
-    "Workspace": "workspace", "Ledger": "ledger", "Snapshot": "sources", "sync": "sources",
-    "MedalError": "errors", "ConfigError": "errors", "DataError": "errors",
-    "ImageReadError": "errors", "ModelError": "errors", "LabellingError": "errors",
+    "Workspace": "workspace",
+    "Ledger": "ledger",
+    "Snapshot": "sources",
+    "sync": "sources",
+    "MedalError": "errors",
+    "ConfigError": "errors",
+    "DataError": "errors",
+    "ImageReadError": "errors",
+    "ModelError": "errors",
+    "LabellingError": "errors",
     "WorkspaceError": "errors",
 }
 

@@ -72,11 +72,11 @@ def epig(probs: np.ndarray, target_probs: np.ndarray, chunk: int = 512) -> np.nd
     marg_q = q.mean(1)  # [M, C]
     out = np.empty(len(p))
     for a in range(0, len(p), chunk):
-        pc = p[a:a + chunk]
+        pc = p[a : a + chunk]
         joint = np.einsum("ntc,mtd->nmcd", pc, q) / t  # [n, M, C, C]
         indep = pc.mean(1)[:, None, :, None] * marg_q[None, :, None, :]
         kl = (joint * (np.log(joint + EPS) - np.log(indep + EPS))).sum((2, 3))
-        out[a:a + chunk] = np.maximum(kl.mean(1), 0.0)
+        out[a : a + chunk] = np.maximum(kl.mean(1), 0.0)
     return out
 
 
@@ -112,16 +112,22 @@ def least_confidence(probs: np.ndarray) -> np.ndarray:
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """int64 indices ``[min(k, N)]`` of the k highest of ``scores [N]``, ties to lower index."""
-    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:max(k, 0)].astype(
-        np.int64)
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[: max(k, 0)].astype(
+        np.int64
+    )
 
 
 # --------------------------------------------------------------------------- BatchBALD
 
 
-def batchbald(probs: np.ndarray, budget: int, *, rng: np.random.Generator,
-              num_samples: int = 10000, exact_limit: int = 1 << 13
-              ) -> tuple[np.ndarray, np.ndarray]:
+def batchbald(
+    probs: np.ndarray,
+    budget: int,
+    *,
+    rng: np.random.Generator,
+    num_samples: int = 10000,
+    exact_limit: int = 1 << 13,
+) -> tuple[np.ndarray, np.ndarray]:
     """Greedy BatchBALD (Kirsch et al. 2019) over ``probs [N, T, C]``.
 
     Step k adds the image n maximising the joint mutual information I(y_1..y_k, y_n; w) of the
@@ -180,8 +186,14 @@ class _Configurations:
     from p(y_B): ``log_w[m, t] = log prod_i p_t(y_mi)``, configuration m drawn from pass
     ``pass_of[m]``."""
 
-    def __init__(self, p: np.ndarray, first: int, num_samples: int, exact_limit: int,
-                 rng: np.random.Generator) -> None:
+    def __init__(
+        self,
+        p: np.ndarray,
+        first: int,
+        num_samples: int,
+        exact_limit: int,
+        rng: np.random.Generator,
+    ) -> None:
         self.p, self.exact_limit, self.rng = p, exact_limit, rng
         self.joint: np.ndarray | None = p[first].T.copy()  # [C, T]
         self.log_w: np.ndarray | None = None
@@ -213,8 +225,9 @@ class _Configurations:
                 self.log_w = self.log_w + np.log(p[sel][:, labels].T)
 
 
-def _conditional_entropy(weights: np.ndarray, config_prob: np.ndarray, p_tnc: np.ndarray,
-                         n_img: int, n_cls: int) -> np.ndarray:
+def _conditional_entropy(
+    weights: np.ndarray, config_prob: np.ndarray, p_tnc: np.ndarray, n_img: int, n_cls: int
+) -> np.ndarray:
     """H(y_n | y_B) for every image n: ``sum_m config_prob[m] H[weights[m] @ p(y_n | t)]``.
 
     ``weights [M, T]`` (rows: posterior over passes given configuration m), ``config_prob [M]``,
@@ -225,7 +238,7 @@ def _conditional_entropy(weights: np.ndarray, config_prob: np.ndarray, p_tnc: np
     out = np.empty(n_img)
     for s in range(0, n_img, chunk):
         e = min(s + chunk, n_img)
-        post = weights @ p_tnc[:, s * n_cls:e * n_cls]  # [M, B*C] p(y_n = c | y_B = m)
+        post = weights @ p_tnc[:, s * n_cls : e * n_cls]  # [M, B*C] p(y_n = c | y_B = m)
         h = _entropy(post.reshape(m, e - s, n_cls))  # [M, B]
         out[s:e] = config_prob @ h
     return out
@@ -238,8 +251,9 @@ def _sample_labels(dist: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.minimum((cdf <= u[:, None]).sum(1), dist.shape[1] - 1)
 
 
-def _sample_configurations(p: np.ndarray, picks: list[int], pass_of: np.ndarray,
-                           rng: np.random.Generator) -> np.ndarray:
+def _sample_configurations(
+    p: np.ndarray, picks: list[int], pass_of: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """Draw label configurations of the batch ``picks``, configuration m from pass
     ``pass_of[m]``; return their log weights ``log prod_i p_t(y_mi)`` as ``[M, T]``."""
     log_w = np.zeros((len(pass_of), p.shape[1]))
@@ -253,8 +267,9 @@ def _sample_configurations(p: np.ndarray, picks: list[int], pass_of: np.ndarray,
 # --------------------------------------------------------------------------- batch strategies
 
 
-def power_sampling(scores: np.ndarray, budget: int, *, rng: np.random.Generator,
-                   beta: float = 1.0) -> np.ndarray:
+def power_sampling(
+    scores: np.ndarray, budget: int, *, rng: np.random.Generator, beta: float = 1.0
+) -> np.ndarray:
     """Stochastic power acquisition (Kirsch et al. 2021): draw ``min(budget, N)`` distinct
     indices without replacement with probability ∝ ``scores**beta`` (``scores [N]``), by the
     Gumbel-top-k trick on ``beta * log(scores)``. Scores are clipped to >= EPS first. Returns
@@ -264,8 +279,9 @@ def power_sampling(scores: np.ndarray, budget: int, *, rng: np.random.Generator,
     return top_k(logits + rng.gumbel(size=len(s)), budget)
 
 
-def class_balanced(scores: np.ndarray, predicted: np.ndarray, budget: int,
-                   n_classes: int) -> np.ndarray:
+def class_balanced(
+    scores: np.ndarray, predicted: np.ndarray, budget: int, n_classes: int
+) -> np.ndarray:
     """Spread ``budget`` picks over predicted classes round-robin.
 
     In each round, classes 0..n_classes-1 in turn take their highest-scoring remaining image
@@ -286,7 +302,7 @@ def class_balanced(scores: np.ndarray, predicted: np.ndarray, budget: int,
     counts = np.bincount(cls, minlength=n_classes)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank[by_class] = np.arange(len(order)) - np.repeat(starts, counts)
-    return order[np.lexsort((cls, rank))][:max(budget, 0)].astype(np.int64)
+    return order[np.lexsort((cls, rank))][: max(budget, 0)].astype(np.int64)
 
 
 def _sq_norms(x: np.ndarray) -> np.ndarray:
@@ -306,8 +322,13 @@ def typicality(features: np.ndarray, k: int = 20) -> np.ndarray:
     return 1.0 / (dist[:, 1:].mean(1) + 1e-12)
 
 
-def typiclust(features: np.ndarray, budget: int, *, rng: np.random.Generator,
-              labelled_features: np.ndarray | None = None) -> np.ndarray:
+def typiclust(
+    features: np.ndarray,
+    budget: int,
+    *,
+    rng: np.random.Generator,
+    labelled_features: np.ndarray | None = None,
+) -> np.ndarray:
     """TypiClust (Hacohen et al., ICML 2022): typical and diverse picks for small budgets.
 
     Clusters the pool ``features [N, D]`` together with ``labelled_features [L, D]`` into
@@ -323,12 +344,16 @@ def typiclust(features: np.ndarray, budget: int, *, rng: np.random.Generator,
     k = min(max(budget, 0), n)
     if k == 0:
         return np.zeros(0, np.int64)
-    lab = np.zeros((0, f.shape[1])) if labelled_features is None else \
-        np.asarray(labelled_features, np.float64)
+    lab = (
+        np.zeros((0, f.shape[1]))
+        if labelled_features is None
+        else np.asarray(labelled_features, np.float64)
+    )
     both = np.concatenate([f, lab])
     n_clusters = min(len(lab) + k, len(both))
-    km = KMeans(n_clusters=n_clusters, n_init=3,
-                random_state=int(rng.integers(2**31 - 1))).fit(both)
+    km = KMeans(n_clusters=n_clusters, n_init=3, random_state=int(rng.integers(2**31 - 1))).fit(
+        both
+    )
     pool_cluster, lab_cluster = km.labels_[:n], km.labels_[n:]
     covered = np.bincount(lab_cluster, minlength=n_clusters)
     size = np.bincount(pool_cluster, minlength=n_clusters)
@@ -350,9 +375,13 @@ def typiclust(features: np.ndarray, budget: int, *, rng: np.random.Generator,
     return np.asarray(picks, np.int64)
 
 
-def k_center_greedy(features: np.ndarray, budget: int, *,
-                    labelled_features: np.ndarray | None = None,
-                    rng: np.random.Generator) -> np.ndarray:
+def k_center_greedy(
+    features: np.ndarray,
+    budget: int,
+    *,
+    labelled_features: np.ndarray | None = None,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Greedy k-center core-set selection (Sener & Savarese 2018), Euclidean distance.
 
     ``features [N, D]``; ``labelled_features [L, D]`` (optional) are the already-labelled
@@ -377,9 +406,12 @@ def k_center_greedy(features: np.ndarray, budget: int, *,
         for s in range(0, n, rows):
             cols = max(1, _CHUNK_ELEMENTS // rows)
             for c in range(0, len(lab), cols):
-                d = (f_sq[s:s + rows, None] + lab_sq[None, c:c + cols]
-                     - 2.0 * (f[s:s + rows] @ lab[c:c + cols].T))
-                dist[s:s + rows] = np.minimum(dist[s:s + rows], d.min(1))
+                d = (
+                    f_sq[s : s + rows, None]
+                    + lab_sq[None, c : c + cols]
+                    - 2.0 * (f[s : s + rows] @ lab[c : c + cols].T)
+                )
+                dist[s : s + rows] = np.minimum(dist[s : s + rows], d.min(1))
     else:
         picks.append(int(rng.integers(n)))
     chosen = np.zeros(n, dtype=bool)
@@ -398,8 +430,9 @@ def k_center_greedy(features: np.ndarray, budget: int, *,
     return np.asarray(picks, dtype=np.int64)
 
 
-def badge(probs: np.ndarray, features: np.ndarray, budget: int, *,
-          rng: np.random.Generator) -> np.ndarray:
+def badge(
+    probs: np.ndarray, features: np.ndarray, budget: int, *, rng: np.random.Generator
+) -> np.ndarray:
     """BADGE (Ash et al. 2020): k-means++ seeding on gradient embeddings.
 
     The embedding of image i is ``g_i ⊗ f_i`` (``[C*D]``) with ``g_i = p_i - onehot(argmax p_i)``
@@ -494,8 +527,7 @@ class Strategy:
     """Uses the model's outputs (``False`` for random: a model that never saw a class
     cannot mislead it, so the cold-start exploration does not replace it)."""
 
-    def streaming_score(self, balance: bool = False
-                        ) -> Callable[[np.ndarray], np.ndarray] | None:
+    def streaming_score(self, balance: bool = False) -> Callable[[np.ndarray], np.ndarray] | None:
         """The score to keep a running top-k of while the pool is scored, when that top-k
         is the whole selection (a per-image strategy without class balancing); else
         ``None``."""
@@ -505,21 +537,39 @@ class Strategy:
 _REGISTRY: dict[str, Strategy] = {}
 
 
-def register_strategy(name: str, description: str, *, needs_features: bool = False,
-                      needs_labelled_features: bool = False,
-                      uses_model: bool = True) -> Callable[[Chooser], Chooser]:
+def register_strategy(
+    name: str,
+    description: str,
+    *,
+    needs_features: bool = False,
+    needs_labelled_features: bool = False,
+    uses_model: bool = True,
+) -> Callable[[Chooser], Chooser]:
     """Decorator: register a :data:`Chooser` under ``name`` (a batch strategy: it needs the
     joint samples of the whole pool). Per-image scores use :func:`register_score`."""
+
     def add(choose: Chooser) -> Chooser:
-        _add(Strategy(name, choose, description, None, needs_features,
-                      needs_labelled_features, True, uses_model))
+        _add(
+            Strategy(
+                name,
+                choose,
+                description,
+                None,
+                needs_features,
+                needs_labelled_features,
+                True,
+                uses_model,
+            )
+        )
         return choose
+
     return add
 
 
 def register_score(name: str, score: Callable[[np.ndarray], np.ndarray]) -> None:
     """Register a per-image score ``[N, T, C] -> [N]``: the strategy selects its top k (ties
     to the lower index), or spreads them over predicted classes with ``balance``."""
+
     def choose(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
         scores = score(p)
         if inputs.balance:
@@ -528,8 +578,16 @@ def register_score(name: str, score: Callable[[np.ndarray], np.ndarray]) -> None
             idx = top_k(scores, k)
         return idx, scores[idx]
 
-    _add(Strategy(name, choose, f"the top k by {score.__name__} (or class-balanced with "
-                  f"balance); reported scores are those scores", score, joint_samples=False))
+    _add(
+        Strategy(
+            name,
+            choose,
+            f"the top k by {score.__name__} (or class-balanced with "
+            f"balance); reported scores are those scores",
+            score,
+            joint_samples=False,
+        )
+    )
 
 
 def _add(strategy: Strategy) -> None:
@@ -548,8 +606,9 @@ def get_strategy(name: str) -> Strategy:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown acquisition strategy {name!r}; valid: "
-                         f"{', '.join(_REGISTRY)}") from None
+        raise ValueError(
+            f"unknown acquisition strategy {name!r}; valid: {', '.join(_REGISTRY)}"
+        ) from None
 
 
 def validate_strategy(name: str) -> None:
@@ -557,14 +616,20 @@ def validate_strategy(name: str) -> None:
     get_strategy(name)
 
 
-for _name, _fn in (("bald", bald), ("entropy", predictive_entropy),
-                   ("variation_ratios", variation_ratios), ("mean_std", mean_std),
-                   ("margin", margin), ("least_confidence", least_confidence)):
+for _name, _fn in (
+    ("bald", bald),
+    ("entropy", predictive_entropy),
+    ("variation_ratios", variation_ratios),
+    ("mean_std", mean_std),
+    ("margin", margin),
+    ("least_confidence", least_confidence),
+):
     register_score(_name, _fn)
 
 
-@register_strategy("random", "a permutation drawn from the rng; reported scores are BALD",
-                   uses_model=False)
+@register_strategy(
+    "random", "a permutation drawn from the rng; reported scores are BALD", uses_model=False
+)
 def _random(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
     idx = inputs.rng.permutation(len(p))[:k].astype(np.int64)
     return idx, bald(p)[idx]
@@ -580,44 +645,60 @@ def _power(score: Callable[[np.ndarray], np.ndarray]) -> Chooser:
         scores = score(p)
         idx = power_sampling(scores, k, rng=inputs.rng)
         return idx, scores[idx]
+
     return choose
 
 
-register_strategy("powerbald", "power_sampling on BALD; reported scores are BALD")(
-    _power(bald))
-register_strategy("powerentropy", "power_sampling on predictive entropy; reported scores "
-                  "are those entropies")(_power(predictive_entropy))
+register_strategy("powerbald", "power_sampling on BALD; reported scores are BALD")(_power(bald))
+register_strategy(
+    "powerentropy", "power_sampling on predictive entropy; reported scores are those entropies"
+)(_power(predictive_entropy))
 
 
-@register_strategy("coreset", "k_center_greedy on the pool features, far from the labelled "
-                   "features; reported scores are BALD", needs_features=True,
-                   needs_labelled_features=True)
+@register_strategy(
+    "coreset",
+    "k_center_greedy on the pool features, far from the labelled "
+    "features; reported scores are BALD",
+    needs_features=True,
+    needs_labelled_features=True,
+)
 def _coreset(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
-    idx = k_center_greedy(_required(inputs.features, "coreset"), k,
-                          labelled_features=inputs.labelled_features,
-                          rng=inputs.rng)
+    idx = k_center_greedy(
+        _required(inputs.features, "coreset"),
+        k,
+        labelled_features=inputs.labelled_features,
+        rng=inputs.rng,
+    )
     return idx, bald(p)[idx]
 
 
-@register_strategy("badge", "badge on the gradient embeddings; reported scores are BALD",
-                   needs_features=True)
+@register_strategy(
+    "badge", "badge on the gradient embeddings; reported scores are BALD", needs_features=True
+)
 def _badge(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
     idx = badge(p, _required(inputs.features, "badge"), k, rng=inputs.rng)
     return idx, bald(p)[idx]
 
 
-@register_strategy("typiclust", "typiclust on the pool features with the labelled features; "
-                   "reported scores are BALD", needs_features=True,
-                   needs_labelled_features=True)
+@register_strategy(
+    "typiclust",
+    "typiclust on the pool features with the labelled features; reported scores are BALD",
+    needs_features=True,
+    needs_labelled_features=True,
+)
 def _typiclust(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
-    idx = typiclust(_required(inputs.features, "typiclust"), k,
-                    labelled_features=inputs.labelled_features,
-                    rng=inputs.rng)
+    idx = typiclust(
+        _required(inputs.features, "typiclust"),
+        k,
+        labelled_features=inputs.labelled_features,
+        rng=inputs.rng,
+    )
     return idx, bald(p)[idx]
 
 
-@register_strategy("epig", "the top k by epig, with up to 256 pool images drawn from the rng "
-                   "as the targets")
+@register_strategy(
+    "epig", "the top k by epig, with up to 256 pool images drawn from the rng as the targets"
+)
 def _epig(p: np.ndarray, k: int, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
     targets = inputs.rng.choice(len(p), size=min(len(p), 256), replace=False)
     scores = epig(p, p[targets])
@@ -629,16 +710,24 @@ STRATEGIES: tuple[str, ...] = available_strategies()
 """The registered names at import (derived from the registry; for display)."""
 
 SCORE_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    s.name: s.score for s in _REGISTRY.values() if s.score is not None}
+    s.name: s.score for s in _REGISTRY.values() if s.score is not None
+}
 """The per-image strategies' scores (derived from the registry)."""
 
 
 # --------------------------------------------------------------------------- entry point
 
 
-def select(strategy: str, probs: np.ndarray, budget: int, *, rng: np.random.Generator,
-           features: np.ndarray | None = None, labelled_features: np.ndarray | None = None,
-           balance: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def select(
+    strategy: str,
+    probs: np.ndarray,
+    budget: int,
+    *,
+    rng: np.random.Generator,
+    features: np.ndarray | None = None,
+    labelled_features: np.ndarray | None = None,
+    balance: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Choose up to ``budget`` images from ``probs [N, T, C]`` with the registered strategy
     named ``strategy`` (:func:`get_strategy`; each one's :attr:`Strategy.description` says
     what it picks and which scores it reports).
@@ -664,6 +753,7 @@ def select(strategy: str, probs: np.ndarray, budget: int, *, rng: np.random.Gene
         if features is None:
             raise ValueError(f"acquisition strategy {strategy!r} needs features [N, D]")
         if len(features) != n:
-            raise ValueError(f"strategy {strategy!r}: features has {len(features)} rows, "
-                             f"probs has {n}")
+            raise ValueError(
+                f"strategy {strategy!r}: features has {len(features)} rows, probs has {n}"
+            )
     return s.choose(p, k, Inputs(rng, features, labelled_features, balance))

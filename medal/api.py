@@ -31,8 +31,16 @@ from .metrics import classification_metrics
 from .fitting import FitResult
 from .train import backbone_features, build_model, fit, load_checkpoint, save_checkpoint
 from . import distributed
-from .uncertainty import (MCResult, ScoreCollector, ScoreStore, batch_seed, head_samples,
-                          mc_predict_tensors, n_batches, score_batches)
+from .uncertainty import (
+    MCResult,
+    ScoreCollector,
+    ScoreStore,
+    batch_seed,
+    head_samples,
+    mc_predict_tensors,
+    n_batches,
+    score_batches,
+)
 from .ledger import LabelRecord, ModelRecord
 from .sources import Item, Snapshot, sync
 from .workspace import UNSURE, Workspace, cache_dir, has_ledger
@@ -85,22 +93,37 @@ def _cache_dir(cfg: Config) -> Path | None:
 
 def _dataset(cfg: Config, items: list[Item]) -> ImageDataset:
     cache = _cache_dir(cfg)
-    return ImageDataset([it.path for it in items], channels=cfg.model.channels,
-                        size=cfg.model.image_size, window=cfg.image.window,
-                        frame=cfg.image.frame, ids=[it.id for it in items] if cache else None,
-                        cache_dir=cache, frames=[it.frame for it in items])
+    return ImageDataset(
+        [it.path for it in items],
+        channels=cfg.model.channels,
+        size=cfg.model.image_size,
+        window=cfg.image.window,
+        frame=cfg.image.frame,
+        ids=[it.id for it in items] if cache else None,
+        cache_dir=cache,
+        frames=[it.frame for it in items],
+    )
 
 
 def _load(cfg: Config, items: list[Item]) -> tuple[Any, np.ndarray, list[Item], dict[Path, str]]:
     cache = _cache_dir(cfg)
-    x, kept, skipped = load_all([it.path for it in items], channels=cfg.model.channels,
-                                size=cfg.model.image_size, window=cfg.image.window,
-                                frame=cfg.image.frame, num_workers=cfg.num_workers,
-                                ids=[it.id for it in items] if cache else None,
-                                cache_dir=cache, frames=[it.frame for it in items])
+    x, kept, skipped = load_all(
+        [it.path for it in items],
+        channels=cfg.model.channels,
+        size=cfg.model.image_size,
+        window=cfg.image.window,
+        frame=cfg.image.frame,
+        num_workers=cfg.num_workers,
+        ids=[it.id for it in items] if cache else None,
+        cache_dir=cache,
+        frames=[it.frame for it in items],
+    )
     kept_items = [items[i] for i in kept]
-    y = _labels_to_index(kept_items, cfg.classes) if kept_items and kept_items[0].label else \
-        np.zeros(0, np.int64)
+    y = (
+        _labels_to_index(kept_items, cfg.classes)
+        if kept_items and kept_items[0].label
+        else np.zeros(0, np.int64)
+    )
     return x, y, kept_items, skipped
 
 
@@ -109,7 +132,6 @@ def _record_skipped(ws: Workspace, skipped: dict[Path, str]) -> None:
     byte-identical copy of each)."""
     if skipped:
         ws.record_skipped({str(p): r for p, r in skipped.items()})
-
 
 
 def train(cfg: Config, *, progress: bool = True) -> TrainReport | None:
@@ -123,13 +145,15 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport | None:
     """
     if cfg.train.tensorboard:  # a missing package is said before training, not after
         from . import tensorboard_log
+
         tensorboard_log.require()
     if cfg.model.pretrained is not None:  # a bad file is refused before anything is written
         read_pretrained(cfg.model.pretrained)
     device = distributed.setup(cfg.device)
     with distributed.main_only(lambda: Workspace(cfg)) as ws:
-        plan = distributed.on_main(lambda: _plan_training(cast(Workspace, ws), cfg, device,
-                                                          progress))
+        plan = distributed.on_main(
+            lambda: _plan_training(cast(Workspace, ws), cfg, device, progress)
+        )
         x, y, items, skipped = _load(cfg, plan.labelled)
         if len(items) == 0:
             raise DataError("none of the labelled images could be read; see 'medal status'")
@@ -140,24 +164,50 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport | None:
         seed = round_seed(cfg, plan.model_round)
         tb = _tensorboard_round(ws, cfg, plan.model_round)
         unlabelled = None
-        if ws is not None and cfg.train.freeze_backbone and \
-                cfg.train.semi_supervised != "none" and plan.pool:
+        if (
+            ws is not None
+            and cfg.train.freeze_backbone
+            and cfg.train.semi_supervised != "none"
+            and plan.pool
+        ):
             model.to(device)
             f, found, _ = frozen_features(ws, cfg, model, plan.pool, device)
             unlabelled = torch.from_numpy(f[found])
-        result = fit(model, x, y, cfg, epochs=training_epochs(cfg, plan.parent), device=device,
-                     x_val=xv if len(xv) else None, y_val=yv if len(yv) else None, seed=seed,
-                     progress=progress and ws is not None, state_path=plan.state_path,
-                     distributed=distributed.is_distributed(), unlabelled=unlabelled,
-                     log=None if tb is None else tb.row)
+        result = fit(
+            model,
+            x,
+            y,
+            cfg,
+            epochs=training_epochs(cfg, plan.parent),
+            device=device,
+            x_val=xv if len(xv) else None,
+            y_val=yv if len(yv) else None,
+            seed=seed,
+            progress=progress and ws is not None,
+            state_path=plan.state_path,
+            distributed=distributed.is_distributed(),
+            unlabelled=unlabelled,
+            log=None if tb is None else tb.row,
+        )
         report = None
         if ws is not None:
             result.notes[:0] = plan.notes
-            report = _finish_training(ws, cfg, model, device, seed, plan.model_round,
-                                      plan.parent, items, result, (xv, yv), (xt, yt), skipped)
+            report = _finish_training(
+                ws,
+                cfg,
+                model,
+                device,
+                seed,
+                plan.model_round,
+                plan.parent,
+                items,
+                result,
+                (xv, yv),
+                (xt, yt),
+                skipped,
+            )
         if tb is not None and report is not None:  # after the ledger: the round is kept
-            tb.round_metrics(report.n_labels, report.model_round, report.metrics,
-                             report.best_epoch)
+            tb.round_metrics(report.n_labels, report.model_round, report.metrics, report.best_epoch)
             tb.close()
         distributed.barrier()
         return report
@@ -168,6 +218,7 @@ def _tensorboard_round(ws: Workspace | None, cfg: Config, model_round: int) -> A
     if ws is None or not cfg.train.tensorboard:
         return None
     from . import tensorboard_log
+
     return tensorboard_log.round_part(ws.tensorboard_root, model_round)
 
 
@@ -190,23 +241,34 @@ class _TrainPlan:
     """The unlabelled pool (for semi-supervised training of a frozen backbone's head)."""
 
 
-def _plan_training(ws: Workspace, cfg: Config, device: torch.device,
-                   progress: bool) -> _TrainPlan:
+def _plan_training(ws: Workspace, cfg: Config, device: torch.device, progress: bool) -> _TrainPlan:
     snap = sync(ws)
     if not snap.labelled:
         raise DataError(_no_labels(cfg))
-    check_training_memory(cfg, len(snap.labelled) + len(snap.validation) + len(snap.test),
-                          max(len(snap.validation), len(snap.test)), device)
+    check_training_memory(
+        cfg,
+        len(snap.labelled) + len(snap.validation) + len(snap.test),
+        max(len(snap.validation), len(snap.test)),
+        device,
+    )
     model_round = ws.ingested_rounds()
     parent = parent_round(ws, cfg, model_round)
     notes, backbone = list(snap.notes), None
     if parent is None and cfg.representation.method != "none":
         note, backbone = pretrained_backbone(ws, cfg, snap, device, progress)
         notes.append(note)
-    return _TrainPlan(snap.labelled, snap.validation, snap.test, model_round, parent,
-                      None if parent is None else ws.checkpoint_path(parent), backbone,
-                      None if distributed.is_distributed() else
-                      ws.training_state_path(model_round), notes, list(snap.pool))
+    return _TrainPlan(
+        snap.labelled,
+        snap.validation,
+        snap.test,
+        model_round,
+        parent,
+        None if parent is None else ws.checkpoint_path(parent),
+        backbone,
+        None if distributed.is_distributed() else ws.training_state_path(model_round),
+        notes,
+        list(snap.pool),
+    )
 
 
 def round_seed(cfg: Config, round_no: int) -> int:
@@ -241,8 +303,9 @@ def representation_seed(cfg: Config) -> int:
     return cfg.seed if r is None else r
 
 
-def pretrained_backbone(ws: Workspace, cfg: Config, snap: Snapshot, device: torch.device,
-                        progress: bool) -> tuple[str, Path]:
+def pretrained_backbone(
+    ws: Workspace, cfg: Config, snap: Snapshot, device: torch.device, progress: bool
+) -> tuple[str, Path]:
     """Load (or first train and cache) the self-supervised backbone for this workspace's
     images: the pool, the labelled images and an automatic hold-out; never the given
     validation or test sets. Returns a line for the training report and the cache file."""
@@ -251,12 +314,20 @@ def pretrained_backbone(ws: Workspace, cfg: Config, snap: Snapshot, device: torc
     if cfg.data.validation is None:
         items += snap.validation
     seed = representation_seed(cfg)
-    settings = SSLSettings(epochs=r.epochs, batch_size=r.batch_size, temperature=r.temperature,
-                           lr=r.lr, seed=seed)
-    key = ssl_cache_key([it.id for it in items],
-                        {"size": cfg.model.image_size, "channels": cfg.model.channels,
-                         "window": cfg.image.window, "frame": cfg.image.frame},
-                        {"name": cfg.model.name, "pretrained": cfg.model.pretrained}, settings)
+    settings = SSLSettings(
+        epochs=r.epochs, batch_size=r.batch_size, temperature=r.temperature, lr=r.lr, seed=seed
+    )
+    key = ssl_cache_key(
+        [it.id for it in items],
+        {
+            "size": cfg.model.image_size,
+            "channels": cfg.model.channels,
+            "window": cfg.image.window,
+            "frame": cfg.image.frame,
+        },
+        {"name": cfg.model.name, "pretrained": cfg.model.pretrained},
+        settings,
+    )
     path = ws.representation_path(key)
     t0 = time.perf_counter()
     # initial weights as `medal train` with this seed builds them: the same backbone either way
@@ -266,63 +337,112 @@ def pretrained_backbone(ws: Workspace, cfg: Config, snap: Snapshot, device: torc
     check_pretraining_memory(cfg, len(items), device)
     x, _, _, _ = _load(cfg, items)
     if len(x) < 2:
-        raise DataError("representation.method = 'simclr' needs at least 2 readable images "
-                        "in the pool and labelled set")
+        raise DataError(
+            "representation.method = 'simclr' needs at least 2 readable images "
+            "in the pool and labelled set"
+        )
     if cfg.train.tensorboard:  # the pretraining loss per step, written as it trains
         from . import tensorboard_log
+
         with tensorboard_log.pretraining_part(ws.tensorboard_root) as tb:
-            pretrain_and_cache(path, model.backbone, model.backbone_dim, x, settings,
-                               device=device, progress=progress, log=tb.pretraining_loss)
+            pretrain_and_cache(
+                path,
+                model.backbone,
+                model.backbone_dim,
+                x,
+                settings,
+                device=device,
+                progress=progress,
+                log=tb.pretraining_loss,
+            )
     else:
-        pretrain_and_cache(path, model.backbone, model.backbone_dim, x, settings,
-                           device=device, progress=progress)
-    return (f"self-supervised backbone pretrained on {len(x)} images in "
-            f"{time.perf_counter() - t0:.0f} s, cached for later rounds"), path
+        pretrain_and_cache(
+            path, model.backbone, model.backbone_dim, x, settings, device=device, progress=progress
+        )
+    return (
+        f"self-supervised backbone pretrained on {len(x)} images in "
+        f"{time.perf_counter() - t0:.0f} s, cached for later rounds"
+    ), path
 
 
 def _short(p: Path) -> str:
     return f"{p.parent.name}/{p.name[:12]}…"
 
 
-def _finish_training(ws: Workspace, cfg: Config, model: MCModel, device: torch.device,
-                     seed: int, model_round: int, parent: int | None, items: list[Item],
-                     result: FitResult, val: tuple[Any, np.ndarray],
-                     test: tuple[Any, np.ndarray],
-                     skipped: dict[Path, str]) -> TrainReport:
+def _finish_training(
+    ws: Workspace,
+    cfg: Config,
+    model: MCModel,
+    device: torch.device,
+    seed: int,
+    model_round: int,
+    parent: int | None,
+    items: list[Item],
+    result: FitResult,
+    val: tuple[Any, np.ndarray],
+    test: tuple[Any, np.ndarray],
+    skipped: dict[Path, str],
+) -> TrainReport:
     """MC-averaged metrics on validation and test, the checkpoint and the ledger row."""
     metrics = {}
     for split, (xs, ys) in (("validation", val), ("test", test)):
         if len(xs):
-            probs, _ = mc_predict_tensors(model, xs, cfg.query.mc_samples, device=device,
-                                          batch_size=cfg.query.batch_size, seed=seed)
-            metrics[split] = classification_metrics(ys, probs.mean(1), len(cfg.classes),
-                                                    cfg.classes)
+            probs, _ = mc_predict_tensors(
+                model,
+                xs,
+                cfg.query.mc_samples,
+                device=device,
+                batch_size=cfg.query.batch_size,
+                seed=seed,
+            )
+            metrics[split] = classification_metrics(
+                ys, probs.mean(1), len(cfg.classes), cfg.classes
+            )
     path = ws.checkpoint_path(model_round)
     save_checkpoint(path, model, cfg, model_round)
-    ws.db.record_model(model_round, ws.checkpoint_name(model_round), parent, len(items),
-                       result.epochs, result.seconds, metrics)
+    ws.db.record_model(
+        model_round,
+        ws.checkpoint_name(model_round),
+        parent,
+        len(items),
+        result.epochs,
+        result.seconds,
+        metrics,
+    )
     _record_skipped(ws, skipped)
     counts = Counter(it.label for it in items)
-    return TrainReport(model_round, path, len(items), {c: counts.get(c, 0) for c in cfg.classes},
-                       parent, result.epochs, result.best_epoch, result.seconds, metrics, skipped,
-                       [*result.notes, *metric_notes(metrics, cfg.classes)])
+    return TrainReport(
+        model_round,
+        path,
+        len(items),
+        {c: counts.get(c, 0) for c in cfg.classes},
+        parent,
+        result.epochs,
+        result.best_epoch,
+        result.seconds,
+        metrics,
+        skipped,
+        [*result.notes, *metric_notes(metrics, cfg.classes)],
+    )
 
 
 def metric_notes(metrics: dict[str, dict[str, float]], classes: tuple[str, ...]) -> list[str]:
     """One line per split that lacks a class or has an undefined metric (shown as "–")."""
     notes = []
     for split, m in metrics.items():
-        absent = [c for c in classes
-                  if sum(m.get(f"confusion/{c}/{d}", 0.0) for d in classes) == 0]
+        absent = [c for c in classes if sum(m.get(f"confusion/{c}/{d}", 0.0) for d in classes) == 0]
         undefined = sorted(k for k, v in m.items() if not np.isfinite(v))
         if absent:
-            notes.append(f"{split} set has no {', '.join(absent)} image; {len(undefined)} "
-                         f"metric(s) undefined there (AUROC needs every class), shown as '–'")
+            notes.append(
+                f"{split} set has no {', '.join(absent)} image; {len(undefined)} "
+                f"metric(s) undefined there (AUROC needs every class), shown as '–'"
+            )
         elif undefined:
-            notes.append(f"{split}: {len(undefined)} metric(s) undefined, shown as '–' "
-                         f"({', '.join(undefined[:3])}{', ...' if len(undefined) > 3 else ''})")
+            notes.append(
+                f"{split}: {len(undefined)} metric(s) undefined, shown as '–' "
+                f"({', '.join(undefined[:3])}{', ...' if len(undefined) > 3 else ''})"
+            )
     return notes
-
 
 
 def parent_round(ws: Workspace, cfg: Config, model_round: int) -> int | None:
@@ -334,16 +454,16 @@ def parent_round(ws: Workspace, cfg: Config, model_round: int) -> int | None:
     return max((m.round for m in ws.db.models() if m.round < model_round), default=None)
 
 
-def start_model(cfg: Config, parent_checkpoint: Path | None,
-                backbone: Path | None = None) -> MCModel:
+def start_model(
+    cfg: Config, parent_checkpoint: Path | None, backbone: Path | None = None
+) -> MCModel:
     """The weights a training starts from: fresh (``model.pretrained`` when given), seeded so
     every round starts alike, then the parent's checkpoint or a cached self-supervised
     ``backbone`` when given."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     if parent_checkpoint is not None:
-        load_checkpoint(parent_checkpoint, model, cfg.classes, cfg.model.name,
-                        cfg.model.channels)
+        load_checkpoint(parent_checkpoint, model, cfg.classes, cfg.model.name, cfg.model.channels)
     if backbone is not None and not load_cached(backbone, model.backbone):
         raise ModelError(f"cannot read the self-supervised backbone {backbone}")
     return model
@@ -359,15 +479,17 @@ def initial_model(ws: Workspace, cfg: Config, model_round: int) -> tuple[MCModel
 def current_model_record(ws: Workspace) -> ModelRecord:
     """The newest model that has seen every ingested label (rounds handed back empty do not
     need a new model); error if there is none."""
-    needed = max((r.round for r in ws.db.rounds()
-                  if r.ingested_at is not None and ws.db.labels(r.round)), default=0)
+    needed = max(
+        (r.round for r in ws.db.rounds() if r.ingested_at is not None and ws.db.labels(r.round)),
+        default=0,
+    )
     fit = [m for m in ws.db.models() if m.round >= needed]
     if not fit:
         hint = "medal train" if needed == 0 else "medal train (or medal round)"
-        raise WorkspaceError(f"no model trained on the labels of round {needed} yet; run "
-                             f"{hint} first")
+        raise WorkspaceError(
+            f"no model trained on the labels of round {needed} yet; run {hint} first"
+        )
     return fit[-1]
-
 
 
 def load_round_model(ws: Workspace, cfg: Config) -> tuple[MCModel, int]:
@@ -387,8 +509,8 @@ def _refuse_pending(ws: Workspace) -> None:
     if pending is not None:
         raise WorkspaceError(
             f"round {pending:03d} ({ws.round_dir(pending)}) has not been ingested yet; run "
-            f"'medal ingest' on it first (an empty labels.csv returns its images to the pool)")
-
+            f"'medal ingest' on it first (an empty labels.csv returns its images to the pool)"
+        )
 
 
 def query(cfg: Config, *, progress: bool = True) -> QueryReport | None:
@@ -403,8 +525,9 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport | None:
     device = distributed.setup(cfg.device)
     state: dict[str, Any] = {}  # rank 0's: the snapshot, the score collector, ...
     with distributed.main_only(lambda: Workspace(cfg)) as ws:
-        plan = distributed.on_main(lambda: _plan_query(cast(Workspace, ws), cfg, device, progress,
-                                                       state))
+        plan = distributed.on_main(
+            lambda: _plan_query(cast(Workspace, ws), cfg, device, progress, state)
+        )
         if isinstance(plan, QueryReport):  # a zero-label first round, exported by rank 0
             return plan if ws is not None else None
         t0 = time.perf_counter()
@@ -412,10 +535,8 @@ def query(cfg: Config, *, progress: bool = True) -> QueryReport | None:
         model.to(device)
         seed = round_seed(cfg, plan.round_no)
         chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        keep = state["sink"] if ws is not None else \
-            (lambda rows, p, f: chunks.append((rows, p, f)))
-        skipped = _score_pool(ws, cfg, model, plan, device, seed, progress and ws is not None,
-                              keep)
+        keep = state["sink"] if ws is not None else (lambda rows, p, f: chunks.append((rows, p, f)))
+        skipped = _score_pool(ws, cfg, model, plan, device, seed, progress and ws is not None, keep)
         gathered = distributed.gather((chunks, skipped))
         report = None
         if ws is not None:
@@ -439,8 +560,9 @@ class _QueryPlan:
     max_items: int
 
 
-def _plan_query(ws: Workspace, cfg: Config, device: torch.device, progress: bool,
-                state: dict[str, Any]) -> _QueryPlan | QueryReport:
+def _plan_query(
+    ws: Workspace, cfg: Config, device: torch.device, progress: bool, state: dict[str, Any]
+) -> _QueryPlan | QueryReport:
     q = cfg.query
     _refuse_pending(ws)
     snap = sync(ws)
@@ -455,18 +577,44 @@ def _plan_query(ws: Workspace, cfg: Config, device: torch.device, progress: bool
     round_no = ws.next_round()
     mode, max_items = _sampling(cfg, device)
     top = acquisition.get_strategy(q.strategy).streaming_score(q.balance)
-    sink = ScoreCollector(len(snap.pool), q.mc_samples, model.num_classes, model.feature_dim,
-                          ws.scores_dir(round_no), None if top is None else (top, q.budget),
-                          ids=[it.id for it in snap.pool])
+    sink = ScoreCollector(
+        len(snap.pool),
+        q.mc_samples,
+        model.num_classes,
+        model.feature_dim,
+        ws.scores_dir(round_no),
+        None if top is None else (top, q.budget),
+        ids=[it.id for it in snap.pool],
+    )
     key = _scores_key(cfg, rec, mode)
-    state.update(snap=snap, sink=sink, key=key, model=model,
-                 reused=sink.reuse([ScoreStore(f) for f in ws.stored_scores()], key))
-    return _QueryPlan(snap.pool, round_no, rec.round, ws.checkpoint_path(rec.round),
-                      np.flatnonzero(~sink.ok), mode, max_items)
+    state.update(
+        snap=snap,
+        sink=sink,
+        key=key,
+        model=model,
+        reused=sink.reuse([ScoreStore(f) for f in ws.stored_scores()], key),
+    )
+    return _QueryPlan(
+        snap.pool,
+        round_no,
+        rec.round,
+        ws.checkpoint_path(rec.round),
+        np.flatnonzero(~sink.ok),
+        mode,
+        max_items,
+    )
 
 
-def _score_pool(ws: Workspace | None, cfg: Config, model: MCModel, plan: _QueryPlan,
-                device: torch.device, seed: int, progress: bool, sink: Any) -> dict[Path, str]:
+def _score_pool(
+    ws: Workspace | None,
+    cfg: Config,
+    model: MCModel,
+    plan: _QueryPlan,
+    device: torch.device,
+    seed: int,
+    progress: bool,
+    sink: Any,
+) -> dict[Path, str]:
     """Score this rank's share of the images still to score; ``sink(pool positions, probs
     [B, T, C], features [B, D])``. Returns the unreadable files."""
     q, todo = cfg.query, plan.todo
@@ -477,22 +625,45 @@ def _score_pool(ws: Workspace | None, cfg: Config, model: MCModel, plan: _QueryP
 
     if cfg.train.freeze_backbone and plan.mode == "head":
         # features from the workspace's cache, only the head sampled: rank 0 does it alone
-        return {} if ws is None else _score_frozen(ws, cfg, model, items, device, seed,
-                                                   progress, sink=to_pool)
+        return (
+            {}
+            if ws is None
+            else _score_frozen(ws, cfg, model, items, device, seed, progress, sink=to_pool)
+        )
     sub = _dataset(cfg, items)
     total = n_batches(len(sub), q.batch_size)
     mine = distributed.my_share(total)
     return score_batches(
-        model, sub, q.mc_samples, mine, device=device, batch_size=q.batch_size,
-        num_workers=cfg.num_workers, seed=seed, progress=progress,
-        desc=f"scoring {len(sub)} images" if len(mine) == total else
-        f"scoring {len(mine)} of {total} batches", mode=plan.mode, precision=q.precision,
-        max_batch_items=plan.max_items, sink=to_pool)
+        model,
+        sub,
+        q.mc_samples,
+        mine,
+        device=device,
+        batch_size=q.batch_size,
+        num_workers=cfg.num_workers,
+        seed=seed,
+        progress=progress,
+        desc=f"scoring {len(sub)} images"
+        if len(mine) == total
+        else f"scoring {len(mine)} of {total} batches",
+        mode=plan.mode,
+        precision=q.precision,
+        max_batch_items=plan.max_items,
+        sink=to_pool,
+    )
 
 
-def _finish_query(ws: Workspace, cfg: Config, state: dict[str, Any], plan: _QueryPlan,
-                  gathered: Any, model: MCModel, device: torch.device, seed: int,
-                  t0: float) -> QueryReport:
+def _finish_query(
+    ws: Workspace,
+    cfg: Config,
+    state: dict[str, Any],
+    plan: _QueryPlan,
+    gathered: Any,
+    model: MCModel,
+    device: torch.device,
+    seed: int,
+    t0: float,
+) -> QueryReport:
     """Rank 0: merge every rank's scores, store them, select and export the round."""
     sink = state["sink"]
     skipped: dict[Path, str] = {}
@@ -501,23 +672,27 @@ def _finish_query(ws: Workspace, cfg: Config, state: dict[str, Any], plan: _Quer
             sink(rows, probs, feats)
         skipped |= rank_skipped
     mc = sink.result(skipped, meta=state["key"])
-    report = _select_and_export(ws, cfg, state["snap"], mc, model, device, plan.round_no,
-                                plan.model_round, seed, t0)
+    report = _select_and_export(
+        ws, cfg, state["snap"], mc, model, device, plan.round_no, plan.model_round, seed, t0
+    )
     report.reused = state["reused"]
     report.notes[:0] = state["snap"].notes
     return report
 
 
 @torch.no_grad()
-def frozen_features(ws: Workspace, cfg: Config, model: MCModel, items: list[Item],
-                    device: torch.device) -> tuple[np.ndarray, np.ndarray, dict[Path, str]]:
+def frozen_features(
+    ws: Workspace, cfg: Config, model: MCModel, items: list[Item], device: torch.device
+) -> tuple[np.ndarray, np.ndarray, dict[Path, str]]:
     """Backbone features of ``items`` under a frozen backbone, from the workspace's feature
     cache; the images not in it are decoded, passed through the backbone once and cached.
     Returns ``(features [N, D] float32, found [N] bool, {path: reason} unreadable)``."""
     # "last" features keep the key they had before model.features existed
-    key = backbone_key(model.backbone, [cfg.model.channels, cfg.model.image_size,
-                                        cfg.image.window, cfg.image.frame]
-                       + ([f"stages={model.stages}"] if model.stages else []))
+    key = backbone_key(
+        model.backbone,
+        [cfg.model.channels, cfg.model.image_size, cfg.image.window, cfg.image.frame]
+        + ([f"stages={model.stages}"] if model.stages else []),
+    )
     cache = FeatureCache(ws.feature_cache_path(key))
     ids = [it.id for it in items]
     feats, found = cache.lookup(ids, model.feature_dim)
@@ -535,9 +710,17 @@ def frozen_features(ws: Workspace, cfg: Config, model: MCModel, items: list[Item
 
 
 @torch.no_grad()
-def _score_frozen(ws: Workspace, cfg: Config, model: MCModel, items: list[Item],
-                  device: torch.device, seed: int, progress: bool, *,
-                  sink: Any) -> dict[Path, str]:
+def _score_frozen(
+    ws: Workspace,
+    cfg: Config,
+    model: MCModel,
+    items: list[Item],
+    device: torch.device,
+    seed: int,
+    progress: bool,
+    *,
+    sink: Any,
+) -> dict[Path, str]:
     """Head-only MC scoring under a frozen backbone: every image's features come from the
     workspace's feature cache (the images not in it are decoded and passed through the
     backbone once, then cached), and only the head is sampled. ``sink(rows, probs [B, T, C],
@@ -546,9 +729,14 @@ def _score_frozen(ws: Workspace, cfg: Config, model: MCModel, items: list[Item],
     feats, found, skipped = frozen_features(ws, cfg, model, items, device)
     rows = np.flatnonzero(found)
     set_mc_mode(model)
-    for b in tqdm(range(n_batches(len(rows), q.batch_size)), desc="scoring (head only)",
-                  unit="batch", leave=False, disable=not progress):
-        r = rows[b * q.batch_size:(b + 1) * q.batch_size]
+    for b in tqdm(
+        range(n_batches(len(rows), q.batch_size)),
+        desc="scoring (head only)",
+        unit="batch",
+        leave=False,
+        disable=not progress,
+    ):
+        r = rows[b * q.batch_size : (b + 1) * q.batch_size]
         torch.manual_seed(batch_seed(seed, b))
         f = torch.from_numpy(feats[r]).to(device)
         sink(r, head_samples(model, f, q.mc_samples).float().cpu().numpy(), feats[r])
@@ -558,8 +746,7 @@ def _score_frozen(ws: Workspace, cfg: Config, model: MCModel, items: list[Item],
 def _empty_pool(cfg: Config) -> str:
     if cfg.data.pool is None:
         return "no pool: set data.pool to the folder of unlabelled images to choose from"
-    return (f"the pool is empty: every image in {cfg.data.pool} is labelled or out for "
-            f"labelling")
+    return f"the pool is empty: every image in {cfg.data.pool} is labelled or out for labelling"
 
 
 def _no_labels(cfg: Config) -> str:
@@ -568,63 +755,96 @@ def _no_labels(cfg: Config) -> str:
     return f"no labelled images found in {cfg.data.labelled}"
 
 
-def _zero_label_query(ws: Workspace, cfg: Config, snap: Snapshot, device: torch.device,
-                      progress: bool) -> QueryReport:
+def _zero_label_query(
+    ws: Workspace, cfg: Config, snap: Snapshot, device: torch.device, progress: bool
+) -> QueryReport:
     """The first round of a project without a single label: TypiClust (typical, diverse
     images) in the self-supervised embedding of the pool; no classifier exists yet."""
     if cfg.representation.method == "none":
         raise WorkspaceError(
             f"{_no_labels(cfg)} and no model yet: either give a few "
-            f"labelled images, or set representation.method = \"simclr\" so that medal can "
-            f"choose the first round from the pool alone")
+            f'labelled images, or set representation.method = "simclr" so that medal can '
+            f"choose the first round from the pool alone"
+        )
     if not snap.pool:
         raise DataError(_empty_pool(cfg))
     t0 = time.perf_counter()
-    model = start_model(cfg, None, backbone=pretrained_backbone(ws, cfg, snap, device,
-                                                                progress)[1])
+    model = start_model(cfg, None, backbone=pretrained_backbone(ws, cfg, snap, device, progress)[1])
     x, _, kept, skipped = _load(cfg, snap.pool)
     features = backbone_features(model, x, device).numpy()
     round_no = ws.next_round()
     rng = np.random.default_rng(round_seed(cfg, round_no))
     idx = acquisition.typiclust(features, cfg.query.budget, rng=rng)
-    typical = acquisition.typicality(features[idx], k=len(idx) - 1) if len(idx) > 1 else \
-        np.ones(len(idx))
+    typical = (
+        acquisition.typicality(features[idx], k=len(idx) - 1) if len(idx) > 1 else np.ones(len(idx))
+    )
     no_model = np.zeros(0, np.float32)
     chosen = [Candidate(kept[int(i)], float(t), no_model) for i, t in zip(idx, typical)]
     strategy = "typiclust:zero-label"
-    folder = export_round(ws, round_no, chosen, strategy=strategy, model_round=-1,
-                          pool_size=len(kept), score_seconds=time.perf_counter() - t0)
+    folder = export_round(
+        ws,
+        round_no,
+        chosen,
+        strategy=strategy,
+        model_round=-1,
+        pool_size=len(kept),
+        score_seconds=time.perf_counter() - t0,
+    )
     _record_skipped(ws, skipped)
-    return QueryReport(round_no, folder, len(chosen), len(kept), strategy, -1,
-                       time.perf_counter() - t0, skipped, notes=list(snap.notes))
+    return QueryReport(
+        round_no,
+        folder,
+        len(chosen),
+        len(kept),
+        strategy,
+        -1,
+        time.perf_counter() - t0,
+        skipped,
+        notes=list(snap.notes),
+    )
 
 
 def _scores_key(cfg: Config, model_rec: ModelRecord, mode: str) -> dict[str, Any]:
     """What scores depend on: the model (checkpoint and when it was written), T, the
     sampling path and the preprocessing."""
-    return {"checkpoint": model_rec.checkpoint, "created_at": model_rec.created_at,
-            "mc_samples": cfg.query.mc_samples, "mode": mode,
-            "preprocess": [cfg.model.channels, cfg.model.image_size, cfg.image.window,
-                           cfg.image.frame]}
+    return {
+        "checkpoint": model_rec.checkpoint,
+        "created_at": model_rec.created_at,
+        "mc_samples": cfg.query.mc_samples,
+        "mode": mode,
+        "preprocess": [cfg.model.channels, cfg.model.image_size, cfg.image.window, cfg.image.frame],
+    }
 
 
 def _sampling(cfg: Config, device: torch.device) -> tuple[str, int]:
     q = cfg.query
-    mode = q.sampling if q.sampling != "auto" else (
-        "full" if cfg.model.backbone_dropout > 0 else "head")
+    mode = (
+        q.sampling
+        if q.sampling != "auto"
+        else ("full" if cfg.model.backbone_dropout > 0 else "head")
+    )
     return mode, q.max_batch_items or (4096 if device.type == "cuda" else q.batch_size)
 
 
 # query.cold_start -> (selection in the feature space, how the query's note describes it)
 _COLD_START: dict[str, tuple[Callable[..., np.ndarray], str]] = {
     "typiclust": (acquisition.typiclust, "typicality and coverage (TypiClust)"),
-    "diversity": (acquisition.k_center_greedy, "k-center diversity")}
+    "diversity": (acquisition.k_center_greedy, "k-center diversity"),
+}
 
 
-def _select_and_export(ws: Workspace, cfg: Config, snap: Snapshot, mc: MCResult,
-                       model: MCModel,
-                       device: torch.device, round_no: int, model_round: int, seed: int,
-                       t0: float) -> QueryReport:
+def _select_and_export(
+    ws: Workspace,
+    cfg: Config,
+    snap: Snapshot,
+    mc: MCResult,
+    model: MCModel,
+    device: torch.device,
+    round_no: int,
+    model_round: int,
+    seed: int,
+    t0: float,
+) -> QueryReport:
     q = cfg.query
     strategy = q.strategy
     declared = acquisition.get_strategy(q.strategy)
@@ -636,13 +856,19 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Snapshot, mc: MCResult,
         xl, _, _, _ = _load(cfg, snap.labelled)
         _, labelled_features = mc_predict_tensors(model, xl, 2, device=device, seed=seed)
         pick, how = _COLD_START[q.cold_start]
-        idx = pick(np.asarray(mc.features, np.float32), q.budget,
-                   rng=np.random.default_rng(seed), labelled_features=labelled_features)
+        idx = pick(
+            np.asarray(mc.features, np.float32),
+            q.budget,
+            rng=np.random.default_rng(seed),
+            labelled_features=labelled_features,
+        )
         scores = acquisition.bald(np.asarray(mc.probs[idx], np.float32))
         strategy = f"{q.strategy}:cold-start-{q.cold_start}"
-        notes.append(f"no label yet for {', '.join(missing)}: chosen by {how} in the feature "
-                     f"space instead of {q.strategy} until every class has a label "
-                     f"(query.cold_start)")
+        notes.append(
+            f"no label yet for {', '.join(missing)}: chosen by {how} in the feature "
+            f"space instead of {q.strategy} until every class has a label "
+            f"(query.cold_start)"
+        )
     elif mc.top_index is not None and mc.top_scores is not None:
         idx, scores = mc.top_index, mc.top_scores
     else:
@@ -651,24 +877,45 @@ def _select_and_export(ws: Workspace, cfg: Config, snap: Snapshot, mc: MCResult,
             xl, _, _, _ = _load(cfg, snap.labelled)
             _, labelled_features = mc_predict_tensors(model, xl, 2, device=device, seed=seed)
         rng = np.random.default_rng(seed)
-        idx, scores = acquisition.select(q.strategy, np.asarray(mc.probs, np.float32),
-                                         q.budget, rng=rng,
-                                         features=np.asarray(mc.features, np.float32),
-                                         labelled_features=labelled_features,
-                                         balance=q.balance)
+        idx, scores = acquisition.select(
+            q.strategy,
+            np.asarray(mc.probs, np.float32),
+            q.budget,
+            rng=rng,
+            features=np.asarray(mc.features, np.float32),
+            labelled_features=labelled_features,
+            balance=q.balance,
+        )
     seconds = time.perf_counter() - t0
     by_id = {it.id: it for it in snap.pool}
     if mc.ids is None:  # the query's scorer is always given the pool's ids
         raise ValueError("the pool's scores carry no image ids")
     ids = mc.ids
-    chosen = [Candidate(by_id[str(ids[i])], float(s),
-                        np.asarray(mc.probs[i], np.float32).mean(0))
-              for i, s in zip(idx, scores)]
-    folder = export_round(ws, round_no, chosen, strategy=strategy, model_round=model_round,
-                          pool_size=len(mc.kept), score_seconds=seconds)
+    chosen = [
+        Candidate(by_id[str(ids[i])], float(s), np.asarray(mc.probs[i], np.float32).mean(0))
+        for i, s in zip(idx, scores)
+    ]
+    folder = export_round(
+        ws,
+        round_no,
+        chosen,
+        strategy=strategy,
+        model_round=model_round,
+        pool_size=len(mc.kept),
+        score_seconds=seconds,
+    )
     _record_skipped(ws, mc.skipped)
-    return QueryReport(round_no, folder, len(chosen), len(mc.kept), strategy, model_round,
-                       seconds, mc.skipped, notes=notes)
+    return QueryReport(
+        round_no,
+        folder,
+        len(chosen),
+        len(mc.kept),
+        strategy,
+        model_round,
+        seconds,
+        mc.skipped,
+        notes=notes,
+    )
 
 
 def ingest(cfg: Config, folder: str | Path) -> IngestResult:
@@ -677,9 +924,9 @@ def ingest(cfg: Config, folder: str | Path) -> IngestResult:
         return ingest_round(ws, Path(folder))
 
 
-
 def run_round(cfg: Config, *, progress: bool = True) -> RoundReport | None:
     """Train (fine-tuning after the first round) and query: one active-learning round."""
+
     def check() -> None:
         with Workspace(cfg) as ws:  # refuse before spending time on training
             _refuse_pending(ws)
@@ -704,14 +951,34 @@ def export_labels(cfg: Config, out: str | Path) -> int:
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["image_id", "path", "label", "round", "source", "annotator", "origin",
-                    "time", "comment"])
+        w.writerow(
+            [
+                "image_id",
+                "path",
+                "label",
+                "round",
+                "source",
+                "annotator",
+                "origin",
+                "time",
+                "comment",
+            ]
+        )
         for r in rows:
             when = dt.datetime.fromtimestamp(r.created_at, dt.timezone.utc).isoformat()
-            w.writerow([r.image_id, neutralise(paths.get(r.image_id, "")),
-                        neutralise(r.label or "(released)"), r.round, r.source,
-                        neutralise(r.annotator or ""), neutralise(r.origin or ""), when,
-                        neutralise(r.comment or "")])
+            w.writerow(
+                [
+                    r.image_id,
+                    neutralise(paths.get(r.image_id, "")),
+                    neutralise(r.label or "(released)"),
+                    r.round,
+                    r.source,
+                    neutralise(r.annotator or ""),
+                    neutralise(r.origin or ""),
+                    when,
+                    neutralise(r.comment or ""),
+                ]
+            )
     tmp.replace(out)
     return len(rows)
 
@@ -720,8 +987,9 @@ def unsure_images(cfg: Config) -> list[tuple[str, str]]:
     """``(image id, path)`` of images whose current label is ``unsure`` (out of the pool)."""
     with Workspace(cfg, lock=False) as ws:
         paths = {r.id: r.path for r in ws.db.images_by_path().values()}
-        return sorted((i, paths.get(i, "")) for i, lab in ws.db.current_labels().items()
-                      if lab == UNSURE)
+        return sorted(
+            (i, paths.get(i, "")) for i, lab in ws.db.current_labels().items() if lab == UNSURE
+        )
 
 
 def release_unsure(cfg: Config, image_ids: list[str] | None = None) -> int:
@@ -733,12 +1001,19 @@ def release_unsure(cfg: Config, image_ids: list[str] | None = None) -> int:
             wanted = [i for i in unsure if any(i.startswith(p) for p in image_ids)]
             unknown = [p for p in image_ids if not any(i.startswith(p) for i in unsure)]
             if unknown:
-                raise DataError(f"not an unsure image id (see 'medal labels unsure'): "
-                                f"{', '.join(unknown)}")
+                raise DataError(
+                    f"not an unsure image id (see 'medal labels unsure'): {', '.join(unknown)}"
+                )
             unsure = wanted
         when = time.time()
-        ws.db.add_labels([LabelRecord(i, "", ws.ingested_rounds(), "release", None,
-                                      "medal labels release", when) for i in unsure])
+        ws.db.add_labels(
+            [
+                LabelRecord(
+                    i, "", ws.ingested_rounds(), "release", None, "medal labels release", when
+                )
+                for i in unsure
+            ]
+        )
         return len(unsure)
 
 
@@ -772,20 +1047,39 @@ def status(cfg: Config) -> Status:
         metrics = db.metrics()
         latest_model = max(metrics, default=None)
         latest_metrics = {} if latest_model is None else metrics.get(latest_model, {})
-        notes = [f"model round {latest_model}: {n}"
-                 for n in metric_notes(latest_metrics, cfg.classes)]
+        notes = [
+            f"model round {latest_model}: {n}" for n in metric_notes(latest_metrics, cfg.classes)
+        ]
         rounds = []
         counts_by_round = db.round_label_counts(FINAL_SOURCES)
         for r in db.rounds():
             images, readers = counts_by_round.get(r.round, (0, 0))
-            rounds.append({"round": r.round, "strategy": r.strategy, "exported": r.budget,
-                           "labelled": images, "reader_labels": readers,
-                           "model_round": r.model_round,
-                           "pool_size": r.pool_size, "folder": r.folder,
-                           "ingested": r.ingested_at is not None,
-                           "score_seconds": r.score_seconds})
-        return Status(cfg.workspace, rounds,
-                      {c: counts.get(c, 0) for c in [*cfg.classes, "unsure"]
-                       if c in cfg.classes or counts.get(c)},
-                      dict(by_source), [asdict(m) for m in db.models()], metrics,
-                      db.skipped(), notes, ws.skipped_csv)
+            rounds.append(
+                {
+                    "round": r.round,
+                    "strategy": r.strategy,
+                    "exported": r.budget,
+                    "labelled": images,
+                    "reader_labels": readers,
+                    "model_round": r.model_round,
+                    "pool_size": r.pool_size,
+                    "folder": r.folder,
+                    "ingested": r.ingested_at is not None,
+                    "score_seconds": r.score_seconds,
+                }
+            )
+        return Status(
+            cfg.workspace,
+            rounds,
+            {
+                c: counts.get(c, 0)
+                for c in [*cfg.classes, "unsure"]
+                if c in cfg.classes or counts.get(c)
+            },
+            dict(by_source),
+            [asdict(m) for m in db.models()],
+            metrics,
+            db.skipped(),
+            notes,
+            ws.skipped_csv,
+        )

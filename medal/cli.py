@@ -31,10 +31,12 @@ def shadowed_package_message() -> str | None:
     if pkg is None or getattr(pkg, "__file__", None) is not None:
         return None
     found = ", ".join(str(p) for p in getattr(pkg, "__path__", [])) or "?"
-    return (f"'import medal' found the folder {found}, which is not the medal package (it has "
-            f"no __init__.py), because Python looks in the current folder first: run python "
-            f"from another folder, or use the 'medal' command (medal itself is in "
-            f"{Path(__file__).resolve().parent})")
+    return (
+        f"'import medal' found the folder {found}, which is not the medal package (it has "
+        f"no __init__.py), because Python looks in the current folder first: run python "
+        f"from another folder, or use the 'medal' command (medal itself is in "
+        f"{Path(__file__).resolve().parent})"
+    )
 
 
 if (_shadowed := shadowed_package_message()) is not None:
@@ -63,62 +65,102 @@ See docs/configuration.md for the config reference."""
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="medal", description="Active learning for medical images with MC dropout.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="medal",
+        description="Active learning for medical images with MC dropout.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"medal {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, help: str, description: str,
-            config_required: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=description,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("-c", "--config", required=config_required, type=Path,
-                       help="TOML config file (relative paths in it resolve against its folder)"
-                       + ("" if config_required else "; optional for 'labels serve'"))
-        p.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set query.budget=50 (repeatable)")
+    def add(
+        name: str, help: str, description: str, config_required: bool = True
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "-c",
+            "--config",
+            required=config_required,
+            type=Path,
+            help="TOML config file (relative paths in it resolve against its folder)"
+            + ("" if config_required else "; optional for 'labels serve'"),
+        )
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set query.budget=50 (repeatable)",
+        )
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         return p
 
-    add("train", "train (or fine-tune) the model on all labels so far",
+    add(
+        "train",
+        "train (or fine-tune) the model on all labels so far",
         "Train the model for the current round on every label so far. The first training\n"
         "starts from scratch (or model.pretrained); after an ingest it fine-tunes from the\n"
-        "previous round's checkpoint. Prints validation/test metrics.")
-    add("query", "score the pool with MC dropout and export the next round folder",
+        "previous round's checkpoint. Prints validation/test metrics.",
+    )
+    add(
+        "query",
+        "score the pool with MC dropout and export the next round folder",
         "Score every pool image with Monte Carlo dropout, choose query.budget images with\n"
-        "query.strategy, and export them to <workspace>/labelling/round-NNN for labelling.")
-    p = add("ingest", "record the labels returned in a round folder",
-            "Validate a returned round folder (labels.csv and/or class subfolders). On any\n"
-            "problem, list every problem and record nothing; otherwise record all labels in\n"
-            "one transaction. Unlabelled images go back to the pool. Running it twice is safe.\n"
-            "To hand a round back unlabelled, leave only the header line in labels.csv (an\n"
-            "ingest that would record no label is refused otherwise, naming the other labels\n"
-            "files found). Readers' files are labels_<name>.csv (any case).")
+        "query.strategy, and export them to <workspace>/labelling/round-NNN for labelling.",
+    )
+    p = add(
+        "ingest",
+        "record the labels returned in a round folder",
+        "Validate a returned round folder (labels.csv and/or class subfolders). On any\n"
+        "problem, list every problem and record nothing; otherwise record all labels in\n"
+        "one transaction. Unlabelled images go back to the pool. Running it twice is safe.\n"
+        "To hand a round back unlabelled, leave only the header line in labels.csv (an\n"
+        "ingest that would record no label is refused otherwise, naming the other labels\n"
+        "files found). Readers' files are labels_<name>.csv (any case).",
+    )
     p.add_argument("folder", type=Path, help="the round folder, e.g. runs/x/labelling/round-001")
-    add("round", "one active-learning round: train (fine-tune), then query",
+    add(
+        "round",
+        "one active-learning round: train (fine-tune), then query",
         "Fine-tune on all labels so far (the same as 'medal train'), then export the next\n"
-        "round (the same as 'medal query').")
-    add("status", "show rounds, label counts and metrics per round",
+        "round (the same as 'medal query').",
+    )
+    add(
+        "status",
+        "show rounds, label counts and metrics per round",
         "Show the workspace: rounds exported and ingested (images labelled; readers: the\n"
         "rows of their labels_<name>.csv files), labels per class and source,\n"
-        "metrics of each model round, and files that could not be read.")
-    p = add("labels", "export every label with provenance; list or release 'unsure' images; "
-            "serve the labelling page",
-            "labels export -o FILE   every label row (round, source, annotator, time) as CSV\n"
-            "labels unsure           images labelled 'unsure' (kept out of the pool)\n"
-            "labels release [ID...]  put 'unsure' images back in the pool (all, or by id\n"
-            "                        prefix)\n"
-            "labels serve FOLDER     a local web page to label one round folder with the\n"
-            "                        keyboard; every decision is written to its labels.csv\n"
-            "                        (labels_<NAME>.csv with --annotator NAME) at once.\n"
-            "                        -c is optional here: without it the classes come from\n"
-            "                        the folder's manifest.csv and predictions stay hidden.\n"
-            "                        Needs the serve extra: pip install 'medal-al[serve]'",
-            config_required=False)
+        "metrics of each model round, and files that could not be read.",
+    )
+    p = add(
+        "labels",
+        "export every label with provenance; list or release 'unsure' images; "
+        "serve the labelling page",
+        "labels export -o FILE   every label row (round, source, annotator, time) as CSV\n"
+        "labels unsure           images labelled 'unsure' (kept out of the pool)\n"
+        "labels release [ID...]  put 'unsure' images back in the pool (all, or by id\n"
+        "                        prefix)\n"
+        "labels serve FOLDER     a local web page to label one round folder with the\n"
+        "                        keyboard; every decision is written to its labels.csv\n"
+        "                        (labels_<NAME>.csv with --annotator NAME) at once.\n"
+        "                        -c is optional here: without it the classes come from\n"
+        "                        the folder's manifest.csv and predictions stay hidden.\n"
+        "                        Needs the serve extra: pip install 'medal-al[serve]'",
+        config_required=False,
+    )
     add_labels_arguments(p)
-    p = sub.add_parser("simulate", help=SIMULATE_HELP, description=SIMULATE_DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "simulate",
+        help=SIMULATE_HELP,
+        description=SIMULATE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_simulate_arguments(p)
     return parser
 
@@ -126,13 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
 def add_labels_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``medal labels`` besides the config: an action and its options."""
     p.add_argument("action", choices=["export", "unsure", "release", "serve"])
-    p.add_argument("ids", nargs="*", metavar="ID|FOLDER",
-                   help="image id prefixes (release) or the round folder (serve)")
+    p.add_argument(
+        "ids",
+        nargs="*",
+        metavar="ID|FOLDER",
+        help="image id prefixes (release) or the round folder (serve)",
+    )
     p.add_argument("-o", "--output", type=Path, help="CSV to write (export)")
-    p.add_argument("--annotator", metavar="NAME",
-                   help="serve: write labels_NAME.csv (several readers) instead of labels.csv")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="serve: address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--annotator",
+        metavar="NAME",
+        help="serve: write labels_NAME.csv (several readers) instead of labels.csv",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="serve: address to listen on (default 127.0.0.1: this machine only)",
+    )
     p.add_argument("--port", type=int, default=0, help="serve: port (default 0: a free one)")
 
 
@@ -152,42 +204,90 @@ radiologist gave counted, held-out ones included."""
 def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``medal simulate`` (here, not in :mod:`medal.simulate`, so that building
     the parser imports no torch)."""
-    p.add_argument("-c", "--config", required=True, type=Path,
-                   help="TOML config file (classes, model, training, validation/test sets)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument(
+        "-c",
+        "--config",
+        required=True,
+        type=Path,
+        help="TOML config file (classes, model, training, validation/test sets)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=5 (repeatable)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="only print the summary")
-    p.add_argument("--truth", action="append", type=Path, required=True, metavar="PATH",
-                   help="the fully labelled set: class subfolders or CSV file,label "
-                        "(repeatable; the sources are joined)")
-    p.add_argument("--strategies", default="bald,entropy,random",
-                   help="comma-separated strategies (default bald,entropy,random)")
-    p.add_argument("--seeds", default="0,1,2,3,4",
-                   help="comma-separated seeds (default 0,1,2,3,4; the summary's 95%% intervals "
-                        "are over seeds)")
+    p.add_argument(
+        "--truth",
+        action="append",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="the fully labelled set: class subfolders or CSV file,label "
+        "(repeatable; the sources are joined)",
+    )
+    p.add_argument(
+        "--strategies",
+        default="bald,entropy,random",
+        help="comma-separated strategies (default bald,entropy,random)",
+    )
+    p.add_argument(
+        "--seeds",
+        default="0,1,2,3,4",
+        help="comma-separated seeds (default 0,1,2,3,4; the summary's 95%% intervals "
+        "are over seeds)",
+    )
     p.add_argument("--rounds", type=int, default=10, help="labelling rounds (default 10)")
-    p.add_argument("--budget", type=int, default=None,
-                   help="labels per round (default: query.budget of the config)")
-    p.add_argument("--start", default="random",
-                   help="start set: random, class_balanced (drawn knowing the hidden labels), "
-                        "class:<name> (single class), or a file listing images (default random)")
-    p.add_argument("--start-size", type=int, default=20,
-                   help="start set size for random/class starts (default 20)")
-    p.add_argument("--validation", default="none", metavar="none|config|PATH",
-                   help="labelled validation set: none (default: each run holds out "
-                        "train.validation_fraction of the labels it was given, counted as "
-                        "labels), config (the config's data.validation) or a folder/CSV; the "
-                        "labels of a set passed this way are not counted")
-    p.add_argument("--backbones", choices=("per-seed", "shared"), default="per-seed",
-                   help="with representation.method = simclr: per-seed (default) pretrains one "
-                        "self-supervised backbone per seed, so the intervals include the "
-                        "pretraining's variation; shared pretrains one for all runs (faster)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: <workspace>-simulation)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="runs in parallel, one process each (default 1)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per worker (default: CPU count / workers)")
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="labels per round (default: query.budget of the config)",
+    )
+    p.add_argument(
+        "--start",
+        default="random",
+        help="start set: random, class_balanced (drawn knowing the hidden labels), "
+        "class:<name> (single class), or a file listing images (default random)",
+    )
+    p.add_argument(
+        "--start-size",
+        type=int,
+        default=20,
+        help="start set size for random/class starts (default 20)",
+    )
+    p.add_argument(
+        "--validation",
+        default="none",
+        metavar="none|config|PATH",
+        help="labelled validation set: none (default: each run holds out "
+        "train.validation_fraction of the labels it was given, counted as "
+        "labels), config (the config's data.validation) or a folder/CSV; the "
+        "labels of a set passed this way are not counted",
+    )
+    p.add_argument(
+        "--backbones",
+        choices=("per-seed", "shared"),
+        default="per-seed",
+        help="with representation.method = simclr: per-seed (default) pretrains one "
+        "self-supervised backbone per seed, so the intervals include the "
+        "pretraining's variation; shared pretrains one for all runs (faster)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: <workspace>-simulation)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="runs in parallel, one process each (default 1)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per worker (default: CPU count / workers)",
+    )
 
 
 class OutputError(MedalError):
@@ -254,8 +354,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         try:
-            cfg = (None if args.config is None  # only 'labels serve' runs without one
-                   else load_config(args.config, parse_overrides(args.overrides)))
+            cfg = (
+                None
+                if args.config is None  # only 'labels serve' runs without one
+                else load_config(args.config, parse_overrides(args.overrides))
+            )
             code = COMMANDS[args.command](cfg, args)
             sys.stdout.flush()  # a closed pipe (medal status | head) shows here, not at exit
             return code
@@ -298,13 +401,20 @@ def _fmt(v: float | None) -> str:
 
 def _print_train(r: api.TrainReport) -> None:
     counts = ", ".join(f"{c} {n}" for c, n in r.class_counts.items())
-    start = f"fine-tuned from round {r.warm_start_from}" if r.warm_start_from is not None \
+    start = (
+        f"fine-tuned from round {r.warm_start_from}"
+        if r.warm_start_from is not None
         else "trained from scratch"
-    print(f"model round {r.model_round}: {start} on {r.n_labels} labels ({counts}); "
-          f"{r.epochs} epochs (best {r.best_epoch}) in {r.seconds:.1f} s")
+    )
+    print(
+        f"model round {r.model_round}: {start} on {r.n_labels} labels ({counts}); "
+        f"{r.epochs} epochs (best {r.best_epoch}) in {r.seconds:.1f} s"
+    )
     for split, m in r.metrics.items():
-        print(f"  {split:<10} accuracy {_fmt(m['accuracy'])}  balanced accuracy "
-              f"{_fmt(m['balanced_accuracy'])}  AUROC {_fmt(m['auroc'])}  (n={int(m['n'])})")
+        print(
+            f"  {split:<10} accuracy {_fmt(m['accuracy'])}  balanced accuracy "
+            f"{_fmt(m['balanced_accuracy'])}  AUROC {_fmt(m['auroc'])}  (n={int(m['n'])})"
+        )
     for note in r.notes:
         print(f"  note: {note}")
     print(f"  checkpoint: {_rel(r.checkpoint)}")
@@ -313,20 +423,23 @@ def _print_train(r: api.TrainReport) -> None:
 
 
 def _print_query(r: api.QueryReport, cfg: Config) -> None:
-    print(f"round {r.round:03d}: {r.n_selected} images chosen by {r.strategy} from a pool of "
-          f"{r.pool_size} (model round {r.model_round}, {r.seconds:.1f} s)")
+    print(
+        f"round {r.round:03d}: {r.n_selected} images chosen by {r.strategy} from a pool of "
+        f"{r.pool_size} (model round {r.model_round}, {r.seconds:.1f} s)"
+    )
     if r.reused:
-        print(f"  {r.reused} images' scores reused (same model and settings as an earlier "
-              f"query)")
+        print(f"  {r.reused} images' scores reused (same model and settings as an earlier query)")
     if r.skipped:
         print(f"  {len(r.skipped)} unreadable file(s) skipped; see 'medal status'")
     for note in r.notes:
         print(f"  note: {note}")
     print(f"labelling folder: {_rel(r.folder)}")
     c = f"-c {_rel(cfg.path)}"
-    print(f"next: label the images on the labelling page:\n  medal labels serve {c} "
-          f"{_rel(r.folder)}\n  (or fill {_rel(r.folder / LABELS)}, or sort the images "
-          f"into its class folders), then\n  medal ingest {c} {_rel(r.folder)}")
+    print(
+        f"next: label the images on the labelling page:\n  medal labels serve {c} "
+        f"{_rel(r.folder)}\n  (or fill {_rel(r.folder / LABELS)}, or sort the images "
+        f"into its class folders), then\n  medal ingest {c} {_rel(r.folder)}"
+    )
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
@@ -355,8 +468,10 @@ def cmd_ingest(cfg: Config, args: argparse.Namespace) -> int:
         print(f"round {r.round:03d} was already ingested with these labels; nothing changed")
         return 0
     counts = ", ".join(f"{c} {n}" for c, n in sorted(r.labelled.items())) or "none"
-    print(f"round {r.round:03d}: recorded {sum(r.labelled.values())} labels ({counts}); "
-          f"{r.returned_to_pool} unlabelled image(s) returned to the pool")
+    print(
+        f"round {r.round:03d}: recorded {sum(r.labelled.values())} labels ({counts}); "
+        f"{r.returned_to_pool} unlabelled image(s) returned to the pool"
+    )
     for a, b, n, kappa in r.agreement:
         k = "n/a" if math.isnan(kappa) else f"{kappa:.3f}"
         print(f"  agreement {a} vs {b}: Cohen's kappa {k} on {n} image(s)")
@@ -382,8 +497,9 @@ def cmd_labels(cfg: Config | None, args: argparse.Namespace) -> int:
         rows = api.unsure_images(cfg)
         for image_id, path in rows:
             print(f"{image_id[:12]}  {path}")
-        print(f"{len(rows)} image(s) labelled unsure; 'medal labels release' returns them to "
-              f"the pool")
+        print(
+            f"{len(rows)} image(s) labelled unsure; 'medal labels release' returns them to the pool"
+        )
     else:
         n = api.release_unsure(cfg, args.ids or None)
         print(f"{n} image(s) returned to the pool")
@@ -394,22 +510,31 @@ def _serve(cfg: Config | None, args: argparse.Namespace) -> int:
     from . import serve
 
     if len(args.ids) != 1:
-        raise MedalError("labels serve needs exactly one round folder, e.g. "
-                         "medal labels serve runs/x/labelling/round-001")
-    server = serve.serve(Path(args.ids[0]), cfg, annotator=args.annotator, host=args.host,
-                         port=args.port)
+        raise MedalError(
+            "labels serve needs exactly one round folder, e.g. "
+            "medal labels serve runs/x/labelling/round-001"
+        )
+    server = serve.serve(
+        Path(args.ids[0]), cfg, annotator=args.annotator, host=args.host, port=args.port
+    )
     book = server.book
-    print(f"labelling page for {_rel(book.folder)} ({len(book.images)} images; writes "
-          f"{book.labels_path.name}):")
+    print(
+        f"labelling page for {_rel(book.folder)} ({len(book.images)} images; writes "
+        f"{book.labels_path.name}):"
+    )
     print(f"  {server.url}", flush=True)
     if not server.local_only:
-        print(f"  note: listening on {args.host}, so other machines can reach it (the token "
-              f"is still required)")
+        print(
+            f"  note: listening on {args.host}, so other machines can reach it (the token "
+            f"is still required)"
+        )
     ingested = book.ingested()
     if ingested is not None:
         print(f"  note: {ingested}", flush=True)
-    print("open the address in a browser; Ctrl-C stops the server (every decision is already "
-          "saved)", flush=True)
+    print(
+        "open the address in a browser; Ctrl-C stops the server (every decision is already saved)",
+        flush=True,
+    )
     try:
         server.run()
     except KeyboardInterrupt:
@@ -441,8 +566,10 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         for r in s.rounds:
             state = "ingested" if r["ingested"] else "awaiting labels"
             model = r["model_round"] if r["model_round"] >= 0 else "–"  # zero-label round
-            print(f"{r['round']:>5}  {r['strategy']:<11}  {r['exported']:>8}  {r['labelled']:>8}"
-                  f"  {r['reader_labels'] or '–':>7}  {r['pool_size']:>6}  {model:>5}  {state}")
+            print(
+                f"{r['round']:>5}  {r['strategy']:<11}  {r['exported']:>8}  {r['labelled']:>8}"
+                f"  {r['reader_labels'] or '–':>7}  {r['pool_size']:>6}  {model:>5}  {state}"
+            )
     else:
         print("\nno rounds exported yet")
     if s.models:
@@ -454,9 +581,13 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             cells = "".join(
                 f"  {_fmt(met.get(sp, {}).get('accuracy')):>8}"
                 f"  {_fmt(met.get(sp, {}).get('balanced_accuracy')):>9}"
-                f"  {_fmt(met.get(sp, {}).get('auroc')):>10}" for sp in splits)
-            print(f"{m['round']:>5}  {m['n_labels']:>6}  {m['epochs']:>6}  "
-                  f"{m['train_seconds']:>7.1f}{cells}")
+                f"  {_fmt(met.get(sp, {}).get('auroc')):>10}"
+                for sp in splits
+            )
+            print(
+                f"{m['round']:>5}  {m['n_labels']:>6}  {m['epochs']:>6}  "
+                f"{m['train_seconds']:>7.1f}{cells}"
+            )
         for note in s.notes:
             print(f"  note: {note}")
     if s.skipped:
@@ -472,8 +603,13 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
 # Each command takes the loaded config (None only for 'labels serve' without -c, which
 # cmd_labels handles) and the parsed arguments, and returns the exit code.
 COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
-    "train": cmd_train, "query": cmd_query, "ingest": cmd_ingest, "round": cmd_round,
-    "status": cmd_status, "labels": cmd_labels}
+    "train": cmd_train,
+    "query": cmd_query,
+    "ingest": cmd_ingest,
+    "round": cmd_round,
+    "status": cmd_status,
+    "labels": cmd_labels,
+}
 
 
 def _simulate(cfg: Config, args: argparse.Namespace) -> int:

@@ -238,9 +238,15 @@ class Config:
         return conv(dataclasses.asdict(self))
 
 
-_SECTIONS = {"data": DataConfig, "image": ImageConfig, "model": ModelConfig,
-             "train": TrainConfig, "representation": RepresentationConfig,
-             "query": QueryConfig, "labelling": LabellingConfig}
+_SECTIONS = {
+    "data": DataConfig,
+    "image": ImageConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "representation": RepresentationConfig,
+    "query": QueryConfig,
+    "labelling": LabellingConfig,
+}
 _TOP_KEYS = ("workspace", "classes", "seed", "device", "num_workers")
 
 
@@ -297,16 +303,22 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
 
     workspace = _path(raw["workspace"], "workspace", base, where)
     classes = raw["classes"]
-    if (not isinstance(classes, list) or len(classes) < 2
-            or not all(isinstance(c, str) and c.strip() for c in classes)):
-        raise ConfigError(f"{where}: 'classes' must be a list of at least two non-empty strings, "
-                          f"got {classes!r}")
+    if (
+        not isinstance(classes, list)
+        or len(classes) < 2
+        or not all(isinstance(c, str) and c.strip() for c in classes)
+    ):
+        raise ConfigError(
+            f"{where}: 'classes' must be a list of at least two non-empty strings, got {classes!r}"
+        )
     classes = [c.strip() for c in classes]
     # macOS and Windows folder names ignore case, and macOS Unicode normalisation too
     lowered = [unicodedata.normalize("NFC", c).lower() for c in classes]
     if len(set(lowered)) != len(lowered):
-        raise ConfigError(f"{where}: 'classes' has duplicates (ignoring case and Unicode "
-                          f"normalisation, NFC/NFD): {', '.join(map(ascii, classes))}")
+        raise ConfigError(
+            f"{where}: 'classes' has duplicates (ignoring case and Unicode "
+            f"normalisation, NFC/NFD): {', '.join(map(ascii, classes))}"
+        )
     for c in classes:
         reason = class_name_problem(c)
         if reason is not None:
@@ -322,23 +334,41 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     seed = _seed(raw.get("seed", 0), "seed", where)
     device = raw.get("device", "auto")
     if device not in DEVICES and not (isinstance(device, str) and device.startswith("cuda:")):
-        raise ConfigError(f"{where}: 'device' must be one of {', '.join(DEVICES)} or 'cuda:N', "
-                          f"got {device!r}")
+        raise ConfigError(
+            f"{where}: 'device' must be one of {', '.join(DEVICES)} or 'cuda:N', got {device!r}"
+        )
     num_workers = _num_workers(raw.get("num_workers", 0), where)
-    cfg = Config(path=path, workspace=workspace, classes=tuple(classes), seed=seed, device=device,
-                 num_workers=num_workers, **sections)
+    cfg = Config(
+        path=path,
+        workspace=workspace,
+        classes=tuple(classes),
+        seed=seed,
+        device=device,
+        num_workers=num_workers,
+        **sections,
+    )
     _validate_values(cfg, where)
     return cfg
 
 
 # Names medal writes into a round folder (besides the image copies and class folders).
-_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", "conin$", "conout$",
-                    *(f"{p}{n}" for p in ("com", "lpt") for n in "0123456789\u00b9\u00b2\u00b3")}
+_WINDOWS_DEVICES = {
+    "con",
+    "prn",
+    "aux",
+    "nul",
+    "conin$",
+    "conout$",
+    *(f"{p}{n}" for p in ("com", "lpt") for n in "0123456789\u00b9\u00b2\u00b3"),
+}
 # Unicode categories of characters that are invisible or reorder the text around them
 # (bidi overrides and isolates, zero-width spaces and joiners, line/paragraph separators):
 # a folder name with one looks like another name, or like nothing.
-_INVISIBLE_CATEGORIES = {"Cf": "an invisible formatting character", "Zl": "a line separator",
-                         "Zp": "a paragraph separator"}
+_INVISIBLE_CATEGORIES = {
+    "Cf": "an invisible formatting character",
+    "Zl": "a line separator",
+    "Zp": "a paragraph separator",
+}
 _WINDOWS_FORBIDDEN = set('<>:"/\\|?*')
 
 
@@ -366,24 +396,29 @@ def class_name_problem(name: str) -> str | None:
         return "medal writes a file or folder of that name into every round folder"
     if len(name.encode("utf-8")) > 255:
         return f"{len(name.encode('utf-8'))} bytes in UTF-8; folder names allow at most 255"
-    bad = sorted({ch for ch in name if ch in _WINDOWS_FORBIDDEN or ord(ch) < 32
-                  or ord(ch) == 127})
+    bad = sorted({ch for ch in name if ch in _WINDOWS_FORBIDDEN or ord(ch) < 32 or ord(ch) == 127})
     if bad:
-        return (f"contains {', '.join(repr(ch) for ch in bad)}, not allowed in folder names "
-                f"(Windows forbids < > : \" / \\ | ? * and control characters)")
+        return (
+            f"contains {', '.join(repr(ch) for ch in bad)}, not allowed in folder names "
+            f'(Windows forbids < > : " / \\ | ? * and control characters)'
+        )
     invisible = sorted({ch for ch in name if unicodedata.category(ch) in _INVISIBLE_CATEGORIES})
     if invisible:
         ch = invisible[0]
-        return (f"contains {ascii(ch)} ({unicodedata.name(ch, 'unnamed')}), "
-                f"{_INVISIBLE_CATEGORIES[unicodedata.category(ch)]}: the name would look "
-                f"like another one")
+        return (
+            f"contains {ascii(ch)} ({unicodedata.name(ch, 'unnamed')}), "
+            f"{_INVISIBLE_CATEGORIES[unicodedata.category(ch)]}: the name would look "
+            f"like another one"
+        )
     if name.startswith("."):
         return "a leading dot makes a hidden folder ('.' and '..' are not folder names)"
     if name[-1] in ". ":
         return "Windows does not allow folder names ending in a dot or a space"
     if low.split(".", 1)[0].rstrip(" ") in _WINDOWS_DEVICES:
-        return ("a reserved device name on Windows (CON, PRN, AUX, NUL, CONIN$, CONOUT$, "
-                "COM0-COM9, LPT0-LPT9)")
+        return (
+            "a reserved device name on Windows (CON, PRN, AUX, NUL, CONIN$, CONOUT$, "
+            "COM0-COM9, LPT0-LPT9)"
+        )
     return None
 
 
@@ -411,8 +446,9 @@ def _build(cls: type, table: dict[str, Any], section: str, base: Path, where: st
 
 def _frame(v: Any, key: str, where: str) -> str | int:
     if not (v in ("middle", "all") or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
-        raise ConfigError(f"{where}: {key!r} must be \"middle\", \"all\" or a frame index >= 0, "
-                          f"got {v!r}")
+        raise ConfigError(
+            f'{where}: {key!r} must be "middle", "all" or a frame index >= 0, got {v!r}'
+        )
     return v
 
 
@@ -428,8 +464,9 @@ def _float(v: Any, key: str, where: str) -> float:
 _Parser = Callable[[Any, str, Path, str], Any]
 _TYPE_PARSERS: dict[str, _Parser] = {
     "Path": lambda v, key, base, where: _path(v, key, base, where),
-    "Path | None": lambda v, key, base, where: (None if v in ("", None)
-                                                else _path(v, key, base, where)),
+    "Path | None": lambda v, key, base, where: (
+        None if v in ("", None) else _path(v, key, base, where)
+    ),
     "str | tuple[float, float]": lambda v, key, base, where: _window(v, key, where),
     "str | int": lambda v, key, base, where: _frame(v, key, where),
     "bool": lambda v, key, base, where: _check_type(v, bool, key, where),
@@ -448,14 +485,20 @@ def _window(v: Any, key: str, where: str) -> str | tuple[float, float]:
 
     if isinstance(v, str) and v in WINDOW_MODES:
         return v
-    if (isinstance(v, list) and len(v) == 2
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                    and math.isfinite(x) for x in v)
-            and v[1] > 0):
+    if (
+        isinstance(v, list)
+        and len(v) == 2
+        and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v
+        )
+        and v[1] > 0
+    ):
         return (float(v[0]), float(v[1]))
     modes = ", ".join(f'"{m}"' for m in WINDOW_MODES)
-    raise ConfigError(f"{where}: {key!r} must be one of {modes} or [center, width] of finite "
-                      f"numbers with width > 0, got {v!r}")
+    raise ConfigError(
+        f"{where}: {key!r} must be one of {modes} or [center, width] of finite "
+        f"numbers with width > 0, got {v!r}"
+    )
 
 
 def _check_type(v: Any, t: type, key: str, where: str) -> Any:
@@ -469,14 +512,16 @@ def _path(v: Any, key: str, base: Path, where: str) -> Path:
     if not isinstance(v, str) or not v.strip():
         raise ConfigError(f"{where}: {key!r} must be a non-empty path string, got {v!r}")
     if "\x00" in v:
-        raise ConfigError(f"{where}: {key!r} contains a NUL character (\\x00), which no path "
-                          f"can hold, got {v!r}")
+        raise ConfigError(
+            f"{where}: {key!r} contains a NUL character (\\x00), which no path can hold, got {v!r}"
+        )
     p = Path(v).expanduser()
     try:
         return (p if p.is_absolute() else base / p).resolve()
     except (OSError, RuntimeError, ValueError) as e:  # a link loop, a name too long
-        raise ConfigError(f"{where}: {key!r}: cannot resolve the path {v!r}: "
-                          f"{getattr(e, 'strerror', None) or e}") from None
+        raise ConfigError(
+            f"{where}: {key!r}: cannot resolve the path {v!r}: {getattr(e, 'strerror', None) or e}"
+        ) from None
 
 
 def _finite(v: float, key: str, where: str) -> float:
@@ -493,8 +538,7 @@ SEED_MAX = 2**32 - 1
 def _seed(v: Any, key: str, where: str) -> int:
     v = _check_type(v, int, key, where)
     if not 0 <= v <= SEED_MAX:
-        raise ConfigError(f"{where}: {key!r} must be between 0 and {SEED_MAX} (2**32 - 1), "
-                          f"got {v}")
+        raise ConfigError(f"{where}: {key!r} must be between 0 and {SEED_MAX} (2**32 - 1), got {v}")
     return v
 
 
@@ -510,9 +554,11 @@ def _num_workers(v: Any, where: str) -> int:
     v = _check_type(v, int, "num_workers", where)
     cpus = cpu_count()
     if not 0 <= v <= cpus:
-        raise ConfigError(f"{where}: 'num_workers' must be between 0 and {cpus} (the CPUs this "
-                          f"machine gives medal; more worker processes cannot load faster), "
-                          f"got {v}")
+        raise ConfigError(
+            f"{where}: 'num_workers' must be between 0 and {cpus} (the CPUs this "
+            f"machine gives medal; more worker processes cannot load faster), "
+            f"got {v}"
+        )
     return v
 
 
@@ -547,33 +593,63 @@ def _validate_model_and_train(cfg: Config, need: _Need) -> None:
     need(0.0 < m.dropout < 1.0, "model.dropout", "in (0, 1) (MC dropout needs dropout)", m.dropout)
     need(m.hidden >= 0, "model.hidden", ">= 0 (0 = linear head)", m.hidden)
     need(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
-    need(t.fine_tune_epochs is None or t.fine_tune_epochs >= 1, "train.fine_tune_epochs", ">= 1",
-         t.fine_tune_epochs)
+    need(
+        t.fine_tune_epochs is None or t.fine_tune_epochs >= 1,
+        "train.fine_tune_epochs",
+        ">= 1",
+        t.fine_tune_epochs,
+    )
     need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     need(t.lr > 0, "train.lr", "> 0", t.lr)
     need(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
     need(t.min_steps >= 0, "train.min_steps", ">= 0", t.min_steps)
-    need(t.round_start in ROUND_STARTS, "train.round_start", f"one of {', '.join(ROUND_STARTS)}",
-         t.round_start)
-    need(t.balance in BALANCE_MODES, "train.balance", f"one of {', '.join(BALANCE_MODES)}",
-         t.balance)
+    need(
+        t.round_start in ROUND_STARTS,
+        "train.round_start",
+        f"one of {', '.join(ROUND_STARTS)}",
+        t.round_start,
+    )
+    need(
+        t.balance in BALANCE_MODES, "train.balance", f"one of {', '.join(BALANCE_MODES)}", t.balance
+    )
     need(t.monitor in MONITORS, "train.monitor", f"one of {', '.join(MONITORS)}", t.monitor)
     need(t.patience >= 0, "train.patience", ">= 0", t.patience)
     need(t.validate_every >= 1, "train.validate_every", ">= 1", t.validate_every)
     need(t.probe_steps >= 1, "train.probe_steps", ">= 1", t.probe_steps)
     need(t.probe_lr > 0, "train.probe_lr", "> 0", t.probe_lr)
-    need(t.semi_supervised in ("none", "pseudo_label"), "train.semi_supervised",
-         "one of none, pseudo_label", t.semi_supervised)
-    need(0.5 <= t.pseudo_threshold < 1.0, "train.pseudo_threshold", "in [0.5, 1)",
-         t.pseudo_threshold)
-    need(t.finetune in ("off", "auto", "always"), "train.finetune",
-         "one of off, auto, always", t.finetune)
-    need(t.finetune_min_per_class >= 1, "train.finetune_min_per_class", ">= 1",
-         t.finetune_min_per_class)
-    need(0.0 < t.finetune_lr_scale <= 1.0, "train.finetune_lr_scale", "in (0, 1]",
-         t.finetune_lr_scale)
-    need(0.0 <= t.validation_fraction < 1.0, "train.validation_fraction", "in [0, 1)",
-         t.validation_fraction)
+    need(
+        t.semi_supervised in ("none", "pseudo_label"),
+        "train.semi_supervised",
+        "one of none, pseudo_label",
+        t.semi_supervised,
+    )
+    need(
+        0.5 <= t.pseudo_threshold < 1.0, "train.pseudo_threshold", "in [0.5, 1)", t.pseudo_threshold
+    )
+    need(
+        t.finetune in ("off", "auto", "always"),
+        "train.finetune",
+        "one of off, auto, always",
+        t.finetune,
+    )
+    need(
+        t.finetune_min_per_class >= 1,
+        "train.finetune_min_per_class",
+        ">= 1",
+        t.finetune_min_per_class,
+    )
+    need(
+        0.0 < t.finetune_lr_scale <= 1.0,
+        "train.finetune_lr_scale",
+        "in (0, 1]",
+        t.finetune_lr_scale,
+    )
+    need(
+        0.0 <= t.validation_fraction < 1.0,
+        "train.validation_fraction",
+        "in [0, 1)",
+        t.validation_fraction,
+    )
 
 
 def _validate_the_rest(cfg: Config, need: _Need) -> None:
@@ -581,34 +657,55 @@ def _validate_the_rest(cfg: Config, need: _Need) -> None:
     from .models import FEATURE_MODES
 
     m, q, r = cfg.model, cfg.query, cfg.representation
-    need(r.method in ("none", "simclr"), "representation.method", "one of none, simclr",
-         r.method)
+    need(r.method in ("none", "simclr"), "representation.method", "one of none, simclr", r.method)
     need(r.epochs >= 1, "representation.epochs", ">= 1", r.epochs)
     need(r.batch_size >= 2, "representation.batch_size", ">= 2", r.batch_size)
     need(r.temperature > 0, "representation.temperature", "> 0", r.temperature)
     need(r.lr > 0, "representation.lr", "> 0", r.lr)
     strategies = available_strategies()
-    need(q.strategy in strategies, "query.strategy", f"one of {', '.join(strategies)}",
-         q.strategy)
+    need(q.strategy in strategies, "query.strategy", f"one of {', '.join(strategies)}", q.strategy)
     need(q.budget >= 1, "query.budget", ">= 1", q.budget)
     need(q.mc_samples >= 2, "query.mc_samples", ">= 2", q.mc_samples)
-    need(cfg.labelling.preview_size >= 16, "labelling.preview_size", ">= 16",
-         cfg.labelling.preview_size)
+    need(
+        cfg.labelling.preview_size >= 16,
+        "labelling.preview_size",
+        ">= 16",
+        cfg.labelling.preview_size,
+    )
     need(q.batch_size >= 1, "query.batch_size", ">= 1", q.batch_size)
-    need(q.cold_start in ("diversity", "typiclust", "off"), "query.cold_start",
-         "one of diversity, typiclust, off", q.cold_start)
-    need(q.sampling in SAMPLING_MODES, "query.sampling", f"one of {', '.join(SAMPLING_MODES)}",
-         q.sampling)
-    need(q.precision in PRECISIONS, "query.precision", f"one of {', '.join(PRECISIONS)}",
-         q.precision)
+    need(
+        q.cold_start in ("diversity", "typiclust", "off"),
+        "query.cold_start",
+        "one of diversity, typiclust, off",
+        q.cold_start,
+    )
+    need(
+        q.sampling in SAMPLING_MODES,
+        "query.sampling",
+        f"one of {', '.join(SAMPLING_MODES)}",
+        q.sampling,
+    )
+    need(
+        q.precision in PRECISIONS, "query.precision", f"one of {', '.join(PRECISIONS)}", q.precision
+    )
     need(q.max_batch_items >= 0, "query.max_batch_items", ">= 0 (0 = auto)", q.max_batch_items)
-    need(0.0 <= m.backbone_dropout < 1.0, "model.backbone_dropout", "in [0, 1)",
-         m.backbone_dropout)
-    need(m.features in FEATURE_MODES, "model.features", f"one of {', '.join(FEATURE_MODES)}",
-         m.features)
-    need(not (m.features == "multiscale" and m.backbone_dropout > 0), "model.features",
-         '"last" or "auto" when model.backbone_dropout > 0 (full-network sampling splits the '
-         'backbone)', m.features)
-    need(not (q.sampling == "full" and m.backbone_dropout == 0), "query.sampling",
-         '"head" or "auto" when model.backbone_dropout = 0 (the backbone has no dropout)',
-         q.sampling)
+    need(0.0 <= m.backbone_dropout < 1.0, "model.backbone_dropout", "in [0, 1)", m.backbone_dropout)
+    need(
+        m.features in FEATURE_MODES,
+        "model.features",
+        f"one of {', '.join(FEATURE_MODES)}",
+        m.features,
+    )
+    need(
+        not (m.features == "multiscale" and m.backbone_dropout > 0),
+        "model.features",
+        '"last" or "auto" when model.backbone_dropout > 0 (full-network sampling splits the '
+        "backbone)",
+        m.features,
+    )
+    need(
+        not (q.sampling == "full" and m.backbone_dropout == 0),
+        "query.sampling",
+        '"head" or "auto" when model.backbone_dropout = 0 (the backbone has no dropout)',
+        q.sampling,
+    )

@@ -19,8 +19,6 @@ from torchvision.transforms.v2 import functional as TF
 
 from .errors import ImageReadError
 from .io import load_image
-from .scan import (CSV_ENCODINGS, MAX_LISTED_PROBLEMS, FileEntry, csv_encoding,  # noqa: F401
-                   display_path, file_sha256, iter_csv, scan_folder, scan_source, short)
 
 NORMALISE_MEAN = 0.5
 NORMALISE_STD = 0.25
@@ -63,10 +61,18 @@ class DecodeCache:
     into place (atomic), so several processes can read and fill the cache at once.
     """
 
-    def __init__(self, root: Path, *, channels: int, size: int,
-                 window: str | tuple[float, float], frame: str | int) -> None:
-        settings = json.dumps([PREPROCESS_VERSION, channels, size, window, frame,
-                               NORMALISE_MEAN, NORMALISE_STD])
+    def __init__(
+        self,
+        root: Path,
+        *,
+        channels: int,
+        size: int,
+        window: str | tuple[float, float],
+        frame: str | int,
+    ) -> None:
+        settings = json.dumps(
+            [PREPROCESS_VERSION, channels, size, window, frame, NORMALISE_MEAN, NORMALISE_STD]
+        )
         self.key = hashlib.sha256(settings.encode()).hexdigest()[:16]
         self.dir = Path(root) / self.key
 
@@ -110,18 +116,29 @@ class ImageDataset(torch.utils.data.Dataset):
     :class:`DecodeCache`, so each image is decoded once across rounds and processes.
     """
 
-    def __init__(self, paths: Sequence[Path], *, channels: int, size: int,
-                 window: str | tuple[float, float] = "file", frame: str | int = "middle",
-                 ids: Sequence[str] | None = None, cache_dir: Path | None = None,
-                 frames: Sequence[int | None] | None = None) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        *,
+        channels: int,
+        size: int,
+        window: str | tuple[float, float] = "file",
+        frame: str | int = "middle",
+        ids: Sequence[str] | None = None,
+        cache_dir: Path | None = None,
+        frames: Sequence[int | None] | None = None,
+    ) -> None:
         self.paths = list(paths)
         self.frames = list(frames) if frames is not None else None
         self.channels, self.size, self.window, self.frame = channels, size, window, frame
         if (ids is None) != (cache_dir is None):
             raise ValueError("the decode cache needs both ids and cache_dir")
         self.ids: list[str] = list(ids) if ids is not None else []
-        self.cache = DecodeCache(cache_dir, channels=channels, size=size, window=window,
-                                 frame=frame) if cache_dir is not None else None
+        self.cache = (
+            DecodeCache(cache_dir, channels=channels, size=size, window=window, frame=frame)
+            if cache_dir is not None
+            else None
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -136,10 +153,16 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             fi = self.frames[i] if self.frames else None
             frame = fi if fi is not None else self.frame
-            x = to_tensor(load_image(self.paths[i], window=self.window,
-                                     frame="middle" if frame == "all" else frame,
-                                     min_size=DECODE_REDUCING_GAP * self.size),
-                          self.channels, self.size)
+            x = to_tensor(
+                load_image(
+                    self.paths[i],
+                    window=self.window,
+                    frame="middle" if frame == "all" else frame,
+                    min_size=DECODE_REDUCING_GAP * self.size,
+                ),
+                self.channels,
+                self.size,
+            )
         except ImageReadError as e:
             if self.cache is not None:
                 self.cache.put(self.ids[i], e.reason)
@@ -150,24 +173,46 @@ class ImageDataset(torch.utils.data.Dataset):
         return x, i, ""
 
 
-def make_loader(ds: ImageDataset, batch_size: int, num_workers: int,
-                pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
-                                       num_workers=num_workers, pin_memory=pin_memory,
-                                       persistent_workers=False)
+def make_loader(
+    ds: ImageDataset, batch_size: int, num_workers: int, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
 
 
-def load_all(paths: Sequence[Path], *, channels: int, size: int,
-             window: str | tuple[float, float] = "file", frame: str | int = "middle",
-             num_workers: int = 0, batch_size: int = 256, ids: Sequence[str] | None = None,
-             cache_dir: Path | None = None, frames: Sequence[int | None] | None = None
-             ) -> tuple[torch.Tensor, np.ndarray, dict[Path, str]]:
+def load_all(
+    paths: Sequence[Path],
+    *,
+    channels: int,
+    size: int,
+    window: str | tuple[float, float] = "file",
+    frame: str | int = "middle",
+    num_workers: int = 0,
+    batch_size: int = 256,
+    ids: Sequence[str] | None = None,
+    cache_dir: Path | None = None,
+    frames: Sequence[int | None] | None = None,
+) -> tuple[torch.Tensor, np.ndarray, dict[Path, str]]:
     """Decode ``paths`` into memory (through the decode cache when ``ids``/``cache_dir``).
 
     Returns ``(x [M, C, S, S], kept [M] indices into paths, {path: reason} for skipped files)``.
     """
-    ds = ImageDataset(paths, channels=channels, size=size, window=window, frame=frame,
-                      ids=ids, cache_dir=cache_dir, frames=frames)
+    ds = ImageDataset(
+        paths,
+        channels=channels,
+        size=size,
+        window=window,
+        frame=frame,
+        ids=ids,
+        cache_dir=cache_dir,
+        frames=frames,
+    )
     xs, kept, skipped = [], [], {}
     for x, idx, reasons in make_loader(ds, batch_size, num_workers):
         ok = torch.tensor([r == "" for r in reasons], dtype=torch.bool)

@@ -62,20 +62,42 @@ from .errors import DataError
 BASIC_PROFILE_EDITION = "2026c"
 _TABLE_MODULE = "dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c"
 # dicom-anonymizer's name for each group of rows -> the action code in Table E.1-1
-_GROUPS = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D",
-           "X_Z_TAGS": "X/Z", "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D",
-           "X_Z_U_STAR_TAGS": "X/Z/U*"}
+_GROUPS = {
+    "D_TAGS": "D",
+    "Z_TAGS": "Z",
+    "X_TAGS": "X",
+    "U_TAGS": "U",
+    "Z_D_TAGS": "Z/D",
+    "X_Z_TAGS": "X/Z",
+    "X_D_TAGS": "X/D",
+    "X_Z_D_TAGS": "X/Z/D",
+    "X_Z_U_STAR_TAGS": "X/Z/U*",
+}
 
 # UIDs that name a standard thing (a class, a syntax), not an instance, whatever their value: kept
 KEEP_UIDS = {
-    "SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPClassUID", "TransferSyntaxUID",
-    "ImplementationClassUID", "CodingSchemeUID", "ContextGroupExtensionCreatorUID",
-    "RelatedGeneralSOPClassUID", "OriginalSpecializedSOPClassUID",
-    "ReferencedSOPClassUIDInFile", "ReferencedTransferSyntaxUIDInFile",
+    "SOPClassUID",
+    "ReferencedSOPClassUID",
+    "MediaStorageSOPClassUID",
+    "TransferSyntaxUID",
+    "ImplementationClassUID",
+    "CodingSchemeUID",
+    "ContextGroupExtensionCreatorUID",
+    "RelatedGeneralSOPClassUID",
+    "OriginalSpecializedSOPClassUID",
+    "ReferencedSOPClassUIDInFile",
+    "ReferencedTransferSyntaxUIDInFile",
 }
 _TEXT_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"}
-_DUMMY = {"DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000Y", "DS": "0",
-          "IS": "0", "UR": "urn:anonymized"}
+_DUMMY = {
+    "DA": "19000101",
+    "TM": "000000",
+    "DT": "19000101000000",
+    "AS": "000Y",
+    "DS": "0",
+    "IS": "0",
+    "UR": "urn:anonymized",
+}
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 _TRAILING_PADDING = 0xFFFCFFFC
 
@@ -91,8 +113,10 @@ def basic_profile() -> dict[tuple[int, ...], str]:
     try:
         table = importlib.import_module(_TABLE_MODULE)
     except ModuleNotFoundError as e:
-        raise ImportError(f"de-identification needs the package dicom-anonymizer (its copy of "
-                          f"Table E.1-1): {e}; reinstall medal-al with its dependencies") from e
+        raise ImportError(
+            f"de-identification needs the package dicom-anonymizer (its copy of "
+            f"Table E.1-1): {e}; reinstall medal-al with its dependencies"
+        ) from e
     rows: dict[tuple[int, ...], str] = {}
     for group, code in _GROUPS.items():
         for row in getattr(table, group):
@@ -138,8 +162,9 @@ def deidentify(ds: Dataset, secret: str) -> Dataset:
     if "SOPInstanceUID" not in ds:  # Part 10 needs one; a random one identifies nothing
         ds.SOPInstanceUID = generate_uid()
     ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = (f"medal: DICOM PS3.15 Annex E basic profile "
-                                 f"(Table E.1-1, {BASIC_PROFILE_EDITION})")
+    ds.DeidentificationMethod = (
+        f"medal: DICOM PS3.15 Annex E basic profile (Table E.1-1, {BASIC_PROFILE_EDITION})"
+    )
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator = "113100", "DCM"
     code.CodeMeaning = "Basic Application Confidentiality Profile"
@@ -152,8 +177,13 @@ def deidentify(ds: Dataset, secret: str) -> Dataset:
 def _clean(ds: Dataset, secret: str) -> None:
     for elem in list(ds):  # a copy: elements are deleted while walking
         tag = int(elem.tag)
-        if elem.tag.is_private or elem.tag.element == 0 or elem.tag.group == 0 \
-                or tag == _TRAILING_PADDING or elem.tag.group >> 8 in (0x50, 0x60):
+        if (
+            elem.tag.is_private
+            or elem.tag.element == 0
+            or elem.tag.group == 0
+            or tag == _TRAILING_PADDING
+            or elem.tag.group >> 8 in (0x50, 0x60)
+        ):
             del ds[tag]
             continue
         code = action_for(tag)
@@ -179,6 +209,7 @@ def _replace_uids(elem: DataElement, secret: str, *, keep_registered: bool) -> N
         if not v or keep_registered and UID(v).name != v:  # a registered standard UID
             return v
         return new_uid(v, secret)
+
     if elem.VM > 1:
         elem.value = [one(str(v)) for v in elem.value]
     elif elem.value:
@@ -213,8 +244,13 @@ def _clean_file_meta(ds: Dataset) -> FileMetaDataset:
         meta.TransferSyntaxUID = old.TransferSyntaxUID
     else:  # no file meta (no preamble, no DICM): the encoding pydicom detected
         implicit, little = getattr(ds, "original_encoding", (True, True))
-        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
-                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian
+            if implicit
+            else ExplicitVRLittleEndian
+            if little
+            else ExplicitVRBigEndian
+        )
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = f"PYDICOM {pydicom.__version__}"[:16]
     return meta
@@ -234,8 +270,12 @@ def deidentify_file(src: Path, dst: Path, secret: str) -> None:
         if e.errno is not None:  # reading or writing the file failed (no space, gone, ...)
             raise
         # pydicom's parser raises OSError without errno for malformed data ("No tag to read")
-        raise DataError(f"{src}: cannot write a de-identified copy ({e}); repair the file or "
-                        f"move it out of the pool") from e
+        raise DataError(
+            f"{src}: cannot write a de-identified copy ({e}); repair the file or "
+            f"move it out of the pool"
+        ) from e
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for odd files
-        raise DataError(f"{src}: cannot write a de-identified copy ({type(e).__name__}: "
-                        f"{e}); repair the file or move it out of the pool") from e
+        raise DataError(
+            f"{src}: cannot write a de-identified copy ({type(e).__name__}: "
+            f"{e}); repair the file or move it out of the pool"
+        ) from e

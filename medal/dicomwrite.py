@@ -9,11 +9,19 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 
-def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
-                bits_stored: int = 12, slope: float = 1.0, intercept: float = 0.0,
-                window: tuple[float, float] | None = None, patient_id: str = "ANON",
-                transfer_syntax: str = ExplicitVRLittleEndian, uid_source: str | None = None
-                ) -> Path:
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 12,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    window: tuple[float, float] | None = None,
+    patient_id: str = "ANON",
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    uid_source: str | None = None,
+) -> Path:
     """Save ``pixels [H, W]`` (unsigned ints that fit ``bits_stored``) as a Secondary Capture.
 
     ``slope``/``intercept`` become the modality LUT (RescaleSlope/Intercept), ``window`` the
@@ -24,10 +32,11 @@ def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROM
     pixels = np.asarray(pixels)
     if pixels.ndim != 2:
         raise ValueError(f"pixels must be [H, W], got shape {pixels.shape}")
-    if pixels.min() < 0 or pixels.max() >= 2 ** bits_stored:
+    if pixels.min() < 0 or pixels.max() >= 2**bits_stored:
         raise ValueError(f"pixel values must fit {bits_stored} unsigned bits")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+
     def uid(kind: str) -> UID:
         return generate_uid(entropy_srcs=None if uid_source is None else [uid_source, kind])
 

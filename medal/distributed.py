@@ -36,8 +36,11 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else \
-        int(os.environ.get("RANK", "0"))
+    return (
+        dist.get_rank()
+        if dist.is_available() and dist.is_initialized()
+        else int(os.environ.get("RANK", "0"))
+    )
 
 
 def is_main() -> bool:
@@ -51,8 +54,7 @@ def init(device_name: str) -> torch.device:
     if use_cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo",
-                                timeout=_dt.timedelta(minutes=60))
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=_dt.timedelta(minutes=60))
     return torch.device("cuda", local) if use_cuda else torch.device("cpu")
 
 

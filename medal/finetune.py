@@ -49,16 +49,18 @@ def finetune_decision(cfg: Config, y: np.ndarray) -> tuple[bool, str]:
     if tc.finetune == "off":
         return False, ""
     if tc.finetune == "always":
-        return True, "train.finetune = \"always\""
+        return True, 'train.finetune = "always"'
     counts = np.bincount(np.asarray(y, np.int64), minlength=len(cfg.classes))
-    short = [f"{c} {int(n)}" for c, n in zip(cfg.classes, counts)
-             if n < tc.finetune_min_per_class]
+    short = [f"{c} {int(n)}" for c, n in zip(cfg.classes, counts) if n < tc.finetune_min_per_class]
     if short:
-        return False, (f"backbone kept frozen (train.finetune = \"auto\"): fine-tuning starts "
-                       f"once every class has {tc.finetune_min_per_class} labels; now "
-                       f"{', '.join(short)}")
-    return True, (f"every class has at least {tc.finetune_min_per_class} labels "
-                  f"(train.finetune = \"auto\")")
+        return False, (
+            f'backbone kept frozen (train.finetune = "auto"): fine-tuning starts '
+            f"once every class has {tc.finetune_min_per_class} labels; now "
+            f"{', '.join(short)}"
+        )
+    return True, (
+        f'every class has at least {tc.finetune_min_per_class} labels (train.finetune = "auto")'
+    )
 
 
 def freeze_batchnorm(model: nn.Module) -> int:
@@ -71,8 +73,16 @@ def freeze_batchnorm(model: nn.Module) -> int:
     return n
 
 
-def finetune(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
-             device: torch.device, seed: int = 0, progress: bool = True) -> FitResult:
+def finetune(
+    model: MCModel,
+    x: torch.Tensor,
+    y: np.ndarray,
+    cfg: Config,
+    *,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = True,
+) -> FitResult:
     """Fine-tune backbone and head of ``model`` (its head already trained by the probe) on
     ``x [N, C, S, S]``, ``y [N]``: the module docstring says how. Returns the training's
     history (mean loss per epoch)."""
@@ -85,28 +95,52 @@ def finetune(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
     torch.manual_seed(seed)
     model.to(device)
     opt = torch.optim.AdamW(
-        [{"params": model.backbone.parameters(), "lr": tc.lr * tc.finetune_lr_scale},
-         {"params": model.head.parameters(), "lr": tc.lr}],
-        weight_decay=tc.weight_decay)
+        [
+            {"params": model.backbone.parameters(), "lr": tc.lr * tc.finetune_lr_scale},
+            {"params": model.head.parameters(), "lr": tc.lr},
+        ],
+        weight_decay=tc.weight_decay,
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     weight = class_weights(y, len(cfg.classes)).to(device) if tc.balance != "none" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     yt = torch.as_tensor(y, dtype=torch.long)
     aug = Augmenter(x.shape[-1], tc.hflip) if tc.augment else None
     history = []
-    for epoch in tqdm(range(1, epochs + 1), desc="fine-tuning", unit="epoch",
-                      disable=not progress, leave=False):
-        loss = _epoch(model, opt, sched, loss_fn, x, yt, torch.randperm(n, generator=gen),
-                      tc.batch_size, device, aug)
+    for epoch in tqdm(
+        range(1, epochs + 1), desc="fine-tuning", unit="epoch", disable=not progress, leave=False
+    ):
+        loss = _epoch(
+            model,
+            opt,
+            sched,
+            loss_fn,
+            x,
+            yt,
+            torch.randperm(n, generator=gen),
+            tc.batch_size,
+            device,
+            aug,
+        )
         history.append({"epoch": float(epoch), "loss": loss})
     model.eval()
-    return FitResult(epochs=epochs, best_epoch=epochs, history=history,
-                     seconds=time.perf_counter() - t0)
+    return FitResult(
+        epochs=epochs, best_epoch=epochs, history=history, seconds=time.perf_counter() - t0
+    )
 
 
-def _epoch(model: MCModel, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
-           loss_fn: nn.Module, x: torch.Tensor, yt: torch.Tensor, perm: torch.Tensor,
-           batch_size: int, device: torch.device, aug: Augmenter | None) -> float:
+def _epoch(
+    model: MCModel,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    x: torch.Tensor,
+    yt: torch.Tensor,
+    perm: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    aug: Augmenter | None,
+) -> float:
     """One pass in the order ``perm`` (dropout on, BatchNorm statistics fixed); the mean loss.
     A loss that is not finite stops the training with an error rather than saving NaN
     weights."""
@@ -114,14 +148,16 @@ def _epoch(model: MCModel, opt: torch.optim.Optimizer, sched: torch.optim.lr_sch
     freeze_batchnorm(model)
     total = 0.0
     for i in range(0, len(perm), batch_size):
-        idx = perm[i:i + batch_size]
+        idx = perm[i : i + batch_size]
         xb = aug(x[idx]) if aug is not None else x[idx]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = loss_fn(model(xb.to(device)).float(), yt[idx].to(device))
         if not torch.isfinite(loss):
-            raise ModelError(f"fine-tuning diverged: loss {float(loss)} at batch "
-                             f"{i // batch_size + 1}; lower train.lr or "
-                             f"train.finetune_lr_scale, or set train.finetune = \"off\"")
+            raise ModelError(
+                f"fine-tuning diverged: loss {float(loss)} at batch "
+                f"{i // batch_size + 1}; lower train.lr or "
+                f'train.finetune_lr_scale, or set train.finetune = "off"'
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -130,8 +166,17 @@ def _epoch(model: MCModel, opt: torch.optim.Optimizer, sched: torch.optim.lr_sch
     return total / len(perm)
 
 
-def after_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, probe: FitResult,
-                *, device: torch.device, seed: int = 0, progress: bool = True) -> FitResult:
+def after_probe(
+    model: MCModel,
+    x: torch.Tensor,
+    y: np.ndarray,
+    cfg: Config,
+    probe: FitResult,
+    *,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = True,
+) -> FitResult:
     """The probe's result ``probe``, followed by fine-tuning when :func:`finetune_decision`
     says so; the decision (and the fine-tuning's epochs and time) in its notes."""
     go, why = finetune_decision(cfg, y)
@@ -140,12 +185,18 @@ def after_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, pro
             probe.notes.append(why)
         return probe
     ft = finetune(model, x, y, cfg, device=device, seed=seed, progress=progress)
-    line = (f"backbone fine-tuned after the probe (LP-FT), {why}: {ft.epochs} epochs, "
-            f"backbone lr {cfg.train.lr * cfg.train.finetune_lr_scale:g}, head lr "
-            f"{cfg.train.lr:g}, loss {ft.history[-1]['loss']:.4f}, {ft.seconds:.0f} s")
+    line = (
+        f"backbone fine-tuned after the probe (LP-FT), {why}: {ft.epochs} epochs, "
+        f"backbone lr {cfg.train.lr * cfg.train.finetune_lr_scale:g}, head lr "
+        f"{cfg.train.lr:g}, loss {ft.history[-1]['loss']:.4f}, {ft.seconds:.0f} s"
+    )
     if progress:
         tqdm.write(line)
     shifted = [{**row, "epoch": row["epoch"] + probe.epochs} for row in ft.history]
-    return FitResult(epochs=probe.epochs + ft.epochs, best_epoch=probe.epochs + ft.epochs,
-                     history=[*probe.history, *shifted], seconds=probe.seconds + ft.seconds,
-                     notes=[*probe.notes, line])
+    return FitResult(
+        epochs=probe.epochs + ft.epochs,
+        best_epoch=probe.epochs + ft.epochs,
+        history=[*probe.history, *shifted],
+        seconds=probe.seconds + ft.seconds,
+        notes=[*probe.notes, line],
+    )

@@ -50,8 +50,11 @@ class Augmenter:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, C, S, S]`` -> augmented ``[B, C, S, S]``."""
-        out = [(self.t((img * NORMALISE_STD + NORMALISE_MEAN).clamp(0, 1)) - NORMALISE_MEAN)
-               / NORMALISE_STD for img in x]
+        out = [
+            (self.t((img * NORMALISE_STD + NORMALISE_MEAN).clamp(0, 1)) - NORMALISE_MEAN)
+            / NORMALISE_STD
+            for img in x
+        ]
         return torch.stack(out)
 
 
@@ -59,6 +62,8 @@ def check_finite(value: float, when: str, lr_key: str, lr: float) -> None:
     """Stop a training whose loss, weights or outputs became NaN or infinite: one line, raised
     before anything is saved, so the previous checkpoint stays the current one."""
     if not math.isfinite(value):
-        raise ModelError(f"training stopped {when}: the loss, weights or outputs became {value} "
-                         f"(not finite); {lr_key} = {lr:g} is probably too high (try 10 times "
-                         f"lower); nothing was saved, the previous checkpoint stays current")
+        raise ModelError(
+            f"training stopped {when}: the loss, weights or outputs became {value} "
+            f"(not finite); {lr_key} = {lr:g} is probably too high (try 10 times "
+            f"lower); nothing was saved, the previous checkpoint stays current"
+        )

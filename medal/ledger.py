@@ -189,8 +189,10 @@ class Ledger:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     self._db.execute(stmt)
-            self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)",
-                             (str(SCHEMA_VERSION),))
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)",
+                (str(SCHEMA_VERSION),),
+            )
             self._migrate()
 
     def _migrate(self) -> None:
@@ -198,13 +200,14 @@ class Ledger:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         version = int(row["value"])
         if version > SCHEMA_VERSION:
-            raise WorkspaceError(f"{self.path} was written by a newer medal (ledger schema "
-                              f"{version}; this medal reads up to {SCHEMA_VERSION}); upgrade medal")
+            raise WorkspaceError(
+                f"{self.path} was written by a newer medal (ledger schema "
+                f"{version}; this medal reads up to {SCHEMA_VERSION}); upgrade medal"
+            )
         if version < 2:  # metrics.value NOT NULL -> nullable (undefined metrics are NULL)
             self._db.execute("ALTER TABLE metrics RENAME TO metrics_v1")
             self._db.execute(_METRICS_TABLE)
-            self._db.execute("INSERT INTO metrics SELECT round, split, name, value "
-                             "FROM metrics_v1")
+            self._db.execute("INSERT INTO metrics SELECT round, split, name, value FROM metrics_v1")
             self._db.execute("DROP TABLE metrics_v1")
         columns = {r["name"] for r in self._db.execute("PRAGMA table_info(labels)")}
         if "comment" not in columns:  # version < 3: labels.comment
@@ -254,8 +257,9 @@ class Ledger:
 
     def images_by_path(self) -> dict[str, ImageRecord]:
         """File records by path (frame records of multi-frame files are left out)."""
-        rows = self._db.execute("SELECT id, path, size, mtime_ns, format FROM images "
-                                "WHERE id NOT LIKE '%#%'")
+        rows = self._db.execute(
+            "SELECT id, path, size, mtime_ns, format FROM images WHERE id NOT LIKE '%#%'"
+        )
         return {r["path"]: ImageRecord(**dict(r)) for r in rows}
 
     def frame_ids(self, file_id: str) -> list[str]:
@@ -264,8 +268,9 @@ class Ledger:
         return sorted((r["id"] for r in rows), key=lambda i: int(i.rsplit("#f", 1)[1]))
 
     def image(self, image_id: str) -> ImageRecord | None:
-        r = self._db.execute("SELECT id, path, size, mtime_ns, format FROM images WHERE id=?",
-                             (image_id,)).fetchone()
+        r = self._db.execute(
+            "SELECT id, path, size, mtime_ns, format FROM images WHERE id=?", (image_id,)
+        ).fetchone()
         return ImageRecord(**dict(r)) if r else None
 
     def upsert_images(self, records: Iterable[ImageRecord]) -> None:
@@ -284,12 +289,16 @@ class Ledger:
         now = time.time()
         with self.transaction() as db:
             db.execute("DELETE FROM skipped")
-            db.executemany("INSERT INTO skipped(path, reason, seen_at) VALUES (?, ?, ?)",
-                           [(p, r, now) for p, r in sorted(skipped.items())])
+            db.executemany(
+                "INSERT INTO skipped(path, reason, seen_at) VALUES (?, ?, ?)",
+                [(p, r, now) for p, r in sorted(skipped.items())],
+            )
 
     def skipped(self) -> dict[str, str]:
-        return {r["path"]: r["reason"] for r in
-                self._db.execute("SELECT path, reason FROM skipped ORDER BY path")}
+        return {
+            r["path"]: r["reason"]
+            for r in self._db.execute("SELECT path, reason FROM skipped ORDER BY path")
+        }
 
     # --- labels -------------------------------------------------------------------------------
     def current_labels(self) -> dict[str, str]:
@@ -297,12 +306,15 @@ class Ledger:
         with an empty label (an image released back to the pool) means "no label"."""
         rows = self._db.execute(
             "SELECT image_id, label FROM labels WHERE seq IN "
-            "(SELECT MAX(seq) FROM labels GROUP BY image_id)")
+            "(SELECT MAX(seq) FROM labels GROUP BY image_id)"
+        )
         return {r["image_id"]: r["label"] for r in rows if r["label"]}
 
     def labels(self, round_no: int | None = None) -> list[LabelRecord]:
-        q = ("SELECT image_id, label, round, source, annotator, origin, created_at, comment "
-             "FROM labels")
+        q = (
+            "SELECT image_id, label, round, source, annotator, origin, created_at, comment "
+            "FROM labels"
+        )
         args: tuple[Any, ...] = ()
         if round_no is not None:
             q += " WHERE round=?"
@@ -319,7 +331,9 @@ class Ledger:
             f"SELECT round, COUNT(DISTINCT CASE WHEN source IN ({marks}) AND label != '' "
             f"THEN image_id END) AS images, "
             f"SUM(source LIKE 'labels\\_%.csv' ESCAPE '\\') AS readers "
-            f"FROM labels GROUP BY round", tuple(final_sources))
+            f"FROM labels GROUP BY round",
+            tuple(final_sources),
+        )
         return {r["round"]: (r["images"], r["readers"] or 0) for r in rows}
 
     def add_labels(self, rows: Sequence[LabelRecord]) -> None:
@@ -338,9 +352,19 @@ class Ledger:
         db.executemany(
             "INSERT INTO labels(image_id, label, round, source, annotator, origin, created_at, "
             "comment) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(r.image_id, r.label, r.round, r.source, r.annotator, r.origin, r.created_at,
-              r.comment)
-             for r in rows],
+            [
+                (
+                    r.image_id,
+                    r.label,
+                    r.round,
+                    r.source,
+                    r.annotator,
+                    r.origin,
+                    r.created_at,
+                    r.comment,
+                )
+                for r in rows
+            ],
         )
 
     # --- frozen validation split -------------------------------------------------------------
@@ -349,22 +373,26 @@ class Ledger:
         chosen = self._db.execute("SELECT value FROM meta WHERE key='holdout'").fetchone()
         if chosen is None:
             return None
-        return [r["image_id"] for r in
-                self._db.execute("SELECT image_id FROM holdout ORDER BY image_id")]
+        return [
+            r["image_id"]
+            for r in self._db.execute("SELECT image_id FROM holdout ORDER BY image_id")
+        ]
 
     def set_holdout(self, image_ids: Sequence[str]) -> None:
         """Freeze the validation split (once; later calls are refused)."""
         with self.transaction() as db:
-            db.execute("INSERT INTO meta(key, value) VALUES ('holdout', ?)",
-                       (str(len(image_ids)),))
+            db.execute("INSERT INTO meta(key, value) VALUES ('holdout', ?)", (str(len(image_ids)),))
             now = time.time()
-            db.executemany("INSERT INTO holdout(image_id, created_at) VALUES (?, ?)",
-                           [(i, now) for i in image_ids])
+            db.executemany(
+                "INSERT INTO holdout(image_id, created_at) VALUES (?, ?)",
+                [(i, now) for i in image_ids],
+            )
 
     # --- rounds -------------------------------------------------------------------------------
     def rounds(self) -> list[RoundRecord]:
-        return [RoundRecord(**dict(r)) for r in
-                self._db.execute("SELECT * FROM rounds ORDER BY round")]
+        return [
+            RoundRecord(**dict(r)) for r in self._db.execute("SELECT * FROM rounds ORDER BY round")
+        ]
 
     def round(self, number: int) -> RoundRecord | None:
         r = self._db.execute("SELECT * FROM rounds WHERE round=?", (number,)).fetchone()
@@ -375,52 +403,100 @@ class Ledger:
             db.execute(
                 "INSERT INTO rounds(round, strategy, budget, mc_samples, model_round, pool_size, "
                 "folder, exported_at, ingested_at, score_seconds) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (rec.round, rec.strategy, rec.budget, rec.mc_samples, rec.model_round,
-                 rec.pool_size, rec.folder, rec.exported_at, rec.ingested_at, rec.score_seconds))
+                (
+                    rec.round,
+                    rec.strategy,
+                    rec.budget,
+                    rec.mc_samples,
+                    rec.model_round,
+                    rec.pool_size,
+                    rec.folder,
+                    rec.exported_at,
+                    rec.ingested_at,
+                    rec.score_seconds,
+                ),
+            )
             db.executemany(
                 "INSERT INTO selections(round, image_id, rank, file, score, predicted, probs, "
                 "sha256) VALUES (?,?,?,?,?,?,?,?)",
-                [(s.round, s.image_id, s.rank, s.file, s.score, s.predicted, json.dumps(s.probs),
-                  s.sha256 or s.image_id) for s in selections])
+                [
+                    (
+                        s.round,
+                        s.image_id,
+                        s.rank,
+                        s.file,
+                        s.score,
+                        s.predicted,
+                        json.dumps(s.probs),
+                        s.sha256 or s.image_id,
+                    )
+                    for s in selections
+                ],
+            )
 
     def selections(self, round_no: int) -> list[Selection]:
-        rows = self._db.execute("SELECT * FROM selections WHERE round=? ORDER BY rank",
-                                (round_no,))
-        return [Selection(round=r["round"], image_id=r["image_id"], rank=r["rank"],
-                          file=r["file"], score=r["score"], predicted=r["predicted"],
-                          probs=tuple(json.loads(r["probs"])), sha256=r["sha256"])
-                for r in rows]
+        rows = self._db.execute("SELECT * FROM selections WHERE round=? ORDER BY rank", (round_no,))
+        return [
+            Selection(
+                round=r["round"],
+                image_id=r["image_id"],
+                rank=r["rank"],
+                file=r["file"],
+                score=r["score"],
+                predicted=r["predicted"],
+                probs=tuple(json.loads(r["probs"])),
+                sha256=r["sha256"],
+            )
+            for r in rows
+        ]
 
     def pending_image_ids(self) -> set[str]:
         """Images exported in a round that has not been ingested yet (out of the pool)."""
         rows = self._db.execute(
             "SELECT s.image_id FROM selections s JOIN rounds r ON r.round = s.round "
-            "WHERE r.ingested_at IS NULL")
+            "WHERE r.ingested_at IS NULL"
+        )
         return {r["image_id"] for r in rows}
 
     # --- models and metrics -------------------------------------------------------------------
-    def record_model(self, round_no: int, checkpoint: str, parent: int | None, n_labels: int,
-                     epochs: int, train_seconds: float, metrics: dict[str, dict[str, float]]
-                     ) -> None:
+    def record_model(
+        self,
+        round_no: int,
+        checkpoint: str,
+        parent: int | None,
+        n_labels: int,
+        epochs: int,
+        train_seconds: float,
+        metrics: dict[str, dict[str, float]],
+    ) -> None:
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO models(round, checkpoint, parent, n_labels, epochs, "
-                       "train_seconds, created_at) VALUES (?,?,?,?,?,?,?)",
-                       (round_no, checkpoint, parent, n_labels, epochs, train_seconds,
-                        time.time()))
+            db.execute(
+                "INSERT OR REPLACE INTO models(round, checkpoint, parent, n_labels, epochs, "
+                "train_seconds, created_at) VALUES (?,?,?,?,?,?,?)",
+                (round_no, checkpoint, parent, n_labels, epochs, train_seconds, time.time()),
+            )
             db.execute("DELETE FROM metrics WHERE round=?", (round_no,))
-            db.executemany("INSERT INTO metrics(round, split, name, value) VALUES (?,?,?,?)",
-                           [(round_no, split, name, _defined(v)) for split, d in metrics.items()
-                            for name, v in d.items()])
+            db.executemany(
+                "INSERT INTO metrics(round, split, name, value) VALUES (?,?,?,?)",
+                [
+                    (round_no, split, name, _defined(v))
+                    for split, d in metrics.items()
+                    for name, v in d.items()
+                ],
+            )
 
     _MODEL_COLUMNS = "round, checkpoint, parent, n_labels, epochs, train_seconds, created_at"
 
     def models(self) -> list[ModelRecord]:
-        return [ModelRecord(**dict(r)) for r in
-                self._db.execute(f"SELECT {self._MODEL_COLUMNS} FROM models ORDER BY round")]
+        return [
+            ModelRecord(**dict(r))
+            for r in self._db.execute(f"SELECT {self._MODEL_COLUMNS} FROM models ORDER BY round")
+        ]
 
     def latest_model(self) -> ModelRecord | None:
-        r = self._db.execute(f"SELECT {self._MODEL_COLUMNS} FROM models "
-                             f"ORDER BY round DESC LIMIT 1").fetchone()
+        r = self._db.execute(
+            f"SELECT {self._MODEL_COLUMNS} FROM models ORDER BY round DESC LIMIT 1"
+        ).fetchone()
         return ModelRecord(**dict(r)) if r else None
 
     def metrics(self) -> dict[int, dict[str, dict[str, float]]]:
@@ -449,13 +525,12 @@ def round_ingest_state(path: Path, round_no: int) -> tuple[float | None, set[str
     if not Path(path).is_file():
         return None
     try:
-        db = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True,
-                             timeout=10.0)
+        db = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True, timeout=10.0)
         try:
-            row = db.execute("SELECT ingested_at FROM rounds WHERE round=?",
-                             (round_no,)).fetchone()
-            files = {r[0] for r in db.execute("SELECT file FROM selections WHERE round=?",
-                                              (round_no,))}
+            row = db.execute("SELECT ingested_at FROM rounds WHERE round=?", (round_no,)).fetchone()
+            files = {
+                r[0] for r in db.execute("SELECT file FROM selections WHERE round=?", (round_no,))
+            }
         finally:
             db.close()
     except sqlite3.Error as e:

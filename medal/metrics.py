@@ -26,13 +26,14 @@ def defined_monitor(metrics: dict[str, float], name: str) -> tuple[str, str | No
     its defined parts, else the validation loss; with a note saying why when it falls back."""
     if np.isfinite(monitor_value(metrics, name)):
         return name, None
-    parts = [p for p in name.split("+")
-             if metrics.get(p) is not None and np.isfinite(metrics[p])]
+    parts = [p for p in name.split("+") if metrics.get(p) is not None and np.isfinite(metrics[p])]
     used = "+".join(parts) if parts else "loss"
     missing = [p for p in name.split("+") if p not in parts]
-    return used, (f"train.monitor {name!r} is undefined on this validation set "
-                  f"({', '.join(missing)} needs more classes present; validation has "
-                  f"{int(metrics.get('n', 0))} image(s)); selecting epochs by {used!r} instead")
+    return used, (
+        f"train.monitor {name!r} is undefined on this validation set "
+        f"({', '.join(missing)} needs more classes present; validation has "
+        f"{int(metrics.get('n', 0))} image(s)); selecting epochs by {used!r} instead"
+    )
 
 
 def show_metric(v: float | None, digits: int = 3) -> str:
@@ -54,8 +55,9 @@ def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int = 15)
     return float(ece)
 
 
-def classification_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int,
-                           classes: Sequence[str] | None = None) -> dict[str, float]:
+def classification_metrics(
+    y: np.ndarray, probs: np.ndarray, n_classes: int, classes: Sequence[str] | None = None
+) -> dict[str, float]:
     """Metrics from labels ``y [N]`` and probabilities ``probs [N, K]`` (scikit-learn based).
 
     accuracy, balanced_accuracy (over the classes present in ``y``), auroc (binary, or macro
@@ -71,19 +73,22 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int,
     p = np.clip(probs / probs.sum(1, keepdims=True), 1e-12, 1.0)
     with warnings.catch_warnings():  # "y_pred contains classes not in y_true" on small splits
         warnings.simplefilter("ignore", UserWarning)
-        out = {"n": float(len(y)),
-               "accuracy": float(skm.accuracy_score(y, pred)),
-               "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
-               "loss": float(skm.log_loss(y, p, labels=labels)),
-               "ece": expected_calibration_error(y, p)}
+        out = {
+            "n": float(len(y)),
+            "accuracy": float(skm.accuracy_score(y, pred)),
+            "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
+            "loss": float(skm.log_loss(y, p, labels=labels)),
+            "ece": expected_calibration_error(y, p),
+        }
     present = np.unique(y)
     if len(present) < n_classes:
         out["auroc"] = float("nan")
     elif n_classes == 2:
         out["auroc"] = float(skm.roc_auc_score(y, p[:, 1]))
     else:
-        out["auroc"] = float(skm.roc_auc_score(y, p, multi_class="ovr", average="macro",
-                                               labels=labels))
+        out["auroc"] = float(
+            skm.roc_auc_score(y, p, multi_class="ovr", average="macro", labels=labels)
+        )
     cm = skm.confusion_matrix(y, pred, labels=labels)
     for i, c in enumerate(names):
         tp, fn = cm[i, i], cm[i].sum() - cm[i, i]

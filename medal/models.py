@@ -44,8 +44,15 @@ def _small_cnn(in_channels: int) -> tuple[nn.Module, int]:
     def block(i: int, o: int) -> list[nn.Module]:
         return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
 
-    net = nn.Sequential(*block(in_channels, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2),
-                        *block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net = nn.Sequential(
+        *block(in_channels, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        nn.MaxPool2d(2),
+        *block(64, 128),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
     return net, 128
 
 
@@ -54,8 +61,9 @@ def _adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     if conv.in_channels == in_channels:
         return conv
     square = cast(tuple[int, int], conv.kernel_size), cast(tuple[int, int], conv.stride)
-    return nn.Conv2d(in_channels, conv.out_channels, *square, cast(Any, conv.padding),
-                     bias=conv.bias is not None)
+    return nn.Conv2d(
+        in_channels, conv.out_channels, *square, cast(Any, conv.padding), bias=conv.bias is not None
+    )
 
 
 def _tv(name: str) -> Callable[[int], tuple[nn.Module, int]]:
@@ -100,8 +108,9 @@ class Standardize(nn.Module):
     def fit(self, f: torch.Tensor) -> None:
         """Set the statistics from features ``f [N, D]``."""
         self.mean.copy_(f.mean(0))
-        self.scale.copy_(f.std(0, unbiased=False).clamp(min=1e-6) if len(f) > 1
-                         else torch.ones_like(self.scale))
+        self.scale.copy_(
+            f.std(0, unbiased=False).clamp(min=1e-6) if len(f) > 1 else torch.ones_like(self.scale)
+        )
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return (f - self.mean) / self.scale
@@ -114,12 +123,17 @@ class StochasticHead(nn.Sequential):
 
     def __init__(self, in_features: int, hidden: int, num_classes: int, p: float) -> None:
         if hidden == 0:
-            super().__init__(Standardize(in_features), nn.Dropout(p),
-                             nn.Linear(in_features, num_classes))
+            super().__init__(
+                Standardize(in_features), nn.Dropout(p), nn.Linear(in_features, num_classes)
+            )
         else:
-            super().__init__(nn.Dropout(p), nn.Linear(in_features, hidden),
-                             nn.ReLU(inplace=True), nn.Dropout(p),
-                             nn.Linear(hidden, num_classes))
+            super().__init__(
+                nn.Dropout(p),
+                nn.Linear(in_features, hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(p),
+                nn.Linear(hidden, num_classes),
+            )
 
 
 def add_backbone_dropout(backbone: nn.Module, p: float) -> int:
@@ -156,11 +170,14 @@ def resolve_features(features: str, backbone_dropout: float) -> str:
     """``model.features`` as built: "last" or "multiscale" ("auto": multiscale unless the
     backbone has dropout, whose full-network sampling splits it and needs "last")."""
     if features not in FEATURE_MODES:
-        raise ModelError(f"model.features must be one of {', '.join(FEATURE_MODES)}, "
-                         f"got {features!r}")
+        raise ModelError(
+            f"model.features must be one of {', '.join(FEATURE_MODES)}, got {features!r}"
+        )
     if features == "multiscale" and backbone_dropout > 0:
-        raise ModelError("model.features = 'multiscale' needs model.backbone_dropout = 0; "
-                         "use 'last' (or 'auto') with backbone dropout")
+        raise ModelError(
+            "model.features = 'multiscale' needs model.backbone_dropout = 0; "
+            "use 'last' (or 'auto') with backbone dropout"
+        )
     if features == "auto":
         return "last" if backbone_dropout > 0 else "multiscale"
     return features
@@ -178,8 +195,9 @@ def earlier_stages(backbone: nn.Module) -> list[str]:
     if isinstance(feats, nn.Sequential):
         dense = [f"features.{k}" for k, _ in feats.named_children() if k.startswith("denseblock")]
         return dense[:-1] if dense else [f"features.{i}" for i in range(1, len(feats) - 2)]
-    raise ModelError(f"model.features = 'multiscale': no known stages in "
-                     f"{type(backbone).__name__}; use 'last'")
+    raise ModelError(
+        f"model.features = 'multiscale': no known stages in {type(backbone).__name__}; use 'last'"
+    )
 
 
 class MCModel(nn.Module):
@@ -190,9 +208,17 @@ class MCModel(nn.Module):
     lower stages keep texture a linear head can use), or "auto" (multiscale unless the backbone
     has dropout, whose full-network sampling splits the backbone and needs "last")."""
 
-    def __init__(self, name: str, num_classes: int, *, in_channels: int = 1,
-                 dropout: float = 0.5, hidden: int = 128, backbone_dropout: float = 0.0,
-                 features: str = "last") -> None:
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        *,
+        in_channels: int = 1,
+        dropout: float = 0.5,
+        hidden: int = 128,
+        backbone_dropout: float = 0.0,
+        features: str = "last",
+    ) -> None:
         super().__init__()
         if name not in _REGISTRY:
             raise ModelError(f"unknown model {name!r}; available: {', '.join(_REGISTRY)}")
@@ -215,8 +241,7 @@ class MCModel(nn.Module):
         was = self.backbone.training
         self.backbone.eval()
         try:
-            taps = self._run(torch.zeros(1, in_channels, 32, 32, device=p.device,
-                                         dtype=p.dtype))[0]
+            taps = self._run(torch.zeros(1, in_channels, 32, 32, device=p.device, dtype=p.dtype))[0]
         finally:
             self.backbone.train(was)
         return [t.shape[1] for t in taps]
@@ -224,8 +249,12 @@ class MCModel(nn.Module):
     def _run(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``(earlier stages' outputs [B, C_i, H_i, W_i], backbone output [B, backbone_dim])``."""
         taps: list[torch.Tensor] = []
-        handles = [self.backbone.get_submodule(n).register_forward_hook(
-            lambda _m, _i, out: taps.append(out)) for n in self.stages]
+        handles = [
+            self.backbone.get_submodule(n).register_forward_hook(
+                lambda _m, _i, out: taps.append(out)
+            )
+            for n in self.stages
+        ]
         try:
             out = self.backbone(x)
         finally:
@@ -240,8 +269,9 @@ class MCModel(nn.Module):
     def backbone_is_stochastic(self) -> bool:
         return any(isinstance(m, _DROPOUT_TYPES) for m in self.backbone.modules())
 
-    def backbone_split(self) -> tuple[Callable[[torch.Tensor], torch.Tensor],
-                                      Callable[[torch.Tensor], torch.Tensor]]:
+    def backbone_split(
+        self,
+    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
         """``(prefix, rest)`` with ``features(x) == rest(prefix(x))`` and no dropout in
         ``prefix``, so full-network sampling computes the deterministic stem once."""
         if self.stages:
@@ -252,6 +282,7 @@ class MCModel(nn.Module):
             k = next((i for i, m in enumerate(mods) if isinstance(m, _DROPOUT_TYPES)), 0)
             return nn.Sequential(*mods[:k]), nn.Sequential(*mods[k:])
         if all(hasattr(bb, a) for a in ("conv1", "bn1", "relu", "maxpool", "layer1", "avgpool")):
+
             def stem(x: torch.Tensor) -> torch.Tensor:
                 return bb.maxpool(bb.relu(bb.bn1(bb.conv1(x))))
 
@@ -274,14 +305,28 @@ class MCModel(nn.Module):
         return self.head(self.features(x))
 
 
-def create_model(name: str, num_classes: int, *, in_channels: int = 1, dropout: float = 0.5,
-                 hidden: int = 128, pretrained: Path | None = None,
-                 backbone_dropout: float = 0.0, features: str = "last") -> MCModel:
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    in_channels: int = 1,
+    dropout: float = 0.5,
+    hidden: int = 128,
+    pretrained: Path | None = None,
+    backbone_dropout: float = 0.0,
+    features: str = "last",
+) -> MCModel:
     """Build a model by registry name; ``pretrained`` is a local backbone state-dict file
     (loaded before the backbone dropout layers are inserted, so plain torchvision keys fit).
     ``features``: see :class:`MCModel` ("auto" resolves with ``backbone_dropout``)."""
-    model = MCModel(name, num_classes, in_channels=in_channels, dropout=dropout, hidden=hidden,
-                    features=resolve_features(features, backbone_dropout))
+    model = MCModel(
+        name,
+        num_classes,
+        in_channels=in_channels,
+        dropout=dropout,
+        hidden=hidden,
+        features=resolve_features(features, backbone_dropout),
+    )
     if pretrained is not None:
         load_backbone_weights(model, Path(pretrained))
     if backbone_dropout > 0:
@@ -323,9 +368,16 @@ def model_from_config(cfg: ConfigWithModel, *, load_pretrained: bool = True) -> 
     a :func:`create_model` call. ``load_pretrained`` false leaves ``model.pretrained`` unread
     (a model built on the ``meta`` device to measure its size)."""
     m = cfg.model
-    return create_model(m.name, len(cfg.classes), in_channels=m.channels, dropout=m.dropout,
-                        hidden=m.hidden, pretrained=m.pretrained if load_pretrained else None,
-                        backbone_dropout=m.backbone_dropout, features=m.features)
+    return create_model(
+        m.name,
+        len(cfg.classes),
+        in_channels=m.channels,
+        dropout=m.dropout,
+        hidden=m.hidden,
+        pretrained=m.pretrained if load_pretrained else None,
+        backbone_dropout=m.backbone_dropout,
+        features=m.features,
+    )
 
 
 def read_pretrained(path: Path) -> dict[str, torch.Tensor]:
@@ -334,16 +386,19 @@ def read_pretrained(path: Path) -> dict[str, torch.Tensor]:
     file leaves the workspace as it was."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"model.pretrained: weights file not found: {path} (medal never "
-                         f"downloads weights; save them locally and give the path)")
+        raise ModelError(
+            f"model.pretrained: weights file not found: {path} (medal never "
+            f"downloads weights; save them locally and give the path)"
+        )
     state = read_weights(path, "model.pretrained:")
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        raise ModelError(f"model.pretrained: {path} holds a {type(state).__name__}, not a "
-                         f"state dict (names -> tensors, as torch.save(model.state_dict()) "
-                         f"writes)")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(
+            f"model.pretrained: {path} holds a {type(state).__name__}, not a "
+            f"state dict (names -> tensors, as torch.save(model.state_dict()) "
+            f"writes)"
+        )
     return state
 
 
@@ -364,9 +419,11 @@ def load_backbone_weights(model: MCModel, path: Path) -> None:
     bad = [k for k, v in adapted.items() if v.shape != own[k].shape]
     missing = [k for k in own if k not in adapted]
     if bad or len(missing) == len(own):
-        raise ModelError(f"model.pretrained: {path} does not fit this backbone "
-                         f"({len(bad)} shape mismatches, {len(missing)} of {len(own)} weights "
-                         f"missing)")
+        raise ModelError(
+            f"model.pretrained: {path} does not fit this backbone "
+            f"({len(bad)} shape mismatches, {len(missing)} of {len(own)} weights "
+            f"missing)"
+        )
     model.backbone.load_state_dict(adapted, strict=False)
 
 
@@ -385,16 +442,21 @@ def read_weights(path: Path, what: str) -> Any:
         raise ModelError(f"{what} cannot read {path}: {e.strerror or e}") from None
     expected = "expected a file written by torch.save"
     if not (magic == _ZIP_MAGIC or magic[:1] == _PICKLE_MAGIC):
-        raise ModelError(f"{what} {path} is not a PyTorch weights file ({expected}: a zip "
-                         f"archive; this one starts with {magic!r})")
+        raise ModelError(
+            f"{what} {path} is not a PyTorch weights file ({expected}: a zip "
+            f"archive; this one starts with {magic!r})"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise ModelError(f"{what} {path} holds Python objects other than tensors, which medal "
-                         f"does not unpickle ({expected} of a state dict)") from None
+        raise ModelError(
+            f"{what} {path} holds Python objects other than tensors, which medal "
+            f"does not unpickle ({expected} of a state dict)"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any failure to load means an unusable file
-        raise ModelError(f"{what} {path} is truncated or corrupt ({expected}): "
-                         f"{first_sentence(e)}") from None
+        raise ModelError(
+            f"{what} {path} is truncated or corrupt ({expected}): {first_sentence(e)}"
+        ) from None
 
 
 def first_sentence(e: BaseException) -> str:

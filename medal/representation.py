@@ -34,6 +34,7 @@ from .fitting import check_finite
 @dataclass(frozen=True)
 class SSLSettings:
     """What a pretraining depends on besides the images (part of its cache key)."""
+
     epochs: int = 30
     batch_size: int = 256
     temperature: float = 0.2
@@ -66,12 +67,14 @@ class Views:
         tx, ty = (1 - sx) * u(-1, 1), (1 - sy) * u(-1, 1)
         angle = u(-10, 10) * math.pi / 180
         cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack([torch.stack([sx * cos, -sy * sin, tx], 1),
-                             torch.stack([sx * sin, sy * cos, ty], 1)], 1)
+        theta = torch.stack(
+            [torch.stack([sx * cos, -sy * sin, tx], 1), torch.stack([sx * sin, sy * cos, ty], 1)], 1
+        )
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         img = (x * NORMALISE_STD + NORMALISE_MEAN).clamp(0, 1)
-        img = F.grid_sample(img, grid, mode="bilinear", padding_mode="reflection",
-                            align_corners=False)
+        img = F.grid_sample(
+            img, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+        )
         mean = img.mean(dim=(1, 2, 3), keepdim=True)
         contrast, bright = u(0.6, 1.4).view(b, 1, 1, 1), u(0.6, 1.4).view(b, 1, 1, 1)
         img = ((img - mean) * contrast + mean) * bright
@@ -96,29 +99,43 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(sim, target)
 
 
-def cache_key(image_ids: Sequence[str], preprocess: dict, model: dict,
-              settings: SSLSettings) -> str:
+def cache_key(
+    image_ids: Sequence[str], preprocess: dict, model: dict, settings: SSLSettings
+) -> str:
     """Stable key of a pretraining: the set of image ids, image settings, architecture, SSL
     settings."""
     h = hashlib.sha256()
     for i in sorted(image_ids):
         h.update(i.encode())
         h.update(b"\0")
-    h.update(json.dumps([preprocess, model, dataclasses.asdict(settings)],
-                        sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            [preprocess, model, dataclasses.asdict(settings)], sort_keys=True, default=str
+        ).encode()
+    )
     return h.hexdigest()[:24]
 
 
-def pretrain(backbone: nn.Module, feature_dim: int, x: torch.Tensor, settings: SSLSettings,
-             *, device: torch.device, progress: bool = True,
-             log: Callable[[float, int], None] | None = None) -> dict[str, torch.Tensor]:
+def pretrain(
+    backbone: nn.Module,
+    feature_dim: int,
+    x: torch.Tensor,
+    settings: SSLSettings,
+    *,
+    device: torch.device,
+    progress: bool = True,
+    log: Callable[[float, int], None] | None = None,
+) -> dict[str, torch.Tensor]:
     """Train ``backbone`` (``[B, C, S, S] -> [B, D]``) contrastively on ``x [N, C, S, S]`` in
     place; returns its state dict (on CPU). bf16 autocast on CUDA. ``log(loss, step)`` gets
     each optimiser step's loss as it trains (TensorBoard)."""
     gen = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
-    proj = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(inplace=True),
-                         nn.Linear(feature_dim, settings.projection_dim))
+    proj = nn.Sequential(
+        nn.Linear(feature_dim, feature_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(feature_dim, settings.projection_dim),
+    )
     backbone.to(device).train()
     proj.to(device).train()
     params = [*backbone.parameters(), *proj.parameters()]
@@ -128,14 +145,19 @@ def pretrain(backbone: nn.Module, feature_dim: int, x: torch.Tensor, settings: S
     steps = max(1, n // bs) * settings.epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     views = Views()
-    bar = tqdm(range(settings.epochs), desc="self-supervised pretraining", unit="epoch",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        range(settings.epochs),
+        desc="self-supervised pretraining",
+        unit="epoch",
+        disable=not progress,
+        leave=False,
+    )
     t0 = time.perf_counter()
     for epoch in bar:
         perm = torch.randperm(n, generator=gen)
         total, seen = 0.0, 0
         for i in range(0, n - bs + 1, bs):  # full batches only: NT-Xent needs negatives
-            xb = x[perm[i:i + bs]]
+            xb = x[perm[i : i + bs]]
             v1, v2_ = views(xb, gen).to(device), views(xb, gen).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 z1, z2 = proj(backbone(v1)), proj(backbone(v2_))
@@ -149,12 +171,17 @@ def pretrain(backbone: nn.Module, feature_dim: int, x: torch.Tensor, settings: S
             if log is not None:
                 log(loss.item(), int(sched.last_epoch))
         bar.set_postfix(loss=f"{total / max(seen, 1):.3f}")
-        check_finite(total / max(seen, 1) + _weights_sum(backbone),
-                     f"in self-supervised pretraining epoch {epoch + 1} of {settings.epochs}",
-                     "representation.lr", settings.lr)
+        check_finite(
+            total / max(seen, 1) + _weights_sum(backbone),
+            f"in self-supervised pretraining epoch {epoch + 1} of {settings.epochs}",
+            "representation.lr",
+            settings.lr,
+        )
     if progress:
-        tqdm.write(f"self-supervised pretraining: {settings.epochs} epochs on {n} images in "
-                   f"{time.perf_counter() - t0:.0f} s")
+        tqdm.write(
+            f"self-supervised pretraining: {settings.epochs} epochs on {n} images in "
+            f"{time.perf_counter() - t0:.0f} s"
+        )
     backbone.eval()
     return {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
 
@@ -162,8 +189,9 @@ def pretrain(backbone: nn.Module, feature_dim: int, x: torch.Tensor, settings: S
 def _weights_sum(module: nn.Module) -> float:
     """NaN or infinite when any floating-point weight or buffer of ``module`` is."""
     with torch.no_grad():
-        return sum(float(t.double().sum()) for t in module.state_dict().values()
-                   if t.is_floating_point())
+        return sum(
+            float(t.double().sum()) for t in module.state_dict().values() if t.is_floating_point()
+        )
 
 
 def load_cached(path: Path, backbone: nn.Module) -> bool:
@@ -179,14 +207,20 @@ def load_cached(path: Path, backbone: nn.Module) -> bool:
         return False
 
 
-def pretrain_and_cache(path: Path, backbone: nn.Module, feature_dim: int, x: torch.Tensor,
-                       settings: SSLSettings, *, device: torch.device,
-                       progress: bool = True,
-                       log: Callable[[float, int], None] | None = None) -> None:
+def pretrain_and_cache(
+    path: Path,
+    backbone: nn.Module,
+    feature_dim: int,
+    x: torch.Tensor,
+    settings: SSLSettings,
+    *,
+    device: torch.device,
+    progress: bool = True,
+    log: Callable[[float, int], None] | None = None,
+) -> None:
     """Pretrain ``backbone`` on ``x`` and cache its weights at ``path`` (atomically); ``log``
     as for :func:`pretrain`."""
-    state = pretrain(backbone, feature_dim, x, settings, device=device, progress=progress,
-                     log=log)
+    state = pretrain(backbone, feature_dim, x, settings, device=device, progress=progress, log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{time.time_ns()}.tmp")
     torch.save(state, tmp)

@@ -51,9 +51,10 @@ def available_memory() -> int | None:
                     found.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes",
-                                    "memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
         try:
             limit = Path("/sys/fs/cgroup", limit_file).read_text().strip()
             usage = int(Path("/sys/fs/cgroup", usage_file).read_text().strip())
@@ -122,8 +123,7 @@ def _model_sizes(cfg: Config) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters()), model.feature_dim
 
 
-def check_training_memory(cfg: Config, n_images: int, n_eval: int,
-                          device: torch.device) -> None:
+def check_training_memory(cfg: Config, n_images: int, n_eval: int, device: torch.device) -> None:
     """Raise :class:`ConfigError` (one line naming the keys, with a batch size or image size
     that fits) when training is estimated not to fit: ``n_images`` held in memory in all,
     of which the largest evaluation set (validation or test) has ``n_eval``.
@@ -136,13 +136,12 @@ def check_training_memory(cfg: Config, n_images: int, n_eval: int,
     if _check_off():
         return
     m, t = cfg.model, cfg.train
-    image = 4 * m.channels * m.image_size ** 2
+    image = 4 * m.channels * m.image_size**2
     held = 2 * n_images * image
     train_act, infer_act = activation_bytes(cfg)
     val_batch = min(512, n_eval)  # train.predict_deterministic's batch
     act = max(t.batch_size * train_act, val_batch * infer_act)
-    params = 16 * sum(p.numel() for p in model_from_config(cfg, load_pretrained=False)
-                      .parameters())
+    params = 16 * sum(p.numel() for p in model_from_config(cfg, load_pretrained=False).parameters())
     on_gpu = device.type == "cuda"
     host_need = held + (0 if on_gpu else act + params)
     host_free = available_memory()
@@ -157,15 +156,19 @@ def check_training_memory(cfg: Config, n_images: int, n_eval: int,
         batch = 2 ** int(math.log2(batch)) if batch >= 1 else 0
         scale = math.sqrt(HEADROOM * free / need)
         size = max(8, int(m.image_size * scale) // 8 * 8)
-        fixes = [f"train.batch_size = {batch}"] if batch >= 1 and \
-            batch * train_act >= val_batch * infer_act else []
+        fixes = (
+            [f"train.batch_size = {batch}"]
+            if batch >= 1 and batch * train_act >= val_batch * infer_act
+            else []
+        )
         fixes.append(f"model.image_size = {size}")
         raise ConfigError(
             f"not enough {what} to train: about {_gb(need)} needed, {_gb(free)} available "
             f"(model.image_size = {m.image_size}: {n_images} images held in memory "
             f"{_gb(held)}, one batch of train.batch_size = {t.batch_size} through "
             f"{m.name} {_gb(t.batch_size * train_act)}); set {' or '.join(fixes)} "
-            f"({MEMORY_CHECK_ENV}=off skips this check)")
+            f"({MEMORY_CHECK_ENV}=off skips this check)"
+        )
 
 
 FEATURE_BATCH = 512
@@ -173,26 +176,30 @@ FEATURE_BATCH = 512
 (``train.backbone_features``: a frozen backbone's features, a zero-label start)."""
 
 
-def _query_parts(cfg: Config, n_pool: int, n_labelled: int, device: torch.device,
-                 zero_label: bool) -> tuple[list[tuple[str, float]], float, int, float]:
+def _query_parts(
+    cfg: Config, n_pool: int, n_labelled: int, device: torch.device, zero_label: bool
+) -> tuple[list[tuple[str, float]], float, int, float]:
     """What scoring holds in host memory, as (what, bytes) parts; the bytes per image of
     ``query.batch_size`` (0 where the batch size does not matter), the replicas of a batch in
     one forward call, and the activation bytes of one image (see :func:`check_query_memory`)."""
     m, q = cfg.model, cfg.query
-    image = 4 * m.channels * m.image_size ** 2
+    image = 4 * m.channels * m.image_size**2
     _, infer_act = activation_bytes(cfg)
     params, dim = _model_sizes(cfg)
     T, C = q.mc_samples, len(cfg.classes)
-    mode = q.sampling if q.sampling != "auto" else (
-        "full" if m.backbone_dropout > 0 else "head")
+    mode = q.sampling if q.sampling != "auto" else ("full" if m.backbone_dropout > 0 else "head")
     whole_pool = zero_label or (cfg.train.freeze_backbone and mode == "head")
     parts: list[tuple[str, float]] = []
     per_image = 0.0  # bytes per image of query.batch_size (0: the batch size does not matter)
     calls = 1  # replicas of a batch in one forward call
     if whole_pool:
         parts.append((f"the {n_pool} pool images decoded at once", 2 * n_pool * image))
-        parts.append((f"a batch of {min(FEATURE_BATCH, n_pool)} through {m.name}",
-                      min(FEATURE_BATCH, n_pool) * infer_act))
+        parts.append(
+            (
+                f"a batch of {min(FEATURE_BATCH, n_pool)} through {m.name}",
+                min(FEATURE_BATCH, n_pool) * infer_act,
+            )
+        )
     else:
         batch = min(q.batch_size, n_pool)
         in_flight = 2 * (1 + 2 * cfg.num_workers)
@@ -200,9 +207,13 @@ def _query_parts(cfg: Config, n_pool: int, n_labelled: int, device: torch.device
             max_items = q.max_batch_items or (4096 if device.type == "cuda" else q.batch_size)
             calls = max(1, min(T, max_items // batch))
         per_image = in_flight * image + (0 if device.type == "cuda" else calls * infer_act)
-        parts.append((f"one batch of query.batch_size = {q.batch_size} through {m.name}"
-                      + (f" ({calls} replicas at once)" if calls > 1 else ""),
-                      batch * per_image))
+        parts.append(
+            (
+                f"one batch of query.batch_size = {q.batch_size} through {m.name}"
+                + (f" ({calls} replicas at once)" if calls > 1 else ""),
+                batch * per_image,
+            )
+        )
     if zero_label:
         parts.append((f"features of {n_pool} images", 2 * 4 * n_pool * dim))
     else:  # counted for every strategy: a cold start selects from all of them too
@@ -213,8 +224,9 @@ def _query_parts(cfg: Config, n_pool: int, n_labelled: int, device: torch.device
     return parts, per_image, calls, infer_act
 
 
-def check_query_memory(cfg: Config, n_pool: int, n_labelled: int, device: torch.device, *,
-                       zero_label: bool = False) -> None:
+def check_query_memory(
+    cfg: Config, n_pool: int, n_labelled: int, device: torch.device, *, zero_label: bool = False
+) -> None:
     """Raise :class:`ConfigError` (one line with the estimate, the memory available and a
     ``query.batch_size`` or ``model.image_size`` that fits) when scoring a pool of ``n_pool``
     images is estimated not to fit in host memory.
@@ -238,8 +250,7 @@ def check_query_memory(cfg: Config, n_pool: int, n_labelled: int, device: torch.
     free = available_memory()
     if free is None or n_pool == 0:
         return
-    parts, per_image, calls, infer_act = _query_parts(cfg, n_pool, n_labelled, device,
-                                                      zero_label)
+    parts, per_image, calls, infer_act = _query_parts(cfg, n_pool, n_labelled, device, zero_label)
     need = sum(b for _, b in parts)
     if need <= HEADROOM * free:
         return
@@ -254,16 +265,23 @@ def check_query_memory(cfg: Config, n_pool: int, n_labelled: int, device: torch.
             one = per_image - (calls - 1) * infer_act
             batch = _power_of_two_below((HEADROOM * free - fixed) / one)
             if batch:
-                fixes.append("query.max_batch_items = 0" + (
-                    f" and query.batch_size = {batch}" if batch < q.batch_size else ""))
+                fixes.append(
+                    "query.max_batch_items = 0"
+                    + (f" and query.batch_size = {batch}" if batch < q.batch_size else "")
+                )
     fixes.append(f"model.image_size = {_image_size_that_fits(cfg, need, free)}")
     what = "choose the first round" if zero_label else "score the pool"
-    shown = ", ".join(f"{name} {_gb(b)}" for name, b in sorted(parts, key=lambda p: -p[1])
-                      if b >= 0.05e9) or "each part under 0.1 GB"
+    shown = (
+        ", ".join(
+            f"{name} {_gb(b)}" for name, b in sorted(parts, key=lambda p: -p[1]) if b >= 0.05e9
+        )
+        or "each part under 0.1 GB"
+    )
     raise ConfigError(
         f"not enough memory to {what}: about {_gb(need)} needed, {_gb(free)} available "
         f"(model.image_size = {m.image_size}: {shown}); set {' or '.join(fixes)} "
-        f"({MEMORY_CHECK_ENV}=off skips this check)")
+        f"({MEMORY_CHECK_ENV}=off skips this check)"
+    )
 
 
 def check_pretraining_memory(cfg: Config, n_images: int, device: torch.device) -> None:
@@ -280,7 +298,7 @@ def check_pretraining_memory(cfg: Config, n_images: int, device: torch.device) -
     if _check_off() or n_images < 2:
         return
     m, r = cfg.model, cfg.representation
-    image = 4 * m.channels * m.image_size ** 2
+    image = 4 * m.channels * m.image_size**2
     held = 2 * n_images * image
     train_act, _ = activation_bytes(cfg)
     params = 16 * _model_sizes(cfg)[0]
@@ -292,8 +310,7 @@ def check_pretraining_memory(cfg: Config, n_images: int, device: torch.device) -
     host = (held + (0 if on_gpu else params), views + (0 if on_gpu else act))
     checks = [("memory", host, available_memory())]
     if on_gpu:
-        checks.append(("GPU memory", (params, 2 * image + act),
-                       torch.cuda.mem_get_info(device)[0]))
+        checks.append(("GPU memory", (params, 2 * image + act), torch.cuda.mem_get_info(device)[0]))
     for what, (fixed, per_image), free in checks:
         need = fixed + batch * per_image
         if free is None or need <= HEADROOM * free:
@@ -308,4 +325,5 @@ def check_pretraining_memory(cfg: Config, n_images: int, device: torch.device) -
             f"{_gb(free)} available (model.image_size = {m.image_size}: {n_images} images "
             f"held in memory {_gb(held)}, two views of a batch of representation.batch_size "
             f"= {r.batch_size} through {m.name} {_gb(batch * act)}); set {' or '.join(fixes)} "
-            f"({MEMORY_CHECK_ENV}=off skips this check)")
+            f"({MEMORY_CHECK_ENV}=off skips this check)"
+        )

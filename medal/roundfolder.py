@@ -62,7 +62,8 @@ IGNORED_FILES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})
 
 _READER_FILE = re.compile(r"labels_(.+)\.csv", re.IGNORECASE)
 _NEAR_READER_FILE = re.compile(
-    r"labels?[-_ ]+([a-z0-9][\w.-]*?)\.(csv|tsv|txt|xlsx?|ods|numbers)", re.IGNORECASE)
+    r"labels?[-_ ]+([a-z0-9][\w.-]*?)\.(csv|tsv|txt|xlsx?|ods|numbers)", re.IGNORECASE
+)
 
 
 def reader_of(file_name: str) -> str | None:
@@ -150,13 +151,24 @@ def replace_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[objec
 def manifest_header(classes: Sequence[str]) -> list[str]:
     """The full manifest's columns: ``file, image_id, source_path, rank, score, predicted,
     p_<class>...``."""
-    return ["file", *MANIFEST_SOURCE_COLUMNS, "rank", *MANIFEST_PREDICTION_COLUMNS,
-            *[f"p_{c}" for c in classes]]
+    return [
+        "file",
+        *MANIFEST_SOURCE_COLUMNS,
+        "rank",
+        *MANIFEST_PREDICTION_COLUMNS,
+        *[f"p_{c}" for c in classes],
+    ]
 
 
-def write_manifests(in_folder: Path, kept: Path, classes: Sequence[str],
-                    rows: Sequence[Sequence[object]], *, sources: bool, predictions: bool
-                    ) -> None:
+def write_manifests(
+    in_folder: Path,
+    kept: Path,
+    classes: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    *,
+    sources: bool,
+    predictions: bool,
+) -> None:
     """The full manifest (``rows`` in :func:`manifest_header`'s columns) kept in the workspace
     at ``kept``, and the round folder's ``manifest.csv`` at ``in_folder``: without the source
     columns when the copies are de-identified (``sources`` false), without score, prediction
@@ -165,9 +177,11 @@ def write_manifests(in_folder: Path, kept: Path, classes: Sequence[str],
     kept.parent.mkdir(parents=True, exist_ok=True)
     write_csv(kept, header, rows)
     first_prediction = header.index(MANIFEST_PREDICTION_COLUMNS[0])
-    columns = [i for i, h in enumerate(header)
-               if (sources or h not in MANIFEST_SOURCE_COLUMNS)
-               and (predictions or i < first_prediction)]
+    columns = [
+        i
+        for i, h in enumerate(header)
+        if (sources or h not in MANIFEST_SOURCE_COLUMNS) and (predictions or i < first_prediction)
+    ]
     write_csv(in_folder, [header[i] for i in columns], [[r[i] for i in columns] for r in rows])
 
 
@@ -201,8 +215,11 @@ def manifest_sources(path: Path) -> dict[str, str]:
     """``{file: source path}`` of a manifest with a ``source_path`` column (as exported: the
     neutralising undone); empty without that column."""
     _, rows = read_manifest(path)
-    return {cells["file"]: unneutralise(cells["source_path"]) for _, cells in rows
-            if "source_path" in cells}
+    return {
+        cells["file"]: unneutralise(cells["source_path"])
+        for _, cells in rows
+        if "source_path" in cells
+    }
 
 
 def has_sources(path: Path) -> bool:
@@ -261,8 +278,9 @@ def labels_lock(labels_path: Path, *, to_write: bool = True) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if to_write else 0), 0o644)
     except OSError as e:
         if to_write:
-            raise LabellingError(f"{path}: cannot create the lock file: {e.strerror or e}") \
-                from None
+            raise LabellingError(
+                f"{path}: cannot create the lock file: {e.strerror or e}"
+            ) from None
         fd = -1
     try:
         deadline = time.monotonic() + LOCK_TIMEOUT
@@ -272,9 +290,11 @@ def labels_lock(labels_path: Path, *, to_write: bool = True) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise LabellingError(f"{labels_path}: locked for over {LOCK_TIMEOUT:g} s "
-                                         f"(another labelling page saving, or medal ingest "
-                                         f"reading it); try again") from None
+                    raise LabellingError(
+                        f"{labels_path}: locked for over {LOCK_TIMEOUT:g} s "
+                        f"(another labelling page saving, or medal ingest "
+                        f"reading it); try again"
+                    ) from None
                 time.sleep(0.01)
         yield
     finally:
@@ -286,8 +306,16 @@ def labels_lock(labels_path: Path, *, to_write: bool = True) -> Iterator[None]:
 def all_labels_locked(folder: Path) -> Iterator[None]:
     """Hold :func:`labels_lock` of ``labels.csv`` and of every reader's file in ``folder`` (for
     reading: ingest), taken in name order."""
-    names = sorted({LABELS, *(p.name for p in folder.iterdir() if is_labels_file_name(p.name)
-                              and not p.name.startswith("."))})
+    names = sorted(
+        {
+            LABELS,
+            *(
+                p.name
+                for p in folder.iterdir()
+                if is_labels_file_name(p.name) and not p.name.startswith(".")
+            ),
+        }
+    )
     with contextlib.ExitStack() as stack:
         for name in names:
             stack.enter_context(labels_lock(folder / name, to_write=False))

@@ -68,8 +68,10 @@ def _not_a_file(path: Path, mode: int) -> str:
     return "not a regular file"
 
 
-NOT_AN_IMAGE = ("not an image file medal reads (PNG, JPEG, TIFF, BMP by suffix; DICOM by "
-                "suffix .dcm/.dicom or by its content)")
+NOT_AN_IMAGE = (
+    "not an image file medal reads (PNG, JPEG, TIFF, BMP by suffix; DICOM by "
+    "suffix .dcm/.dicom or by its content)"
+)
 
 
 def _classify(path: Path) -> tuple[bool, str | None]:
@@ -86,8 +88,7 @@ def _classify(path: Path) -> tuple[bool, str | None]:
                 if e.errno == errno.ELOOP:
                     return False, "a symbolic link loop"
                 if e.errno == errno.ENOENT:
-                    return False, (f"a broken symbolic link (to "
-                                   f"{display_path(os.readlink(path))})")
+                    return False, (f"a broken symbolic link (to {display_path(os.readlink(path))})")
                 raise
             if stat.S_ISDIR(st.st_mode):
                 return False, "a symbolic link to a folder; links to folders are not followed"
@@ -134,9 +135,13 @@ def scan_folder(root: Path, skipped: dict[Path, str] | None = None) -> list[Path
     return out
 
 
-def scan_source(source: Path, classes: Sequence[str] | None,
-                skipped: dict[Path, str] | None = None, *,
-                empty_ok: bool = False) -> list[FileEntry]:
+def scan_source(
+    source: Path,
+    classes: Sequence[str] | None,
+    skipped: dict[Path, str] | None = None,
+    *,
+    empty_ok: bool = False,
+) -> list[FileEntry]:
     """Scan a pool folder (``classes=None``) or a labelled folder/CSV (labels checked).
 
     ``skipped`` collects the files of a folder scan that cannot be used, with the reason
@@ -148,8 +153,10 @@ def scan_source(source: Path, classes: Sequence[str] | None,
     if source.is_file():
         return _read_label_csv(source, classes)
     if not source.is_dir():
-        raise DataError(f"labelled source not found: {source} (expected a folder with one "
-                        f"subfolder per class, or a CSV with columns file,label)")
+        raise DataError(
+            f"labelled source not found: {source} (expected a folder with one "
+            f"subfolder per class, or a CSV with columns file,label)"
+        )
     by_lower = {c.lower(): c for c in classes}
     entries: list[FileEntry] = []
     unknown = []
@@ -160,11 +167,12 @@ def scan_source(source: Path, classes: Sequence[str] | None,
             continue
         entries += [FileEntry(p, cls, str(sub)) for p in scan_folder(sub, skipped)]
     if unknown:
-        raise DataError(f"{source}: subfolder(s) {', '.join(map(repr, unknown))} are not classes; "
-                        f"allowed: {', '.join(classes)}")
+        raise DataError(
+            f"{source}: subfolder(s) {', '.join(map(repr, unknown))} are not classes; "
+            f"allowed: {', '.join(classes)}"
+        )
     if not entries and not empty_ok:
-        raise DataError(f"{source}: no images found in class subfolders "
-                        f"({', '.join(classes)})")
+        raise DataError(f"{source}: no images found in class subfolders ({', '.join(classes)})")
     return entries
 
 
@@ -197,8 +205,10 @@ def csv_encoding(path: Path) -> str:
         f.seek(0)
         first = f.read(4096)
         if b"\x00" in first:
-            raise DataError(f"{path}: the file has NUL bytes (UTF-16 without a byte-order "
-                            f"mark, or not text); save it as {CSV_ENCODINGS}")
+            raise DataError(
+                f"{path}: the file has NUL bytes (UTF-16 without a byte-order "
+                f"mark, or not text); save it as {CSV_ENCODINGS}"
+            )
         f.seek(0)
         decoder = codecs.getincrementaldecoder("utf-8")()
         try:
@@ -211,8 +221,10 @@ def csv_encoding(path: Path) -> str:
             bad_line, utf8_line = _utf8_check(f)  # a second pass only for text that is not UTF-8
     if utf8_line is None:
         return "cp1252"
-    raise DataError(f"{path}: line {bad_line}: not UTF-8 text, though line {utf8_line} is: the "
-                    f"file mixes text encodings; save it again as UTF-8")
+    raise DataError(
+        f"{path}: line {bad_line}: not UTF-8 text, though line {utf8_line} is: the "
+        f"file mixes text encodings; save it again as UTF-8"
+    )
 
 
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as surrogateescape gives
@@ -259,15 +271,18 @@ def iter_csv(path: Path, delimiters: str = ",;\t") -> Iterator[tuple[int, list[s
             except csv.Error as e:
                 reason = str(e)
                 if "field larger than field limit" in reason:
-                    reason = (f"a cell is longer than {csv.field_size_limit() // 1024} KiB; "
-                              f"usually a stray quote (\") opens a cell that is never closed")
+                    reason = (
+                        f"a cell is longer than {csv.field_size_limit() // 1024} KiB; "
+                        f'usually a stray quote (") opens a cell that is never closed'
+                    )
                 raise DataError(f"{path}: line {line}: cannot read the CSV: {reason}") from None
             yield line, row
             line = reader.line_num + 1
 
 
-def column_indices(header: Sequence[str], names: Sequence[str]
-                   ) -> tuple[dict[str, int], str | None]:
+def column_indices(
+    header: Sequence[str], names: Sequence[str]
+) -> tuple[dict[str, int], str | None]:
     """Index of each of ``names`` found in a CSV ``header`` (compared stripped and without case),
     and the problem when one of them appears more than once (``file,label,label``: which
     column holds the label would be a guess), naming the columns by number."""
@@ -278,8 +293,10 @@ def column_indices(header: Sequence[str], names: Sequence[str]
         at = seen.get(name, [])
         if len(at) > 1:
             where = " and ".join(str(i + 1) for i in at)
-            return {}, (f"column {name!r} appears {len(at)} times (columns {where}); keep one "
-                        f"{name!r} column")
+            return {}, (
+                f"column {name!r} appears {len(at)} times (columns {where}); keep one "
+                f"{name!r} column"
+            )
     return {n: seen[n][0] for n in names if n in seen}, None
 
 
@@ -290,8 +307,10 @@ def extra_cells_problem(row: Sequence[str], width: int) -> str | None:
     extra = [c for c in row[width:] if c.strip()]
     if not extra:
         return None
-    return (f"{len(row)} cells but the header has {width} columns (extra: "
-            f"{short(','.join(row[width:]))}); put a cell that holds a comma in double quotes")
+    return (
+        f"{len(row)} cells but the header has {width} columns (extra: "
+        f"{short(','.join(row[width:]))}); put a cell that holds a comma in double quotes"
+    )
 
 
 def short(text: str, limit: int = 80) -> str:
@@ -312,8 +331,10 @@ def _read_label_csv(path: Path, classes: Sequence[str]) -> list[FileEntry]:
     if dup is not None:
         raise DataError(f"{path}: line 1: {dup}")
     if "file" not in cols or "label" not in cols:
-        raise DataError(f"{path}: line 1: header must contain columns 'file' and 'label', "
-                        f"got {short(','.join(first[1]))}")
+        raise DataError(
+            f"{path}: line 1: header must contain columns 'file' and 'label', "
+            f"got {short(','.join(first[1]))}"
+        )
     fi, li = cols["file"], cols["label"]
     for n, row in rows:
         if not any(c.strip() for c in row):
@@ -330,11 +351,14 @@ def _read_label_csv(path: Path, classes: Sequence[str]) -> list[FileEntry]:
             p = Path(name)
             p = p if p.is_absolute() else path.parent / p
             if "\n" in name or "\n" in label:
-                problem = (f"{path}: line {n}: a cell runs over several lines; a stray quote "
-                           f"(\") opens a cell that is never closed")
+                problem = (
+                    f"{path}: line {n}: a cell runs over several lines; a stray quote "
+                    f'(") opens a cell that is never closed'
+                )
             elif cls is None:
-                problem = (f"{path}: line {n}: label {short(label)} is not one of "
-                           f"{', '.join(classes)}")
+                problem = (
+                    f"{path}: line {n}: label {short(label)} is not one of {', '.join(classes)}"
+                )
             elif not p.is_file():
                 problem = f"{path}: line {n}: file not found: {short(str(p), 200)}"
             else:
@@ -346,6 +370,7 @@ def _read_label_csv(path: Path, classes: Sequence[str]) -> list[FileEntry]:
                 more += 1
     if problems:
         listed = problems + ([f"... and {more} more"] if more else [])
-        raise DataError(f"{path}: {len(problems) + more} problem(s):\n" +
-                        "\n".join(f"  - {p}" for p in listed))
+        raise DataError(
+            f"{path}: {len(problems) + more} problem(s):\n" + "\n".join(f"  - {p}" for p in listed)
+        )
     return entries

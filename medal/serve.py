@@ -59,13 +59,35 @@ from typing import Any
 from .errors import ImageReadError, MedalError
 from .scan import short
 from .labelling.book import MAX_COMMENT, RoundBook, RoundImage, RoundIngested, check_annotator
-from .labelling.pixels import (CT_PRESETS, PROJECTION_MODALITIES, encode_pixels, read_pixels,
-                               window_presets)
+from .labelling.pixels import (
+    CT_PRESETS,
+    PROJECTION_MODALITIES,
+    encode_pixels,
+    read_pixels,
+    window_presets,
+)
 
-__all__ = ["CT_PRESETS", "INSTALL_HINT", "MAX_BODY", "MAX_COMMENT", "PROJECTION_MODALITIES",
-           "LabellingServer", "RoundBook", "RoundImage", "RoundIngested", "TokenGate",
-           "build_app", "check_annotator", "decision", "encode_pixels", "ingest_command",
-           "page_html", "read_pixels", "serve", "window_presets"]
+__all__ = [
+    "CT_PRESETS",
+    "INSTALL_HINT",
+    "MAX_BODY",
+    "MAX_COMMENT",
+    "PROJECTION_MODALITIES",
+    "LabellingServer",
+    "RoundBook",
+    "RoundImage",
+    "RoundIngested",
+    "TokenGate",
+    "build_app",
+    "check_annotator",
+    "decision",
+    "encode_pixels",
+    "ingest_command",
+    "page_html",
+    "read_pixels",
+    "serve",
+    "window_presets",
+]
 
 INSTALL_HINT = "pip install 'medal-al[serve]'"
 MAX_BODY = 64 * 1024
@@ -82,8 +104,9 @@ def _require_stack() -> tuple[Any, Any]:
         import starlette  # noqa: F401
         import uvicorn
     except ImportError as e:
-        raise MedalError(f"the labelling page needs the serve extra ({e.name} is missing): "
-                         f"{INSTALL_HINT}") from None
+        raise MedalError(
+            f"the labelling page needs the serve extra ({e.name} is missing): {INSTALL_HINT}"
+        ) from None
     return starlette, uvicorn
 
 
@@ -98,12 +121,15 @@ def headers(nonce: str | None = None) -> dict[str, str]:
     """Every answer's headers: a Content-Security-Policy that allows only the page's own inline
     script (``nonce``) and requests to the server itself, no caching, no sniffing, no referrer."""
     script = f"'nonce-{nonce}'" if nonce else "'none'"
-    return {"Content-Security-Policy":
-            f"default-src 'none'; script-src {script}; style-src 'unsafe-inline'; "
-            f"connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
-            f"form-action 'none'; frame-ancestors 'none'",
-            "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer"}
+    return {
+        "Content-Security-Policy": f"default-src 'none'; script-src {script}; "
+        "style-src 'unsafe-inline'; "
+        f"connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
+        f"form-action 'none'; frame-ancestors 'none'",
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
 
 
 def pixel_bytes(book: RoundBook, file: str, frame: str | None) -> bytes:
@@ -117,8 +143,9 @@ def pixel_bytes(book: RoundBook, file: str, frame: str | None) -> bytes:
     return encode_pixels(meta, values)
 
 
-def build_app(book: RoundBook, token: str, *, show_predictions: bool = False,
-              config: Path | None = None) -> Any:
+def build_app(
+    book: RoundBook, token: str, *, show_predictions: bool = False, config: Path | None = None
+) -> Any:
     """The ASGI app for ``book``; every request needs ``token`` (query ``?token=`` or header
     ``X-Medal-Token``), else 403. ``config``: the config file the server was started with."""
     _require_stack()
@@ -135,13 +162,15 @@ def build_app(book: RoundBook, token: str, *, show_predictions: bool = False,
 
     async def index(request: Request) -> Response:
         nonce = secrets.token_urlsafe(16)
-        return Response(html.replace("__NONCE__", nonce), media_type="text/html",
-                        headers=headers(nonce))
+        return Response(
+            html.replace("__NONCE__", nonce), media_type="text/html", headers=headers(nonce)
+        )
 
     def state(request: Request) -> Response:  # sync: Starlette runs it in a thread
         try:
-            return JSONResponse({**book.state(show_predictions), "ingest_command": command},
-                                headers=headers())
+            return JSONResponse(
+                {**book.state(show_predictions), "ingest_command": command}, headers=headers()
+            )
         except MedalError as e:
             return error(e, 409)
 
@@ -153,9 +182,13 @@ def build_app(book: RoundBook, token: str, *, show_predictions: bool = False,
         from starlette.concurrency import run_in_threadpool
 
         try:
-            saved = await run_in_threadpool(book.save, body["file"], label=body.get("label"),
-                                            comment=body.get("comment"),
-                                            seen=body.get("version"))
+            saved = await run_in_threadpool(
+                book.save,
+                body["file"],
+                label=body.get("label"),
+                comment=body.get("comment"),
+                seen=body.get("version"),
+            )
         except RoundIngested as e:
             return error(e, 409)
         except MedalError as e:
@@ -164,17 +197,23 @@ def build_app(book: RoundBook, token: str, *, show_predictions: bool = False,
 
     def pixels(request: Request) -> Response:
         try:
-            data = pixel_bytes(book, request.query_params.get("file", ""),
-                               request.query_params.get("frame"))
+            data = pixel_bytes(
+                book, request.query_params.get("file", ""), request.query_params.get("frame")
+            )
         except ImageReadError as e:
             return error(MedalError(e.reason), 422)
         except MedalError as e:
             return error(e, 404)
         return Response(data, media_type="application/octet-stream", headers=headers())
 
-    app = Starlette(routes=[Route("/", index), Route("/api/state", state),
-                            Route("/api/label", label, methods=["POST"]),
-                            Route("/api/pixels", pixels)])
+    app = Starlette(
+        routes=[
+            Route("/", index),
+            Route("/api/state", state),
+            Route("/api/label", label, methods=["POST"]),
+            Route("/api/pixels", pixels),
+        ]
+    )
     return TokenGate(app, token)
 
 
@@ -187,11 +226,16 @@ def decision(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:
         what = "nested too deeply" if isinstance(e, RecursionError) else "not JSON"
-        raise MedalError(f"the request body is {what}; expected {{file, label?, comment?}}") \
-            from None
-    if (not isinstance(body, dict) or not isinstance(body.get("file"), str)
-            or not all(isinstance(body.get(k), (str, type(None)))
-                       for k in ("label", "comment", "version"))):
+        raise MedalError(
+            f"the request body is {what}; expected {{file, label?, comment?}}"
+        ) from None
+    if (
+        not isinstance(body, dict)
+        or not isinstance(body.get("file"), str)
+        or not all(
+            isinstance(body.get(k), (str, type(None))) for k in ("label", "comment", "version")
+        )
+    ):
         raise MedalError("expected {file, label?, comment?, version?} as strings")
     return body
 
@@ -206,9 +250,16 @@ class TokenGate:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and not self._allowed(scope):
             body = b"403: this page needs the token from the address medal printed\n"
-            await send({"type": "http.response.start", "status": 403,
-                        "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                    (b"content-length", str(len(body)).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 403,
+                    "headers": [
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
         if scope["type"] == "websocket":  # the page uses none
@@ -229,15 +280,24 @@ class LabellingServer:
     """The labelling page for one round folder, bound to ``host:port`` (``port=0``: a free
     one). :attr:`url` (with the token) is known before :meth:`run` serves."""
 
-    def __init__(self, folder: str | Path, *, classes: Sequence[str] | None = None,
-                 annotator: str | None = None, show_predictions: bool = False,
-                 host: str = "127.0.0.1", port: int = 0, workspace: Path | None = None,
-                 config: Path | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        classes: Sequence[str] | None = None,
+        annotator: str | None = None,
+        show_predictions: bool = False,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        workspace: Path | None = None,
+        config: Path | None = None,
+    ) -> None:
         _, self._uvicorn = _require_stack()
         self.book = RoundBook(folder, classes, annotator, workspace)
         self.token = secrets.token_urlsafe(24)
-        self.app = build_app(self.book, self.token, show_predictions=show_predictions,
-                             config=config)
+        self.app = build_app(
+            self.book, self.token, show_predictions=show_predictions, config=config
+        )
         self.host = host
         try:
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
@@ -258,8 +318,9 @@ class LabellingServer:
 
     def run(self) -> None:
         """Serve until interrupted (Ctrl-C); every decision is already on disk."""
-        config = self._uvicorn.Config(self.app, log_level="warning", access_log=False,
-                                      lifespan="off")
+        config = self._uvicorn.Config(
+            self.app, log_level="warning", access_log=False, lifespan="off"
+        )
         self._server = self._uvicorn.Server(config)
         self._server.run(sockets=[self.socket])
 
@@ -268,16 +329,25 @@ class LabellingServer:
             self._server.should_exit = True
 
 
-def serve(folder: str | Path, cfg: Any = None, *, annotator: str | None = None,
-          host: str = "127.0.0.1", port: int = 0) -> LabellingServer:
+def serve(
+    folder: str | Path,
+    cfg: Any = None,
+    *,
+    annotator: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> LabellingServer:
     """A :class:`LabellingServer` for ``folder``; ``cfg`` (optional) gives the classes and
     ``labelling.show_predictions``, and its workspace's ledger tells whether the round was
     ingested (without it: the workspace the folder sits in, if any). Call ``.run()`` to
     serve."""
-    return LabellingServer(folder, classes=None if cfg is None else cfg.classes,
-                           annotator=annotator,
-                           show_predictions=bool(cfg is not None
-                                                 and cfg.labelling.show_predictions),
-                           host=host, port=port,
-                           workspace=None if cfg is None else cfg.workspace,
-                           config=None if cfg is None else cfg.path)
+    return LabellingServer(
+        folder,
+        classes=None if cfg is None else cfg.classes,
+        annotator=annotator,
+        show_predictions=bool(cfg is not None and cfg.labelling.show_predictions),
+        host=host,
+        port=port,
+        workspace=None if cfg is None else cfg.workspace,
+        config=None if cfg is None else cfg.path,
+    )

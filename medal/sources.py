@@ -68,8 +68,7 @@ def sync(ws: Workspace) -> Snapshot:
     snap.validation = scan.items(cfg.data.validation, True, dedupe=False)
     snap.test = scan.items(cfg.data.test, True, dedupe=False)
     pool = scan.items(cfg.data.pool, False)
-    ws.copies = {p: sorted(set(ps)) for ps in scan.found.values() if len(set(ps)) > 1
-                 for p in ps}
+    ws.copies = {p: sorted(set(ps)) for ps in scan.found.values() if len(set(ps)) > 1 for p in ps}
     _record_initial_labels(ws, initial)
     snap.skipped = {display_path(p): r for p, r in scan.skipped.items()}
     ws.record_skipped(snap.skipped, prune=True)
@@ -79,8 +78,9 @@ def sync(ws: Workspace) -> Snapshot:
     _note_pool_overlap(ws, snap, pool)
     pending = ws.db.pending_image_ids()
     snap.pending = len(pending)
-    snap.pool = [it for it in pool
-                 if it.id not in current and it.id not in pending and it.id not in held_out]
+    snap.pool = [
+        it for it in pool if it.id not in current and it.id not in pending and it.id not in held_out
+    ]
     return snap
 
 
@@ -94,29 +94,34 @@ class _Scan:
         self.skipped: dict[Path, str] = {}
         self.found: dict[str, list[str]] = {}  # content id -> every path scanned with it
 
-    def items(self, source: Path | None, labelled: bool, dedupe: bool = True,
-              empty_ok: bool = False) -> list[Item]:
+    def items(
+        self, source: Path | None, labelled: bool, dedupe: bool = True, empty_ok: bool = False
+    ) -> list[Item]:
         """Scanned files as items; with ``dedupe``, one item per content id."""
         if source is None:
             return []
         seen: dict[str, Item] = {}
         out: list[Item] = []
-        scanned = scan_source(source, list(self.ws.cfg.classes) if labelled else None,
-                              self.skipped, empty_ok=empty_ok)
+        scanned = scan_source(
+            source, list(self.ws.cfg.classes) if labelled else None, self.skipped, empty_ok=empty_ok
+        )
         for image_id, e in identify(self.ws, scanned, self.known, self.skipped):
             self.found.setdefault(image_id, []).append(display_path(e.path))
             prev = seen.get(image_id)
             if prev is not None and labelled and prev.label != e.label:
-                raise DataError(f"{source}: the same image is labelled {prev.label!r} "
-                                f"({prev.path}) and {e.label!r} ({e.path})")
+                raise DataError(
+                    f"{source}: the same image is labelled {prev.label!r} "
+                    f"({prev.path}) and {e.label!r} ({e.path})"
+                )
             if prev is None or not dedupe:
                 out.append(Item(image_id, e.path, e.label))
             seen.setdefault(image_id, out[-1])
         return out
 
 
-def _labelled_and_holdout(ws: Workspace, snap: Snapshot, initial: list[Item], pool: list[Item],
-                          current: dict[str, str]) -> None:
+def _labelled_and_holdout(
+    ws: Workspace, snap: Snapshot, initial: list[Item], pool: list[Item], current: dict[str, str]
+) -> None:
     """``snap.labelled`` from the ledger's current labels, less the validation hold-out
     (``train.validation_fraction`` without ``data.validation``: chosen once, frozen in the
     ledger), which becomes ``snap.validation``."""
@@ -133,21 +138,38 @@ def _labelled_and_holdout(ws: Workspace, snap: Snapshot, initial: list[Item], po
             chosen = _choose_holdout(cfg, initial)
             ws.db.set_holdout(chosen)
         frozen = set(chosen)
-        snap.validation = [Item(i, paths[i], current[i]) for i in chosen
-                           if i in paths and current.get(i) in cfg.classes]
-    snap.labelled = sorted((Item(i, paths[i], lab) for i, lab in current.items()
-                            if lab != UNSURE and i in paths and i not in frozen),
-                           key=lambda it: str(it.path))
-    if cfg.data.labelled is not None and cfg.data.labelled.is_dir() and not initial \
-            and not snap.labelled:
-        snap.notes.append(f"no labelled image yet: the class folders in "
-                          f"{display_path(cfg.data.labelled)} are empty, so the project "
-                          f"starts with zero labels")
+        snap.validation = [
+            Item(i, paths[i], current[i])
+            for i in chosen
+            if i in paths and current.get(i) in cfg.classes
+        ]
+    snap.labelled = sorted(
+        (
+            Item(i, paths[i], lab)
+            for i, lab in current.items()
+            if lab != UNSURE and i in paths and i not in frozen
+        ),
+        key=lambda it: str(it.path),
+    )
+    if (
+        cfg.data.labelled is not None
+        and cfg.data.labelled.is_dir()
+        and not initial
+        and not snap.labelled
+    ):
+        snap.notes.append(
+            f"no labelled image yet: the class folders in "
+            f"{display_path(cfg.data.labelled)} are empty, so the project "
+            f"starts with zero labels"
+        )
 
 
-def identify(ws: Workspace, entries: list[FileEntry],
-             known: dict[str, ImageRecord] | None = None,
-             skipped: dict[Path, str] | None = None) -> list[tuple[str, FileEntry]]:
+def identify(
+    ws: Workspace,
+    entries: list[FileEntry],
+    known: dict[str, ImageRecord] | None = None,
+    skipped: dict[Path, str] | None = None,
+) -> list[tuple[str, FileEntry]]:
     """Content ids for scanned files; unchanged files (path, size, mtime) are not re-hashed.
 
     ``known``: the ledger's file records by path, when the caller already read them.
@@ -161,8 +183,7 @@ def identify(ws: Workspace, entries: list[FileEntry],
         try:
             st = e.path.stat()
             rec = known.get(str(e.path))
-            if rec is not None and rec.size == st.st_size and \
-                    rec.mtime_ns == st.st_mtime_ns:
+            if rec is not None and rec.size == st.st_size and rec.mtime_ns == st.st_mtime_ns:
                 out.append((rec.id, e))
                 continue
             image_id = file_sha256(e.path)
@@ -171,8 +192,11 @@ def identify(ws: Workspace, entries: list[FileEntry],
                 raise
             skipped[e.path] = f"cannot be read: {err.strerror or err}"
             continue
-        new.append(ImageRecord(image_id, str(e.path), st.st_size, st.st_mtime_ns,
-                               sniff_format(e.path) or "unknown"))
+        new.append(
+            ImageRecord(
+                image_id, str(e.path), st.st_size, st.st_mtime_ns, sniff_format(e.path) or "unknown"
+            )
+        )
         out.append((image_id, e))
     if new:
         ws.db.upsert_images(new)
@@ -181,8 +205,9 @@ def identify(ws: Workspace, entries: list[FileEntry],
     return out
 
 
-def _expand_frames(ws: Workspace, found: list[tuple[str, FileEntry]]
-                   ) -> list[tuple[str, FileEntry]]:
+def _expand_frames(
+    ws: Workspace, found: list[tuple[str, FileEntry]]
+) -> list[tuple[str, FileEntry]]:
     """Multi-frame DICOM files become one entry per frame (ids ``<sha>#f<k>``)."""
     out, new = [], []
     for image_id, e in found:
@@ -198,8 +223,10 @@ def _expand_frames(ws: Workspace, found: list[tuple[str, FileEntry]]
             if n > 1:
                 st = e.path.stat()
                 ids = [frame_id(image_id, k) for k in range(n)]
-                new += [ImageRecord(i, str(e.path), st.st_size, st.st_mtime_ns,
-                                    "dicom-frame") for i in ids]
+                new += [
+                    ImageRecord(i, str(e.path), st.st_size, st.st_mtime_ns, "dicom-frame")
+                    for i in ids
+                ]
         out += [(i, e) for i in ids] if ids else [(image_id, e)]
     if new:
         ws.db.upsert_images(new)
@@ -224,8 +251,10 @@ def _note_pool_overlap(ws: Workspace, snap: Snapshot, pool: list[Item]) -> None:
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
     if rows:
-        snap.notes.append(f"{len(rows)} pool image(s) are byte-identical to validation or "
-                          f"test images and are left out of the pool (list: {path})")
+        snap.notes.append(
+            f"{len(rows)} pool image(s) are byte-identical to validation or "
+            f"test images and are left out of the pool (list: {path})"
+        )
 
 
 def _choose_holdout(cfg: Config, initial: list[Item]) -> list[str]:
@@ -252,9 +281,10 @@ def _record_initial_labels(ws: Workspace, initial: list[Item]) -> None:
         if rec.source == "initial":
             latest_initial[rec.image_id] = rec.label
     now = time.time()
-    rows = [LabelRecord(it.id, it.label or "", 0, "initial", None, str(it.path), now)
-            for it in initial
-            if it.id not in has_label or (it.id in latest_initial
-                                          and latest_initial[it.id] != it.label)]
+    rows = [
+        LabelRecord(it.id, it.label or "", 0, "initial", None, str(it.path), now)
+        for it in initial
+        if it.id not in has_label or (it.id in latest_initial and latest_initial[it.id] != it.label)
+    ]
     if rows:
         ws.db.add_labels(rows)

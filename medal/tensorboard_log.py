@@ -46,8 +46,10 @@ def _summary_writer() -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ConfigError(f"train.tensorboard = true needs the tensorboard package, which is not "
-                          f"installed: {INSTALL} (or set train.tensorboard = false)") from None
+        raise ConfigError(
+            f"train.tensorboard = true needs the tensorboard package, which is not "
+            f"installed: {INSTALL} (or set train.tensorboard = false)"
+        ) from None
     return SummaryWriter
 
 
@@ -101,8 +103,13 @@ class RunPart:
         """One optimiser step of the self-supervised pretraining."""
         self.scalar("pretraining/loss", loss, step)
 
-    def round_metrics(self, n_labels: int, model_round: int,
-                      metrics: Mapping[str, Mapping[str, Any]], best_epoch: int) -> None:
+    def round_metrics(
+        self,
+        n_labels: int,
+        model_round: int,
+        metrics: Mapping[str, Mapping[str, Any]],
+        best_epoch: int,
+    ) -> None:
         """The model round's reported metrics (``{split: {metric: value}}``) against the
         number of labels it trained on."""
         for split, m in metrics.items():

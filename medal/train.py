@@ -42,13 +42,25 @@ def _fingerprint(y: np.ndarray, x: torch.Tensor, cfg: Config, epochs: int, seed:
     return h.hexdigest()
 
 
-def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: int,
-        device: torch.device, x_val: torch.Tensor | None = None,
-        y_val: np.ndarray | None = None, seed: int = 0, progress: bool = True,
-        state_path: Path | None = None,
-        on_epoch_end: Callable[[int], None] | None = None,
-        distributed: bool = False, state_every_s: float = 30.0,
-        unlabelled: torch.Tensor | None = None, log: TrainingLog | None = None) -> FitResult:
+def fit(
+    model: MCModel,
+    x: torch.Tensor,
+    y: np.ndarray,
+    cfg: Config,
+    *,
+    epochs: int,
+    device: torch.device,
+    x_val: torch.Tensor | None = None,
+    y_val: np.ndarray | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    state_path: Path | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+    distributed: bool = False,
+    state_every_s: float = 30.0,
+    unlabelled: torch.Tensor | None = None,
+    log: TrainingLog | None = None,
+) -> FitResult:
     """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices) and keep the best epoch.
 
     The best epoch is chosen on the validation set by ``train.monitor`` (ties: lower training
@@ -72,21 +84,64 @@ def fit(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: 
     if cfg.train.freeze_backbone:
         from .finetune import after_probe  # imports this module
 
-        return after_probe(model, x, y, cfg, fit_probe(
-            model, x, y, cfg, device=device, x_val=x_val, y_val=y_val, seed=seed,
-            progress=progress, unlabelled=unlabelled, log=log), device=device, seed=seed,
-            progress=progress)
+        return after_probe(
+            model,
+            x,
+            y,
+            cfg,
+            fit_probe(
+                model,
+                x,
+                y,
+                cfg,
+                device=device,
+                x_val=x_val,
+                y_val=y_val,
+                seed=seed,
+                progress=progress,
+                unlabelled=unlabelled,
+                log=log,
+            ),
+            device=device,
+            seed=seed,
+            progress=progress,
+        )
     val = (x_val, y_val) if x_val is not None and y_val is not None and len(x_val) else None
-    return _fit_network(model, x, y, cfg, epochs=epochs, device=device, val=val, seed=seed,
-                        progress=progress, state_path=state_path, on_epoch_end=on_epoch_end,
-                        distributed=distributed, state_every_s=state_every_s, log=log)
+    return _fit_network(
+        model,
+        x,
+        y,
+        cfg,
+        epochs=epochs,
+        device=device,
+        val=val,
+        seed=seed,
+        progress=progress,
+        state_path=state_path,
+        on_epoch_end=on_epoch_end,
+        distributed=distributed,
+        state_every_s=state_every_s,
+        log=log,
+    )
 
 
-def _fit_network(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *, epochs: int,
-                 device: torch.device, val: tuple[torch.Tensor, np.ndarray] | None, seed: int,
-                 progress: bool, state_path: Path | None,
-                 on_epoch_end: Callable[[int], None] | None, distributed: bool,
-                 state_every_s: float, log: TrainingLog | None) -> FitResult:
+def _fit_network(
+    model: MCModel,
+    x: torch.Tensor,
+    y: np.ndarray,
+    cfg: Config,
+    *,
+    epochs: int,
+    device: torch.device,
+    val: tuple[torch.Tensor, np.ndarray] | None,
+    seed: int,
+    progress: bool,
+    state_path: Path | None,
+    on_epoch_end: Callable[[int], None] | None,
+    distributed: bool,
+    state_every_s: float,
+    log: TrainingLog | None,
+) -> FitResult:
     """:func:`fit` of the whole network (``val``: the validation set, if any)."""
     t0 = time.perf_counter()
     tc = cfg.train
@@ -106,22 +161,53 @@ def _fit_network(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
         for done in run.history:
             log(done, int(done["epoch"]))
     last_save = time.perf_counter()
-    bar = tqdm(range(run.epoch + 1, epochs + 1), desc="training", unit="epoch",
-               disable=not progress, leave=False, initial=run.epoch, total=epochs)
+    bar = tqdm(
+        range(run.epoch + 1, epochs + 1),
+        desc="training",
+        unit="epoch",
+        disable=not progress,
+        leave=False,
+        initial=run.epoch,
+        total=epochs,
+    )
     for epoch in bar:
         if tc.patience and run.since_best >= tc.patience:
             break
-        perm = (torch.multinomial(sample_w, n, replacement=True, generator=gen)
-                if tc.balance == "sampler" else torch.randperm(n, generator=gen))
-        row = {"epoch": float(epoch), "loss": train_one_epoch(
-            net, opt, loss_fn, x, yt, perm, batch_size=tc.batch_size, device=device, aug=aug,
-            shard=shard, desc=f"epoch {epoch}", progress=progress)}
+        perm = (
+            torch.multinomial(sample_w, n, replacement=True, generator=gen)
+            if tc.balance == "sampler"
+            else torch.randperm(n, generator=gen)
+        )
+        row = {
+            "epoch": float(epoch),
+            "loss": train_one_epoch(
+                net,
+                opt,
+                loss_fn,
+                x,
+                yt,
+                perm,
+                batch_size=tc.batch_size,
+                device=device,
+                aug=aug,
+                shard=shard,
+                desc=f"epoch {epoch}",
+                progress=progress,
+            ),
+        }
         for value in (row["loss"], _health(model, x, device)):  # before validating NaN
             check_finite(value, f"in epoch {epoch} of {epochs}", "train.lr", tc.lr)
         line = f"epoch {epoch}/{epochs}: loss {row['loss']:.4f}"
         if val is not None and (epoch % tc.validate_every == 0 or epoch == epochs):
-            line += run.validated(model, evaluate(model, *val, device, len(cfg.classes),
-                                                  cfg.classes), row, epoch, tc, notes, progress)
+            line += run.validated(
+                model,
+                evaluate(model, *val, device, len(cfg.classes), cfg.classes),
+                row,
+                epoch,
+                tc,
+                notes,
+                progress,
+            )
         run.history.append(row)
         if log is not None:
             log(row, epoch)
@@ -137,8 +223,13 @@ def _fit_network(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
         model.load_state_dict(run.best_state)
     if state_path is not None:
         state_path.unlink(missing_ok=True)
-    return FitResult(epochs=epochs, best_epoch=run.best_epoch, history=run.history,
-                     seconds=time.perf_counter() - t0, notes=notes)
+    return FitResult(
+        epochs=epochs,
+        best_epoch=run.best_epoch,
+        history=run.history,
+        seconds=time.perf_counter() - t0,
+        notes=notes,
+    )
 
 
 def _health(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
@@ -146,13 +237,15 @@ def _health(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
     ``model`` is, or any of its outputs on (up to 8 of) ``x``: weights can stay finite and
     still overflow in the forward pass (then every input does; 8 keep the check cheap)."""
     with torch.no_grad():
-        total = sum(float(t.double().sum()) for t in model.state_dict().values()
-                    if t.is_floating_point())
+        total = sum(
+            float(t.double().sum()) for t in model.state_dict().values() if t.is_floating_point()
+        )
     return total + float(predict_deterministic(model, x[:8], device).sum())
 
 
-def _loss_and_weights(y: np.ndarray, cfg: Config, device: torch.device
-                      ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def _loss_and_weights(
+    y: np.ndarray, cfg: Config, device: torch.device
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The loss (class-weighted with ``train.balance = "loss"``), ``y [N]`` as a long tensor and
     each image's sampling weight ``[N]`` (inverse class frequency, for ``"sampler"``)."""
     weight = class_weights(y, len(cfg.classes)).to(device) if cfg.train.balance == "loss" else None
@@ -161,9 +254,16 @@ def _loss_and_weights(y: np.ndarray, cfg: Config, device: torch.device
     return nn.CrossEntropyLoss(weight=weight), yt, sample_w
 
 
-def _start_run(state_path: Path | None, fingerprint: str, model: MCModel,
-               opt: torch.optim.Optimizer, gen: torch.Generator, epochs: int, notes: list[str],
-               progress: bool) -> _Run:
+def _start_run(
+    state_path: Path | None,
+    fingerprint: str,
+    model: MCModel,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    epochs: int,
+    notes: list[str],
+    progress: bool,
+) -> _Run:
     """A new run, or the interrupted one saved at ``state_path`` when its fingerprint (same
     data, settings, epochs and seed) matches; a state that cannot be read is set aside."""
     st = _read_state(state_path, notes, progress) if state_path is not None else None
@@ -180,15 +280,27 @@ def _wrap(model: MCModel, device: torch.device) -> tuple[nn.Module, tuple[int, i
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    net = DistributedDataParallel(model, device_ids=[device.index]
-                                  if device.type == "cuda" else None)
+    net = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
     return net, (dist.get_rank(), dist.get_world_size())
 
 
-def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Module,
-                    x: torch.Tensor, yt: torch.Tensor, perm: torch.Tensor, *, batch_size: int,
-                    device: torch.device, aug: Augmenter | None, shard: tuple[int, int] = (0, 1),
-                    desc: str = "epoch", progress: bool = True) -> float:
+def train_one_epoch(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    x: torch.Tensor,
+    yt: torch.Tensor,
+    perm: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    aug: Augmenter | None,
+    shard: tuple[int, int] = (0, 1),
+    desc: str = "epoch",
+    progress: bool = True,
+) -> float:
     """One pass over ``x [N, C, S, S]``, ``yt [N]`` in the order ``perm``; the mean loss.
 
     ``shard`` = (rank, world size): under torchrun each rank trains on its share of every
@@ -197,9 +309,14 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Modu
     rank, world = shard
     net.train()
     total, seen = 0.0, 0
-    for i in tqdm(range(0, len(perm), batch_size), desc=desc, unit="batch", leave=False,
-                  disable=not progress or math.ceil(len(perm) / batch_size) < 20):
-        idx = perm[i:i + batch_size]
+    for i in tqdm(
+        range(0, len(perm), batch_size),
+        desc=desc,
+        unit="batch",
+        leave=False,
+        disable=not progress or math.ceil(len(perm) / batch_size) < 20,
+    ):
+        idx = perm[i : i + batch_size]
         if world > 1:  # this rank's share (a batch smaller than the world is repeated)
             idx = idx[rank::world] if len(idx) >= world else idx
         xb = x[idx]
@@ -222,12 +339,17 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Modu
     return total / seen
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: np.ndarray, device: torch.device,
-             n_classes: int, classes: Sequence[str] | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: np.ndarray,
+    device: torch.device,
+    n_classes: int,
+    classes: Sequence[str] | None = None,
+) -> dict[str, float]:
     """Validation metrics of the deterministic model (dropout off) on ``x``, ``y``; per-class
     metrics named by ``classes`` (as the round's reported metrics are) when given."""
-    return classification_metrics(y, predict_deterministic(model, x, device), n_classes,
-                                  classes)
+    return classification_metrics(y, predict_deterministic(model, x, device), n_classes, classes)
 
 
 @dataclass
@@ -245,8 +367,16 @@ class _Run:
     monitor: str | None = None
     """Decided on the first validation (its labels are fixed); not saved."""
 
-    def validated(self, model: nn.Module, m: dict[str, float], row: dict[str, float],
-                  epoch: int, tc: Any, notes: list[str], progress: bool) -> str:
+    def validated(
+        self,
+        model: nn.Module,
+        m: dict[str, float],
+        row: dict[str, float],
+        epoch: int,
+        tc: Any,
+        notes: list[str],
+        progress: bool,
+    ) -> str:
         """Record an epoch's validation metrics ``m`` (in ``row``, and as the best epoch if it
         is); returns the text for the epoch's line."""
         row.update({f"val_{k}": v for k, v in m.items()})
@@ -257,8 +387,10 @@ class _Run:
                 if progress:
                     tqdm.write(note)
         key = (monitor_value(m, self.monitor), -row["loss"])
-        line = (f"  val loss {m['loss']:.4f} bal.acc {m['balanced_accuracy']:.3f} "
-                f"AUROC {show_metric(m['auroc'])}")
+        line = (
+            f"  val loss {m['loss']:.4f} bal.acc {m['balanced_accuracy']:.3f} "
+            f"AUROC {show_metric(m['auroc'])}"
+        )
         if self.best_key is None or key > self.best_key:
             self.best_key, self.best_epoch, self.since_best = key, epoch, 0
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -266,33 +398,56 @@ class _Run:
         self.since_best += tc.validate_every
         return line
 
-    def state(self, fingerprint: str, model: nn.Module, opt: torch.optim.Optimizer,
-              gen: torch.Generator) -> dict[str, Any]:
-        return {"fingerprint": fingerprint, "epoch": self.epoch, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "best_state": self.best_state,
-                "best_epoch": self.best_epoch,
-                "best_key": list(self.best_key) if self.best_key else None,
-                "since_best": self.since_best, "history": self.history}
+    def state(
+        self, fingerprint: str, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator
+    ) -> dict[str, Any]:
+        return {
+            "fingerprint": fingerprint,
+            "epoch": self.epoch,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "best_state": self.best_state,
+            "best_epoch": self.best_epoch,
+            "best_key": list(self.best_key) if self.best_key else None,
+            "since_best": self.since_best,
+            "history": self.history,
+        }
 
     @classmethod
-    def resume(cls, st: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
-               gen: torch.Generator) -> _Run:
+    def resume(
+        cls, st: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator
+    ) -> _Run:
         """Restore a saved state (:meth:`state`) into the model, optimiser and RNGs."""
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         gen.set_state(st["generator"])
         torch.set_rng_state(st["torch_rng"])
-        return cls(best_epoch=st["best_epoch"], best_state=st["best_state"],
-                   best_key=tuple(st["best_key"]) if st["best_key"] is not None else None,
-                   since_best=st["since_best"], history=list(st["history"]), epoch=st["epoch"])
+        return cls(
+            best_epoch=st["best_epoch"],
+            best_state=st["best_state"],
+            best_key=tuple(st["best_key"]) if st["best_key"] is not None else None,
+            since_best=st["since_best"],
+            history=list(st["history"]),
+            epoch=st["epoch"],
+        )
 
 
-def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
-              device: torch.device, x_val: torch.Tensor | None = None,
-              y_val: np.ndarray | None = None, seed: int = 0,
-              progress: bool = True, unlabelled: torch.Tensor | None = None,
-              log: TrainingLog | None = None) -> FitResult:
+def fit_probe(
+    model: MCModel,
+    x: torch.Tensor,
+    y: np.ndarray,
+    cfg: Config,
+    *,
+    device: torch.device,
+    x_val: torch.Tensor | None = None,
+    y_val: np.ndarray | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    unlabelled: torch.Tensor | None = None,
+    log: TrainingLog | None = None,
+) -> FitResult:
     """Train only ``model.head`` on the fixed backbone features of ``x [N, C, S, S]``, ``y [N]``.
 
     All N feature vectors form one batch; ``train.probe_steps`` AdamW steps with a cosine
@@ -321,33 +476,49 @@ def fit_probe(model: MCModel, x: torch.Tensor, y: np.ndarray, cfg: Config, *,
     yt = torch.as_tensor(y, dtype=torch.long, device=device)
     weight = class_weights(y, n_classes).to(device) if tc.balance != "none" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
-    _head_schedule(head, f, yt, loss_fn, tc.probe_lr, tc.weight_decay, tc.probe_steps,
-                   progress, log=log)
+    _head_schedule(
+        head, f, yt, loss_fn, tc.probe_lr, tc.weight_decay, tc.probe_steps, progress, log=log
+    )
     step, note = tc.probe_steps, ""
     if tc.semi_supervised == "pseudo_label" and unlabelled is not None and len(unlabelled):
-        step, note = _pseudo_label_schedule(head, f, yt, loss_fn, unlabelled.to(device).float(),
-                                            cfg, progress, log)
+        step, note = _pseudo_label_schedule(
+            head, f, yt, loss_fn, unlabelled.to(device).float(), cfg, progress, log
+        )
     head.eval()
     with torch.no_grad():
         row = {"epoch": 1.0, "loss": float(loss_fn(head(f).float(), yt))}
     for value in (row["loss"], _health(head, f, device)):
-        check_finite(value, f"after the head's {tc.probe_steps} steps", "train.probe_lr",
-                     tc.probe_lr)
+        check_finite(
+            value, f"after the head's {tc.probe_steps} steps", "train.probe_lr", tc.probe_lr
+        )
     if x_val is not None and y_val is not None and len(x_val):
         p = predict_deterministic(model, x_val, device)
-        row.update({f"val_{k}": v for k, v in
-                    classification_metrics(y_val, p, n_classes, cfg.classes).items()})
+        row.update(
+            {
+                f"val_{k}": v
+                for k, v in classification_metrics(y_val, p, n_classes, cfg.classes).items()
+            }
+        )
     if log is not None:
         log({k: v for k, v in row.items() if k.startswith("val_")}, step)
     if progress:
-        tqdm.write(f"head trained on {len(x)} images' features: {tc.probe_steps} steps{note}, "
-                   f"loss {row['loss']:.4f}")
+        tqdm.write(
+            f"head trained on {len(x)} images' features: {tc.probe_steps} steps{note}, "
+            f"loss {row['loss']:.4f}"
+        )
     return FitResult(epochs=1, best_epoch=1, history=[row], seconds=time.perf_counter() - t0)
 
 
-def _pseudo_label_schedule(head: nn.Module, f: torch.Tensor, yt: torch.Tensor,
-                           loss_fn: nn.Module, fu: torch.Tensor, cfg: Config, progress: bool,
-                           log: TrainingLog | None) -> tuple[int, str]:
+def _pseudo_label_schedule(
+    head: nn.Module,
+    f: torch.Tensor,
+    yt: torch.Tensor,
+    loss_fn: nn.Module,
+    fu: torch.Tensor,
+    cfg: Config,
+    progress: bool,
+    log: TrainingLog | None,
+) -> tuple[int, str]:
     """Self-training after the supervised schedule: the pool features ``fu [M, D]`` the head
     predicts with probability >= ``train.pseudo_threshold`` take that class, and the schedule
     runs once more with them. Returns the steps taken in all and the note for the log line."""
@@ -358,16 +529,36 @@ def _pseudo_label_schedule(head: nn.Module, f: torch.Tensor, yt: torch.Tensor,
     conf, pseudo = p.max(1)
     keep = conf >= tc.pseudo_threshold
     if keep.any():
-        _head_schedule(head, f, yt, loss_fn, tc.probe_lr, tc.weight_decay, tc.probe_steps,
-                       progress, extra=(fu[keep], pseudo[keep]), log=log, first_step=step)
+        _head_schedule(
+            head,
+            f,
+            yt,
+            loss_fn,
+            tc.probe_lr,
+            tc.weight_decay,
+            tc.probe_steps,
+            progress,
+            extra=(fu[keep], pseudo[keep]),
+            log=log,
+            first_step=step,
+        )
         step += tc.probe_steps
     return step, f", then with {int(keep.sum())} of {len(fu)} pool images pseudo-labelled"
 
 
-def _head_schedule(head: nn.Module, f: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
-                   lr: float, weight_decay: float, steps: int, progress: bool,
-                   extra: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   log: TrainingLog | None = None, first_step: int = 0) -> None:
+def _head_schedule(
+    head: nn.Module,
+    f: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: nn.Module,
+    lr: float,
+    weight_decay: float,
+    steps: int,
+    progress: bool,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    log: TrainingLog | None = None,
+    first_step: int = 0,
+) -> None:
     """``steps`` full-batch AdamW steps (cosine learning rate, dropout on) of ``head`` on
     features ``f [N, D]`` with labels ``y [N]``; plus, with ``extra = (features [M, D],
     pseudo-labels [M])``, the unweighted mean loss on those. ``log`` gets each step's loss
@@ -375,8 +566,9 @@ def _head_schedule(head: nn.Module, f: torch.Tensor, y: torch.Tensor, loss_fn: n
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     head.train()
-    for i in tqdm(range(steps), desc="training the head", unit="step", disable=not progress,
-                  leave=False):
+    for i in tqdm(
+        range(steps), desc="training the head", unit="step", disable=not progress, leave=False
+    ):
         loss = loss_fn(head(f).float(), y)
         if extra is not None:
             loss = loss + F.cross_entropy(head(extra[0]).float(), extra[1])
@@ -402,8 +594,10 @@ def _read_state(path: Path, notes: list[str], progress: bool) -> dict[str, Any] 
     except Exception as e:  # noqa: BLE001 - any unreadable state means starting over
         aside = path.with_name(f"{path.name}.unreadable-{time.time_ns()}")
         path.replace(aside)
-        note = (f"the saved state of an interrupted training, {path.name}, cannot be read "
-                f"({type(e).__name__}); set aside as {aside.name}, training starts over")
+        note = (
+            f"the saved state of an interrupted training, {path.name}, cannot be read "
+            f"({type(e).__name__}); set aside as {aside.name}, training starts over"
+        )
         notes.append(note)
         if progress:
             tqdm.write(note)
@@ -418,64 +612,88 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def backbone_features(model: MCModel, x: torch.Tensor, device: torch.device,
-                      batch_size: int = 512) -> torch.Tensor:
+def backbone_features(
+    model: MCModel, x: torch.Tensor, device: torch.device, batch_size: int = 512
+) -> torch.Tensor:
     """Deterministic backbone features ``x [N, C, S, S]`` -> ``[N, D]`` (on CPU)."""
     model.eval()
-    out = [model.features(x[i:i + batch_size].to(device)).float().cpu()
-           for i in range(0, len(x), batch_size)]
+    out = [
+        model.features(x[i : i + batch_size].to(device)).float().cpu()
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(out) if out else torch.zeros(0, model.feature_dim)
 
 
 @torch.no_grad()
-def predict_deterministic(model: nn.Module, x: torch.Tensor, device: torch.device,
-                          batch_size: int = 512) -> np.ndarray:
+def predict_deterministic(
+    model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 512
+) -> np.ndarray:
     """Dropout off: ``x [N, ...]`` (images for a model, features for a head) -> probabilities
     ``[N, K]``."""
     model.eval()
-    out = [model(x[i:i + batch_size].to(device)).float().softmax(-1).cpu()
-           for i in range(0, len(x), batch_size)]
+    out = [
+        model(x[i : i + batch_size].to(device)).float().softmax(-1).cpu()
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
 # --- checkpoints ----------------------------------------------------------------------------
-def save_checkpoint(path: Path, model: MCModel, cfg: Config, round_no: int,
-                    extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: Path, model: MCModel, cfg: Config, round_no: int, extra: dict[str, Any] | None = None
+) -> None:
     """Weights + effective config + class names + medal version, written atomically."""
-    payload = {"state_dict": model.state_dict(), "config": cfg.to_dict(),
-               "classes": list(cfg.classes), "model_name": cfg.model.name,
-               "channels": cfg.model.channels, "features": model.features_mode,
-               "medal_version": __version__, "round": round_no,
-               **(extra or {})}
+    payload = {
+        "state_dict": model.state_dict(),
+        "config": cfg.to_dict(),
+        "classes": list(cfg.classes),
+        "model_name": cfg.model.name,
+        "channels": cfg.model.channels,
+        "features": model.features_mode,
+        "medal_version": __version__,
+        "round": round_no,
+        **(extra or {}),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path, model: MCModel, classes: Sequence[str], model_name: str,
-                    channels: int) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, model: MCModel, classes: Sequence[str], model_name: str, channels: int
+) -> dict[str, Any]:
     """Load weights into ``model``; refuse a checkpoint for other classes or architecture."""
     if not path.is_file():
-        raise ModelError(f"checkpoint not found: {path}" + (
-            " (it is a folder, not a file)" if path.is_dir() else ""))
+        raise ModelError(
+            f"checkpoint not found: {path}"
+            + (" (it is a folder, not a file)" if path.is_dir() else "")
+        )
     ck = read_weights(path, "checkpoint")
     if not isinstance(ck, dict) or not isinstance(ck.get("state_dict"), dict):
-        raise ModelError(f"checkpoint {path} holds a {type(ck).__name__} without a state_dict; "
-                         f"expected a checkpoint medal wrote")
+        raise ModelError(
+            f"checkpoint {path} holds a {type(ck).__name__} without a state_dict; "
+            f"expected a checkpoint medal wrote"
+        )
     if list(ck.get("classes", [])) != list(classes):
-        raise ModelError(f"checkpoint {path} was trained for classes {ck.get('classes')}, "
-                         f"but the config has {list(classes)}")
+        raise ModelError(
+            f"checkpoint {path} was trained for classes {ck.get('classes')}, "
+            f"but the config has {list(classes)}"
+        )
     if ck.get("model_name") != model_name or ck.get("channels") != channels:
-        raise ModelError(f"checkpoint {path} is a {ck.get('model_name')} with "
-                         f"{ck.get('channels')} input channel(s); the config asks for "
-                         f"{model_name} with {channels}")
+        raise ModelError(
+            f"checkpoint {path} is a {ck.get('model_name')} with "
+            f"{ck.get('channels')} input channel(s); the config asks for "
+            f"{model_name} with {channels}"
+        )
     trained = ck.get("features", "last")  # checkpoints from before model.features: "last"
     if trained != model.features_mode:
-        raise ModelError(f"checkpoint {path} was trained with model.features = {trained!r}, "
-                         f"the config builds {model.features_mode!r} (another head width); set "
-                         f"model.features = \"{trained}\" to go on from this project's "
-                         f"checkpoints (those of medal before 0.2 are \"last\")")
+        raise ModelError(
+            f"checkpoint {path} was trained with model.features = {trained!r}, "
+            f"the config builds {model.features_mode!r} (another head width); set "
+            f'model.features = "{trained}" to go on from this project\'s '
+            f'checkpoints (those of medal before 0.2 are "last")'
+        )
     try:
         model.load_state_dict(ck["state_dict"])
     except RuntimeError as e:

@@ -53,14 +53,21 @@ def head_samples(model: MCModel, feats: torch.Tensor, T: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mc_predict_tensors(model: MCModel, x: torch.Tensor, T: int, *, device: torch.device,
-                       batch_size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def mc_predict_tensors(
+    model: MCModel,
+    x: torch.Tensor,
+    T: int,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """In-memory images ``x [N, C, S, S]`` -> (probs ``[N, T, C]``, features ``[N, D]``)."""
     set_mc_mode(model)
     probs, feats = [], []
     with _seeded(seed, device):
         for i in range(0, len(x), batch_size):
-            f = model.features(x[i:i + batch_size].to(device))
+            f = model.features(x[i : i + batch_size].to(device))
             probs.append(head_samples(model, f, T).cpu())
             feats.append(f.float().cpu())
     if not probs:
@@ -68,8 +75,9 @@ def mc_predict_tensors(model: MCModel, x: torch.Tensor, T: int, *, device: torch
     return torch.cat(probs).numpy(), torch.cat(feats).numpy()
 
 
-def full_samples(model: MCModel, x: torch.Tensor, T: int, max_items: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def full_samples(
+    model: MCModel, x: torch.Tensor, T: int, max_items: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """T stochastic passes of the whole network over ``x [B, C, S, S]``, replicated into as few
     forward calls as ``max_items`` (images per call) allows.
 
@@ -102,7 +110,7 @@ class TopK:
     def update(self, scores: np.ndarray, index: np.ndarray) -> None:
         s = np.concatenate([self.scores, scores.astype(np.float64)])
         i = np.concatenate([self.index, index.astype(np.int64)])
-        order = np.lexsort((i, -s))[:self.k]
+        order = np.lexsort((i, -s))[: self.k]
         self.scores, self.index = s[order], i[order]
 
 
@@ -123,20 +131,32 @@ def batch_seed(seed: int, batch: int) -> int:
 
 
 @torch.no_grad()
-def score_batches(model: MCModel, ds: ImageDataset, T: int, batches: Sequence[int], *,
-                  device: torch.device, batch_size: int, num_workers: int = 0, seed: int = 0,
-                  desc: str = "scoring", progress: bool = True, mode: str = "head",
-                  precision: str = "bf16", max_batch_items: int = 4096,
-                  sink: Callable[[np.ndarray, np.ndarray, np.ndarray], None]
-                  ) -> dict[Path, str]:
+def score_batches(
+    model: MCModel,
+    ds: ImageDataset,
+    T: int,
+    batches: Sequence[int],
+    *,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int = 0,
+    seed: int = 0,
+    desc: str = "scoring",
+    progress: bool = True,
+    mode: str = "head",
+    precision: str = "bf16",
+    max_batch_items: int = 4096,
+    sink: Callable[[np.ndarray, np.ndarray, np.ndarray], None],
+) -> dict[Path, str]:
     """Score the global batches ``batches`` (batch ``b`` = items ``b*batch_size`` onwards).
 
     For every scored chunk, ``sink(rows [B], probs [B, T, C], features [B, D])`` is called
     with float32 arrays. Returns ``{path: reason}`` for unreadable files.
     """
     if mode == "full" and not model.backbone_is_stochastic():
-        raise ValueError("full-network sampling needs dropout inside the backbone "
-                         "(model.backbone_dropout > 0)")
+        raise ValueError(
+            "full-network sampling needs dropout inside the backbone (model.backbone_dropout > 0)"
+        )
     set_mc_mode(model)
     cuda = device.type == "cuda"
     amp = _amp_dtype(device, precision)
@@ -144,8 +164,9 @@ def score_batches(model: MCModel, ds: ImageDataset, T: int, batches: Sequence[in
         model.to(memory_format=torch.channels_last)
     n = len(ds)
     index = [list(range(b * batch_size, min((b + 1) * batch_size, n))) for b in batches]
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=index, num_workers=num_workers,
-                                         pin_memory=cuda)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=index, num_workers=num_workers, pin_memory=cuda
+    )
     skipped: dict[Path, str] = {}
     step = batch_size
 
@@ -157,9 +178,12 @@ def score_batches(model: MCModel, ds: ImageDataset, T: int, batches: Sequence[in
             return head_samples(model, f, T), f.float()
 
     with _seeded(seed, device):
-        for b, (x, idx, reasons) in zip(batches, tqdm(loader, desc=desc, unit="batch",
-                                                       leave=False,
-                                                       disable=not progress or len(index) < 2)):
+        for b, (x, idx, reasons) in zip(
+            batches,
+            tqdm(
+                loader, desc=desc, unit="batch", leave=False, disable=not progress or len(index) < 2
+            ),
+        ):
             torch.manual_seed(batch_seed(seed, b))
             ok = torch.tensor([r == "" for r in reasons], dtype=torch.bool)
             for j, r in zip(idx.tolist(), reasons):
@@ -174,26 +198,34 @@ def score_batches(model: MCModel, ds: ImageDataset, T: int, batches: Sequence[in
     return skipped
 
 
-def _sink_in_chunks(run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                    x: torch.Tensor, idx: torch.Tensor, step: int, cuda: bool,
-                    sink: Callable[[np.ndarray, np.ndarray, np.ndarray], None]) -> int:
+def _sink_in_chunks(
+    run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    step: int,
+    cuda: bool,
+    sink: Callable[[np.ndarray, np.ndarray, np.ndarray], None],
+) -> int:
     """Score ``x [B, ...]`` in chunks of ``step`` images and pass each to ``sink``; on running
     out of memory, halve ``step`` and retry that chunk. Returns the step that worked, which
     the next batch starts from."""
     i = 0
     while i < len(x):
         try:
-            p, f = run(x[i:i + step])
+            p, f = run(x[i : i + step])
         except RuntimeError as e:
             if not _is_oom(e) or step == 1:
                 raise
             step = max(1, step // 2)
             if cuda:
                 torch.cuda.empty_cache()
-            warnings.warn(f"out of memory while scoring; batch size halved to {step}",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"out of memory while scoring; batch size halved to {step}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             continue
-        sink(idx[i:i + step].numpy(), p.float().cpu().numpy(), f.float().cpu().numpy())
+        sink(idx[i : i + step].numpy(), p.float().cpu().numpy(), f.float().cpu().numpy())
         i += step
     return step
 
@@ -218,8 +250,10 @@ def check_free_space(folder: Path, needed: int, reclaimed: Sequence[Path] = ()) 
     free = shutil.disk_usage(existing).free
     free += sum(p.stat().st_size for p in reclaimed if p.is_file())
     if free < needed:
-        raise WorkspaceError(f"no space left on {folder}: {_size(needed)} needed, "
-                             f"{_size(free)} free; free some space or move the workspace")
+        raise WorkspaceError(
+            f"no space left on {folder}: {_size(needed)} needed, "
+            f"{_size(free)} free; free some space or move the workspace"
+        )
 
 
 def _open_score_file(path: Path, shape: tuple[int, ...]) -> np.memmap:
@@ -235,8 +269,9 @@ def _open_score_file(path: Path, shape: tuple[int, ...]) -> np.memmap:
             return arr  # a file system that cannot reserve blocks: the check above stands
         del arr
         path.unlink(missing_ok=True)
-        raise WorkspaceError(f"no space left on {path.parent}: "
-                             f"{_size(_npy_bytes(shape))} needed for {path.name}") from None
+        raise WorkspaceError(
+            f"no space left on {path.parent}: {_size(_npy_bytes(shape))} needed for {path.name}"
+        ) from None
     except AttributeError:  # no posix_fallocate (macOS, Windows)
         pass
     return arr
@@ -268,8 +303,11 @@ class ScoreStore:
         """Writable float16 memory maps for probabilities ``[n, T, C]`` and features
         ``[n, D]``; :class:`~medal.errors.WorkspaceError` if the disk cannot hold them."""
         shapes = {"probs": (n, T, C), "features": (n, D)}
-        check_free_space(self.folder, sum(_npy_bytes(s) for s in shapes.values()),
-                         reclaimed=[self.folder / f"{k}.tmp.npy" for k in shapes])
+        check_free_space(
+            self.folder,
+            sum(_npy_bytes(s) for s in shapes.values()),
+            reclaimed=[self.folder / f"{k}.tmp.npy" for k in shapes],
+        )
         self.folder.mkdir(parents=True, exist_ok=True)
         probs = None
         try:
@@ -281,8 +319,9 @@ class ScoreStore:
             raise
         return probs, feats
 
-    def commit(self, kept: np.ndarray, ids: Sequence[str] | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def commit(
+        self, kept: np.ndarray, ids: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Put the written arrays in place with ``kept [M]`` (and the image ids of all N rows,
         of which those of the kept rows are stored); returns read-only memory maps of
         probabilities ``[N, T, C]`` and features ``[N, D]``. The memory maps from
@@ -292,20 +331,20 @@ class ScoreStore:
         np.save(self.folder / "kept.npy", kept)
         if ids is not None:
             np.save(self.folder / "ids.npy", np.array([ids[int(k)] for k in kept]))
-        return (np.load(self.folder / "probs.npy", mmap_mode="r"),
-                np.load(self.folder / "features.npy", mmap_mode="r"))
+        return (
+            np.load(self.folder / "probs.npy", mmap_mode="r"),
+            np.load(self.folder / "features.npy", mmap_mode="r"),
+        )
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         """Mark the scores complete, stating what they depend on (JSON-serialisable)."""
         (self.folder / "meta.json").write_text(json.dumps(meta))
 
-    def read(self, meta: dict[str, Any]
-             ) -> tuple[dict[str, int], np.ndarray, np.ndarray] | None:
+    def read(self, meta: dict[str, Any]) -> tuple[dict[str, int], np.ndarray, np.ndarray] | None:
         """``({image id: row}, probs [N, T, C], features [N, D])`` (memory maps) when the
         stored scores are complete and were made under ``meta``; ``None`` otherwise."""
         try:
-            if json.loads((self.folder / "meta.json").read_text()) != \
-                    json.loads(json.dumps(meta)):
+            if json.loads((self.folder / "meta.json").read_text()) != json.loads(json.dumps(meta)):
                 return None
             ids = np.load(self.folder / "ids.npy")
             kept = np.load(self.folder / "kept.npy")
@@ -326,9 +365,17 @@ class ScoreCollector:
     of the readable ones. With ``out_dir``, the arrays are stored there by a
     :class:`ScoreStore`."""
 
-    def __init__(self, n: int, T: int, C: int, D: int, out_dir: Path | None,
-                 top_k: tuple[Callable[[np.ndarray], np.ndarray], int] | None, *,
-                 ids: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        T: int,
+        C: int,
+        D: int,
+        out_dir: Path | None,
+        top_k: tuple[Callable[[np.ndarray], np.ndarray], int] | None,
+        *,
+        ids: Sequence[str] | None = None,
+    ) -> None:
         self.store = None if out_dir is None else ScoreStore(out_dir)
         self.ids = None if ids is None else list(ids)
         self.probs: np.ndarray
@@ -361,14 +408,16 @@ class ScoreCollector:
             row_of, probs, feats = stored
             pairs = [(j, row_of[i]) for j, i in enumerate(self.ids) if i in row_of]
             for c in range(0, len(pairs), 4096):
-                chunk = np.array(pairs[c:c + 4096], dtype=np.int64)
-                self(chunk[:, 0], np.asarray(probs[chunk[:, 1]], np.float32),
-                     np.asarray(feats[chunk[:, 1]], np.float32))
+                chunk = np.array(pairs[c : c + 4096], dtype=np.int64)
+                self(
+                    chunk[:, 0],
+                    np.asarray(probs[chunk[:, 1]], np.float32),
+                    np.asarray(feats[chunk[:, 1]], np.float32),
+                )
             return len(pairs)
         return 0
 
-    def result(self, skipped: dict[Path, str], meta: dict[str, Any] | None = None
-               ) -> MCResult:
+    def result(self, skipped: dict[Path, str], meta: dict[str, Any] | None = None) -> MCResult:
         """The readable images' scores; with a store, they are committed there first (and
         marked complete with ``meta``, when given)."""
         kept = np.flatnonzero(self.ok)
@@ -391,13 +440,23 @@ class ScoreCollector:
         return out
 
 
-def mc_predict(model: MCModel, ds: ImageDataset, T: int, *, device: torch.device,
-               batch_size: int = 256, num_workers: int = 0, seed: int = 0,
-               desc: str = "scoring", progress: bool = True, mode: str = "head",
-               precision: str = "bf16", max_batch_items: int = 4096,
-               out_dir: Path | None = None,
-               top_k: tuple[Callable[[np.ndarray], np.ndarray], int] | None = None
-               ) -> MCResult:
+def mc_predict(
+    model: MCModel,
+    ds: ImageDataset,
+    T: int,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    seed: int = 0,
+    desc: str = "scoring",
+    progress: bool = True,
+    mode: str = "head",
+    precision: str = "bf16",
+    max_batch_items: int = 4096,
+    out_dir: Path | None = None,
+    top_k: tuple[Callable[[np.ndarray], np.ndarray], int] | None = None,
+) -> MCResult:
     """Stream a dataset through the model: T MC-dropout samples per readable image.
 
     ``mode``: ``"head"`` (backbone once, head sampled T times, vectorised) or ``"full"``
@@ -409,10 +468,22 @@ def mc_predict(model: MCModel, ds: ImageDataset, T: int, *, device: torch.device
     Dropout masks are seeded per batch (:func:`batch_seed`).
     """
     sink = ScoreCollector(len(ds), T, model.num_classes, model.feature_dim, out_dir, top_k)
-    skipped = score_batches(model, ds, T, range(n_batches(len(ds), batch_size)), device=device,
-                            batch_size=batch_size, num_workers=num_workers, seed=seed,
-                            desc=desc, progress=progress, mode=mode, precision=precision,
-                            max_batch_items=max_batch_items, sink=sink)
+    skipped = score_batches(
+        model,
+        ds,
+        T,
+        range(n_batches(len(ds), batch_size)),
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        seed=seed,
+        desc=desc,
+        progress=progress,
+        mode=mode,
+        precision=precision,
+        max_batch_items=max_batch_items,
+        sink=sink,
+    )
     return sink.result(skipped)
 
 

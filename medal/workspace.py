@@ -73,8 +73,10 @@ def has_ledger(root: Path) -> bool:
     path = ledger_file(root)
     if path.exists() and not path.is_file():
         what = "a folder" if path.is_dir() else "not a regular file"
-        raise WorkspaceError(f"{path} is {what}; expected the workspace's SQLite ledger file "
-                             f"(move it away, or choose another workspace)")
+        raise WorkspaceError(
+            f"{path} is {what}; expected the workspace's SQLite ledger file "
+            f"(move it away, or choose another workspace)"
+        )
     return path.is_file()
 
 
@@ -124,14 +126,17 @@ def no_space_message(exc: BaseException, root: Path, written: Sequence[Path] = (
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
-            target = Path(os.fsdecode(e.filename)) if e.filename else (
-                written[0] if written else root)
+            target = (
+                Path(os.fsdecode(e.filename)) if e.filename else (written[0] if written else root)
+            )
             return _no_space_line(target, e.strerror or str(e))
         if isinstance(e, sqlite3.Error):
             code = getattr(e, "sqlite_errorcode", None)
             text = str(e)
-            if (code is not None and code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR)) or \
-                    text in ("database or disk is full", "disk I/O error"):
+            if (code is not None and code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR)) or text in (
+                "database or disk is full",
+                "disk I/O error",
+            ):
                 return _no_space_line(ledger_file(root), f"SQLite: {text}")
         if isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILED):
             target = written[0] if written else root / "checkpoints"
@@ -148,8 +153,10 @@ def _no_space_line(target: Path, cause: str) -> str:
     except OSError:
         free = "free space unknown"
     name = "" if target == folder else f"writing {target.name.removesuffix('.tmp')} failed: "
-    return (f"no space left on {display_path(folder)}: {name}{cause} ({free}); free some "
-            f"space (or move the workspace) and run the command again")
+    return (
+        f"no space left on {display_path(folder)}: {name}{cause} ({free}); free some "
+        f"space (or move the workspace) and run the command again"
+    )
 
 
 class Workspace:
@@ -231,8 +238,9 @@ class Workspace:
     def stored_scores(self) -> list[Path]:
         """Every :meth:`scores_dir` with a finished set of scores (``meta.json``), newest
         round first."""
-        return sorted((m.parent for m in (self.root / "scores").glob("round-*/meta.json")),
-                      reverse=True)
+        return sorted(
+            (m.parent for m in (self.root / "scores").glob("round-*/meta.json")), reverse=True
+        )
 
     @property
     def pool_overlap_csv(self) -> Path:
@@ -248,8 +256,10 @@ class Workspace:
             try:
                 self.ledger = Ledger(self.ledger_path)
             except sqlite3.Error as e:
-                raise WorkspaceError(no_space_message(e, self.root) or self._cannot(
-                    f"cannot open the ledger {self.ledger_path.name}", e)) from None
+                raise WorkspaceError(
+                    no_space_message(e, self.root)
+                    or self._cannot(f"cannot open the ledger {self.ledger_path.name}", e)
+                ) from None
             if self._want_lock:
                 self._recover()
         except BaseException:
@@ -294,25 +304,26 @@ class Workspace:
         """Create the workspace folder; a file in the way or a read-only parent is one line
         naming the folder and the cause."""
         root = self.root
-        blocker = next((p for p in (root, *root.parents)
-                        if p.exists() and not p.is_dir()), None)
+        blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
         if blocker == root:
             raise WorkspaceError(f"workspace {root} exists and is not a folder")
         if blocker is not None:
-            raise WorkspaceError(f"cannot create workspace {root}: {blocker} is a file, "
-                                 f"not a folder")
+            raise WorkspaceError(
+                f"cannot create workspace {root}: {blocker} is a file, not a folder"
+            )
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise WorkspaceError(f"cannot create workspace {root}: "
-                                 f"{e.strerror or e}") from None
+            raise WorkspaceError(f"cannot create workspace {root}: {e.strerror or e}") from None
 
     def _cannot(self, what: str, e: BaseException) -> str:
         """One line for an OS or SQLite error on the workspace folder."""
         cause = getattr(e, "strerror", None) or str(e)
         if not os.access(self.root, os.W_OK):
-            return (f"workspace {self.root} is read-only ({what}: {cause}); make the folder "
-                    f"writable or choose another workspace")
+            return (
+                f"workspace {self.root} is read-only ({what}: {cause}); make the folder "
+                f"writable or choose another workspace"
+            )
         return f"workspace {self.root}: {what}: {cause}"
 
     LOCK_WAIT = 1.0
@@ -329,15 +340,21 @@ class Workspace:
             if e.errno == errno.ELOOP or path.is_symlink():
                 raise WorkspaceError(
                     f"{path} is a symbolic link (to {os.readlink(path)}); medal writes its "
-                    f"pid into .lock and never through a link: remove the link") from None
+                    f"pid into .lock and never through a link: remove the link"
+                ) from None
             raise WorkspaceError(self._cannot("cannot create the lock file .lock", e)) from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             os.close(fd)
-            what = ("is not a regular file" if not stat.S_ISREG(st.st_mode) else
-                    f"is a hard link ({st.st_nlink} names for one file)")
-            raise WorkspaceError(f"{path} {what}; medal writes its pid into .lock, which must "
-                                 f"be a plain file of its own: remove it")
+            what = (
+                "is not a regular file"
+                if not stat.S_ISREG(st.st_mode)
+                else f"is a hard link ({st.st_nlink} names for one file)"
+            )
+            raise WorkspaceError(
+                f"{path} {what}; medal writes its pid into .lock, which must "
+                f"be a plain file of its own: remove it"
+            )
         return fd
 
     def _acquire_lock(self) -> None:
@@ -351,7 +368,8 @@ class Workspace:
                 os.close(fd)
             raise WorkspaceError(
                 f"workspace {self.root} is in use by another medal command (pid {holder}); "
-                f"wait for it to finish and run this command again") from None
+                f"wait for it to finish and run this command again"
+            ) from None
         # One write of a fixed width: a reader never sees the file empty or half-written.
         try:
             os.pwrite(fd, f"{os.getpid():<20}\n".encode(), 0)
@@ -370,11 +388,18 @@ class Workspace:
                 for line in f:
                     parts = line.split()
                     # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF" (waiters: "1: -> ...")
-                    if len(parts) >= 6 and parts[1] == "FLOCK" and \
-                            parts[5].rsplit(":", 1)[-1] == str(st.st_ino):
+                    if (
+                        len(parts) >= 6
+                        and parts[1] == "FLOCK"
+                        and parts[5].rsplit(":", 1)[-1] == str(st.st_ino)
+                    ):
                         dev = parts[5].rsplit(":", 1)[0].split(":")
-                        if len(dev) == 2 and (int(dev[0], 16), int(dev[1], 16)) == \
-                                (os.major(st.st_dev), os.minor(st.st_dev)) and parts[4] != "-1":
+                        if (
+                            len(dev) == 2
+                            and (int(dev[0], 16), int(dev[1], 16))
+                            == (os.major(st.st_dev), os.minor(st.st_dev))
+                            and parts[4] != "-1"
+                        ):
                             return parts[4]
         except (OSError, ValueError):
             pass
@@ -454,5 +479,3 @@ class Workspace:
             w.writerow(["file", "reason"])
             w.writerows(sorted(merged.items()))
         tmp.replace(self.skipped_csv)
-
-

@@ -21,14 +21,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless,  # noqa: E402
-                         JPEGLSLossless, RLELossless)
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,  # noqa: E402
+    JPEGLSLossless,
+    RLELossless,
+)
 
-from medal.data import ImageDataset, file_sha256, scan_folder  # noqa: E402
+from medal.data import ImageDataset  # noqa: E402
+from medal.scan import file_sha256, scan_folder  # noqa: E402
 from medal.dicomwrite import write_dicom  # noqa: E402
 
-SYNTAXES = {"jpeg2000": JPEG2000Lossless, "rle": RLELossless, "jpegls": JPEGLSLossless,
-            "none": ExplicitVRLittleEndian}
+SYNTAXES = {
+    "jpeg2000": JPEG2000Lossless,
+    "rle": RLELossless,
+    "jpegls": JPEGLSLossless,
+    "none": ExplicitVRLittleEndian,
+}
 
 
 def make_folder(folder: Path, n: int, syntax: str, size: int) -> None:
@@ -36,10 +45,18 @@ def make_folder(folder: Path, n: int, syntax: str, size: int) -> None:
     yy, xx = np.mgrid[:size, :size]
     for i in range(n):
         # smooth anatomy-like structure plus noise: compresses like a real radiograph
-        img = 1500 + 1000 * np.sin(xx / (20 + i % 7)) * np.cos(yy / 31) \
+        img = (
+            1500
+            + 1000 * np.sin(xx / (20 + i % 7)) * np.cos(yy / 31)
             + rng.normal(0, 40, (size, size))
-        write_dicom(folder / f"img{i:04d}.dcm", np.clip(img, 0, 4095).astype(np.uint16),
-                    bits_stored=12, window=(1500, 2500), transfer_syntax=SYNTAXES[syntax])
+        )
+        write_dicom(
+            folder / f"img{i:04d}.dcm",
+            np.clip(img, 0, 4095).astype(np.uint16),
+            bits_stored=12,
+            window=(1500, 2500),
+            transfer_syntax=SYNTAXES[syntax],
+        )
 
 
 def one_pass(ds: ImageDataset) -> float:
@@ -52,8 +69,9 @@ def one_pass(ds: ImageDataset) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--syntax", choices=sorted(SYNTAXES), default="jpeg2000")
     p.add_argument("--size", type=int, default=512, help="synthetic image size (default 512)")
@@ -67,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             make_folder(folder, a.n, a.syntax, a.size)
         paths = scan_folder(folder)
         ids = [file_sha256(q) for q in paths]
-        ds = ImageDataset(paths, channels=1, size=a.input_size, ids=ids,
-                          cache_dir=Path(tmp) / "cache")
+        ds = ImageDataset(
+            paths, channels=1, size=a.input_size, ids=ids, cache_dir=Path(tmp) / "cache"
+        )
         cold = one_pass(ds)
         warm = one_pass(ds)
     print(f"{len(paths)} DICOMs -> 1x{a.input_size}x{a.input_size} inputs")

@@ -51,8 +51,9 @@ batch_size = 64
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--n", type=int, default=4000)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--model", default="resnet18")
@@ -66,11 +67,13 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(4):
                 Image.fromarray(rng.integers(0, 255, (a.size, a.size), np.uint8)).save(
                     (root / "labelled" / c).mkdir(parents=True, exist_ok=True)
-                    or root / "labelled" / c / f"{i}.png")
+                    or root / "labelled" / c / f"{i}.png"
+                )
         (root / "pool").mkdir()
         for i in range(a.n):
             Image.fromarray(rng.integers(0, 255, (a.size, a.size), np.uint8)).save(
-                root / "pool" / f"{i:06d}.png")
+                root / "pool" / f"{i:06d}.png"
+            )
         cfg_path = root / "bench.toml"
         cfg_path.write_text(CONFIG.format(model=a.model, size=a.size, t=a.t))
         cfg = load_config(cfg_path)
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(warm.folder)
         shutil.rmtree(root / "ws" / "scores")
         from medal.workspace import Workspace
+
         with Workspace(cfg) as ws, ws.db.transaction() as db:
             db.execute("DELETE FROM selections")
             db.execute("DELETE FROM rounds")
@@ -92,15 +96,27 @@ def main(argv: list[str] | None = None) -> int:
             if procs == 1:
                 cmd = [sys.executable, "-m", "medal", "query", "-c", str(cfg_path), "-q"]
             else:
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       f"--nproc-per-node={procs}", "-m", "medal", "query", "-c",
-                       str(cfg_path), "-q"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc-per-node={procs}",
+                    "-m",
+                    "medal",
+                    "query",
+                    "-c",
+                    str(cfg_path),
+                    "-q",
+                ]
                 env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // procs))
             t0 = time.perf_counter()
             subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
             rows.append((procs, time.perf_counter() - t0))
-    print(f"\n{a.model}, 1x{a.size}x{a.size}, pool {a.n}, T={a.t}, {os.cpu_count()} CPUs "
-          f"(wall time of the whole `medal query` command, process start included)")
+    print(
+        f"\n{a.model}, 1x{a.size}x{a.size}, pool {a.n}, T={a.t}, {os.cpu_count()} CPUs "
+        f"(wall time of the whole `medal query` command, process start included)"
+    )
     print(f"{'processes':>9} {'seconds':>8} {'images/s':>9} {'speed-up':>9}")
     for procs, sec in rows:
         print(f"{procs:>9} {sec:>8.1f} {a.n / sec:>9.1f} {rows[0][1] / sec:>8.2f}x")

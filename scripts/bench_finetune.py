@@ -54,28 +54,46 @@ from medal.metrics import classification_metrics  # noqa: E402
 from medal.train import build_model, fit, predict_deterministic  # noqa: E402
 
 ARMS = ("frozen", "lpft", "auto", "whole")
-COMMON = {"device": "cpu", "representation.method": "simclr", "model.hidden": 0,
-          "train.freeze_backbone": True, "train.validation_fraction": 0.0}
-WHOLE = {"representation.method": "none", "model.hidden": 128,
-         "train.freeze_backbone": False}
+COMMON = {
+    "device": "cpu",
+    "representation.method": "simclr",
+    "model.hidden": 0,
+    "train.freeze_backbone": True,
+    "train.validation_fraction": 0.0,
+}
+WHOLE = {"representation.method": "none", "model.hidden": 128, "train.freeze_backbone": False}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=("pneumoniamnist", "retinamnist"),
-                   default="pneumoniamnist")
-    p.add_argument("--pool", type=int, default=0,
-                   help="cut the train split to this many images, drawn per seed (0: all)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--dataset", choices=("pneumoniamnist", "retinamnist"), default="pneumoniamnist")
+    p.add_argument(
+        "--pool",
+        type=int,
+        default=0,
+        help="cut the train split to this many images, drawn per seed (0: all)",
+    )
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--arms", default=",".join(ARMS))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config overrides for every arm (TOML values)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every arm (TOML values)",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--curve", metavar="START:STOP:STEP", default=None,
-                   help="learning curve with random picks instead of the ceiling "
-                        "(e.g. 20:320:30); rows go to --out/curve.csv")
+    p.add_argument(
+        "--curve",
+        metavar="START:STOP:STEP",
+        default=None,
+        help="learning curve with random picks instead of the ceiling "
+        "(e.g. 20:320:30); rows go to --out/curve.csv",
+    )
     return p
 
 
@@ -92,26 +110,53 @@ def backbone(cfg: Config, x: torch.Tensor, path: Path) -> Path:
     if not path.is_file():
         r = cfg.representation
         model = api.start_model(cfg, None)
-        pretrain_and_cache(path, model.backbone, model.backbone_dim, x,
-                           SSLSettings(epochs=r.epochs, batch_size=r.batch_size,
-                                       temperature=r.temperature, lr=r.lr, seed=cfg.seed),
-                           device=torch.device("cpu"), progress=False)
+        pretrain_and_cache(
+            path,
+            model.backbone,
+            model.backbone_dim,
+            x,
+            SSLSettings(
+                epochs=r.epochs,
+                batch_size=r.batch_size,
+                temperature=r.temperature,
+                lr=r.lr,
+                seed=cfg.seed,
+            ),
+            device=torch.device("cpu"),
+            progress=False,
+        )
     return path
 
 
-def run_arm(arm: str, cfg: Config, x: torch.Tensor, y: np.ndarray, bb: Path,
-            seed: int) -> torch.nn.Module:
+def run_arm(
+    arm: str, cfg: Config, x: torch.Tensor, y: np.ndarray, bb: Path, seed: int
+) -> torch.nn.Module:
     """Train one arm on every label of the pool ``x``, ``y``; returns the model."""
     cpu = torch.device("cpu")
     if arm == "whole":
         torch.manual_seed(seed)
         model = build_model(cfg)
-        strat = y if np.bincount(y).min(initial=len(y)) >= 2 and \
-            len(set(y.tolist())) == len(np.bincount(y)) else None
-        tr, va = train_test_split(np.arange(len(y)), test_size=0.2, stratify=strat,
-                                  random_state=seed)
-        fit(model, x[tr], y[tr], cfg, epochs=cfg.train.epochs, device=cpu, x_val=x[va],
-            y_val=y[va], seed=seed, progress=False)
+        strat = (
+            y
+            if np.bincount(y).min(initial=len(y)) >= 2
+            and len(set(y.tolist())) == len(np.bincount(y))
+            else None
+        )
+        tr, va = train_test_split(
+            np.arange(len(y)), test_size=0.2, stratify=strat, random_state=seed
+        )
+        fit(
+            model,
+            x[tr],
+            y[tr],
+            cfg,
+            epochs=cfg.train.epochs,
+            device=cpu,
+            x_val=x[va],
+            y_val=y[va],
+            seed=seed,
+            progress=False,
+        )
         return model
     model = api.start_model(cfg, None, backbone=bb)
     fit(model, x, y, cfg, epochs=cfg.train.epochs, device=cpu, seed=seed, progress=False)
@@ -119,10 +164,14 @@ def run_arm(arm: str, cfg: Config, x: torch.Tensor, y: np.ndarray, bb: Path,
 
 
 def commit() -> str:
-    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                       capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "medal", "scripts"],
-                           capture_output=True, text=True).stdout.strip()
+    r = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "medal", "scripts"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return r.stdout.strip() + ("+dirty" if dirty else "")
 
 
@@ -139,12 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     done = set()
     if results.is_file():
         with open(results, newline="") as f:
-            done = {(int(r["seed"]), r["arm"], int(r.get("labels") or r["pool"]))
-                    for r in csv.DictReader(f)}
+            done = {
+                (int(r["seed"]), r["arm"], int(r.get("labels") or r["pool"]))
+                for r in csv.DictReader(f)
+            }
     for seed in [int(s) for s in a.seeds.split(",")]:
         rng = np.random.default_rng(seed)
-        idx = (np.sort(rng.choice(len(y_all), a.pool, replace=False)) if a.pool
-               else np.arange(len(y_all)))
+        idx = (
+            np.sort(rng.choice(len(y_all), a.pool, replace=False))
+            if a.pool
+            else np.arange(len(y_all))
+        )
         x, y = x_all[idx], y_all[idx]
         base = dataclasses.replace(load_config(conf, {**COMMON, **over}), seed=seed)
         bb = backbone(base, x, a.out / f"backbone-seed{seed}.pt")
@@ -152,18 +206,27 @@ def main(argv: list[str] | None = None) -> int:
             for arm in a.arms.split(","):
                 if (seed, arm, n) in done:
                     continue
-                extra = {"lpft": {"train.finetune": "always"}, "whole": WHOLE,
-                         "auto": {"train.finetune": "auto"}}.get(arm, {})
-                cfg = dataclasses.replace(load_config(conf, {**COMMON, **extra, **over}),
-                                          seed=seed)
+                extra = {
+                    "lpft": {"train.finetune": "always"},
+                    "whole": WHOLE,
+                    "auto": {"train.finetune": "auto"},
+                }.get(arm, {})
+                cfg = dataclasses.replace(load_config(conf, {**COMMON, **extra, **over}), seed=seed)
                 t0 = time.perf_counter()
                 model = run_arm(arm, cfg, x[pick], y[pick], bb, seed)
                 probs = predict_deterministic(model, x_test, torch.device("cpu"))
                 auc = classification_metrics(y_test, probs, len(cfg.classes))["auroc"]
-                row = {"dataset": a.dataset, "pool": len(y), "seed": seed, "arm": arm,
-                       **({"labels": n} if a.curve else {}),
-                       "test_auroc": f"{auc:.4f}", "seconds": f"{time.perf_counter() - t0:.0f}",
-                       "commit": code, "overrides": ";".join(a.overrides)}
+                row = {
+                    "dataset": a.dataset,
+                    "pool": len(y),
+                    "seed": seed,
+                    "arm": arm,
+                    **({"labels": n} if a.curve else {}),
+                    "test_auroc": f"{auc:.4f}",
+                    "seconds": f"{time.perf_counter() - t0:.0f}",
+                    "commit": code,
+                    "overrides": ";".join(a.overrides),
+                }
                 new = not results.is_file()
                 with open(results, "a", newline="") as f:
                     w = csv.DictWriter(f, fieldnames=list(row))
@@ -201,8 +264,10 @@ def summary(results: Path) -> str:
         both = [s for s in seeds if ("lpft", s) in by and (other, s) in by]
         if len(both) >= 2:
             m, lo, hi = interval(np.array([by["lpft", s] - by[other, s] for s in both]))
-            lines.append(f"lpft - {other}: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] "
-                         f"(95% t interval, {len(both)} seeds)")
+            lines.append(
+                f"lpft - {other}: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                f"(95% t interval, {len(both)} seeds)"
+            )
     return "\n".join(lines)
 
 
@@ -218,20 +283,34 @@ def curve_summary(results: Path) -> str:
     lines = [f"{'arm':<8}" + "".join(f"{n:>7}" for n in ns)]
     area: dict[str, dict[int, float]] = {}
     for arm in arms:
-        lines.append(f"{arm:<8}" + "".join(
-            f"{np.mean([by[arm, s, n] for s in seeds if (arm, s, n) in by]):7.3f}"
-            if any((arm, s, n) in by for s in seeds) else f"{'':>7}" for n in ns))
-        area[arm] = {s: float(np.trapezoid([by[arm, s, n] for n in ns], ns) / (ns[-1] - ns[0]))
-                     for s in seeds if all((arm, s, n) in by for n in ns)}
+        lines.append(
+            f"{arm:<8}"
+            + "".join(
+                f"{np.mean([by[arm, s, n] for s in seeds if (arm, s, n) in by]):7.3f}"
+                if any((arm, s, n) in by for s in seeds)
+                else f"{'':>7}"
+                for n in ns
+            )
+        )
+        area[arm] = {
+            s: float(np.trapezoid([by[arm, s, n] for n in ns], ns) / (ns[-1] - ns[0]))
+            for s in seeds
+            if all((arm, s, n) in by for n in ns)
+        }
         if area[arm]:
-            lines.append(f"  area {arm}: " + ", ".join(f"{v:.3f}" for v in area[arm].values())
-                         + f"; mean {np.mean(list(area[arm].values())):.3f}")
+            lines.append(
+                f"  area {arm}: "
+                + ", ".join(f"{v:.3f}" for v in area[arm].values())
+                + f"; mean {np.mean(list(area[arm].values())):.3f}"
+            )
     for a, b in (("auto", "frozen"), ("auto", "whole"), ("frozen", "whole")):
         both = sorted(set(area.get(a, {})) & set(area.get(b, {})))
         if len(both) >= 2:
             m, lo, hi = interval(np.array([area[a][s] - area[b][s] for s in both]))
-            lines.append(f"area {a} - {b}: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] "
-                         f"(95% t interval, {len(both)} seeds)")
+            lines.append(
+                f"area {a} - {b}: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                f"(95% t interval, {len(both)} seeds)"
+            )
     return "\n".join(lines)
 
 

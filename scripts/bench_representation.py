@@ -42,7 +42,8 @@ from compare_simulations import interval  # noqa: E402
 
 from medal import acquisition, api  # noqa: E402
 from medal.config import load_config, parse_overrides  # noqa: E402
-from medal.data import load_all, scan_source  # noqa: E402
+from medal.data import load_all  # noqa: E402
+from medal.scan import scan_source  # noqa: E402
 from medal.metrics import classification_metrics  # noqa: E402
 from medal.train import backbone_features, fit_probe, predict_deterministic  # noqa: E402
 
@@ -58,17 +59,32 @@ PROBE: dict[str, object] = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dataset", choices=DATASETS, default="pneumoniamnist")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--first", type=int, default=20, help="size of the zero-label first round")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config overrides (TOML values)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="workspace (default runs/bench-representation-<dataset>)")
-    p.add_argument("--backbones", choices=("per-seed", "shared"), default="per-seed",
-                   help="one pretrained backbone per seed (default) or one for all seeds")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides (TOML values)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="workspace (default runs/bench-representation-<dataset>)",
+    )
+    p.add_argument(
+        "--backbones",
+        choices=("per-seed", "shared"),
+        default="per-seed",
+        help="one pretrained backbone per seed (default) or one for all seeds",
+    )
     return p
 
 
@@ -93,13 +109,15 @@ def truth(images: Path, classes: tuple[str, ...]) -> list[tuple[Path, str]]:
 
 
 def auroc(model: torch.nn.Module, x_test: torch.Tensor, y_test: np.ndarray, k: int) -> float:
-    return classification_metrics(y_test, predict_deterministic(model, x_test,
-                                                                torch.device("cpu")), k)["auroc"]
+    return classification_metrics(
+        y_test, predict_deterministic(model, x_test, torch.device("cpu")), k
+    )["auroc"]
 
 
 @dataclass
 class Measured:
     """Test AUROC per start and seed, the full-label ceiling, and the seconds spent."""
+
     dataset: str
     seeds: list[int]
     table: dict[str, list[float]]
@@ -115,9 +133,16 @@ class Measured:
         return interval(np.array(self.table[a]) - np.array(self.table[b]))
 
 
-def measure(dataset: str, seeds: list[int], *, first: int = 20,
-            overrides: dict[str, object] | None = None, out: Path | None = None,
-            progress: bool = True, backbones: str = "per-seed") -> Measured:
+def measure(
+    dataset: str,
+    seeds: list[int],
+    *,
+    first: int = 20,
+    overrides: dict[str, object] | None = None,
+    out: Path | None = None,
+    progress: bool = True,
+    backbones: str = "per-seed",
+) -> Measured:
     """Pretrain (or load) the backbone for ``dataset``'s train split and measure the zero-label
     start and the full-label ceiling of the frozen-backbone head, per seed. ``backbones``:
     ``per-seed`` pretrains one backbone per seed (``representation.seed`` = the seed, as
@@ -133,14 +158,20 @@ def measure(dataset: str, seeds: list[int], *, first: int = 20,
         w = csv.writer(f)
         w.writerow(["file", "label"])
         w.writerows([str(p), lab] for p, lab in rows)
-    cfg = dataclasses.replace(base, workspace=out, data=dataclasses.replace(
-        base.data, labelled=labelled_csv, pool=None, validation=None))
+    cfg = dataclasses.replace(
+        base,
+        workspace=out,
+        data=dataclasses.replace(base.data, labelled=labelled_csv, pool=None, validation=None),
+    )
     t0 = time.perf_counter()
     backbone: dict[int, Path] = {}
     for seed in seeds if backbones == "per-seed" else [api.representation_seed(cfg)]:
-        line, backbone[seed] = api.ensure_backbone(dataclasses.replace(
-            cfg, representation=dataclasses.replace(cfg.representation, seed=seed)),
-            progress=progress)
+        line, backbone[seed] = api.ensure_backbone(
+            dataclasses.replace(
+                cfg, representation=dataclasses.replace(cfg.representation, seed=seed)
+            ),
+            progress=progress,
+        )
         if progress:
             print(f"backbone seed {seed}: {line}", flush=True)
     t_pre = time.perf_counter() - t0
@@ -148,67 +179,98 @@ def measure(dataset: str, seeds: list[int], *, first: int = 20,
     m = cfg.model
     paths = [p for p, _ in rows]
     y_all = np.array([cfg.classes.index(lab) for _, lab in rows])
-    x, kept, _ = load_all(paths, channels=m.channels, size=m.image_size,
-                          window=cfg.image.window, frame=cfg.image.frame)
+    x, kept, _ = load_all(
+        paths,
+        channels=m.channels,
+        size=m.image_size,
+        window=cfg.image.window,
+        frame=cfg.image.frame,
+    )
     y = y_all[kept]
     test = list(scan_source(images / "test", cfg.classes))
-    x_test, kept_t, _ = load_all([e.path for e in test], channels=m.channels, size=m.image_size,
-                                 window=cfg.image.window, frame=cfg.image.frame)
+    x_test, kept_t, _ = load_all(
+        [e.path for e in test],
+        channels=m.channels,
+        size=m.image_size,
+        window=cfg.image.window,
+        frame=cfg.image.frame,
+    )
     y_test = np.array([cfg.classes.index(e.label) for e in test])[kept_t]
 
     def probe(path: Path, idx: np.ndarray, seed: int) -> float:
         net = api.start_model(cfg, None, backbone=path)
-        fit_probe(net, x[idx], y[idx], cfg, device=torch.device("cpu"), seed=seed,
-                  progress=False)
+        fit_probe(net, x[idx], y[idx], cfg, device=torch.device("cpu"), seed=seed, progress=False)
         return auroc(net, x_test, y_test, k)
 
-    table: dict[str, list[float]] = {f"typiclust {first}": [], f"random {first}": [],
-                                     f"random {2 * first}": []}
+    table: dict[str, list[float]] = {
+        f"typiclust {first}": [],
+        f"random {first}": [],
+        f"random {2 * first}": [],
+    }
     t1 = time.perf_counter()
     feats: dict[Path, np.ndarray] = {}
     for seed in seeds:
         path = backbone.get(seed) or next(iter(backbone.values()))
         if path not in feats:
-            feats[path] = backbone_features(api.start_model(cfg, None, backbone=path), x,
-                                            torch.device("cpu")).numpy()
+            feats[path] = backbone_features(
+                api.start_model(cfg, None, backbone=path), x, torch.device("cpu")
+            ).numpy()
         rng = np.random.default_rng(seed * 1000 + 1)  # as medal query seeds round 1
         table[f"typiclust {first}"].append(
-            probe(path, acquisition.typiclust(feats[path], first, rng=rng), seed))
+            probe(path, acquisition.typiclust(feats[path], first, rng=rng), seed)
+        )
         draw = np.random.default_rng(seed)
         table[f"random {first}"].append(
-            probe(path, draw.choice(len(y), first, replace=False), seed))
+            probe(path, draw.choice(len(y), first, replace=False), seed)
+        )
         table[f"random {2 * first}"].append(
-            probe(path, draw.choice(len(y), 2 * first, replace=False), seed))
+            probe(path, draw.choice(len(y), 2 * first, replace=False), seed)
+        )
     ceiling = [probe(path, np.arange(len(y)), 0) for path in backbone.values()]
-    return Measured(dataset, seeds, table, ceiling, len(y), len(y_test), t_pre,
-                    time.perf_counter() - t1)
+    return Measured(
+        dataset, seeds, table, ceiling, len(y), len(y_test), t_pre, time.perf_counter() - t1
+    )
 
 
 def report(r: Measured) -> str:
     first = next(iter(r.table)).split()[-1]
-    lines = [f"{r.dataset}: {r.n_train} train images (labels hidden), {r.n_test} test images; "
-             f"test AUROC of the frozen-backbone linear head",
-             f"{'start':<14}" + "".join(f"{'seed ' + str(s):>9}" for s in r.seeds)
-             + f"{'mean':>9}"]
+    lines = [
+        f"{r.dataset}: {r.n_train} train images (labels hidden), {r.n_test} test images; "
+        f"test AUROC of the frozen-backbone linear head",
+        f"{'start':<14}" + "".join(f"{'seed ' + str(s):>9}" for s in r.seeds) + f"{'mean':>9}",
+    ]
     for name, vals in r.table.items():
-        lines.append(f"{name:<14}" + "".join(f"{v:9.3f}" for v in vals)
-                     + f"{np.mean(vals):9.3f}")
+        lines.append(f"{name:<14}" + "".join(f"{v:9.3f}" for v in vals) + f"{np.mean(vals):9.3f}")
     m, lo, hi = r.diff(f"typiclust {first}", f"random {2 * int(first)}")
-    lines.append(f"typiclust {first} minus random {2 * int(first)}: {m:+.3f} [{lo:+.3f}, "
-                 f"{hi:+.3f}] (95% t interval over {len(r.seeds)} seeds)")
-    each = (f" (per seed's backbone: {', '.join(f'{c:.3f}' for c in r.ceiling)})"
-            if len(r.ceiling) > 1 else "")
-    lines.append(f"full-label ceiling (all {r.n_train} train labels): "
-                 f"{np.mean(r.ceiling):.3f}{each}")
-    lines.append(f"wall time: pretraining or cache load {r.seconds_pretrain:.0f} s, "
-                 f"evaluation {r.seconds_eval:.0f} s")
+    lines.append(
+        f"typiclust {first} minus random {2 * int(first)}: {m:+.3f} [{lo:+.3f}, "
+        f"{hi:+.3f}] (95% t interval over {len(r.seeds)} seeds)"
+    )
+    each = (
+        f" (per seed's backbone: {', '.join(f'{c:.3f}' for c in r.ceiling)})"
+        if len(r.ceiling) > 1
+        else ""
+    )
+    lines.append(
+        f"full-label ceiling (all {r.n_train} train labels): {np.mean(r.ceiling):.3f}{each}"
+    )
+    lines.append(
+        f"wall time: pretraining or cache load {r.seconds_pretrain:.0f} s, "
+        f"evaluation {r.seconds_eval:.0f} s"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    r = measure(a.dataset, [int(s) for s in a.seeds.split(",")], first=a.first,
-                overrides=parse_overrides(a.overrides), out=a.out, backbones=a.backbones)
+    r = measure(
+        a.dataset,
+        [int(s) for s in a.seeds.split(",")],
+        first=a.first,
+        overrides=parse_overrides(a.overrides),
+        out=a.out,
+        backbones=a.backbones,
+    )
     print()
     print(report(r))
     return 0

@@ -59,20 +59,21 @@ def timed(fn) -> float:
 def single_pass(model, x, bs, device):
     model.eval()
     for i in range(0, len(x), bs):
-        model(x[i:i + bs].to(device)).softmax(-1).cpu()
+        model(x[i : i + bs].to(device)).softmax(-1).cpu()
 
 
 @torch.no_grad()
 def naive_loop(model, x, bs, T, device):
     set_mc_mode(model)
     for i in range(0, len(x), bs):
-        xb = x[i:i + bs].to(device)
+        xb = x[i : i + bs].to(device)
         torch.stack([model(xb).softmax(-1) for _ in range(T)], 1).cpu()
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--n", type=int, default=512, help="pool size (default 512)")
     p.add_argument("--t", type=int, default=20, help="MC samples T (default 20)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -87,36 +88,77 @@ def main(argv: list[str] | None = None) -> int:
     add_backbone_dropout(full.backbone, 0.1)
     pool = TensorPool(x)
     rows = []
-    rows.append(("single deterministic pass", timed(lambda: single_pass(model, x, a.batch_size,
-                                                                         device))))
-    rows.append((f"naive loop, T={a.t} passes",
-                 timed(lambda: naive_loop(model, x, a.batch_size, a.t, device))))
-    rows.append(("naive loop, full-dropout model",
-                 timed(lambda: naive_loop(full, x, a.batch_size, a.t, device))))
-    rows.append(("medal head-only", timed(lambda: mc_predict(
-        model, pool, a.t, device=device, batch_size=a.batch_size, progress=False))))
-    rows.append(("medal full-network", timed(lambda: mc_predict(
-        full, pool, a.t, device=device, batch_size=a.batch_size, mode="full",
-        max_batch_items=4096 if device.type == "cuda" else a.batch_size,
-        progress=False))))
+    rows.append(
+        ("single deterministic pass", timed(lambda: single_pass(model, x, a.batch_size, device)))
+    )
+    rows.append(
+        (
+            f"naive loop, T={a.t} passes",
+            timed(lambda: naive_loop(model, x, a.batch_size, a.t, device)),
+        )
+    )
+    rows.append(
+        (
+            "naive loop, full-dropout model",
+            timed(lambda: naive_loop(full, x, a.batch_size, a.t, device)),
+        )
+    )
+    rows.append(
+        (
+            "medal head-only",
+            timed(
+                lambda: mc_predict(
+                    model, pool, a.t, device=device, batch_size=a.batch_size, progress=False
+                )
+            ),
+        )
+    )
+    rows.append(
+        (
+            "medal full-network",
+            timed(
+                lambda: mc_predict(
+                    full,
+                    pool,
+                    a.t,
+                    device=device,
+                    batch_size=a.batch_size,
+                    mode="full",
+                    max_batch_items=4096 if device.type == "cuda" else a.batch_size,
+                    progress=False,
+                )
+            ),
+        )
+    )
     try:
         from baal.bayesian.dropout import patch_module
         from baal.modelwrapper import ModelWrapper, TrainingArgs
     except ImportError:
         print("(baal not installed: its row is left out; `pip install baal` to compare)")
     else:
-        wrapper = ModelWrapper(patch_module(copy.deepcopy(model)),
-                               TrainingArgs(batch_size=a.batch_size, workers=0,
-                                            use_cuda=device.type == "cuda",
-                                            replicate_in_memory=True,
-                                            criterion=torch.nn.CrossEntropyLoss()))
+        wrapper = ModelWrapper(
+            patch_module(copy.deepcopy(model)),
+            TrainingArgs(
+                batch_size=a.batch_size,
+                workers=0,
+                use_cuda=device.type == "cuda",
+                replicate_in_memory=True,
+                criterion=torch.nn.CrossEntropyLoss(),
+            ),
+        )
         pairs = PairPool(x)
-        rows.append(("baal predict_on_dataset", timed(
-            lambda: wrapper.predict_on_dataset(pairs, a.t, verbose=False))))
+        rows.append(
+            (
+                "baal predict_on_dataset",
+                timed(lambda: wrapper.predict_on_dataset(pairs, a.t, verbose=False)),
+            )
+        )
     base = a.n / rows[0][1]
-    print(f"\nresnet18, 1x{a.size}x{a.size}, dropout head, pool {a.n}, T={a.t}, "
-          f"batch {a.batch_size}, {device.type}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+    print(
+        f"\nresnet18, 1x{a.size}x{a.size}, dropout head, pool {a.n}, T={a.t}, "
+        f"batch {a.batch_size}, {device.type}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
     print(f"{'path':<30} {'images/s':>10} {'vs single pass':>15}")
     for name, sec in rows:
         ips = a.n / sec

@@ -55,43 +55,79 @@ OVERRIDES: dict[str, object] = {"device": "cpu", "labelling.previews": False}
 # to pick epochs), with fewer epochs at small label counts and when fine-tuning and validation
 # every 5 epochs, which kept its trainings inside the time target.
 WHOLE_NETWORK: dict[str, object] = {
-    "representation.method": "none", "train.freeze_backbone": False, "model.hidden": 128,
-    "train.validation_fraction": 0.2, "train.min_steps": 20, "train.fine_tune_epochs": 5,
-    "train.validate_every": 5, "model.features": "last",
+    "representation.method": "none",
+    "train.freeze_backbone": False,
+    "model.hidden": 128,
+    "train.validation_fraction": 0.2,
+    "train.min_steps": 20,
+    "train.fine_tune_epochs": 5,
+    "train.validate_every": 5,
+    "model.features": "last",
 }
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dataset", choices=DATASETS, default="pneumoniamnist")
     p.add_argument("--strategies", default="random,bald")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--budget", type=int, default=10)
-    p.add_argument("--start", default="random",
-                   help="random (default), class_balanced, class:<name> or a file list")
+    p.add_argument(
+        "--start",
+        default="random",
+        help="random (default), class_balanced, class:<name> or a file list",
+    )
     p.add_argument("--start-size", type=int, default=20)
-    p.add_argument("--validation", action="store_true",
-                   help="use the official validation split (not counted as labels) instead "
-                        "of holding out part of the labels given")
-    p.add_argument("--whole-network", action="store_true",
-                   help="train the whole network from random weights (the defaults before 0.2)")
-    p.add_argument("--baseline", default=None, metavar="RESULTS.csv[+MORE.csv]:STRATEGY",
-                   help="compare every strategy with this simulation's strategy, seed by seed")
-    p.add_argument("--backbones", choices=("per-seed", "shared"), default="per-seed",
-                   help="per-seed (default): one self-supervised pretraining per seed, so the "
-                        "intervals include its variation; shared: one for all (5x less "
-                        "pretraining)")
-    p.add_argument("--no-representation", action="store_true",
-                   help="skip the zero-label start and full-label ceiling measurement")
+    p.add_argument(
+        "--validation",
+        action="store_true",
+        help="use the official validation split (not counted as labels) instead "
+        "of holding out part of the labels given",
+    )
+    p.add_argument(
+        "--whole-network",
+        action="store_true",
+        help="train the whole network from random weights (the defaults before 0.2)",
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="RESULTS.csv[+MORE.csv]:STRATEGY",
+        help="compare every strategy with this simulation's strategy, seed by seed",
+    )
+    p.add_argument(
+        "--backbones",
+        choices=("per-seed", "shared"),
+        default="per-seed",
+        help="per-seed (default): one self-supervised pretraining per seed, so the "
+        "intervals include its variation; shared: one for all (5x less "
+        "pretraining)",
+    )
+    p.add_argument(
+        "--no-representation",
+        action="store_true",
+        help="skip the zero-label start and full-label ceiling measurement",
+    )
     p.add_argument("--mc-samples", type=int, default=20)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config overrides (TOML values), e.g. train.probe_steps=500")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default runs/bench-simulation-<dataset>)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides (TOML values), e.g. train.probe_steps=500",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default runs/bench-simulation-<dataset>)",
+    )
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-round lines")
     return p
@@ -108,19 +144,16 @@ def one_table(results_csv: Path, strategies: list[str], baseline: str | None) ->
     lines = [head]
 
     def row(name: str, vals: list[float], fmt: str = "9.3f") -> None:
-        lines.append(f"{name:<34}" + "".join(f"{v:{fmt}}" for v in vals)
-                     + f"{np.mean(vals):{fmt}}")
+        lines.append(f"{name:<34}" + "".join(f"{v:{fmt}}" for v in vals) + f"{np.mean(vals):{fmt}}")
 
     for s, c in cs.items():
         row(f"{s}: AUROC at {int(c[seeds[0]][0][-1])} labels", [c[k][1][-1] for k in seeds])
-        row(f"{s}: area {lo:.0f}-{hi:.0f} labels", [area(*c[k], lo, hi) for k in seeds],
-            "9.4f")
+        row(f"{s}: area {lo:.0f}-{hi:.0f} labels", [area(*c[k], lo, hi) for k in seeds], "9.4f")
     if "random" in cs:
         for s in cs:
             if s == "random":
                 continue
-            d = np.array([area(*cs[s][k], lo, hi) - area(*cs["random"][k], lo, hi)
-                          for k in seeds])
+            d = np.array([area(*cs[s][k], lo, hi) - area(*cs["random"][k], lo, hi) for k in seeds])
             m, a, b = interval(d)
             row(f"{s} - random: area", list(d), "+9.4f")
             lines.append(f"{'':<34}mean {m:+.4f}, 95% interval [{a:+.4f}, {b:+.4f}]")
@@ -141,8 +174,10 @@ def one_table(results_csv: Path, strategies: list[str], baseline: str | None) ->
                 d = np.array([area(*c[k], blo, bhi) - area(*base[k], blo, bhi) for k in common])
                 m, a, b = interval(d)
                 row(f"{s} - baseline: area", list(d), "+9.4f")
-                lines.append(f"{'':<34}mean {m:+.4f}, 95% interval [{a:+.4f}, {b:+.4f}]; "
-                             f"positive in {int((d > 0).sum())} of {len(d)}")
+                lines.append(
+                    f"{'':<34}mean {m:+.4f}, 95% interval [{a:+.4f}, {b:+.4f}]; "
+                    f"positive in {int((d > 0).sum())} of {len(d)}"
+                )
     return "\n".join(lines)
 
 
@@ -152,17 +187,30 @@ def main(argv: list[str] | None = None) -> int:
     out = (a.out or ROOT / "runs" / f"bench-simulation-{a.dataset}").resolve()
     if a.fresh and out.exists():
         shutil.rmtree(out)
-    overrides = {**OVERRIDES, **(WHOLE_NETWORK if a.whole_network else {}),
-                 "query.mc_samples": a.mc_samples, **parse_overrides(a.overrides)}
+    overrides = {
+        **OVERRIDES,
+        **(WHOLE_NETWORK if a.whole_network else {}),
+        "query.mc_samples": a.mc_samples,
+        **parse_overrides(a.overrides),
+    }
     cfg = load_config(ROOT / "configs" / f"{a.dataset}.toml", overrides)
     strategies = [s for s in a.strategies.split(",") if s]
     seeds = [int(s) for s in a.seeds.split(",") if s]
     settings = SimulationSettings(
-        truth=(images / "pool_truth.csv", images / "labelled"), out=out,
-        strategies=tuple(strategies), seeds=tuple(seeds), rounds=a.rounds,
-        budget=a.budget, start=a.start, start_size=a.start_size,
-        validation="config" if a.validation else "none", workers=a.workers,
-        threads=a.threads, verbose=not a.quiet, backbones=a.backbones)
+        truth=(images / "pool_truth.csv", images / "labelled"),
+        out=out,
+        strategies=tuple(strategies),
+        seeds=tuple(seeds),
+        rounds=a.rounds,
+        budget=a.budget,
+        start=a.start,
+        start_size=a.start_size,
+        validation="config" if a.validation else "none",
+        workers=a.workers,
+        threads=a.threads,
+        verbose=not a.quiet,
+        backbones=a.backbones,
+    )
     t0 = time.perf_counter()
     r = simulate(cfg, settings)
     wall = time.perf_counter() - t0
@@ -174,10 +222,18 @@ def main(argv: list[str] | None = None) -> int:
         ws.mkdir(exist_ok=True)
         if not (ws / "cache").exists():  # the simulation's cache holds the same backbone
             (ws / "cache").symlink_to(out / "cache", target_is_directory=True)
-        rep = measure(a.dataset, seeds, overrides=parse_overrides(a.overrides), out=ws,
-                      progress=not a.quiet, backbones=a.backbones)
-    print(f"\n=== {a.dataset}: label efficiency, honest protocol (test AUROC"
-          f"{', macro' if len(cfg.classes) > 2 else ''}) ===")
+        rep = measure(
+            a.dataset,
+            seeds,
+            overrides=parse_overrides(a.overrides),
+            out=ws,
+            progress=not a.quiet,
+            backbones=a.backbones,
+        )
+    print(
+        f"\n=== {a.dataset}: label efficiency, honest protocol (test AUROC"
+        f"{', macro' if len(cfg.classes) > 2 else ''}) ==="
+    )
     if r.rows:
         print(one_table(out / "results.csv", strategies, a.baseline))
     if rep is not None:
@@ -185,13 +241,21 @@ def main(argv: list[str] | None = None) -> int:
     if r.rows:
         train = sum(float(x["train_seconds"]) for x in r.rows)
         rounds = sum(float(x["round_seconds"]) for x in r.rows if x.get("round_seconds"))
-        print(f"{len(r.rows)} model rounds; summed over runs: training {train:.0f} s, "
-              f"whole rounds {rounds:.0f} s")
+        print(
+            f"{len(r.rows)} model rounds; summed over runs: training {train:.0f} s, "
+            f"whole rounds {rounds:.0f} s"
+        )
     print(f"config overrides: {overrides}")
-    print(f"wall time: simulation {wall:.0f} s ({wall / 60:.1f} min) with {a.workers} "
-          f"worker(s) x {a.threads} thread(s), including the one-off pretraining"
-          + (f"; representation measurement {rep.seconds_pretrain + rep.seconds_eval:.0f} s"
-             if rep else "") + f"; results in {r.out}")
+    print(
+        f"wall time: simulation {wall:.0f} s ({wall / 60:.1f} min) with {a.workers} "
+        f"worker(s) x {a.threads} thread(s), including the one-off pretraining"
+        + (
+            f"; representation measurement {rep.seconds_pretrain + rep.seconds_eval:.0f} s"
+            if rep
+            else ""
+        )
+        + f"; results in {r.out}"
+    )
     if r.failures:
         print(f"failed runs: {r.failures}", file=sys.stderr)
         return 1

@@ -39,8 +39,9 @@ def interval(d: np.ndarray) -> tuple[float, float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("baseline")
     p.add_argument("candidate")
     p.add_argument("--metric", default="auroc")
@@ -53,10 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     at = int(np.median([base[s][0][-1] for s in seeds]))
     lo = max(max(base[s][0][0], cand[s][0][0]) for s in seeds)
     hi = min(min(base[s][0][-1], cand[s][0][-1]) for s in seeds)
-    print(f"baseline {a.baseline}: mean test {a.metric} at its last point ({at} labels) "
-          f"over seeds {seeds}: {target:.3f}")
-    print(f"{'seed':>4} {'baseline last':>14} {'candidate last':>15} {'labels to reach':>16} "
-          f"{'area base':>10} {'area cand':>10} {'diff':>7}   (area over {lo:.0f}-{hi:.0f} labels)")
+    print(
+        f"baseline {a.baseline}: mean test {a.metric} at its last point ({at} labels) "
+        f"over seeds {seeds}: {target:.3f}"
+    )
+    print(
+        f"{'seed':>4} {'baseline last':>14} {'candidate last':>15} {'labels to reach':>16} "
+        f"{'area base':>10} {'area cand':>10} {'diff':>7}   (area over {lo:.0f}-{hi:.0f} labels)"
+    )
     diffs, reach = [], []
     for s in seeds:
         bx, by = base[s]
@@ -65,16 +70,22 @@ def main(argv: list[str] | None = None) -> int:
         reach.append(float(hit[0]) if len(hit) else float("nan"))
         ab, ac = area(bx, by, lo, hi), area(cx, cy, lo, hi)
         diffs.append(ac - ab)
-        print(f"{s:>4} {by[-1]:>9.3f}@{bx[-1]:<4.0f} {cy[-1]:>10.3f}@{cx[-1]:<4.0f} "
-              f"{'never' if math.isnan(reach[-1]) else f'{reach[-1]:.0f}':>16} {ab:>10.4f} "
-              f"{ac:>10.4f} {ac - ab:>+7.4f}")
+        print(
+            f"{s:>4} {by[-1]:>9.3f}@{bx[-1]:<4.0f} {cy[-1]:>10.3f}@{cx[-1]:<4.0f} "
+            f"{'never' if math.isnan(reach[-1]) else f'{reach[-1]:.0f}':>16} {ab:>10.4f} "
+            f"{ac:>10.4f} {ac - ab:>+7.4f}"
+        )
     m, low, high = interval(np.array(diffs))
     done = [r for r in reach if not math.isnan(r)]
-    print(f"candidate reaches {target:.3f} in {len(done)} of {len(seeds)} seeds"
-          + (f" (mean {np.mean(done):.0f} labels over those)" if done else ""))
-    print(f"area difference candidate - baseline: {m:+.4f} [{low:+.4f}, {high:+.4f}] (95% t "
-          f"interval over {len(seeds)} seeds); positive in {sum(d > 0 for d in diffs)} of "
-          f"{len(diffs)}")
+    print(
+        f"candidate reaches {target:.3f} in {len(done)} of {len(seeds)} seeds"
+        + (f" (mean {np.mean(done):.0f} labels over those)" if done else "")
+    )
+    print(
+        f"area difference candidate - baseline: {m:+.4f} [{low:+.4f}, {high:+.4f}] (95% t "
+        f"interval over {len(seeds)} seeds); positive in {sum(d > 0 for d in diffs)} of "
+        f"{len(diffs)}"
+    )
     cand_last = np.array([cand[s][1][-1] for s in seeds])
     print(f"candidate mean {a.metric} at its last point: {cand_last.mean():.3f}")
     return 0

@@ -47,14 +47,19 @@ def run(cmd: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=3, help="labelling rounds (default 3)")
     p.add_argument("--workspace", type=Path, default=ROOT / "runs" / "demo")
     p.add_argument("--strategy", default="bald")
-    p.add_argument("--pretrain-epochs", type=int, default=5,
-                   help="self-supervised pretraining epochs (default 5, so the demo takes "
-                        "minutes; the config's default is 30)")
+    p.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=5,
+        help="self-supervised pretraining epochs (default 5, so the demo takes "
+        "minutes; the config's default is 30)",
+    )
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     prepare(DATA, labelled=20, dicom_fraction=0.1, seed=0, force=False)
@@ -62,11 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         truth = {str((DATA / r["file"]).resolve()): r["label"] for r in csv.DictReader(f)}
     if a.workspace.exists():
         shutil.rmtree(a.workspace)
-    common = ["-c", str(CONFIG.relative_to(Path.cwd()) if CONFIG.is_relative_to(Path.cwd())
-                        else CONFIG),
-              "--set", f'workspace="{a.workspace.resolve()}"',
-              "--set", f'query.strategy="{a.strategy}"',
-              "--set", f"representation.epochs={a.pretrain_epochs}", "-q"]
+    common = [
+        "-c",
+        str(CONFIG.relative_to(Path.cwd()) if CONFIG.is_relative_to(Path.cwd()) else CONFIG),
+        "--set",
+        f'workspace="{a.workspace.resolve()}"',
+        "--set",
+        f'query.strategy="{a.strategy}"',
+        "--set",
+        f"representation.epochs={a.pretrain_epochs}",
+        "-q",
+    ]
     run(["train", *common])
     run(["query", *common])
     for r in range(1, a.rounds + 1):
@@ -76,15 +87,19 @@ def main(argv: list[str] | None = None) -> int:
         run(["ingest", *common, str(folder)])
         run(["round", *common] if r < a.rounds else ["train", *common])
     run(["status", *common])
-    cfg = load_config(CONFIG, {"workspace": str(a.workspace.resolve()),
-                               "representation.epochs": a.pretrain_epochs})
+    cfg = load_config(
+        CONFIG,
+        {"workspace": str(a.workspace.resolve()), "representation.epochs": a.pretrain_epochs},
+    )
     s = api.status(cfg)
     print("\ntest metrics per round (MC-averaged probabilities):")
     print("round  labels  test images  accuracy  AUROC")
     for m in s.models:
         t = s.metrics[m["round"]]["test"]
-        print(f"{m['round']:>5}  {m['n_labels']:>6}  {int(t['n']):>11}  {t['accuracy']:>8.3f}"
-              f"  {t['auroc']:>5.3f}")
+        print(
+            f"{m['round']:>5}  {m['n_labels']:>6}  {int(t['n']):>11}  {t['accuracy']:>8.3f}"
+            f"  {t['auroc']:>5.3f}"
+        )
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     return 0
 

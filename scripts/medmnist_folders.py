@@ -42,13 +42,15 @@ def load_verified(npz: Path, sha256: str, out: Path) -> Any:
     return np.load(npz)
 
 
-def class_balanced_start(y: np.ndarray, n_classes: int, size: int,
-                         rng: np.random.Generator) -> np.ndarray:
+def class_balanced_start(
+    y: np.ndarray, n_classes: int, size: int, rng: np.random.Generator
+) -> np.ndarray:
     """``size`` training indices spread evenly over the classes (earlier classes get the
     remainder)."""
     per_class = [size // n_classes + (c < size % n_classes) for c in range(n_classes)]
-    return np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False)
-                           for c, k in enumerate(per_class)])
+    return np.concatenate(
+        [rng.choice(np.flatnonzero(y == c), k, replace=False) for c, k in enumerate(per_class)]
+    )
 
 
 def write_truth(out: Path, rows: Sequence[tuple[str, str]]) -> None:
@@ -59,8 +61,9 @@ def write_truth(out: Path, rows: Sequence[tuple[str, str]]) -> None:
         w.writerows(rows)
 
 
-def write_eval_splits(out: Path, d: Any, classes: Sequence[str],
-                      save: Callable[[Path, np.ndarray], None] = save_png) -> None:
+def write_eval_splits(
+    out: Path, d: Any, classes: Sequence[str], save: Callable[[Path, np.ndarray], None] = save_png
+) -> None:
     """The official val and test splits as ``validation/<class>/`` and ``test/<class>/``."""
     for split, folder in (("val", "validation"), ("test", "test")):
         xs, ys = d[f"{split}_images"], d[f"{split}_labels"].ravel()

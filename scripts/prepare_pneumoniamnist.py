@@ -27,8 +27,15 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from medmnist_folders import (already_prepared, class_balanced_start, finish,  # noqa: E402
-                              load_verified, save_png, write_eval_splits, write_truth)
+from medmnist_folders import (  # noqa: E402
+    already_prepared,
+    class_balanced_start,
+    finish,
+    load_verified,
+    save_png,
+    write_eval_splits,
+    write_truth,
+)
 
 from medal.dicomwrite import write_dicom  # noqa: E402
 
@@ -41,14 +48,25 @@ def _dicom(path: Path, img: np.ndarray, index: int) -> None:
     # 12-bit stored values with a CT-like rescale and a window that maps them back onto 0..1,
     # so the demo exercises the modality LUT and VOI path and sees the same pixels as the PNGs.
     stored = img.astype(np.uint16) * 16
-    write_dicom(path, stored, bits_stored=12, slope=1.0, intercept=-1024.0,
-                window=(1016.5, 4081.0), patient_id=f"PNEUMOMNIST{index:05d}",
-                uid_source=f"pneumoniamnist-train-{index:05d}")
+    write_dicom(
+        path,
+        stored,
+        bits_stored=12,
+        slope=1.0,
+        intercept=-1024.0,
+        window=(1016.5, 4081.0),
+        patient_id=f"PNEUMOMNIST{index:05d}",
+        uid_source=f"pneumoniamnist-train-{index:05d}",
+    )
 
 
 def prepare(out: Path, *, labelled: int, dicom_fraction: float, seed: int, force: bool) -> Path:
-    settings = {"labelled": labelled, "dicom_fraction": dicom_fraction, "seed": seed,
-                "source_sha256": SHA256}
+    settings = {
+        "labelled": labelled,
+        "dicom_fraction": dicom_fraction,
+        "seed": seed,
+        "source_sha256": SHA256,
+    }
     if already_prepared(out, settings, force):
         return out
     d = load_verified(NPZ, SHA256, out)
@@ -71,25 +89,35 @@ def prepare(out: Path, *, labelled: int, dicom_fraction: float, seed: int, force
     write_truth(out, truth)
     write_eval_splits(out, d, CLASSES)
     finish(out, settings)
-    print(f"prepared {out}: {len(start)} labelled, {len(pool)} pool "
-          f"({len(as_dicom)} as DICOM), {len(d['val_images'])} validation, "
-          f"{len(d['test_images'])} test")
+    print(
+        f"prepared {out}: {len(start)} labelled, {len(pool)} pool "
+        f"({len(as_dicom)} as DICOM), {len(d['val_images'])} validation, "
+        f"{len(d['test_images'])} test"
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=ROOT / "data" / "pneumoniamnist" / "images")
-    p.add_argument("--labelled", type=int, default=20,
-                   help="size of the labelled start set, half per class (default 20)")
-    p.add_argument("--dicom-fraction", type=float, default=0.1,
-                   help="share of the pool written as DICOM instead of PNG (default 0.1)")
+    p.add_argument(
+        "--labelled",
+        type=int,
+        default=20,
+        help="size of the labelled start set, half per class (default 20)",
+    )
+    p.add_argument(
+        "--dicom-fraction",
+        type=float,
+        default=0.1,
+        help="share of the pool written as DICOM instead of PNG (default 0.1)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if already prepared")
     a = p.parse_args(argv)
-    prepare(a.out, labelled=a.labelled, dicom_fraction=a.dicom_fraction, seed=a.seed,
-            force=a.force)
+    prepare(a.out, labelled=a.labelled, dicom_fraction=a.dicom_fraction, seed=a.seed, force=a.force)
     return 0
 
 

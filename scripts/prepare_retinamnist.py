@@ -27,8 +27,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from medmnist_folders import (already_prepared, class_balanced_start, finish,  # noqa: E402
-                              load_verified, save_png, write_eval_splits, write_truth)
+from medmnist_folders import (  # noqa: E402
+    already_prepared,
+    class_balanced_start,
+    finish,
+    load_verified,
+    save_png,
+    write_eval_splits,
+    write_truth,
+)
 
 NPZ = ROOT / "data" / "retinamnist" / "retinamnist.npz"
 SHA256 = "254915f5f0a2074665c4676356824cf4ef4a3bcab233894b4bafcaf48962bd69"
@@ -55,17 +62,24 @@ def prepare(out: Path, *, labelled: int, seed: int, force: bool) -> Path:
     write_truth(out, truth)
     write_eval_splits(out, d, CLASSES)
     finish(out, settings)
-    print(f"prepared {out}: {len(start)} labelled, {len(pool)} pool, "
-          f"{len(d['val_images'])} validation, {len(d['test_images'])} test")
+    print(
+        f"prepared {out}: {len(start)} labelled, {len(pool)} pool, "
+        f"{len(d['val_images'])} validation, {len(d['test_images'])} test"
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=ROOT / "data" / "retinamnist" / "images")
-    p.add_argument("--labelled", type=int, default=25,
-                   help="size of the labelled start set, spread over the 5 grades (default 25)")
+    p.add_argument(
+        "--labelled",
+        type=int,
+        default=25,
+        help="size of the labelled start set, spread over the 5 grades (default 25)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if already prepared")
     a = p.parse_args(argv)

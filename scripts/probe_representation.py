@@ -35,7 +35,7 @@ DATA = ROOT / "data" / "pneumoniamnist" / "images"
 def features(model: torch.nn.Module, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """Backbone features ``[M, D]`` of the readable ``paths`` and their indices ``[M]``."""
     x, kept, _ = load_all(paths, channels=1, size=28)
-    f = torch.cat([model.backbone(x[i:i + 512]) for i in range(0, len(x), 512)])
+    f = torch.cat([model.backbone(x[i : i + 512]) for i in range(0, len(x), 512)])
     return f.numpy(), kept
 
 
@@ -66,12 +66,15 @@ def main(argv: list[str]) -> int:
             if len(set(y[idx])) < 2:
                 continue
             scaler = StandardScaler().fit(f_pool[idx])
-            clf = LogisticRegression(C=1.0, max_iter=2000).fit(scaler.transform(f_pool[idx]),
-                                                                y[idx])
+            clf = LogisticRegression(C=1.0, max_iter=2000).fit(
+                scaler.transform(f_pool[idx]), y[idx]
+            )
             p = clf.predict_proba(scaler.transform(f_test))[:, 1]
             aurocs.append(roc_auc_score(y_test, p))
-        print(f"{n:>5} labels: test AUROC per draw {np.round(aurocs, 3).tolist()}, "
-              f"mean {np.mean(aurocs):.3f}")
+        print(
+            f"{n:>5} labels: test AUROC per draw {np.round(aurocs, 3).tolist()}, "
+            f"mean {np.mean(aurocs):.3f}"
+        )
     return 0
 
 

@@ -45,8 +45,9 @@ def manifests_digest(out: Path) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("out", type=Path, help="the --out folder of a medal simulate run")
     out = p.parse_args(argv).out
     digest, n = results_digest(out)

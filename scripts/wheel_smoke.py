@@ -66,12 +66,14 @@ def run(*args: str, cwd: Path | None = None) -> str:
     shown = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(args))
     print(f"  $ {shown}  ({time.perf_counter() - t:.1f} s, exit {r.returncode})", flush=True)
     if r.returncode != 0:
-        raise SmokeError(f"{shown} exited {r.returncode}\n--- stdout ---\n{r.stdout}"
-                         f"--- stderr ---\n{r.stderr}")
+        raise SmokeError(
+            f"{shown} exited {r.returncode}\n--- stdout ---\n{r.stdout}--- stderr ---\n{r.stderr}"
+        )
     return r.stdout
 
 
 # 1. where medal comes from ----------------------------------------------------------------------
+
 
 def check_import_location(checkout: Path | None) -> None:
     step("import location")
@@ -80,20 +82,29 @@ def check_import_location(checkout: Path | None) -> None:
     where = Path(medal.__file__).resolve().parent
     print(f"  medal {medal.__version__} imported from {where}")
     prefix = Path(sys.prefix).resolve()
-    check(prefix in where.parents,
-          f"medal was imported from {where}, not from this environment ({prefix}): "
-          f"run from a folder outside the checkout, without PYTHONPATH")
+    check(
+        prefix in where.parents,
+        f"medal was imported from {where}, not from this environment ({prefix}): "
+        f"run from a folder outside the checkout, without PYTHONPATH",
+    )
     if checkout is not None:
-        check(checkout.resolve() not in where.parents,
-              f"medal was imported from the checkout ({where})")
+        check(
+            checkout.resolve() not in where.parents,
+            f"medal was imported from the checkout ({where})",
+        )
     check(not (Path.cwd() / "medal").exists(), f"{Path.cwd()} holds a medal/ folder")
 
 
 # 2. installed files and package data ------------------------------------------------------------
 
+
 def tracked_package_files(checkout: Path) -> list[str]:
-    out = subprocess.run(["git", "-C", str(checkout), "ls-files", "--", "medal"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "-C", str(checkout), "ls-files", "--", "medal"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     files = [line for line in out.splitlines() if line and "__pycache__" not in line]
     check(bool(files), f"git ls-files found no files under {checkout}/medal")
     return files
@@ -104,18 +115,25 @@ def check_installed_files(checkout: Path) -> None:
     tracked = tracked_package_files(checkout)
     installed = {str(p).replace(os.sep, "/") for p in importlib.metadata.files(DIST) or []}
     missing = [f for f in tracked if f not in installed]
-    check(not missing, "files tracked under medal/ but missing from the installed wheel "
-          "(a subpackage belongs in pyproject's [tool.setuptools.packages.find], a data file "
-          "in [tool.setuptools.package-data]):\n  " + "\n  ".join(missing))
+    check(
+        not missing,
+        "files tracked under medal/ but missing from the installed wheel "
+        "(a subpackage belongs in pyproject's [tool.setuptools.packages.find], a data file "
+        "in [tool.setuptools.package-data]):\n  " + "\n  ".join(missing),
+    )
     data = [f for f in tracked if not f.endswith(".py")]
     root = importlib.resources.files("medal")
     for rel in data:
         res = root.joinpath(*rel.split("/")[1:])
         check(res.is_file(), f"importlib.resources cannot find {rel}")
-        check(res.read_bytes() == (checkout / rel).read_bytes(),
-              f"{rel} differs between the wheel and the checkout")
-    print(f"  {len(tracked)} tracked files installed ({len(data)} package data files read "
-          f"back through importlib.resources)")
+        check(
+            res.read_bytes() == (checkout / rel).read_bytes(),
+            f"{rel} differs between the wheel and the checkout",
+        )
+    print(
+        f"  {len(tracked)} tracked files installed ({len(data)} package data files read "
+        f"back through importlib.resources)"
+    )
 
 
 def check_sdist(sdist: Path, checkout: Path) -> None:
@@ -130,18 +148,23 @@ def check_sdist(sdist: Path, checkout: Path) -> None:
 
 # 3. version and help ----------------------------------------------------------------------------
 
+
 def check_version_and_help() -> None:
     step("version and help")
     import medal
 
     meta = importlib.metadata.version(DIST)
-    check(meta == medal.__version__,
-          f"package metadata says {meta}, medal.__version__ says {medal.__version__}")
+    check(
+        meta == medal.__version__,
+        f"package metadata says {meta}, medal.__version__ says {medal.__version__}",
+    )
     exe = medal_exe()
     for args in ([exe, "--version"], [sys.executable, "-m", "medal", "--version"]):
         out = run(*args).strip()
-        check(out == f"medal {meta}", f"{' '.join(args[-2:])} printed {out!r}, "
-                                      f"expected 'medal {meta}'")
+        check(
+            out == f"medal {meta}",
+            f"{' '.join(args[-2:])} printed {out!r}, expected 'medal {meta}'",
+        )
     print(f"  version {meta}")
     out = run(exe, "--help")
     for cmd in COMMANDS:
@@ -149,6 +172,7 @@ def check_version_and_help() -> None:
 
 
 # 4. one real round ------------------------------------------------------------------------------
+
 
 def make_images(root: Path) -> dict[str, str]:
     """Tiny separable images: labelled 3/class PNG, validation 2/class PNG, pool 8 PNG + 2 DICOM.
@@ -181,8 +205,13 @@ def make_images(root: Path) -> dict[str, str]:
             Image.fromarray(image(c)).save(root / "pool" / name)
         else:
             name = f"p{i:02d}.dcm"
-            write_dicom(root / "pool" / name, image(c).astype(np.uint16) * 16, bits_stored=12,
-                        intercept=-1024, window=(1016.5, 4081.0))
+            write_dicom(
+                root / "pool" / name,
+                image(c).astype(np.uint16) * 16,
+                bits_stored=12,
+                intercept=-1024,
+                window=(1016.5, 4081.0),
+            )
         truth[name] = CLASSES[c]
     return truth
 
@@ -255,8 +284,10 @@ def check_round(work: Path) -> None:
     print("  " + out.strip().replace("\n", "\n  "))
 
     out = run(exe, "round", *c, cwd=work)
-    check("fine-tuned from round 0" in out and (work / "ws/labelling/round-002").is_dir(),
-          f"unexpected round output:\n{out}")
+    check(
+        "fine-tuned from round 0" in out and (work / "ws/labelling/round-002").is_dir(),
+        f"unexpected round output:\n{out}",
+    )
     export = work / "all_labels.csv"
     run(exe, "labels", "-c", str(cfg), "export", "-o", str(export), cwd=work)
     rows = read_csv(export)
@@ -265,8 +296,11 @@ def check_round(work: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkout", type=Path,
-                    help="the git checkout the wheel was built from (for the file checks)")
+    ap.add_argument(
+        "--checkout",
+        type=Path,
+        help="the git checkout the wheel was built from (for the file checks)",
+    )
     ap.add_argument("--sdist", type=Path, help="the built sdist to check")
     ap.add_argument("--keep", action="store_true", help="keep the temporary round folder")
     args = ap.parse_args(argv)

@@ -42,10 +42,15 @@ def chromium() -> str:
     if path:
         return path
     explicit = os.environ.get("MEDAL_CHROMIUM")
-    looked = (f"MEDAL_CHROMIUM={explicit} is not an executable" if explicit else
-              f"none of {', '.join(BROWSER_NAMES)} is on PATH")
-    reason = (f"no Chromium found ({looked}); install one "
-              f"(Debian/Ubuntu: apt-get install chromium) or point MEDAL_CHROMIUM at it")
+    looked = (
+        f"MEDAL_CHROMIUM={explicit} is not an executable"
+        if explicit
+        else f"none of {', '.join(BROWSER_NAMES)} is on PATH"
+    )
+    reason = (
+        f"no Chromium found ({looked}); install one "
+        f"(Debian/Ubuntu: apt-get install chromium) or point MEDAL_CHROMIUM at it"
+    )
     if os.environ.get("MEDAL_REQUIRE_BROWSER") == "1":
         pytest.fail(f"MEDAL_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
     pytest.skip(f"{reason}; MEDAL_REQUIRE_BROWSER=1 turns this skip into a failure")
@@ -62,8 +67,13 @@ def make_image(label: int, rng: np.random.Generator, size: int = 16) -> np.ndarr
 def save(path: Path, img: np.ndarray, as_dicom: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if as_dicom:
-        write_dicom(path, img.astype(np.uint16) * 16, bits_stored=12, intercept=-1024,
-                    window=(1016.5, 4081.0))
+        write_dicom(
+            path,
+            img.astype(np.uint16) * 16,
+            bits_stored=12,
+            intercept=-1024,
+            window=(1016.5, 4081.0),
+        )
     else:
         Image.fromarray(img).save(path)
     return path

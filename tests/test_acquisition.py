@@ -10,9 +10,24 @@ import pytest
 
 from medal import acquisition as acq
 from medal.acquisition import (
-    SCORE_FUNCTIONS, STRATEGIES, badge, bald, batchbald, epig, class_balanced, k_center_greedy,
-    least_confidence, margin, mean_std, power_sampling, predictive_entropy, select, typicality,
-    typiclust, validate_strategy, variation_ratios,
+    SCORE_FUNCTIONS,
+    STRATEGIES,
+    badge,
+    bald,
+    batchbald,
+    epig,
+    class_balanced,
+    k_center_greedy,
+    least_confidence,
+    margin,
+    mean_std,
+    power_sampling,
+    predictive_entropy,
+    select,
+    typicality,
+    typiclust,
+    validate_strategy,
+    variation_ratios,
 )
 
 
@@ -25,10 +40,12 @@ def h(*p: float) -> float:
 
 
 # Image A: the two passes disagree completely. Image B: both passes favour class 0.
-TWO = np.array([
-    [[1.0, 0.0], [0.0, 1.0]],
-    [[0.8, 0.2], [0.6, 0.4]],
-])
+TWO = np.array(
+    [
+        [[1.0, 0.0], [0.0, 1.0]],
+        [[0.8, 0.2], [0.6, 0.4]],
+    ]
+)
 
 
 # --------------------------------------------------------------------------- hand-computed
@@ -119,8 +136,7 @@ def test_strategy_names():
 def test_strategies_declare_what_they_need():
     needs = {name: acq.get_strategy(name) for name in STRATEGIES}
     assert {n for n, s in needs.items() if s.needs_features} == {"coreset", "badge", "typiclust"}
-    assert {n for n, s in needs.items() if s.needs_labelled_features} == {"coreset",
-                                                                          "typiclust"}
+    assert {n for n, s in needs.items() if s.needs_labelled_features} == {"coreset", "typiclust"}
     assert {n for n, s in needs.items() if not s.joint_samples} == set(SCORE_FUNCTIONS)
     assert {n for n, s in needs.items() if not s.uses_model} == {"random"}
     # a running top-k stands in for the selection only for a per-image score, unbalanced
@@ -139,8 +155,7 @@ def test_a_registered_strategy_is_selectable_and_listed():
     try:
         assert "_test_last" in acq.available_strategies()
         p = dirichlet_probs(6, 2, 2)
-        idx, _ = select("_test_last", p, 2, rng=np.random.default_rng(0),
-                        features=np.zeros((6, 3)))
+        idx, _ = select("_test_last", p, 2, rng=np.random.default_rng(0), features=np.zeros((6, 3)))
         assert idx.tolist() == [5, 4]
         with pytest.raises(ValueError, match="needs features"):
             select("_test_last", p, 2, rng=np.random.default_rng(0))
@@ -179,9 +194,16 @@ def brute_greedy(probs: np.ndarray, budget: int) -> tuple[list[int], list[float]
     return picks, gains
 
 
-@pytest.mark.parametrize("n,t,c,budget,seed", [
-    (5, 3, 2, 3, 0), (6, 4, 2, 3, 1), (6, 4, 3, 3, 2), (4, 2, 3, 2, 3), (6, 3, 3, 2, 4),
-])
+@pytest.mark.parametrize(
+    "n,t,c,budget,seed",
+    [
+        (5, 3, 2, 3, 0),
+        (6, 4, 2, 3, 1),
+        (6, 4, 3, 3, 2),
+        (4, 2, 3, 2, 3),
+        (6, 3, 3, 2, 4),
+    ],
+)
 def test_batchbald_exact_matches_brute_force_greedy(n, t, c, budget, seed):
     p = dirichlet_probs(n, t, c, seed=seed, alpha=0.7)
     idx, gains = batchbald(p, budget, rng=np.random.default_rng(0))
@@ -195,7 +217,7 @@ def test_batchbald_avoids_redundant_duplicates():
     # image 0 duplicated: BALD would take both copies, BatchBALD takes the copy once
     base = dirichlet_probs(4, 6, 2, seed=7, alpha=0.3)
     best = int(np.argmax(bald(base)))
-    p = np.concatenate([base, base[best:best + 1]])
+    p = np.concatenate([base, base[best : best + 1]])
     idx, gains = batchbald(p, 2, rng=np.random.default_rng(0))
     assert idx[0] == best and idx[1] != len(base)
     assert np.all(np.diff(gains) <= 1e-12)  # submodular: gains do not increase
@@ -214,8 +236,9 @@ def test_batchbald_budget_one_is_argmax_bald():
 def test_batchbald_sampled_close_to_exact(exact_limit):
     # C**k exceeds exact_limit from k=1 (limit 1) or k=2 (limit 3): the sampled path runs
     p = dirichlet_probs(6, 4, 3, seed=11, alpha=0.7)
-    idx, gains = batchbald(p, 3, rng=np.random.default_rng(0), num_samples=20000,
-                           exact_limit=exact_limit)
+    idx, gains = batchbald(
+        p, 3, rng=np.random.default_rng(0), num_samples=20000, exact_limit=exact_limit
+    )
     assert len(set(idx.tolist())) == 3
     true_mi = [brute_joint_mi(p, idx[:k].tolist()) for k in range(1, 4)]
     np.testing.assert_allclose(gains, np.diff([0.0, *true_mi]), atol=0.02)
@@ -227,8 +250,7 @@ def test_batchbald_sampled_long_batch_tracks_exact():
     # C=2, budget 8: exact runs to k=3 (8 configurations), sampling from then on
     p = dirichlet_probs(30, 10, 2, seed=3, alpha=1.0)
     exact_idx, exact_gains = batchbald(p, 8, rng=np.random.default_rng(0), exact_limit=1 << 20)
-    idx, gains = batchbald(p, 8, rng=np.random.default_rng(0), exact_limit=8,
-                           num_samples=20000)
+    idx, gains = batchbald(p, 8, rng=np.random.default_rng(0), exact_limit=8, num_samples=20000)
     assert np.abs(np.cumsum(gains) - np.cumsum(exact_gains)).max() < 0.05
     assert len(set(idx.tolist()) & set(exact_idx.tolist())) >= 6
 
@@ -293,8 +315,9 @@ def test_power_sampling_probabilities_proportional_to_score_power():
     rng = np.random.default_rng(0)
     draws = np.array([power_sampling(np.array([1.0, 3.0]), 1, rng=rng)[0] for _ in range(4000)])
     assert abs(draws.mean() - 0.75) < 0.03
-    draws = np.array([power_sampling(np.array([1.0, 3.0]), 1, rng=rng, beta=2.0)[0]
-                      for _ in range(4000)])
+    draws = np.array(
+        [power_sampling(np.array([1.0, 3.0]), 1, rng=rng, beta=2.0)[0] for _ in range(4000)]
+    )
     assert abs(draws.mean() - 0.9) < 0.03
 
 
@@ -326,7 +349,8 @@ def test_k_center_farthest_first_and_chunked(monkeypatch):
     ref = k_center_greedy(f, 10, labelled_features=lab, rng=np.random.default_rng(0))
     monkeypatch.setattr(acq, "_CHUNK_ELEMENTS", 7)
     np.testing.assert_array_equal(
-        k_center_greedy(f, 10, labelled_features=lab, rng=np.random.default_rng(0)), ref)
+        k_center_greedy(f, 10, labelled_features=lab, rng=np.random.default_rng(0)), ref
+    )
 
 
 def test_k_center_distinct_with_duplicate_points():
@@ -345,10 +369,10 @@ def test_badge_distinct_seeded_and_skips_duplicates():
     pm = p.mean(1)
     g = pm - np.eye(3)[pm.argmax(1)]
     emb = (g[:, :, None] * f[:, None, :]).reshape(40, -1)
-    assert a[0] == int(np.argmax((emb ** 2).sum(1)))
+    assert a[0] == int(np.argmax((emb**2).sum(1)))
     # an exact copy of a centre has D^2 = 0 and is never drawn while others remain
-    p2 = np.concatenate([p[:3], p[a[0]:a[0] + 1]])
-    f2 = np.concatenate([f[:3], f[a[0]:a[0] + 1]])
+    p2 = np.concatenate([p[:3], p[a[0] : a[0] + 1]])
+    f2 = np.concatenate([f[:3], f[a[0] : a[0] + 1]])
     for seed in range(10):
         idx = badge(p2, f2, 3, rng=np.random.default_rng(seed))
         assert len(set(idx.tolist())) == 3
@@ -380,16 +404,16 @@ def test_class_balanced_round_robin():
 def test_select_shapes_and_dtypes(strategy):
     p = dirichlet_probs(25, 6, 3, seed=30).astype(np.float32)
     f = np.random.default_rng(31).normal(size=(25, 4)).astype(np.float32)
-    idx, scores = select(strategy, p, 7, rng=np.random.default_rng(0), features=f,
-                         labelled_features=f[:2])
+    idx, scores = select(
+        strategy, p, 7, rng=np.random.default_rng(0), features=f, labelled_features=f[:2]
+    )
     assert idx.shape == scores.shape == (7,)
     assert idx.dtype == np.int64 and scores.dtype == np.float64
     assert len(set(idx.tolist())) == 7 and idx.min() >= 0 and idx.max() < 25
     idx, scores = select(strategy, p, 100, rng=np.random.default_rng(0), features=f)
     assert sorted(idx.tolist()) == list(range(25))
     for n, budget in [(0, 5), (25, 0)]:
-        idx, scores = select(strategy, p[:n], budget, rng=np.random.default_rng(0),
-                             features=f[:n])
+        idx, scores = select(strategy, p[:n], budget, rng=np.random.default_rng(0), features=f[:n])
         assert idx.shape == scores.shape == (0,)
         assert idx.dtype == np.int64 and scores.dtype == np.float64
 
@@ -485,8 +509,15 @@ def test_epig_against_a_hand_computed_case_and_its_bounds():
     # two parameter samples, two classes; candidate and target flip together
     a = np.array([[[0.9, 0.1], [0.1, 0.9]]])
     # y and y* are then the same coin: I(y; y*) = H(joint) terms by hand
-    joint = np.array([[0.9 * 0.9 + 0.1 * 0.1, 0.9 * 0.1 + 0.1 * 0.9],
-                      [0.1 * 0.9 + 0.9 * 0.1, 0.1 * 0.1 + 0.9 * 0.9]]) / 2
+    joint = (
+        np.array(
+            [
+                [0.9 * 0.9 + 0.1 * 0.1, 0.9 * 0.1 + 0.1 * 0.9],
+                [0.1 * 0.9 + 0.9 * 0.1, 0.1 * 0.1 + 0.9 * 0.9],
+            ]
+        )
+        / 2
+    )
     expected = float((joint * np.log(joint / 0.25)).sum())
     assert epig(a, a)[0] == pytest.approx(expected, rel=1e-6)
     # a target the parameters agree on carries no information

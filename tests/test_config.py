@@ -44,17 +44,22 @@ def test_missing_required_key(tmp_path):
         load_config(write(tmp_path, BASE.replace('classes = ["normal", "pneumonia"]', "")))
 
 
-@pytest.mark.parametrize("snippet, match", [
-    ('[query]\nstrategy = "bold"\n', r"query\.strategy.*one of bald, entropy"),
-    ('[model]\nname = "vgg"\n', r"model\.name.*small_cnn, resnet18"),
-    ("[query]\nbudget = 0\n", r"query\.budget.*>= 1"),
-    ('[query]\nbudget = "ten"\n', r"query\.budget.*must be int"),
-    ("[model]\ndropout = 0.0\n", r"model\.dropout"),
-    ('[image]\nwindow = [40]\n', r"image\.window"),
-    ('[model]\nfeatures = "deep"\n', r"model\.features.*one of auto, last, multiscale"),
-    ('[model]\nfeatures = "multiscale"\nbackbone_dropout = 0.2\n',
-     r"model\.features.*\"last\" or \"auto\" when model\.backbone_dropout > 0"),
-])
+@pytest.mark.parametrize(
+    "snippet, match",
+    [
+        ('[query]\nstrategy = "bold"\n', r"query\.strategy.*one of bald, entropy"),
+        ('[model]\nname = "vgg"\n', r"model\.name.*small_cnn, resnet18"),
+        ("[query]\nbudget = 0\n", r"query\.budget.*>= 1"),
+        ('[query]\nbudget = "ten"\n', r"query\.budget.*must be int"),
+        ("[model]\ndropout = 0.0\n", r"model\.dropout"),
+        ("[image]\nwindow = [40]\n", r"image\.window"),
+        ('[model]\nfeatures = "deep"\n', r"model\.features.*one of auto, last, multiscale"),
+        (
+            '[model]\nfeatures = "multiscale"\nbackbone_dropout = 0.2\n',
+            r"model\.features.*\"last\" or \"auto\" when model\.backbone_dropout > 0",
+        ),
+    ],
+)
 def test_bad_values_name_key_and_allowed(tmp_path, snippet, match):
     with pytest.raises(ConfigError, match=match):
         load_config(write(tmp_path, BASE + snippet))
@@ -81,42 +86,46 @@ def test_bundled_config_is_valid():
     assert cfg.data.test is not None
 
 
-@pytest.mark.parametrize("name, match", [
-    ("labels.csv", "writes a file or folder of that name"),
-    ("Labels_dr.CSV", "writes a file or folder of that name"),
-    ("index.html", "writes a file or folder of that name"),
-    ("README.txt", "writes a file or folder of that name"),
-    ("previews", "writes a file or folder of that name"),
-    ("manifest.csv", "writes a file or folder of that name"),
-    ("unsure", "reserved label"),
-    ("é" * 128, "256 bytes in UTF-8; folder names allow at most 255"),
-    ("a<b", r"contains '<'"),
-    ("a:b", r"contains ':'"),
-    ('a"b', "contains '\"'"),
-    ("a|b", r"contains '\|'"),
-    ("a?b", r"contains '\?'"),
-    ("a*b", r"contains '\*'"),
-    ("a/b", r"contains '/'"),
-    ("a\\b", r"contains '\\\\'"),
-    ("a\tb", r"contains '\\t'"),
-    ("a\x01b", r"contains '\\x01'"),
-    ("dot.", "ending in a dot or a space"),
-    (".", "leading dot"),
-    ("..", "leading dot"),
-    (".hidden", "leading dot"),
-    ("CON", "reserved device name"),
-    ("nul.txt", "reserved device name"),
-    ("com1", "reserved device name"),
-    ("LPT9", "reserved device name"),
-])
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("labels.csv", "writes a file or folder of that name"),
+        ("Labels_dr.CSV", "writes a file or folder of that name"),
+        ("index.html", "writes a file or folder of that name"),
+        ("README.txt", "writes a file or folder of that name"),
+        ("previews", "writes a file or folder of that name"),
+        ("manifest.csv", "writes a file or folder of that name"),
+        ("unsure", "reserved label"),
+        ("é" * 128, "256 bytes in UTF-8; folder names allow at most 255"),
+        ("a<b", r"contains '<'"),
+        ("a:b", r"contains ':'"),
+        ('a"b', "contains '\"'"),
+        ("a|b", r"contains '\|'"),
+        ("a?b", r"contains '\?'"),
+        ("a*b", r"contains '\*'"),
+        ("a/b", r"contains '/'"),
+        ("a\\b", r"contains '\\\\'"),
+        ("a\tb", r"contains '\\t'"),
+        ("a\x01b", r"contains '\\x01'"),
+        ("dot.", "ending in a dot or a space"),
+        (".", "leading dot"),
+        ("..", "leading dot"),
+        (".hidden", "leading dot"),
+        ("CON", "reserved device name"),
+        ("nul.txt", "reserved device name"),
+        ("com1", "reserved device name"),
+        ("LPT9", "reserved device name"),
+    ],
+)
 def test_class_names_that_break_round_folders_are_refused(tmp_path, name, match):
     text = BASE.replace('"pneumonia"', json.dumps(name))
     with pytest.raises(ConfigError, match=rf"'classes': .* cannot be a class name: .*{match}"):
         load_config(write(tmp_path, text))
 
 
-@pytest.mark.parametrize("name", ["Pneumonia (viral)", "grade 2", "é" * 127, "console", "com10",
-                                  "lpt", "a.b", "=1+1"])
+@pytest.mark.parametrize(
+    "name", ["Pneumonia (viral)", "grade 2", "é" * 127, "console", "com10", "lpt", "a.b", "=1+1"]
+)
 def test_unusual_but_valid_class_names_are_kept(tmp_path, name):
     cfg = load_config(write(tmp_path, BASE.replace('"pneumonia"', json.dumps(name))))
     assert cfg.classes == ("normal", name)
@@ -125,10 +134,21 @@ def test_unusual_but_valid_class_names_are_kept(tmp_path, name):
 def test_parse_overrides_reads_toml_values_and_names_a_bad_pair():
     from medal.config import parse_overrides
 
-    assert parse_overrides(["query.budget=50", "train.augment=false", "image.window=[40, 400]",
-                            "query.strategy=bald", 'workspace="/tmp/x y"']) == {
-        "query.budget": 50, "train.augment": False, "image.window": [40, 400],
-        "query.strategy": "bald", "workspace": "/tmp/x y"}
+    assert parse_overrides(
+        [
+            "query.budget=50",
+            "train.augment=false",
+            "image.window=[40, 400]",
+            "query.strategy=bald",
+            'workspace="/tmp/x y"',
+        ]
+    ) == {
+        "query.budget": 50,
+        "train.augment": False,
+        "image.window": [40, 400],
+        "query.strategy": "bald",
+        "workspace": "/tmp/x y",
+    }
     with pytest.raises(ConfigError, match="KEY=VALUE.*'budget'"):
         parse_overrides(["budget"])
 
@@ -138,8 +158,10 @@ def test_cli_and_simulate_import_without_a_cycle():
     import subprocess
     import sys
 
-    code = ("import sys; import medal.simulate; "
-            "assert 'medal.cli' not in sys.modules, 'simulate imported the CLI'")
+    code = (
+        "import sys; import medal.simulate; "
+        "assert 'medal.cli' not in sys.modules, 'simulate imported the CLI'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -155,8 +177,7 @@ def test_data_paths_are_optional_and_query_names_a_missing_pool(tmp_path, capsys
     assert main(["query", "-c", str(cfg_path), "-q"]) == 2
     # with the default self-supervised backbone no label is needed, but a pool is
     assert "no pool: set data.pool" in capsys.readouterr().err
-    assert main(["query", "-c", str(cfg_path), "-q", "--set",
-                 'representation.method="none"']) == 2
+    assert main(["query", "-c", str(cfg_path), "-q", "--set", 'representation.method="none"']) == 2
     err = capsys.readouterr().err
     assert "data.labelled is not set" in err and 'representation.method = "simclr"' in err
 
@@ -170,8 +191,9 @@ def test_model_names_and_window_modes_come_from_their_owners(tmp_path, monkeypat
     assert "my_net" not in models.available_models()
     with pytest.raises(ConfigError, match="model.name.*one of small_cnn"):
         load_config(write(tmp_path, BASE), {"model.name": "my_net"})
-    monkeypatch.setitem(models._REGISTRY, "my_net",
-                        lambda c: (nn.Sequential(nn.Flatten(), nn.LazyLinear(8)), 8))
+    monkeypatch.setitem(
+        models._REGISTRY, "my_net", lambda c: (nn.Sequential(nn.Flatten(), nn.LazyLinear(8)), 8)
+    )
     assert load_config(write(tmp_path, BASE), {"model.name": "my_net"}).model.name == "my_net"
     with pytest.raises(ConfigError, match='image.window.*"file", "minmax" or'):
         load_config(write(tmp_path, BASE), {"image.window": "lung"})

@@ -24,15 +24,22 @@ from conftest import write_config
 
 ROOT = Path(__file__).parents[1]
 # imports first, then says so, so kills land inside the command rather than in `import torch`
-DRIVER = ("import sys\nfrom medal.cli import main\nprint('imported', flush=True)\n"
-          "sys.exit(main(sys.argv[1:]))\n")
+DRIVER = (
+    "import sys\nfrom medal.cli import main\nprint('imported', flush=True)\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
 # 8 kill points per command in the default run; 50 with `-m slow`
 POINTS = [8, pytest.param(50, marks=pytest.mark.slow)]
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-c", DRIVER, *args], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert p.stdout.readline().strip() == "imported"
     return p
 
@@ -55,8 +62,10 @@ def fill(folder: Path) -> int:
     with open(folder / "labels.csv", newline="") as f:
         names = [r["file"] for r in csv.DictReader(f)]
     with open(folder / "labels.csv", "w", newline="") as f:
-        f.write("file,label\n" + "".join(f"{n},{'normal' if i % 2 else 'pneumonia'}\n"
-                                         for i, n in enumerate(names)))
+        f.write(
+            "file,label\n"
+            + "".join(f"{n},{'normal' if i % 2 else 'pneumonia'}\n" for i, n in enumerate(names))
+        )
     return len(names)
 
 

@@ -62,8 +62,17 @@ class Markers:
             return m
         if vr in ("OB", "OD", "OF", "OL", "OV", "OW", "UN"):
             return self.text(where).encode() + b"\0\0"  # 12 bytes: a multiple of 2, 4 (not 8)
-        fmt = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "UV": "Q",
-               "SV": "q", "AT": "L"}.get(vr)
+        fmt = {
+            "US": "H",
+            "SS": "h",
+            "UL": "L",
+            "SL": "l",
+            "FL": "f",
+            "FD": "d",
+            "UV": "Q",
+            "SV": "q",
+            "AT": "L",
+        }.get(vr)
         if fmt is not None:  # numbers whose little-endian bytes spell a text marker
             raw = self.text(where).encode().ljust(16, b"\0")
             return list(struct.unpack(f"<{16 // struct.calcsize(fmt)}{fmt}", raw))
@@ -163,11 +172,19 @@ def export(tmp_path: Path) -> Path:
     cfg = load_config(write_config(tmp_path), {"labelling.deidentify": True})
     with Workspace(cfg) as ws:
         snap = sync(ws)
-        chosen = [Candidate(it, 1.0 / (i + 1), np.array([0.5, 0.5]))
-                  for i, it in enumerate(snap.pool)]
+        chosen = [
+            Candidate(it, 1.0 / (i + 1), np.array([0.5, 0.5])) for i, it in enumerate(snap.pool)
+        ]
         assert len(chosen) == len(list((tmp_path / "data" / "pool").iterdir()))
-        return export_round(ws, ws.next_round(), chosen, strategy="random", model_round=0,
-                            pool_size=len(snap.pool), score_seconds=0.0)
+        return export_round(
+            ws,
+            ws.next_round(),
+            chosen,
+            strategy="random",
+            model_round=0,
+            pool_size=len(snap.pool),
+            score_seconds=0.0,
+        )
 
 
 def exported_dicoms(folder: Path) -> list[Dataset]:
@@ -177,9 +194,16 @@ def exported_dicoms(folder: Path) -> list[Dataset]:
 def test_table_is_the_whole_basic_profile():
     table = deid.basic_profile()
     assert len(table) >= 650  # Table E.1-1, 2026c edition: 655 rows
-    named = {"ContentCreatorName": "Z/D", "VerifyingObserverName": "D", "PatientName": "Z",
-             "ReasonForTheRequestedProcedure": "X", "AdmittingDate": "X", "DetectorID": "X/D",
-             "StudyInstanceUID": "U", "InstitutionName": "X/Z/D"}
+    named = {
+        "ContentCreatorName": "Z/D",
+        "VerifyingObserverName": "D",
+        "PatientName": "Z",
+        "ReasonForTheRequestedProcedure": "X",
+        "AdmittingDate": "X",
+        "DetectorID": "X/D",
+        "StudyInstanceUID": "U",
+        "InstitutionName": "X/Z/D",
+    }
     for keyword, code in named.items():
         assert deid.action_for(pydicom.datadict.tag_for_keyword(keyword)) == code, keyword
     assert deid.action_for(0x60023000) == "X" and deid.action_for(0x50040010) == "X"
@@ -200,8 +224,7 @@ def test_no_marker_survives_a_deidentified_export(tmp_path):
     for p in sorted(folder.rglob("*")):
         if p.is_file():
             data = p.read_bytes()
-            survivors += [f"{where} -> {p.name}" for m, where in markers.found.items()
-                          if m in data]
+            survivors += [f"{where} -> {p.name}" for m, where in markers.found.items() if m in data]
     assert not survivors, f"{len(survivors)} markers survived:\n" + "\n".join(survivors[:40])
     out = exported_dicoms(folder)
     assert len(out) == 2

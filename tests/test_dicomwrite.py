@@ -15,7 +15,7 @@ def _sha(p) -> str:
 
 
 def test_uid_source_makes_the_file_bytes_repeatable(tmp_path):
-    px = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 16)
+    px = np.arange(64, dtype=np.uint16).reshape(8, 8) * 16
     a = write_dicom(tmp_path / "a.dcm", px, uid_source="train-00001")
     b = write_dicom(tmp_path / "b.dcm", px, uid_source="train-00001")
     c = write_dicom(tmp_path / "c.dcm", px, uid_source="train-00002")

@@ -21,9 +21,23 @@ ROOT = Path(__file__).parents[1]
 
 def torchrun(args: list[str], n: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc-per-node={n}", "-m", "medal", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={n}",
+            "-m",
+            "medal",
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def exported(folder: Path) -> list[tuple[str, str, str]]:
@@ -41,10 +55,21 @@ def test_two_process_query_selects_what_one_process_selects(tmp_path, tiny_data)
     shutil.copytree(tmp_path / "ws", tmp_path / "ws2")
     for strategy in ("bald", "batchbald"):
         over = [f"query.strategy={strategy}"]
-        single = api.query(load_config(one, {"query.batch_size": 8,
-                                             "query.strategy": strategy}), progress=False)
-        r = torchrun(["query", "-c", str(two), "-q", "--set", "query.batch_size=8",
-                      "--set", f'query.strategy="{strategy}"'])
+        single = api.query(
+            load_config(one, {"query.batch_size": 8, "query.strategy": strategy}), progress=False
+        )
+        r = torchrun(
+            [
+                "query",
+                "-c",
+                str(two),
+                "-q",
+                "--set",
+                "query.batch_size=8",
+                "--set",
+                f'query.strategy="{strategy}"',
+            ]
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout.count("labelling folder:") == 1, over  # only rank 0 reports
         folder = tmp_path / "ws2" / "labelling" / single.folder.name
@@ -77,8 +102,16 @@ def test_two_process_training_with_a_self_supervised_frozen_backbone(tmp_path, t
     import torch
 
     path = write_config(tmp_path)
-    sets = ["--set", "representation.method=simclr", "--set", "representation.epochs=1",
-            "--set", "representation.batch_size=16", "--set", "train.freeze_backbone=true"]
+    sets = [
+        "--set",
+        "representation.method=simclr",
+        "--set",
+        "representation.epochs=1",
+        "--set",
+        "representation.batch_size=16",
+        "--set",
+        "train.freeze_backbone=true",
+    ]
     r = torchrun(["train", "-c", str(path), "-q", *sets])
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("self-supervised backbone pretrained on 48 images") == 1

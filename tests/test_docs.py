@@ -73,8 +73,7 @@ def _medal_argv(command: str) -> list[str] | None:
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    action = next(a for a in build_parser()._actions
-                  if isinstance(a, argparse._SubParsersAction))
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
 
 
@@ -105,7 +104,7 @@ def _medal_problems(doc: Path) -> list[str]:
                 problems.append(f"{command!r}: 'medal {name}' has no option {flag}")
         if name == "labels":
             action = next(a for a in parser._actions if a.dest == "action")
-            rest = positional[positional.index("labels") + 1:] if "labels" in positional else []
+            rest = positional[positional.index("labels") + 1 :] if "labels" in positional else []
             words = [t for t in rest if re.fullmatch(r"[a-z]+", t)]
             if words and words[0] not in action.choices:
                 problems.append(f"{command!r}: 'medal labels' has no action {words[0]!r}")
@@ -137,9 +136,11 @@ def test_quoted_scripts_and_their_flags_exist(doc: Path) -> None:
 def test_the_checks_catch_what_they_are_for(tmp_path: Path) -> None:
     """A broken link, an unknown subcommand, an unknown flag and a missing script are found."""
     bad = tmp_path / "bad.md"
-    bad.write_text("[x](nowhere.md) [y](#no-such-heading)\n\n# Title\n\n"
-                   "`medal frobnicate -c c.toml` `medal query -c c.toml --no-such-flag`\n"
-                   "`medal labels -c c.toml explode` `python scripts/no_such_script.py`\n")
+    bad.write_text(
+        "[x](nowhere.md) [y](#no-such-heading)\n\n# Title\n\n"
+        "`medal frobnicate -c c.toml` `medal query -c c.toml --no-such-flag`\n"
+        "`medal labels -c c.toml explode` `python scripts/no_such_script.py`\n"
+    )
     assert _links(bad) == ["nowhere.md", "#no-such-heading"]
     assert "title" in _anchors(bad) and "no-such-heading" not in _anchors(bad)
     problems = "\n".join(_medal_problems(bad))

@@ -84,8 +84,9 @@ def test_bad_config_and_missing_workspace_are_clear(tmp_path, tiny_data, capsys)
     assert "'query.budget' must be >= 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cmd", ["train", "query", "ingest", "round", "status", "labels",
-                                 "simulate"])
+@pytest.mark.parametrize(
+    "cmd", ["train", "query", "ingest", "round", "status", "labels", "simulate"]
+)
 def test_every_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
@@ -135,8 +136,9 @@ def test_frozen_validation_split_without_validation_set(tmp_path, tiny_data):
         assert sorted(it.id for it in sync(ws).validation) == first  # frozen in the ledger
 
 
-@pytest.mark.parametrize("strategy", ["batchbald", "coreset", "badge", "powerbald", "entropy",
-                                      "typiclust", "epig"])
+@pytest.mark.parametrize(
+    "strategy", ["batchbald", "coreset", "badge", "powerbald", "entropy", "typiclust", "epig"]
+)
 def test_query_with_each_strategy_kind(tmp_path, tiny_data, strategy):
     """The configured strategy is the one that chose: the export equals what the acquisition
     function picks from the stored scores (same seed), and the ledger names it."""
@@ -145,8 +147,9 @@ def test_query_with_each_strategy_kind(tmp_path, tiny_data, strategy):
     from medal import acquisition
     from medal.workspace import Workspace
 
-    cfg = load_config(write_config(tmp_path), {"query.strategy": strategy,
-                                               "query.balance": strategy == "entropy"})
+    cfg = load_config(
+        write_config(tmp_path), {"query.strategy": strategy, "query.balance": strategy == "entropy"}
+    )
     api.train(cfg, progress=False)
     r = api.query(cfg, progress=False)
     assert r.n_selected == 6 and r.folder.is_dir() and r.strategy == strategy
@@ -164,17 +167,26 @@ def test_query_with_each_strategy_kind(tmp_path, tiny_data, strategy):
 
             model, _ = load_round_model(ws, cfg)
             xl, _, _, _ = _load(cfg, sync(ws).labelled)
-            _, labelled = mc_predict_tensors(model, xl, 2, device=torch.device("cpu"),
-                                             seed=cfg.seed * 1000 + 1)
+            _, labelled = mc_predict_tensors(
+                model, xl, 2, device=torch.device("cpu"), seed=cfg.seed * 1000 + 1
+            )
     rng = np.random.default_rng(cfg.seed * 1000 + 1)  # the query's seed for round 1
-    idx, _ = acquisition.select(strategy, probs, 6, rng=rng, features=feats,
-                                labelled_features=labelled, balance=strategy == "entropy")
+    idx, _ = acquisition.select(
+        strategy,
+        probs,
+        6,
+        rng=rng,
+        features=feats,
+        labelled_features=labelled,
+        balance=strategy == "entropy",
+    )
     assert exported == [str(i) for i in ids[idx]]
 
 
 @pytest.mark.parametrize("cold_start", ["typiclust", "diversity"])
 def test_single_class_start_explores_the_feature_space(tmp_path, tiny_data, cold_start):
     import shutil as sh
+
     sh.rmtree(tiny_data["root"] / "labelled" / "pneumonia")  # start set lacks a class
     overrides = {"query.budget": 10}
     if cold_start != "typiclust":  # typiclust is the default
@@ -234,8 +246,10 @@ def test_every_frame_of_a_multiframe_dicom_is_its_own_image(tmp_path, tiny_data)
     ds.PixelData = frames.tobytes()
     ds.WindowCenter, ds.WindowWidth = 2048, 4096
     ds.save_as(path, enforce_file_format=True)
-    cfg = load_config(write_config(tmp_path), {"image.frame": "all", "query.budget": 60,
-                                               "query.strategy": "random"})
+    cfg = load_config(
+        write_config(tmp_path),
+        {"image.frame": "all", "query.budget": 60, "query.strategy": "random"},
+    )
     with Workspace(cfg) as ws:
         ids = [it.id for it in sync(ws).pool if it.path == path]
     assert [i.rsplit("#", 1)[1] for i in ids] == ["f0", "f1", "f2"]
@@ -247,12 +261,16 @@ def test_every_frame_of_a_multiframe_dicom_is_its_own_image(tmp_path, tiny_data)
     previews = {n: np.asarray(pydicom.dcmread(r.folder / n).pixel_array).shape for n in names}
     assert all(shape == (3, 16, 16) for shape in previews.values())  # whole file exported
     from PIL import Image
-    means = sorted(np.asarray(Image.open(r.folder / "previews" / f"{n[:-4]}.png")).mean()
-                   for n in names)
+
+    means = sorted(
+        np.asarray(Image.open(r.folder / "previews" / f"{n[:-4]}.png")).mean() for n in names
+    )
     assert means[0] < means[1] < means[2]  # each preview shows its own frame
     with open(r.folder / "labels.csv", "w") as f:
-        f.write("file,label\n" + "".join(f"{n},{lab}\n" for n, lab in
-                                         zip(names, ["normal", "pneumonia", "normal"])))
+        f.write(
+            "file,label\n"
+            + "".join(f"{n},{lab}\n" for n, lab in zip(names, ["normal", "pneumonia", "normal"]))
+        )
     assert api.ingest(cfg, r.folder).labelled == {"normal": 2, "pneumonia": 1}
     t = api.train(cfg, progress=False)
     assert t.n_labels == 8 + 3
@@ -284,14 +302,23 @@ def test_version_and_help_start_without_torch(argv):
     import sys
     from pathlib import Path
 
-    call = "medal.cli.build_parser()" if argv is None else f"""
+    call = (
+        "medal.cli.build_parser()"
+        if argv is None
+        else f"""
 try:
     medal.cli.main({argv!r})
 except SystemExit as e:
     assert e.code == 0, e.code"""
+    )
     code = f"import sys\nimport medal.cli\n{call}\nprint('torch' in sys.modules, file=sys.stderr)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300, cwd=Path(__file__).resolve().parents[1])
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().splitlines()[-1] == "False", "torch was imported"
     if argv == ["--version"]:
@@ -315,22 +342,28 @@ def test_a_medal_folder_in_the_current_folder_is_named(tmp_path, layout):
         (folder / "README.md").write_text("medal\n")
 
     def python(*args):
-        return subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
 
     if python("-c", "import medal; print(medal.__file__)").stdout.strip() != "None":
-        pytest.skip("this install is not shadowed by a folder named medal (a regular install "
-                    "wins over a namespace folder; setuptools' editable finder does not)")
-    said = (f"'import medal' found the folder {folder}, which is not the medal package (it "
-            f"has no __init__.py), because Python looks in the current folder first: run "
-            f"python from another folder, or use the 'medal' command (medal itself is in "
-            f"{Path(__file__).resolve().parents[1] / 'medal'})")
+        pytest.skip(
+            "this install is not shadowed by a folder named medal (a regular install "
+            "wins over a namespace folder; setuptools' editable finder does not)"
+        )
+    said = (
+        f"'import medal' found the folder {folder}, which is not the medal package (it "
+        f"has no __init__.py), because Python looks in the current folder first: run "
+        f"python from another folder, or use the 'medal' command (medal itself is in "
+        f"{Path(__file__).resolve().parents[1] / 'medal'})"
+    )
     r = python("-m", "medal", "--version")
     assert (r.returncode, r.stderr.strip()) == (2, f"medal: error: {said}")
     r = python("-c", "import medal.cli")
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == f"ImportError: {said}"
     script = Path(sys.executable).with_name("medal")
     if script.is_file():
-        r = subprocess.run([str(script), "--version"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=300)
+        r = subprocess.run(
+            [str(script), "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
         assert r.returncode == 0 and r.stdout.startswith("medal ")

@@ -46,8 +46,17 @@ def _chosen(ws):
 
 def test_frozen_query_from_cached_features_equals_fresh(tmp_path, tiny_data):
     cfg_path = write_config(tmp_path, "")
-    c = ["-c", str(cfg_path), "-q", "--set", "train.freeze_backbone=true",
-         "--set", "model.hidden=0", "--set", "train.validation_fraction=0.0"]
+    c = [
+        "-c",
+        str(cfg_path),
+        "-q",
+        "--set",
+        "train.freeze_backbone=true",
+        "--set",
+        "model.hidden=0",
+        "--set",
+        "train.validation_fraction=0.0",
+    ]
     assert main(["train", *c]) == 0
     assert main(["query", *c]) == 0
     ws = tmp_path / "ws"

@@ -54,7 +54,8 @@ def _setup(tmp: Path, n_classes: int, rare: int, start: str, with_validation: bo
         validation = 'validation = "validation"'
     (tmp / "truth.csv").write_text("\n".join(f"{k},{v}" for k, v in truth.items()))
     cfg = tmp / "c.toml"
-    cfg.write_text(f"""
+    cfg.write_text(
+        f"""
 workspace = "ws"
 classes = {list(classes)!r}
 [data]
@@ -76,20 +77,28 @@ method = "none"
 [query]
 budget = 4
 mc_samples = 4
-""".replace("'", '"'))
+""".replace("'", '"')
+    )
     return cfg
 
 
-CASES = [(n, rare, start, val)
-         for n in (2, 5) for rare in (1, 2, 6) for start in ("balanced", "random")
-         for val in (False, True)]
+CASES = [
+    (n, rare, start, val)
+    for n in (2, 5)
+    for rare in (1, 2, 6)
+    for start in ("balanced", "random")
+    for val in (False, True)
+]
 
 
-@pytest.mark.parametrize("n_classes,rare,start,with_validation", CASES,
-                         ids=[f"{n}cls-rare{r}-{s}-{'val' if v else 'noval'}"
-                              for n, r, s, v in CASES])
-def test_ordinary_start_runs_and_shows_undefined(tmp_path, capsys, n_classes, rare, start,
-                                                 with_validation):
+@pytest.mark.parametrize(
+    "n_classes,rare,start,with_validation",
+    CASES,
+    ids=[f"{n}cls-rare{r}-{s}-{'val' if v else 'noval'}" for n, r, s, v in CASES],
+)
+def test_ordinary_start_runs_and_shows_undefined(
+    tmp_path, capsys, n_classes, rare, start, with_validation
+):
     cfg = _setup(tmp_path, n_classes, rare, start, with_validation)
     c = ["-c", str(cfg), "-q"]
     counts = _start_counts(n_classes, rare, start)
@@ -105,14 +114,21 @@ def test_ordinary_start_runs_and_shows_undefined(tmp_path, capsys, n_classes, ra
     with Ledger(ws / "ledger.sqlite") as db:
         metrics = db.metrics().get(0, {})
     validation = metrics.get("validation")
-    lacking = [cls for cls in NAMES[:n_classes]
-               if validation is not None
-               and sum(validation[f"confusion/{cls}/{d}"] for d in NAMES[:n_classes]) == 0]
+    lacking = [
+        cls
+        for cls in NAMES[:n_classes]
+        if validation is not None
+        and sum(validation[f"confusion/{cls}/{d}"] for d in NAMES[:n_classes]) == 0
+    ]
     if validation is not None:
         # undefined values are missing (NULL) in the ledger, NaN when read back
         raw = sqlite3.connect(ws / "ledger.sqlite")
-        nulls = {r[0] for r in raw.execute(
-            "SELECT name FROM metrics WHERE split='validation' AND value IS NULL")}
+        nulls = {
+            r[0]
+            for r in raw.execute(
+                "SELECT name FROM metrics WHERE split='validation' AND value IS NULL"
+            )
+        }
         raw.close()
         assert nulls == {k for k, v in validation.items() if np.isnan(v)}
         if lacking:
@@ -159,12 +175,15 @@ def test_metrics_of_a_version_1_ledger_are_migrated(tmp_path):
     db.close()
     with Ledger(path) as ledger:
         assert ledger.metrics() == {0: {"test": {"auroc": 0.75}}}
-        ledger.record_model(1, "ck.pt", 0, 4, 1, 0.1,
-                            {"validation": {"auroc": float("nan"), "accuracy": 0.5}})
+        ledger.record_model(
+            1, "ck.pt", 0, 4, 1, 0.1, {"validation": {"auroc": float("nan"), "accuracy": 0.5}}
+        )
         m = ledger.metrics()[1]["validation"]
         assert np.isnan(m["auroc"]) and m["accuracy"] == 0.5
     raw = sqlite3.connect(path)
     assert raw.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "3"
-    assert raw.execute("SELECT value FROM metrics WHERE round=1 AND name='auroc'"
-                       ).fetchone()[0] is None
+    assert (
+        raw.execute("SELECT value FROM metrics WHERE round=1 AND name='auroc'").fetchone()[0]
+        is None
+    )
     raw.close()

@@ -16,8 +16,14 @@ from medal.sources import sync
 from medal.train import build_model, fit, load_checkpoint
 from medal.workspace import Workspace
 
-PROBE = {"train.freeze_backbone": True, "model.hidden": 0, "train.validation_fraction": 0.0,
-         "train.epochs": 1, "train.min_steps": 3, "train.probe_steps": 20}
+PROBE = {
+    "train.freeze_backbone": True,
+    "model.hidden": 0,
+    "train.validation_fraction": 0.0,
+    "train.epochs": 1,
+    "train.min_steps": 3,
+    "train.probe_steps": 20,
+}
 
 
 def _fit(tmp_path, counts: tuple[int, int], **over) -> tuple[nn.Module, nn.Module]:
@@ -29,8 +35,10 @@ def _fit(tmp_path, counts: tuple[int, int], **over) -> tuple[nn.Module, nn.Modul
     before = build_model(cfg)
     before.load_state_dict(model.state_dict())
     y = np.repeat([0, 1], counts)
-    x = torch.randn(len(y), 1, 16, 16) + torch.as_tensor(y, dtype=torch.float32)[:, None, None,
-                                                                                   None]
+    x = (
+        torch.randn(len(y), 1, 16, 16)
+        + torch.as_tensor(y, dtype=torch.float32)[:, None, None, None]
+    )
     fit(model, x, y, cfg, epochs=1, device=torch.device("cpu"), progress=False)
     return before, model
 
@@ -40,10 +48,10 @@ def _changed(a: nn.Module, b: nn.Module) -> list[str]:
     return [k for k, v in a.state_dict().items() if not torch.equal(v, sb[k])]
 
 
-@pytest.mark.parametrize("counts, expected", [((3, 2), False), ((2, 3), False), ((3, 3), True),
-                                              ((5, 4), True)])
-def test_auto_fine_tunes_exactly_when_every_class_reaches_the_count(tmp_path, counts,
-                                                                    expected):
+@pytest.mark.parametrize(
+    "counts, expected", [((3, 2), False), ((2, 3), False), ((3, 3), True), ((5, 4), True)]
+)
+def test_auto_fine_tunes_exactly_when_every_class_reaches_the_count(tmp_path, counts, expected):
     over = {"train.finetune": "auto", "train.finetune_min_per_class": 3}
     cfg = load_config(write_config(tmp_path), {**PROBE, **over})
     go, why = finetune_decision(cfg, np.repeat([0, 1], counts))
@@ -77,18 +85,24 @@ def test_fine_tuning_keeps_batchnorm_statistics_and_moves_its_weights(tmp_path):
 
 def test_bad_finetune_settings_are_one_line_errors(tmp_path):
     path = write_config(tmp_path)
-    for key, value, hint in (("train.finetune", "sometimes", "off, auto, always"),
-                             ("train.finetune_min_per_class", 0, ">= 1"),
-                             ("train.finetune_lr_scale", 2.0, "(0, 1]")):
+    for key, value, hint in (
+        ("train.finetune", "sometimes", "off, auto, always"),
+        ("train.finetune_min_per_class", 0, ">= 1"),
+        ("train.finetune_lr_scale", 2.0, "(0, 1]"),
+    ):
         with pytest.raises(ConfigError) as e:
             load_config(path, {key: value})
         assert key in str(e.value) and hint in str(e.value) and "\n" not in str(e.value)
 
 
-def test_fine_tuning_leaves_the_cached_backbone_alone_and_gets_fresh_features(tmp_path,
-                                                                             tiny_data):
-    over = {**PROBE, "representation.method": "simclr", "representation.epochs": 1,
-            "representation.batch_size": 16, "train.round_start": "retrain"}
+def test_fine_tuning_leaves_the_cached_backbone_alone_and_gets_fresh_features(tmp_path, tiny_data):
+    over = {
+        **PROBE,
+        "representation.method": "simclr",
+        "representation.epochs": 1,
+        "representation.batch_size": 16,
+        "train.round_start": "retrain",
+    }
     path = write_config(tmp_path)
     cfg_off = load_config(path, over)
     api.train(cfg_off, progress=False)
@@ -108,8 +122,11 @@ def test_fine_tuning_leaves_the_cached_backbone_alone_and_gets_fresh_features(tm
     assert list((cfg.workspace / "cache" / "representation").glob("*.pt")) == [cached]
     tuned = build_model(cfg)
     load_checkpoint(r.checkpoint, tuned, cfg.classes, cfg.model.name, cfg.model.channels)
-    assert any(not torch.equal(v, ssl_state[k]) for k, v in tuned.backbone.state_dict().items()
-               if v.dtype.is_floating_point)
+    assert any(
+        not torch.equal(v, ssl_state[k])
+        for k, v in tuned.backbone.state_dict().items()
+        if v.dtype.is_floating_point
+    )
     with Workspace(cfg) as ws:
         f_tuned, found, _ = api.frozen_features(ws, cfg, tuned, pool, torch.device("cpu"))
     assert found.all()

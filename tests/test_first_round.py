@@ -37,24 +37,35 @@ def test_empty_class_folders_are_zero_labels_with_a_note(tmp_path, tiny_data):
         sync(ws)
 
 
-def test_the_first_round_of_a_new_project_starts_from_empty_class_folders(tmp_path, tiny_data,
-                                                                         capsys, monkeypatch):
+def test_the_first_round_of_a_new_project_starts_from_empty_class_folders(
+    tmp_path, tiny_data, capsys, monkeypatch
+):
     empty_class_folders(tiny_data["root"])
     monkeypatch.chdir(tmp_path)  # the commands printed are relative to here
     c = ["-c", str(write_config(tmp_path, "")), "-q"]
     assert main(["train", *c]) == 2  # nothing to train on: one line, not a traceback
     err = capsys.readouterr().err.strip()
     assert "no labelled images found in" in err and len(err.splitlines()) == 1
-    c += ["--set", "representation.method=simclr", "--set", "representation.epochs=1",
-          "--set", "representation.batch_size=16", "--set", "train.freeze_backbone=true"]
+    c += [
+        "--set",
+        "representation.method=simclr",
+        "--set",
+        "representation.epochs=1",
+        "--set",
+        "representation.batch_size=16",
+        "--set",
+        "train.freeze_backbone=true",
+    ]
     assert main(["query", *c]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "chosen by typiclust:zero-label from a pool of 40" in out
     assert "note: no labelled image yet: the class folders in" in out
     # the next step names the labelling page first, then the other ways and ingest
-    assert ("next: label the images on the labelling page:\n"
-            "  medal labels serve -c medal.toml ws/labelling/round-001\n"
-            "  (or fill ws/labelling/round-001/labels.csv, or sort the images into its class "
-            "folders), then\n  medal ingest -c medal.toml ws/labelling/round-001") in out
+    assert (
+        "next: label the images on the labelling page:\n"
+        "  medal labels serve -c medal.toml ws/labelling/round-001\n"
+        "  (or fill ws/labelling/round-001/labels.csv, or sort the images into its class "
+        "folders), then\n  medal ingest -c medal.toml ws/labelling/round-001"
+    ) in out
     readme = (tmp_path / "ws" / "labelling" / "round-001" / "README.txt").read_text()
     assert "medal labels serve" in readme

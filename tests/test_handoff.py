@@ -25,11 +25,18 @@ from medal.sources import sync
 
 
 def run_chromium(chromium: str, *args: str) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--virtual-time-budget=5000"]
-    return subprocess.run([chromium, *flags, *args], capture_output=True, text=True,
-                          timeout=120)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--virtual-time-budget=5000",
+    ]
+    return subprocess.run([chromium, *flags, *args], capture_output=True, text=True, timeout=120)
 
 
 def export_all(tmp_path, **overrides) -> tuple:
@@ -57,8 +64,9 @@ def test_gallery_renders_in_headless_chromium(chromium, tmp_path, tiny_data):
     # once on two loaded cores: a flaky failure); dump again, up to three times, and require
     # that one snapshot shows every preview decoded
     for attempt in range(3):
-        dom = run_chromium(chromium, f"--user-data-dir={tmp_path / f'chrome1-{attempt}'}",
-                           "--dump-dom", page)
+        dom = run_chromium(
+            chromium, f"--user-data-dir={tmp_path / f'chrome1-{attempt}'}", "--dump-dom", page
+        )
         assert dom.returncode == 0, dom.stderr
         html = dom.stdout
         if 'data-images="6" data-loaded="6"' in html:
@@ -71,8 +79,13 @@ def test_gallery_renders_in_headless_chromium(chromium, tmp_path, tiny_data):
         assert f"<code>{label}</code>" in html
     assert 'data-rank="1"' in html and "model predicts" in html
     shot = tmp_path / "shot.png"
-    r = run_chromium(chromium, f"--user-data-dir={tmp_path / 'chrome2'}", f"--screenshot={shot}",
-                     "--window-size=1200,900", page)
+    r = run_chromium(
+        chromium,
+        f"--user-data-dir={tmp_path / 'chrome2'}",
+        f"--screenshot={shot}",
+        "--window-size=1200,900",
+        page,
+    )
     assert r.returncode == 0 and shot.is_file()
     with Image.open(shot) as im:
         arr = np.asarray(im.convert("L"))
@@ -80,8 +93,16 @@ def test_gallery_renders_in_headless_chromium(chromium, tmp_path, tiny_data):
 
 
 def test_deidentified_export_leaks_nothing(tmp_path, tiny_data):
-    secrets = ["DOE^JANE", "MRN-4711", "19700101", "St Example Hospital", "ACC-99881",
-               "DR^WHO", "SECRET-PRIVATE", "Radiology Basement 3"]
+    secrets = [
+        "DOE^JANE",
+        "MRN-4711",
+        "19700101",
+        "St Example Hospital",
+        "ACC-99881",
+        "DR^WHO",
+        "SECRET-PRIVATE",
+        "Radiology Basement 3",
+    ]
     study = pydicom.uid.generate_uid()
     originals = []
     for i in range(2):
@@ -97,8 +118,11 @@ def test_deidentified_export_leaks_nothing(tmp_path, tiny_data):
         ds.save_as(p, enforce_file_format=True)
         originals.append(pydicom.dcmread(p))
     cfg, folder = export_all(tmp_path, **{"query.budget": 100, "labelling.deidentify": True})
-    exported = [folder / n for n in files(folder)
-                if n.endswith(".dcm") and pydicom.dcmread(folder / n).Rows == 16]
+    exported = [
+        folder / n
+        for n in files(folder)
+        if n.endswith(".dcm") and pydicom.dcmread(folder / n).Rows == 16
+    ]
     by_uid = {}
     for p in exported:
         data = p.read_bytes()
@@ -129,9 +153,11 @@ def test_several_annotators_agreement_and_adjudication(tmp_path, tiny_data, caps
     cfg, folder = export_all(tmp_path)
     n = files(folder)
     (folder / "labels_alice.csv").write_text(
-        f"file,label\n{n[0]},normal\n{n[1]},pneumonia\n{n[2]},normal\n{n[3]},normal\n")
+        f"file,label\n{n[0]},normal\n{n[1]},pneumonia\n{n[2]},normal\n{n[3]},normal\n"
+    )
     (folder / "labels_bob.csv").write_text(
-        f"file,label\n{n[0]},normal\n{n[1]},pneumonia\n{n[2]},pneumonia\n{n[3]},normal\n")
+        f"file,label\n{n[0]},normal\n{n[1]},pneumonia\n{n[2]},pneumonia\n{n[3]},normal\n"
+    )
     with pytest.raises(LabellingError, match="annotators disagree.*alice: normal, bob: pneumonia"):
         api.ingest(cfg, folder)
     (folder / "labels.csv").write_text(f"file,label\n{n[2]},pneumonia\n")  # adjudication
@@ -147,8 +173,12 @@ def test_several_annotators_agreement_and_adjudication(tmp_path, tiny_data, caps
     mine = [r for r in rows if r["round"] == "1"]
     assert len(mine) == 8 + 4  # every annotator's label kept, plus the final labels
     assert {r["annotator"] for r in mine} >= {"alice", "bob"}
-    assert {r["source"] for r in mine} == {"labels_alice.csv", "labels_bob.csv", "consensus",
-                                           "adjudicated"}  # labels.csv's one label settled n[2]
+    assert {r["source"] for r in mine} == {
+        "labels_alice.csv",
+        "labels_bob.csv",
+        "consensus",
+        "adjudicated",
+    }  # labels.csv's one label settled n[2]
 
 
 def test_unsure_leaves_the_pool_until_released(tmp_path, tiny_data, capsys):
@@ -162,6 +192,7 @@ def test_unsure_leaves_the_pool_until_released(tmp_path, tiny_data, capsys):
     pool_before = api.train(cfg, progress=False)
     assert pool_before.n_labels == 9  # unsure is not a training label
     from medal.workspace import Workspace
+
     with Workspace(cfg) as ws:
         size = len(sync(ws).pool)
     assert main(["labels", *c, "release"]) == 0
@@ -182,15 +213,23 @@ def test_links_pointing_outside_are_refused(tmp_path, tiny_data):
 
 def test_second_command_on_a_locked_workspace_fails_clearly(tmp_path, tiny_data, capsys):
     import sys
+
     cfg, folder = export_all(tmp_path)
     (folder / "labels.csv").write_text("file,label\n")  # hand the round back unlabelled
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time\n"
-         "from medal.config import load_config\nfrom medal.workspace import Workspace\n"
-         "with Workspace(load_config(sys.argv[1])):\n"
-         "    print('locked', flush=True); time.sleep(60)\n", str(cfg.path)],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from medal.config import load_config\nfrom medal.workspace import Workspace\n"
+            "with Workspace(load_config(sys.argv[1])):\n"
+            "    print('locked', flush=True); time.sleep(60)\n",
+            str(cfg.path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert main(["ingest", "-c", str(cfg.path), str(folder)]) == 2

@@ -71,60 +71,83 @@ def workspace(tmp_path, tiny_data) -> tuple[Path, Path]:
 
 
 # --- config values that were tracebacks, hangs or NaN models ----------------------------------
-@pytest.mark.parametrize("setting, pattern", [
-    ("train.lr=inf", r"'train\.lr' must be a finite number, got inf"),
-    ("train.lr=nan", r"'train\.lr' must be a finite number, got nan"),
-    ("train.weight_decay=inf", r"'train\.weight_decay' must be a finite number"),
-    ("train.probe_lr=inf", r"'train\.probe_lr' must be a finite number"),
-    ("representation.temperature=inf", r"'representation\.temperature' must be a finite"),
-    ("representation.lr=inf", r"'representation\.lr' must be a finite number"),
-    ("image.window=[0, inf]", r"'image\.window' must be .*\[center, width\] of finite numbers"),
-    ("image.window=[nan, 400]", r"'image\.window' must be .*\[center, width\] of finite"),
-    ("seed=9223372036854775807", r"'seed' must be between 0 and 4294967295 \(2\*\*32 - 1\), "
-                                 r"got 9223372036854775807"),
-    ("seed=-1", r"'seed' must be between 0 and 4294967295"),
-    ("representation.seed=4294967296", r"'representation\.seed' must be between 0 and "),
-    ("num_workers=1000000", r"'num_workers' must be between 0 and \d+ \(the CPUs this machine "
-                            r"gives medal.*got 1000000"),
-    ('workspace="ws\\u0000x"', r"'workspace' contains a NUL character"),
-    ('data.pool="pool\\u0000"', r"'data\.pool' contains a NUL character"),
-    ('model.pretrained="w\\u0000.pt"', r"'model\.pretrained' contains a NUL character"),
-])
+@pytest.mark.parametrize(
+    "setting, pattern",
+    [
+        ("train.lr=inf", r"'train\.lr' must be a finite number, got inf"),
+        ("train.lr=nan", r"'train\.lr' must be a finite number, got nan"),
+        ("train.weight_decay=inf", r"'train\.weight_decay' must be a finite number"),
+        ("train.probe_lr=inf", r"'train\.probe_lr' must be a finite number"),
+        ("representation.temperature=inf", r"'representation\.temperature' must be a finite"),
+        ("representation.lr=inf", r"'representation\.lr' must be a finite number"),
+        ("image.window=[0, inf]", r"'image\.window' must be .*\[center, width\] of finite numbers"),
+        ("image.window=[nan, 400]", r"'image\.window' must be .*\[center, width\] of finite"),
+        (
+            "seed=9223372036854775807",
+            r"'seed' must be between 0 and 4294967295 \(2\*\*32 - 1\), "
+            r"got 9223372036854775807",
+        ),
+        ("seed=-1", r"'seed' must be between 0 and 4294967295"),
+        ("representation.seed=4294967296", r"'representation\.seed' must be between 0 and "),
+        (
+            "num_workers=1000000",
+            r"'num_workers' must be between 0 and \d+ \(the CPUs this machine "
+            r"gives medal.*got 1000000",
+        ),
+        ('workspace="ws\\u0000x"', r"'workspace' contains a NUL character"),
+        ('data.pool="pool\\u0000"', r"'data\.pool' contains a NUL character"),
+        ('model.pretrained="w\\u0000.pt"', r"'model\.pretrained' contains a NUL character"),
+    ],
+)
 @pytest.mark.parametrize("command", ["train", "query", "status"])
-def test_hostile_setting_is_one_line_naming_the_key(workspace, capsys, setting, pattern,
-                                                    command):
+def test_hostile_setting_is_one_line_naming_the_key(workspace, capsys, setting, pattern, command):
     cfg, ws = workspace
-    refused([command, "-q", "-c", str(cfg), "--set", setting], capsys, ws,
-            rf"medal\.toml: {pattern}")
+    refused(
+        [command, "-q", "-c", str(cfg), "--set", setting], capsys, ws, rf"medal\.toml: {pattern}"
+    )
 
 
 def test_path_through_a_link_loop_is_one_line(workspace, tmp_path, capsys):
     cfg, ws = workspace
     os.symlink("loop", tmp_path / "loop")
-    refused(["status", "-c", str(cfg), "--set", 'data.pool="loop/pool"'], capsys, ws,
-            r"'data\.pool': cannot resolve the path 'loop/pool': Symlink loop")
+    refused(
+        ["status", "-c", str(cfg), "--set", 'data.pool="loop/pool"'],
+        capsys,
+        ws,
+        r"'data\.pool': cannot resolve the path 'loop/pool': Symlink loop",
+    )
 
 
-@pytest.mark.parametrize("classes, pattern", [
-    (["normal", "CONIN$"], r"'CONIN\$' cannot be a class name: a reserved device name"),
-    (["normal", "conout$"], r"'conout\$' cannot be a class name: a reserved device name"),
-    (["normal", "COM0"], r"'COM0' cannot be a class name: a reserved device name"),
-    (["normal", "lpt0.txt"], r"'lpt0\.txt' cannot be a class name: a reserved device name"),
-    (["caf\u00e9", "cafe\u0301"], r"'classes' has duplicates \(ignoring case and Unicode "
-                                  r"normalisation, NFC/NFD\): 'caf\\xe9', 'cafe\\u0301'"),
-    (["Caf\u00e9", "cafe\u0301"], r"'classes' has duplicates"),
-    (["normal", "pneu\u202emonia"], r"'pneu\\u202emonia' cannot be a class name: contains "
-                                    r"'\\u202e' \(RIGHT-TO-LEFT OVERRIDE\)"),
-    (["normal", "pneu\u2066monia"], r"contains '\\u2066' \(LEFT-TO-RIGHT ISOLATE\)"),
-    (["normal", "normal\u200b"], r"contains '\\u200b' \(ZERO WIDTH SPACE\)"),
-    (["normal", "nor\u200dmal"], r"contains '\\u200d' \(ZERO WIDTH JOINER\)"),
-    (["normal", "\ufeffpneumonia"], r"contains '\\ufeff' \(ZERO WIDTH NO-BREAK SPACE\)"),
-    (["normal", "a\u2028b"], r"contains '\\u2028' \(LINE SEPARATOR\), a line separator"),
-])
+@pytest.mark.parametrize(
+    "classes, pattern",
+    [
+        (["normal", "CONIN$"], r"'CONIN\$' cannot be a class name: a reserved device name"),
+        (["normal", "conout$"], r"'conout\$' cannot be a class name: a reserved device name"),
+        (["normal", "COM0"], r"'COM0' cannot be a class name: a reserved device name"),
+        (["normal", "lpt0.txt"], r"'lpt0\.txt' cannot be a class name: a reserved device name"),
+        (
+            ["caf\u00e9", "cafe\u0301"],
+            r"'classes' has duplicates \(ignoring case and Unicode "
+            r"normalisation, NFC/NFD\): 'caf\\xe9', 'cafe\\u0301'",
+        ),
+        (["Caf\u00e9", "cafe\u0301"], r"'classes' has duplicates"),
+        (
+            ["normal", "pneu\u202emonia"],
+            r"'pneu\\u202emonia' cannot be a class name: contains "
+            r"'\\u202e' \(RIGHT-TO-LEFT OVERRIDE\)",
+        ),
+        (["normal", "pneu\u2066monia"], r"contains '\\u2066' \(LEFT-TO-RIGHT ISOLATE\)"),
+        (["normal", "normal\u200b"], r"contains '\\u200b' \(ZERO WIDTH SPACE\)"),
+        (["normal", "nor\u200dmal"], r"contains '\\u200d' \(ZERO WIDTH JOINER\)"),
+        (["normal", "\ufeffpneumonia"], r"contains '\\ufeff' \(ZERO WIDTH NO-BREAK SPACE\)"),
+        (["normal", "a\u2028b"], r"contains '\\u2028' \(LINE SEPARATOR\), a line separator"),
+    ],
+)
 def test_class_names_that_hide_or_alias_are_refused(workspace, capsys, classes, pattern):
     cfg, ws = workspace
-    text = cfg.read_text().replace('classes = ["normal", "pneumonia"]',
-                                   f"classes = {json.dumps(classes)}")
+    text = cfg.read_text().replace(
+        'classes = ["normal", "pneumonia"]', f"classes = {json.dumps(classes)}"
+    )
     cfg.write_text(text)
     line = refused(["train", "-q", "-c", str(cfg)], capsys, ws, pattern)
     assert line.isascii()  # the bidi character itself never reaches the terminal
@@ -139,8 +162,7 @@ def test_near_miss_class_names_are_kept(tmp_path, name):
 
 # --- the workspace lock -----------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "hard link"])
-def test_lock_that_is_a_link_is_refused_and_its_target_untouched(workspace, tmp_path, capsys,
-                                                                  kind):
+def test_lock_that_is_a_link_is_refused_and_its_target_untouched(workspace, tmp_path, capsys, kind):
     """A ``.lock`` planted as a link to another file made any medal command overwrite that file
     with its pid (and truncate it): the link is refused and the file keeps its bytes."""
     cfg, ws = workspace
@@ -179,13 +201,19 @@ def test_status_into_a_full_device_is_one_line(workspace, unbuffered):
     cfg, ws = workspace
     before = workspace_hashes(ws)
     with open("/dev/full", "w") as full:
-        p = subprocess.run([sys.executable, "-m", "medal", "status", "-c", str(cfg)],
-                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
-                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT),
-                                          "PYTHONUNBUFFERED": unbuffered})
+        p = subprocess.run(
+            [sys.executable, "-m", "medal", "status", "-c", str(cfg)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": unbuffered},
+        )
     assert p.returncode != 0
     assert p.stderr.splitlines() == [
-        "medal status: error: cannot write the output to /dev/full: No space left on device"]
+        "medal status: error: cannot write the output to /dev/full: No space left on device"
+    ]
     assert workspace_hashes(ws) == before
 
 
@@ -208,29 +236,39 @@ def weights_file(path: Path, how: str) -> Path:
     return path
 
 
-PROBLEMS = {"text": r"is not a PyTorch weights file \(expected a file written by torch\.save: a "
-                    r"zip archive; this one starts with b'root'\)",
-            "truncated": r"is truncated or corrupt \(expected a file written by torch\.save\): "
-                         r"PytorchStreamReader failed reading zip archive",
-            "pickled object": r"holds Python objects other than tensors, which medal does not "
-                              r"unpickle",
-            "tensor": r"holds a Tensor"}
+PROBLEMS = {
+    "text": r"is not a PyTorch weights file \(expected a file written by torch\.save: a "
+    r"zip archive; this one starts with b'root'\)",
+    "truncated": r"is truncated or corrupt \(expected a file written by torch\.save\): "
+    r"PytorchStreamReader failed reading zip archive",
+    "pickled object": r"holds Python objects other than tensors, which medal does not "
+    r"unpickle",
+    "tensor": r"holds a Tensor",
+}
 
 
 @pytest.mark.parametrize("how", list(PROBLEMS))
 def test_pretrained_weights_that_are_not_weights(workspace, tmp_path, capsys, how):
     cfg, ws = workspace
     bad = weights_file(tmp_path / "weights.bin", how)
-    refused(["train", "-q", "-c", str(cfg), "--set", f'model.pretrained="{bad}"'], capsys, ws,
-            rf"model\.pretrained: {re.escape(str(bad))} {PROBLEMS[how]}")
+    refused(
+        ["train", "-q", "-c", str(cfg), "--set", f'model.pretrained="{bad}"'],
+        capsys,
+        ws,
+        rf"model\.pretrained: {re.escape(str(bad))} {PROBLEMS[how]}",
+    )
 
 
 @pytest.fixture
 def trained(workspace) -> tuple[Path, Path]:
     """The workspace after one real (short) training: model round 0 and its checkpoint."""
     cfg, ws = workspace
-    assert main(["train", "-q", "-c", str(cfg), "--set", "train.epochs=1",
-                 "--set", "train.min_steps=1"]) == 0
+    assert (
+        main(
+            ["train", "-q", "-c", str(cfg), "--set", "train.epochs=1", "--set", "train.min_steps=1"]
+        )
+        == 0
+    )
     return cfg, ws
 
 
@@ -241,8 +279,12 @@ def test_corrupt_checkpoints_are_one_line_each(trained, capsys):
     for how, problem in PROBLEMS.items():
         weights_file(checkpoint, how)
         problem = r"holds a Tensor without a state_dict" if how == "tensor" else problem
-        refused(["query", "-q", "-c", str(cfg)], capsys, ws,
-                rf"checkpoint {re.escape(str(checkpoint))} {problem}")
+        refused(
+            ["query", "-q", "-c", str(cfg)],
+            capsys,
+            ws,
+            rf"checkpoint {re.escape(str(checkpoint))} {problem}",
+        )
     checkpoint.write_bytes(good)
     assert main(["query", "-q", "-c", str(cfg)]) == 0
 
@@ -252,28 +294,46 @@ def test_ledger_that_is_a_folder(workspace, capsys, command):
     cfg, ws = workspace
     (ws / "ledger.sqlite").unlink()
     (ws / "ledger.sqlite").mkdir()
-    refused([command, "-q", "-c", str(cfg)], capsys, ws,
-            rf"{re.escape(str(ws))}/ledger\.sqlite is a folder; expected the workspace's SQLite "
-            rf"ledger file")
+    refused(
+        [command, "-q", "-c", str(cfg)],
+        capsys,
+        ws,
+        rf"{re.escape(str(ws))}/ledger\.sqlite is a folder; expected the workspace's SQLite "
+        rf"ledger file",
+    )
 
 
 # --- a training that diverges -----------------------------------------------------------------
-@pytest.mark.parametrize("settings, pattern", [
-    (["train.lr=1e30"], r"training stopped in epoch 1 of \d+: the loss, weights or outputs became "
-                        r"nan \(not finite\); train\.lr = 1e\+30 is probably too high"),
-    (["train.lr=1e30", 'data.validation=""', "train.validation_fraction=0.0"],  # as reported
-     r"training stopped in epoch 1 of \d+: .* train\.lr = 1e\+30"),
-    (["train.freeze_backbone=true", "train.probe_lr=1e30"],
-     r"training stopped after the head's 300 steps: .* train\.probe_lr = 1e\+30"),
-])
+@pytest.mark.parametrize(
+    "settings, pattern",
+    [
+        (
+            ["train.lr=1e30"],
+            r"training stopped in epoch 1 of \d+: the loss, weights or outputs became "
+            r"nan \(not finite\); train\.lr = 1e\+30 is probably too high",
+        ),
+        (
+            ["train.lr=1e30", 'data.validation=""', "train.validation_fraction=0.0"],  # as reported
+            r"training stopped in epoch 1 of \d+: .* train\.lr = 1e\+30",
+        ),
+        (
+            ["train.freeze_backbone=true", "train.probe_lr=1e30"],
+            r"training stopped after the head's 300 steps: .* train\.probe_lr = 1e\+30",
+        ),
+    ],
+)
 def test_non_finite_training_keeps_the_previous_checkpoint(trained, capsys, settings, pattern):
     """A learning rate that makes the loss NaN used to save a NaN checkpoint and exit 0; the
     next query then died on sqlite3.IntegrityError. Now the training stops with one line, the
     workspace (checkpoint, ledger) is as before, and a query uses the previous model."""
     cfg, ws = trained
     sets = [a for s in settings for a in ("--set", s)]
-    refused(["train", "-q", "-c", str(cfg), *sets], capsys, ws,
-            rf"{pattern}.*nothing was saved, the previous checkpoint stays current$")
+    refused(
+        ["train", "-q", "-c", str(cfg), *sets],
+        capsys,
+        ws,
+        rf"{pattern}.*nothing was saved, the previous checkpoint stays current$",
+    )
     assert main(["query", "-q", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"round 001: 6 images chosen by bald .*\(model round 0,", out), out
@@ -288,11 +348,20 @@ def test_diverging_pretraining_caches_no_backbone(workspace, capsys):
     after), and the workspace is as it was (the decode cache, which any decode fills, is off
     here so that the comparison covers the rest)."""
     cfg, ws = workspace
-    sets = ["representation.method=simclr", "train.freeze_backbone=true", "image.cache=false",
-            "representation.epochs=3", "representation.lr=1e30"]
-    refused(["train", "-q", "-c", str(cfg), *[a for s in sets for a in ("--set", s)]], capsys,
-            ws, r"training stopped in self-supervised pretraining epoch \d of 3: .* "
-                r"representation\.lr = 1e\+30 is probably too high")
+    sets = [
+        "representation.method=simclr",
+        "train.freeze_backbone=true",
+        "image.cache=false",
+        "representation.epochs=3",
+        "representation.lr=1e30",
+    ]
+    refused(
+        ["train", "-q", "-c", str(cfg), *[a for s in sets for a in ("--set", s)]],
+        capsys,
+        ws,
+        r"training stopped in self-supervised pretraining epoch \d of 3: .* "
+        r"representation\.lr = 1e\+30 is probably too high",
+    )
     assert not list(ws.rglob("*.pt")), "a backbone was cached"
 
 
@@ -318,8 +387,10 @@ def headerless_dicom(path: Path, file_meta: bool) -> Path:
 def test_every_pool_file_is_an_image_or_a_listed_skip(tmp_path, tiny_data, capsys):
     pool = tiny_data["root"] / "pool" / "archive"
     pool.mkdir()
-    images = [headerless_dicom(pool / "1.2.840.113619.2.55.3.1", file_meta=True),
-              headerless_dicom(pool / "IM0001", file_meta=False)]
+    images = [
+        headerless_dicom(pool / "1.2.840.113619.2.55.3.1", file_meta=True),
+        headerless_dicom(pool / "IM0001", file_meta=False),
+    ]
     (pool / "notes.txt").write_text("reader notes, not an image\n")
     (pool / "1.2.840.99").write_bytes(b"\x08\x00\x16\x00" + b"\x00" * 60)  # starts like DICOM
     cfg = write_config(tmp_path)
@@ -332,8 +403,9 @@ def test_every_pool_file_is_an_image_or_a_listed_skip(tmp_path, tiny_data, capsy
     assert set(images) <= scanned and not set(images) & {Path(p) for p in listed}
     assert {Path(p).name: r for p, r in listed.items()} == {
         "notes.txt": "not an image file medal reads (PNG, JPEG, TIFF, BMP by suffix; DICOM by "
-                     "suffix .dcm/.dicom or by its content)",
-        "1.2.840.99": "not a DICOM file (no DICM header and no image in it)"}
+        "suffix .dcm/.dicom or by its content)",
+        "1.2.840.99": "not a DICOM file (no DICM header and no image in it)",
+    }
     root = tiny_data["root"] / "pool"
     every = {p for p in root.rglob("*") if p.is_file()}
     accounted = {p for p in scanned | {Path(p) for p in listed} if root in p.parents}

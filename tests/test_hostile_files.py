@@ -149,9 +149,14 @@ def config_with_workspace(tmp_path: Path, workspace: Path | str) -> Path:
 
 def tree(folder: Path) -> dict[str, bytes | str]:
     """Every file under ``folder`` with its bytes (``.lock`` only by name)."""
-    return {p.relative_to(folder).as_posix(): "dir" if p.is_dir() else
-            "lock" if p.name == ".lock" else p.read_bytes()
-            for p in sorted(folder.rglob("*"))}
+    return {
+        p.relative_to(folder).as_posix(): "dir"
+        if p.is_dir()
+        else "lock"
+        if p.name == ".lock"
+        else p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 @pytest.fixture
@@ -162,8 +167,11 @@ def read_only():
 
     def make(folder: Path) -> None:
         if os.geteuid() == 0:
-            if shutil.which("chattr") is None or subprocess.run(
-                    ["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            if (
+                shutil.which("chattr") is None
+                or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode
+                != 0
+            ):
                 pytest.skip("running as root and 'chattr +i' is not available here")
             undo.append(lambda: subprocess.run(["chattr", "-i", str(folder)], check=True))
         else:
@@ -185,23 +193,30 @@ def read_only():
 def test_workspace_below_a_file(tmp_path, tiny_data, capsys):
     (tmp_path / "runs").write_text("a file, not a folder\n")
     cfg = config_with_workspace(tmp_path, "runs/ws")
-    one_line_error(["train", "-q", "-c", str(cfg)], capsys,
-                   r"cannot create workspace .*runs/ws: .*runs is a file, not a folder")
+    one_line_error(
+        ["train", "-q", "-c", str(cfg)],
+        capsys,
+        r"cannot create workspace .*runs/ws: .*runs is a file, not a folder",
+    )
     assert (tmp_path / "runs").read_text() == "a file, not a folder\n"
 
 
 def test_workspace_where_no_folder_can_be_made(tmp_path, tiny_data, capsys):
     cfg = config_with_workspace(tmp_path, "/proc/medal-ws")
-    one_line_error(["train", "-q", "-c", str(cfg)], capsys,
-                   r"cannot create workspace /proc/medal-ws: ")
+    one_line_error(
+        ["train", "-q", "-c", str(cfg)], capsys, r"cannot create workspace /proc/medal-ws: "
+    )
 
 
 def test_new_workspace_in_a_read_only_folder(tmp_path, tiny_data, capsys, read_only):
     (tmp_path / "ws").mkdir()
     read_only(tmp_path / "ws")
     cfg = write_config(tmp_path)
-    one_line_error(["train", "-q", "-c", str(cfg)], capsys,
-                   r"workspace .*ws is read-only \(cannot create the lock file \.lock: ")
+    one_line_error(
+        ["train", "-q", "-c", str(cfg)],
+        capsys,
+        r"workspace .*ws is read-only \(cannot create the lock file \.lock: ",
+    )
     assert tree(tmp_path / "ws") == {}
 
 
@@ -212,9 +227,12 @@ def test_existing_workspace_made_read_only(tmp_path, tiny_data, capsys, read_onl
         sync(ws)
     before = tree(tmp_path / "ws")
     read_only(tmp_path / "ws")
-    one_line_error([command, "-c", str(cfg)], capsys,
-                   r"workspace .*ws is read-only \(cannot open the ledger ledger\.sqlite: "
-                   r"unable to open database file\)")
+    one_line_error(
+        [command, "-c", str(cfg)],
+        capsys,
+        r"workspace .*ws is read-only \(cannot open the ledger ledger\.sqlite: "
+        r"unable to open database file\)",
+    )
     assert tree(tmp_path / "ws") == before
 
 
@@ -243,14 +261,21 @@ HOLD = textwrap.dedent("""
 def test_lock_message_names_the_holder(tmp_path, tiny_data, capsys, how):
     cfg = write_config(tmp_path)
     ws = tmp_path / "ws"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(ws), how, str(cfg)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(ws), how, str(cfg)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert holder.stdout.readline() == "held\n"
-        one_line_error(["train", "-q", "-c", str(cfg)], capsys,
-                       rf"workspace .*ws is in use by another medal command "
-                       rf"\(pid {holder.pid}\); wait for it")
+        one_line_error(
+            ["train", "-q", "-c", str(cfg)],
+            capsys,
+            rf"workspace .*ws is in use by another medal command "
+            rf"\(pid {holder.pid}\); wait for it",
+        )
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
@@ -274,16 +299,22 @@ def test_no_space_for_score_files(tmp_path, tiny_data, capsys, monkeypatch):
     ws = tmp_path / "ws"
     before = tree(ws)
     fake_free(monkeypatch, 1000)
-    one_line_error(["query", "-q", "-c", str(cfg)], capsys,
-                   r"no space left on .*ws/scores/round-001: 0\.\d\d MB needed, 0\.00 MB free")
+    one_line_error(
+        ["query", "-q", "-c", str(cfg)],
+        capsys,
+        r"no space left on .*ws/scores/round-001: 0\.\d\d MB needed, 0\.00 MB free",
+    )
     assert tree(ws) == before
 
 
 def test_free_space_check_sizes(tmp_path, monkeypatch):
     fake_free(monkeypatch, 500_000_000)
     out = tmp_path / "scores" / "round-001"
-    with pytest.raises(WorkspaceError, match=rf"no space left on {re.escape(str(out))}: "
-                                             r"1080 MB needed, 500 MB free"):
+    with pytest.raises(
+        WorkspaceError,
+        match=rf"no space left on {re.escape(str(out))}: "
+        r"1080 MB needed, 500 MB free",
+    ):
         # 1M images: probs 1e6 x 20 x 2 and features 1e6 x 500 in float16
         uncertainty.ScoreCollector(1_000_000, 20, 2, 500, out, None)
     assert list(tmp_path.iterdir()) == []
@@ -299,8 +330,11 @@ def test_disk_filling_while_reserving(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "posix_fallocate", full)
     out = tmp_path / "scores"
-    with pytest.raises(WorkspaceError, match=rf"no space left on {re.escape(str(out))}: "
-                                             r"\d\.\d\d MB needed for probs\.tmp\.npy"):
+    with pytest.raises(
+        WorkspaceError,
+        match=rf"no space left on {re.escape(str(out))}: "
+        r"\d\.\d\d MB needed for probs\.tmp\.npy",
+    ):
         uncertainty.ScoreCollector(1000, 20, 2, 500, out, None)
     assert list(out.iterdir()) == []
 
@@ -380,8 +414,13 @@ FILL = textwrap.dedent("""
 def tmpfs_works() -> bool:
     if shutil.which("unshare") is None:
         return False
-    return subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
 
 
 @pytest.fixture(params=["tmpfs", "fsize"])
@@ -402,12 +441,25 @@ def fill_disk(request, tmp_path):
         pytest.skip("unprivileged user and mount namespaces (unshare -Urm) are not available")
 
     def run(before: list[list[str]], command: list[str], room: dict[str, int]) -> dict:
-        argv = [sys.executable, "-c", FILL, how, str(room[how]), str(tmp_path / "ws"),
-                json.dumps({"before": before, "command": command})]
+        argv = [
+            sys.executable,
+            "-c",
+            FILL,
+            how,
+            str(room[how]),
+            str(tmp_path / "ws"),
+            json.dumps({"before": before, "command": command}),
+        ]
         if how == "tmpfs":
             argv = ["unshare", "-Urm", *argv]
-        p = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        p = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=600,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         assert p.returncode == 0, p.stderr
         return json.loads(p.stdout.splitlines()[-1])
 
@@ -429,8 +481,7 @@ FAST = ["--set", "train.epochs=1", "--set", "train.min_steps=1", "--set", "image
 def test_disk_full_while_writing_the_checkpoint(tiny_data, fill_disk):
     cfg = "medal.toml"
     write_config(tiny_data["root"].parent)
-    seen = fill_disk([], ["train", "-q", "-c", cfg, *FAST],
-                     {"tmpfs": 250_000, "fsize": 200_000})
+    seen = fill_disk([], ["train", "-q", "-c", cfg, *FAST], {"tmpfs": 250_000, "fsize": 200_000})
     check_no_space(seen, "train")
     assert seen["models"] == 0  # the images train found are recorded; no model
     assert "checkpoints/round-000.pt" not in seen["files"]
@@ -441,15 +492,24 @@ def test_disk_full_while_writing_the_ledger(tiny_data, fill_disk):
     cfg = "medal.toml"
     write_config(tiny_data["root"].parent)
     folder = str(tiny_data["root"].parent / "ws" / "labelling" / "round-001")
-    seen = fill_disk([["train", "-q", "-c", cfg, *FAST], ["query", "-q", "-c", cfg, *FAST],
-                      ["fill-labels", folder]], ["ingest", "-c", cfg, folder],
-                     {"tmpfs": 0, "fsize": 4096})
+    seen = fill_disk(
+        [
+            ["train", "-q", "-c", cfg, *FAST],
+            ["query", "-q", "-c", cfg, *FAST],
+            ["fill-labels", folder],
+        ],
+        ["ingest", "-c", cfg, folder],
+        {"tmpfs": 0, "fsize": 4096},
+    )
     check_no_space(seen, "ingest")
     assert seen["same_ledger"]
     # SQLite says "database or disk is full" or "disk I/O error", depending on the call that
     # failed (and on the errno: EFBIG is always an I/O error to it)
-    assert re.search(r"writing ledger\.sqlite failed: SQLite: (database or disk is full|disk "
-                     r"I/O error)", seen["stderr"]), seen["stderr"]
+    assert re.search(
+        r"writing ledger\.sqlite failed: SQLite: (database or disk is full|disk "
+        r"I/O error)",
+        seen["stderr"],
+    ), seen["stderr"]
 
 
 # --- memory: refuse what cannot fit instead of being killed -----------------------------------
@@ -460,26 +520,50 @@ def test_training_that_cannot_fit_in_memory_is_refused(tmp_path, tiny_data, caps
 
     monkeypatch.setattr(resources, "available_memory", lambda: 8_000_000_000)
     cfg = write_config(tmp_path)
-    one_line_error(["train", "-q", "-c", str(cfg), "--set", "model.image_size=2048"], capsys,
-                   r"not enough memory to train: about \d+\.\d GB needed, 8\.0 GB available "
-                   r"\(model\.image_size = 2048: 24 images .* train\.batch_size = 8 through "
-                   r"small_cnn .*\); set model\.image_size = \d+ \(MEDAL_MEMORY_CHECK=off")
+    one_line_error(
+        ["train", "-q", "-c", str(cfg), "--set", "model.image_size=2048"],
+        capsys,
+        r"not enough memory to train: about \d+\.\d GB needed, 8\.0 GB available "
+        r"\(model\.image_size = 2048: 24 images .* train\.batch_size = 8 through "
+        r"small_cnn .*\); set model\.image_size = \d+ \(MEDAL_MEMORY_CHECK=off",
+    )
     assert not (tmp_path / "ws" / "checkpoints").exists()
     # a batch size that fits is suggested when the batch is what does not fit
     # (24 images: 8 labelled less 0 held out, and the 16 of data.validation)
     monkeypatch.setattr(resources, "available_memory", lambda: 60_000_000_000)
-    err = one_line_error(["train", "-q", "-c", str(cfg), "--set", "model.image_size=1024",
-                          "--set", "train.batch_size=128"], capsys, r"train\.batch_size = \d+ or "
-                         r"model\.image_size = \d+")
+    err = one_line_error(
+        [
+            "train",
+            "-q",
+            "-c",
+            str(cfg),
+            "--set",
+            "model.image_size=1024",
+            "--set",
+            "train.batch_size=128",
+        ],
+        capsys,
+        r"train\.batch_size = \d+ or "
+        r"model\.image_size = \d+",
+    )
     batch = int(re.search(r"set train\.batch_size = (\d+)", err).group(1))
     monkeypatch.setenv("MEDAL_MEMORY_CHECK", "off")
-    assert resources.check_training_memory(load_config(cfg, {
-        "model.image_size": 1024, "train.batch_size": 128}), 32, 16, __import__("torch").device(
-        "cpu")) is None
+    assert (
+        resources.check_training_memory(
+            load_config(cfg, {"model.image_size": 1024, "train.batch_size": 128}),
+            32,
+            16,
+            __import__("torch").device("cpu"),
+        )
+        is None
+    )
     monkeypatch.delenv("MEDAL_MEMORY_CHECK")
-    resources.check_training_memory(load_config(cfg, {"model.image_size": 1024,
-                                                      "train.batch_size": batch}), 32, 16,
-                                    __import__("torch").device("cpu"))  # fits: no error
+    resources.check_training_memory(
+        load_config(cfg, {"model.image_size": 1024, "train.batch_size": batch}),
+        32,
+        16,
+        __import__("torch").device("cpu"),
+    )  # fits: no error
 
 
 def test_available_memory_reads_meminfo():

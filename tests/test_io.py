@@ -42,9 +42,15 @@ def check_output(img: np.ndarray, shape: tuple[int, ...]) -> None:
     assert np.isfinite(img).all() and img.min() >= 0.0 and img.max() <= 1.0
 
 
-def dicom_dataset(pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
-                  bits_stored: int | None = None, signed: bool = False,
-                  sop_class: str = SecondaryCaptureImageStorage, **attrs: object) -> Dataset:
+def dicom_dataset(
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    signed: bool = False,
+    sop_class: str = SecondaryCaptureImageStorage,
+    **attrs: object,
+) -> Dataset:
     """A minimal image dataset; ``pixels``: ``[H, W]``, ``[F, H, W]``, ``[H, W, 3]`` or
     ``[F, H, W, 3]`` of an integer dtype (which sets BitsAllocated)."""
     pixels = np.asarray(pixels)
@@ -127,8 +133,7 @@ def test_png_8bit_grey(tmp_path: Path) -> None:
     img = load_image(tmp_path / "g.png")
     check_output(img, (2, 3))
     np.testing.assert_allclose(img, px / 255, atol=1e-6)
-    np.testing.assert_allclose(load_image(tmp_path / "g.png", window="minmax"), px / 255,
-                               atol=1e-6)
+    np.testing.assert_allclose(load_image(tmp_path / "g.png", window="minmax"), px / 255, atol=1e-6)
     assert count_frames(tmp_path / "g.png") == 1
 
 
@@ -239,8 +244,14 @@ def test_invalid_arguments_are_value_errors(tmp_path: Path) -> None:
 
 def test_dicom_rescale_and_file_window(tmp_path: Path) -> None:
     px = ramp()
-    ds = dicom_dataset(px, bits_stored=12, RescaleSlope="2", RescaleIntercept="-1024",
-                       WindowCenter="1000", WindowWidth="2001")
+    ds = dicom_dataset(
+        px,
+        bits_stored=12,
+        RescaleSlope="2",
+        RescaleIntercept="-1024",
+        WindowCenter="1000",
+        WindowWidth="2001",
+    )
     path = save_dicom(tmp_path / "ct.dcm", ds)
     img = load_image(path)
     check_output(img, (8, 10))
@@ -261,8 +272,11 @@ def test_dicom_rescale_and_file_window(tmp_path: Path) -> None:
 def test_dicom_multiple_windows_and_voi_functions(tmp_path: Path) -> None:
     px = ramp(hi=1000)
     ds = dicom_dataset(px, WindowCenter=[500, 100], WindowWidth=[201, 50])
-    np.testing.assert_allclose(load_image(save_dicom(tmp_path / "a.dcm", ds)),
-                               linear_window(px.astype(float), 500, 201), atol=1e-5)
+    np.testing.assert_allclose(
+        load_image(save_dicom(tmp_path / "a.dcm", ds)),
+        linear_window(px.astype(float), 500, 201),
+        atol=1e-5,
+    )
     ds = dicom_dataset(px, WindowCenter="500", WindowWidth="200", VOILUTFunction="SIGMOID")
     img = load_image(save_dicom(tmp_path / "s.dcm", ds))
     np.testing.assert_allclose(img, 1 / (1 + np.exp(-4 * (px - 500.0) / 200)), atol=1e-5)
@@ -307,8 +321,14 @@ def test_dicom_monochrome1_inverted(tmp_path: Path) -> None:
 
 def test_dicom_signed_pixels(tmp_path: Path) -> None:
     px = np.array([[-2000, -1000, 0], [1000, 2000, 3000]], np.int16)
-    ds = dicom_dataset(px, signed=True, RescaleSlope="1", RescaleIntercept="0",
-                       WindowCenter="0", WindowWidth="2001")
+    ds = dicom_dataset(
+        px,
+        signed=True,
+        RescaleSlope="1",
+        RescaleIntercept="0",
+        WindowCenter="0",
+        WindowWidth="2001",
+    )
     img = load_image(save_dicom(tmp_path / "signed.dcm", ds))
     np.testing.assert_allclose(img, linear_window(px.astype(float), 0, 2001), atol=1e-5)
     assert img[0, 0] == 0 and img[1, 1] == 1 and img[0, 2] == pytest.approx(0.5 + 0.5 / 2000)
@@ -356,8 +376,9 @@ def test_enhanced_multiframe_functional_groups(tmp_path: Path) -> None:
     path = save_dicom(tmp_path / "enh.dcm", ds)
     values = frames[0] - 500.0
     for index, center in enumerate((-400, 0, 400)):
-        np.testing.assert_allclose(load_image(path, frame=index),
-                                   linear_window(values, center, 101), atol=1e-5)
+        np.testing.assert_allclose(
+            load_image(path, frame=index), linear_window(values, center, 101), atol=1e-5
+        )
 
 
 # ---------------------------------------------------------------------------- DICOM colour
@@ -406,11 +427,11 @@ def test_dicom_jpeg_baseline_ybr(tmp_path: Path) -> None:
 def test_dicom_palette_colour(tmp_path: Path) -> None:
     px = np.array([[0, 1], [2, 3]], np.uint8)
     ds = dicom_dataset(px, photometric="PALETTE COLOR")
-    for colour, values in zip(("Red", "Green", "Blue"),
-                              ([0, 65535, 0, 32768], [0, 0, 65535, 32768], [0, 0, 0, 65535])):
+    for colour, values in zip(
+        ("Red", "Green", "Blue"), ([0, 65535, 0, 32768], [0, 0, 65535, 32768], [0, 0, 0, 65535])
+    ):
         setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [4, 0, 16])
-        setattr(ds, f"{colour}PaletteColorLookupTableData",
-                np.array(values, np.uint16).tobytes())
+        setattr(ds, f"{colour}PaletteColorLookupTableData", np.array(values, np.uint16).tobytes())
     img = load_image(save_dicom(tmp_path / "pal.dcm", ds))
     check_output(img, (2, 2, 3))
     np.testing.assert_allclose(img[0, 1], [1, 0, 0], atol=1e-6)
@@ -420,8 +441,9 @@ def test_dicom_palette_colour(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- compressed
 
 
-@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless],
-                         ids=["rle", "jpeg-ls", "jpeg2000"])
+@pytest.mark.parametrize(
+    "syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless], ids=["rle", "jpeg-ls", "jpeg2000"]
+)
 def test_dicom_compressed_lossless(tmp_path: Path, syntax: str) -> None:
     px = ramp(32, 32, hi=4000)  # OpenJPEG's default resolutions need >= 32 x 32
     ds = dicom_dataset(px, bits_stored=12, WindowCenter="2000", WindowWidth="4001")
@@ -434,8 +456,11 @@ def test_dicom_compressed_multiframe_rle(tmp_path: Path) -> None:
     frames = np.stack([ramp(hi=100 * (i + 1)) for i in range(3)])
     path = save_dicom(tmp_path / "rlemf.dcm", dicom_dataset(frames), RLELossless)
     assert count_frames(path) == 3
-    np.testing.assert_allclose(load_image(path, frame=2, window=(150.0, 101.0)),
-                               linear_window(frames[2].astype(float), 150, 101), atol=1e-5)
+    np.testing.assert_allclose(
+        load_image(path, frame=2, window=(150.0, 101.0)),
+        linear_window(frames[2].astype(float), 150, 101),
+        atol=1e-5,
+    )
 
 
 # ---------------------------------------------------------------------------- broken DICOM
@@ -444,8 +469,16 @@ def test_dicom_compressed_multiframe_rle(tmp_path: Path) -> None:
 def test_dicom_without_pixel_data(tmp_path: Path) -> None:
     ds = dicom_dataset(ramp(), sop_class=BasicTextSRStorage)
     del ds.PixelData
-    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
-                    "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation"):
+    for keyword in (
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+    ):
         delattr(ds, keyword)
     ds.Modality = "SR"
     path = save_dicom(tmp_path / "sr.dcm", ds)
@@ -510,33 +543,46 @@ def _write_uncompressed(path: Path, ds: Dataset, syntax: str) -> Path:
     ds.file_meta.TransferSyntaxUID = syntax
     big = syntax == ExplicitVRBigEndian
     if big:
-        arr = np.frombuffer(ds.PixelData, dtype=np.uint16 if ds.BitsAllocated == 16
-                            else np.uint8)
+        arr = np.frombuffer(ds.PixelData, dtype=np.uint16 if ds.BitsAllocated == 16 else np.uint8)
         ds.PixelData = arr.astype(arr.dtype.newbyteorder(">")).tobytes()
-    pydicom.dcmwrite(path, ds, enforce_file_format=True,
-                     implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=not big)
+    pydicom.dcmwrite(
+        path,
+        ds,
+        enforce_file_format=True,
+        implicit_vr=syntax == ImplicitVRLittleEndian,
+        little_endian=not big,
+    )
     return path
 
 
-@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
-                                    "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"],
-                         ids=["implicit-le", "explicit-le", "deflated", "explicit-be"])
+@pytest.mark.parametrize(
+    "syntax",
+    ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"],
+    ids=["implicit-le", "explicit-le", "deflated", "explicit-be"],
+)
 def test_uncompressed_syntaxes_written_by_pydicom(tmp_path, syntax):
     px = ramp(8, 10)
     ref = load_image(save_dicom(tmp_path / "ref.dcm", dicom_dataset(px)), window="minmax")
-    img = load_image(_write_uncompressed(tmp_path / "x.dcm", dicom_dataset(px), syntax),
-                     window="minmax")
+    img = load_image(
+        _write_uncompressed(tmp_path / "x.dcm", dicom_dataset(px), syntax), window="minmax"
+    )
     np.testing.assert_allclose(img, ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("syntax, kwargs, tol", [
-    (JPEGLSNearLossless, {"jls_error": 3}, 8 / 4000),
-    (JPEG2000, {"j2k_cr": [5]}, 0.05),
-], ids=["jpeg-ls-near-lossless", "jpeg2000-lossy"])
+@pytest.mark.parametrize(
+    "syntax, kwargs, tol",
+    [
+        (JPEGLSNearLossless, {"jls_error": 3}, 8 / 4000),
+        (JPEG2000, {"j2k_cr": [5]}, 0.05),
+    ],
+    ids=["jpeg-ls-near-lossless", "jpeg2000-lossy"],
+)
 def test_lossy_encoders_decode_close_to_the_original(tmp_path, syntax, kwargs, tol):
     if not get_encoder(syntax).is_available:
-        pytest.fail(f"{UID(syntax).name} encoder missing: install the pylibjpeg/pyjpegls "
-                    f"plugins from pyproject")
+        pytest.fail(
+            f"{UID(syntax).name} encoder missing: install the pylibjpeg/pyjpegls "
+            f"plugins from pyproject"
+        )
     px = ramp(32, 32)
     ref = load_image(save_dicom(tmp_path / "ref.dcm", dicom_dataset(px)), window="minmax")
     ds = dicom_dataset(px)
@@ -584,12 +630,17 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data +
-                struct.pack(">I", zlib.crc32(kind + data)))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) +
-                     chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -599,8 +650,11 @@ def test_image_over_the_pixel_limit_is_refused_unread(tmp_path):
 
     assert MAX_PIXELS == 178_956_970
     big = png_header_only(tmp_path / "huge.png", 20_000, 20_000)
-    with pytest.raises(ImageReadError, match=r"huge\.png: image of 400 million pixels is over "
-                                             r"the limit of 179 million \(medal\.io\.MAX_PIXELS"):
+    with pytest.raises(
+        ImageReadError,
+        match=r"huge\.png: image of 400 million pixels is over "
+        r"the limit of 179 million \(medal\.io\.MAX_PIXELS",
+    ):
         load_image(big)
     x, _, reason = ImageDataset([big], channels=1, size=28)[0]
     assert "over the limit of 179 million" in reason and x.shape == (1, 28, 28)
@@ -608,8 +662,11 @@ def test_image_over_the_pixel_limit_is_refused_unread(tmp_path):
     ds = pydicom.dcmread(dcm)
     ds.Rows, ds.Columns = 14_000, 14_000  # the header says so; the check comes first
     ds.save_as(dcm)
-    with pytest.raises(ImageReadError, match=r"huge\.dcm: image of 14000x14000 = 196 million "
-                                             r"pixels is over the limit"):
+    with pytest.raises(
+        ImageReadError,
+        match=r"huge\.dcm: image of 14000x14000 = 196 million "
+        r"pixels is over the limit",
+    ):
         load_image(dcm)
 
 
@@ -617,8 +674,11 @@ def test_pillow_limit_lowered_elsewhere_is_a_reason(tmp_path, monkeypatch):
     p = tmp_path / "a.png"
     Image.fromarray(np.zeros((100, 100), np.uint8)).save(p)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with pytest.raises(ImageReadError, match=r"a\.png: image of 0 million pixels is over the "
-                                             r"limit of 0 million \(2 x Pillow's"):
+    with pytest.raises(
+        ImageReadError,
+        match=r"a\.png: image of 0 million pixels is over the "
+        r"limit of 0 million \(2 x Pillow's",
+    ):
         load_image(p)
 
 
@@ -627,10 +687,12 @@ def test_large_image_decoded_reduced_matches_the_full_decode(tmp_path):
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:1500, 0:1100]
-    img = (120 + 80 * np.sin(xx / 90) * np.cos(yy / 130) + rng.normal(0, 20, xx.shape))
-    for name, arr in (("grey.png", img.astype(np.uint8)),
-                      ("deep.png", (img * 200).astype(np.uint16)),
-                      ("rgb.png", np.stack([img, img * 0.5, 255 - img], -1).astype(np.uint8))):
+    img = 120 + 80 * np.sin(xx / 90) * np.cos(yy / 130) + rng.normal(0, 20, xx.shape)
+    for name, arr in (
+        ("grey.png", img.astype(np.uint8)),
+        ("deep.png", (img * 200).astype(np.uint16)),
+        ("rgb.png", np.stack([img, img * 0.5, 255 - img], -1).astype(np.uint8)),
+    ):
         p = tmp_path / name
         Image.fromarray(arr).save(p)
         assert load_image(p, min_size=84).shape[:2] == (150, 110)  # / 10, which divides both
@@ -666,10 +728,24 @@ def test_12000_pixel_png_decodes_without_a_full_size_float_copy(tmp_path):
     import sys
 
     p = tmp_path / "scan.png"
-    subprocess.run([sys.executable, "-c", "import sys; from PIL import Image; "
-                    "Image.new('L', (12000, 12000), 90).save(sys.argv[1])", str(p)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from PIL import Image; "
+            "Image.new('L', (12000, 12000), 90).save(sys.argv[1])",
+            str(p),
+        ],
+        check=True,
+    )
     root = Path(__file__).parents[1]
-    out = subprocess.run([sys.executable, "-c", PEAK, str(p)], capture_output=True, text=True,
-                         check=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK, str(p)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+        env={"PYTHONPATH": str(root), "PATH": ""},
+    )
     grew = int(out.stdout.split()[-1])
     assert grew < 500e6, f"{grew / 1e6:.0f} MB"  # pixels 144 MB (+ their array copy)

@@ -20,15 +20,20 @@ ROOT = Path(__file__).parents[1]
 def ct(path: Path, frames: list[np.ndarray], **attrs: object) -> Path:
     """A CT of 12-bit stored values, intercept -1024 (Hounsfield units = stored - 1024)."""
     stored = np.stack([np.clip(f + 1024, 0, 4095).astype(np.uint16) for f in frames])
-    ds = dicom_dataset(stored if len(frames) > 1 else stored[0], bits_stored=12, Modality="CT",
-                       RescaleSlope="1", RescaleIntercept="-1024", **attrs)
+    ds = dicom_dataset(
+        stored if len(frames) > 1 else stored[0],
+        bits_stored=12,
+        Modality="CT",
+        RescaleSlope="1",
+        RescaleIntercept="-1024",
+        **attrs,
+    )
     return save_dicom(path, ds)
 
 
 def test_grey_frames_give_modality_values_and_the_file_window(tmp_path):
     hu = np.arange(-1000, 1048, 2, dtype=np.int64).reshape(32, 32)
-    path = ct(tmp_path / "ct.dcm", [hu, hu + 100, hu + 200], WindowCenter="40",
-              WindowWidth="400")
+    path = ct(tmp_path / "ct.dcm", [hu, hu + 100, hu + 200], WindowCenter="40", WindowWidth="400")
     f = read_dicom_frame(path)
     assert isinstance(f, DicomFrame)
     assert (f.frames, f.index, f.photometric, f.modality) == (3, 1, "MONOCHROME2", "CT")
@@ -36,8 +41,11 @@ def test_grey_frames_give_modality_values_and_the_file_window(tmp_path):
     assert np.array_equal(f.values, hu + 100)
     assert f.window == (40.0, 400.0) and f.rescaled
     assert np.array_equal(read_dicom_frame(path, 2).values, hu + 200)
-    with pytest.raises(ImageReadError, match=r"ct\.dcm: frame 3 out of range \(file has 3 "
-                                             r"frames\)"):
+    with pytest.raises(
+        ImageReadError,
+        match=r"ct\.dcm: frame 3 out of range \(file has 3 "
+        r"frames\)",
+    ):
         read_dicom_frame(path, 3)
 
 
@@ -65,8 +73,11 @@ def test_the_pixel_limit_applies(tmp_path):
     ds = pydicom.dcmread(path)
     ds.Rows, ds.Columns = 14_000, 14_000
     ds.save_as(path)
-    with pytest.raises(ImageReadError, match=r"huge\.dcm: image of 14000x14000 = 196 million "
-                                             r"pixels is over the limit"):
+    with pytest.raises(
+        ImageReadError,
+        match=r"huge\.dcm: image of 14000x14000 = 196 million "
+        r"pixels is over the limit",
+    ):
         read_dicom_frame(path)
 
 
@@ -83,8 +94,11 @@ def test_no_module_outside_io_uses_its_private_names():
         aliases = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
-                base = package.split(".")[:len(package.split(".")) - node.level + 1] \
-                    if node.level else []
+                base = (
+                    package.split(".")[: len(package.split(".")) - node.level + 1]
+                    if node.level
+                    else []
+                )
                 module = ".".join([*base, *([node.module] if node.module else [])])
                 for a in node.names:
                     if f"{module}.{a.name}" in io_modules:
@@ -96,8 +110,12 @@ def test_no_module_outside_io_uses_its_private_names():
                     if a.name in io_modules:
                         aliases.add(a.asname or a.name)
         for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and \
-                    not node.attr.startswith("__") and isinstance(node.value, ast.Name) and \
-                    node.value.id in aliases:
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+            ):
                 found.append(f"{rel}:{node.lineno}: {node.value.id}.{node.attr}")
     assert found == []

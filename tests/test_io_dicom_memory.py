@@ -80,8 +80,7 @@ def test_a_file_of_many_large_frames_costs_one_frame(tmp_path):
     assert peak < 400 * MB, peak / MB  # one frame: uint16 and float copies of 16.8 Mpixels
 
 
-def test_a_header_claiming_more_frames_than_the_file_holds_is_refused_unread(tmp_path,
-                                                                             monkeypatch):
+def test_a_header_claiming_more_frames_than_the_file_holds_is_refused_unread(tmp_path, monkeypatch):
     """NumberOfFrames = 100,000 of 4096 x 4096: 3.4 TB claimed by a 64 KB file. Refused as
     truncated from the sizes alone, before any decoding."""
     path = save_dicom(tmp_path / "liar.dcm", dicom_dataset(np.zeros((4096, 4096), np.uint16)))
@@ -94,13 +93,15 @@ def test_a_header_claiming_more_frames_than_the_file_holds_is_refused_unread(tmp
         raise AssertionError("pixel data decoded")
 
     monkeypatch.setattr(pydicom.pixels, "pixel_array", no)
-    with pytest.raises(ImageReadError, match=r"liar\.dcm: truncated pixel data \(65536 of "
-                                             r"3355443200000 bytes\)"):
+    with pytest.raises(
+        ImageReadError,
+        match=r"liar\.dcm: truncated pixel data \(65536 of "
+        r"3355443200000 bytes\)",
+    ):
         load_image(path)
 
 
-def test_a_frame_over_the_pixel_limit_is_refused_before_its_pixels_are_read(tmp_path,
-                                                                            monkeypatch):
+def test_a_frame_over_the_pixel_limit_is_refused_before_its_pixels_are_read(tmp_path, monkeypatch):
     """Each frame must be within MAX_PIXELS (179 million): 3 frames of 14,000 x 14,000
     (1.2 GB claimed, sparse) are refused with the reason; no pixel data is read or decoded."""
     path = save_dicom(tmp_path / "huge.dcm", dicom_dataset(np.zeros((2, 2), np.uint16)))
@@ -108,7 +109,7 @@ def test_a_frame_over_the_pixel_limit_is_refused_before_its_pixels_are_read(tmp_
     ds.Rows = ds.Columns = 14_000
     ds.save_as(path)
     claim_pixel_bytes(path, 3 * 14_000 * 14_000 * 2, 3)
-    assert 14_000 ** 2 > MAX_PIXELS
+    assert 14_000**2 > MAX_PIXELS
 
     def no(*args, **kwargs):
         raise AssertionError("pixel data decoded")
@@ -119,7 +120,10 @@ def test_a_frame_over_the_pixel_limit_is_refused_before_its_pixels_are_read(tmp_
 
 
 def _refused(path: Path) -> None:
-    with pytest.raises(ImageReadError, match=r"huge\.dcm: image of 14000x14000 = 196 million "
-                                             r"pixels is over the limit of 179 million "
-                                             r"\(medal\.io\.MAX_PIXELS\)"):
+    with pytest.raises(
+        ImageReadError,
+        match=r"huge\.dcm: image of 14000x14000 = 196 million "
+        r"pixels is over the limit of 179 million "
+        r"\(medal\.io\.MAX_PIXELS\)",
+    ):
         load_image(path)

@@ -30,7 +30,7 @@ IMAGES = {
     "MR_small_implicit.dcm": (64, 64),
     "MR_small_jp2klossless.dcm": (64, 64),
     "MR_small_jpeg_ls_lossless.dcm": (64, 64),
-    "image_dfl.dcm": None,               # deflated explicit little endian
+    "image_dfl.dcm": None,  # deflated explicit little endian
     "JPGExtended.dcm": None,
     "JPEG2000.dcm": None,
     "JPEGLSNearLossless_16.dcm": None,
@@ -41,7 +41,7 @@ IMAGES = {
     "SC_rgb_rle_2frame.dcm": (100, 100, 3),
     "examples_palette.dcm": None,
     "examples_ybr_color.dcm": None,
-    "rtdose.dcm": None,                  # multi-frame dose grid: middle frame
+    "rtdose.dcm": None,  # multi-frame dose grid: middle frame
 }
 
 
@@ -55,23 +55,33 @@ def test_bundled_images_decode(name):
     assert img.ndim in (2, 3)
 
 
-@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
-                                  "MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm",
-                                  "MR_small_implicit.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+    ],
+)
 def test_lossless_syntaxes_give_the_same_pixels(name):
     ref = load_image(data_file("MR_small.dcm"), window="minmax")
     np.testing.assert_allclose(load_image(data_file(name), window="minmax"), ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("test-SR.dcm", "no pixel data"),
-    ("rtplan.dcm", "no pixel data"),
-    ("waveform_ecg.dcm", "no pixel data"),
-    ("MR_truncated.dcm", "truncat"),
-    ("rtplan_truncated.dcm", r"no pixel data \(SOP class RT Plan Storage\)"),
-    # a non-conformant 12-bit JPEG stream that no installed decoder accepts
-    ("JPEG-lossy.dcm", r"cannot decode pixel data \(JPEG Extended"),
-])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("test-SR.dcm", "no pixel data"),
+        ("rtplan.dcm", "no pixel data"),
+        ("waveform_ecg.dcm", "no pixel data"),
+        ("MR_truncated.dcm", "truncat"),
+        ("rtplan_truncated.dcm", r"no pixel data \(SOP class RT Plan Storage\)"),
+        # a non-conformant 12-bit JPEG stream that no installed decoder accepts
+        ("JPEG-lossy.dcm", r"cannot decode pixel data \(JPEG Extended"),
+    ],
+)
 def test_non_images_and_broken_files_are_refused_with_a_reason(name, reason):
     with pytest.raises(ImageReadError, match=reason) as e:
         load_image(data_file(name))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import make_image, save, write_config
 from medal.config import load_config
-from medal.data import file_sha256
+from medal.scan import file_sha256
 from medal.labelling.export import Candidate, export_round, neutralise
 from medal.workspace import Workspace, kept_manifest
 from medal.sources import sync
@@ -20,10 +20,16 @@ from medal.sources import sync
 def export(cfg, n=4, probs=(0.3, 0.7), score=lambda i: 1.0 / (i + 1)):
     with Workspace(cfg) as ws:
         snap = sync(ws)
-        chosen = [Candidate(it, score(i), np.array(probs))
-                  for i, it in enumerate(snap.pool[:n])]
-        folder = export_round(ws, ws.next_round(), chosen, strategy="bald", model_round=0,
-                              pool_size=len(snap.pool), score_seconds=0.1)
+        chosen = [Candidate(it, score(i), np.array(probs)) for i, it in enumerate(snap.pool[:n])]
+        folder = export_round(
+            ws,
+            ws.next_round(),
+            chosen,
+            strategy="bald",
+            model_round=0,
+            pool_size=len(snap.pool),
+            score_seconds=0.1,
+        )
         return folder, len(snap.pool)
 
 
@@ -46,8 +52,16 @@ def test_export_writes_folder_and_keeps_sources(tiny_config, tiny_data):
         assert list(next(csv.DictReader(f))) == ["file", "image_id", "source_path", "rank"]
     with open(kept_manifest(tiny_config.workspace, 1), newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["file", "image_id", "source_path", "rank", "score", "predicted",
-                             "p_normal", "p_pneumonia"]
+    assert list(rows[0]) == [
+        "file",
+        "image_id",
+        "source_path",
+        "rank",
+        "score",
+        "predicted",
+        "p_normal",
+        "p_pneumonia",
+    ]
     for r in rows:
         assert file_sha256(folder / r["file"]) == r["image_id"]
         assert file_sha256(Path(r["source_path"])) == r["image_id"]
@@ -109,8 +123,11 @@ _WORDS = ("model predicts", "predicted", "p_normal", "p_pneumonia")
 
 def _readable(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` (previews and image copies included), as text."""
-    return {str(p.relative_to(folder)): p.read_bytes().decode("latin-1")
-            for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes().decode("latin-1")
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
 
 
 def test_a_blind_round_folder_shows_no_prediction_or_score(tmp_path, tiny_data):
@@ -142,8 +159,16 @@ def test_with_show_predictions_the_round_folder_shows_them(tmp_path, tiny_data):
     texts = _readable(folder)
     with open(folder / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["file", "image_id", "source_path", "rank", "score", "predicted",
-                             "p_normal", "p_pneumonia"]
+    assert list(rows[0]) == [
+        "file",
+        "image_id",
+        "source_path",
+        "rank",
+        "score",
+        "predicted",
+        "p_normal",
+        "p_pneumonia",
+    ]
     assert rows[0]["score"] == "0.618034" and rows[0]["p_pneumonia"] == "0.8766"
     assert {r["predicted"] for r in rows} == {"pneumonia"}
     html = texts["index.html"]

@@ -8,8 +8,10 @@ from medal.labelling.gallery import gallery_html
 
 
 def test_gallery_escapes_names_and_counts_previews():
-    rows = [(1, "001_<b>.png", "previews/001_<b>.png", 0.5, "pneu<monia", np.array([0.25, 0.75])),
-            (2, "002_x.dcm", None, 0.25, "", np.zeros(0))]
+    rows = [
+        (1, "001_<b>.png", "previews/001_<b>.png", 0.5, "pneu<monia", np.array([0.25, 0.75])),
+        (2, "002_x.dcm", None, 0.25, "", np.zeros(0)),
+    ]
     page = gallery_html(7, ["normal", "pneu<monia"], rows, show_predictions=True)
     assert "<title>medal labelling round 007</title>" in page
     assert 'data-images="1"' in page  # only the first row has a preview to wait for
@@ -24,7 +26,16 @@ def test_a_blind_gallery_shows_no_score_prediction_or_probability():
     rows = [(1, "001_a.png", "previews/001_a.png", 0.4321, "pneumonia", np.array([0.25, 0.75]))]
     page = gallery_html(1, ["normal", "pneumonia"], rows)  # blind is the default
     assert 'data-file="001_a.png"' in page and "<code>pneumonia</code>" in page
-    for shown in ("0.4321", "0.432", "0.750", "75.0%", "0.250", "model predicts",
-                  "data-predicted", 'class="probs"', 'class="score"'):
+    for shown in (
+        "0.4321",
+        "0.432",
+        "0.750",
+        "75.0%",
+        "0.250",
+        "model predicts",
+        "data-predicted",
+        'class="probs"',
+        'class="score"',
+    ):
         assert shown not in page
     assert "blind labelling" in page

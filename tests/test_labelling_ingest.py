@@ -18,22 +18,25 @@ from medal.sources import sync
 
 def ledger_dump(cfg):
     with Workspace(cfg) as ws:
-        return ([(r.image_id, r.label, r.round, r.source) for r in ws.db.labels()],
-                [(r.round, r.ingested_at) for r in ws.db.rounds()])
+        return (
+            [(r.image_id, r.label, r.round, r.source) for r in ws.db.labels()],
+            [(r.round, r.ingested_at) for r in ws.db.rounds()],
+        )
 
 
-def write_labels(folder: Path, rows, header=("file", "label"), delimiter=",", bom=False,
-                 newline="\n"):
-    text = delimiter.join(header) + newline + "".join(
-        delimiter.join(r) + newline for r in rows)
+def write_labels(
+    folder: Path, rows, header=("file", "label"), delimiter=",", bom=False, newline="\n"
+):
+    text = delimiter.join(header) + newline + "".join(delimiter.join(r) + newline for r in rows)
     (folder / "labels.csv").write_bytes((("\ufeff" if bom else "") + text).encode())
 
 
 def test_ingest_records_labels_once(tiny_config):
     folder, pool_size = export(tiny_config)
     names = files(folder)
-    write_labels(folder, [(names[0], "normal"), (names[1], "Pneumonia "), (names[2], ""),
-                          (names[3], "")])
+    write_labels(
+        folder, [(names[0], "normal"), (names[1], "Pneumonia "), (names[2], ""), (names[3], "")]
+    )
     with Workspace(tiny_config) as ws:
         r = ingest_round(ws, folder)
     assert r.labelled == {"normal": 1, "pneumonia": 1} and r.returned_to_pool == 2
@@ -51,9 +54,17 @@ def test_bad_labels_file_lists_every_problem_and_writes_nothing(tiny_config):
     folder, _ = export(tiny_config)
     names = files(folder)
     before = ledger_dump(tiny_config)
-    write_labels(folder, [(names[0], "pneumonai"), (names[1], "normal"), (names[1], "normal"),
-                          ("not_exported.png", "normal"), ("../../etc/passwd", "normal"),
-                          (names[2], "normal")])
+    write_labels(
+        folder,
+        [
+            (names[0], "pneumonai"),
+            (names[1], "normal"),
+            (names[1], "normal"),
+            ("not_exported.png", "normal"),
+            ("../../etc/passwd", "normal"),
+            (names[2], "normal"),
+        ],
+    )
     shutil.copy(folder / names[2], folder / "pneumonia" / names[2])  # CSV and folder disagree
     with Workspace(tiny_config) as ws:
         with pytest.raises(LabellingError) as e:
@@ -71,10 +82,18 @@ def test_bad_labels_file_lists_every_problem_and_writes_nothing(tiny_config):
 def test_excel_style_csv_and_class_folders(tiny_config):
     folder, _ = export(tiny_config)
     names = files(folder)
-    write_labels(folder, [(names[1], "NORMAL", "dr x", "ok"), (names[0], "", "", ""),
-                          (names[2], "unsure", "dr x", "")],
-                 header=("File", "Label", "annotator", "comment"), delimiter=";", bom=True,
-                 newline="\r\n")
+    write_labels(
+        folder,
+        [
+            (names[1], "NORMAL", "dr x", "ok"),
+            (names[0], "", "", ""),
+            (names[2], "unsure", "dr x", ""),
+        ],
+        header=("File", "Label", "annotator", "comment"),
+        delimiter=";",
+        bom=True,
+        newline="\r\n",
+    )
     shutil.move(folder / names[0], folder / "pneumonia" / names[0])  # dragged into a folder
     with Workspace(tiny_config) as ws:
         r = ingest_round(ws, folder)
@@ -141,8 +160,12 @@ def test_missing_labels_csv_is_an_error_naming_what_was_found(tiny_config, found
     # file is left in the folder (their labels would be lost)
     (folder / "labels.csv").write_text("file,label\n")
     if found:
-        refused(tiny_config, folder, rf"nothing to record: labels\.csv has only its header; "
-                                     rf"{re.escape(what)}\. .*move the other files out")
+        refused(
+            tiny_config,
+            folder,
+            rf"nothing to record: labels\.csv has only its header; "
+            rf"{re.escape(what)}\. .*move the other files out",
+        )
         for f in found:
             (folder / f).unlink()
     with Workspace(tiny_config) as ws:
@@ -196,25 +219,30 @@ def test_class_folder_entries_are_checked_even_when_labels_csv_agrees(tiny_confi
 def test_oversized_field_and_stray_quote_are_one_line_problems(tiny_config):
     folder, _ = export(tiny_config)
     names = files(folder)
-    (folder / "labels.csv").write_text(f"file,label,comment\n{names[0]},normal,"
-                                       f"{'x' * 200_000}\n")
-    err = refused(tiny_config, folder,
-                  r"labels\.csv: line 2: cannot read the CSV: a cell is longer than 128 KiB; "
-                  r"usually a stray quote")
+    (folder / "labels.csv").write_text(f"file,label,comment\n{names[0]},normal,{'x' * 200_000}\n")
+    err = refused(
+        tiny_config,
+        folder,
+        r"labels\.csv: line 2: cannot read the CSV: a cell is longer than 128 KiB; "
+        r"usually a stray quote",
+    )
     assert len(err.problems) == 1
     (folder / "labels.csv").write_text(f'file,label\n"{names[0]},normal\n{names[1]},normal\n')
     err = refused(tiny_config, folder, r"labels\.csv line 2: a cell runs over several lines")
     assert len(str(err)) < 500  # the swallowed rows are not echoed
 
 
-@pytest.mark.parametrize("encoding, delimiter", [("utf-16", "\t"), ("utf-16", ","),
-                                                 ("cp1252", ";"), ("utf-8-sig", ",")])
+@pytest.mark.parametrize(
+    "encoding, delimiter", [("utf-16", "\t"), ("utf-16", ","), ("cp1252", ";"), ("utf-8-sig", ",")]
+)
 def test_labels_csv_in_what_spreadsheets_write(tiny_config, encoding, delimiter):
     folder, _ = export(tiny_config)
     names = files(folder)
-    text = (f"file{delimiter}label{delimiter}comment\n"
-            f"{names[0]}{delimiter}normal{delimiter}épanchement\n"
-            f"{names[1]}{delimiter}Pneumonia{delimiter}\n")
+    text = (
+        f"file{delimiter}label{delimiter}comment\n"
+        f"{names[0]}{delimiter}normal{delimiter}épanchement\n"
+        f"{names[1]}{delimiter}Pneumonia{delimiter}\n"
+    )
     (folder / "labels.csv").write_bytes(text.encode(encoding))  # utf-16: with BOM, as Excel
     with Workspace(tiny_config) as ws:
         r = ingest_round(ws, folder)
@@ -224,8 +252,12 @@ def test_labels_csv_in_what_spreadsheets_write(tiny_config, encoding, delimiter)
 def test_utf16_without_bom_names_the_encoding_wanted(tiny_config):
     folder, _ = export(tiny_config)
     (folder / "labels.csv").write_bytes("file,label\n".encode("utf-16-le"))
-    refused(tiny_config, folder, r"labels\.csv: the file has NUL bytes \(UTF-16 without a "
-                                 r"byte-order mark.*save it as UTF-8")
+    refused(
+        tiny_config,
+        folder,
+        r"labels\.csv: the file has NUL bytes \(UTF-16 without a "
+        r"byte-order mark.*save it as UTF-8",
+    )
 
 
 def test_many_problems_are_capped(tiny_config):
@@ -251,9 +283,14 @@ def test_comments_are_recorded_with_their_labels_and_exported(tiny_config, tmp_p
     folder, _ = export(tiny_config)
     names = files(folder)
     with open(folder / "labels.csv", "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([("file", "label", "comment"),
-                                 (names[0], "normal", "possible nodule, left apex"),
-                                 (names[1], "pneumonia", ""), (names[2], "", "too dark")])
+        csv.writer(f).writerows(
+            [
+                ("file", "label", "comment"),
+                (names[0], "normal", "possible nodule, left apex"),
+                (names[1], "pneumonia", ""),
+                (names[2], "", "too dark"),
+            ]
+        )
     with Workspace(tiny_config) as ws:
         ingest_round(ws, folder)
         rows = {r.origin: r for r in ws.db.labels(1)}

@@ -12,8 +12,12 @@ def img(i: str) -> ImageRecord:
 def test_labels_are_append_only_and_latest_wins(tmp_path):
     with Ledger(tmp_path / "l.sqlite") as db:
         db.upsert_images([img("a"), img("b")])
-        db.add_labels([LabelRecord("a", "normal", 0, "initial", None, "x", 1.0),
-                       LabelRecord("b", "pneumonia", 1, "labels.csv", "dr", "y", 2.0)])
+        db.add_labels(
+            [
+                LabelRecord("a", "normal", 0, "initial", None, "x", 1.0),
+                LabelRecord("b", "pneumonia", 1, "labels.csv", "dr", "y", 2.0),
+            ]
+        )
         db.add_labels([LabelRecord("a", "pneumonia", 2, "labels.csv", None, "z", 3.0)])
         assert db.current_labels() == {"a": "pneumonia", "b": "pneumonia"}
         assert [r.label for r in db.labels() if r.image_id == "a"] == ["normal", "pneumonia"]
@@ -23,12 +27,19 @@ def test_labels_are_append_only_and_latest_wins(tmp_path):
 def test_transaction_rolls_back_on_error(tmp_path):
     with Ledger(tmp_path / "l.sqlite") as db:
         db.upsert_images([img("a")])
-        db.record_round(RoundRecord(1, "bald", 1, 20, 0, 100, "/ws/r1", 5.0, None, 1.5),
-                        [Selection(1, "a", 1, "001_a.png", 0.9, "normal", (0.6, 0.4))])
+        db.record_round(
+            RoundRecord(1, "bald", 1, 20, 0, 100, "/ws/r1", 5.0, None, 1.5),
+            [Selection(1, "a", 1, "001_a.png", 0.9, "normal", (0.6, 0.4))],
+        )
         with pytest.raises(sqlite3.IntegrityError):  # the second row names an unknown image
-            db.record_ingest(1, [LabelRecord("a", "normal", 1, "labels.csv", None, None, 1.0),
-                                 LabelRecord("zz", "normal", 1, "labels.csv", None, None, 1.0)],
-                             6.0)
+            db.record_ingest(
+                1,
+                [
+                    LabelRecord("a", "normal", 1, "labels.csv", None, None, 1.0),
+                    LabelRecord("zz", "normal", 1, "labels.csv", None, None, 1.0),
+                ],
+                6.0,
+            )
         assert db.current_labels() == {}
         assert db.round(1).ingested_at is None
 
@@ -43,9 +54,13 @@ def test_rounds_selections_pending_and_persistence(tmp_path):
     path = tmp_path / "l.sqlite"
     with Ledger(path) as db:
         db.upsert_images([img("a"), img("b")])
-        db.record_round(RoundRecord(1, "bald", 2, 20, 0, 100, "/ws/round-001", 5.0, None, 1.5),
-                        [Selection(1, "a", 1, "001_a.png", 0.9, "normal", (0.6, 0.4)),
-                         Selection(1, "b", 2, "002_b.png", 0.5, "pneumonia", (0.1, 0.9))])
+        db.record_round(
+            RoundRecord(1, "bald", 2, 20, 0, 100, "/ws/round-001", 5.0, None, 1.5),
+            [
+                Selection(1, "a", 1, "001_a.png", 0.9, "normal", (0.6, 0.4)),
+                Selection(1, "b", 2, "002_b.png", 0.5, "pneumonia", (0.1, 0.9)),
+            ],
+        )
         assert db.pending_image_ids() == {"a", "b"}
         db.record_ingest(1, [LabelRecord("a", "normal", 1, "labels.csv", None, None, 6.0)], 6.0)
     with Ledger(path) as db:  # reopened from disk
@@ -60,8 +75,9 @@ def test_models_and_metrics(tmp_path):
     with Ledger(tmp_path / "l.sqlite") as db:
         db.record_model(0, "/ck/0.pt", None, 20, 50, 3.0, {"test": {"auroc": 0.8}})
         db.record_model(1, "/ck/1.pt", 0, 40, 50, 2.0, {"test": {"auroc": 0.9}})
-        assert db.latest_model() == ModelRecord(1, "/ck/1.pt", 0, 40, 50, 2.0,
-                                                db.latest_model().created_at)
+        assert db.latest_model() == ModelRecord(
+            1, "/ck/1.pt", 0, 40, 50, 2.0, db.latest_model().created_at
+        )
         assert [m.parent for m in db.models()] == [None, 0]
         assert db.metrics() == {0: {"test": {"auroc": 0.8}}, 1: {"test": {"auroc": 0.9}}}
 
@@ -89,8 +105,9 @@ def test_a_version_2_ledger_gains_label_comments(tmp_path):
     db.commit()
     db.close()
     with Ledger(path) as ledger:
-        ledger.add_labels([LabelRecord("b", "pneumonia", 1, "labels.csv", None, "y", 2.0,
-                                       "check the apex")])
+        ledger.add_labels(
+            [LabelRecord("b", "pneumonia", 1, "labels.csv", None, "y", 2.0, "check the apex")]
+        )
         got = [(r.image_id, r.comment) for r in ledger.labels()]
     assert got == [("a", None), ("b", "check the apex")]
     raw = sqlite3.connect(path)

@@ -34,12 +34,16 @@ def dump(path: Path) -> dict[str, list[str]]:
 
 
 def files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
-def test_ingest_on_a_ledger_that_cannot_grow_is_rolled_back_whole(tmp_path, tiny_data, capsys,
-                                                                   monkeypatch):
+def test_ingest_on_a_ledger_that_cannot_grow_is_rolled_back_whole(
+    tmp_path, tiny_data, capsys, monkeypatch
+):
     cfg = str(write_config(tmp_path))
     fast = ["--set", "train.epochs=1", "--set", "train.min_steps=1", "--set", "query.budget=40"]
     assert main(["train", "-q", "-c", cfg, *fast]) == 0
@@ -67,7 +71,8 @@ def test_ingest_on_a_ledger_that_cannot_grow_is_rolled_back_whole(tmp_path, tiny
         pages = self._db.execute("PRAGMA page_count").fetchone()[0]
         self._db.execute(f"PRAGMA max_page_count = {pages}")
         self._db.set_trace_callback(
-            lambda sql: inserted.append(sql) if sql.startswith("INSERT INTO labels") else None)
+            lambda sql: inserted.append(sql) if sql.startswith("INSERT INTO labels") else None
+        )
 
     monkeypatch.setattr(Ledger, "__init__", capped)
     code = main(["ingest", "-c", cfg, str(folder)])
@@ -75,9 +80,11 @@ def test_ingest_on_a_ledger_that_cannot_grow_is_rolled_back_whole(tmp_path, tiny
     assert code == 2 and out == "", (out, err)
     lines = err.rstrip("\n").splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert re.match(rf"medal ingest: error: no space left on {re.escape(str(ws))}: writing "
-                    r"ledger\.sqlite failed: SQLite: database or disk is full \(\d+ MB free\)",
-                    lines[0]), lines[0]
+    assert re.match(
+        rf"medal ingest: error: no space left on {re.escape(str(ws))}: writing "
+        r"ledger\.sqlite failed: SQLite: database or disk is full \(\d+ MB free\)",
+        lines[0],
+    ), lines[0]
     # it failed part-way: some of the 40 label rows were written, not all
     assert 1 <= len(inserted) < 40, len(inserted)
     assert dump(ledger) == before  # no label, no ingest time: nothing of the round recorded

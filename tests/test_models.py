@@ -68,12 +68,14 @@ def test_backbone_split_reproduces_features(name):
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(rest(prefix(x)), m.features(x))
-    assert not any(isinstance(mod, nn.Dropout2d) for mod in getattr(prefix, "modules",
-                                                                     lambda: [])())
+    assert not any(
+        isinstance(mod, nn.Dropout2d) for mod in getattr(prefix, "modules", lambda: [])()
+    )
 
 
-@pytest.mark.parametrize("name, width", [("small_cnn", 32 + 64 + 128),
-                                         ("resnet18", 64 + 128 + 256 + 512)])
+@pytest.mark.parametrize(
+    "name, width", [("small_cnn", 32 + 64 + 128), ("resnet18", 64 + 128 + 256 + 512)]
+)
 def test_multiscale_features_add_each_earlier_stage(name, width):
     ms = create_model(name, 2, hidden=0, features="multiscale").eval()
     last = create_model(name, 2, hidden=0, features="last").eval()
@@ -83,7 +85,7 @@ def test_multiscale_features_add_each_earlier_stage(name, width):
     with torch.no_grad():
         f = ms.features(x)
         assert f.shape == (3, width)
-        torch.testing.assert_close(f[:, -ms.backbone_dim:], last.features(x))
+        torch.testing.assert_close(f[:, -ms.backbone_dim :], last.features(x))
         if name == "small_cnn":  # first stage: conv, BN, ReLU, then global average pooling
             torch.testing.assert_close(f[:, :32], ms.backbone[:3](x).mean((2, 3)))
         else:
@@ -94,8 +96,11 @@ def test_multiscale_features_add_each_earlier_stage(name, width):
     assert not any(m._forward_hooks for m in ms.backbone.modules())  # none left behind
     ms.train()
     ms.features(x)[:, 0].sum().backward()  # the earliest stage trains with the whole network
-    assert ms.backbone[0].weight.grad.abs().sum() > 0 if name == "small_cnn" else \
-        ms.backbone.conv1.weight.grad.abs().sum() > 0
+    assert (
+        ms.backbone[0].weight.grad.abs().sum() > 0
+        if name == "small_cnn"
+        else ms.backbone.conv1.weight.grad.abs().sum() > 0
+    )
 
 
 def test_auto_features_follow_backbone_dropout():

@@ -40,9 +40,13 @@ def test_cache_key_depends_on_images_and_settings_not_order():
 
 def test_simclr_backbone_is_cached_reused_and_kept_by_the_probe(tmp_path, tiny_data):
     cfg_path = write_config(tmp_path, "")
-    over = {"representation.method": "simclr", "representation.epochs": 2,
-            "representation.batch_size": 16, "train.freeze_backbone": True,
-            "train.round_start": "retrain"}
+    over = {
+        "representation.method": "simclr",
+        "representation.epochs": 2,
+        "representation.batch_size": 16,
+        "train.freeze_backbone": True,
+        "train.round_start": "retrain",
+    }
     cfg = load_config(cfg_path, over)
     torch.manual_seed(cfg.seed)
     untrained = build_model(cfg).backbone.state_dict()
@@ -52,8 +56,11 @@ def test_simclr_backbone_is_cached_reused_and_kept_by_the_probe(tmp_path, tiny_d
     cached = list((cfg.workspace / "cache" / "representation").glob("*.pt"))
     assert len(cached) == 1
     ssl_state = torch.load(cached[0], weights_only=True)
-    assert any(not torch.equal(ssl_state[k], untrained[k]) for k in ssl_state
-               if ssl_state[k].dtype.is_floating_point)
+    assert any(
+        not torch.equal(ssl_state[k], untrained[k])
+        for k in ssl_state
+        if ssl_state[k].dtype.is_floating_point
+    )
 
     # the probe trained only the head: the checkpoint's backbone is the pretrained one
     model = build_model(cfg)
@@ -75,7 +82,6 @@ def test_zero_label_start_chooses_the_first_round_from_the_pool(tmp_path, tiny_d
     import csv
     import shutil
 
-
     from medal.cli import main
 
     shutil.rmtree(tiny_data["root"] / "labelled")
@@ -87,8 +93,16 @@ def test_zero_label_start_chooses_the_first_round_from_the_pool(tmp_path, tiny_d
     assert 'representation.method = "simclr"' in capsys.readouterr().err
     assert not (tmp_path / "ws" / "labelling" / "round-001").exists()
 
-    c += ["--set", "representation.method=simclr", "--set", "representation.epochs=2",
-          "--set", "representation.batch_size=16", "--set", "train.freeze_backbone=true"]
+    c += [
+        "--set",
+        "representation.method=simclr",
+        "--set",
+        "representation.epochs=2",
+        "--set",
+        "representation.batch_size=16",
+        "--set",
+        "train.freeze_backbone=true",
+    ]
     assert main(["query", *c]) == 0, capsys.readouterr().err
     assert "chosen by typiclust:zero-label from a pool of 40" in capsys.readouterr().out
     folder = tmp_path / "ws" / "labelling" / "round-001"
@@ -118,8 +132,12 @@ def test_pretraining_is_repeatable_and_the_same_as_trains(tmp_path, tiny_data):
     """`simulate` and the benchmarks pretrain through api.pretrain_representation: from the same
     images and settings it gives the backbone `medal train` pretrains, every time (its initial
     weights were unseeded, so each fresh benchmark had another backbone)."""
-    over = {"representation.method": "simclr", "representation.epochs": 1,
-            "representation.batch_size": 16, "train.freeze_backbone": True}
+    over = {
+        "representation.method": "simclr",
+        "representation.epochs": 1,
+        "representation.batch_size": 16,
+        "train.freeze_backbone": True,
+    }
     cfg = load_config(write_config(tmp_path, ""), over)
     states = []
     for _ in range(2):
@@ -137,12 +155,17 @@ def test_pretraining_is_repeatable_and_the_same_as_trains(tmp_path, tiny_data):
 
 
 def test_representation_seed_is_the_project_seed_by_default_and_names_another_backbone(
-        tmp_path, tiny_data):
+    tmp_path, tiny_data
+):
     """representation.seed (default: the project's seed) picks the pretraining's initial
     weights and views: another seed is another cache entry with other weights; the same seed
     given explicitly is the same backbone."""
-    over = {"representation.method": "simclr", "representation.epochs": 1,
-            "representation.batch_size": 16, "train.freeze_backbone": True}
+    over = {
+        "representation.method": "simclr",
+        "representation.epochs": 1,
+        "representation.batch_size": 16,
+        "train.freeze_backbone": True,
+    }
     cfg = load_config(write_config(tmp_path, ""), over)
 
     def backbone(c) -> tuple[str, dict]:

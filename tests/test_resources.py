@@ -26,9 +26,14 @@ CPU = torch.device("cpu")
 
 def tree(folder: Path) -> dict[str, bytes | str]:
     """Every file under ``folder`` with its bytes (``.lock`` only by name)."""
-    return {p.relative_to(folder).as_posix(): "dir" if p.is_dir() else
-            "lock" if p.name == ".lock" else p.read_bytes()
-            for p in sorted(folder.rglob("*"))}
+    return {
+        p.relative_to(folder).as_posix(): "dir"
+        if p.is_dir()
+        else "lock"
+        if p.name == ".lock"
+        else p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def refused(argv: list[str], capsys, pattern: str) -> str:
@@ -70,14 +75,18 @@ def test_query_that_cannot_fit_is_refused_before_scoring(trained, tmp_path, caps
     before = tree(ws)
     monkeypatch.setattr(resources, "available_memory", lambda: 8 * GB)
     never_decode(monkeypatch)
-    err = refused(["query", "-q", "-c", str(trained), "--set", "model.image_size=2048"], capsys,
-                  r"not enough memory to score the pool: about (\d+)\.\d GB needed, 8\.0 GB "
-                  r"available \(model\.image_size = 2048: one batch of query\.batch_size = 256 "
-                  r"through small_cnn \d+\.\d GB.*\); set query\.batch_size = (\d+) or "
-                  r"model\.image_size = (\d+) \(MEDAL_MEMORY_CHECK=off skips this check\)")
+    err = refused(
+        ["query", "-q", "-c", str(trained), "--set", "model.image_size=2048"],
+        capsys,
+        r"not enough memory to score the pool: about (\d+)\.\d GB needed, 8\.0 GB "
+        r"available \(model\.image_size = 2048: one batch of query\.batch_size = 256 "
+        r"through small_cnn \d+\.\d GB.*\); set query\.batch_size = (\d+) or "
+        r"model\.image_size = (\d+) \(MEDAL_MEMORY_CHECK=off skips this check\)",
+    )
     assert tree(ws) == before
-    batch, size = map(int, re.search(r"batch_size = (\d+) or model\.image_size = (\d+)",
-                                     err).groups())
+    batch, size = map(
+        int, re.search(r"batch_size = (\d+) or model\.image_size = (\d+)", err).groups()
+    )
     assert 1 <= batch <= 8 and 8 <= size < 2048
     # each suggestion fits by the same estimate
     cfg = load_config(trained, {"model.image_size": 2048, "query.batch_size": batch})
@@ -86,19 +95,34 @@ def test_query_that_cannot_fit_is_refused_before_scoring(trained, tmp_path, caps
     resources.check_query_memory(cfg, 40, 8, CPU)
 
 
-def test_query_refused_on_the_real_memory_of_any_machine(trained, tmp_path, capsys,
-                                                         monkeypatch):
+def test_query_refused_on_the_real_memory_of_any_machine(trained, tmp_path, capsys, monkeypatch):
     """No stand-in for the memory: full-network sampling of 64 replicas of 40 images at
     2048 px in one call would need terabytes."""
     never_decode(monkeypatch)
     ws = tmp_path / "ws"
     before = tree(ws)
-    refused(["query", "-q", "-c", str(trained), "--set", "model.image_size=2048",
-             "--set", "model.backbone_dropout=0.2", "--set", "query.sampling=full",
-             "--set", "query.mc_samples=64", "--set", "query.max_batch_items=100000"], capsys,
-            r"not enough memory to score the pool: about \d+\.\d GB needed, .* \(64 replicas "
-            r"at once\) .*; set query\.max_batch_items = 0( and query\.batch_size = \d+)? or "
-            r"model\.image_size = \d+ \(")
+    refused(
+        [
+            "query",
+            "-q",
+            "-c",
+            str(trained),
+            "--set",
+            "model.image_size=2048",
+            "--set",
+            "model.backbone_dropout=0.2",
+            "--set",
+            "query.sampling=full",
+            "--set",
+            "query.mc_samples=64",
+            "--set",
+            "query.max_batch_items=100000",
+        ],
+        capsys,
+        r"not enough memory to score the pool: about \d+\.\d GB needed, .* \(64 replicas "
+        r"at once\) .*; set query\.max_batch_items = 0( and query\.batch_size = \d+)? or "
+        r"model\.image_size = \d+ \(",
+    )
     assert tree(ws) == before
     assert not (ws / "labelling").exists() and not (ws / "scores").exists()
 
@@ -108,8 +132,9 @@ def test_ordinary_queries_are_not_refused(trained, tmp_path, capsys, monkeypatch
     assert main(["query", "-q", "-c", str(trained)]) == 0, capsys.readouterr().err
     assert (tmp_path / "ws" / "labelling" / "round-001" / "labels.csv").is_file()
     # 100,000 pool images at 224 px through resnet18, defaults otherwise: fits in 8 GB
-    cfg = load_config(trained, {"model.image_size": 224, "model.name": "resnet18",
-                                "model.channels": 3})
+    cfg = load_config(
+        trained, {"model.image_size": 224, "model.name": "resnet18", "model.channels": 3}
+    )
     resources.check_query_memory(cfg, 100_000, 500, CPU)
 
 
@@ -119,13 +144,18 @@ def test_frozen_backbone_and_zero_label_count_the_whole_pool(tmp_path, monkeypat
     monkeypatch.setattr(resources, "available_memory", lambda: 8 * GB)
     if True:
         # streamed: 20,000 images at 512 px are scored a batch at a time
-        resources.check_query_memory(load_config(cfg_path, {**base, "query.batch_size": 4}),
-                                     20_000, 100, CPU)
+        resources.check_query_memory(
+            load_config(cfg_path, {**base, "query.batch_size": 4}), 20_000, 100, CPU
+        )
         # a frozen backbone's features are computed from the whole pool decoded at once
-        frozen = load_config(cfg_path, {**base, "query.batch_size": 4,
-                                        "train.freeze_backbone": True})
-        with pytest.raises(ConfigError, match=r"the 20000 pool images decoded at once 41\.9 GB"
-                                              r".*; set model\.image_size = \d+ \("):
+        frozen = load_config(
+            cfg_path, {**base, "query.batch_size": 4, "train.freeze_backbone": True}
+        )
+        with pytest.raises(
+            ConfigError,
+            match=r"the 20000 pool images decoded at once 41\.9 GB"
+            r".*; set model\.image_size = \d+ \(",
+        ):
             resources.check_query_memory(frozen, 20_000, 100, CPU)
         zero = load_config(cfg_path, {**base, "representation.method": "simclr"})
         with pytest.raises(ConfigError, match=r"not enough memory to choose the first round"):
@@ -133,35 +163,51 @@ def test_frozen_backbone_and_zero_label_count_the_whole_pool(tmp_path, monkeypat
 
 
 # --- self-supervised pretraining ----------------------------------------------------------------
-def test_pretraining_that_cannot_fit_is_refused_before_loading(tmp_path, tiny_data, capsys,
-                                                               monkeypatch):
+def test_pretraining_that_cannot_fit_is_refused_before_loading(
+    tmp_path, tiny_data, capsys, monkeypatch
+):
     """representation.method = "simclr" at 1024 px: training a batch of 1 fits in 8 GB, but
     two views of 48 images through small_cnn keep ~70 GB of activations: refused before the
     48 images are loaded; no backbone cached, no model."""
     cfg = write_config(tmp_path)
     monkeypatch.setattr(resources, "available_memory", lambda: 8 * GB)
-    c = ["-q", "-c", str(cfg), "--set", "model.image_size=1024", "--set",
-         "train.batch_size=1", "--set", "representation.method=simclr"]
-    resources.check_training_memory(load_config(cfg, {"model.image_size": 1024,
-                                                      "train.batch_size": 1}), 24, 16, CPU)
+    c = [
+        "-q",
+        "-c",
+        str(cfg),
+        "--set",
+        "model.image_size=1024",
+        "--set",
+        "train.batch_size=1",
+        "--set",
+        "representation.method=simclr",
+    ]
+    resources.check_training_memory(
+        load_config(cfg, {"model.image_size": 1024, "train.batch_size": 1}), 24, 16, CPU
+    )
     never_decode(monkeypatch)
-    err = refused(["train", *c], capsys,
-                  r"not enough memory for self-supervised pretraining: about \d+\.\d GB needed, "
-                  r"8\.0 GB available \(model\.image_size = 1024: 48 images held in memory "
-                  r"0\.\d GB, two views of a batch of representation\.batch_size = 256 through "
-                  r"small_cnn \d+\.\d GB\); set representation\.batch_size = (\d+) or "
-                  r"model\.image_size = \d+ \(MEDAL_MEMORY_CHECK=off")
+    err = refused(
+        ["train", *c],
+        capsys,
+        r"not enough memory for self-supervised pretraining: about \d+\.\d GB needed, "
+        r"8\.0 GB available \(model\.image_size = 1024: 48 images held in memory "
+        r"0\.\d GB, two views of a batch of representation\.batch_size = 256 through "
+        r"small_cnn \d+\.\d GB\); set representation\.batch_size = (\d+) or "
+        r"model\.image_size = \d+ \(MEDAL_MEMORY_CHECK=off",
+    )
     ws = tmp_path / "ws"
     assert not (ws / "checkpoints").exists() or not any((ws / "checkpoints").iterdir())
     assert not list(ws.rglob("*.pt")) and not list(ws.rglob("*.tmp"))
     batch = int(re.search(r"representation\.batch_size = (\d+) or", err).group(1))
     assert batch >= 2
-    resources.check_pretraining_memory(load_config(cfg, {
-        "model.image_size": 1024, "representation.batch_size": batch}), 48, CPU)
+    resources.check_pretraining_memory(
+        load_config(cfg, {"model.image_size": 1024, "representation.batch_size": batch}), 48, CPU
+    )
 
 
-def test_pretraining_refused_on_the_real_memory_of_any_machine(tmp_path, tiny_data, capsys,
-                                                               monkeypatch):
+def test_pretraining_refused_on_the_real_memory_of_any_machine(
+    tmp_path, tiny_data, capsys, monkeypatch
+):
     """The zero-label start at 2048 px: pretraining two views of 40 images would keep about
     240 GB of activations (and decoding the pool for its features ~43 GB)."""
     import shutil
@@ -170,9 +216,20 @@ def test_pretraining_refused_on_the_real_memory_of_any_machine(tmp_path, tiny_da
     shutil.rmtree(tiny_data["root"] / "labelled")
     cfg = write_config(tmp_path)
     cfg.write_text(cfg.read_text().replace('labelled = "data/labelled"\n', ""))
-    refused(["query", "-q", "-c", str(cfg), "--set", "representation.method=simclr",
-             "--set", "model.image_size=2048"], capsys,
-            r"not enough memory (to choose the first round|for self-supervised pretraining)")
+    refused(
+        [
+            "query",
+            "-q",
+            "-c",
+            str(cfg),
+            "--set",
+            "representation.method=simclr",
+            "--set",
+            "model.image_size=2048",
+        ],
+        capsys,
+        r"not enough memory (to choose the first round|for self-supervised pretraining)",
+    )
     ws = tmp_path / "ws"
     assert not list(ws.rglob("*.pt")) and not (ws / "labelling").exists()
 

@@ -36,8 +36,9 @@ def test_labelled_folder_and_csv(tmp_path):
         scan_source(tmp_path / "lab", ["normal", "pneumonia"])
 
     csv = tmp_path / "list.csv"
-    csv.write_text("file,label\nlab/Normal/a.png, NORMAL\nlab/pneumonia/b.png,covid\n"
-                   "missing.png,normal\n")
+    csv.write_text(
+        "file,label\nlab/Normal/a.png, NORMAL\nlab/pneumonia/b.png,covid\nmissing.png,normal\n"
+    )
     with pytest.raises(DataError) as err:
         scan_source(csv, ["normal", "pneumonia"])
     assert "line 3: label 'covid'" in str(err.value)

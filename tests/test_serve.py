@@ -38,18 +38,18 @@ def ct_phantom(size: int = 256, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y, x = (np.mgrid[0:size, 0:size] - size / 2) / (size / 2)
     hu = np.full((size, size), -1000.0)
-    hu[(x / 0.9) ** 2 + (y / 0.68) ** 2 < 1] = 30                      # soft tissue
-    hu[(x / 0.9) ** 2 + (y / 0.68) ** 2 < 0.88] = -90                  # fat under the skin
+    hu[(x / 0.9) ** 2 + (y / 0.68) ** 2 < 1] = 30  # soft tissue
+    hu[(x / 0.9) ** 2 + (y / 0.68) ** 2 < 0.88] = -90  # fat under the skin
     hu[(x / 0.84) ** 2 + (y / 0.62) ** 2 < 1] = 35
-    for cx in (-0.42, 0.42):                                         # lungs with vessels
+    for cx in (-0.42, 0.42):  # lungs with vessels
         lung = ((x - cx) / 0.33) ** 2 + ((y + 0.05) / 0.5) ** 2 < 1
         hu[lung] = -860
         for _ in range(25):
             vx, vy = cx + rng.uniform(-0.25, 0.25), rng.uniform(-0.45, 0.35)
             hu[lung & ((x - vx) ** 2 + (y - vy) ** 2 < rng.uniform(2e-4, 1e-3))] = -200
-    hu[((x - 0.05) / 0.2) ** 2 + ((y + 0.02) / 0.18) ** 2 < 1] = 45     # heart
-    hu[(x ** 2 + (y - 0.45) ** 2) < 0.012] = 700                        # vertebra
-    hu[(x ** 2 + (y - 0.45) ** 2) < 0.004] = 250
+    hu[((x - 0.05) / 0.2) ** 2 + ((y + 0.02) / 0.18) ** 2 < 1] = 45  # heart
+    hu[(x**2 + (y - 0.45) ** 2) < 0.012] = 700  # vertebra
+    hu[(x**2 + (y - 0.45) ** 2) < 0.004] = 250
     return hu + rng.normal(0, 12, hu.shape)
 
 
@@ -87,10 +87,18 @@ def exported(cfg, n: int = 4) -> Path:
     """A round folder of the first ``n`` pool images, exported without a model (fast)."""
     with Workspace(cfg) as ws:
         snap = sync(ws)
-        chosen = [Candidate(it, 1.0 / (i + 1), np.array([0.3, 0.7]))
-                  for i, it in enumerate(snap.pool[:n])]
-        return export_round(ws, ws.next_round(), chosen, strategy="bald", model_round=0,
-                            pool_size=len(snap.pool), score_seconds=0.1)
+        chosen = [
+            Candidate(it, 1.0 / (i + 1), np.array([0.3, 0.7])) for i, it in enumerate(snap.pool[:n])
+        ]
+        return export_round(
+            ws,
+            ws.next_round(),
+            chosen,
+            strategy="bald",
+            model_round=0,
+            pool_size=len(snap.pool),
+            score_seconds=0.1,
+        )
 
 
 def read_labels(path: Path) -> list[dict[str, str]]:
@@ -129,10 +137,12 @@ def test_decisions_are_written_at_once_in_the_format_ingest_reads(tiny_config):
     # a new book on the same folder (a restarted server) resumes from the file
     again = RoundBook(folder)  # classes from manifest.csv without a config
     assert again.classes == ["normal", "pneumonia"]
-    assert again.labels() == {files[0]: {"label": "pneumonia", "comment": ""},
-                              files[1]: {"label": "unsure", "comment": "rib or nodule? =1+1"},
-                              files[2]: {"label": "", "comment": ""},
-                              files[3]: {"label": "", "comment": "'=HYPERLINK(x)"}}
+    assert again.labels() == {
+        files[0]: {"label": "pneumonia", "comment": ""},
+        files[1]: {"label": "unsure", "comment": "rib or nodule? =1+1"},
+        files[2]: {"label": "", "comment": ""},
+        files[3]: {"label": "", "comment": "'=HYPERLINK(x)"},
+    }
     r = api.ingest(tiny_config, folder)
     assert r.labelled == {"pneumonia": 1, "unsure": 1} and r.returned_to_pool == 2
 
@@ -144,14 +154,17 @@ def test_rows_and_columns_it_does_not_own_are_kept(tiny_config):
     files = [r["file"] for r in read_labels(folder / "labels.csv")]
     # a spreadsheet's version: ';', BOM, an annotator column, a row missing, one label typed
     (folder / "labels.csv").write_bytes(
-        f"\ufefffile;label;annotator\n{files[2]};NORMAL;ann\n{files[0]};;\n".encode())
+        f"\ufefffile;label;annotator\n{files[2]};NORMAL;ann\n{files[0]};;\n".encode()
+    )
     book = RoundBook(folder, tiny_config.classes)
     assert book.labels()[files[2]] == {"label": "normal", "comment": ""}
     book.set(files[1], label="pneumonia")
     rows = read_labels(folder / "labels.csv")
-    assert rows == [{"file": files[2], "label": "NORMAL", "annotator": "ann", "comment": ""},
-                    {"file": files[0], "label": "", "annotator": "", "comment": ""},
-                    {"file": files[1], "label": "pneumonia", "annotator": "", "comment": ""}]
+    assert rows == [
+        {"file": files[2], "label": "NORMAL", "annotator": "ann", "comment": ""},
+        {"file": files[0], "label": "", "annotator": "", "comment": ""},
+        {"file": files[1], "label": "pneumonia", "annotator": "", "comment": ""},
+    ]
 
 
 def test_an_annotator_writes_their_own_file(tiny_config):
@@ -177,8 +190,9 @@ def test_a_folder_that_is_not_this_rounds_is_refused(tiny_config, tmp_path):
     from medal.serve import RoundBook
 
     folder = exported(tiny_config, n=2)
-    with pytest.raises(LabellingError, match="exported with classes normal, pneumonia, but the "
-                                             "config has cat, dog"):
+    with pytest.raises(
+        LabellingError, match="exported with classes normal, pneumonia, but the config has cat, dog"
+    ):
         RoundBook(folder, ["cat", "dog"])
     with pytest.raises(LabellingError, match="not a round folder"):
         RoundBook(tmp_path)
@@ -198,8 +212,10 @@ def test_blind_by_default(tiny_config):
     cfg = load_config(tiny_config.path, {"labelling.show_predictions": True})
     assert cfg.labelling.show_predictions and not tiny_config.labelling.show_predictions
     shown = RoundBook(exported(cfg, n=2)).state(show_predictions=True)["images"][0]
-    assert shown["predicted"] == "pneumonia" and shown["probs"] == {"normal": "0.3000",
-                                                                    "pneumonia": "0.7000"}
+    assert shown["predicted"] == "pneumonia" and shown["probs"] == {
+        "normal": "0.3000",
+        "pneumonia": "0.7000",
+    }
 
 
 # --- pixels ---------------------------------------------------------------------------------
@@ -240,8 +256,9 @@ def test_pixels_are_full_depth_modality_values(tmp_path):
 
 
 # --- the server's gate ------------------------------------------------------------------------
-def request(url: str, *, token: str | None = None, body: dict | None = None
-            ) -> tuple[int, bytes, dict[str, str]]:
+def request(
+    url: str, *, token: str | None = None, body: dict | None = None
+) -> tuple[int, bytes, dict[str, str]]:
     """(status, body, headers) of a GET (or a JSON POST) to the real server."""
     import json
 
@@ -296,8 +313,14 @@ def test_every_request_needs_the_token_and_only_round_images_are_read(served, tm
     os.symlink(tmp_path / "secret.txt", folder / "link.png")
     os.remove(folder / files[1])  # an exported image swapped for a link out of the folder
     os.symlink(tmp_path / "secret.txt", folder / files[1])
-    for url in ("/", "/api/state", f"/api/pixels?file={files[0]}", f"/?token={token}x",
-                "/api/state?token=", "/static/labelling.html"):
+    for url in (
+        "/",
+        "/api/state",
+        f"/api/pixels?file={files[0]}",
+        f"/?token={token}x",
+        "/api/state?token=",
+        "/static/labelling.html",
+    ):
         status, body, _ = request(base + url)
         assert status == 403 and b"token" in body, url
     assert request(base + "/api/label", body={"file": files[0], "label": "normal"})[0] == 403
@@ -307,18 +330,26 @@ def test_every_request_needs_the_token_and_only_round_images_are_read(served, tm
     assert b"http://" not in page and b"https://" not in page  # nothing from the web
     status, body, _ = request(base + "/api/state", token=token)
     assert json.loads(body)["images"][0]["file"] == files[0]
-    for name in ("../../../medal.toml", str(tmp_path / "secret.txt"), "manifest.csv",
-                 "link.png", "labels.csv", files[1]):
+    for name in (
+        "../../../medal.toml",
+        str(tmp_path / "secret.txt"),
+        "manifest.csv",
+        "link.png",
+        "labels.csv",
+        files[1],
+    ):
         status, body, _ = request(f"{base}/api/pixels?file={quote(name)}", token=token)
         assert status == 404 and b"TOPSECRET" not in body, name
     assert request(f"{base}/api/pixels?file={files[0]}", token=token)[0] == 200
-    status, body, _ = request(base + "/api/label", token=token,
-                              body={"file": files[0], "label": "normal"})
+    status, body, _ = request(
+        base + "/api/label", token=token, body={"file": files[0], "label": "normal"}
+    )
     saved = json.loads(body)
     assert saved.pop("version") == server.book.version()
     assert saved == {"file": files[0], "label": "normal", "comment": ""}
-    assert request(base + "/api/label", token=token,
-                   body={"file": files[0], "label": "cat"})[0] == 400
+    assert (
+        request(base + "/api/label", token=token, body={"file": files[0], "label": "cat"})[0] == 400
+    )
     assert read_labels(folder / "labels.csv")[0]["label"] == "normal"
 
 
@@ -354,9 +385,13 @@ def sync_playwright():
 
 
 def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "medal", "labels", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medal", "labels", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
     deadline = time.monotonic() + 180
     seen = []
     assert proc.stdout is not None
@@ -382,8 +417,14 @@ def test_label_a_round_in_chromium_and_ingest_it(chromium, tmp_path):
         manifest = list(csv.DictReader(f))
     files = [r["file"] for r in manifest]
     source = {r["file"]: Path(r["source_path"]).name for r in manifest}
-    assert len(files) == 6 and sorted(source.values()) == ["ct.dcm", "ct3.dcm", "d0.dcm",
-                                                           "p0.png", "p1.png", "p2.png"]
+    assert len(files) == 6 and sorted(source.values()) == [
+        "ct.dcm",
+        "ct3.dcm",
+        "d0.dcm",
+        "p0.png",
+        "p1.png",
+        "p2.png",
+    ]
     typed = ["normal", "pneumonia", "unsure", "pneumonia", "normal", "normal"]
     key = {"normal": "1", "pneumonia": "2", "unsure": "u"}
     comment = "faint opacity, left base?"
@@ -394,25 +435,36 @@ def test_label_a_round_in_chromium_and_ingest_it(chromium, tmp_path):
         for bad in (base + "/", base + "/api/state", base + "/api/state?token=nope"):
             assert request(bad)[0] == 403
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, headless=True,
-                                         args=["--no-sandbox"])
+            browser = pw.chromium.launch(
+                executable_path=chromium, headless=True, args=["--no-sandbox"]
+            )
             page = browser.new_page(viewport={"width": 1280, "height": 760})
             page.goto(url)
 
             def shown(name: str) -> None:
                 page.wait_for_function(
                     "n => (document.getElementById('stage').dataset.shown || '')"
-                    ".startsWith(n + '#')", arg=name, timeout=30000)
+                    ".startsWith(n + '#')",
+                    arg=name,
+                    timeout=30000,
+                )
 
             def saved() -> None:
-                page.wait_for_function("() => document.getElementById('saved').textContent"
-                                       ".startsWith('saved in labels.csv')", timeout=30000)
+                page.wait_for_function(
+                    "() => document.getElementById('saved').textContent"
+                    ".startsWith('saved in labels.csv')",
+                    timeout=30000,
+                )
 
             shown(files[0])
             assert page.inner_text("#count") == "0 of 6 labelled"
             assert "Hidden while labelling" in page.inner_text("#model")
             assert page.inner_text("#classes").split("\n") == [
-                "1normal", "2pneumonia", "uunsure", "⌫clear"]  # the key shown on each button
+                "1normal",
+                "2pneumonia",
+                "uunsure",
+                "⌫clear",
+            ]  # the key shown on each button
             for i in range(3):
                 if i == 1:
                     page.keyboard.press("c")
@@ -442,16 +494,18 @@ def test_label_a_round_in_chromium_and_ingest_it(chromium, tmp_path):
                     shown(files[i + 1])
             saved()
             assert page.inner_text("#count") == "6 of 6 labelled"
-            assert page.is_visible("#done") and "Done: all 6 images labelled (1 unsure)" in \
-                page.inner_text("#done")
+            assert page.is_visible(
+                "#done"
+            ) and "Done: all 6 images labelled (1 unsure)" in page.inner_text("#done")
 
             # the three-frame CT opens at its middle frame; the arrows move through frames
             page.click(f"#list li:nth-child({files.index(_name(source, 'ct3.dcm')) + 1})")
             shown(_name(source, "ct3.dcm"))
             assert page.is_visible("#framebox") and page.input_value("#frame") == "1"
             page.keyboard.press("ArrowDown")
-            page.wait_for_function("() => document.getElementById('stage').dataset.shown"
-                                   ".endsWith('#2')")
+            page.wait_for_function(
+                "() => document.getElementById('stage').dataset.shown.endsWith('#2')"
+            )
             assert page.inner_text("#frametext").startswith("frame 3 of 3")
 
             # window/level on the CT slice: a preset, then a drag; computed from HU values
@@ -461,8 +515,9 @@ def test_label_a_round_in_chromium_and_ingest_it(chromium, tmp_path):
             assert stage.get_attribute("data-window") == "40/400"  # the file's window
             before = _canvas_sum(page)
             page.keyboard.press("w")
-            page.wait_for_function("() => document.getElementById('stage').dataset.window"
-                                   " === '-600/1500'")
+            page.wait_for_function(
+                "() => document.getElementById('stage').dataset.window === '-600/1500'"
+            )
             assert "lung" in page.inner_text("#wl")
             box = stage.bounding_box()
             assert box is not None
@@ -472,23 +527,27 @@ def test_label_a_round_in_chromium_and_ingest_it(chromium, tmp_path):
             page.mouse.move(cx - 25, cy - 10, steps=5)
             page.mouse.up()
             page.wait_for_function(
-                "() => !document.getElementById('wl').textContent.includes('lung')")
+                "() => !document.getElementById('wl').textContent.includes('lung')"
+            )
             center, width = map(float, stage.get_attribute("data-window").split("/"))
             assert center < -600 and width < 1500 and "(custom)" in page.inner_text("#wl")
             windowed = _canvas_sum(page)
             assert windowed != before
             page.keyboard.press("i")  # invert, and back
-            page.wait_for_function("() => document.getElementById('wl').textContent"
-                                   ".includes('inverted')")
+            page.wait_for_function(
+                "() => document.getElementById('wl').textContent.includes('inverted')"
+            )
             assert _canvas_sum(page) != windowed
             page.keyboard.press("i")
             zoom = page.text_content("#overlay")
             page.mouse.wheel(0, -400)  # zoom in around the pointer, then fit again
-            page.wait_for_function("z => document.getElementById('overlay').textContent !== z",
-                                   arg=zoom)
+            page.wait_for_function(
+                "z => document.getElementById('overlay').textContent !== z", arg=zoom
+            )
             page.keyboard.press("f")
-            page.wait_for_function("z => document.getElementById('overlay').textContent === z",
-                                   arg=zoom)
+            page.wait_for_function(
+                "z => document.getElementById('overlay').textContent === z", arg=zoom
+            )
             assert _canvas_sum(page) == windowed
             shot = tmp_path / "labelling-page.png"
             page.screenshot(path=str(shot))
@@ -505,8 +564,9 @@ def test_label_a_round_in_chromium_and_ingest_it(chromium, tmp_path):
     assert [r["comment"] for r in rows] == ["", comment, "", "", "", ""]
     assert main(["ingest", *c, str(folder)]) == 0
     ids = {r["file"]: r["image_id"] for r in manifest}
-    assert ledger(load_config(cfg_path)) == {ids[f]: (lab, "labels.csv")
-                                             for f, lab in zip(files, typed)}
+    assert ledger(load_config(cfg_path)) == {
+        ids[f]: (lab, "labels.csv") for f, lab in zip(files, typed)
+    }
 
 
 def _name(source: dict[str, str], src: str) -> str:
@@ -543,8 +603,9 @@ def test_labels_serve_does_not_load_torch(tiny_config):
         proc.wait(timeout=60)
 
 
-@pytest.mark.parametrize("header", ["file,label,label", "file,label,file",
-                                    "File,label,Comment,comment"])
+@pytest.mark.parametrize(
+    "header", ["file,label,label", "file,label,file", "File,label,Comment,comment"]
+)
 def test_a_labels_file_with_a_repeated_column_is_refused_by_the_page(tiny_config, header):
     """The page reads labels.csv as ingest does: a column named twice (which one holds the
     label would be a guess) stops the page with one line naming line 1; the file is kept."""

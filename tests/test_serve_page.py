@@ -31,18 +31,25 @@ def open_page(b, url: str):
 
 
 def shown(page, name: str) -> None:
-    page.wait_for_function("n => (document.getElementById('stage').dataset.shown || '')"
-                           ".startsWith(n + '#')", arg=name, timeout=30000)
+    page.wait_for_function(
+        "n => (document.getElementById('stage').dataset.shown || '').startsWith(n + '#')",
+        arg=name,
+        timeout=30000,
+    )
 
 
 def text_is(page, selector: str, text: str, timeout: float = 15000) -> None:
-    page.wait_for_function("([s, t]) => document.querySelector(s).textContent === t",
-                           arg=[selector, text], timeout=timeout)
+    page.wait_for_function(
+        "([s, t]) => document.querySelector(s).textContent === t",
+        arg=[selector, text],
+        timeout=timeout,
+    )
 
 
 def rows(folder: Path) -> dict[str, tuple[str, str]]:
-    return {r["file"]: (r["label"], r.get("comment") or "")
-            for r in read_labels(folder / "labels.csv")}
+    return {
+        r["file"]: (r["label"], r.get("comment") or "") for r in read_labels(folder / "labels.csv")
+    }
 
 
 def wait_rows(folder: Path, page, want: dict[str, tuple[str, str]]) -> None:
@@ -121,8 +128,10 @@ def test_a_failed_save_is_shown_unsaved_not_counted_and_retried(chromium, tiny_c
         stop(proc)  # the server stops
         page.keyboard.press("2")
         page.keyboard.press("1")  # queued behind the failed save: dropped, not applied
-        page.wait_for_function("() => document.getElementById('saved').textContent"
-                               ".startsWith('NOT SAVED')", timeout=15000)
+        page.wait_for_function(
+            "() => document.getElementById('saved').textContent.startsWith('NOT SAVED')",
+            timeout=15000,
+        )
         page.wait_for_timeout(300)
         assert page.inner_text("#count") == "1 of 4 labelled · 1 NOT SAVED"
         assert page.inner_text("#file") == files[1]  # did not move on
@@ -136,8 +145,10 @@ def test_a_failed_save_is_shown_unsaved_not_counted_and_retried(chromium, tiny_c
         shown(page, files[1])
         page.route("**/api/label", lambda route: route.abort())  # unreachable
         page.keyboard.press("2")
-        page.wait_for_function("() => document.getElementById('saved').textContent"
-                               ".startsWith('NOT SAVED')", timeout=15000)
+        page.wait_for_function(
+            "() => document.getElementById('saved').textContent.startsWith('NOT SAVED')",
+            timeout=15000,
+        )
         assert page.inner_text("#count") == "1 of 4 labelled · 1 NOT SAVED"
         page.unroute("**/api/label")  # reachable again
         text_is(page, "#count", "2 of 4 labelled")
@@ -159,8 +170,9 @@ def test_an_ingested_round_turns_the_page_read_only(chromium, tiny_config):
         shown(page, files[1])
         text_is(page, "#saved", "saved in labels.csv")
         assert main(["ingest", "-c", str(tiny_config.path), "-q", str(folder)]) == 0
-        page.wait_for_function("() => document.body.classList.contains('readonly')",
-                               timeout=15000)  # while the page stays open
+        page.wait_for_function(
+            "() => document.body.classList.contains('readonly')", timeout=15000
+        )  # while the page stays open
         assert "round 001 was ingested on" in page.inner_text("#readonly")
         before = (folder / "labels.csv").read_bytes()
         page.keyboard.press("2")
@@ -190,8 +202,12 @@ def test_two_tabs_converge(chromium, tiny_config):
         two.keyboard.press("2")
         text_is(one, "#list li:nth-child(2) .lab", "pneumonia")  # and tab one
         text_is(one, "#count", "2 of 4 labelled")
-    assert rows(folder) == {files[0]: ("normal", ""), files[1]: ("pneumonia", ""),
-                            files[2]: ("", ""), files[3]: ("", "")}
+    assert rows(folder) == {
+        files[0]: ("normal", ""),
+        files[1]: ("pneumonia", ""),
+        files[2]: ("", ""),
+        files[3]: ("", ""),
+    }
 
 
 def test_fast_keys_undo_help_and_the_real_ingest_command(chromium, tiny_config):
@@ -204,8 +220,12 @@ def test_fast_keys_undo_help_and_the_real_ingest_command(chromium, tiny_config):
         for k in "1212":  # pressed faster than the saves answer: applied in order
             page.keyboard.press(k)
         text_is(page, "#count", "4 of 4 labelled")
-        assert rows(folder) == {files[0]: ("normal", ""), files[1]: ("pneumonia", ""),
-                                files[2]: ("normal", ""), files[3]: ("pneumonia", "")}
+        assert rows(folder) == {
+            files[0]: ("normal", ""),
+            files[1]: ("pneumonia", ""),
+            files[2]: ("normal", ""),
+            files[3]: ("pneumonia", ""),
+        }
         assert page.is_visible("#done")
         assert f"medal ingest -c {tiny_config.path} {folder}" in page.inner_text("#done")
         page.keyboard.press("Control+z")  # undo the last decision
@@ -214,7 +234,6 @@ def test_fast_keys_undo_help_and_the_real_ingest_command(chromium, tiny_config):
         assert page.inner_text("#file") == files[3]
         assert not page.is_visible("#help")
         page.keyboard.press("?")
-        assert page.is_visible("#help") and "undo the last decision" in \
-            page.inner_text("#help")
+        assert page.is_visible("#help") and "undo the last decision" in page.inner_text("#help")
         page.keyboard.press("Escape")
         assert not page.is_visible("#help")

@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).parents[1] / "medal"
 WORKSPACE_NAMES = re.compile(
     r"""["'](ledger\.sqlite|skipped\.csv|pool-overlap\.csv|\.lock)["']"""
     r"""|/\s*["'](scores|cache|checkpoints|manifests|labelling|representation|tensorboard)["']"""
-    r"""|["']\.?round-|round-\{|\.partial\.pt""")
+    r"""|["']\.?round-|round-\{|\.partial\.pt"""
+)
 
 
 def offending_lines(pattern: re.Pattern[str], owner: str) -> list[str]:
@@ -42,8 +43,10 @@ def test_the_workspace_pattern_catches_what_it_is_for():
     assert not WORKSPACE_NAMES.search('"""Write ``labelling/round-NNN/`` and record it."""')
 
 
-SQL = re.compile(r"""["'][^"'\n]*\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|PRAGMA)\s"""
-                 r"""|\.execute(many|script)?\(""")
+SQL = re.compile(
+    r"""["'][^"'\n]*\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|PRAGMA)\s"""
+    r"""|\.execute(many|script)?\("""
+)
 
 
 def test_only_the_ledger_holds_sql():
@@ -60,11 +63,18 @@ def test_the_public_api_resolves_without_importing_torch_first():
     import subprocess
     import sys
 
-    code = ("import sys, medal; assert 'torch' not in sys.modules, 'import medal loads torch'; "
-            "missing = [n for n in medal.__all__ if getattr(medal, n, None) is None]; "
-            "assert not missing, missing; print(len(medal.__all__))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=PACKAGE.parent, timeout=300)
+    code = (
+        "import sys, medal; assert 'torch' not in sys.modules, 'import medal loads torch'; "
+        "missing = [n for n in medal.__all__ if getattr(medal, n, None) is None]; "
+        "assert not missing, missing; print(len(medal.__all__))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=PACKAGE.parent,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -72,7 +82,8 @@ def test_the_public_api_resolves_without_importing_torch_first():
 # or the spreadsheet-formula characters that neutralising guards against.
 ROUND_FOLDER_NAMES = re.compile(
     r"""["'](labels\.csv|manifest\.csv|(?i:readme\.txt)|index\.html|previews)["']"""
-    r"""|["']labels_["']|labels_\{|=\+-@""")
+    r"""|["']labels_["']|labels_\{|=\+-@"""
+)
 
 
 def test_only_the_round_folder_module_names_round_folder_files():

@@ -18,7 +18,8 @@ from medal.config import load_config
 
 event_accumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator",
-    reason="tensorboard is not installed (pip install 'medal-al[tensorboard]')")
+    reason="tensorboard is not installed (pip install 'medal-al[tensorboard]')",
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,9 +42,15 @@ def event_files(folder: Path) -> list[str]:
 
 
 def test_a_full_training_logs_named_curves_and_its_metrics_against_labels(tmp_path, tiny_data):
-    cfg = load_config(write_config(tmp_path), {
-        "train.tensorboard": True, "train.epochs": 3, "train.min_steps": 1,
-        "train.validate_every": 2})
+    cfg = load_config(
+        write_config(tmp_path),
+        {
+            "train.tensorboard": True,
+            "train.epochs": 3,
+            "train.min_steps": 1,
+            "train.validate_every": 2,
+        },
+    )
     r = api.train(cfg, progress=False)
     run = cfg.workspace / "tensorboard"
     assert event_files(run) == ["round-000"]
@@ -62,8 +69,9 @@ def test_a_full_training_logs_named_curves_and_its_metrics_against_labels(tmp_pa
         (e,) = acc.Scalars(f"labels/validation/{metric}")
         assert e.step == r.n_labels
         assert e.value == pytest.approx(r.metrics["validation"][metric], rel=1e-6)
-    assert [(e.step, e.value) for e in acc.Scalars("labels/best_epoch")] == [(r.n_labels,
-                                                                             r.best_epoch)]
+    assert [(e.step, e.value) for e in acc.Scalars("labels/best_epoch")] == [
+        (r.n_labels, r.best_epoch)
+    ]
     assert [(e.step, e.value) for e in acc.Scalars("labels/model_round")] == [(r.n_labels, 0)]
     assert not any("confusion" in t for t in tags)
     assert not any(t.startswith("labels/test/") for t in tags)  # no test set configured
@@ -74,9 +82,24 @@ def test_the_training_loss_is_written_while_it_trains(tmp_path, tiny_data):
     cfg_path = write_config(tmp_path)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medal", "train", "-c", str(cfg_path), "-q",
-         "--set", "train.tensorboard=true", "--set", "train.epochs=1000000"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "medal",
+            "train",
+            "-c",
+            str(cfg_path),
+            "-q",
+            "--set",
+            "train.tensorboard=true",
+            "--set",
+            "train.epochs=1000000",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     run = tmp_path / "ws" / "tensorboard"
     seen: list[int] = []
     try:
@@ -104,10 +127,25 @@ def fill(folder: Path, truth: dict[str, str]) -> None:
 
 def test_one_run_per_project_pretraining_probe_and_rounds_as_curves(tmp_path, tiny_data):
     cfg_path = write_config(tmp_path)
-    c = ["-c", str(cfg_path), "-q", "--set", "train.tensorboard=true",
-         "--set", "representation.method=simclr", "--set", "representation.epochs=2",
-         "--set", "representation.batch_size=16", "--set", "train.freeze_backbone=true",
-         "--set", "train.probe_steps=20", "--set", "query.strategy=random"]
+    c = [
+        "-c",
+        str(cfg_path),
+        "-q",
+        "--set",
+        "train.tensorboard=true",
+        "--set",
+        "representation.method=simclr",
+        "--set",
+        "representation.epochs=2",
+        "--set",
+        "representation.batch_size=16",
+        "--set",
+        "train.freeze_backbone=true",
+        "--set",
+        "train.probe_steps=20",
+        "--set",
+        "query.strategy=random",
+    ]
     assert main(["train", *c]) == 0
     run = tmp_path / "ws" / "tensorboard"
     assert event_files(run) == ["pretraining", "round-000"]
@@ -118,10 +156,18 @@ def test_one_run_per_project_pretraining_probe_and_rounds_as_curves(tmp_path, ti
     assert steps(acc, "round-000/train/loss") == list(range(1, 21))  # each step of the head
     assert steps(acc, "round-000/validation/accuracy") == [20]
 
-    cfg = load_config(cfg_path, {"train.tensorboard": True, "representation.method": "simclr",
-                                 "representation.epochs": 2, "representation.batch_size": 16,
-                                 "train.freeze_backbone": True, "train.probe_steps": 20,
-                                 "query.strategy": "random"})
+    cfg = load_config(
+        cfg_path,
+        {
+            "train.tensorboard": True,
+            "representation.method": "simclr",
+            "representation.epochs": 2,
+            "representation.batch_size": 16,
+            "train.freeze_backbone": True,
+            "train.probe_steps": 20,
+            "query.strategy": "random",
+        },
+    )
     q = api.query(cfg, progress=False)
     fill(q.folder, tiny_data["truth"])
     api.ingest(cfg, q.folder)
@@ -138,16 +184,18 @@ def test_one_run_per_project_pretraining_probe_and_rounds_as_curves(tmp_path, ti
     assert steps(acc, "pretraining/loss") == pre  # the cached backbone: not pretrained again
 
 
-def test_missing_tensorboard_is_one_line_before_training(tmp_path, tiny_data, monkeypatch,
-                                                         capsys):
+def test_missing_tensorboard_is_one_line_before_training(tmp_path, tiny_data, monkeypatch, capsys):
     # what `import` meets when the package is not installed
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     cfg_path = write_config(tmp_path)
     assert main(["train", "-c", str(cfg_path), "-q", "--set", "train.tensorboard=true"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("medal train: error: train.tensorboard = true needs the tensorboard package, "
-                   "which is not installed: pip install 'medal-al[tensorboard]' (or set "
-                   "train.tensorboard = false)")
-    assert not (tmp_path / "ws" / "checkpoints").exists() or \
-        not list((tmp_path / "ws" / "checkpoints").glob("*.pt"))
+    assert err == (
+        "medal train: error: train.tensorboard = true needs the tensorboard package, "
+        "which is not installed: pip install 'medal-al[tensorboard]' (or set "
+        "train.tensorboard = false)"
+    )
+    assert not (tmp_path / "ws" / "checkpoints").exists() or not list(
+        (tmp_path / "ws" / "checkpoints").glob("*.pt")
+    )

@@ -40,7 +40,8 @@ def test_metrics_match_sklearn():
     yb = rng.integers(0, 2, 40)
     pb = rng.dirichlet(np.ones(2), 40)
     assert classification_metrics(yb, pb, 2)["auroc"] == pytest.approx(
-        skm.roc_auc_score(yb, pb[:, 1]))
+        skm.roc_auc_score(yb, pb[:, 1])
+    )
     assert np.isnan(classification_metrics(np.zeros(4, int), pb[:4], 2)["auroc"])
 
 
@@ -73,14 +74,22 @@ def test_checkpoint_of_other_features_names_the_setting(tiny_config, tmp_path):
     path = tmp_path / "ck.pt"
     save_checkpoint(path, last, tiny_config, 1)
     multiscale = create_model("small_cnn", 2, hidden=0, features="auto")
-    with pytest.raises(ModelError, match=r"trained with model.features = 'last'.*"
-                                         r"set model.features = \"last\""):
+    with pytest.raises(
+        ModelError,
+        match=r"trained with model.features = 'last'.*"
+        r"set model.features = \"last\"",
+    ):
         load_checkpoint(path, multiscale, tiny_config.classes, "small_cnn", 1)
     old = torch.load(path, weights_only=True)
     del old["features"]  # as medal wrote checkpoints before model.features existed
     torch.save(old, path)
-    load_checkpoint(path, create_model("small_cnn", 2, hidden=0, features="last"),
-                    tiny_config.classes, "small_cnn", 1)
+    load_checkpoint(
+        path,
+        create_model("small_cnn", 2, hidden=0, features="last"),
+        tiny_config.classes,
+        "small_cnn",
+        1,
+    )
     with pytest.raises(ModelError, match="trained with model.features = 'last'"):
         load_checkpoint(path, multiscale, tiny_config.classes, "small_cnn", 1)
 
@@ -116,12 +125,31 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_config, tmp_pa
 
     state = tmp_path / "state.pt"
     with pytest.raises(KeyboardInterrupt):
-        fit(fresh(), x, y, tiny_config, epochs=6, device=torch.device("cpu"), progress=False,
-            state_path=state, on_epoch_end=crash, state_every_s=0)
+        fit(
+            fresh(),
+            x,
+            y,
+            tiny_config,
+            epochs=6,
+            device=torch.device("cpu"),
+            progress=False,
+            state_path=state,
+            on_epoch_end=crash,
+            state_every_s=0,
+        )
     assert state.is_file()
     resumed = fresh()
-    r = fit(resumed, x, y, tiny_config, epochs=6, device=torch.device("cpu"), progress=False,
-            state_path=state, state_every_s=0)
+    r = fit(
+        resumed,
+        x,
+        y,
+        tiny_config,
+        epochs=6,
+        device=torch.device("cpu"),
+        progress=False,
+        state_path=state,
+        state_every_s=0,
+    )
     assert [h["epoch"] for h in r.history] == [1, 2, 3, 4, 5, 6]
     assert not state.exists()
     straight = fresh()
@@ -133,26 +161,47 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_config, tmp_pa
 
 def test_balanced_sampler_and_early_stopping(tiny_config):
     import dataclasses
+
     x, y = separable(40)
     y = y.copy()
     y[:30] = 0  # imbalanced
     tc = dataclasses.replace(tiny_config.train, balance="sampler", patience=2, min_steps=0)
     cfg = dataclasses.replace(tiny_config, train=tc)
     xv, yv = separable(seed=3)
-    r = fit(create_model("small_cnn", 2, hidden=16), x, y, cfg, epochs=40,
-            device=torch.device("cpu"), progress=False, x_val=xv, y_val=yv)
+    r = fit(
+        create_model("small_cnn", 2, hidden=16),
+        x,
+        y,
+        cfg,
+        epochs=40,
+        device=torch.device("cpu"),
+        progress=False,
+        x_val=xv,
+        y_val=yv,
+    )
     assert len(r.history) < 40  # stopped early
     assert len(r.history) - r.best_epoch == 2
 
 
 def test_validate_every_k_epochs(tiny_config):
     import dataclasses
+
     x, y = separable()
-    cfg = dataclasses.replace(tiny_config, train=dataclasses.replace(
-        tiny_config.train, validate_every=3, min_steps=0))
+    cfg = dataclasses.replace(
+        tiny_config, train=dataclasses.replace(tiny_config.train, validate_every=3, min_steps=0)
+    )
     xv, yv = separable(seed=5)
-    r = fit(create_model("small_cnn", 2, hidden=16), x, y, cfg, epochs=7,
-            device=torch.device("cpu"), progress=False, x_val=xv, y_val=yv)
+    r = fit(
+        create_model("small_cnn", 2, hidden=16),
+        x,
+        y,
+        cfg,
+        epochs=7,
+        device=torch.device("cpu"),
+        progress=False,
+        x_val=xv,
+        y_val=yv,
+    )
     assert [int(h["epoch"]) for h in r.history if "val_auroc" in h] == [3, 6, 7]
     assert r.best_epoch in (3, 6, 7)
 
@@ -161,8 +210,17 @@ def test_an_unreadable_saved_state_is_set_aside_and_training_starts_over(tiny_co
     x, y = separable()
     state = tmp_path / "round-000.partial.pt"
     state.write_bytes(b"PK\x03\x04 truncated by a full disk")
-    r = fit(create_model("small_cnn", 2, hidden=16), x, y, tiny_config, epochs=2,
-            device=torch.device("cpu"), progress=False, state_path=state, state_every_s=0)
+    r = fit(
+        create_model("small_cnn", 2, hidden=16),
+        x,
+        y,
+        tiny_config,
+        epochs=2,
+        device=torch.device("cpu"),
+        progress=False,
+        state_path=state,
+        state_every_s=0,
+    )
     assert r.history[0]["epoch"] == 1 and len(r.history) == r.epochs  # from the start
     assert any("cannot be read" in n and "starts over" in n for n in r.notes)
     aside = list(tmp_path.glob("round-000.partial.pt.unreadable-*"))
@@ -183,13 +241,13 @@ def test_a_moved_workspace_loads_its_own_checkpoints(tmp_path, tiny_data, capsys
     cfg_path = write_config(tmp_path)
     assert main(["train", "-c", str(cfg_path), "-q"]) == 0
     db = sqlite3.connect(tmp_path / "ws" / "ledger.sqlite")
-    assert db.execute("SELECT checkpoint FROM models").fetchone()[0] == \
-        "checkpoints/round-000.pt"
+    assert db.execute("SELECT checkpoint FROM models").fetchone()[0] == "checkpoints/round-000.pt"
     db.close()
     shutil.move(tmp_path / "ws", tmp_path / "moved")
     capsys.readouterr()
-    assert main(["query", "-c", str(cfg_path), "-q", "--set", 'workspace="moved"']) == 0, \
+    assert main(["query", "-c", str(cfg_path), "-q", "--set", 'workspace="moved"']) == 0, (
         capsys.readouterr().err
+    )
     assert (tmp_path / "moved" / "labelling" / "round-001").is_dir()
 
 
@@ -202,8 +260,10 @@ def test_probe_trains_a_linear_head_on_fixed_standardised_features(tmp_path, tin
 
     from conftest import write_config
 
-    cfg = load_config(write_config(tmp_path), {"train.freeze_backbone": True, "model.hidden": 0,
-                                               "train.probe_steps": 200})
+    cfg = load_config(
+        write_config(tmp_path),
+        {"train.freeze_backbone": True, "model.hidden": 0, "train.probe_steps": 200},
+    )
     x, y = separable(64)
     m = create_model("small_cnn", 2, hidden=0)
     before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
@@ -228,8 +288,13 @@ def test_pseudo_labels_learn_from_the_pool(tmp_path, tiny_data):
 
     from conftest import write_config
 
-    over = {"train.freeze_backbone": True, "model.hidden": 0, "train.probe_steps": 100,
-            "train.semi_supervised": "pseudo_label", "train.pseudo_threshold": 0.6}
+    over = {
+        "train.freeze_backbone": True,
+        "model.hidden": 0,
+        "train.probe_steps": 100,
+        "train.semi_supervised": "pseudo_label",
+        "train.pseudo_threshold": 0.6,
+    }
     cfg = load_config(write_config(tmp_path), over)
     x, y = separable(64)
     xl, yl = x[:4], y[:4]
@@ -239,11 +304,12 @@ def test_pseudo_labels_learn_from_the_pool(tmp_path, tiny_data):
     semi.load_state_dict(plain.state_dict())
     fit(plain, xl, yl, cfg, epochs=1, device=torch.device("cpu"), progress=False)
     pool = backbone_features_of(semi, x[4:])
-    fit(semi, xl, yl, cfg, epochs=1, device=torch.device("cpu"), progress=False,
-        unlabelled=pool)
+    fit(semi, xl, yl, cfg, epochs=1, device=torch.device("cpu"), progress=False, unlabelled=pool)
     assert not torch.equal(plain.head[-1].weight, semi.head[-1].weight)
-    acc = lambda m: (predict_deterministic(m, x[4:], torch.device("cpu")).argmax(1)  # noqa: E731
-                     == y[4:]).mean()
+
+    def acc(m: torch.nn.Module) -> torch.Tensor:
+        return (predict_deterministic(m, x[4:], torch.device("cpu")).argmax(1) == y[4:]).mean()
+
     assert acc(semi) >= acc(plain) - 0.05
     # without pool features the setting changes nothing: the same head as plain training
     torch.manual_seed(0)

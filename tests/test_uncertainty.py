@@ -42,6 +42,7 @@ def test_seeded_sampling_is_reproducible_and_restores_rng():
 
 def _pool(tmp_path, n=10):
     from conftest import make_image, save
+
     rng = np.random.default_rng(0)
     return [save(tmp_path / f"{i}.png", make_image(i % 2, rng)) for i in range(n)]
 
@@ -56,8 +57,17 @@ def test_mc_predict_streams_to_float16_files_and_keeps_topk(tmp_path):
     bad.write_bytes(b"not a png")
     ds = ImageDataset([*paths[:4], bad, *paths[4:]], channels=1, size=16)
     m = create_model("small_cnn", 2, hidden=16)
-    r = mc_predict(m, ds, 6, device=torch.device("cpu"), batch_size=3, seed=0,
-                   out_dir=tmp_path / "scores", top_k=(bald, 4), progress=False)
+    r = mc_predict(
+        m,
+        ds,
+        6,
+        device=torch.device("cpu"),
+        batch_size=3,
+        seed=0,
+        out_dir=tmp_path / "scores",
+        top_k=(bald, 4),
+        progress=False,
+    )
     assert r.kept.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10]
     assert list(r.skipped) == [bad]
     assert r.probs.shape == (10, 6, 2) and r.probs.dtype == np.float16
@@ -68,8 +78,7 @@ def test_mc_predict_streams_to_float16_files_and_keeps_topk(tmp_path):
     # top-k was computed from float32 in the stream; stored probs are float16
     assert set(r.top_index.tolist()) == set(expected.tolist())
     np.testing.assert_allclose(r.top_scores, full[r.top_index], atol=2e-3)
-    again = mc_predict(m, ds, 6, device=torch.device("cpu"), batch_size=3, seed=0,
-                       progress=False)
+    again = mc_predict(m, ds, 6, device=torch.device("cpu"), batch_size=3, seed=0, progress=False)
     np.testing.assert_allclose(again.probs, np.asarray(r.probs, np.float32), atol=1e-3)
 
 
@@ -80,7 +89,7 @@ def test_topk_merges_like_a_stable_sort():
     s = rng.integers(0, 5, 100).astype(float)  # many ties
     t = TopK(7)
     for i in range(0, 100, 13):
-        t.update(s[i:i + 13], np.arange(i, min(i + 13, 100)))
+        t.update(s[i : i + 13], np.arange(i, min(i + 13, 100)))
     np.testing.assert_array_equal(t.index, np.argsort(-s, kind="stable")[:7])
 
 
@@ -91,6 +100,7 @@ def test_full_network_sampling(tmp_path):
     m = create_model("small_cnn", 2, hidden=16, backbone_dropout=0.2)
     assert m.backbone_is_stochastic()
     from medal.models import set_mc_mode
+
     set_mc_mode(m)
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
@@ -101,9 +111,16 @@ def test_full_network_sampling(tmp_path):
     r = mc_predict(m, ds, 5, device=torch.device("cpu"), mode="full", progress=False)
     assert r.probs.shape == (4, 5, 2)
     import pytest
+
     with pytest.raises(ValueError, match="backbone_dropout"):
-        mc_predict(create_model("small_cnn", 2), ds, 5, device=torch.device("cpu"),
-                   mode="full", progress=False)
+        mc_predict(
+            create_model("small_cnn", 2),
+            ds,
+            5,
+            device=torch.device("cpu"),
+            mode="full",
+            progress=False,
+        )
 
 
 def test_out_of_memory_halves_the_batch(tmp_path):

@@ -10,15 +10,31 @@ from pathlib import Path
 
 import numpy as np
 
-from .dicom import (DICOM_SUFFIXES, DicomFrame, count_dicom_frames, load_dicom, looks_like_dicom,
-                    read_dicom_frame, read_dicom_header)
+from .dicom import (
+    DICOM_SUFFIXES,
+    DicomFrame,
+    count_dicom_frames,
+    load_dicom,
+    looks_like_dicom,
+    read_dicom_frame,
+    read_dicom_header,
+)
 from .images import MAX_PIXELS, PILLOW_SUFFIXES, Window, check_window, load_pillow
 
 IMAGE_SUFFIXES: frozenset[str] = PILLOW_SUFFIXES | DICOM_SUFFIXES
 """Lower-case suffixes treated as images when scanning folders (DICOM may also have none)."""
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "DicomFrame", "Window", "count_frames", "load_image",
-           "read_dicom_frame", "read_dicom_header", "sniff_format"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "DicomFrame",
+    "Window",
+    "count_frames",
+    "load_image",
+    "read_dicom_frame",
+    "read_dicom_header",
+    "sniff_format",
+]
 
 
 def sniff_format(path: str | Path) -> str | None:
@@ -38,8 +54,13 @@ def sniff_format(path: str | Path) -> str | None:
     return "dicom" if looks_like_dicom(path) else None
 
 
-def load_image(path: str | Path, *, window: Window = "file",
-               frame: str | int = "middle", min_size: int | None = None) -> np.ndarray:
+def load_image(
+    path: str | Path,
+    *,
+    window: Window = "file",
+    frame: str | int = "middle",
+    min_size: int | None = None,
+) -> np.ndarray:
     """Decode one file to float32 in [0, 1], C-contiguous: ``[H, W]`` (grey) or ``[H, W, 3]``.
 
     ``window``: ``"file"`` (DICOM: the file's VOI window or LUT, else min-max; other formats:

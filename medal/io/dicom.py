@@ -29,8 +29,15 @@ from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..errors import ImageReadError
-from .images import (Window, _one_line, apply_user_window, apply_window, check_pixels,
-                     check_window, scale_minmax)
+from .images import (
+    Window,
+    _one_line,
+    apply_user_window,
+    apply_window,
+    check_pixels,
+    check_window,
+    scale_minmax,
+)
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 DEFER_BYTES = 1 << 20
@@ -41,9 +48,19 @@ GREY = ("MONOCHROME1", "MONOCHROME2")
 
 # Attributes that Enhanced (multi-frame) IODs move into functional group macros.
 _FRAME_MACROS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
-_LUT_KEYWORDS = ("ModalityLUTSequence", "RescaleSlope", "RescaleIntercept", "RescaleType",
-                 "VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction",
-                 "PixelRepresentation", "BitsStored", "BitsAllocated")
+_LUT_KEYWORDS = (
+    "ModalityLUTSequence",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "VOILUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "PixelRepresentation",
+    "BitsStored",
+    "BitsAllocated",
+)
 
 
 # A data set written without the 128-byte preamble and "DICM" (older archives, some PACS
@@ -134,8 +151,9 @@ def read_dicom_frame(path: str | Path, frame: int | None = None) -> DicomFrame:
     return DicomFrame(n, index, photometric, modality, values, window, rescaled)
 
 
-def load_dicom(path: str | Path, *, window: Window = "file",
-               frame: str | int = "middle") -> np.ndarray:
+def load_dicom(
+    path: str | Path, *, window: Window = "file", frame: str | int = "middle"
+) -> np.ndarray:
     """Decode one frame to float32 [0, 1]: ``[H, W]`` (MONOCHROME1/2) or ``[H, W, 3]`` (colour).
 
     Grey: modality LUT, then ``window`` (``"file"``: the file's first VOI window or VOI LUT,
@@ -151,9 +169,12 @@ def load_dicom(path: str | Path, *, window: Window = "file",
     ds = _read(path, header_only=False)
     if not any(k in ds for k in PIXEL_KEYWORDS):
         if "Rows" in ds and "Columns" in ds:  # an image header without its image
-            raise ImageReadError(path, f"no pixel data after the header of a {ds.Rows}x"
-                                       f"{ds.Columns} image (SOP class {_sop_class_name(ds)}; "
-                                       f"truncated file?)")
+            raise ImageReadError(
+                path,
+                f"no pixel data after the header of a {ds.Rows}x"
+                f"{ds.Columns} image (SOP class {_sop_class_name(ds)}; "
+                f"truncated file?)",
+            )
         raise ImageReadError(path, f"no pixel data (SOP class {_sop_class_name(ds)})")
     check_pixels(path, int(ds.get("Columns") or 0), int(ds.get("Rows") or 0))
     n_frames = _n_frames(ds)
@@ -167,8 +188,11 @@ def load_dicom(path: str | Path, *, window: Window = "file",
         return _colour(arr, int(ds.get("BitsStored") or 8), window)
     if arr.ndim == 2:
         return _grey(path, _frame_luts(ds, index), arr, photometric, window)
-    raise ImageReadError(path, f"unsupported pixel layout: shape {arr.shape}, "
-                               f"photometric interpretation {photometric or 'missing'}")
+    raise ImageReadError(
+        path,
+        f"unsupported pixel layout: shape {arr.shape}, "
+        f"photometric interpretation {photometric or 'missing'}",
+    )
 
 
 def _frame_index(path: Path, n_frames: int, frame: str | int) -> int:
@@ -185,8 +209,11 @@ def _read(path: Path, *, header_only: bool) -> Dataset:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds: Dataset = pydicom.dcmread(path, stop_before_pixels=header_only,
-                                 defer_size=None if header_only else DEFER_BYTES)
+            ds: Dataset = pydicom.dcmread(
+                path,
+                stop_before_pixels=header_only,
+                defer_size=None if header_only else DEFER_BYTES,
+            )
         for w in caught:
             # pydicom only warns when a file ends inside encapsulated (compressed) pixel data.
             if "end of file reached" in str(w.message).lower():
@@ -245,7 +272,8 @@ def _n_frames(ds: Dataset) -> int:
 
 def _sop_class_name(ds: Dataset) -> str:
     uid = ds.get("SOPClassUID") or ds.get("file_meta", FileMetaDataset()).get(
-        "MediaStorageSOPClassUID")
+        "MediaStorageSOPClassUID"
+    )
     if not uid:
         return "unknown"
     uid = UID(str(uid))
@@ -260,8 +288,9 @@ def _decode(path: Path, ds: Dataset, index: int | None) -> np.ndarray:
     except NotImplementedError:
         raise ImageReadError(path, f"unsupported transfer syntax {ts.name}") from None
     if not decoder.is_available:
-        raise ImageReadError(path, f"unsupported transfer syntax {ts.name} "
-                                   f"(no decoder installed)") from None
+        raise ImageReadError(
+            path, f"unsupported transfer syntax {ts.name} (no decoder installed)"
+        ) from None
     stored = _stored_pixel_bytes(path, ds)
     if stored is not None and not ts.is_compressed:
         try:
@@ -270,16 +299,16 @@ def _decode(path: Path, ds: Dataset, index: int | None) -> np.ndarray:
             expected = 0
         if stored < expected:
             raise ImageReadError(path, f"truncated pixel data ({stored} of {expected} bytes)")
-    deferred = "PixelData" in ds and \
-        ds.get_item("PixelData", keep_deferred=True).value is None
+    deferred = "PixelData" in ds and ds.get_item("PixelData", keep_deferred=True).value is None
     try:
         if deferred and index is not None:  # read this frame alone from the file
             arr = pydicom.pixels.pixel_array(path, index=index, transfer_syntax_uid=ts)
         else:
             arr = pydicom.pixels.pixel_array(ds, index=index)
     except Exception as e:  # noqa: BLE001 - decoders raise many types for broken data
-        raise ImageReadError(path, f"cannot decode pixel data ({ts.name}): "
-                                   f"{_one_line(e)}") from None
+        raise ImageReadError(
+            path, f"cannot decode pixel data ({ts.name}): {_one_line(e)}"
+        ) from None
     return arr
 
 
@@ -351,8 +380,9 @@ def _stated_window(luts: Dataset) -> tuple[float, float] | None:
     return None
 
 
-def _grey(path: Path, luts: Dataset, arr: np.ndarray, photometric: str,
-          window: Window) -> np.ndarray:
+def _grey(
+    path: Path, luts: Dataset, arr: np.ndarray, photometric: str, window: Window
+) -> np.ndarray:
     values = _modality_values(path, arr, luts)
     if window == "minmax":
         out = scale_minmax(values)
@@ -375,7 +405,7 @@ def _file_window(path: Path, luts: Dataset, values: np.ndarray) -> np.ndarray:
             raise ImageReadError(path, f"bad VOI LUT: {_one_line(e)}") from None
         # Scale by the LUT's nominal output depth; some files declare fewer bits than used.
         bits = int(item.LUTDescriptor[2])
-        top = max(2.0 ** bits - 1.0, float(np.max(out)) if out.size else 0.0, 1.0)
+        top = max(2.0**bits - 1.0, float(np.max(out)) if out.size else 0.0, 1.0)
         return out.astype(np.float64) / top
     if "WindowCenter" in luts and "WindowWidth" in luts:
         try:

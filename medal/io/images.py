@@ -25,8 +25,16 @@ WINDOW_MODES = ("file", "minmax")
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
 # Exceptions Pillow raises for corrupt, truncated or hostile files.
-_PILLOW_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-                  struct.error, IndexError, Image.DecompressionBombError)
+_PILLOW_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    IndexError,
+    Image.DecompressionBombError,
+)
 _RGB_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 
 MAX_PIXELS = 178_956_970
@@ -40,15 +48,21 @@ def check_pixels(path: Path, width: int, height: int) -> None:
     """Raise :class:`ImageReadError` if a ``width`` x ``height`` image is over
     :data:`MAX_PIXELS`."""
     if width * height > MAX_PIXELS:
-        raise ImageReadError(path, _too_large(f"{width}x{height} = {width * height / 1e6:.0f}",
-                                              MAX_PIXELS))
+        raise ImageReadError(
+            path, _too_large(f"{width}x{height} = {width * height / 1e6:.0f}", MAX_PIXELS)
+        )
 
 
 def _too_large(size: str, limit: int) -> str:
-    where = "medal.io.MAX_PIXELS" if limit == MAX_PIXELS else \
-        "2 x Pillow's Image.MAX_IMAGE_PIXELS, lowered in this process"
-    return (f"image of {size} million pixels is over the limit of {limit / 1e6:.0f} million "
-            f"({where}); downscale it to use it")
+    where = (
+        "medal.io.MAX_PIXELS"
+        if limit == MAX_PIXELS
+        else "2 x Pillow's Image.MAX_IMAGE_PIXELS, lowered in this process"
+    )
+    return (
+        f"image of {size} million pixels is over the limit of {limit / 1e6:.0f} million "
+        f"({where}); downscale it to use it"
+    )
 
 
 def reduce_factor(width: int, height: int, min_size: int | None) -> int:
@@ -61,8 +75,10 @@ def reduce_factor(width: int, height: int, min_size: int | None) -> int:
     largest = min(width, height) // min_size
     if largest < 2:
         return 1
-    return min(range(max(2, largest // 2), largest + 1),
-               key=lambda f: (width % f / width + height % f / height, -f))
+    return min(
+        range(max(2, largest // 2), largest + 1),
+        key=lambda f: (width % f / width + height % f / height, -f),
+    )
 
 
 def check_window(window: object) -> Window:
@@ -74,13 +90,18 @@ def check_window(window: object) -> Window:
     if isinstance(window, str):
         if window in WINDOW_MODES:
             return window
-    elif isinstance(window, (tuple, list)) and len(window) == 2 and all(
-            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in window):
+    elif (
+        isinstance(window, (tuple, list))
+        and len(window) == 2
+        and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in window)
+    ):
         center, width = float(window[0]), float(window[1])
         if math.isfinite(center) and math.isfinite(width) and width > 0:
             return (center, width)
-    raise ValueError(f"window must be 'file', 'minmax' or (center, width) with finite values "
-                     f"and width > 0, got {window!r}")
+    raise ValueError(
+        f"window must be 'file', 'minmax' or (center, width) with finite values "
+        f"and width > 0, got {window!r}"
+    )
 
 
 def scale_minmax(values: np.ndarray) -> np.ndarray:
@@ -96,8 +117,9 @@ def scale_minmax(values: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def apply_window(values: np.ndarray, center: float, width: float,
-                 function: str = "LINEAR") -> np.ndarray:
+def apply_window(
+    values: np.ndarray, center: float, width: float, function: str = "LINEAR"
+) -> np.ndarray:
     """DICOM PS3.3 C.11.2.1.2 VOI window mapped to float32 [0, 1] (same shape as ``values``).
 
     ``function``: ``LINEAR`` (needs ``width >= 1``), ``LINEAR_EXACT`` or ``SIGMOID``
@@ -134,8 +156,9 @@ def apply_user_window(values: np.ndarray, center: float, width: float) -> np.nda
     return apply_window(values, center, width, "LINEAR" if width >= 1 else "LINEAR_EXACT")
 
 
-def load_pillow(path: str | Path, *, window: Window = "file",
-                min_size: int | None = None) -> np.ndarray:
+def load_pillow(
+    path: str | Path, *, window: Window = "file", min_size: int | None = None
+) -> np.ndarray:
     """Decode a Pillow-readable file to float32 [0, 1], ``[H, W]`` (grey) or ``[H, W, 3]``.
 
     EXIF orientation is applied; multi-page files give their first page; alpha is dropped.
@@ -197,8 +220,9 @@ def block_mean(arr: np.ndarray, factor: int) -> np.ndarray:
     is made (numpy reduces in buffered chunks)."""
     h, w = arr.shape[0] // factor * factor, arr.shape[1] // factor * factor
     top, left = (arr.shape[0] - h) // 2, (arr.shape[1] - w) // 2
-    blocks = arr[top:top + h, left:left + w].reshape(h // factor, factor, w // factor, factor,
-                                                      *arr.shape[2:])
+    blocks = arr[top : top + h, left : left + w].reshape(
+        h // factor, factor, w // factor, factor, *arr.shape[2:]
+    )
     return blocks.mean(axis=(1, 3), dtype=np.float32)
 
 

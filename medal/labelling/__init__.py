@@ -14,9 +14,31 @@ from __future__ import annotations
 from ..roundfolder import LABELS, PREVIEWS, neutralise
 from .export import Candidate, export_round, export_suffix
 from .gallery import gallery_html
-from .ingest import (FINAL_SOURCES, IGNORED_FILES, Answers, IngestResult, Problems,
-                     ingest_round, read_answers, round_number)
+from .ingest import (
+    FINAL_SOURCES,
+    IGNORED_FILES,
+    Answers,
+    IngestResult,
+    Problems,
+    ingest_round,
+    read_answers,
+    round_number,
+)
 
-__all__ = ["LABELS", "PREVIEWS", "Candidate", "export_round", "export_suffix", "neutralise",
-           "gallery_html", "FINAL_SOURCES", "IGNORED_FILES", "Answers",
-           "IngestResult", "Problems", "ingest_round", "read_answers", "round_number"]
+__all__ = [
+    "LABELS",
+    "PREVIEWS",
+    "Candidate",
+    "export_round",
+    "export_suffix",
+    "neutralise",
+    "gallery_html",
+    "FINAL_SOURCES",
+    "IGNORED_FILES",
+    "Answers",
+    "IngestResult",
+    "Problems",
+    "ingest_round",
+    "read_answers",
+    "round_number",
+]

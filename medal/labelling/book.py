@@ -33,9 +33,20 @@ from typing import Any
 
 from ..errors import DataError, LabellingError, MedalError
 from .ingest import round_number
-from ..roundfolder import (LABELS, MANIFEST, PREVIEWS, annotator_file, create_lock_file,
-                          labels_lock, lock_file, manifest_classes, neutralise, read_manifest,
-                          unneutralise, valid_annotator)
+from ..roundfolder import (
+    LABELS,
+    MANIFEST,
+    PREVIEWS,
+    annotator_file,
+    create_lock_file,
+    labels_lock,
+    lock_file,
+    manifest_classes,
+    neutralise,
+    read_manifest,
+    unneutralise,
+    valid_annotator,
+)
 from ..ledger import round_ingest_state
 from ..scan import column_indices, iter_csv, short
 from ..workspace import UNSURE, ledger_file
@@ -48,8 +59,10 @@ _FRAME_IN_NAME = re.compile(r"_f(\d+)\.[A-Za-z0-9]+$")
 def check_annotator(name: str) -> str:
     """``name`` if it can be part of ``labels_<name>.csv``; else a :class:`LabellingError`."""
     if not valid_annotator(name):
-        raise LabellingError(f"annotator name {short(name)} is not allowed; use 1-64 letters, "
-                             f"digits, '_', '-' or '.', starting with a letter or digit")
+        raise LabellingError(
+            f"annotator name {short(name)} is not allowed; use 1-64 letters, "
+            f"digits, '_', '-' or '.', starting with a letter or digit"
+        )
     return name
 
 
@@ -85,8 +98,13 @@ class RoundBook:
     process. :attr:`version` names the file's content, so a page learns when its view is stale.
     """
 
-    def __init__(self, folder: str | Path, classes: Sequence[str] | None = None,
-                 annotator: str | None = None, workspace: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        classes: Sequence[str] | None = None,
+        annotator: str | None = None,
+        workspace: str | Path | None = None,
+    ) -> None:
         folder = Path(folder).absolute()
         if not folder.is_dir():
             raise LabellingError(f"round folder not found: {folder}")
@@ -96,18 +114,25 @@ class RoundBook:
         self.labels_path = folder / (LABELS if annotator is None else annotator_file(annotator))
         self.images, found = self._read_manifest()
         if not found:  # a blind export's manifest has no p_<class> columns: its class folders
-            found = sorted(p.name for p in folder.iterdir()
-                           if p.is_dir() and not p.is_symlink() and p.name != PREVIEWS)
+            found = sorted(
+                p.name
+                for p in folder.iterdir()
+                if p.is_dir() and not p.is_symlink() and p.name != PREVIEWS
+            )
         if classes is not None:
             if found and sorted(c.lower() for c in found) != sorted(c.lower() for c in classes):
-                raise LabellingError(f"{folder}: exported with classes {', '.join(found)}, but "
-                                     f"the config has {', '.join(classes)}; use the config "
-                                     f"of the workspace that exported this round")
+                raise LabellingError(
+                    f"{folder}: exported with classes {', '.join(found)}, but "
+                    f"the config has {', '.join(classes)}; use the config "
+                    f"of the workspace that exported this round"
+                )
             found = list(classes)
         if len(found) < 2:
-            raise LabellingError(f"{folder / MANIFEST}: no p_<class> columns or class folders "
-                                 f"to take the classes from; pass the workspace's config "
-                                 f"(-c CONFIG)")
+            raise LabellingError(
+                f"{folder / MANIFEST}: no p_<class> columns or class folders "
+                f"to take the classes from; pass the workspace's config "
+                f"(-c CONFIG)"
+            )
         self.classes = list(found)
         self.allowed = {c.lower(): c for c in self.classes} | {UNSURE: UNSURE}
         self.by_file = {im.file: im for im in self.images}
@@ -133,23 +158,32 @@ class RoundBook:
     def _read_manifest(self) -> tuple[list[RoundImage], list[str]]:
         path = self.folder / MANIFEST
         if not self._regular_file(path):
-            raise LabellingError(f"{path}: not found (or not a regular file in the round "
-                                 f"folder); is {self.folder} a folder exported by medal query?")
+            raise LabellingError(
+                f"{path}: not found (or not a regular file in the round "
+                f"folder); is {self.folder} a folder exported by medal query?"
+            )
         header, rows = read_manifest(path)
         classes = manifest_classes(header)
         images: list[RoundImage] = []
         for n, row in rows:
             name = row["file"]
             if PurePosixPath(name.replace("\\", "/")).name != name or name in (".", ".."):
-                raise LabellingError(f"{path} line {n}: file {short(name)} is not a plain file "
-                                     f"name in the round folder")
+                raise LabellingError(
+                    f"{path} line {n}: file {short(name)} is not a plain file "
+                    f"name in the round folder"
+                )
             rank = row.get("rank", "")
             m = _FRAME_IN_NAME.search(name)
-            images.append(RoundImage(
-                name, int(rank) if rank.isdigit() else len(images) + 1,
-                int(m.group(1)) if m else None, row.get("score", ""),
-                unneutralise(row.get("predicted", "")),
-                {c: row.get(f"p_{c.lower()}", "") for c in classes}))
+            images.append(
+                RoundImage(
+                    name,
+                    int(rank) if rank.isdigit() else len(images) + 1,
+                    int(m.group(1)) if m else None,
+                    row.get("score", ""),
+                    unneutralise(row.get("predicted", "")),
+                    {c: row.get(f"p_{c.lower()}", "") for c in classes},
+                )
+            )
         if not images:
             raise LabellingError(f"{path}: lists no images")
         return sorted(images, key=lambda im: im.rank), classes
@@ -157,8 +191,10 @@ class RoundBook:
     def _check_labels_file(self) -> None:
         p = self.labels_path
         if (p.exists() or p.is_symlink()) and not self._regular_file(p):
-            raise LabellingError(f"{p}: is a link out of the round folder, a folder or not a "
-                                 f"regular file; the page writes only a plain {p.name}")
+            raise LabellingError(
+                f"{p}: is a link out of the round folder, a folder or not a "
+                f"regular file; the page writes only a plain {p.name}"
+            )
         self._read_rows()  # refuses a file without 'file' and 'label' columns
 
     def _read_rows(self) -> tuple[list[str], list[list[str]]]:
@@ -177,9 +213,11 @@ class RoundBook:
         header = [h.strip() for h in rows[0]]
         lower = [h.lower() for h in header]
         if "file" not in lower or "label" not in lower:
-            raise LabellingError(f"{p} line 1: the header must have columns 'file' and 'label' "
-                                 f"(got {short(', '.join(map(repr, rows[0])))}); fix or remove "
-                                 f"the file")
+            raise LabellingError(
+                f"{p} line 1: the header must have columns 'file' and 'label' "
+                f"(got {short(', '.join(map(repr, rows[0])))}); fix or remove "
+                f"the file"
+            )
         _, repeated = column_indices(header, ("file", "label", "comment", "annotator"))
         if repeated is not None:  # which column holds the label would be a guess, as in ingest
             raise LabellingError(f"{p} line 1: {repeated}")
@@ -219,8 +257,7 @@ class RoundBook:
         except FileNotFoundError:
             return "0"
         except OSError as e:
-            raise LabellingError(f"{self.labels_path}: cannot be read: {e.strerror or e}") \
-                from None
+            raise LabellingError(f"{self.labels_path}: cannot be read: {e.strerror or e}") from None
 
     def ingested(self) -> str | None:
         """Why the page is read-only: the round was ingested (the workspace's ledger says so,
@@ -231,13 +268,16 @@ class RoundBook:
         try:
             state = round_ingest_state(self.ledger_path, self.round)
         except MedalError as e:
-            raise LabellingError(f"cannot tell whether round {self.round:03d} was ingested: "
-                                 f"{e}") from None
+            raise LabellingError(
+                f"cannot tell whether round {self.round:03d} was ingested: {e}"
+            ) from None
         if state is None or state[0] is None or state[1] != set(self.by_file):
             return None
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(state[0]))
-        return (f"round {self.round:03d} was ingested on {when}; this page is read-only (a "
-                f"change made now would not reach the ledger)")
+        return (
+            f"round {self.round:03d} was ingested on {when}; this page is read-only (a "
+            f"change made now would not reach the ledger)"
+        )
 
     # --- writing --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -247,16 +287,23 @@ class RoundBook:
         with self._lock, labels_lock(self.labels_path, to_write=to_write):
             yield
 
-    def set(self, file: str, *, label: str | None = None,
-            comment: str | None = None) -> dict[str, str]:
+    def set(
+        self, file: str, *, label: str | None = None, comment: str | None = None
+    ) -> dict[str, str]:
         """Record one decision and rewrite the labels file atomically; returns the image's
         entry as read back. ``label``: a class (any case), ``unsure`` or ``""`` (clear: the
         image returns to the pool); ``None`` keeps it. ``comment``: ``None`` keeps it."""
         saved = self.save(file, label=label, comment=comment)
         return {"label": saved["label"], "comment": saved["comment"]}
 
-    def save(self, file: str, *, label: str | None = None, comment: str | None = None,
-             seen: str | None = None) -> dict[str, Any]:
+    def save(
+        self,
+        file: str,
+        *,
+        label: str | None = None,
+        comment: str | None = None,
+        seen: str | None = None,
+    ) -> dict[str, Any]:
         """:meth:`set`, for the page: ``{file, label, comment, version}``, the version after
         the save. ``seen``: the version the page last knew; when another save came in between
         (another tab or server), the answer also has ``stale: true`` and all ``labels``.
@@ -266,8 +313,10 @@ class RoundBook:
         if label is not None:
             canonical = self.allowed.get(label.strip().lower())
             if label.strip() and canonical is None:
-                raise LabellingError(f"label {short(label)} is not allowed; allowed: "
-                                     f"{', '.join([*self.classes, UNSURE])} (or empty)")
+                raise LabellingError(
+                    f"label {short(label)} is not allowed; allowed: "
+                    f"{', '.join([*self.classes, UNSURE])} (or empty)"
+                )
             label = canonical or ""
         if comment is not None:
             comment = neutralise(" ".join(comment.split())[:MAX_COMMENT])
@@ -278,14 +327,18 @@ class RoundBook:
             before = self.version()
             header, rows = self._updated(file, label, comment)
             self._write([header, *rows])
-            out: dict[str, Any] = {"file": file, **self._labels_of(header, rows)[file],
-                                   "version": self.version()}
+            out: dict[str, Any] = {
+                "file": file,
+                **self._labels_of(header, rows)[file],
+                "version": self.version(),
+            }
             if seen is not None and seen != before:
                 out |= {"stale": True, "labels": self._labels_of(header, rows)}
         return out
 
-    def _updated(self, file: str, label: str | None, comment: str | None
-                 ) -> tuple[list[str], list[list[str]]]:
+    def _updated(
+        self, file: str, label: str | None, comment: str | None
+    ) -> tuple[list[str], list[list[str]]]:
         """The labels file as read now, with ``file``'s row changed (every image has a row)."""
         header, rows = self._read_rows()
         lower = [h.lower() for h in header]
@@ -296,8 +349,11 @@ class RoundBook:
         width = len(header)
         rows = [r + [""] * (width - len(r)) for r in rows if any(c.strip() for c in r)]
         present = {self._key(r[fi]) for r in rows}
-        rows += [[im.file if i == fi else "" for i in range(width)]
-                 for im in self.images if im.file not in present]
+        rows += [
+            [im.file if i == fi else "" for i in range(width)]
+            for im in self.images
+            if im.file not in present
+        ]
         for row in rows:
             if self._key(row[fi]) == file:
                 if label is not None:
@@ -336,15 +392,27 @@ class RoundBook:
             labels, version = self.labels(), self.version()
         images = []
         for im in self.images:
-            entry: dict[str, Any] = {"file": im.file, "rank": im.rank, "frame": im.frame,
-                                     **labels[im.file]}
+            entry: dict[str, Any] = {
+                "file": im.file,
+                "rank": im.rank,
+                "frame": im.frame,
+                **labels[im.file],
+            }
             if show_predictions:
                 entry |= {"score": im.score, "predicted": im.predicted, "probs": im.probs}
             images.append(entry)
-        return {"round": self.round, "folder": self.folder.name, "classes": self.classes,
-                "unsure": UNSURE, "labels_file": self.labels_path.name,
-                "annotator": self.annotator, "show_predictions": show_predictions,
-                "version": version, "read_only": self.ingested(), "images": images}
+        return {
+            "round": self.round,
+            "folder": self.folder.name,
+            "classes": self.classes,
+            "unsure": UNSURE,
+            "labels_file": self.labels_path.name,
+            "annotator": self.annotator,
+            "show_predictions": show_predictions,
+            "version": version,
+            "read_only": self.ingested(),
+            "images": images,
+        }
 
     def image_path(self, file: str) -> Path:
         """The file of an image the manifest lists, inside the round folder; anything else is
@@ -353,6 +421,7 @@ class RoundBook:
             raise LabellingError(f"{short(file)} is not an image of round {self.round:03d}")
         path = self.folder / file
         if not self._regular_file(path):
-            raise LabellingError(f"{file}: missing, not a regular file, or a link out of the "
-                                 f"round folder")
+            raise LabellingError(
+                f"{file}: missing, not a regular file, or a link out of the round folder"
+            )
         return path

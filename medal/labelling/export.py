@@ -35,9 +35,19 @@ from ..io import load_image, sniff_format
 from ..ledger import RoundRecord, Selection
 from ..sources import Item
 from ..workspace import UNSURE, Workspace, file_id_of
-from ..roundfolder import (GALLERY, LABELS, MANIFEST, PREVIEWS, README, create_lock_file,
-                           neutralise, write_csv, write_manifests)
+from ..roundfolder import (
+    GALLERY,
+    LABELS,
+    MANIFEST,
+    PREVIEWS,
+    README,
+    create_lock_file,
+    neutralise,
+    write_csv,
+    write_manifests,
+)
 from .gallery import gallery_html
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -49,8 +59,16 @@ class Candidate:
     """``[C]`` MC-averaged class probabilities."""
 
 
-def export_round(ws: Workspace, round_no: int, chosen: Sequence[Candidate], *, strategy: str,
-                 model_round: int, pool_size: int, score_seconds: float) -> Path:
+def export_round(
+    ws: Workspace,
+    round_no: int,
+    chosen: Sequence[Candidate],
+    *,
+    strategy: str,
+    model_round: int,
+    pool_size: int,
+    score_seconds: float,
+) -> Path:
     """Write ``labelling/round-NNN/`` and record the round in the ledger.
 
     The folder is built under a temporary name, the ledger row is committed, then the folder is
@@ -68,9 +86,21 @@ def export_round(ws: Workspace, round_no: int, chosen: Sequence[Candidate], *, s
     manifest_copy = ws.kept_manifest_path(round_no)
     try:
         selections = _write_round(ws, round_no, chosen, tmp, manifest_copy)
-        ws.db.record_round(RoundRecord(round_no, strategy, len(selections), cfg.query.mc_samples,
-                                       model_round, pool_size, str(final), time.time(), None,
-                                       score_seconds), selections)
+        ws.db.record_round(
+            RoundRecord(
+                round_no,
+                strategy,
+                len(selections),
+                cfg.query.mc_samples,
+                model_round,
+                pool_size,
+                str(final),
+                time.time(),
+                None,
+                score_seconds,
+            ),
+            selections,
+        )
     except BaseException:
         # Nothing is recorded: remove what was written, so an export that fails (a file
         # de-identification cannot handle, a full disk, Ctrl-C) leaves no trace.
@@ -85,8 +115,9 @@ def export_round(ws: Workspace, round_no: int, chosen: Sequence[Candidate], *, s
     return final
 
 
-def _write_round(ws: Workspace, round_no: int, chosen: Sequence[Candidate], tmp: Path,
-                 manifest_copy: Path) -> list[Selection]:
+def _write_round(
+    ws: Workspace, round_no: int, chosen: Sequence[Candidate], tmp: Path, manifest_copy: Path
+) -> list[Selection]:
     """Fill the temporary round folder ``tmp`` (and ``manifest_copy``, the full manifest kept in
     the workspace); returns the selections to record."""
     cfg = ws.cfg
@@ -110,34 +141,62 @@ def _write_round(ws: Workspace, round_no: int, chosen: Sequence[Candidate], tmp:
             exported_sha = file_sha256(tmp / name)
             unchanged = exported_sha == file_id
         if not unchanged:
-            raise DataError(f"{src}: the file changed while medal was reading it; run the "
-                            f"command again")
-        preview = _preview(src, tmp / PREVIEWS / f"{Path(name).stem}.png", cfg, frame) \
-            if cfg.labelling.previews else None
+            raise DataError(
+                f"{src}: the file changed while medal was reading it; run the command again"
+            )
+        preview = (
+            _preview(src, tmp / PREVIEWS / f"{Path(name).stem}.png", cfg, frame)
+            if cfg.labelling.previews
+            else None
+        )
         # a zero-label first round has no model: no prediction, no probabilities
         pred = classes[int(np.argmax(c.probs))] if len(c.probs) else ""
         probs = tuple(_six_significant_digits(p) for p in c.probs)
-        selections.append(Selection(round_no, c.item.id, rank, name, float(c.score), pred, probs,
-                                    exported_sha))
-        manifest.append([name, c.item.id, neutralise(str(src)), rank, f"{c.score:.6g}",
-                         neutralise(pred),
-                         *([f"{p:.4f}" for p in c.probs] if len(c.probs) else
-                           [""] * len(classes))])
+        selections.append(
+            Selection(round_no, c.item.id, rank, name, float(c.score), pred, probs, exported_sha)
+        )
+        manifest.append(
+            [
+                name,
+                c.item.id,
+                neutralise(str(src)),
+                rank,
+                f"{c.score:.6g}",
+                neutralise(pred),
+                *([f"{p:.4f}" for p in c.probs] if len(c.probs) else [""] * len(classes)),
+            ]
+        )
         gallery.append((rank, name, preview, float(c.score), pred, c.probs))
     write_csv(tmp / LABELS, ["file", "label"], [[s.file, ""] for s in selections])
     create_lock_file(tmp / LABELS)
-    write_manifests(tmp / MANIFEST, manifest_copy, classes, manifest,
-                     sources=secret is None, predictions=cfg.labelling.show_predictions)
+    write_manifests(
+        tmp / MANIFEST,
+        manifest_copy,
+        classes,
+        manifest,
+        sources=secret is None,
+        predictions=cfg.labelling.show_predictions,
+    )
     for name in classes:
         (tmp / name).mkdir()
     (tmp / README).write_text(
-        _readme(round_no, classes, len(selections), _serve_command(ws, round_no),
-                sources=secret is None, predictions=cfg.labelling.show_predictions),
-        encoding="utf-8")
+        _readme(
+            round_no,
+            classes,
+            len(selections),
+            _serve_command(ws, round_no),
+            sources=secret is None,
+            predictions=cfg.labelling.show_predictions,
+        ),
+        encoding="utf-8",
+    )
     if cfg.labelling.previews:
         (tmp / GALLERY).write_text(
-            gallery_html(round_no, classes, gallery,
-                         show_predictions=cfg.labelling.show_predictions), encoding="utf-8")
+            gallery_html(
+                round_no, classes, gallery, show_predictions=cfg.labelling.show_predictions
+            ),
+            encoding="utf-8",
+        )
     return selections
 
 
@@ -163,11 +222,13 @@ def export_suffix(src: Path, is_dicom: bool) -> str:
 
 def _preview(src: Path, dst: Path, cfg, frame: int | None = None) -> str | None:
     """PNG of the image as the model saw it (windowed, before resizing); relative path."""
-    which: str | int = frame if frame is not None else (
-        "middle" if cfg.image.frame == "all" else cfg.image.frame)
+    which: str | int = (
+        frame if frame is not None else ("middle" if cfg.image.frame == "all" else cfg.image.frame)
+    )
     try:
-        img = load_image(src, window=cfg.image.window, frame=which,
-                         min_size=2 * cfg.labelling.preview_size)
+        img = load_image(
+            src, window=cfg.image.window, frame=which, min_size=2 * cfg.labelling.preview_size
+        )
     except ImageReadError:
         return None
     pil = Image.fromarray(np.round(img * 255).astype(np.uint8))
@@ -188,8 +249,9 @@ def _serve_command(ws: Workspace, round_no: int) -> str:
     return f'medal labels serve{config} "{ws.round_dir(round_no)}"'
 
 
-def _readme(round_no: int, classes: list[str], n: int, serve: str, *, sources: bool,
-            predictions: bool) -> str:
+def _readme(
+    round_no: int, classes: list[str], n: int, serve: str, *, sources: bool, predictions: bool
+) -> str:
     allowed = "\n".join(f"    {c}" for c in classes)
     listed = "each image's source file and rank" if sources else "each image's rank"
     if predictions:
@@ -204,7 +266,7 @@ are numbered from the one the model is least sure about; the number says
 nothing about which class the model expects.
 manifest.csv lists {listed}."""
     return f"""medal labelling round {round_no:03d}
-{'=' * 28}
+{"=" * 28}
 
 This folder holds {n} images chosen because the model is least sure about them.
 The files are copies; the originals are untouched.

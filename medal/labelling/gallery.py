@@ -10,9 +10,13 @@ import numpy as np
 from ..workspace import UNSURE
 
 
-def gallery_html(round_no: int, classes: list[str],
-                 rows: list[tuple[int, str, str | None, float, str, np.ndarray]], *,
-                 show_predictions: bool = False) -> str:
+def gallery_html(
+    round_no: int,
+    classes: list[str],
+    rows: list[tuple[int, str, str | None, float, str, np.ndarray]],
+    *,
+    show_predictions: bool = False,
+) -> str:
     """A self-contained page (no scripts from elsewhere, no network) showing each image; the
     model's score, prediction and probabilities only with ``show_predictions`` (otherwise the
     page is blind: nothing of the model's opinion is in it)."""
@@ -20,14 +24,19 @@ def gallery_html(round_no: int, classes: list[str],
     labels = "".join(f"<li><code>{esc(c)}</code></li>" for c in [*classes, UNSURE])
     cards = []
     for rank, name, preview, score, pred, probs in rows:
-        img = (f'<img src="{esc(preview)}" alt="{esc(name)}" '
-               f'onload="imageLoaded(this)">' if preview else "<p>(no preview)</p>")
+        img = (
+            f'<img src="{esc(preview)}" alt="{esc(name)}" onload="imageLoaded(this)">'
+            if preview
+            else "<p>(no preview)</p>"
+        )
         model = _model_opinion(classes, score, pred, probs) if show_predictions else ""
         cards.append(
             f'<figure class="card" data-rank="{rank}" data-file="{esc(name)}"'
-            + (f' data-predicted="{esc(pred)}"' if show_predictions else "") + f'>{img}'
+            + (f' data-predicted="{esc(pred)}"' if show_predictions else "")
+            + f">{img}"
             f'<figcaption><div class="rank">#{rank}</div><div class="file">{esc(name)}</div>'
-            f'{model}</figcaption></figure>')
+            f"{model}</figcaption></figure>"
+        )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>medal labelling round {round_no:03d}</title>
@@ -64,8 +73,10 @@ function imageLoaded(img) {{
 """
 
 
-_BLIND = (" (blind labelling: the model's predictions and scores are not shown; "
-          "<code>labelling.show_predictions</code>)")
+_BLIND = (
+    " (blind labelling: the model's predictions and scores are not shown; "
+    "<code>labelling.show_predictions</code>)"
+)
 
 
 def _model_opinion(classes: list[str], score: float, pred: str, probs: np.ndarray) -> str:
@@ -74,8 +85,14 @@ def _model_opinion(classes: list[str], score: float, pred: str, probs: np.ndarra
     prob_rows = "".join(
         f'<tr><td>{esc(c)}</td><td><div class="bar" style="width:{100 * float(p):.1f}%">'
         f'</div></td><td class="num">{float(p):.3f}</td></tr>'
-        for c, p in zip(classes, probs))
-    return (f'<div>score <span class="score">{score:.4g}</span></div>'
-            + (f'<div>model predicts <b class="pred">{esc(pred)}</b></div>' if pred else
-               '<div>no model yet (first round chosen from the pool alone)</div>')
-            + f'<table class="probs">{prob_rows}</table>')
+        for c, p in zip(classes, probs)
+    )
+    return (
+        f'<div>score <span class="score">{score:.4g}</span></div>'
+        + (
+            f'<div>model predicts <b class="pred">{esc(pred)}</b></div>'
+            if pred
+            else "<div>no model yet (first round chosen from the pool alone)</div>"
+        )
+        + f'<table class="probs">{prob_rows}</table>'
+    )

@@ -22,9 +22,15 @@ from ..scan import (
 )
 from ..workspace import UNSURE, Workspace
 from ..workspace import round_of_folder as round_number
-from ..roundfolder import (IGNORED_FILES, LABELS, PREVIEWS, all_labels_locked, is_medal_file,
-                           near_reader_file, reader_of)
-
+from ..roundfolder import (
+    IGNORED_FILES,
+    LABELS,
+    PREVIEWS,
+    all_labels_locked,
+    is_medal_file,
+    near_reader_file,
+    reader_of,
+)
 
 
 @dataclass
@@ -61,8 +67,9 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
     round_no = round_number(folder)
     rec = ws.db.round(round_no)
     if rec is None:
-        raise LabellingError(f"{folder}: round {round_no} was never exported from workspace "
-                             f"{ws.root}")
+        raise LabellingError(
+            f"{folder}: round {round_no} was never exported from workspace {ws.root}"
+        )
     selections = {s.file: s for s in ws.db.selections(round_no)}
     # a labelling page's saves wait while the folder is read and recorded (and are refused
     # after, the round being ingested), so none slips in between
@@ -70,8 +77,9 @@ def ingest_round(ws: Workspace, folder: Path) -> IngestResult:
         return _ingest_locked(ws, folder, round_no, rec, selections)
 
 
-def _ingest_locked(ws: Workspace, folder: Path, round_no: int, rec: RoundRecord,
-                   selections: dict[str, Selection]) -> IngestResult:
+def _ingest_locked(
+    ws: Workspace, folder: Path, round_no: int, rec: RoundRecord, selections: dict[str, Selection]
+) -> IngestResult:
     read = read_answers(folder, list(ws.cfg.classes), selections)
     answers, problems = read.answers, read.problems
     # every image file ingest relies on is checked, whichever source gave its label: the copy
@@ -85,8 +93,9 @@ def _ingest_locked(ws: Workspace, folder: Path, round_no: int, rec: RoundRecord,
     if read.nothing_recorded is not None and rec.ingested_at is None:
         problems.append(read.nothing_recorded)
     if problems:
-        raise LabellingError(f"{folder}: {problems.total} problem(s); nothing was recorded",
-                             problems.listed())
+        raise LabellingError(
+            f"{folder}: {problems.total} problem(s); nothing was recorded", problems.listed()
+        )
     result = IngestResult(round_no, agreement=read.agreement, adjudicated=read.adjudicated)
     for a in answers.values():
         result.labelled[a.label] = result.labelled.get(a.label, 0) + 1
@@ -96,12 +105,34 @@ def _ingest_locked(ws: Workspace, folder: Path, round_no: int, rec: RoundRecord,
         result.already_ingested = True
         return result
     when = time.time()
-    rows = [LabelRecord(selections[n].image_id, a.label, round_no, a.source, a.annotator,
-                        a.origin, when, a.comment)
-            for per in read.by_annotator.values() for n, a in sorted(per.items())]
+    rows = [
+        LabelRecord(
+            selections[n].image_id,
+            a.label,
+            round_no,
+            a.source,
+            a.annotator,
+            a.origin,
+            when,
+            a.comment,
+        )
+        for per in read.by_annotator.values()
+        for n, a in sorted(per.items())
+    ]
     # the final label of each image goes last, so it is the image's current label
-    rows += [LabelRecord(selections[n].image_id, a.label, round_no, a.source, a.annotator,
-                         a.origin, when, a.comment) for n, a in sorted(answers.items())]
+    rows += [
+        LabelRecord(
+            selections[n].image_id,
+            a.label,
+            round_no,
+            a.source,
+            a.annotator,
+            a.origin,
+            when,
+            a.comment,
+        )
+        for n, a in sorted(answers.items())
+    ]
     ws.db.record_ingest(round_no, rows, when)
     return result
 
@@ -112,22 +143,35 @@ which) that differs from a reader's label in ``labels_<name>.csv``."""
 FINAL_SOURCES = (LABELS, "folder", "consensus", ADJUDICATED)
 
 
-def _check_same_as_recorded(ws: Workspace, folder: Path, round_no: int,
-                            selections: dict[str, Selection], answers: dict[str, _Answer]
-                            ) -> None:
+def _check_same_as_recorded(
+    ws: Workspace,
+    folder: Path,
+    round_no: int,
+    selections: dict[str, Selection],
+    answers: dict[str, _Answer],
+) -> None:
     """An ingested round's folder must still say what was recorded; else a
     :class:`LabellingError` lists each change."""
     before = {r.image_id: r.label for r in ws.db.labels(round_no) if r.source in FINAL_SOURCES}
     now = {selections[n].image_id: a.label for n, a in answers.items()}
     if before == now:
         return
-    diff = [f"{s.file}: recorded {before.get(s.image_id)!r}, folder now says "
-            f"{now.get(s.image_id)!r}" for s in selections.values()
-            if before.get(s.image_id) != now.get(s.image_id)]
-    why = (" (it was handed back unlabelled, so its images went back to the pool: a later "
-           "query can export them again for these labels)" if not before else "")
-    raise LabellingError(f"{folder}: round {round_no} was already ingested and its labels "
-                         f"have changed since{why}; nothing was recorded", diff)
+    diff = [
+        f"{s.file}: recorded {before.get(s.image_id)!r}, folder now says {now.get(s.image_id)!r}"
+        for s in selections.values()
+        if before.get(s.image_id) != now.get(s.image_id)
+    ]
+    why = (
+        " (it was handed back unlabelled, so its images went back to the pool: a later "
+        "query can export them again for these labels)"
+        if not before
+        else ""
+    )
+    raise LabellingError(
+        f"{folder}: round {round_no} was already ingested and its labels "
+        f"have changed since{why}; nothing was recorded",
+        diff,
+    )
 
 
 class Problems(list[str]):
@@ -193,8 +237,10 @@ def _inside(path: Path, folder: Path) -> bool:
 def _labels_file_problem(path: Path, folder: Path) -> str | None:
     """Why a labels file cannot be read safely (checked before anything is read from it)."""
     if not _inside(path, folder):
-        return (f"{path.name}: is a link to a file outside the round folder; put the labels "
-                f"file itself in the folder")
+        return (
+            f"{path.name}: is a link to a file outside the round folder; put the labels "
+            f"file itself in the folder"
+        )
     if path.is_dir():
         return f"{path.name}: is a folder, not a file; save the labels as {path.name}"
     if not path.is_file():
@@ -206,18 +252,26 @@ def _label_like(folder: Path, read: set[str]) -> list[str]:
     """Files in ``folder`` (not sub-folders, not hidden: ``._labels.csv`` is macOS metadata)
     that may hold labels but are not among the files read: named ``label…`` or with a
     spreadsheet's suffix (manifest.csv and README.txt aside)."""
-    return sorted(p.name for p in folder.iterdir()
-                  if p.name not in read and not p.name.startswith(".") and not p.is_dir()
-                  and (p.name.lower().startswith("label")
-                       or (p.suffix.lower() in _SPREADSHEET_SUFFIXES
-                           and not is_medal_file(p.name))))
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name not in read
+        and not p.name.startswith(".")
+        and not p.is_dir()
+        and (
+            p.name.lower().startswith("label")
+            or (p.suffix.lower() in _SPREADSHEET_SUFFIXES and not is_medal_file(p.name))
+        )
+    )
 
 
 def _missing_labels_problem(folder: Path) -> str:
     found = _label_like(folder, set())
     what = f"found {', '.join(found)}" if found else "found no other labels file"
-    return (f"{LABELS} not found in {folder}; {what}. Save the labels as {LABELS} (CSV), or, "
-            f"to hand the round back unlabelled, leave only the header line in {LABELS}")
+    return (
+        f"{LABELS} not found in {folder}; {what}. Save the labels as {LABELS} (CSV), or, "
+        f"to hand the round back unlabelled, leave only the header line in {LABELS}"
+    )
 
 
 def _near_miss_problems(folder: Path) -> list[str]:
@@ -230,13 +284,16 @@ def _near_miss_problems(folder: Path) -> list[str]:
             continue
         want, is_csv = near
         how = f"rename it {want}" if is_csv else f"save it as CSV: {want}"
-        out.append(f"{p.name}: looks like a reader's labels file but is not read (a reader's "
-                   f"file is named labels_<name>.csv); {how}, or move it out of the round folder")
+        out.append(
+            f"{p.name}: looks like a reader's labels file but is not read (a reader's "
+            f"file is named labels_<name>.csv); {how}, or move it out of the round folder"
+        )
     return out
 
 
-def _nothing_recorded_problem(folder: Path, csv_rows: int | None, readers: list[str],
-                              read: set[str]) -> str | None:
+def _nothing_recorded_problem(
+    folder: Path, csv_rows: int | None, readers: list[str], read: set[str]
+) -> str | None:
     """Why an ingest that would record no label is refused; ``None`` when it is the deliberate
     hand-back: a ``labels.csv`` with only its header and no other labels file in the folder.
     ``csv_rows``: data rows in labels.csv, ``-1`` without a header, ``None`` without the file.
@@ -244,19 +301,22 @@ def _nothing_recorded_problem(folder: Path, csv_rows: int | None, readers: list[
     found = _label_like(folder, read)
     if csv_rows == 0 and not found:
         return None
-    what = {None: f"{LABELS} not found", -1: f"{LABELS} is empty",
-            0: f"{LABELS} has only its header"}.get(
-        csv_rows, f"{LABELS} has {csv_rows} row(s) and no label in them")
+    what = {
+        None: f"{LABELS} not found",
+        -1: f"{LABELS} is empty",
+        0: f"{LABELS} has only its header",
+    }.get(csv_rows, f"{LABELS} has {csv_rows} row(s) and no label in them")
     if readers:
         what += f", and {', '.join(readers)} give(s) no label"
     others = f"found {', '.join(found)}" if found else "found no other labels file"
     move = " and move the other files out of the round folder" if found else ""
-    return (f"nothing to record: {what}; {others}. Save the labels in {LABELS} (CSV), or, to "
-            f"hand the round back unlabelled, leave only the header line in {LABELS}{move}")
+    return (
+        f"nothing to record: {what}; {others}. Save the labels in {LABELS} (CSV), or, to "
+        f"hand the round back unlabelled, leave only the header line in {LABELS}{move}"
+    )
 
 
-def read_answers(folder: Path, classes: list[str], selections: dict[str, Selection]
-                 ) -> Answers:
+def read_answers(folder: Path, classes: list[str], selections: dict[str, Selection]) -> Answers:
     """Labels from ``labels.csv``, ``labels_<annotator>.csv`` files (any case) and the class
     subfolders, and every problem found.
 
@@ -277,8 +337,9 @@ def read_answers(folder: Path, classes: list[str], selections: dict[str, Selecti
         if problem is not None:
             problems.append(problem)
         else:
-            from_csv, csv_rows = _read_labels_csv(csv_path, allowed, allowed_text, selections,
-                                                  problems)
+            from_csv, csv_rows = _read_labels_csv(
+                csv_path, allowed, allowed_text, selections, problems
+            )
     by_annotator = _read_reader_files(folder, allowed, allowed_text, selections, problems)
     read = {LABELS, *(f for f, _ in by_annotator.values())}
     problems += _near_miss_problems(folder)
@@ -289,23 +350,34 @@ def read_answers(folder: Path, classes: list[str], selections: dict[str, Selecti
     for name, a in from_dirs.items():
         c = from_csv.get(name)
         if c is not None and c.label != a.label:
-            problems.append(f"{name}: {c.origin} says {c.label!r} but the file is in folder "
-                            f"{a.origin.split('/')[0]}/ ({a.label!r})")
+            problems.append(
+                f"{name}: {c.origin} says {c.label!r} but the file is in folder "
+                f"{a.origin.split('/')[0]}/ ({a.label!r})"
+            )
         elif c is None:
             answers[name] = a
-    out = Answers(answers, problems, {n: got for n, (_, got) in by_annotator.items()},
-                  in_folders={n: a.origin for n, a in from_dirs.items()})
+    out = Answers(
+        answers,
+        problems,
+        {n: got for n, (_, got) in by_annotator.items()},
+        in_folders={n: a.origin for n, a in from_dirs.items()},
+    )
     if by_annotator:
         _combine_annotators(out, sorted(selections))
     if not answers and not any(out.by_annotator.values()) and not problems:
         out.nothing_recorded = _nothing_recorded_problem(
-            folder, csv_rows, sorted(f for f, _ in by_annotator.values()), read)
+            folder, csv_rows, sorted(f for f, _ in by_annotator.values()), read
+        )
     return out
 
 
-def _read_reader_files(folder: Path, allowed: dict[str, str], allowed_text: str,
-                       selections: dict[str, Selection], problems: Problems
-                       ) -> dict[str, tuple[str, dict[str, _Answer]]]:
+def _read_reader_files(
+    folder: Path,
+    allowed: dict[str, str],
+    allowed_text: str,
+    selections: dict[str, Selection],
+    problems: Problems,
+) -> dict[str, tuple[str, dict[str, _Answer]]]:
     """``{reader: (file name, labels)}`` from every ``labels_<reader>.csv`` (the name in any
     case); problems are appended to ``problems``."""
     out: dict[str, tuple[str, dict[str, _Answer]]] = {}
@@ -319,29 +391,49 @@ def _read_reader_files(folder: Path, allowed: dict[str, str], allowed_text: str,
             problems.append(problem)
             continue
         if name.lower() in seen:
-            problems.append(f"{path.name}: a second labels file for reader {name!r} (the other "
-                            f"is {seen[name.lower()]}); keep one")
+            problems.append(
+                f"{path.name}: a second labels file for reader {name!r} (the other "
+                f"is {seen[name.lower()]}); keep one"
+            )
             continue
         seen[name.lower()] = path.name
-        got, _ = _read_labels_csv(path, allowed, allowed_text, selections, problems,
-                                  default_annotator=name)
-        out[name] = (path.name, {n: _Answer(a.label, path.name, a.origin, a.annotator or name,
-                                            a.comment) for n, a in got.items()})
+        got, _ = _read_labels_csv(
+            path, allowed, allowed_text, selections, problems, default_annotator=name
+        )
+        out[name] = (
+            path.name,
+            {
+                n: _Answer(a.label, path.name, a.origin, a.annotator or name, a.comment)
+                for n, a in got.items()
+            },
+        )
     return out
 
 
-def _read_class_folders(folder: Path, allowed: dict[str, str], allowed_text: str,
-                        selections: dict[str, Selection], problems: Problems
-                        ) -> dict[str, _Answer]:
+def _read_class_folders(
+    folder: Path,
+    allowed: dict[str, str],
+    allowed_text: str,
+    selections: dict[str, Selection],
+    problems: Problems,
+) -> dict[str, _Answer]:
     """Labels from the images moved into class subfolders; problems are appended to
     ``problems``."""
     from_dirs: dict[str, _Answer] = {}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-                      and p.name != PREVIEWS and p.name != LABELS
-                      and reader_of(p.name) is None):
-        files = [p for p in sorted(sub.rglob("*"))
-                 if p.is_file() and not p.name.startswith(".")
-                 and p.name.lower() not in IGNORED_FILES]
+    for sub in sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and p.name != PREVIEWS
+        and p.name != LABELS
+        and reader_of(p.name) is None
+    ):
+        files = [
+            p
+            for p in sorted(sub.rglob("*"))
+            if p.is_file() and not p.name.startswith(".") and p.name.lower() not in IGNORED_FILES
+        ]
         label = allowed.get(sub.name.lower())
         if label is None:
             if files:
@@ -352,8 +444,9 @@ def _read_class_folders(folder: Path, allowed: dict[str, str], allowed_text: str
             if p.name not in selections:
                 problems.append(f"{rel}: not an image exported in this round")
             elif p.name in from_dirs:
-                problems.append(f"{p.name}: found in two label folders "
-                                f"({from_dirs[p.name].origin} and {rel})")
+                problems.append(
+                    f"{p.name}: found in two label folders ({from_dirs[p.name].origin} and {rel})"
+                )
             else:
                 from_dirs[p.name] = _Answer(label, "folder", rel, None)
     return from_dirs
@@ -390,8 +483,10 @@ def _combine_annotators(out: Answers, files: list[str]) -> None:
             out.answers[f] = _Answer(label, "consensus", ",".join(sorted(given)), None)
         else:
             votes = ", ".join(f"{n}: {lab}" for n, lab in given.items())
-            out.problems.append(f"{f}: annotators disagree ({votes}); write the adjudicated "
-                                f"label for it in labels.csv")
+            out.problems.append(
+                f"{f}: annotators disagree ({votes}); write the adjudicated "
+                f"label for it in labels.csv"
+            )
 
 
 def _row_problem(cell: str, label_cell: str, selections: dict[str, Selection]) -> str | None:
@@ -399,8 +494,7 @@ def _row_problem(cell: str, label_cell: str, selections: dict[str, Selection]) -
     name = cell.replace("\\", "/")
     pp = PurePosixPath(name)
     if "\n" in cell or "\n" in label_cell:
-        return ("a cell runs over several lines; a stray quote (\") opens a cell that is "
-                "never closed")
+        return 'a cell runs over several lines; a stray quote (") opens a cell that is never closed'
     if not name:
         return "empty file name"
     if pp.is_absolute() or ".." in pp.parts or (len(name) > 1 and name[1] == ":"):
@@ -418,8 +512,10 @@ def _header_columns(path: Path, header: list[str], problems: Problems) -> dict[s
         problems.append(f"{path.name} line 1: {dup}")
         return None
     if "file" not in cols or "label" not in cols:
-        problems.append(f"{path.name} line 1: the header must have columns 'file' and "
-                        f"'label' (got {short(', '.join(map(repr, header)))})")
+        problems.append(
+            f"{path.name} line 1: the header must have columns 'file' and "
+            f"'label' (got {short(', '.join(map(repr, header)))})"
+        )
         return None
     return cols
 
@@ -429,10 +525,14 @@ def _cell(row: list[str], i: int | None) -> str:
     return row[i].strip() if i is not None and i < len(row) else ""
 
 
-def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
-                     selections: dict[str, Selection], problems: Problems,
-                     default_annotator: str | None = None
-                     ) -> tuple[dict[str, _Answer], int]:
+def _read_labels_csv(
+    path: Path,
+    allowed: dict[str, str],
+    allowed_text: str,
+    selections: dict[str, Selection],
+    problems: Problems,
+    default_annotator: str | None = None,
+) -> tuple[dict[str, _Answer], int]:
     """Labels from one labels file, read as a stream (UTF-8 with or without BOM, UTF-16 with
     BOM or Windows-1252; ``,`` ``;`` or tab), and its number of data rows that are not blank
     (``-1``: not even a header); problems are appended to ``problems``."""
@@ -466,8 +566,10 @@ def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
                 problems.append(f"{where}: {problem}")
                 continue
             if pp.name in lines:
-                problems.append(f"{where}: {pp.name} is listed again (first on line "
-                                f"{lines[pp.name]}); keep one row per image")
+                problems.append(
+                    f"{where}: {pp.name} is listed again (first on line "
+                    f"{lines[pp.name]}); keep one row per image"
+                )
                 out.pop(pp.name, None)
                 continue
             lines[pp.name] = n
@@ -475,16 +577,20 @@ def _read_labels_csv(path: Path, allowed: dict[str, str], allowed_text: str,
                 continue
             label = allowed.get(label_cell.lower())
             if label is None:
-                problems.append(f"{where}: label {short(label_cell)} for {pp.name} is not "
-                                f"allowed; allowed: {allowed_text} (or leave it empty)")
+                problems.append(
+                    f"{where}: label {short(label_cell)} for {pp.name} is not "
+                    f"allowed; allowed: {allowed_text} (or leave it empty)"
+                )
                 continue
             annotator, comment = _cell(row, ai) or None, _cell(row, ci) or None
-            out[pp.name] = _Answer(label, path.name, f"{path.name}:{n}",
-                                   annotator or default_annotator, comment)
+            out[pp.name] = _Answer(
+                label, path.name, f"{path.name}:{n}", annotator or default_annotator, comment
+            )
     except DataError as e:  # an unreadable encoding or a cell over the field limit
         msg = str(e)
-        problems.append(f"{path.name}: {msg[len(str(path)) + 2:]}"
-                        if msg.startswith(f"{path}: ") else msg)
+        problems.append(
+            f"{path.name}: {msg[len(str(path)) + 2 :]}" if msg.startswith(f"{path}: ") else msg
+        )
     except OSError as e:
         problems.append(f"{path.name}: cannot be read: {e.strerror or e}")
     return out, count
@@ -498,8 +604,7 @@ def _check_unchanged(folder: Path, rel: str, sha256: str) -> list[str]:
     if not (p.is_symlink() or p.exists()):
         return []
     if not _inside(p, folder):
-        return [f"{rel}: is a link to a file outside the round folder; put the exported "
-                f"image back"]
+        return [f"{rel}: is a link to a file outside the round folder; put the exported image back"]
     if not p.is_file():
         return [f"{rel}: is not a regular file; put the exported image back"]
     try:
@@ -507,5 +612,4 @@ def _check_unchanged(folder: Path, rel: str, sha256: str) -> list[str]:
             return []
     except OSError as e:
         return [f"{rel}: cannot be read ({e.strerror or e}); put the exported image back"]
-    return [f"{rel}: the image file changed since it was exported; put the original copy "
-            f"back"]
+    return [f"{rel}: the image file changed since it was exported; put the original copy back"]

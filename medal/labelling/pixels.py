@@ -16,10 +16,14 @@ from ..io import load_image, read_dicom_frame, sniff_format
 
 # Projection radiography has no calibrated units: its presets come from the image's histogram.
 PROJECTION_MODALITIES = ("CR", "DX", "DR", "RG", "MG", "RF", "XA", "IO", "PX")
-CT_PRESETS = (("lung", -600.0, 1500.0), ("mediastinum", 50.0, 350.0), ("bone", 400.0, 1800.0),
-              ("brain", 40.0, 80.0), ("abdomen", 50.0, 400.0))
+CT_PRESETS = (
+    ("lung", -600.0, 1500.0),
+    ("mediastinum", 50.0, 350.0),
+    ("bone", 400.0, 1800.0),
+    ("brain", 40.0, 80.0),
+    ("abdomen", 50.0, 400.0),
+)
 """CT presets: (name, center, width) in Hounsfield units."""
-
 
 
 def read_pixels(path: Path, frame: int | None = None) -> tuple[dict[str, Any], np.ndarray]:
@@ -32,12 +36,22 @@ def read_pixels(path: Path, frame: int | None = None) -> tuple[dict[str, Any], n
     files: :func:`medal.io.load_image` scaled back to their bit depth (255 or 65535).
     Returns ``(meta, values [H, W] or [H, W, 3] float32)``.
     """
-    meta: dict[str, Any] = {"frames": 1, "frame": 0, "modality": "", "photometric": "",
-                            "window": None, "units": ""}
+    meta: dict[str, Any] = {
+        "frames": 1,
+        "frame": 0,
+        "modality": "",
+        "photometric": "",
+        "window": None,
+        "units": "",
+    }
     if sniff_format(path) == "dicom":
         f = read_dicom_frame(path, frame)
-        meta |= {"frames": f.frames, "frame": f.index, "photometric": f.photometric,
-                 "modality": f.modality}
+        meta |= {
+            "frames": f.frames,
+            "frame": f.index,
+            "photometric": f.photometric,
+            "modality": f.modality,
+        }
         values = f.values
         if values is not None:
             meta["window"] = None if f.window is None else list(f.window)
@@ -53,11 +67,14 @@ def read_pixels(path: Path, frame: int | None = None) -> tuple[dict[str, Any], n
     finite = values[np.isfinite(values)]
     qs = (0.5, 1, 5, 30, 40, 50, 60, 70, 95, 99, 99.5)
     pct = np.percentile(finite, qs) if finite.size else np.zeros(len(qs))
-    meta |= {"height": int(values.shape[0]), "width": int(values.shape[1]),
-             "channels": 1 if values.ndim == 2 else int(values.shape[2]),
-             "min": float(finite.min()) if finite.size else 0.0,
-             "max": float(finite.max()) if finite.size else 0.0,
-             "percentiles": {f"{q:g}": float(v) for q, v in zip(qs, pct)}}
+    meta |= {
+        "height": int(values.shape[0]),
+        "width": int(values.shape[1]),
+        "channels": 1 if values.ndim == 2 else int(values.shape[2]),
+        "min": float(finite.min()) if finite.size else 0.0,
+        "max": float(finite.max()) if finite.size else 0.0,
+        "percentiles": {f"{q:g}": float(v) for q, v in zip(qs, pct)},
+    }
     meta["presets"] = window_presets(meta)
     return meta, values
 
@@ -84,7 +101,10 @@ def window_presets(meta: dict[str, Any]) -> list[dict[str, Any]]:
         # dark on screen (air-filled lung) is low values in MONOCHROME2, high in MONOCHROME1
         mono1 = meta["photometric"] == "MONOCHROME1"
         spans: tuple[tuple[str, float, float], ...] = (
-            ("lung", 1, 60), ("mediastinum", 30, 95), ("bone", 50, 99.5))
+            ("lung", 1, 60),
+            ("mediastinum", 30, 95),
+            ("bone", 50, 99.5),
+        )
         for name, lo, hi in spans:
             if mono1:
                 lo, hi = 100 - hi, 100 - lo

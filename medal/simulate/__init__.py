@@ -47,22 +47,70 @@ from __future__ import annotations
 from ..errors import SimulationError
 from .command import command
 from .oracle import Oracle, Truth, TruthEntry, round_manifest
-from .planning import (BACKBONE_MODES, START_MODES, RunSpec, SimulationResult,
-                       SimulationSettings, choose_start, describe_backbones, describe_validation,
-                       plan_runs, read_truth, with_validation)
+from .planning import (
+    BACKBONE_MODES,
+    START_MODES,
+    RunSpec,
+    SimulationResult,
+    SimulationSettings,
+    choose_start,
+    describe_backbones,
+    describe_validation,
+    plan_runs,
+    read_truth,
+    with_validation,
+)
 from .records import format_metric, parse_metric
-from .report import (MAIN_METRICS, METRIC_TITLES, collect_rows, curves, plot_curves, read_curves,
-                     summarise, undefined_points, write_results)
+from .report import (
+    MAIN_METRICS,
+    METRIC_TITLES,
+    collect_rows,
+    curves,
+    plot_curves,
+    read_curves,
+    summarise,
+    undefined_points,
+    write_results,
+)
 from .runner import run_one, run_progress, simulate
 from .stats import BASELINE, Curves, PairedDifference, curve_area, paired_differences, t_interval
 
 __all__ = [
-    "BACKBONE_MODES", "BASELINE", "Curves", "MAIN_METRICS", "METRIC_TITLES", "Oracle",
-    "PairedDifference", "RunSpec", "START_MODES", "SimulationError", "SimulationResult",
-    "SimulationSettings", "Truth", "TruthEntry", "choose_start", "collect_rows", "command",
-    "curve_area", "curves", "describe_backbones", "describe_validation", "paired_differences",
-    "plan_runs", "plot_curves", "read_curves", "read_truth", "round_manifest", "run_one",
+    "BACKBONE_MODES",
+    "BASELINE",
+    "Curves",
+    "MAIN_METRICS",
+    "METRIC_TITLES",
+    "Oracle",
+    "PairedDifference",
+    "RunSpec",
+    "START_MODES",
+    "SimulationError",
+    "SimulationResult",
+    "SimulationSettings",
+    "Truth",
+    "TruthEntry",
+    "choose_start",
+    "collect_rows",
+    "command",
+    "curve_area",
+    "curves",
+    "describe_backbones",
+    "describe_validation",
+    "paired_differences",
+    "plan_runs",
+    "plot_curves",
+    "read_curves",
+    "read_truth",
+    "round_manifest",
+    "run_one",
     "run_progress",
-    "simulate", "summarise", "t_interval", "undefined_points", "with_validation",
-    "write_results", "format_metric", "parse_metric",
+    "simulate",
+    "summarise",
+    "t_interval",
+    "undefined_points",
+    "with_validation",
+    "write_results",
+    "format_metric",
+    "parse_metric",
 ]

@@ -33,8 +33,10 @@ class Truth:
         try:
             return self._by_link[str(Path(source_path))]
         except KeyError:
-            raise SimulationError(f"the oracle was asked about {source_path}, which is not in "
-                                  f"the simulation's labelled set") from None
+            raise SimulationError(
+                f"the oracle was asked about {source_path}, which is not in "
+                f"the simulation's labelled set"
+            ) from None
 
 
 class Oracle:
@@ -67,8 +69,7 @@ class Oracle:
                 w = csv.writer(f)
                 if new:
                     w.writerow(["round_folder", "file", "source_path", "label"])
-                w.writerows([folder.name, n, source[n], lab]
-                            for n, lab in answers)
+                w.writerows([folder.name, n, source[n], lab] for n, lab in answers)
         return len(answers)
 
 
@@ -82,4 +83,3 @@ def round_manifest(ws_root: Path, folder: Path) -> Path:
     if not kept.is_file():
         raise SimulationError(f"{folder}: the manifest has no source paths and {kept} is missing")
     return kept
-

@@ -124,36 +124,44 @@ def build_pool(out: Path, truth: Sequence[tuple[Path, str]]) -> list[TruthEntry]
     entries = [TruthEntry(src, label, pool / name) for (src, label), name in zip(truth, names)]
     absent = [e.link for e in entries if not e.link.exists()]
     if absent:
-        raise SimulationError(f"{pool} does not match the labelled set ({len(absent)} missing, "
-                              f"e.g. {absent[0]}); use a new output folder")
+        raise SimulationError(
+            f"{pool} does not match the labelled set ({len(absent)} missing, "
+            f"e.g. {absent[0]}); use a new output folder"
+        )
     return entries
 
 
-def choose_start(entries: Sequence[TruthEntry], mode: str, size: int, seed: int,
-                 classes: Sequence[str]) -> list[TruthEntry]:
+def choose_start(
+    entries: Sequence[TruthEntry], mode: str, size: int, seed: int, classes: Sequence[str]
+) -> list[TruthEntry]:
     """The start set of one seed (the same for every strategy, so runs compare in pairs)."""
     rng = np.random.default_rng([seed, 20240521])
     if mode == "random":
         if size > len(entries):
-            raise SimulationError(f"start size {size} is larger than the labelled set "
-                                  f"({len(entries)})")
+            raise SimulationError(
+                f"start size {size} is larger than the labelled set ({len(entries)})"
+            )
         return [entries[i] for i in sorted(rng.choice(len(entries), size, replace=False))]
     if mode == "class_balanced" or mode.startswith("class:"):
         if mode == "class_balanced":
-            want = {c: size // len(classes) + (i < size % len(classes))
-                    for i, c in enumerate(classes)}
+            want = {
+                c: size // len(classes) + (i < size % len(classes)) for i, c in enumerate(classes)
+            }
         else:
-            name = {c.lower(): c for c in classes}.get(mode[len("class:"):].lower())
+            name = {c.lower(): c for c in classes}.get(mode[len("class:") :].lower())
             if name is None:
-                raise SimulationError(f"start {mode!r}: unknown class; classes: "
-                                      f"{', '.join(classes)}")
+                raise SimulationError(
+                    f"start {mode!r}: unknown class; classes: {', '.join(classes)}"
+                )
             want = {name: size}
         chosen: list[TruthEntry] = []
         for c, k in want.items():
             of_class = [e for e in entries if e.label == c]
             if k > len(of_class):
-                raise SimulationError(f"start set: {k} images of class {c!r} wanted, the "
-                                      f"labelled set has {len(of_class)}")
+                raise SimulationError(
+                    f"start set: {k} images of class {c!r} wanted, the "
+                    f"labelled set has {len(of_class)}"
+                )
             chosen += [of_class[i] for i in sorted(rng.choice(len(of_class), k, replace=False))]
         return sorted(chosen, key=lambda e: str(e.source))
     return _start_from_list(Path(mode), entries)
@@ -161,14 +169,15 @@ def choose_start(entries: Sequence[TruthEntry], mode: str, size: int, seed: int,
 
 def _start_from_list(path: Path, entries: Sequence[TruthEntry]) -> list[TruthEntry]:
     if not path.is_file():
-        raise SimulationError(f"start must be one of {', '.join(START_MODES)}, class:<name> or "
-                              f"an existing file list; got {str(path)!r}")
+        raise SimulationError(
+            f"start must be one of {', '.join(START_MODES)}, class:<name> or "
+            f"an existing file list; got {str(path)!r}"
+        )
     text = path.read_text(encoding="utf-8-sig")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if lines and "file" in [h.strip().lower() for h in lines[0].split(",")]:
         rows = list(csv.DictReader(lines))
-        names = [next(v for k, v in r.items() if k.strip().lower() == "file").strip()
-                 for r in rows]
+        names = [next(v for k, v in r.items() if k.strip().lower() == "file").strip() for r in rows]
     else:
         names = lines
     by_source = {e.source: e for e in entries}
@@ -178,8 +187,9 @@ def _start_from_list(path: Path, entries: Sequence[TruthEntry]) -> list[TruthEnt
         p = (p if p.is_absolute() else path.parent / p).resolve()
         (chosen.append(by_source[p]) if p in by_source else unknown.append(n))
     if unknown:
-        raise SimulationError(f"{path}: {len(unknown)} file(s) are not in the labelled set, "
-                              f"e.g. {unknown[0]}")
+        raise SimulationError(
+            f"{path}: {len(unknown)} file(s) are not in the labelled set, e.g. {unknown[0]}"
+        )
     if not chosen:
         raise SimulationError(f"{path}: the start list is empty")
     return list({e.source: e for e in chosen}.values())
@@ -193,8 +203,10 @@ def with_validation(cfg: Config, validation: str) -> Config:
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, validation=None))
     path = Path(validation).expanduser().resolve()
     if not path.exists():
-        raise SimulationError(f"validation must be none, config or an existing folder or CSV "
-                              f"of labelled images; got {validation!r}")
+        raise SimulationError(
+            f"validation must be none, config or an existing folder or CSV "
+            f"of labelled images; got {validation!r}"
+        )
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, validation=path))
 
 
@@ -202,29 +214,40 @@ def describe_validation(cfg: Config, validation: str) -> str:
     """One sentence on the validation set the runs use, for the summary and the console."""
     used = with_validation(cfg, validation).data.validation
     if used is not None:
-        return (f"labelled validation set {used} (its labels are not counted as labels given; "
-                f"it picks the best epoch and is reported)")
+        return (
+            f"labelled validation set {used} (its labels are not counted as labels given; "
+            f"it picks the best epoch and is reported)"
+        )
     frac = cfg.train.validation_fraction
-    text = (f"no labelled validation set; each run holds out train.validation_fraction = "
-            f"{frac:g} of its start labels for validation, and those labels are counted"
-            if frac > 0 else "none (train.validation_fraction = 0): no model selection")
+    text = (
+        f"no labelled validation set; each run holds out train.validation_fraction = "
+        f"{frac:g} of its start labels for validation, and those labels are counted"
+        if frac > 0
+        else "none (train.validation_fraction = 0): no model selection"
+    )
     if cfg.data.validation is not None:
-        text += (f" (the config's data.validation, {cfg.data.validation}, is not used; "
-                 f"--validation config uses it)")
+        text += (
+            f" (the config's data.validation, {cfg.data.validation}, is not used; "
+            f"--validation config uses it)"
+        )
     return text
 
 
 def describe_backbones(cfg: Config, s: SimulationSettings) -> str:
     """One sentence on the self-supervised backbones the runs start from."""
     if cfg.representation.method == "none":
-        return "Backbone: no self-supervised pretraining (representation.method = \"none\")."
+        return 'Backbone: no self-supervised pretraining (representation.method = "none").'
     if s.backbones == "per-seed":
-        return ("Backbones: one self-supervised pretraining per seed (representation.seed = "
-                "the seed), shared by that seed's strategies; the spread over seeds includes "
-                "the pretraining's.")
-    return (f"Backbone: one self-supervised pretraining (representation.seed = "
-            f"{api.representation_seed(cfg)}) for every run; the intervals hold for that "
-            f"backbone only (--backbones per-seed varies it).")
+        return (
+            "Backbones: one self-supervised pretraining per seed (representation.seed = "
+            "the seed), shared by that seed's strategies; the spread over seeds includes "
+            "the pretraining's."
+        )
+    return (
+        f"Backbone: one self-supervised pretraining (representation.seed = "
+        f"{api.representation_seed(cfg)}) for every run; the intervals hold for that "
+        f"backbone only (--backbones per-seed varies it)."
+    )
 
 
 def _fingerprint(cfg: Config, s: SimulationSettings) -> dict[str, Any]:
@@ -237,10 +260,15 @@ def _fingerprint(cfg: Config, s: SimulationSettings) -> dict[str, Any]:
     for k in _PER_RUN_QUERY:
         d["query"].pop(k, None)
     d["query"]["budget"] = s.budget
-    return {"config": d, "truth": [str(Path(t).resolve()) for t in s.truth],
-            "start": s.start if s.start in START_MODES or s.start.startswith("class:")
-            else str(Path(s.start).resolve()), "start_size": s.start_size,
-            "backbones": s.backbones}
+    return {
+        "config": d,
+        "truth": [str(Path(t).resolve()) for t in s.truth],
+        "start": s.start
+        if s.start in START_MODES or s.start.startswith("class:")
+        else str(Path(s.start).resolve()),
+        "start_size": s.start_size,
+        "backbones": s.backbones,
+    }
 
 
 def _check_settings(out: Path, fingerprint: dict[str, Any]) -> None:
@@ -248,10 +276,13 @@ def _check_settings(out: Path, fingerprint: dict[str, Any]) -> None:
     if path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))
         if before != fingerprint:
-            changed = sorted(k for k in set(before) | set(fingerprint)
-                             if before.get(k) != fingerprint.get(k))
-            raise SimulationError(f"{out} holds a simulation with other settings (differs in: "
-                                  f"{', '.join(changed)}); use another --out or delete it")
+            changed = sorted(
+                k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k)
+            )
+            raise SimulationError(
+                f"{out} holds a simulation with other settings (differs in: "
+                f"{', '.join(changed)}); use another --out or delete it"
+            )
         return
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".simulation.json.tmp"
@@ -270,8 +301,9 @@ def plan_runs(cfg: Config, s: SimulationSettings) -> tuple[list[RunSpec], list[T
     if s.rounds < 0 or s.budget < 1 or s.start_size < 1:
         raise SimulationError("rounds must be >= 0, budget and start size >= 1")
     if s.backbones not in BACKBONE_MODES:
-        raise SimulationError(f"backbones must be one of {', '.join(BACKBONE_MODES)}, got "
-                              f"{s.backbones!r}")
+        raise SimulationError(
+            f"backbones must be one of {', '.join(BACKBONE_MODES)}, got {s.backbones!r}"
+        )
     cfg = with_validation(cfg, s.validation)
     out = s.out.resolve()
     truth = read_truth(s.truth, cfg.classes)
@@ -300,13 +332,17 @@ def plan_runs(cfg: Config, s: SimulationSettings) -> tuple[list[RunSpec], list[T
                 shared_cache.mkdir(exist_ok=True)
                 cache_dir(run_dir).symlink_to(shared_cache, target_is_directory=True)
             run_cfg = dataclasses.replace(
-                cfg, workspace=run_dir, seed=seed,
+                cfg,
+                workspace=run_dir,
+                seed=seed,
                 data=dataclasses.replace(cfg.data, labelled=start_csv, pool=out / "pool"),
                 query=dataclasses.replace(cfg.query, strategy=strategy, budget=s.budget),
                 representation=dataclasses.replace(
-                    cfg.representation, seed=seed if s.backbones == "per-seed"
-                    else api.representation_seed(cfg)))
-            specs.append(RunSpec(strategy, seed, run_cfg, s.rounds, run_dir / "oracle.csv",
-                                 s.verbose))
+                    cfg.representation,
+                    seed=seed if s.backbones == "per-seed" else api.representation_seed(cfg),
+                ),
+            )
+            specs.append(
+                RunSpec(strategy, seed, run_cfg, s.rounds, run_dir / "oracle.csv", s.verbose)
+            )
     return specs, entries
-

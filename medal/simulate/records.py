@@ -22,9 +22,9 @@ checkpoint (round 0: the first training). The last two are measured by the run a
 ``seconds.csv``; they are empty for a round that an interruption split in two."""
 
 
-
-def record_seconds(run_dir: Path, model_round: int, query_seconds: float | None,
-                    round_seconds: float | None) -> None:
+def record_seconds(
+    run_dir: Path, model_round: int, query_seconds: float | None, round_seconds: float | None
+) -> None:
     """Append one model round's timings to ``<run>/seconds.csv`` (a later row wins)."""
     path = run_dir / "seconds.csv"
     new = not path.is_file()
@@ -32,8 +32,12 @@ def record_seconds(run_dir: Path, model_round: int, query_seconds: float | None,
         w = csv.writer(f)
         if new:
             w.writerow(["round", "query_seconds", "round_seconds"])
-        w.writerow([model_round, *("" if v is None else round(v, 3)
-                                   for v in (query_seconds, round_seconds))])
+        w.writerow(
+            [
+                model_round,
+                *("" if v is None else round(v, 3) for v in (query_seconds, round_seconds)),
+            ]
+        )
 
 
 def read_seconds(run_dir: Path) -> dict[int, dict[str, float | str]]:
@@ -43,9 +47,13 @@ def read_seconds(run_dir: Path) -> dict[int, dict[str, float | str]]:
     if not path.is_file():
         return {}
     with open(path, newline="", encoding="utf-8") as f:
-        return {int(r["round"]): {k: float(r[k]) if r.get(k) else ""
-                                  for k in ("query_seconds", "round_seconds")}
-                for r in csv.DictReader(f) if (r.get("round") or "").isdigit()}
+        return {
+            int(r["round"]): {
+                k: float(r[k]) if r.get(k) else "" for k in ("query_seconds", "round_seconds")
+            }
+            for r in csv.DictReader(f)
+            if (r.get("round") or "").isdigit()
+        }
 
 
 LABEL_COLUMNS = ("labels", "labels_train", "labels_holdout")
@@ -56,9 +64,9 @@ x axis of every curve and table), ``labels_train`` those the model was trained o
 validation set was passed). ``labels - labels_train - labels_holdout`` were unreadable."""
 
 
-
-def labels_given(records: Sequence[Any], classes: Sequence[str],
-                  model_rounds: Iterable[int]) -> dict[int, int]:
+def labels_given(
+    records: Sequence[Any], classes: Sequence[str], model_rounds: Iterable[int]
+) -> dict[int, int]:
     """``{model round k: images whose latest label recorded in rounds <= k is a class}``.
 
     ``records`` are the ledger's label rows in insertion order (``image_id``, ``label``,

@@ -22,9 +22,7 @@ from .records import (
 from .stats import BASELINE, Curves, curve_area, paired_differences, t_interval
 
 MAIN_METRICS = ("auroc", "accuracy", "balanced_accuracy")
-METRIC_TITLES = {"auroc": "AUROC", "accuracy": "accuracy",
-                 "balanced_accuracy": "balanced accuracy"}
-
+METRIC_TITLES = {"auroc": "AUROC", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy"}
 
 
 def collect_rows(specs: Sequence[RunSpec]) -> list[dict[str, Any]]:
@@ -42,14 +40,21 @@ def collect_rows(specs: Sequence[RunSpec]) -> list[dict[str, Any]]:
         models = [m for m in st.models if m["round"] <= spec.rounds]
         given, holdout = label_counts(spec.cfg, [m["round"] for m in models])
         for m in models:
-            row: dict[str, Any] = {"strategy": spec.strategy, "seed": spec.seed,
-                                   "round": m["round"], "labels": given[m["round"]],
-                                   "labels_train": m["n_labels"], "labels_holdout": holdout,
-                                   "train_seconds": round(m["train_seconds"], 3),
-                                   "score_seconds": "" if score.get(m["round"]) is None
-                                   else round(score[m["round"]], 3),
-                                   "query_seconds": "", "round_seconds": "",
-                                   **timed.get(m["round"], {})}
+            row: dict[str, Any] = {
+                "strategy": spec.strategy,
+                "seed": spec.seed,
+                "round": m["round"],
+                "labels": given[m["round"]],
+                "labels_train": m["n_labels"],
+                "labels_holdout": holdout,
+                "train_seconds": round(m["train_seconds"], 3),
+                "score_seconds": ""
+                if score.get(m["round"]) is None
+                else round(score[m["round"]], 3),
+                "query_seconds": "",
+                "round_seconds": "",
+                **timed.get(m["round"], {}),
+            }
             for split in ("test", "validation"):
                 for metric, v in sorted(st.metrics.get(m["round"], {}).get(split, {}).items()):
                     row[f"{split}/{metric}"] = v
@@ -60,15 +65,20 @@ def collect_rows(specs: Sequence[RunSpec]) -> list[dict[str, Any]]:
 def write_results(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """results.csv; an undefined metric is an empty cell."""
     fixed = ["strategy", "seed", "round", *LABEL_COLUMNS, *SECONDS_COLUMNS]
-    metrics = sorted({k for r in rows for k in r} - set(fixed),
-                     key=lambda k: (not k.startswith("test/"), k))
+    metrics = sorted(
+        {k for r in rows for k in r} - set(fixed), key=lambda k: (not k.startswith("test/"), k)
+    )
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=fixed + metrics, restval="")
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if parse_metric(v) is None else v) if k in metrics else v
-                        for k, v in r.items()})
+            w.writerow(
+                {
+                    k: ("" if parse_metric(v) is None else v) if k in metrics else v
+                    for k, v in r.items()
+                }
+            )
     tmp.replace(path)
 
 
@@ -76,8 +86,9 @@ def _split(rows: Sequence[dict[str, Any]]) -> str:
     return "test" if any(k.startswith("test/") for r in rows for k in r) else "validation"
 
 
-def curves(rows: Sequence[dict[str, Any]], key: str
-           ) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
+def curves(
+    rows: Sequence[dict[str, Any]], key: str
+) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
     """``{strategy: {seed: (labels [R], metric [R])}}`` sorted by round; undefined values
     (see :func:`undefined_points`) are left out."""
     out: dict[str, dict[int, list[tuple[int, float, float]]]] = {}
@@ -86,10 +97,15 @@ def curves(rows: Sequence[dict[str, Any]], key: str
         if v is None:
             continue
         out.setdefault(r["strategy"], {}).setdefault(int(r["seed"]), []).append(
-            (int(r["round"]), float(r["labels"]), v))
-    return {s: {seed: (np.array([p[1] for p in sorted(pts)]), np.array([p[2] for p in
-                                                                         sorted(pts)]))
-                for seed, pts in by_seed.items()} for s, by_seed in out.items()}
+            (int(r["round"]), float(r["labels"]), v)
+        )
+    return {
+        s: {
+            seed: (np.array([p[1] for p in sorted(pts)]), np.array([p[2] for p in sorted(pts)]))
+            for seed, pts in by_seed.items()
+        }
+        for s, by_seed in out.items()
+    }
 
 
 def read_curves(spec: str, metric: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -104,8 +120,10 @@ def read_curves(spec: str, metric: str) -> dict[int, tuple[np.ndarray, np.ndarra
                 v = parse_metric(r.get(f"test/{metric}", ""))
                 if r["strategy"] == strategy and v is not None:
                     points.setdefault(int(r["seed"]), []).append((float(r["labels"]), v))
-    return {seed: (np.array([x for x, _ in sorted(p)]), np.array([y for _, y in sorted(p)]))
-            for seed, p in points.items()}
+    return {
+        seed: (np.array([x for x, _ in sorted(p)]), np.array([y for _, y in sorted(p)]))
+        for seed, p in points.items()
+    }
 
 
 def undefined_points(rows: Sequence[dict[str, Any]], key: str) -> list[tuple[str, int, int]]:
@@ -115,8 +133,11 @@ def undefined_points(rows: Sequence[dict[str, Any]], key: str) -> list[tuple[str
     split = key.split("/", 1)[0] + "/"
     if not any(key in r for r in rows):
         return []
-    return sorted((r["strategy"], int(r["seed"]), int(r["round"])) for r in rows
-                  if any(k.startswith(split) for k in r) and parse_metric(r.get(key)) is None)
+    return sorted(
+        (r["strategy"], int(r["seed"]), int(r["round"]))
+        for r in rows
+        if any(k.startswith(split) for k in r) and parse_metric(r.get(key)) is None
+    )
 
 
 def _undefined_note(rows: Sequence[dict[str, Any]], key: str, title: str) -> str | None:
@@ -127,14 +148,19 @@ def _undefined_note(rows: Sequence[dict[str, Any]], key: str, title: str) -> str
     by_run: dict[tuple[str, int], list[int]] = {}
     for strategy, seed, round_no in bad:
         by_run.setdefault((strategy, seed), []).append(round_no)
-    where = "; ".join(f"{s} seed {k} round{'s' if len(r) > 1 else ''} "
-                      f"{', '.join(map(str, r))}" for (s, k), r in sorted(by_run.items()))
-    return (f"{title} is undefined at {len(bad)} of {total} points, left out of curves and "
-            f"tables ({where}); a run's final value is then its last defined point.")
+    where = "; ".join(
+        f"{s} seed {k} round{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}"
+        for (s, k), r in sorted(by_run.items())
+    )
+    return (
+        f"{title} is undefined at {len(bad)} of {total} points, left out of curves and "
+        f"tables ({where}); a run's final value is then its last defined point."
+    )
 
 
-def _mean_curve(by_seed: dict[int, tuple[np.ndarray, np.ndarray]]
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _mean_curve(
+    by_seed: dict[int, tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Labels, mean, min and max per label count over the seeds with a value there."""
     xs = sorted({float(v) for x, _ in by_seed.values() for v in x})
     mean, lo, hi = [], [], []
@@ -165,8 +191,14 @@ def plot_curves(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         for strategy in sorted(data, key=lambda s: (s == BASELINE, s)):
             x, mean, lo, hi = _mean_curve(data[strategy])
             base = strategy == BASELINE
-            line, = ax.plot(x, mean, marker=".", label=strategy, color="black" if base else None,
-                            linestyle="--" if base else "-")
+            (line,) = ax.plot(
+                x,
+                mean,
+                marker=".",
+                label=strategy,
+                color="black" if base else None,
+                linestyle="--" if base else "-",
+            )
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_xlabel("labels given (held-out validation labels included)")
         ax.set_ylabel(f"{split} {METRIC_TITLES[metric]}")
@@ -205,21 +237,31 @@ def _fmt_interval(values: Sequence[float]) -> str:
 def _strategy_table(data: Curves, order: list[str], seeds: list[int], name: str) -> list[str]:
     """Per strategy: seeds, labels at the end, final value and area (mean ± sd); then both
     per seed."""
-    lines = [f"| strategy | seeds | labels at end | final {name} | area under curve |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"| strategy | seeds | labels at end | final {name} | area under curve |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for strategy in order:
         by_seed = data[strategy]
         finals = [float(y[-1]) for _, y in by_seed.values()]
         final_labels = [float(x[-1]) for x, _ in by_seed.values()]
         aulc = [curve_area(x, y) for x, y in by_seed.values()]
-        lines.append(f"| {strategy} | {len(by_seed)} | {np.mean(final_labels):.0f} | "
-                     f"{_fmt_ms(finals)} | {_fmt_ms(aulc)} |")
-    lines += ["", f"Per seed: final {name} / area under curve", "",
-              "| seed | " + " | ".join(order) + " |",
-              "| ---: |" + " ---: |" * len(order)]
+        lines.append(
+            f"| {strategy} | {len(by_seed)} | {np.mean(final_labels):.0f} | "
+            f"{_fmt_ms(finals)} | {_fmt_ms(aulc)} |"
+        )
+    lines += [
+        "",
+        f"Per seed: final {name} / area under curve",
+        "",
+        "| seed | " + " | ".join(order) + " |",
+        "| ---: |" + " ---: |" * len(order),
+    ]
     for k in seeds:
-        cells = [f"{data[s][k][1][-1]:.3f} / {curve_area(*data[s][k]):.3f}"
-                 if k in data[s] else "–" for s in order]
+        cells = [
+            f"{data[s][k][1][-1]:.3f} / {curve_area(*data[s][k]):.3f}" if k in data[s] else "–"
+            for s in order
+        ]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -229,32 +271,39 @@ def _paired_table(data: Curves, name: str) -> list[str]:
     diffs = paired_differences(data)
     if not diffs:
         return []
-    lines = ["Paired difference to random (strategy − random on the same seed and "
-             "start set): per seed, and mean [95% t interval] over the n seeds", "",
-             "| strategy | n | area: per seed | area: mean [95% CI] "
-             f"| final {name}: per seed | final: mean [95% CI] |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "Paired difference to random (strategy − random on the same seed and "
+        "start set): per seed, and mean [95% t interval] over the n seeds",
+        "",
+        "| strategy | n | area: per seed | area: mean [95% CI] "
+        f"| final {name}: per seed | final: mean [95% CI] |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for d in diffs:
-        lines.append(f"| {d.strategy} | {len(d.seeds)} | "
-                     f"{', '.join(_fmt_diff(v) for v in d.area)} | "
-                     f"{_fmt_interval(d.area)} | "
-                     f"{', '.join(_fmt_diff(v) for v in d.final)} | "
-                     f"{_fmt_interval(d.final)} |")
+        lines.append(
+            f"| {d.strategy} | {len(d.seeds)} | "
+            f"{', '.join(_fmt_diff(v) for v in d.area)} | "
+            f"{_fmt_interval(d.area)} | "
+            f"{', '.join(_fmt_diff(v) for v in d.final)} | "
+            f"{_fmt_interval(d.final)} |"
+        )
     return [*lines, ""]
 
 
-def _labels_to_reach(data: Curves, order: list[str], seeds: list[int], name: str
-                     ) -> list[str]:
+def _labels_to_reach(data: Curves, order: list[str], seeds: list[int], name: str) -> list[str]:
     """Per strategy and seed, the labels at which the metric first reaches random's final
     mean value."""
     if BASELINE not in data:
         return ["No random run: no paired differences and no labels-to-reach target.", ""]
     target = float(np.mean([y[-1] for _, y in data[BASELINE].values()]))
-    lines = [f"Labels to reach random's final {target:.3f} (its mean over "
-             f"{len(data[BASELINE])} seed(s)), per seed; never = not reached within "
-             f"the run's labels", "",
-             "| strategy | reached | " + " | ".join(f"seed {k}" for k in seeds) + " |",
-             "| --- | ---: |" + " ---: |" * len(seeds)]
+    lines = [
+        f"Labels to reach random's final {target:.3f} (its mean over "
+        f"{len(data[BASELINE])} seed(s)), per seed; never = not reached within "
+        f"the run's labels",
+        "",
+        "| strategy | reached | " + " | ".join(f"seed {k}" for k in seeds) + " |",
+        "| --- | ---: |" + " ---: |" * len(seeds),
+    ]
     for strategy in order:
         by_seed = data[strategy]
         cells, hit = [], 0
@@ -298,11 +347,12 @@ def summarise(rows: Sequence[dict[str, Any]]) -> str:
         lines += _strategy_table(data, order, seeds, name)
         lines += _paired_table(data, name)
         lines += _labels_to_reach(data, order, seeds, name)
-    lines.append("Labels: every label the simulated radiologist gave (start set and rounds, "
-                 "held-out validation labels included). Mean ± sd over seeds. Area under the "
-                 "learning curve: trapezoid area of the metric over labels, divided by the "
-                 "label range (1.0 = perfect from the start). 95% CI: Student t interval of "
-                 "the mean paired difference over the n seeds (t with n − 1 degrees of "
-                 "freedom).")
+    lines.append(
+        "Labels: every label the simulated radiologist gave (start set and rounds, "
+        "held-out validation labels included). Mean ± sd over seeds. Area under the "
+        "learning curve: trapezoid area of the metric over labels, divided by the "
+        "label range (1.0 = perfect from the start). 95% CI: Student t interval of "
+        "the mean paired difference over the n seeds (t with n − 1 degrees of "
+        "freedom)."
+    )
     return "\n".join(lines) + "\n"
-

@@ -66,12 +66,15 @@ def run_one(spec: RunSpec, oracle: Oracle) -> int:
         if spec.verbose:
             m = r.metrics.get("test") or r.metrics.get("validation") or {}
             given, holdout = label_counts(cfg, [r.model_round])
-            print(f"[{name}] model round {r.model_round}: {given[r.model_round]} labels given "
-                  f"({r.n_labels} in training, {holdout} held out for validation), "
-                  f"AUROC {format_metric(m.get('auroc'))}, "
-                  f"accuracy {format_metric(m.get('accuracy'))} (training {r.seconds:.1f} s"
-                  + ("" if round_seconds is None else f", whole round {round_seconds:.1f} s")
-                  + ")", flush=True)
+            print(
+                f"[{name}] model round {r.model_round}: {given[r.model_round]} labels given "
+                f"({r.n_labels} in training, {holdout} held out for validation), "
+                f"AUROC {format_metric(m.get('auroc'))}, "
+                f"accuracy {format_metric(m.get('accuracy'))} (training {r.seconds:.1f} s"
+                + ("" if round_seconds is None else f", whole round {round_seconds:.1f} s")
+                + ")",
+                flush=True,
+            )
 
     if 0 not in trained:
         train(time.perf_counter(), None)
@@ -92,8 +95,9 @@ def run_one(spec: RunSpec, oracle: Oracle) -> int:
             except DataError:
                 if _pool_is_empty(cfg):
                     if spec.verbose:
-                        print(f"[{name}] the pool is exhausted after round "
-                              f"{round_no - 1}", flush=True)
+                        print(
+                            f"[{name}] the pool is exhausted after round {round_no - 1}", flush=True
+                        )
                     break
                 raise
         else:
@@ -103,8 +107,6 @@ def run_one(spec: RunSpec, oracle: Oracle) -> int:
             api.ingest(cfg, folder)
         train(t0, query_seconds)
     return done
-
-
 
 
 def pretrain_backbones(specs: Sequence[RunSpec], s: SimulationSettings, threads: int) -> None:
@@ -122,8 +124,9 @@ def pretrain_backbones(specs: Sequence[RunSpec], s: SimulationSettings, threads:
             if s.verbose:
                 print(f"{name}: {line}", flush=True)
         return
-    with ProcessPoolExecutor(max_workers=min(s.workers, len(todo)),
-                             mp_context=get_context("spawn")) as ex:
+    with ProcessPoolExecutor(
+        max_workers=min(s.workers, len(todo)), mp_context=get_context("spawn")
+    ) as ex:
         futures = {ex.submit(_pretrain_in_worker, cfg, threads): name for name, cfg in todo}
         for fut in as_completed(futures):
             line = fut.result()
@@ -189,30 +192,39 @@ def simulate(cfg: Config, s: SimulationSettings) -> SimulationResult:
                 print(run_progress(k, len(specs), time.perf_counter() - t0, name), flush=True)
     else:
         with ProcessPoolExecutor(max_workers=s.workers, mp_context=get_context("spawn")) as ex:
-            futures = {ex.submit(_run_in_worker, spec, entries, threads):
-                       f"{spec.strategy}/seed-{spec.seed}" for spec in specs}
+            futures = {
+                ex.submit(
+                    _run_in_worker, spec, entries, threads
+                ): f"{spec.strategy}/seed-{spec.seed}"
+                for spec in specs
+            }
             for k, fut in enumerate(as_completed(futures), 1):
                 try:
                     fut.result()
                 except Exception as e:
                     _failed(failures, futures[fut], e, s.verbose)
                 if s.verbose:
-                    print(run_progress(k, len(specs), time.perf_counter() - t0, futures[fut]),
-                          flush=True)
+                    print(
+                        run_progress(k, len(specs), time.perf_counter() - t0, futures[fut]),
+                        flush=True,
+                    )
     out = s.out.resolve()
     rows = collect_rows(specs)
     write_results(out / "results.csv", rows)
     plots = plot_curves(rows, out) if rows else []
     summary = summarise(rows) if rows else "no results yet\n"
     seconds = time.perf_counter() - t0
-    header = (f"# Simulation summary\n\n{len(s.strategies)} strategies × {len(s.seeds)} seeds "
-              f"({', '.join(map(str, s.seeds))}), {s.rounds} rounds of {s.budget} labels, "
-              f"start: {s.start} ({s.start_size} labels unless a list).\n"
-              f"Validation: {describe_validation(cfg, s.validation)}.\n"
-              f"{describe_backbones(cfg, s)}\n\n")
+    header = (
+        f"# Simulation summary\n\n{len(s.strategies)} strategies × {len(s.seeds)} seeds "
+        f"({', '.join(map(str, s.seeds))}), {s.rounds} rounds of {s.budget} labels, "
+        f"start: {s.start} ({s.start_size} labels unless a list).\n"
+        f"Validation: {describe_validation(cfg, s.validation)}.\n"
+        f"{describe_backbones(cfg, s)}\n\n"
+    )
     if failures:
-        header += (f"**{len(failures)} run(s) failed** and are missing or cut short here: "
-                   f"{', '.join(sorted(failures))}.\n\n")
+        header += (
+            f"**{len(failures)} run(s) failed** and are missing or cut short here: "
+            f"{', '.join(sorted(failures))}.\n\n"
+        )
     (out / "summary.md").write_text(header + summary, encoding="utf-8")
     return SimulationResult(out, rows, header + summary, plots, seconds, failures)
-

@@ -17,8 +17,9 @@ Curves = dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]
 them."""
 
 
-def curve_area(x: np.ndarray, y: np.ndarray, lo: float | None = None,
-               hi: float | None = None) -> float:
+def curve_area(
+    x: np.ndarray, y: np.ndarray, lo: float | None = None, hi: float | None = None
+) -> float:
     """Area under the piecewise-linear learning curve ``y`` over ``x`` (labels, ascending),
     divided by the range of ``x``: the curve's mean value. Only the points with ``lo <= x <=
     hi`` count when a bound is given (to compare curves over the labels both reached). One point
@@ -36,8 +37,9 @@ def curve_area(x: np.ndarray, y: np.ndarray, lo: float | None = None,
     return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2 / (x[-1] - x[0]))
 
 
-def t_interval(values: Sequence[float], level: float = 0.95
-               ) -> tuple[float, float | None, float | None]:
+def t_interval(
+    values: Sequence[float], level: float = 0.95
+) -> tuple[float, float | None, float | None]:
     """Mean and two-sided ``level`` Student t interval of the mean (``None`` bounds for n < 2):
     ``mean ± t(1 - (1 - level) / 2, n - 1) · sd / √n`` with the sample sd (n - 1)."""
     from scipy import stats
@@ -69,8 +71,9 @@ class PairedDifference:
         return t_interval(self.final)
 
 
-def paired_differences(data: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]],
-                       baseline: str = BASELINE) -> list[PairedDifference]:
+def paired_differences(
+    data: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]], baseline: str = BASELINE
+) -> list[PairedDifference]:
     """Per strategy other than ``baseline``: its difference to ``baseline`` on the same seeds
     (same start set), from :func:`curves`' output. Empty without a baseline."""
     if baseline not in data:
@@ -81,9 +84,7 @@ def paired_differences(data: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]
         seeds = tuple(sorted(set(data[strategy]) & set(base)))
         if not seeds:
             continue
-        area = tuple(curve_area(*data[strategy][k]) - curve_area(*base[k])
-                     for k in seeds)
+        area = tuple(curve_area(*data[strategy][k]) - curve_area(*base[k]) for k in seeds)
         final = tuple(float(data[strategy][k][1][-1] - base[k][1][-1]) for k in seeds)
         out.append(PairedDifference(strategy, seeds, area, final))
     return out
-
