@@ -643,3 +643,25 @@ def test_backbones_per_seed_or_shared(sim_setup, backbones, workers, image_cache
         sim.plan_runs(
             cfg, settings(sim_setup, out=sim_setup["out"].parent / "o2", backbones="each")
         )
+
+
+def test_summary_says_where_the_time_went(tmp_path):
+    from medal.simulate.records import record_pretraining_seconds
+
+    rows = [
+        {"strategy": "random", "seed": 0, "round": 0, "labels": 10, "test/auroc": 0.6}
+        | {"train_seconds": 2.0, "score_seconds": "", "query_seconds": "", "round_seconds": 3.0},
+        {"strategy": "random", "seed": 0, "round": 1, "labels": 20, "test/auroc": 0.7}
+        | {"train_seconds": 4.0, "score_seconds": 1.0, "query_seconds": 1.5, "round_seconds": 7.0},
+    ]
+    path = tmp_path / "pretraining_seconds.json"
+    assert record_pretraining_seconds(path, {"backbone seed 0": 30.0}) == {"backbone seed 0": 30.0}
+    # a resumed simulation loads the backbone from the cache in 0.1 s: the pretraining's 30 s stay
+    again = record_pretraining_seconds(path, {"backbone seed 0": 0.1, "backbone seed 1": 20.0})
+    assert again == {"backbone seed 0": 30.0, "backbone seed 1": 20.0}
+    table = sim.summarise(rows, again).split("### Time by part")[1]
+    assert "| self-supervised pretraining (2 backbones) | 50.0 | 2 | 25.00 |" in table
+    assert "| training (fitting the model) | 6.0 | 2 | 3.00 |" in table
+    assert "| MC scoring and selection | 1.0 | 1 | 1.00 |" in table
+    assert "| export of the round folder | 0.5 | 1 | 0.50 |" in table
+    assert "| whole rounds (query, labelling, ingest, training) | 10.0 | 2 | 5.00 |" in table

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,23 @@ def read_seconds(run_dir: Path) -> dict[int, dict[str, float | str]]:
             for r in csv.DictReader(f)
             if (r.get("round") or "").isdigit()
         }
+
+
+def record_pretraining_seconds(path: Path, measured: dict[str, float]) -> dict[str, float]:
+    """Merge ``{backbone: seconds}`` into the JSON file ``path`` without overwriting a backbone
+    already there (its first measurement is the pretraining; later ones load it from the
+    cache), and return the merged record. Written to a temporary name and renamed."""
+    try:
+        known = {str(k): float(v) for k, v in json.loads(path.read_text("utf-8")).items()}
+    except (FileNotFoundError, ValueError, AttributeError, TypeError):
+        known = {}
+    merged = {**{k: round(v, 3) for k, v in measured.items()}, **known}
+    if merged != known:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    return merged
 
 
 LABEL_COLUMNS = ("labels", "labels_train", "labels_holdout")

@@ -322,11 +322,43 @@ def _labels_to_reach(data: Curves, order: list[str], seeds: list[int], name: str
     return [*lines, ""]
 
 
-def summarise(rows: Sequence[dict[str, Any]]) -> str:
+def _seconds(rows: Sequence[dict[str, Any]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key) not in ("", None)]
+
+
+def time_table(rows: Sequence[dict[str, Any]], pretraining: dict[str, float]) -> list[str]:
+    """Markdown lines: where the simulation's wall-clock time went, per part, summed over runs
+    and as the mean per model round (``SECONDS_COLUMNS``; pretraining per backbone)."""
+    paired = [
+        float(r["query_seconds"]) - float(r["score_seconds"])
+        for r in rows
+        if r.get("query_seconds") not in ("", None) and r.get("score_seconds") not in ("", None)
+    ]
+    parts = [
+        (f"self-supervised pretraining ({len(pretraining)} backbones)", list(pretraining.values())),
+        ("training (fitting the model)", _seconds(rows, "train_seconds")),
+        ("MC scoring and selection", _seconds(rows, "score_seconds")),
+        ("export of the round folder", paired),
+        ("whole rounds (query, labelling, ingest, training)", _seconds(rows, "round_seconds")),
+    ]
+    lines = [
+        "### Time by part",
+        "",
+        "| part | total s | n | mean s |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, vals in parts:
+        if vals:
+            lines.append(f"| {name} | {sum(vals):.1f} | {len(vals)} | {np.mean(vals):.2f} |")
+    return [*lines, ""]
+
+
+def summarise(rows: Sequence[dict[str, Any]], pretraining: dict[str, float] | None = None) -> str:
     """Markdown, per main metric: per strategy the final value and the normalised area under the
     learning curve (mean ± sd over seeds, then per seed), the paired difference of each strategy
     to random per seed with the mean and a 95% t interval, and per seed the labels needed to
-    first reach random's final mean value. Undefined points are left out, with a note."""
+    first reach random's final mean value. Undefined points are left out, with a note. Then
+    where the time went (:func:`time_table`; ``pretraining``: seconds per backbone)."""
     split = _split(rows)
     lines = []
     for metric in MAIN_METRICS:
@@ -347,6 +379,7 @@ def summarise(rows: Sequence[dict[str, Any]]) -> str:
         lines += _strategy_table(data, order, seeds, name)
         lines += _paired_table(data, name)
         lines += _labels_to_reach(data, order, seeds, name)
+    lines += time_table(rows, pretraining or {})
     lines.append(
         "Labels: every label the simulated radiologist gave (start set and rounds, "
         "held-out validation labels included). Mean ± sd over seeds. Area under the "

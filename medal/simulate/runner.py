@@ -25,7 +25,7 @@ from .planning import (
     describe_validation,
     plan_runs,
 )
-from .records import format_metric, label_counts, record_seconds
+from .records import format_metric, label_counts, record_pretraining_seconds, record_seconds
 from .report import collect_rows, plot_curves, summarise, write_results
 from ..sources import sync
 
@@ -109,38 +109,50 @@ def run_one(spec: RunSpec, oracle: Oracle) -> int:
     return done
 
 
-def pretrain_backbones(specs: Sequence[RunSpec], s: SimulationSettings, threads: int) -> None:
+def pretrain_backbones(
+    specs: Sequence[RunSpec], s: SimulationSettings, threads: int
+) -> dict[str, float]:
     """Pretrain (or find in the shared cache) every self-supervised backbone the runs start
     from, before any run starts, so that two workers never pretrain the same one: one per
-    ``representation.seed`` among the runs, in parallel over ``s.workers`` processes."""
+    ``representation.seed`` among the runs, in parallel over ``s.workers`` processes.
+
+    Returns the seconds each backbone's pretraining took, as first measured in this output
+    folder (kept in ``pretraining_seconds.json``, so a resumed simulation still reports the
+    pretraining it once paid for, not the cache load)."""
     first: dict[int, RunSpec] = {}
     for spec in specs:
         if spec.cfg.representation.method != "none":
             first.setdefault(api.representation_seed(spec.cfg), spec)
     todo = [(f"backbone seed {k}", spec.cfg) for k, spec in sorted(first.items())]
+    measured: dict[str, float] = {}
     if s.workers <= 1 or len(todo) <= 1:
         for name, cfg in todo:
+            t0 = time.perf_counter()
             line = api.pretrain_representation(cfg, progress=s.verbose)
+            measured[name] = time.perf_counter() - t0
             if s.verbose:
                 print(f"{name}: {line}", flush=True)
-        return
-    with ProcessPoolExecutor(
-        max_workers=min(s.workers, len(todo)), mp_context=get_context("spawn")
-    ) as ex:
-        futures = {ex.submit(_pretrain_in_worker, cfg, threads): name for name, cfg in todo}
-        for fut in as_completed(futures):
-            line = fut.result()
-            if s.verbose:
-                print(f"{futures[fut]}: {line}", flush=True)
+    else:
+        with ProcessPoolExecutor(
+            max_workers=min(s.workers, len(todo)), mp_context=get_context("spawn")
+        ) as ex:
+            futures = {ex.submit(_pretrain_in_worker, cfg, threads): name for name, cfg in todo}
+            for fut in as_completed(futures):
+                line, measured[futures[fut]] = fut.result()
+                if s.verbose:
+                    print(f"{futures[fut]}: {line}", flush=True)
+    return record_pretraining_seconds(s.out.resolve() / "pretraining_seconds.json", measured)
 
 
-def _pretrain_in_worker(cfg: Config, threads: int) -> str:
-    """Process-pool entry point: one backbone's pretraining."""
+def _pretrain_in_worker(cfg: Config, threads: int) -> tuple[str, float]:
+    """Process-pool entry point: one backbone's pretraining, and its seconds."""
     import torch
 
     if threads > 0:
         torch.set_num_threads(threads)
-    return api.pretrain_representation(cfg, progress=False)
+    t0 = time.perf_counter()
+    line = api.pretrain_representation(cfg, progress=False)
+    return line, time.perf_counter() - t0
 
 
 def _run_in_worker(spec: RunSpec, entries: list[TruthEntry], threads: int) -> tuple[str, int]:
@@ -175,7 +187,7 @@ def simulate(cfg: Config, s: SimulationSettings) -> SimulationResult:
     specs, entries = plan_runs(cfg, s)
     failures: dict[str, str] = {}
     threads = s.threads or max(1, (os.cpu_count() or 1) // max(1, s.workers))
-    pretrain_backbones(specs, s, threads)
+    pretraining = pretrain_backbones(specs, s, threads)
     if s.workers <= 1:
         import torch
 
@@ -212,7 +224,7 @@ def simulate(cfg: Config, s: SimulationSettings) -> SimulationResult:
     rows = collect_rows(specs)
     write_results(out / "results.csv", rows)
     plots = plot_curves(rows, out) if rows else []
-    summary = summarise(rows) if rows else "no results yet\n"
+    summary = summarise(rows, pretraining) if rows else "no results yet\n"
     seconds = time.perf_counter() - t0
     header = (
         f"# Simulation summary\n\n{len(s.strategies)} strategies × {len(s.seeds)} seeds "
