@@ -151,14 +151,31 @@ class PoolStore:
                     f.write(x.to(torch.float16).numpy().tobytes())
                     reasons |= {str(j): r for j, r in zip(idx.tolist(), why) if r}
             (tmp / _REASONS).write_text(json.dumps(reasons), encoding="utf-8")
-            try:
-                os.rename(tmp, self.folder)
-            except OSError:  # another process renamed its store first: keep that one
-                if not self.folder.is_dir():
-                    raise
+            self._place(tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return StoredImages(self.folder)
+
+    def _place(self, filled: Path) -> None:
+        """Rename the folder ``filled`` into place. A good store already there (another
+        process's, renamed first) is kept; a damaged one is moved aside and removed."""
+        try:
+            os.rename(filled, self.folder)
+            return
+        except OSError:
+            if self.open() is not None:
+                return
+        aside = self.folder.with_name(f".{self.folder.name}.{uuid.uuid4().hex[:8]}.old")
+        try:
+            os.rename(self.folder, aside)
+        except FileNotFoundError:  # another process moved it first
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.rename(filled, self.folder)
+        except OSError:
+            if self.open() is None:
+                raise
 
 
 def stored_images(
@@ -174,5 +191,5 @@ def stored_images(
         return found
     try:
         return store.fill(batch_size=batch_size, num_workers=num_workers)
-    except OSError:
+    except (OSError, ValueError):
         return ds
