@@ -184,7 +184,10 @@ def stored_images(
     """``ds``'s images from their store under the decode cache ``root``, filling it first if
     there is none. A disk that cannot hold the store (full, read-only) does not stop the
     command: ``ds`` itself is returned (the same items, decoded or read from the decode cache
-    one at a time). Either way item ``i`` is ``(x [C, S, S] float32, i, reason)``."""
+    one at a time), and so is a dataset without content ids (``image.cache = false``).
+    Either way item ``i`` is ``(x [C, S, S] float32, i, reason)``."""
+    if len(ds.ids) != len(ds):
+        return ds
     store = PoolStore(root, ds)
     found = store.open()
     if found is not None:

@@ -170,6 +170,9 @@ def test_pool_store_half_written_is_never_read(tmp_path):
         ro.chmod(0o700)
     if not isinstance(fallback, StoredImages):  # root ignores the permission bits
         assert isinstance(fallback, ImageDataset) and len(fallback) == 6
+    no_cache = ImageDataset(paths, channels=1, size=8)  # image.cache = false: no content ids
+    assert stored_images(no_cache, tmp_path / "elsewhere") is no_cache
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_pool_store_filled_by_two_processes_at_once(tmp_path):
