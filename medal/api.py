@@ -20,7 +20,7 @@ from . import acquisition
 from .config import Config
 from .data import ImageDataset, load_all
 from .errors import DataError, ModelError, WorkspaceError
-from .features import FeatureCache, backbone_key
+from .features import FeatureCache, backbone_key, stream_features
 from .labelling.export import Candidate, export_round
 from .labelling.ingest import FINAL_SOURCES, IngestResult, ingest_round
 from .models import MCModel, read_pretrained, resolve_device, set_mc_mode
@@ -29,7 +29,7 @@ from .representation import cache_key as ssl_cache_key
 from .resources import check_pretraining_memory, check_query_memory, check_training_memory
 from .metrics import classification_metrics
 from .fitting import FitResult
-from .train import backbone_features, build_model, fit, load_checkpoint, save_checkpoint
+from .train import build_model, fit, load_checkpoint, save_checkpoint
 from . import distributed
 from .uncertainty import (
     MCResult,
@@ -698,14 +698,15 @@ def frozen_features(
     feats, found = cache.lookup(ids, model.feature_dim)
     skipped: dict[Path, str] = {}
     missing = np.flatnonzero(~found)
-    if len(missing):
-        x, _, kept_items, skipped = _load(cfg, [items[i] for i in missing])
-        new = backbone_features(model, x, device).numpy()
-        row = {it.id: r for r, it in enumerate(kept_items)}
-        have = np.array([ids[i] in row for i in missing], bool)
-        feats[missing[have]] = new[[row[ids[i]] for i in missing[have]]]
-        found[missing[have]] = True
-        cache.add([it.id for it in kept_items], new)
+    if len(missing):  # streamed a batch at a time: memory does not grow with the pool
+        todo = [items[i] for i in missing]
+        new, kept, bad = stream_features(
+            model, _dataset(cfg, todo), device, num_workers=cfg.num_workers
+        )
+        skipped = {todo[j].path: r for j, r in bad.items()}
+        feats[missing[kept]] = new
+        found[missing[kept]] = True
+        cache.add([todo[j].id for j in kept], new)
     return feats, found, skipped
 
 
@@ -770,8 +771,12 @@ def _zero_label_query(
         raise DataError(_empty_pool(cfg))
     t0 = time.perf_counter()
     model = start_model(cfg, None, backbone=pretrained_backbone(ws, cfg, snap, device, progress)[1])
-    x, _, kept, skipped = _load(cfg, snap.pool)
-    features = backbone_features(model, x, device).numpy()
+    model.to(device)
+    features, rows, bad = stream_features(
+        model, _dataset(cfg, snap.pool), device, num_workers=cfg.num_workers
+    )
+    kept = [snap.pool[j] for j in rows]
+    skipped = {snap.pool[j].path: r for j, r in bad.items()}
     round_no = ws.next_round()
     rng = np.random.default_rng(round_seed(cfg, round_no))
     idx = acquisition.typiclust(features, cfg.query.budget, rng=rng)

@@ -174,8 +174,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def make_loader(
-    ds: ImageDataset, batch_size: int, num_workers: int, pin_memory: bool = False
+    ds: torch.utils.data.Dataset, batch_size: int, num_workers: int, pin_memory: bool = False
 ) -> torch.utils.data.DataLoader:
+    """Batches ``(x [B, C, S, S], i [B], reasons)`` of a dataset with
+    :class:`ImageDataset`'s items, in order."""
     return torch.utils.data.DataLoader(
         ds,
         batch_size=batch_size,
@@ -202,6 +204,8 @@ def load_all(
     """Decode ``paths`` into memory (through the decode cache when ``ids``/``cache_dir``).
 
     Returns ``(x [M, C, S, S], kept [M] indices into paths, {path: reason} for skipped files)``.
+    The batches are copied into one tensor allocated up front, so memory holds the set once
+    (and one batch), not twice as gathering the batches and then concatenating them would.
     """
     ds = ImageDataset(
         paths,
@@ -213,13 +217,13 @@ def load_all(
         cache_dir=cache_dir,
         frames=frames,
     )
-    xs, kept, skipped = [], [], {}
+    out = torch.empty(len(ds), channels, size, size)
+    kept: list[int] = []
+    skipped: dict[Path, str] = {}
     for x, idx, reasons in make_loader(ds, batch_size, num_workers):
         ok = torch.tensor([r == "" for r in reasons], dtype=torch.bool)
-        xs.append(x[ok])
+        good = x if ok.all() else x[ok]
+        out[len(kept) : len(kept) + len(good)] = good
         kept += idx[ok].tolist()
-        for j, r in zip(idx.tolist(), reasons):
-            if r:
-                skipped[ds.paths[j]] = r
-    x = torch.cat(xs) if xs else torch.zeros(0, channels, size, size)
-    return x, np.asarray(kept, dtype=np.int64), skipped
+        skipped |= {ds.paths[j]: r for j, r in zip(idx.tolist(), reasons) if r}
+    return out[: len(kept)], np.asarray(kept, dtype=np.int64), skipped

@@ -21,6 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import make_loader
+from .models import MCModel
+
+FEATURE_BATCH = 512
+"""Images per forward pass when a set's backbone features are computed (the batch of
+:func:`medal.train.backbone_features`, so streamed features equal those of the whole set)."""
+
 
 def backbone_key(backbone: nn.Module, preprocess: Sequence[object]) -> str:
     """Key of a backbone's features: a hash of its weights and buffers (``[*]`` tensors, in
@@ -85,3 +92,35 @@ class FeatureCache:
             tmp.replace(self.path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def stream_features(
+    model: MCModel,
+    ds: torch.utils.data.Dataset,
+    device: torch.device,
+    *,
+    batch_size: int = FEATURE_BATCH,
+    num_workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Deterministic backbone features (``model.features``) of every readable image of
+    ``ds`` (items ``(x [C, S, S], i, reason)``), a batch at a time through a ``DataLoader``
+    (pinned memory on CUDA): memory holds one batch of images, never the whole set.
+
+    Returns ``(features [M, D] float32, kept [M] indices into ds, {index: reason})`` for the
+    ``M`` readable images, in order.
+    """
+    model.eval()
+    loader = make_loader(ds, batch_size, num_workers, pin_memory=device.type == "cuda")
+    feats: list[np.ndarray] = []
+    kept: list[int] = []
+    reasons: dict[int, str] = {}
+    for x, idx, why in loader:
+        ok = torch.tensor([r == "" for r in why], dtype=torch.bool)
+        reasons |= {j: r for j, r in zip(idx.tolist(), why) if r}
+        if ok.any():
+            good = x if ok.all() else x[ok]
+            feats.append(model.features(good.to(device, non_blocking=True)).float().cpu().numpy())
+            kept += idx[ok].tolist()
+    out = np.concatenate(feats) if feats else np.zeros((0, model.feature_dim), np.float32)
+    return out, np.asarray(kept, dtype=np.int64), reasons

@@ -1,16 +1,17 @@
 """Memory estimates: refuse a command that cannot fit instead of being killed by the kernel.
 
 Training holds every labelled, validation and test image in memory as float32
-``[C, S, S]`` (``data.load_all``) and keeps each layer's output of a batch for the backward
-pass. Both grow with ``model.image_size`` squared: at 2048 one image through ``small_cnn``
-keeps about 3 GB of activations, so the default batch of 32 needs ~100 GB. The activations per
-image are measured exactly, without memory, by running the model on PyTorch's ``meta``
-device (shapes only).
+``[C, S, S]`` (``data.load_all``, once) and keeps each layer's output of a batch for the
+backward pass; the pool is never held: scoring it and computing its backbone features read
+it a batch at a time. Both grow with ``model.image_size`` squared: at 2048 one image
+through ``small_cnn`` keeps about 3 GB of activations, so the default batch of 32 needs
+~100 GB. The activations per image are measured exactly, without memory, by running the
+model on PyTorch's ``meta`` device (shapes only).
 
 Three commands are estimated, each before it loads an image: training
 (:func:`check_training_memory`), scoring the pool (:func:`check_query_memory`: a batch of
-images and its activations at a time, the scores of the whole pool for selection, and the
-whole pool where a frozen backbone's features or a zero-label start decode it at once) and
+images and its activations at a time, the scores and features of the whole pool for
+selection) and
 self-supervised pretraining (:func:`check_pretraining_memory`: every image it learns from is
 held in memory, and two views of a batch keep their activations).
 
@@ -31,6 +32,7 @@ from torch import nn
 from .acquisition import get_strategy
 from .config import Config
 from .errors import ConfigError
+from .features import FEATURE_BATCH
 from .models import model_from_config
 
 MEMORY_CHECK_ENV = "MEDAL_MEMORY_CHECK"
@@ -128,16 +130,17 @@ def check_training_memory(cfg: Config, n_images: int, n_eval: int, device: torch
     that fits) when training is estimated not to fit: ``n_images`` held in memory in all,
     of which the largest evaluation set (validation or test) has ``n_eval``.
 
-    Host memory holds the images (twice while they are gathered) and, on the CPU, the
-    activations of one training batch (or of one validation batch, at most 512 images, if
-    larger) and the weights with their AdamW state. On CUDA the activations are compared
+    Host memory holds the images (once: ``data.load_all`` fills one tensor), the loader's
+    batches in flight while they are decoded, and, on the CPU, the activations of one
+    training batch (or of one validation batch, at most 512 images, if larger) and the
+    weights with their AdamW state. On CUDA the activations are compared
     with the GPU's free memory instead.
     """
     if _check_off():
         return
     m, t = cfg.model, cfg.train
     image = 4 * m.channels * m.image_size**2
-    held = 2 * n_images * image
+    held = (n_images + min(LOAD_BATCH, n_images) * _in_flight(cfg)) * image
     train_act, infer_act = activation_bytes(cfg)
     val_batch = min(512, n_eval)  # train.predict_deterministic's batch
     act = max(t.batch_size * train_act, val_batch * infer_act)
@@ -171,9 +174,14 @@ def check_training_memory(cfg: Config, n_images: int, n_eval: int, device: torch
         )
 
 
-FEATURE_BATCH = 512
-"""Images per forward pass when a whole set's backbone features are computed at once
-(``train.backbone_features``: a frozen backbone's features, a zero-label start)."""
+LOAD_BATCH = 256
+"""The batch of ``data.load_all``, which decodes the sets training holds."""
+
+
+def _in_flight(cfg: Config) -> int:
+    """Batches of decoded images a ``DataLoader`` holds at once: two prefetched per worker
+    and the one in use, each twice while it is collated (or pinned)."""
+    return 2 * (1 + 2 * cfg.num_workers)
 
 
 def _query_parts(
@@ -188,25 +196,29 @@ def _query_parts(
     params, dim = _model_sizes(cfg)
     T, C = q.mc_samples, len(cfg.classes)
     mode = q.sampling if q.sampling != "auto" else ("full" if m.backbone_dropout > 0 else "head")
-    whole_pool = zero_label or (cfg.train.freeze_backbone and mode == "head")
+    # a frozen backbone's features (or a zero-label start's) are computed by streaming the
+    # pool through the backbone in batches of FEATURE_BATCH; the features are kept
+    streamed = zero_label or (cfg.train.freeze_backbone and mode == "head")
+    on_cpu = device.type != "cuda"
     parts: list[tuple[str, float]] = []
     per_image = 0.0  # bytes per image of query.batch_size (0: the batch size does not matter)
     calls = 1  # replicas of a batch in one forward call
-    if whole_pool:
-        parts.append((f"the {n_pool} pool images decoded at once", 2 * n_pool * image))
+    if streamed:
+        batch = min(FEATURE_BATCH, n_pool)
         parts.append(
             (
-                f"a batch of {min(FEATURE_BATCH, n_pool)} through {m.name}",
-                min(FEATURE_BATCH, n_pool) * infer_act,
+                f"a batch of {batch} through {m.name} for the backbone features",
+                batch * (_in_flight(cfg) * image + on_cpu * infer_act),
             )
         )
+        if not zero_label:  # looked up, streamed, gathered and added to the feature cache
+            parts.append((f"backbone features of {n_pool} images", 4 * 4 * n_pool * dim))
     else:
         batch = min(q.batch_size, n_pool)
-        in_flight = 2 * (1 + 2 * cfg.num_workers)
         if mode == "full":
             max_items = q.max_batch_items or (4096 if device.type == "cuda" else q.batch_size)
             calls = max(1, min(T, max_items // batch))
-        per_image = in_flight * image + (0 if device.type == "cuda" else calls * infer_act)
+        per_image = _in_flight(cfg) * image + on_cpu * calls * infer_act
         parts.append(
             (
                 f"one batch of query.batch_size = {q.batch_size} through {m.name}"
@@ -219,7 +231,8 @@ def _query_parts(
     else:  # counted for every strategy: a cold start selects from all of them too
         parts.append((f"scores of {n_pool} images", 4 * n_pool * (T * C + 2 * dim)))
         if q.cold_start != "off" or get_strategy(q.strategy).needs_labelled_features:
-            parts.append((f"{n_labelled} labelled images held", 2 * n_labelled * image))
+            loading = min(LOAD_BATCH, n_labelled) * _in_flight(cfg)
+            parts.append((f"{n_labelled} labelled images held", (n_labelled + loading) * image))
     parts.append(("weights", 4 * params))
     return parts, per_image, calls, infer_act
 
@@ -238,10 +251,12 @@ def check_query_memory(
     while scoring, so GPU memory is not estimated), the scores of the whole pool in float32
     (``[N, T, C]``, and ``[N, D]`` twice) as a selection from all of them needs (counted for
     every strategy: a cold start does so too), the ``n_labelled`` labelled images where the
-    strategy needs their features (coreset, typiclust) or a cold start embeds them, and the
-    whole pool where it is decoded at once: a frozen backbone whose features are computed
-    (counted even where the feature cache already holds them) and a ``zero_label`` first
-    round (:func:`check_pretraining_memory` covers its pretraining).
+    strategy needs their features (coreset, typiclust) or a cold start embeds them. Where a
+    frozen backbone's features are computed (counted even where the feature cache already
+    holds them) or a ``zero_label`` first round embeds the pool, the pool is streamed:
+    batches of :data:`~medal.features.FEATURE_BATCH` images and their activations, and the
+    features of the whole pool (a few copies while they are gathered and cached).
+    :func:`check_pretraining_memory` covers a zero-label round's pretraining.
     """
     if _check_off():
         return

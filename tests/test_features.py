@@ -83,3 +83,33 @@ def test_frozen_query_from_cached_features_equals_fresh(tmp_path, tiny_data):
     assert main(["query", "-c", str(cfg_copy), *c[2:]]) == 0  # features computed afresh
     assert _chosen(ws) == _chosen(copy)
     assert len(_chosen(ws)) == 6
+
+
+def test_streamed_features_equal_those_of_the_whole_set(tmp_path):
+    """stream_features (a batch at a time: how frozen features and the zero-label query
+    compute them, issue 28) gives exactly the features of the set decoded whole; an
+    unreadable file is reported by its index and left out."""
+    from medal.data import ImageDataset, load_all
+    from medal.features import stream_features
+    from medal.train import backbone_features
+
+    from conftest import save
+
+    rng = np.random.default_rng(0)
+    paths = [
+        save(tmp_path / f"{i:02d}.png", rng.integers(0, 255, (20, 20)).astype(np.uint8))
+        for i in range(10)
+    ]
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 2, hidden=0)
+    whole = backbone_features(model, load_all(paths, channels=1, size=16)[0], cpu)
+    got, kept, bad = stream_features(model, ImageDataset(paths, channels=1, size=16), cpu)
+    assert torch.equal(torch.from_numpy(got), whole) and kept.tolist() == list(range(10))
+    assert bad == {} and got.dtype == np.float32
+    paths[3].write_bytes(b"broken")
+    got, kept, bad = stream_features(
+        model, ImageDataset(paths, channels=1, size=16), cpu, batch_size=4
+    )
+    assert kept.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9] and list(bad) == [3]
+    torch.testing.assert_close(torch.from_numpy(got), whole[kept])

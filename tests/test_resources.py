@@ -138,28 +138,49 @@ def test_ordinary_queries_are_not_refused(trained, tmp_path, capsys, monkeypatch
     resources.check_query_memory(cfg, 100_000, 500, CPU)
 
 
-def test_frozen_backbone_and_zero_label_count_the_whole_pool(tmp_path, monkeypatch):
+def test_frozen_backbone_and_zero_label_stream_the_pool(tmp_path, monkeypatch):
+    """A frozen backbone's features and a zero-label start stream the pool a batch at a
+    time (issue 28): 100,000 images at 128 px (6.6 GB, 13 GB while they were gathered) fit
+    in 8 GB. A batch that cannot fit, and features of a pool too large, are still refused."""
     cfg_path = write_config(tmp_path)
-    base = {"model.image_size": 512}
     monkeypatch.setattr(resources, "available_memory", lambda: 8 * GB)
-    if True:
-        # streamed: 20,000 images at 512 px are scored a batch at a time
-        resources.check_query_memory(
-            load_config(cfg_path, {**base, "query.batch_size": 4}), 20_000, 100, CPU
-        )
-        # a frozen backbone's features are computed from the whole pool decoded at once
-        frozen = load_config(
-            cfg_path, {**base, "query.batch_size": 4, "train.freeze_backbone": True}
-        )
-        with pytest.raises(
-            ConfigError,
-            match=r"the 20000 pool images decoded at once 41\.9 GB"
-            r".*; set model\.image_size = \d+ \(",
-        ):
-            resources.check_query_memory(frozen, 20_000, 100, CPU)
-        zero = load_config(cfg_path, {**base, "representation.method": "simclr"})
-        with pytest.raises(ConfigError, match=r"not enough memory to choose the first round"):
-            resources.check_query_memory(zero, 20_000, 0, CPU, zero_label=True)
+    frozen = load_config(cfg_path, {"model.image_size": 128, "train.freeze_backbone": True})
+    resources.check_query_memory(frozen, 100_000, 100, CPU)
+    zero = load_config(cfg_path, {"model.image_size": 128, "representation.method": "simclr"})
+    resources.check_query_memory(zero, 100_000, 0, CPU, zero_label=True)
+    # 512 images at 512 px through small_cnn at once: ~35 GB of activations
+    big = load_config(cfg_path, {"model.image_size": 512, "train.freeze_backbone": True})
+    with pytest.raises(
+        ConfigError,
+        match=r"not enough memory to score the pool: .*a batch of 512 through small_cnn for "
+        r"the backbone features 35\.\d GB.*; set model\.image_size = (\d+) \(",
+    ) as refusal:
+        resources.check_query_memory(big, 20_000, 100, CPU)
+    size = int(re.search(r"model\.image_size = (\d+) \(", str(refusal.value)).group(1))
+    assert 8 <= size < 512
+    fits = load_config(cfg_path, {"model.image_size": size, "train.freeze_backbone": True})
+    resources.check_query_memory(fits, 20_000, 100, CPU)
+    # what does grow with the pool is still counted: its features (and scores)
+    with pytest.raises(ConfigError, match=r"backbone features of 30000000 images \d+\.\d GB"):
+        resources.check_query_memory(frozen, 30_000_000, 100, CPU)
+    with pytest.raises(ConfigError, match=r"not enough memory to choose the first round"):
+        resources.check_query_memory(zero, 100_000_000, 0, CPU, zero_label=True)
+
+
+# --- training -------------------------------------------------------------------------------
+def test_training_counts_its_images_once(tmp_path, monkeypatch):
+    """data.load_all fills one tensor, so the training images are counted once (and the
+    batches in flight while they are decoded): 11,000 images at 256 px (2.9 GB) train in
+    4 GB, which counting them twice refused; 14,000 do not fit and are refused."""
+    cfg = load_config(write_config(tmp_path), {"model.image_size": 256})
+    monkeypatch.setattr(resources, "available_memory", lambda: 4 * GB)
+    resources.check_training_memory(cfg, 11_000, 16, CPU)
+    with pytest.raises(
+        ConfigError,
+        match=r"not enough memory to train: .*\(model\.image_size = 256: 14000 images held "
+        r"in memory 3\.\d GB",
+    ):
+        resources.check_training_memory(cfg, 14_000, 16, CPU)
 
 
 # --- self-supervised pretraining ----------------------------------------------------------------
