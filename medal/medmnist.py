@@ -41,6 +41,8 @@ RETINAMNIST_SHA256 = "254915f5f0a2074665c4676356824cf4ef4a3bcab233894b4bafcaf489
 RETINAMNIST_CLASSES = ("grade0", "grade1", "grade2", "grade3", "grade4")
 BUNDLED = ("pneumoniamnist", "retinamnist")
 """The data sets that ship with the checkout (``data/<name>/<name>.npz``)."""
+SHA256 = {"pneumoniamnist": PNEUMONIAMNIST_SHA256, "retinamnist": RETINAMNIST_SHA256}
+"""The sha256 of each bundled ``<name>.npz``."""
 
 
 def save_png(path: Path, img: np.ndarray) -> None:
@@ -61,15 +63,22 @@ def already_prepared(out: Path, settings: dict[str, Any], force: bool) -> bool:
     return False
 
 
-def load_verified(npz: Path, sha256: str, out: Path) -> Any:
-    """The arrays of ``npz`` after checking its sha256 (:class:`DataError` if it differs);
-    clears ``out`` for a rebuild."""
+def read_verified(npz: Path, sha256: str) -> Any:
+    """The arrays of ``npz`` (``{split}_images`` ``[N, 28, 28]`` or ``[N, 28, 28, 3]`` uint8,
+    ``{split}_labels`` ``[N, 1]``) after checking its sha256 (:class:`DataError` if it
+    differs; :data:`SHA256` holds the bundled files')."""
     digest = hashlib.sha256(npz.read_bytes()).hexdigest()
     if digest != sha256:
         raise DataError(f"{npz} has sha256 {digest}, expected {sha256}")
+    return np.load(npz)
+
+
+def load_verified(npz: Path, sha256: str, out: Path) -> Any:
+    """:func:`read_verified`, then clears ``out`` for a rebuild."""
+    d = read_verified(npz, sha256)
     if out.exists():
         shutil.rmtree(out)
-    return np.load(npz)
+    return d
 
 
 def class_balanced_start(

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from medal.errors import DataError
-from medal.medmnist import class_balanced_start, prepare_bundled, prepare_retinamnist
+from medal.medmnist import (
+    BUNDLED,
+    SHA256,
+    class_balanced_start,
+    prepare_bundled,
+    prepare_retinamnist,
+    read_verified,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 RETINA = DATA / "retinamnist" / "retinamnist.npz"
@@ -21,6 +28,14 @@ def test_class_balanced_start_spreads_the_size_over_the_classes():
     start = class_balanced_start(y, 3, 7, np.random.default_rng(0))
     assert len(set(start.tolist())) == 7
     assert np.bincount(y[start]).tolist() == [3, 2, 2]  # earlier classes get the remainder
+
+
+def test_the_bundled_files_are_the_ones_recorded():
+    for name in BUNDLED:
+        d = read_verified(DATA / name / f"{name}.npz", SHA256[name])
+        assert {f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")} <= set(
+            d.files
+        )
 
 
 def files(folder: Path) -> list[Path]:
