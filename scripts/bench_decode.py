@@ -12,25 +12,21 @@ both rates and their ratio (target: >= 5x for JPEG 2000).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pydicom.uid import (
     ExplicitVRLittleEndian,
-    JPEG2000Lossless,  # noqa: E402
+    JPEG2000Lossless,
     JPEGLSLossless,
     RLELossless,
 )
 
-from medal.data import ImageDataset  # noqa: E402
-from medal.scan import file_sha256, scan_folder  # noqa: E402
-from medal.dicomwrite import write_dicom  # noqa: E402
+from medal.data import ImageDataset
+from medal.dicomwrite import write_dicom
+from medal.scan import file_sha256, scan_folder
 
 SYNTAXES = {
     "jpeg2000": JPEG2000Lossless,

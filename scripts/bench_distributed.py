@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from medal import api
+from medal.config import load_config
 
-from medal import api  # noqa: E402
-from medal.config import load_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = """workspace = "ws"
 classes = ["a", "b"]

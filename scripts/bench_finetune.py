@@ -32,7 +32,6 @@ import argparse
 import csv
 import dataclasses
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -40,18 +39,15 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
+from medal import api
+from medal.config import Config, load_config, parse_overrides
+from medal.data import NORMALISE_MEAN, NORMALISE_STD
+from medal.metrics import classification_metrics
+from medal.representation import SSLSettings, pretrain_and_cache
+from medal.simulate import t_interval_or_nan as interval
+from medal.train import build_model, fit, predict_deterministic
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from compare_simulations import interval  # noqa: E402
-
-from medal import api  # noqa: E402
-from medal.config import Config, load_config, parse_overrides  # noqa: E402
-from medal.data import NORMALISE_MEAN, NORMALISE_STD  # noqa: E402
-from medal.representation import SSLSettings, pretrain_and_cache  # noqa: E402
-from medal.metrics import classification_metrics  # noqa: E402
-from medal.train import build_model, fit, predict_deterministic  # noqa: E402
 
 ARMS = ("frozen", "lpft", "auto", "whole")
 COMMON = {

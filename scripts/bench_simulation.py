@@ -36,18 +36,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from medal.benchmarks import label_efficiency_table, measure
+from medal.benchmarks import report as representation_report
+from medal.config import load_config, parse_overrides
+from medal.errors import DataError
+from medal.medmnist import BUNDLED as DATASETS
+from medal.medmnist import prepare_bundled
+from medal.simulate import SimulationSettings, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from bench_representation import DATASETS, measure, prepare_dataset  # noqa: E402
-from bench_representation import report as representation_report  # noqa: E402
-from compare_simulations import area, curves, interval  # noqa: E402
-
-from medal.config import load_config, parse_overrides  # noqa: E402
-from medal.simulate import SimulationSettings, simulate  # noqa: E402
 
 # Keys a user would pass as --set to `medal simulate`: no previews in a simulation.
 OVERRIDES: dict[str, object] = {"device": "cpu", "labelling.previews": False}
@@ -133,57 +130,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def one_table(results_csv: Path, strategies: list[str], baseline: str | None) -> str:
-    """Per seed: each strategy's final test AUROC / area; paired differences to random (and to
-    ``baseline``) with 95% t intervals."""
-    cs = {s: curves(f"{results_csv}:{s}", "auroc") for s in strategies}
-    seeds = sorted(set.intersection(*(set(c) for c in cs.values())))
-    lo = max(c[s][0][0] for c in cs.values() for s in seeds)
-    hi = min(c[s][0][-1] for c in cs.values() for s in seeds)
-    head = f"{'':<34}" + "".join(f"{'seed ' + str(s):>9}" for s in seeds) + f"{'mean':>9}"
-    lines = [head]
-
-    def row(name: str, vals: list[float], fmt: str = "9.3f") -> None:
-        lines.append(f"{name:<34}" + "".join(f"{v:{fmt}}" for v in vals) + f"{np.mean(vals):{fmt}}")
-
-    for s, c in cs.items():
-        row(f"{s}: AUROC at {int(c[seeds[0]][0][-1])} labels", [c[k][1][-1] for k in seeds])
-        row(f"{s}: area {lo:.0f}-{hi:.0f} labels", [area(*c[k], lo, hi) for k in seeds], "9.4f")
-    if "random" in cs:
-        for s in cs:
-            if s == "random":
-                continue
-            d = np.array([area(*cs[s][k], lo, hi) - area(*cs["random"][k], lo, hi) for k in seeds])
-            m, a, b = interval(d)
-            row(f"{s} - random: area", list(d), "+9.4f")
-            lines.append(f"{'':<34}mean {m:+.4f}, 95% interval [{a:+.4f}, {b:+.4f}]")
-    if baseline:
-        base = curves(baseline, "auroc")
-        common = [k for k in seeds if k in base]
-        if common:
-            target = float(np.mean([base[k][1][-1] for k in common]))
-            at = int(np.median([base[k][0][-1] for k in common]))
-            row(f"baseline: AUROC at {at} labels", [base[k][1][-1] for k in common])
-            for s, c in cs.items():
-                reach = []
-                for k in common:
-                    hit = c[k][0][c[k][1] >= target]
-                    reach.append(float(hit[0]) if len(hit) else float("nan"))
-                row(f"{s}: labels to reach {target:.3f}", reach, "9.0f")
-                blo, bhi = max(lo, min(base[k][0][0] for k in common)), hi
-                d = np.array([area(*c[k], blo, bhi) - area(*base[k], blo, bhi) for k in common])
-                m, a, b = interval(d)
-                row(f"{s} - baseline: area", list(d), "+9.4f")
-                lines.append(
-                    f"{'':<34}mean {m:+.4f}, 95% interval [{a:+.4f}, {b:+.4f}]; "
-                    f"positive in {int((d > 0).sum())} of {len(d)}"
-                )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    images = prepare_dataset(a.dataset)
+    try:
+        images = prepare_bundled(ROOT / "data", a.dataset)
+    except DataError as e:
+        sys.exit(f"error: {e}")
     out = (a.out or ROOT / "runs" / f"bench-simulation-{a.dataset}").resolve()
     if a.fresh and out.exists():
         shutil.rmtree(out)
@@ -225,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         rep = measure(
             a.dataset,
             seeds,
+            root=ROOT,
             overrides=parse_overrides(a.overrides),
             out=ws,
             progress=not a.quiet,
@@ -235,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{', macro' if len(cfg.classes) > 2 else ''}) ==="
     )
     if r.rows:
-        print(one_table(out / "results.csv", strategies, a.baseline))
+        print(label_efficiency_table(out / "results.csv", strategies, a.baseline))
     if rep is not None:
         print(representation_report(rep))
     if r.rows:

@@ -16,26 +16,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medal.simulate import curve_area, read_curves, t_interval  # noqa: E402
-
-curves = read_curves
-
-
-def area(x: np.ndarray, y: np.ndarray, lo: float, hi: float) -> float:
-    """The curve's mean value over [lo, hi] labels (medal.simulate.curve_area)."""
-    return curve_area(x, y, lo, hi)
-
-
-def interval(d: np.ndarray) -> tuple[float, float, float]:
-    """Mean and 95% t interval over seeds (medal.simulate.t_interval; NaN bounds for n < 2)."""
-    m, lo, hi = t_interval(list(d))
-    return m, float("nan") if lo is None else lo, float("nan") if hi is None else hi
+from medal.simulate import curve_area, read_curves, t_interval_or_nan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("candidate")
     p.add_argument("--metric", default="auroc")
     a = p.parse_args(argv)
-    base, cand = curves(a.baseline, a.metric), curves(a.candidate, a.metric)
+    base, cand = read_curves(a.baseline, a.metric), read_curves(a.candidate, a.metric)
     seeds = sorted(set(base) & set(cand))
     if not seeds:
         raise SystemExit("no seed is in both")
@@ -68,14 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         cx, cy = cand[s]
         hit = cx[cy >= target]
         reach.append(float(hit[0]) if len(hit) else float("nan"))
-        ab, ac = area(bx, by, lo, hi), area(cx, cy, lo, hi)
+        ab, ac = curve_area(bx, by, lo, hi), curve_area(cx, cy, lo, hi)
         diffs.append(ac - ab)
         print(
             f"{s:>4} {by[-1]:>9.3f}@{bx[-1]:<4.0f} {cy[-1]:>10.3f}@{cx[-1]:<4.0f} "
             f"{'never' if math.isnan(reach[-1]) else f'{reach[-1]:.0f}':>16} {ab:>10.4f} "
             f"{ac:>10.4f} {ac - ab:>+7.4f}"
         )
-    m, low, high = interval(np.array(diffs))
+    m, low, high = t_interval_or_nan(np.array(diffs))
     done = [r for r in reach if not math.isnan(r)]
     print(
         f"candidate reaches {target:.3f} in {len(done)} of {len(seeds)} seeds"

@@ -16,16 +16,14 @@ import sys
 import time
 from pathlib import Path
 
+from medal import api
+from medal.cli import main as medal
+from medal.config import load_config
+from medal.errors import DataError
+from medal.medmnist import prepare_bundled
+from medal.roundfolder import MANIFEST, labels_files, manifest_sources, write_labels
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from prepare_pneumoniamnist import prepare  # noqa: E402
-
-from medal import api  # noqa: E402
-from medal.roundfolder import MANIFEST, labels_files, manifest_sources, write_labels  # noqa: E402
-from medal.cli import main as medal  # noqa: E402
-from medal.config import load_config  # noqa: E402
 
 CONFIG = ROOT / "configs" / "pneumoniamnist.toml"
 DATA = ROOT / "data" / "pneumoniamnist" / "images"
@@ -62,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    prepare(DATA, labelled=20, dicom_fraction=0.1, seed=0, force=False)
+    try:
+        prepare_bundled(ROOT / "data", "pneumoniamnist")  # into DATA
+    except DataError as e:
+        sys.exit(f"error: {e}")
     with open(DATA / "pool_truth.csv", newline="") as f:
         truth = {str((DATA / r["file"]).resolve()): r["label"] for r in csv.DictReader(f)}
     if a.workspace.exists():

@@ -22,51 +22,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
+from medal.errors import DataError
+from medal.medmnist import RETINAMNIST_CLASSES as CLASSES
+from medal.medmnist import prepare_retinamnist
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from medmnist_folders import (  # noqa: E402
-    already_prepared,
-    class_balanced_start,
-    finish,
-    load_verified,
-    save_png,
-    write_eval_splits,
-    write_truth,
-)
-
 NPZ = ROOT / "data" / "retinamnist" / "retinamnist.npz"
-SHA256 = "254915f5f0a2074665c4676356824cf4ef4a3bcab233894b4bafcaf48962bd69"
-CLASSES = ("grade0", "grade1", "grade2", "grade3", "grade4")
-
-
-def prepare(out: Path, *, labelled: int, seed: int, force: bool) -> Path:
-    """Write the folders (once; a marker file records the settings). Returns ``out``."""
-    settings = {"labelled": labelled, "seed": seed, "source_sha256": SHA256}
-    if already_prepared(out, settings, force):
-        return out
-    d = load_verified(NPZ, SHA256, out)
-    rng = np.random.default_rng(seed)
-    x, y = d["train_images"], d["train_labels"].ravel()
-    start = class_balanced_start(y, len(CLASSES), labelled, rng)
-    for i in sorted(start):
-        save_png(out / "labelled" / CLASSES[y[i]] / f"train_{i:05d}.png", x[i])
-    pool = np.setdiff1d(np.arange(len(x)), start)
-    truth = []
-    for i in pool:
-        rel = f"pool/train_{i:05d}.png"
-        save_png(out / rel, x[i])
-        truth.append((rel, CLASSES[y[i]]))
-    write_truth(out, truth)
-    write_eval_splits(out, d, CLASSES)
-    finish(out, settings)
-    print(
-        f"prepared {out}: {len(start)} labelled, {len(pool)} pool, "
-        f"{len(d['val_images'])} validation, {len(d['test_images'])} test"
-    )
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.labelled < len(CLASSES):
         p.error(f"--labelled must be at least {len(CLASSES)} (one image per grade)")
-    prepare(a.out, labelled=a.labelled, seed=a.seed, force=a.force)
+    try:
+        prepare_retinamnist(NPZ, a.out, labelled=a.labelled, seed=a.seed, force=a.force)
+    except DataError as e:
+        sys.exit(f"error: {e}")
     return 0
 
 

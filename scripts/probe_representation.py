@@ -22,11 +22,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from medal.data import load_all
+from medal.models import create_model
 
-from medal.data import load_all  # noqa: E402
-from medal.models import create_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DATA = ROOT / "data" / "pneumoniamnist" / "images"
 

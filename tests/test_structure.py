@@ -99,3 +99,64 @@ def test_the_round_folder_pattern_catches_what_it_is_for():
     assert not ROUND_FOLDER_NAMES.search('LABEL_COLUMNS = ("labels", "labels_train")')
     assert not ROUND_FOLDER_NAMES.search('"""Fill ``labels.csv`` from the hidden truth."""')
     assert not ROUND_FOLDER_NAMES.search('__all__ = ["LABELS", "PREVIEWS"]')
+
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+# Owned by another branch when this test was written; the lead removes its sys.path.insert
+# on merge, and the test below fails until this set is emptied then (issue 27).
+NOT_YET_THIN = {"bench_scoring.py"}
+
+
+def script_problems(path: Path, script_names: set[str]) -> list[str]:
+    """Why the script at ``path`` is not a thin client of the installed package: it changes
+    ``sys.path``, imports another script (by name, or dynamically) or loads one from its file."""
+    import ast
+
+    problems = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        where = f"{path.name}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.Attribute) and node.attr == "path":
+            if isinstance(node.value, ast.Name) and node.value.id == "sys":
+                problems.append(f"{where}: changes or reads sys.path")
+        elif isinstance(node, ast.Import):
+            problems += [
+                f"{where}: imports the script {a.name}"
+                for a in node.names
+                if a.name.split(".")[0] in script_names
+            ]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            if (node.module or "").split(".")[0] in script_names:
+                problems.append(f"{where}: imports the script {node.module}")
+        elif isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            if name in {"import_module", "__import__", "spec_from_file_location", "run_path"}:
+                problems.append(f"{where}: imports a module dynamically ({name})")
+    return problems
+
+
+def test_scripts_use_the_package_not_each_other():
+    """Scripts run as `python scripts/x.py` against the installed package: none puts a folder
+    on sys.path or imports another script; shared code lives in medal/ (issue 27)."""
+    paths = sorted(SCRIPTS.glob("*.py"))
+    names = {p.stem for p in paths}
+    found = [m for p in paths if p.name not in NOT_YET_THIN for m in script_problems(p, names)]
+    assert found == []
+    still = {p.name for p in paths if p.name in NOT_YET_THIN and script_problems(p, names)}
+    assert still == NOT_YET_THIN, f"{NOT_YET_THIN - still} are thin now: empty NOT_YET_THIN"
+
+
+def test_the_script_check_catches_what_it_is_for(tmp_path):
+    names = {"helper", "prepare_x"}
+    cases = {
+        "import sys\nsys.path.insert(0, 'scripts')\n": "sys.path",
+        "from helper import f\n": "imports the script helper",
+        "import prepare_x as p\n": "imports the script prepare_x",
+        "import importlib\nm = importlib.import_module(f'prepare_{n}')\n": "dynamically",
+    }
+    for code, problem in cases.items():
+        (tmp_path / "s.py").write_text(code)
+        found = script_problems(tmp_path / "s.py", names)
+        assert len(found) == 1 and problem in found[0], (code, found)
+    (tmp_path / "s.py").write_text("import sys\nfrom medal.medmnist import save_png\nsys.exit(0)\n")
+    assert script_problems(tmp_path / "s.py", names) == []

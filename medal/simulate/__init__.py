@@ -73,7 +73,15 @@ from .report import (
     write_results,
 )
 from .runner import run_one, run_progress, simulate
-from .stats import BASELINE, Curves, PairedDifference, curve_area, paired_differences, t_interval
+from .stats import (
+    BASELINE,
+    Curves,
+    PairedDifference,
+    curve_area,
+    paired_differences,
+    t_interval,
+    t_interval_or_nan,
+)
 
 __all__ = [
     "BACKBONE_MODES",
@@ -108,6 +116,7 @@ __all__ = [
     "simulate",
     "summarise",
     "t_interval",
+    "t_interval_or_nan",
     "undefined_points",
     "with_validation",
     "write_results",

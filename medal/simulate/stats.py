@@ -88,3 +88,12 @@ def paired_differences(
         final = tuple(float(data[strategy][k][1][-1] - base[k][1][-1]) for k in seeds)
         out.append(PairedDifference(strategy, seeds, area, final))
     return out
+
+
+def t_interval_or_nan(
+    values: Sequence[float] | np.ndarray, level: float = 0.95
+) -> tuple[float, float, float]:
+    """:func:`t_interval` of ``values`` (``[n]``, one per seed) with NaN for the bounds it
+    cannot give (n < 2): ``(mean, low, high)`` as floats, for printing with format specs."""
+    mean, lo, hi = t_interval(list(values), level)
+    return mean, float("nan") if lo is None else lo, float("nan") if hi is None else hi
