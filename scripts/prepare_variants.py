@@ -26,11 +26,14 @@ import argparse
 import csv
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from medal.errors import DataError
+from medal.medmnist import SHA256, read_verified, save_png
 
 ROOT = Path(__file__).resolve().parents[1]
 CUT_SEED = 20261206
@@ -85,7 +88,7 @@ def _config(v: Variant, name: str) -> str:
 def prepare(name: str, out: Path) -> Path:
     """Write variant ``name`` into ``out/name`` (replacing it) and return that folder."""
     v = VARIANTS[name]
-    npz = np.load(ROOT / "data" / v.dataset / f"{v.dataset}.npz")
+    npz = read_verified(ROOT / "data" / v.dataset / f"{v.dataset}.npz", SHA256[v.dataset])
     mapping = np.asarray(v.grade_to_class)
     y_train = mapping[npz["train_labels"].ravel()]
     y_test = mapping[npz["test_labels"].ravel()]
@@ -103,12 +106,10 @@ def prepare(name: str, out: Path) -> Path:
         w.writerow(["file", "label"])
         for i in keep:
             rel = f"pool/train_{i:05d}.png"
-            Image.fromarray(npz["train_images"][i]).save(images / rel)
+            save_png(images / rel, npz["train_images"][i])
             w.writerow([rel, v.classes[y_train[i]]])
     for i, c in enumerate(y_test):
-        Image.fromarray(npz["test_images"][i]).save(
-            images / "test" / v.classes[c] / f"test_{i:05d}.png"
-        )
+        save_png(images / "test" / v.classes[c] / f"test_{i:05d}.png", npz["test_images"][i])
     (folder / "config.toml").write_text(_config(v, name), encoding="utf-8")
     counts = {v.classes[c]: int((y_train[keep] == c).sum()) for c in range(len(v.classes))}
     (folder / "variant.json").write_text(
@@ -129,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in [n for n in a.only.split(",") if n]:
         if name not in VARIANTS:
             p.error(f"--only: unknown variant {name!r}; valid: {', '.join(VARIANTS)}")
-        prepare(name, a.out.resolve())
+        try:
+            prepare(name, a.out.resolve())
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     return 0
 
 
