@@ -11,6 +11,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,89 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"medal {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def add(
-        name: str, help: str, description: str, config_required: bool = True
-    ) -> argparse.ArgumentParser:
-        p = sub.add_parser(
-            name,
-            help=help,
-            description=description,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        p.add_argument(
-            "-c",
-            "--config",
-            required=config_required,
-            type=Path,
-            help="TOML config file (relative paths in it resolve against its folder)"
-            + ("" if config_required else "; optional for 'labels serve'"),
-        )
-        p.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config key, e.g. --set query.budget=50 (repeatable)",
-        )
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-        return p
-
-    add(
-        "train",
-        "train (or fine-tune) the model on all labels so far",
-        "Train the model for the current round on every label so far. The first training\n"
-        "starts from scratch (or model.pretrained); after an ingest it fine-tunes from the\n"
-        "previous round's checkpoint. Prints validation/test metrics.",
-    )
-    add(
-        "query",
-        "score the pool with MC dropout and export the next round folder",
-        "Score every pool image with Monte Carlo dropout, choose query.budget images with\n"
-        "query.strategy, and export them to <workspace>/labelling/round-NNN for labelling.",
-    )
-    p = add(
-        "ingest",
-        "record the labels returned in a round folder",
-        "Validate a returned round folder (labels.csv and/or class subfolders). On any\n"
-        "problem, list every problem and record nothing; otherwise record all labels in\n"
-        "one transaction. Unlabelled images go back to the pool. Running it twice is safe.\n"
-        "To hand a round back unlabelled, leave only the header line in labels.csv (an\n"
-        "ingest that would record no label is refused otherwise, naming the other labels\n"
-        "files found). Readers' files are labels_<name>.csv (any case).",
-    )
-    p.add_argument("folder", type=Path, help="the round folder, e.g. runs/x/labelling/round-001")
-    add(
-        "round",
-        "one active-learning round: train (fine-tune), then query",
-        "Fine-tune on all labels so far (the same as 'medal train'), then export the next\n"
-        "round (the same as 'medal query').",
-    )
-    add(
-        "status",
-        "show rounds, label counts and metrics per round",
-        "Show the workspace: rounds exported and ingested (images labelled; readers: the\n"
-        "rows of their labels_<name>.csv files), labels per class and source,\n"
-        "metrics of each model round, and files that could not be read.",
-    )
-    p = add(
-        "labels",
-        "export every label with provenance; list or release 'unsure' images; "
-        "serve the labelling page",
-        "labels export -o FILE   every label row (round, source, annotator, time) as CSV\n"
-        "labels unsure           images labelled 'unsure' (kept out of the pool)\n"
-        "labels release [ID...]  put 'unsure' images back in the pool (all, or by id\n"
-        "                        prefix)\n"
-        "labels serve FOLDER     a local web page to label one round folder with the\n"
-        "                        keyboard; every decision is written to its labels.csv\n"
-        "                        (labels_<NAME>.csv with --annotator NAME) at once.\n"
-        "                        -c is optional here: without it the classes come from\n"
-        "                        the folder's manifest.csv and predictions stay hidden.\n"
-        "                        Needs the serve extra: pip install 'medal-al[serve]'",
-        config_required=False,
-    )
-    add_labels_arguments(p)
+    for command in SUBCOMMANDS:
+        p = _add_command(sub, command)
+        if command.add_arguments is not None:
+            command.add_arguments(p)
     p = sub.add_parser(
         "simulate",
         help=SIMULATE_HELP,
@@ -163,6 +85,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_simulate_arguments(p)
     return parser
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One workspace subcommand of ``medal``: its one-line help, its ``--help`` description, the
+    arguments it adds to the shared ``-c/--set/-q`` (if any), and whether ``-c`` is required."""
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    config_required: bool = True
+
+
+def _add_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], command: Subcommand
+) -> argparse.ArgumentParser:
+    """Add ``command``'s parser to the subparsers ``sub`` with the options every workspace
+    command shares: ``-c/--config``, ``--set KEY=VALUE`` and ``-q/--quiet``."""
+    p = sub.add_parser(
+        command.name,
+        help=command.help,
+        description=command.description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-c",
+        "--config",
+        required=command.config_required,
+        type=Path,
+        help="TOML config file (relative paths in it resolve against its folder)"
+        + ("" if command.config_required else "; optional for 'labels serve'"),
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set query.budget=50 (repeatable)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
+    """The argument of ``medal ingest`` besides the config: the returned round folder."""
+    p.add_argument("folder", type=Path, help="the round folder, e.g. runs/x/labelling/round-001")
 
 
 def add_labels_arguments(p: argparse.ArgumentParser) -> None:
@@ -188,6 +158,66 @@ def add_labels_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=0, help="serve: port (default 0: a free one)")
 
 
+SUBCOMMANDS = (
+    Subcommand(
+        "train",
+        "train (or fine-tune) the model on all labels so far",
+        "Train the model for the current round on every label so far. The first training\n"
+        "starts from scratch (or model.pretrained); after an ingest it fine-tunes from the\n"
+        "previous round's checkpoint. Prints validation/test metrics.",
+    ),
+    Subcommand(
+        "query",
+        "score the pool with MC dropout and export the next round folder",
+        "Score every pool image with Monte Carlo dropout, choose query.budget images with\n"
+        "query.strategy, and export them to <workspace>/labelling/round-NNN for labelling.",
+    ),
+    Subcommand(
+        "ingest",
+        "record the labels returned in a round folder",
+        "Validate a returned round folder (labels.csv and/or class subfolders). On any\n"
+        "problem, list every problem and record nothing; otherwise record all labels in\n"
+        "one transaction. Unlabelled images go back to the pool. Running it twice is safe.\n"
+        "To hand a round back unlabelled, leave only the header line in labels.csv (an\n"
+        "ingest that would record no label is refused otherwise, naming the other labels\n"
+        "files found). Readers' files are labels_<name>.csv (any case).",
+        add_ingest_arguments,
+    ),
+    Subcommand(
+        "round",
+        "one active-learning round: train (fine-tune), then query",
+        "Fine-tune on all labels so far (the same as 'medal train'), then export the next\n"
+        "round (the same as 'medal query').",
+    ),
+    Subcommand(
+        "status",
+        "show rounds, label counts and metrics per round",
+        "Show the workspace: rounds exported and ingested (images labelled; readers: the\n"
+        "rows of their labels_<name>.csv files), labels per class and source,\n"
+        "metrics of each model round, and files that could not be read.",
+    ),
+    Subcommand(
+        "labels",
+        "export every label with provenance; list or release 'unsure' images; "
+        "serve the labelling page",
+        "labels export -o FILE   every label row (round, source, annotator, time) as CSV\n"
+        "labels unsure           images labelled 'unsure' (kept out of the pool)\n"
+        "labels release [ID...]  put 'unsure' images back in the pool (all, or by id\n"
+        "                        prefix)\n"
+        "labels serve FOLDER     a local web page to label one round folder with the\n"
+        "                        keyboard; every decision is written to its labels.csv\n"
+        "                        (labels_<NAME>.csv with --annotator NAME) at once.\n"
+        "                        -c is optional here: without it the classes come from\n"
+        "                        the folder's manifest.csv and predictions stay hidden.\n"
+        "                        Needs the serve extra: pip install 'medal-al[serve]'",
+        add_labels_arguments,
+        config_required=False,
+    ),
+)
+"""The workspace subcommands in ``medal --help`` order (``simulate``, with its own options, is
+added after them)."""
+
+
 SIMULATE_HELP = "simulate active learning on a fully labelled set (compare strategies)"
 SIMULATE_DESCRIPTION = """\
 Hide the labels of a fully labelled set and run active learning on it: for each
@@ -204,6 +234,13 @@ radiologist gave counted, held-out ones included."""
 def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``medal simulate`` (here, not in :mod:`medal.simulate`, so that building
     the parser imports no torch)."""
+    _add_simulate_inputs(p)
+    _add_simulate_protocol(p)
+    _add_simulate_output(p)
+
+
+def _add_simulate_inputs(p: argparse.ArgumentParser) -> None:
+    """``medal simulate``'s config, overrides, quietness and the fully labelled set."""
     p.add_argument(
         "-c",
         "--config",
@@ -229,6 +266,11 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
         help="the fully labelled set: class subfolders or CSV file,label "
         "(repeatable; the sources are joined)",
     )
+
+
+def _add_simulate_protocol(p: argparse.ArgumentParser) -> None:
+    """``medal simulate``'s experiment design: strategies, seeds, rounds, budget, start set,
+    validation set and SimCLR backbones."""
     p.add_argument(
         "--strategies",
         default="bald,entropy,random",
@@ -276,6 +318,10 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
         "self-supervised backbone per seed, so the intervals include the "
         "pretraining's variation; shared pretrains one for all runs (faster)",
     )
+
+
+def _add_simulate_output(p: argparse.ArgumentParser) -> None:
+    """``medal simulate``'s output folder and parallelism (workers, threads per worker)."""
     p.add_argument(
         "--out", type=Path, default=None, help="output folder (default: <workspace>-simulation)"
     )

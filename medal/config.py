@@ -302,27 +302,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             raise ConfigError(f"{where}: missing required key {key!r}")
 
     workspace = _path(raw["workspace"], "workspace", base, where)
-    classes = raw["classes"]
-    if (
-        not isinstance(classes, list)
-        or len(classes) < 2
-        or not all(isinstance(c, str) and c.strip() for c in classes)
-    ):
-        raise ConfigError(
-            f"{where}: 'classes' must be a list of at least two non-empty strings, got {classes!r}"
-        )
-    classes = [c.strip() for c in classes]
-    # macOS and Windows folder names ignore case, and macOS Unicode normalisation too
-    lowered = [unicodedata.normalize("NFC", c).lower() for c in classes]
-    if len(set(lowered)) != len(lowered):
-        raise ConfigError(
-            f"{where}: 'classes' has duplicates (ignoring case and Unicode "
-            f"normalisation, NFC/NFD): {', '.join(map(ascii, classes))}"
-        )
-    for c in classes:
-        reason = class_name_problem(c)
-        if reason is not None:
-            raise ConfigError(f"{where}: 'classes': {c!r} cannot be a class name: {reason}")
+    classes = _classes(raw["classes"], where)
 
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
@@ -349,6 +329,32 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     )
     _validate_values(cfg, where)
     return cfg
+
+
+def _classes(classes: Any, where: str) -> list[str]:
+    """The ``classes`` list, stripped: at least two non-empty strings, distinct even where folder
+    names ignore case and Unicode normalisation, each one a valid folder name."""
+    if (
+        not isinstance(classes, list)
+        or len(classes) < 2
+        or not all(isinstance(c, str) and c.strip() for c in classes)
+    ):
+        raise ConfigError(
+            f"{where}: 'classes' must be a list of at least two non-empty strings, got {classes!r}"
+        )
+    classes = [c.strip() for c in classes]
+    # macOS and Windows folder names ignore case, and macOS Unicode normalisation too
+    lowered = [unicodedata.normalize("NFC", c).lower() for c in classes]
+    if len(set(lowered)) != len(lowered):
+        raise ConfigError(
+            f"{where}: 'classes' has duplicates (ignoring case and Unicode "
+            f"normalisation, NFC/NFD): {', '.join(map(ascii, classes))}"
+        )
+    for c in classes:
+        reason = class_name_problem(c)
+        if reason is not None:
+            raise ConfigError(f"{where}: 'classes': {c!r} cannot be a class name: {reason}")
+    return classes
 
 
 # Names medal writes into a round folder (besides the image copies and class folders).
@@ -578,20 +584,26 @@ def _validate_values(cfg: Config, where: str) -> None:
     """Every value in its range, in the order the keys are checked (model, train, then the
     rest): the first bad one is named."""
     need = _Need(where)
-    _validate_model_and_train(cfg, need)
+    _validate_model(cfg.model, need)
+    _validate_train(cfg.train, need)
+    _validate_train_probe_and_finetune(cfg.train, need)
     _validate_the_rest(cfg, need)
 
 
-def _validate_model_and_train(cfg: Config, need: _Need) -> None:
+def _validate_model(m: ModelConfig, need: _Need) -> None:
+    """The [model] values: a registered name, image size, channels, dropout, head width."""
     from .models import available_models  # the registry lists the model names
 
-    m, t = cfg.model, cfg.train
     names = available_models()
     need(m.name in names, "model.name", f"one of {', '.join(names)}", m.name)
     need(8 <= m.image_size <= 2048, "model.image_size", "between 8 and 2048", m.image_size)
     need(m.channels in (1, 3), "model.channels", "1 or 3", m.channels)
     need(0.0 < m.dropout < 1.0, "model.dropout", "in (0, 1) (MC dropout needs dropout)", m.dropout)
     need(m.hidden >= 0, "model.hidden", ">= 0 (0 = linear head)", m.hidden)
+
+
+def _validate_train(t: TrainConfig, need: _Need) -> None:
+    """The [train] values of the epochs, the optimiser, class balance and best-epoch choice."""
     need(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
     need(
         t.fine_tune_epochs is None or t.fine_tune_epochs >= 1,
@@ -615,6 +627,11 @@ def _validate_model_and_train(cfg: Config, need: _Need) -> None:
     need(t.monitor in MONITORS, "train.monitor", f"one of {', '.join(MONITORS)}", t.monitor)
     need(t.patience >= 0, "train.patience", ">= 0", t.patience)
     need(t.validate_every >= 1, "train.validate_every", ">= 1", t.validate_every)
+
+
+def _validate_train_probe_and_finetune(t: TrainConfig, need: _Need) -> None:
+    """The [train] values of the head probe (``freeze_backbone``), pseudo-labels, fine-tuning
+    after the probe, and the held-out fraction."""
     need(t.probe_steps >= 1, "train.probe_steps", ">= 1", t.probe_steps)
     need(t.probe_lr > 0, "train.probe_lr", "> 0", t.probe_lr)
     need(

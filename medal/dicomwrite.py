@@ -51,6 +51,23 @@ def write_dicom(
     ds.PatientID = patient_id
     ds.PatientName = patient_id
     ds.Modality = "OT"
+    _set_pixels(ds, pixels, photometric, bits_stored)
+    ds.RescaleSlope = f"{slope:g}"
+    ds.RescaleIntercept = f"{intercept:g}"
+    if window is not None:
+        ds.WindowCenter = f"{window[0]:g}"
+        ds.WindowWidth = f"{window[1]:g}"
+    if transfer_syntax != ExplicitVRLittleEndian:
+        ds.compress(transfer_syntax)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _set_pixels(ds: Dataset, pixels: np.ndarray, photometric: str, bits_stored: int) -> None:
+    """The Image Pixel module of ``ds``: ``pixels [H, W]`` (one sample, unsigned), stored in 8
+    bits when ``bits_stored`` fits them, else in 16."""
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
@@ -58,16 +75,5 @@ def write_dicom(
     ds.BitsStored = bits_stored
     ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = 0
-    ds.RescaleSlope = f"{slope:g}"
-    ds.RescaleIntercept = f"{intercept:g}"
-    if window is not None:
-        ds.WindowCenter = f"{window[0]:g}"
-        ds.WindowWidth = f"{window[1]:g}"
     dtype = np.uint8 if ds.BitsAllocated == 8 else np.uint16
     ds.PixelData = pixels.astype(dtype).tobytes()
-    if transfer_syntax != ExplicitVRLittleEndian:
-        ds.compress(transfer_syntax)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path

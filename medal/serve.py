@@ -157,9 +157,6 @@ def build_app(
     html = page_html()
     command = ingest_command(book.folder, config)
 
-    def error(e: MedalError, status: int = 400) -> JSONResponse:
-        return JSONResponse({"error": str(e)}, status_code=status, headers=headers())
-
     async def index(request: Request) -> Response:
         nonce = secrets.token_urlsafe(16)
         return Response(
@@ -172,28 +169,10 @@ def build_app(
                 {**book.state(show_predictions), "ingest_command": command}, headers=headers()
             )
         except MedalError as e:
-            return error(e, 409)
+            return _error(e, 409)
 
     async def label(request: Request) -> Response:
-        try:
-            body = decision(await request.body())
-        except MedalError as e:
-            return error(e)
-        from starlette.concurrency import run_in_threadpool
-
-        try:
-            saved = await run_in_threadpool(
-                book.save,
-                body["file"],
-                label=body.get("label"),
-                comment=body.get("comment"),
-                seen=body.get("version"),
-            )
-        except RoundIngested as e:
-            return error(e, 409)
-        except MedalError as e:
-            return error(e)
-        return JSONResponse(saved, headers=headers())
+        return await _save_decision(book, request)
 
     def pixels(request: Request) -> Response:
         try:
@@ -201,9 +180,9 @@ def build_app(
                 book, request.query_params.get("file", ""), request.query_params.get("frame")
             )
         except ImageReadError as e:
-            return error(MedalError(e.reason), 422)
+            return _error(MedalError(e.reason), 422)
         except MedalError as e:
-            return error(e, 404)
+            return _error(e, 404)
         return Response(data, media_type="application/octet-stream", headers=headers())
 
     app = Starlette(
@@ -215,6 +194,39 @@ def build_app(
         ]
     )
     return TokenGate(app, token)
+
+
+def _error(e: MedalError, status: int = 400) -> Any:
+    """The JSON response ``{"error": message}`` with HTTP ``status``."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": str(e)}, status_code=status, headers=headers())
+
+
+async def _save_decision(book: RoundBook, request: Any) -> Any:
+    """``POST /api/label``: save the decision in the request's body (:func:`decision`) to
+    ``book`` in a worker thread; its JSON response, or 400 for a bad decision and 409 once the
+    round is ingested."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse
+
+    try:
+        body = decision(await request.body())
+    except MedalError as e:
+        return _error(e)
+    try:
+        saved = await run_in_threadpool(
+            book.save,
+            body["file"],
+            label=body.get("label"),
+            comment=body.get("comment"),
+            seen=body.get("version"),
+        )
+    except RoundIngested as e:
+        return _error(e, 409)
+    except MedalError as e:
+        return _error(e)
+    return JSONResponse(saved, headers=headers())
 
 
 def decision(raw: bytes) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import Config
+from .config import Config, TrainConfig
 from .errors import ModelError
 from .fitting import Augmenter, FitResult, check_finite, class_weights
 from .metrics import classification_metrics, defined_monitor, monitor_value, show_metric
@@ -84,28 +84,20 @@ def fit(
     if cfg.train.freeze_backbone:
         from .finetune import after_probe  # imports this module
 
-        return after_probe(
+        probe = fit_probe(
             model,
             x,
             y,
             cfg,
-            fit_probe(
-                model,
-                x,
-                y,
-                cfg,
-                device=device,
-                x_val=x_val,
-                y_val=y_val,
-                seed=seed,
-                progress=progress,
-                unlabelled=unlabelled,
-                log=log,
-            ),
             device=device,
+            x_val=x_val,
+            y_val=y_val,
             seed=seed,
             progress=progress,
+            unlabelled=unlabelled,
+            log=log,
         )
+        return after_probe(model, x, y, cfg, probe, device=device, seed=seed, progress=progress)
     val = (x_val, y_val) if x_val is not None and y_val is not None and len(x_val) else None
     return _fit_network(
         model,
@@ -142,72 +134,30 @@ def _fit_network(
     state_every_s: float,
     log: TrainingLog | None,
 ) -> FitResult:
-    """:func:`fit` of the whole network (``val``: the validation set, if any)."""
+    """:func:`fit` of the whole network (``val``: the validation set, if any): an epoch loop
+    (:meth:`_Epochs.train`, validation :func:`evaluate`), its decisions a :class:`_Run`."""
     t0 = time.perf_counter()
     tc = cfg.train
-    n = len(x)
-    epochs = max(epochs, math.ceil(tc.min_steps / math.ceil(n / tc.batch_size)))
+    epochs = max(epochs, math.ceil(tc.min_steps / math.ceil(len(x) / tc.batch_size)))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device)
     fingerprint = _fingerprint(y, x, cfg, epochs, seed) if state_path else ""
     notes: list[str] = []
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    loss_fn, yt, sample_w = _loss_and_weights(y, cfg, device)
-    aug = Augmenter(x.shape[-1], tc.hflip) if tc.augment else None
-    net, shard = _wrap(model, device) if distributed else (model, (0, 1))
-    run = _start_run(state_path, fingerprint, model, opt, gen, epochs, notes, progress)
+    ep = _Epochs.start(model, x, y, cfg, gen, device, distributed)
+    run = _start_run(state_path, fingerprint, model, ep.opt, gen, epochs, notes, progress)
     if log is not None:  # a resumed run's earlier epochs
         for done in run.history:
             log(done, int(done["epoch"]))
     last_save = time.perf_counter()
-    bar = tqdm(
-        range(run.epoch + 1, epochs + 1),
-        desc="training",
-        unit="epoch",
-        disable=not progress,
-        leave=False,
-        initial=run.epoch,
-        total=epochs,
-    )
-    for epoch in bar:
+    for epoch in _epoch_bar(run.epoch, epochs, progress):
         if tc.patience and run.since_best >= tc.patience:
             break
-        perm = (
-            torch.multinomial(sample_w, n, replacement=True, generator=gen)
-            if tc.balance == "sampler"
-            else torch.randperm(n, generator=gen)
-        )
-        row = {
-            "epoch": float(epoch),
-            "loss": train_one_epoch(
-                net,
-                opt,
-                loss_fn,
-                x,
-                yt,
-                perm,
-                batch_size=tc.batch_size,
-                device=device,
-                aug=aug,
-                shard=shard,
-                desc=f"epoch {epoch}",
-                progress=progress,
-            ),
-        }
-        for value in (row["loss"], _health(model, x, device)):  # before validating NaN
-            check_finite(value, f"in epoch {epoch} of {epochs}", "train.lr", tc.lr)
+        row = ep.train(epoch, epochs, progress)
         line = f"epoch {epoch}/{epochs}: loss {row['loss']:.4f}"
         if val is not None and (epoch % tc.validate_every == 0 or epoch == epochs):
-            line += run.validated(
-                model,
-                evaluate(model, *val, device, len(cfg.classes), cfg.classes),
-                row,
-                epoch,
-                tc,
-                notes,
-                progress,
-            )
+            m = evaluate(model, *val, device, len(cfg.classes), cfg.classes)
+            line += run.validated(model, m, row, epoch, tc, notes, progress)
         run.history.append(row)
         if log is not None:
             log(row, epoch)
@@ -216,20 +166,94 @@ def _fit_network(
             tqdm.write(line)
         if state_path is not None and time.perf_counter() - last_save >= state_every_s:
             last_save = time.perf_counter()
-            _save_state(state_path, run.state(fingerprint, model, opt, gen))
+            _save_state(state_path, run.state(fingerprint, model, ep.opt, gen))
         if on_epoch_end is not None:
             on_epoch_end(epoch)
-    if run.best_state is not None:
-        model.load_state_dict(run.best_state)
     if state_path is not None:
         state_path.unlink(missing_ok=True)
-    return FitResult(
-        epochs=epochs,
-        best_epoch=run.best_epoch,
-        history=run.history,
-        seconds=time.perf_counter() - t0,
-        notes=notes,
+    return run.finish(model, epochs, time.perf_counter() - t0, notes)
+
+
+def _epoch_bar(done: int, epochs: int, progress: bool) -> tqdm[int]:
+    """Epochs ``done + 1 .. epochs`` with a progress bar that starts at ``done`` of ``epochs``."""
+    return tqdm(
+        range(done + 1, epochs + 1),
+        desc="training",
+        unit="epoch",
+        disable=not progress,
+        leave=False,
+        initial=done,
+        total=epochs,
     )
+
+
+@dataclass
+class _Epochs:
+    """What every epoch of one :func:`_fit_network` uses: the images ``x [N, C, S, S]``, their
+    labels ``yt [N]`` and sampling weights ``sample_w [N]``, the model (``net``: the model in
+    DistributedDataParallel, or the model itself), the optimiser, loss and augmentation, the
+    generator that orders the images and this process's ``shard`` (rank, world size)."""
+
+    model: MCModel
+    net: nn.Module
+    opt: torch.optim.Optimizer
+    loss_fn: nn.Module
+    x: torch.Tensor
+    yt: torch.Tensor
+    sample_w: torch.Tensor
+    gen: torch.Generator
+    aug: Augmenter | None
+    shard: tuple[int, int]
+    device: torch.device
+    tc: TrainConfig
+
+    @classmethod
+    def start(
+        cls,
+        model: MCModel,
+        x: torch.Tensor,
+        y: np.ndarray,
+        cfg: Config,
+        gen: torch.Generator,
+        device: torch.device,
+        distributed: bool,
+    ) -> _Epochs:
+        """A new AdamW optimiser, the loss and weights of ``y [N]``, the augmentation (with
+        ``train.augment``) and, ``distributed``, the model wrapped for torchrun."""
+        tc = cfg.train
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        loss_fn, yt, sample_w = _loss_and_weights(y, cfg, device)
+        aug = Augmenter(x.shape[-1], tc.hflip) if tc.augment else None
+        net, shard = _wrap(model, device) if distributed else (model, (0, 1))
+        return cls(model, net, opt, loss_fn, x, yt, sample_w, gen, aug, shard, device, tc)
+
+    def train(self, epoch: int, epochs: int, progress: bool) -> dict[str, float]:
+        """Train epoch ``epoch`` of ``epochs`` (images in a new order: shuffled, or drawn by
+        ``sample_w`` with ``train.balance = "sampler"``); its history row (epoch, loss), once
+        the loss, the weights and the outputs are checked finite."""
+        n = len(self.x)
+        perm = (
+            torch.multinomial(self.sample_w, n, replacement=True, generator=self.gen)
+            if self.tc.balance == "sampler"
+            else torch.randperm(n, generator=self.gen)
+        )
+        loss = train_one_epoch(
+            self.net,
+            self.opt,
+            self.loss_fn,
+            self.x,
+            self.yt,
+            perm,
+            batch_size=self.tc.batch_size,
+            device=self.device,
+            aug=self.aug,
+            shard=self.shard,
+            desc=f"epoch {epoch}",
+            progress=progress,
+        )
+        for value in (loss, _health(self.model, self.x, self.device)):  # before validating NaN
+            check_finite(value, f"in epoch {epoch} of {epochs}", "train.lr", self.tc.lr)
+        return {"epoch": float(epoch), "loss": loss}
 
 
 def _health(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
@@ -398,6 +422,19 @@ class _Run:
         self.since_best += tc.validate_every
         return line
 
+    def finish(self, model: nn.Module, epochs: int, seconds: float, notes: list[str]) -> FitResult:
+        """The training's result, once the best epoch's weights (if any epoch was validated)
+        are loaded into ``model``."""
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+        return FitResult(
+            epochs=epochs,
+            best_epoch=self.best_epoch,
+            history=self.history,
+            seconds=seconds,
+            notes=notes,
+        )
+
     def state(
         self, fingerprint: str, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator
     ) -> dict[str, Any]:
@@ -484,6 +521,31 @@ def fit_probe(
         step, note = _pseudo_label_schedule(
             head, f, yt, loss_fn, unlabelled.to(device).float(), cfg, progress, log
         )
+    row = _probe_row(model, f, yt, loss_fn, cfg, device, x_val, y_val)
+    if log is not None:
+        log({k: v for k, v in row.items() if k.startswith("val_")}, step)
+    if progress:
+        tqdm.write(
+            f"head trained on {len(x)} images' features: {tc.probe_steps} steps{note}, "
+            f"loss {row['loss']:.4f}"
+        )
+    return FitResult(epochs=1, best_epoch=1, history=[row], seconds=time.perf_counter() - t0)
+
+
+def _probe_row(
+    model: MCModel,
+    f: torch.Tensor,
+    yt: torch.Tensor,
+    loss_fn: nn.Module,
+    cfg: Config,
+    device: torch.device,
+    x_val: torch.Tensor | None,
+    y_val: np.ndarray | None,
+) -> dict[str, float]:
+    """The history row of a trained head (dropout off): its loss on the features ``f [N, D]``
+    and labels ``yt [N]``, checked finite with its weights and outputs, and the metrics of
+    ``model`` on ``x_val``, ``y_val`` (``val_<metric>``) when there is a validation set."""
+    tc, head = cfg.train, model.head
     head.eval()
     with torch.no_grad():
         row = {"epoch": 1.0, "loss": float(loss_fn(head(f).float(), yt))}
@@ -496,17 +558,10 @@ def fit_probe(
         row.update(
             {
                 f"val_{k}": v
-                for k, v in classification_metrics(y_val, p, n_classes, cfg.classes).items()
+                for k, v in classification_metrics(y_val, p, len(cfg.classes), cfg.classes).items()
             }
         )
-    if log is not None:
-        log({k: v for k, v in row.items() if k.startswith("val_")}, step)
-    if progress:
-        tqdm.write(
-            f"head trained on {len(x)} images' features: {tc.probe_steps} steps{note}, "
-            f"loss {row['loss']:.4f}"
-        )
-    return FitResult(epochs=1, best_epoch=1, history=[row], seconds=time.perf_counter() - t0)
+    return row
 
 
 def _pseudo_label_schedule(

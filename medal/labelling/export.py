@@ -128,24 +128,10 @@ def _write_round(
     for rank, c in enumerate(chosen, start=1):
         src = c.item.path
         is_dicom = sniff_format(src) == "dicom"
-        ext = export_suffix(src, is_dicom)
-        frame = c.item.frame
-        name = f"{rank:0{width}d}_{c.item.id[:12]}{'' if frame is None else f'_f{frame}'}{ext}"
-        file_id = file_id_of(c.item.id)
-        if secret is not None and is_dicom:
-            deidentify_file(src, tmp / name, secret)
-            unchanged = file_sha256(src) == file_id
-            exported_sha = file_sha256(tmp / name)
-        else:
-            shutil.copyfile(src, tmp / name)
-            exported_sha = file_sha256(tmp / name)
-            unchanged = exported_sha == file_id
-        if not unchanged:
-            raise DataError(
-                f"{src}: the file changed while medal was reading it; run the command again"
-            )
+        name = _export_name(c.item, rank, width, export_suffix(src, is_dicom))
+        exported_sha = _export_file(src, tmp / name, file_id_of(c.item.id), secret, is_dicom)
         preview = (
-            _preview(src, tmp / PREVIEWS / f"{Path(name).stem}.png", cfg, frame)
+            _preview(src, tmp / PREVIEWS / f"{Path(name).stem}.png", cfg, c.item.frame)
             if cfg.labelling.previews
             else None
         )
@@ -155,17 +141,7 @@ def _write_round(
         selections.append(
             Selection(round_no, c.item.id, rank, name, float(c.score), pred, probs, exported_sha)
         )
-        manifest.append(
-            [
-                name,
-                c.item.id,
-                neutralise(str(src)),
-                rank,
-                f"{c.score:.6g}",
-                neutralise(pred),
-                *([f"{p:.4f}" for p in c.probs] if len(c.probs) else [""] * len(classes)),
-            ]
-        )
+        manifest.append(_manifest_row(name, rank, c, pred, len(classes)))
         gallery.append((rank, name, preview, float(c.score), pred, c.probs))
     write_csv(tmp / LABELS, ["file", "label"], [[s.file, ""] for s in selections])
     create_lock_file(tmp / LABELS)
@@ -198,6 +174,46 @@ def _write_round(
             encoding="utf-8",
         )
     return selections
+
+
+def _export_name(item: Item, rank: int, width: int, ext: str) -> str:
+    """The exported file's name: its rank (zero-padded to ``width``), the first 12 characters of
+    its image id, its frame (of a multi-frame image) and the suffix ``ext``."""
+    frame = item.frame
+    return f"{rank:0{width}d}_{item.id[:12]}{'' if frame is None else f'_f{frame}'}{ext}"
+
+
+def _export_file(src: Path, dst: Path, file_id: str, secret: str | None, is_dicom: bool) -> str:
+    """Copy ``src`` to ``dst`` (a DICOM de-identified when there is a ``secret``) and return the
+    SHA-256 of the copy; raises :class:`DataError` when ``src`` no longer has the content
+    ``file_id`` it was scanned with (it changed while medal was reading it)."""
+    if secret is not None and is_dicom:
+        deidentify_file(src, dst, secret)
+        unchanged = file_sha256(src) == file_id
+        exported_sha = file_sha256(dst)
+    else:
+        shutil.copyfile(src, dst)
+        exported_sha = file_sha256(dst)
+        unchanged = exported_sha == file_id
+    if not unchanged:
+        raise DataError(
+            f"{src}: the file changed while medal was reading it; run the command again"
+        )
+    return exported_sha
+
+
+def _manifest_row(name: str, rank: int, c: Candidate, pred: str, n_classes: int) -> list[object]:
+    """The full manifest's row of the exported file ``name``: file, image id, source path, rank,
+    score, prediction and one probability per class (empty without a model)."""
+    return [
+        name,
+        c.item.id,
+        neutralise(str(c.item.path)),
+        rank,
+        f"{c.score:.6g}",
+        neutralise(pred),
+        *([f"{p:.4f}" for p in c.probs] if len(c.probs) else [""] * n_classes),
+    ]
 
 
 # Pillow's format name -> the suffix an exported copy gets

@@ -22,21 +22,7 @@ def gallery_html(
     page is blind: nothing of the model's opinion is in it)."""
     esc = html.escape
     labels = "".join(f"<li><code>{esc(c)}</code></li>" for c in [*classes, UNSURE])
-    cards = []
-    for rank, name, preview, score, pred, probs in rows:
-        img = (
-            f'<img src="{esc(preview)}" alt="{esc(name)}" onload="imageLoaded(this)">'
-            if preview
-            else "<p>(no preview)</p>"
-        )
-        model = _model_opinion(classes, score, pred, probs) if show_predictions else ""
-        cards.append(
-            f'<figure class="card" data-rank="{rank}" data-file="{esc(name)}"'
-            + (f' data-predicted="{esc(pred)}"' if show_predictions else "")
-            + f">{img}"
-            f'<figcaption><div class="rank">#{rank}</div><div class="file">{esc(name)}</div>'
-            f"{model}</figcaption></figure>"
-        )
+    cards = [_card(classes, row, show_predictions) for row in rows]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>medal labelling round {round_no:03d}</title>
@@ -71,6 +57,30 @@ function imageLoaded(img) {{
 </script>
 </body></html>
 """
+
+
+def _card(
+    classes: list[str],
+    row: tuple[int, str, str | None, float, str, np.ndarray],
+    show_predictions: bool,
+) -> str:
+    """One image's card: its preview (or a note that there is none), rank and file name, and
+    with ``show_predictions`` the model's score, prediction and probabilities ``[C]``."""
+    esc = html.escape
+    rank, name, preview, score, pred, probs = row
+    img = (
+        f'<img src="{esc(preview)}" alt="{esc(name)}" onload="imageLoaded(this)">'
+        if preview
+        else "<p>(no preview)</p>"
+    )
+    model = _model_opinion(classes, score, pred, probs) if show_predictions else ""
+    return (
+        f'<figure class="card" data-rank="{rank}" data-file="{esc(name)}"'
+        + (f' data-predicted="{esc(pred)}"' if show_predictions else "")
+        + f">{img}"
+        f'<figcaption><div class="rank">#{rank}</div><div class="file">{esc(name)}</div>'
+        f"{model}</figcaption></figure>"
+    )
 
 
 _BLIND = (

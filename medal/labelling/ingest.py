@@ -566,10 +566,7 @@ def _read_labels_csv(
                 problems.append(f"{where}: {problem}")
                 continue
             if pp.name in lines:
-                problems.append(
-                    f"{where}: {pp.name} is listed again (first on line "
-                    f"{lines[pp.name]}); keep one row per image"
-                )
+                problems.append(f"{where}: {_listed_again(pp.name, lines[pp.name])}")
                 out.pop(pp.name, None)
                 continue
             lines[pp.name] = n
@@ -577,23 +574,38 @@ def _read_labels_csv(
                 continue
             label = allowed.get(label_cell.lower())
             if label is None:
-                problems.append(
-                    f"{where}: label {short(label_cell)} for {pp.name} is not "
-                    f"allowed; allowed: {allowed_text} (or leave it empty)"
-                )
+                problems.append(f"{where}: {_not_allowed(label_cell, pp.name, allowed_text)}")
                 continue
             annotator, comment = _cell(row, ai) or None, _cell(row, ci) or None
             out[pp.name] = _Answer(
                 label, path.name, f"{path.name}:{n}", annotator or default_annotator, comment
             )
-    except DataError as e:  # an unreadable encoding or a cell over the field limit
-        msg = str(e)
-        problems.append(
-            f"{path.name}: {msg[len(str(path)) + 2 :]}" if msg.startswith(f"{path}: ") else msg
-        )
-    except OSError as e:
-        problems.append(f"{path.name}: cannot be read: {e.strerror or e}")
+    except (DataError, OSError) as e:
+        problems.append(_unreadable(path, e))
     return out, count
+
+
+def _listed_again(name: str, first_line: int) -> str:
+    """The problem of another row for the image ``name``, first listed on ``first_line`` (then
+    neither row counts)."""
+    return f"{name} is listed again (first on line {first_line}); keep one row per image"
+
+
+def _not_allowed(label_cell: str, name: str, allowed_text: str) -> str:
+    """The problem of a label cell that is none of the allowed labels (``allowed_text``)."""
+    return (
+        f"label {short(label_cell)} for {name} is not "
+        f"allowed; allowed: {allowed_text} (or leave it empty)"
+    )
+
+
+def _unreadable(path: Path, e: DataError | OSError) -> str:
+    """The problem of a labels file whose reading stopped: an unreadable encoding or a cell over
+    the field limit (:class:`DataError`, its message without the full path), or an I/O error."""
+    if isinstance(e, DataError):
+        msg = str(e)
+        return f"{path.name}: {msg[len(str(path)) + 2 :]}" if msg.startswith(f"{path}: ") else msg
+    return f"{path.name}: cannot be read: {e.strerror or e}"
 
 
 def _check_unchanged(folder: Path, rel: str, sha256: str) -> list[str]:

@@ -51,33 +51,9 @@ def run_one(spec: RunSpec, oracle: Oracle) -> int:
         pass
     trained, rounds = _ledger_state(cfg)
     done = 0
-
-    def train(t0: float | None, query_seconds: float | None) -> None:
-        """Train this round's model; ``t0``: when the round started (None: it was resumed,
-        so its time is unknown), ``query_seconds``: its query's time (None: round 0 or
-        unknown)."""
-        nonlocal done
-        r = api.train(cfg, progress=False)
-        if r is None:  # only ranks other than 0 get None; a simulation is one process
-            raise SimulationError(f"[{name}] training gave no report")
-        done += 1
-        round_seconds = None if t0 is None else time.perf_counter() - t0
-        record_seconds(cfg.workspace, r.model_round, query_seconds, round_seconds)
-        if spec.verbose:
-            m = r.metrics.get("test") or r.metrics.get("validation") or {}
-            given, holdout = label_counts(cfg, [r.model_round])
-            print(
-                f"[{name}] model round {r.model_round}: {given[r.model_round]} labels given "
-                f"({r.n_labels} in training, {holdout} held out for validation), "
-                f"AUROC {format_metric(m.get('auroc'))}, "
-                f"accuracy {format_metric(m.get('accuracy'))} (training {r.seconds:.1f} s"
-                + ("" if round_seconds is None else f", whole round {round_seconds:.1f} s")
-                + ")",
-                flush=True,
-            )
-
     if 0 not in trained:
-        train(time.perf_counter(), None)
+        _train_round(spec, name, time.perf_counter(), None)
+        done += 1
     for round_no in range(1, spec.rounds + 1):
         if round_no in trained:
             continue
@@ -105,8 +81,33 @@ def run_one(spec: RunSpec, oracle: Oracle) -> int:
         if rec is None or not rec["ingested"]:
             oracle.label_round(folder, round_manifest(cfg.workspace, folder))
             api.ingest(cfg, folder)
-        train(t0, query_seconds)
+        _train_round(spec, name, t0, query_seconds)
+        done += 1
     return done
+
+
+def _train_round(spec: RunSpec, name: str, t0: float | None, query_seconds: float | None) -> None:
+    """Train this round's model of the run ``name`` and record its times; ``t0``: when the
+    round started (None: it was resumed, so its time is unknown), ``query_seconds``: its query's
+    time (None: round 0 or unknown)."""
+    cfg = spec.cfg
+    r = api.train(cfg, progress=False)
+    if r is None:  # only ranks other than 0 get None; a simulation is one process
+        raise SimulationError(f"[{name}] training gave no report")
+    round_seconds = None if t0 is None else time.perf_counter() - t0
+    record_seconds(cfg.workspace, r.model_round, query_seconds, round_seconds)
+    if spec.verbose:
+        m = r.metrics.get("test") or r.metrics.get("validation") or {}
+        given, holdout = label_counts(cfg, [r.model_round])
+        print(
+            f"[{name}] model round {r.model_round}: {given[r.model_round]} labels given "
+            f"({r.n_labels} in training, {holdout} held out for validation), "
+            f"AUROC {format_metric(m.get('auroc'))}, "
+            f"accuracy {format_metric(m.get('accuracy'))} (training {r.seconds:.1f} s"
+            + ("" if round_seconds is None else f", whole round {round_seconds:.1f} s")
+            + ")",
+            flush=True,
+        )
 
 
 def pretrain_backbones(
