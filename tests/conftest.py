@@ -85,6 +85,12 @@ def tiny_data(tmp_path: Path) -> dict:
 
     Returns paths and the hidden pool truth ``{resolved path: class name}``.
     """
+    return write_tiny_data(tmp_path)
+
+
+def write_tiny_data(tmp_path: Path) -> dict:
+    """The :func:`tiny_data` set written under ``tmp_path/data`` (for fixtures of a wider
+    scope, which cannot use the function-scoped ``tmp_path``)."""
     rng = np.random.default_rng(0)
     root = tmp_path / "data"
     for c, name in enumerate(CLASSES):

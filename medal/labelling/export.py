@@ -31,6 +31,7 @@ from PIL import Image
 from ..scan import file_sha256
 from ..deid import deidentify_file
 from ..errors import DataError, ImageReadError, LabellingError
+from ..faults import crash_point
 from ..io import load_image, sniff_format
 from ..ledger import RoundRecord, Selection
 from ..sources import Item
@@ -86,6 +87,7 @@ def export_round(
     manifest_copy = ws.kept_manifest_path(round_no)
     try:
         selections = _write_round(ws, round_no, chosen, tmp, manifest_copy)
+        crash_point("export.folder_written")
         ws.db.record_round(
             RoundRecord(
                 round_no,
@@ -111,7 +113,9 @@ def export_round(
         except OSError:
             pass
         raise
+    crash_point("export.recorded")
     tmp.rename(final)
+    crash_point("export.renamed")
     return final
 
 
@@ -140,6 +144,7 @@ def _write_round(
             shutil.copyfile(src, tmp / name)
             exported_sha = file_sha256(tmp / name)
             unchanged = exported_sha == file_id
+        crash_point("export.image_copied")
         if not unchanged:
             raise DataError(
                 f"{src}: the file changed while medal was reading it; run the command again"
