@@ -13,6 +13,13 @@ from PIL import Image
 from medal.config import load_config
 from medal.dicomwrite import write_dicom
 
+# torch single-threaded, in this process and the commands the tests start (unless the caller
+# sets OMP_NUM_THREADS): the tests' models are tiny, and on a few shared cores torch's threads
+# spend more time waiting for each other than computing (training the tiny CNN 2 epochs:
+# 0.3 s of CPU with one thread, 2-4 s with two on a loaded 2-core machine). Set before torch
+# is imported (neither module above imports it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 CLASSES = ("normal", "pneumonia")
 
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
