@@ -133,7 +133,9 @@ def killed_at(driver: subprocess.Popen, point: str, args: list[str], log: Path) 
     req = {"env": ENV, "point": point, "args": args, "log": str(log)}
     driver.stdin.write(json.dumps(req) + "\n")
     driver.stdin.flush()
-    sig, code = json.loads(driver.stdout.readline())
+    reply = driver.stdout.readline()
+    assert reply, f"the crash-test driver ended (exit code {driver.poll()}); see its stderr"
+    sig, code = json.loads(reply)
     assert sig == signal.SIGKILL, (
         f"{point} was not reached: exit code {code}\n{log.read_text(errors='replace')}"
     )
