@@ -20,6 +20,7 @@ from . import acquisition
 from .config import Config
 from .data import ImageDataset, load_all
 from .errors import DataError, ModelError, WorkspaceError
+from .faults import crash_point
 from .features import FeatureCache, backbone_key, stream_features
 from .labelling.export import Candidate, export_round
 from .labelling.ingest import FINAL_SOURCES, IngestResult, ingest_round
@@ -400,6 +401,7 @@ def _finish_training(
             )
     path = ws.checkpoint_path(model_round)
     save_checkpoint(path, model, cfg, model_round)
+    crash_point("train.checkpoint_saved")
     ws.db.record_model(
         model_round,
         ws.checkpoint_name(model_round),
@@ -409,6 +411,7 @@ def _finish_training(
         result.seconds,
         metrics,
     )
+    crash_point("train.model_recorded")
     _record_skipped(ws, skipped)
     counts = Counter(it.label for it in items)
     return TrainReport(
@@ -900,6 +903,7 @@ def _select_and_export(
         Candidate(by_id[str(ids[i])], float(s), np.asarray(mc.probs[i], np.float32).mean(0))
         for i, s in zip(idx, scores)
     ]
+    crash_point("query.scored")
     folder = export_round(
         ws,
         round_no,

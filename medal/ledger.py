@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import WorkspaceError
+from .faults import crash_point
 
 SCHEMA_VERSION = 3  # 2: metrics.value may be NULL (a metric undefined on its split)
 # 3: labels.comment (the annotator's comment on the image, from labels.csv)
@@ -346,6 +347,7 @@ class Ledger:
         with self.transaction() as db:
             self._add_labels(db, rows)
             db.execute("UPDATE rounds SET ingested_at=? WHERE round=?", (when, round_no))
+            crash_point("ledger.ingest_before_commit")
 
     @staticmethod
     def _add_labels(db: sqlite3.Connection, rows: Sequence[LabelRecord]) -> None:
@@ -433,6 +435,7 @@ class Ledger:
                     for s in selections
                 ],
             )
+            crash_point("ledger.round_before_commit")
 
     def selections(self, round_no: int) -> list[Selection]:
         rows = self._db.execute("SELECT * FROM selections WHERE round=? ORDER BY rank", (round_no,))
@@ -484,6 +487,7 @@ class Ledger:
                     for name, v in d.items()
                 ],
             )
+            crash_point("ledger.model_before_commit")
 
     _MODEL_COLUMNS = "round, checkpoint, parent, n_labels, epochs, train_seconds, created_at"
 

@@ -13,6 +13,13 @@ from PIL import Image
 from medal.config import load_config
 from medal.dicomwrite import write_dicom
 
+# torch single-threaded, in this process and the commands the tests start (unless the caller
+# sets OMP_NUM_THREADS): the tests' models are tiny, and on a few shared cores torch's threads
+# spend more time waiting for each other than computing (training the tiny CNN 2 epochs:
+# 0.3 s of CPU with one thread, 2-4 s with two on a loaded 2-core machine). Set before torch
+# is imported (neither module above imports it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 CLASSES = ("normal", "pneumonia")
 
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -85,6 +92,12 @@ def tiny_data(tmp_path: Path) -> dict:
 
     Returns paths and the hidden pool truth ``{resolved path: class name}``.
     """
+    return write_tiny_data(tmp_path)
+
+
+def write_tiny_data(tmp_path: Path) -> dict:
+    """The :func:`tiny_data` set written under ``tmp_path/data`` (for fixtures of a wider
+    scope, which cannot use the function-scoped ``tmp_path``)."""
     rng = np.random.default_rng(0)
     root = tmp_path / "data"
     for c, name in enumerate(CLASSES):

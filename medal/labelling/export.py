@@ -31,6 +31,7 @@ from PIL import Image
 from ..scan import file_sha256
 from ..deid import deidentify_file
 from ..errors import DataError, ImageReadError, LabellingError
+from ..faults import crash_point
 from ..io import load_image, sniff_format
 from ..ledger import RoundRecord, Selection
 from ..sources import Item
@@ -86,6 +87,7 @@ def export_round(
     manifest_copy = ws.kept_manifest_path(round_no)
     try:
         selections = _write_round(ws, round_no, chosen, tmp, manifest_copy)
+        crash_point("export.folder_written")
         ws.db.record_round(
             RoundRecord(
                 round_no,
@@ -111,7 +113,9 @@ def export_round(
         except OSError:
             pass
         raise
+    crash_point("export.recorded")
     tmp.rename(final)
+    crash_point("export.renamed")
     return final
 
 
@@ -130,6 +134,7 @@ def _write_round(
         is_dicom = sniff_format(src) == "dicom"
         name = _export_name(c.item, rank, width, export_suffix(src, is_dicom))
         exported_sha = _export_file(src, tmp / name, file_id_of(c.item.id), secret, is_dicom)
+        crash_point("export.image_copied")
         preview = (
             _preview(src, tmp / PREVIEWS / f"{Path(name).stem}.png", cfg, c.item.frame)
             if cfg.labelling.previews

@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 from sklearn.metrics import cohen_kappa_score
 
 from ..errors import DataError, LabellingError
+from ..faults import crash_point
 from ..ledger import LabelRecord, RoundRecord, Selection
 from ..scan import (
     MAX_LISTED_PROBLEMS,
@@ -81,6 +82,7 @@ def _ingest_locked(
     ws: Workspace, folder: Path, round_no: int, rec: RoundRecord, selections: dict[str, Selection]
 ) -> IngestResult:
     read = read_answers(folder, list(ws.cfg.classes), selections)
+    crash_point("ingest.labels_read")
     answers, problems = read.answers, read.problems
     # every image file ingest relies on is checked, whichever source gave its label: the copy
     # named in a CSV (where it still is at the top) and every entry of a class folder
@@ -134,6 +136,7 @@ def _ingest_locked(
         for n, a in sorted(answers.items())
     ]
     ws.db.record_ingest(round_no, rows, when)
+    crash_point("ingest.committed")
     return result
 
 
