@@ -3,9 +3,9 @@
 The public API: :mod:`medal.api` (one function per CLI command: ``medal.api.train(cfg)``,
 ``query``, ``ingest``, ``run_round``, ``status``, ...), the config loader, the workspace and
 ledger, the report types and the errors. Names are imported when first used, so
-``import medal`` (and ``medal --version``) does not import torch. (``train`` and
-``simulate`` are modules of this package as well as functions, so the functions are reached
-through ``medal.api`` and ``medal.simulate``.)
+``import medal`` (and ``medal --version``) does not import torch. (``train``, ``query``
+and ``simulate`` are modules of this package as well as functions, so the functions are
+reached through ``medal.api`` and ``medal.simulate``.)
 """
 
 from __future__ import annotations

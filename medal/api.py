@@ -4,47 +4,78 @@ returns a small report object; nothing here prints except progress bars."""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from . import acquisition
-from .config import Config
-from .data import ImageDataset, load_all
-from .errors import DataError, ModelError, WorkspaceError
-from .faults import crash_point
-from .features import FeatureCache, backbone_key, stream_features
-from .labelling.export import Candidate, export_round
-from .labelling.ingest import FINAL_SOURCES, IngestResult, ingest_round
-from .models import MCModel, read_pretrained, resolve_device, set_mc_mode
-from .representation import SSLSettings, load_cached, pretrain_and_cache
-from .representation import cache_key as ssl_cache_key
-from .resources import check_pretraining_memory, check_query_memory, check_training_memory
-from .metrics import classification_metrics
-from .fitting import FitResult
-from .train import build_model, fit, load_checkpoint, save_checkpoint
 from . import distributed
-from .uncertainty import (
-    MCResult,
-    ScoreCollector,
-    ScoreStore,
-    batch_seed,
-    head_samples,
-    mc_predict_tensors,
-    n_batches,
-    score_batches,
+from .config import Config
+from .errors import DataError, WorkspaceError
+from .faults import crash_point
+from .fitting import FitResult
+from .inputs import (
+    _load,
+    record_skipped,
+    frozen_features,
+    pretrained_backbone,
+    representation_seed,
+    round_seed,
+    start_model,
 )
-from .ledger import LabelRecord, ModelRecord
-from .sources import Item, Snapshot, sync
-from .workspace import UNSURE, Workspace, cache_dir, has_ledger
+from .labelling.ingest import FINAL_SOURCES, IngestResult, ingest_round
+from .ledger import LabelRecord
+from .metrics import classification_metrics
+from .models import MCModel, read_pretrained, resolve_device
+from .query import (
+    QueryReport,
+    load_round_model,
+    no_labels,
+    query,
+    refuse_pending,
+)
+from .resources import check_training_memory
+from .sources import Item, sync
+from .train import fit, save_checkpoint
+from .uncertainty import mc_predict_tensors
+from .workspace import UNSURE, Workspace, has_ledger
+
+if TYPE_CHECKING:
+    from .tensorboard_log import RunPart
+
+__all__ = [
+    # the commands
+    "train",
+    "query",
+    "ingest",
+    "run_round",
+    "status",
+    "export_labels",
+    "unsure_images",
+    "release_unsure",
+    "pretrain_representation",
+    "ensure_backbone",
+    # their reports
+    "TrainReport",
+    "QueryReport",
+    "RoundReport",
+    "Status",
+    # what the simulation, scripts and tests use
+    "frozen_features",
+    "initial_model",
+    "load_round_model",
+    "metric_notes",
+    "parent_round",
+    "pretrained_backbone",
+    "representation_seed",
+    "round_seed",
+    "start_model",
+    "training_epochs",
+]
 
 
 @dataclass
@@ -63,76 +94,9 @@ class TrainReport:
 
 
 @dataclass
-class QueryReport:
-    round: int
-    folder: Path
-    n_selected: int
-    pool_size: int
-    strategy: str
-    model_round: int
-    seconds: float
-    skipped: dict[Path, str] = field(default_factory=dict)
-    reused: int = 0
-    """Pool images whose scores from an earlier query with the same model were reused."""
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
 class RoundReport:
     train: TrainReport
     query: QueryReport
-
-
-def _labels_to_index(items: list[Item], classes: tuple[str, ...]) -> np.ndarray:
-    lookup = {c: i for i, c in enumerate(classes)}
-    return np.array([lookup[str(it.label)] for it in items], dtype=np.int64)
-
-
-def _cache_dir(cfg: Config) -> Path | None:
-    return cache_dir(cfg.workspace) if cfg.image.cache else None
-
-
-def _dataset(cfg: Config, items: list[Item]) -> ImageDataset:
-    cache = _cache_dir(cfg)
-    return ImageDataset(
-        [it.path for it in items],
-        channels=cfg.model.channels,
-        size=cfg.model.image_size,
-        window=cfg.image.window,
-        frame=cfg.image.frame,
-        ids=[it.id for it in items] if cache else None,
-        cache_dir=cache,
-        frames=[it.frame for it in items],
-    )
-
-
-def _load(cfg: Config, items: list[Item]) -> tuple[Any, np.ndarray, list[Item], dict[Path, str]]:
-    cache = _cache_dir(cfg)
-    x, kept, skipped = load_all(
-        [it.path for it in items],
-        channels=cfg.model.channels,
-        size=cfg.model.image_size,
-        window=cfg.image.window,
-        frame=cfg.image.frame,
-        num_workers=cfg.num_workers,
-        ids=[it.id for it in items] if cache else None,
-        cache_dir=cache,
-        frames=[it.frame for it in items],
-    )
-    kept_items = [items[i] for i in kept]
-    y = (
-        _labels_to_index(kept_items, cfg.classes)
-        if kept_items and kept_items[0].label
-        else np.zeros(0, np.int64)
-    )
-    return x, y, kept_items, skipped
-
-
-def _record_skipped(ws: Workspace, skipped: dict[Path, str]) -> None:
-    """Remember unreadable files in the ledger and in ``<workspace>/skipped.csv`` (with every
-    byte-identical copy of each)."""
-    if skipped:
-        ws.record_skipped({str(p): r for p, r in skipped.items()})
 
 
 def train(cfg: Config, *, progress: bool = True) -> TrainReport | None:
@@ -155,58 +119,30 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport | None:
         plan = distributed.on_main(
             lambda: _plan_training(cast(Workspace, ws), cfg, device, progress)
         )
-        x, y, items, skipped = _load(cfg, plan.labelled)
-        if len(items) == 0:
-            raise DataError("none of the labelled images could be read; see 'medal status'")
-        xv, yv, _, sk_v = _load(cfg, plan.validation)
-        xt, yt, _, sk_t = _load(cfg, plan.test)
-        skipped |= sk_v | sk_t
+        data = _TrainData.load(cfg, plan)
         model = start_model(cfg, plan.parent_checkpoint, plan.backbone)
         seed = round_seed(cfg, plan.model_round)
         tb = _tensorboard_round(ws, cfg, plan.model_round)
-        unlabelled = None
-        if (
-            ws is not None
-            and cfg.train.freeze_backbone
-            and cfg.train.semi_supervised != "none"
-            and plan.pool
-        ):
-            model.to(device)
-            f, found, _ = frozen_features(ws, cfg, model, plan.pool, device)
-            unlabelled = torch.from_numpy(f[found])
         result = fit(
             model,
-            x,
-            y,
+            data.x,
+            data.y,
             cfg,
             epochs=training_epochs(cfg, plan.parent),
             device=device,
-            x_val=xv if len(xv) else None,
-            y_val=yv if len(yv) else None,
+            x_val=data.val[0] if len(data.val[0]) else None,
+            y_val=data.val[1] if len(data.val[1]) else None,
             seed=seed,
-            progress=progress and ws is not None,
+            progress=progress and distributed.is_main(),
             state_path=plan.state_path,
             distributed=distributed.is_distributed(),
-            unlabelled=unlabelled,
+            unlabelled=_unlabelled_features(ws, cfg, model, plan, device),
             log=None if tb is None else tb.row,
         )
         report = None
-        if ws is not None:
+        if distributed.on_rank0(ws):
             result.notes[:0] = plan.notes
-            report = _finish_training(
-                ws,
-                cfg,
-                model,
-                device,
-                seed,
-                plan.model_round,
-                plan.parent,
-                items,
-                result,
-                (xv, yv),
-                (xt, yt),
-                skipped,
-            )
+            report = _finish_training(ws, cfg, model, device, seed, plan, data, result)
         if tb is not None and report is not None:  # after the ledger: the round is kept
             tb.round_metrics(report.n_labels, report.model_round, report.metrics, report.best_epoch)
             tb.close()
@@ -214,13 +150,53 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport | None:
         return report
 
 
-def _tensorboard_round(ws: Workspace | None, cfg: Config, model_round: int) -> Any:
+def _unlabelled_features(
+    ws: Workspace | None, cfg: Config, model: MCModel, plan: _TrainPlan, device: torch.device
+) -> torch.Tensor | None:
+    """Rank 0's frozen-backbone features ``[U, D]`` of the readable pool images, for
+    semi-supervised training of the head (``train.semi_supervised``); otherwise ``None``."""
+    if not (
+        distributed.on_rank0(ws)
+        and cfg.train.freeze_backbone
+        and cfg.train.semi_supervised != "none"
+        and plan.pool
+    ):
+        return None
+    model.to(device)
+    f, found, _ = frozen_features(ws, cfg, model, plan.pool, device)
+    return torch.from_numpy(f[found])
+
+
+def _tensorboard_round(ws: Workspace | None, cfg: Config, model_round: int) -> RunPart | None:
     """Rank 0's TensorBoard event file of this model round (``train.tensorboard``), or None."""
-    if ws is None or not cfg.train.tensorboard:
+    if not distributed.on_rank0(ws) or not cfg.train.tensorboard:
         return None
     from . import tensorboard_log
 
     return tensorboard_log.round_part(ws.tensorboard_root, model_round)
+
+
+@dataclass(frozen=True)
+class _TrainData:
+    """The decoded images of a training: labelled ``x [N, C, S, S]`` with class indices
+    ``y [N]``, validation and test ``(x, y)`` (possibly empty), the readable labelled items
+    and every unreadable file."""
+
+    x: torch.Tensor
+    y: np.ndarray
+    items: list[Item]
+    val: tuple[torch.Tensor, np.ndarray]
+    test: tuple[torch.Tensor, np.ndarray]
+    skipped: dict[Path, str]
+
+    @staticmethod
+    def load(cfg: Config, plan: _TrainPlan) -> _TrainData:
+        x, y, items, skipped = _load(cfg, plan.labelled)
+        if len(items) == 0:
+            raise DataError("none of the labelled images could be read; see 'medal status'")
+        xv, yv, _, sk_v = _load(cfg, plan.validation)
+        xt, yt, _, sk_t = _load(cfg, plan.test)
+        return _TrainData(x, y, items, (xv, yv), (xt, yt), skipped | sk_v | sk_t)
 
 
 @dataclass(frozen=True)
@@ -245,7 +221,7 @@ class _TrainPlan:
 def _plan_training(ws: Workspace, cfg: Config, device: torch.device, progress: bool) -> _TrainPlan:
     snap = sync(ws)
     if not snap.labelled:
-        raise DataError(_no_labels(cfg))
+        raise DataError(no_labels(cfg))
     check_training_memory(
         cfg,
         len(snap.labelled) + len(snap.validation) + len(snap.test),
@@ -272,12 +248,6 @@ def _plan_training(ws: Workspace, cfg: Config, device: torch.device, progress: b
     )
 
 
-def round_seed(cfg: Config, round_no: int) -> int:
-    """The seed of a round's randomness: of model round ``round_no``'s training and evaluation,
-    or of the query that exports round ``round_no`` (scoring, selection)."""
-    return cfg.seed * 1000 + round_no
-
-
 def training_epochs(cfg: Config, parent: int | None) -> int:
     """Epochs of a training: ``train.fine_tune_epochs`` (default ``train.epochs``) when it
     fine-tunes from model round ``parent``, ``train.epochs`` from fresh weights."""
@@ -298,95 +268,20 @@ def ensure_backbone(cfg: Config, *, progress: bool = True) -> tuple[str, Path]:
         return pretrained_backbone(ws, cfg, sync(ws), resolve_device(cfg.device), progress)
 
 
-def representation_seed(cfg: Config) -> int:
-    """The pretraining's seed: ``representation.seed``, by default the project's ``seed``."""
-    r = cfg.representation.seed
-    return cfg.seed if r is None else r
-
-
-def pretrained_backbone(
-    ws: Workspace, cfg: Config, snap: Snapshot, device: torch.device, progress: bool
-) -> tuple[str, Path]:
-    """Load (or first train and cache) the self-supervised backbone for this workspace's
-    images: the pool, the labelled images and an automatic hold-out; never the given
-    validation or test sets. Returns a line for the training report and the cache file."""
-    r = cfg.representation
-    items = [*snap.pool, *snap.labelled]
-    if cfg.data.validation is None:
-        items += snap.validation
-    seed = representation_seed(cfg)
-    settings = SSLSettings(
-        epochs=r.epochs, batch_size=r.batch_size, temperature=r.temperature, lr=r.lr, seed=seed
-    )
-    key = ssl_cache_key(
-        [it.id for it in items],
-        {
-            "size": cfg.model.image_size,
-            "channels": cfg.model.channels,
-            "window": cfg.image.window,
-            "frame": cfg.image.frame,
-        },
-        {"name": cfg.model.name, "pretrained": cfg.model.pretrained},
-        settings,
-    )
-    path = ws.representation_path(key)
-    t0 = time.perf_counter()
-    # initial weights as `medal train` with this seed builds them: the same backbone either way
-    model = start_model(dataclasses.replace(cfg, seed=seed), None)
-    if load_cached(path, model.backbone):
-        return f"self-supervised backbone loaded from the cache ({_short(path)})", path
-    check_pretraining_memory(cfg, len(items), device)
-    x, _, _, _ = _load(cfg, items)
-    if len(x) < 2:
-        raise DataError(
-            "representation.method = 'simclr' needs at least 2 readable images "
-            "in the pool and labelled set"
-        )
-    if cfg.train.tensorboard:  # the pretraining loss per step, written as it trains
-        from . import tensorboard_log
-
-        with tensorboard_log.pretraining_part(ws.tensorboard_root) as tb:
-            pretrain_and_cache(
-                path,
-                model.backbone,
-                model.backbone_dim,
-                x,
-                settings,
-                device=device,
-                progress=progress,
-                log=tb.pretraining_loss,
-            )
-    else:
-        pretrain_and_cache(
-            path, model.backbone, model.backbone_dim, x, settings, device=device, progress=progress
-        )
-    return (
-        f"self-supervised backbone pretrained on {len(x)} images in "
-        f"{time.perf_counter() - t0:.0f} s, cached for later rounds"
-    ), path
-
-
-def _short(p: Path) -> str:
-    return f"{p.parent.name}/{p.name[:12]}…"
-
-
 def _finish_training(
     ws: Workspace,
     cfg: Config,
     model: MCModel,
     device: torch.device,
     seed: int,
-    model_round: int,
-    parent: int | None,
-    items: list[Item],
+    plan: _TrainPlan,
+    data: _TrainData,
     result: FitResult,
-    val: tuple[Any, np.ndarray],
-    test: tuple[Any, np.ndarray],
-    skipped: dict[Path, str],
 ) -> TrainReport:
     """MC-averaged metrics on validation and test, the checkpoint and the ledger row."""
+    model_round, parent, items, skipped = plan.model_round, plan.parent, data.items, data.skipped
     metrics = {}
-    for split, (xs, ys) in (("validation", val), ("test", test)):
+    for split, (xs, ys) in (("validation", data.val), ("test", data.test)):
         if len(xs):
             probs, _ = mc_predict_tensors(
                 model,
@@ -412,7 +307,7 @@ def _finish_training(
         metrics,
     )
     crash_point("train.model_recorded")
-    _record_skipped(ws, skipped)
+    record_skipped(ws, skipped)
     counts = Counter(it.label for it in items)
     return TrainReport(
         model_round,
@@ -457,474 +352,11 @@ def parent_round(ws: Workspace, cfg: Config, model_round: int) -> int | None:
     return max((m.round for m in ws.db.models() if m.round < model_round), default=None)
 
 
-def start_model(
-    cfg: Config, parent_checkpoint: Path | None, backbone: Path | None = None
-) -> MCModel:
-    """The weights a training starts from: fresh (``model.pretrained`` when given), seeded so
-    every round starts alike, then the parent's checkpoint or a cached self-supervised
-    ``backbone`` when given."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
-    if parent_checkpoint is not None:
-        load_checkpoint(parent_checkpoint, model, cfg.classes, cfg.model.name, cfg.model.channels)
-    if backbone is not None and not load_cached(backbone, model.backbone):
-        raise ModelError(f"cannot read the self-supervised backbone {backbone}")
-    return model
-
-
 def initial_model(ws: Workspace, cfg: Config, model_round: int) -> tuple[MCModel, int | None]:
     """The weights model round ``model_round``'s training starts from, and the model round
     they come from (:func:`parent_round`, :func:`start_model`)."""
     parent = parent_round(ws, cfg, model_round)
     return start_model(cfg, None if parent is None else ws.checkpoint_path(parent)), parent
-
-
-def current_model_record(ws: Workspace) -> ModelRecord:
-    """The newest model that has seen every ingested label (rounds handed back empty do not
-    need a new model); error if there is none."""
-    needed = max(
-        (r.round for r in ws.db.rounds() if r.ingested_at is not None and ws.db.labels(r.round)),
-        default=0,
-    )
-    fit = [m for m in ws.db.models() if m.round >= needed]
-    if not fit:
-        hint = "medal train" if needed == 0 else "medal train (or medal round)"
-        raise WorkspaceError(
-            f"no model trained on the labels of round {needed} yet; run {hint} first"
-        )
-    return fit[-1]
-
-
-def load_round_model(ws: Workspace, cfg: Config) -> tuple[MCModel, int]:
-    """The model to score the pool with, and its model round."""
-    rec = current_model_record(ws)
-    return _model_from(cfg, ws.checkpoint_path(rec.round)), rec.round
-
-
-def _model_from(cfg: Config, checkpoint: Path) -> MCModel:
-    model = build_model(cfg)
-    load_checkpoint(checkpoint, model, cfg.classes, cfg.model.name, cfg.model.channels)
-    return model
-
-
-def _refuse_pending(ws: Workspace) -> None:
-    pending = ws.pending_round()
-    if pending is not None:
-        raise WorkspaceError(
-            f"round {pending:03d} ({ws.round_dir(pending)}) has not been ingested yet; run "
-            f"'medal ingest' on it first (an empty labels.csv returns its images to the pool)"
-        )
-
-
-def query(cfg: Config, *, progress: bool = True) -> QueryReport | None:
-    """Score the pool with MC dropout and export the chosen images as the next round folder.
-
-    One code path for one process or many: rank 0 plans (reads the workspace, reuses stored
-    scores), every rank scores its share of the pool's batches, rank 0 merges them into the
-    same selection and export a single process makes; other ranks return ``None``.
-    """
-    if cfg.model.pretrained is not None:  # a bad file is refused before anything is written
-        read_pretrained(cfg.model.pretrained)
-    device = distributed.setup(cfg.device)
-    state: dict[str, Any] = {}  # rank 0's: the snapshot, the score collector, ...
-    with distributed.main_only(lambda: Workspace(cfg)) as ws:
-        plan = distributed.on_main(
-            lambda: _plan_query(cast(Workspace, ws), cfg, device, progress, state)
-        )
-        if isinstance(plan, QueryReport):  # a zero-label first round, exported by rank 0
-            return plan if ws is not None else None
-        t0 = time.perf_counter()
-        model = state["model"] if ws is not None else _model_from(cfg, plan.checkpoint)
-        model.to(device)
-        seed = round_seed(cfg, plan.round_no)
-        chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        keep = state["sink"] if ws is not None else (lambda rows, p, f: chunks.append((rows, p, f)))
-        skipped = _score_pool(ws, cfg, model, plan, device, seed, progress and ws is not None, keep)
-        gathered = distributed.gather((chunks, skipped))
-        report = None
-        if ws is not None:
-            report = _finish_query(ws, cfg, state, plan, gathered, model, device, seed, t0)
-        distributed.barrier()
-        return report
-
-
-@dataclass(frozen=True)
-class _QueryPlan:
-    """What rank 0 decides before every rank scores."""
-
-    pool: list[Item]
-    round_no: int
-    """The round to export."""
-    model_round: int
-    checkpoint: Path
-    todo: np.ndarray
-    """Positions in ``pool`` of the images no earlier query scored with this model."""
-    mode: str
-    max_items: int
-
-
-def _plan_query(
-    ws: Workspace, cfg: Config, device: torch.device, progress: bool, state: dict[str, Any]
-) -> _QueryPlan | QueryReport:
-    q = cfg.query
-    _refuse_pending(ws)
-    snap = sync(ws)
-    zero_label = not snap.labelled and not ws.db.models()
-    check_query_memory(cfg, len(snap.pool), len(snap.labelled), device, zero_label=zero_label)
-    if zero_label:
-        return _zero_label_query(ws, cfg, snap, device, progress)
-    rec = current_model_record(ws)
-    model = _model_from(cfg, ws.checkpoint_path(rec.round))
-    if not snap.pool:
-        raise DataError(_empty_pool(cfg))
-    round_no = ws.next_round()
-    mode, max_items = _sampling(cfg, device)
-    top = acquisition.get_strategy(q.strategy).streaming_score(q.balance)
-    sink = ScoreCollector(
-        len(snap.pool),
-        q.mc_samples,
-        model.num_classes,
-        model.feature_dim,
-        ws.scores_dir(round_no),
-        None if top is None else (top, q.budget),
-        ids=[it.id for it in snap.pool],
-    )
-    key = _scores_key(cfg, rec, mode)
-    state.update(
-        snap=snap,
-        sink=sink,
-        key=key,
-        model=model,
-        reused=sink.reuse([ScoreStore(f) for f in ws.stored_scores()], key),
-    )
-    return _QueryPlan(
-        snap.pool,
-        round_no,
-        rec.round,
-        ws.checkpoint_path(rec.round),
-        np.flatnonzero(~sink.ok),
-        mode,
-        max_items,
-    )
-
-
-def _score_pool(
-    ws: Workspace | None,
-    cfg: Config,
-    model: MCModel,
-    plan: _QueryPlan,
-    device: torch.device,
-    seed: int,
-    progress: bool,
-    sink: Any,
-) -> dict[Path, str]:
-    """Score this rank's share of the images still to score; ``sink(pool positions, probs
-    [B, T, C], features [B, D])``. Returns the unreadable files."""
-    q, todo = cfg.query, plan.todo
-    items = [plan.pool[i] for i in todo]
-
-    def to_pool(rows: np.ndarray, p: np.ndarray, f: np.ndarray) -> None:
-        sink(todo[rows], p, f)
-
-    if cfg.train.freeze_backbone and plan.mode == "head":
-        # features from the workspace's cache, only the head sampled: rank 0 does it alone
-        return (
-            {}
-            if ws is None
-            else _score_frozen(ws, cfg, model, items, device, seed, progress, sink=to_pool)
-        )
-    sub = _dataset(cfg, items)
-    total = n_batches(len(sub), q.batch_size)
-    mine = distributed.my_share(total)
-    return score_batches(
-        model,
-        sub,
-        q.mc_samples,
-        mine,
-        device=device,
-        batch_size=q.batch_size,
-        num_workers=cfg.num_workers,
-        seed=seed,
-        progress=progress,
-        desc=f"scoring {len(sub)} images"
-        if len(mine) == total
-        else f"scoring {len(mine)} of {total} batches",
-        mode=plan.mode,
-        precision=q.precision,
-        max_batch_items=plan.max_items,
-        sink=to_pool,
-    )
-
-
-def _finish_query(
-    ws: Workspace,
-    cfg: Config,
-    state: dict[str, Any],
-    plan: _QueryPlan,
-    gathered: Any,
-    model: MCModel,
-    device: torch.device,
-    seed: int,
-    t0: float,
-) -> QueryReport:
-    """Rank 0: merge every rank's scores, store them, select and export the round."""
-    sink = state["sink"]
-    skipped: dict[Path, str] = {}
-    for rank_chunks, rank_skipped in gathered:
-        for rows, probs, feats in rank_chunks:
-            sink(rows, probs, feats)
-        skipped |= rank_skipped
-    mc = sink.result(skipped, meta=state["key"])
-    report = _select_and_export(
-        ws, cfg, state["snap"], mc, model, device, plan.round_no, plan.model_round, seed, t0
-    )
-    report.reused = state["reused"]
-    report.notes[:0] = state["snap"].notes
-    return report
-
-
-@torch.no_grad()
-def frozen_features(
-    ws: Workspace, cfg: Config, model: MCModel, items: list[Item], device: torch.device
-) -> tuple[np.ndarray, np.ndarray, dict[Path, str]]:
-    """Backbone features of ``items`` under a frozen backbone, from the workspace's feature
-    cache; the images not in it are decoded, passed through the backbone once and cached.
-    Returns ``(features [N, D] float32, found [N] bool, {path: reason} unreadable)``."""
-    # "last" features keep the key they had before model.features existed
-    key = backbone_key(
-        model.backbone,
-        [cfg.model.channels, cfg.model.image_size, cfg.image.window, cfg.image.frame]
-        + ([f"stages={model.stages}"] if model.stages else []),
-    )
-    cache = FeatureCache(ws.feature_cache_path(key))
-    ids = [it.id for it in items]
-    feats, found = cache.lookup(ids, model.feature_dim)
-    skipped: dict[Path, str] = {}
-    missing = np.flatnonzero(~found)
-    if len(missing):  # streamed a batch at a time: memory does not grow with the pool
-        todo = [items[i] for i in missing]
-        new, kept, bad = stream_features(
-            model, _dataset(cfg, todo), device, num_workers=cfg.num_workers
-        )
-        skipped = {todo[j].path: r for j, r in bad.items()}
-        feats[missing[kept]] = new
-        found[missing[kept]] = True
-        cache.add([todo[j].id for j in kept], new)
-    return feats, found, skipped
-
-
-@torch.no_grad()
-def _score_frozen(
-    ws: Workspace,
-    cfg: Config,
-    model: MCModel,
-    items: list[Item],
-    device: torch.device,
-    seed: int,
-    progress: bool,
-    *,
-    sink: Any,
-) -> dict[Path, str]:
-    """Head-only MC scoring under a frozen backbone: every image's features come from the
-    workspace's feature cache (the images not in it are decoded and passed through the
-    backbone once, then cached), and only the head is sampled. ``sink(rows, probs [B, T, C],
-    features [B, D])`` as for :func:`score_batches`; returns the unreadable files."""
-    q = cfg.query
-    feats, found, skipped = frozen_features(ws, cfg, model, items, device)
-    rows = np.flatnonzero(found)
-    set_mc_mode(model)
-    for b in tqdm(
-        range(n_batches(len(rows), q.batch_size)),
-        desc="scoring (head only)",
-        unit="batch",
-        leave=False,
-        disable=not progress,
-    ):
-        r = rows[b * q.batch_size : (b + 1) * q.batch_size]
-        torch.manual_seed(batch_seed(seed, b))
-        f = torch.from_numpy(feats[r]).to(device)
-        sink(r, head_samples(model, f, q.mc_samples).float().cpu().numpy(), feats[r])
-    return skipped
-
-
-def _empty_pool(cfg: Config) -> str:
-    if cfg.data.pool is None:
-        return "no pool: set data.pool to the folder of unlabelled images to choose from"
-    return f"the pool is empty: every image in {cfg.data.pool} is labelled or out for labelling"
-
-
-def _no_labels(cfg: Config) -> str:
-    if cfg.data.labelled is None:
-        return "no labelled images yet (data.labelled is not set, and no round was ingested)"
-    return f"no labelled images found in {cfg.data.labelled}"
-
-
-def _zero_label_query(
-    ws: Workspace, cfg: Config, snap: Snapshot, device: torch.device, progress: bool
-) -> QueryReport:
-    """The first round of a project without a single label: TypiClust (typical, diverse
-    images) in the self-supervised embedding of the pool; no classifier exists yet."""
-    if cfg.representation.method == "none":
-        raise WorkspaceError(
-            f"{_no_labels(cfg)} and no model yet: either give a few "
-            f'labelled images, or set representation.method = "simclr" so that medal can '
-            f"choose the first round from the pool alone"
-        )
-    if not snap.pool:
-        raise DataError(_empty_pool(cfg))
-    t0 = time.perf_counter()
-    model = start_model(cfg, None, backbone=pretrained_backbone(ws, cfg, snap, device, progress)[1])
-    model.to(device)
-    features, rows, bad = stream_features(
-        model, _dataset(cfg, snap.pool), device, num_workers=cfg.num_workers
-    )
-    kept = [snap.pool[j] for j in rows]
-    skipped = {snap.pool[j].path: r for j, r in bad.items()}
-    round_no = ws.next_round()
-    rng = np.random.default_rng(round_seed(cfg, round_no))
-    idx = acquisition.typiclust(features, cfg.query.budget, rng=rng)
-    typical = (
-        acquisition.typicality(features[idx], k=len(idx) - 1) if len(idx) > 1 else np.ones(len(idx))
-    )
-    no_model = np.zeros(0, np.float32)
-    chosen = [Candidate(kept[int(i)], float(t), no_model) for i, t in zip(idx, typical)]
-    strategy = "typiclust:zero-label"
-    folder = export_round(
-        ws,
-        round_no,
-        chosen,
-        strategy=strategy,
-        model_round=-1,
-        pool_size=len(kept),
-        score_seconds=time.perf_counter() - t0,
-    )
-    _record_skipped(ws, skipped)
-    return QueryReport(
-        round_no,
-        folder,
-        len(chosen),
-        len(kept),
-        strategy,
-        -1,
-        time.perf_counter() - t0,
-        skipped,
-        notes=list(snap.notes),
-    )
-
-
-def _scores_key(cfg: Config, model_rec: ModelRecord, mode: str) -> dict[str, Any]:
-    """What scores depend on: the model (checkpoint and when it was written), T, the
-    sampling path and the preprocessing."""
-    return {
-        "checkpoint": model_rec.checkpoint,
-        "created_at": model_rec.created_at,
-        "mc_samples": cfg.query.mc_samples,
-        "mode": mode,
-        "preprocess": [cfg.model.channels, cfg.model.image_size, cfg.image.window, cfg.image.frame],
-    }
-
-
-def _sampling(cfg: Config, device: torch.device) -> tuple[str, int]:
-    q = cfg.query
-    mode = (
-        q.sampling
-        if q.sampling != "auto"
-        else ("full" if cfg.model.backbone_dropout > 0 else "head")
-    )
-    return mode, q.max_batch_items or (4096 if device.type == "cuda" else q.batch_size)
-
-
-# query.cold_start -> (selection in the feature space, how the query's note describes it)
-_COLD_START: dict[str, tuple[Callable[..., np.ndarray], str]] = {
-    "typiclust": (acquisition.typiclust, "typicality and coverage (TypiClust)"),
-    "diversity": (acquisition.k_center_greedy, "k-center diversity"),
-}
-
-
-def _select_and_export(
-    ws: Workspace,
-    cfg: Config,
-    snap: Snapshot,
-    mc: MCResult,
-    model: MCModel,
-    device: torch.device,
-    round_no: int,
-    model_round: int,
-    seed: int,
-    t0: float,
-) -> QueryReport:
-    q = cfg.query
-    strategy = q.strategy
-    declared = acquisition.get_strategy(q.strategy)
-    missing = [c for c in cfg.classes if not any(it.label == c for it in snap.labelled)]
-    notes: list[str] = []
-    if q.cold_start != "off" and missing and declared.uses_model:
-        # uncertainty from a model that never saw a class keeps asking about the classes it
-        # knows; spread the round over the feature space instead until every class is seen
-        xl, _, _, _ = _load(cfg, snap.labelled)
-        _, labelled_features = mc_predict_tensors(model, xl, 2, device=device, seed=seed)
-        pick, how = _COLD_START[q.cold_start]
-        idx = pick(
-            np.asarray(mc.features, np.float32),
-            q.budget,
-            rng=np.random.default_rng(seed),
-            labelled_features=labelled_features,
-        )
-        scores = acquisition.bald(np.asarray(mc.probs[idx], np.float32))
-        strategy = f"{q.strategy}:cold-start-{q.cold_start}"
-        notes.append(
-            f"no label yet for {', '.join(missing)}: chosen by {how} in the feature "
-            f"space instead of {q.strategy} until every class has a label "
-            f"(query.cold_start)"
-        )
-    elif mc.top_index is not None and mc.top_scores is not None:
-        idx, scores = mc.top_index, mc.top_scores
-    else:
-        labelled_features = None
-        if declared.needs_labelled_features:
-            xl, _, _, _ = _load(cfg, snap.labelled)
-            _, labelled_features = mc_predict_tensors(model, xl, 2, device=device, seed=seed)
-        rng = np.random.default_rng(seed)
-        idx, scores = acquisition.select(
-            q.strategy,
-            np.asarray(mc.probs, np.float32),
-            q.budget,
-            rng=rng,
-            features=np.asarray(mc.features, np.float32),
-            labelled_features=labelled_features,
-            balance=q.balance,
-        )
-    seconds = time.perf_counter() - t0
-    by_id = {it.id: it for it in snap.pool}
-    if mc.ids is None:  # the query's scorer is always given the pool's ids
-        raise ValueError("the pool's scores carry no image ids")
-    ids = mc.ids
-    chosen = [
-        Candidate(by_id[str(ids[i])], float(s), np.asarray(mc.probs[i], np.float32).mean(0))
-        for i, s in zip(idx, scores)
-    ]
-    crash_point("query.scored")
-    folder = export_round(
-        ws,
-        round_no,
-        chosen,
-        strategy=strategy,
-        model_round=model_round,
-        pool_size=len(mc.kept),
-        score_seconds=seconds,
-    )
-    _record_skipped(ws, mc.skipped)
-    return QueryReport(
-        round_no,
-        folder,
-        len(chosen),
-        len(mc.kept),
-        strategy,
-        model_round,
-        seconds,
-        mc.skipped,
-        notes=notes,
-    )
 
 
 def ingest(cfg: Config, folder: str | Path) -> IngestResult:
@@ -938,7 +370,7 @@ def run_round(cfg: Config, *, progress: bool = True) -> RoundReport | None:
 
     def check() -> None:
         with Workspace(cfg) as ws:  # refuse before spending time on training
-            _refuse_pending(ws)
+            refuse_pending(ws)
 
     distributed.setup(cfg.device)
     distributed.on_main(check)

@@ -17,7 +17,7 @@ import datetime as _dt
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -118,6 +118,16 @@ def main_only(open_: Callable[[], AbstractContextManager[T]]) -> Iterator[T | No
         return
     with open_() as x:
         yield x
+
+
+def on_rank0(held: T | None) -> TypeGuard[T]:
+    """Whether this process is rank 0, the one that holds ``held`` (what :func:`main_only`
+    opened, or what only rank 0 made); every other rank holds ``None``. The named spelling
+    of ``held is not None`` in code that runs on every rank."""
+    if (held is not None) != is_main():
+        has = "holds" if held is not None else "lacks"
+        raise RuntimeError(f"rank {rank()} {has} what only rank 0 holds")
+    return held is not None
 
 
 def my_share(n: int) -> range:

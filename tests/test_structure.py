@@ -160,3 +160,36 @@ def test_the_script_check_catches_what_it_is_for(tmp_path):
         assert len(found) == 1 and problem in found[0], (code, found)
     (tmp_path / "s.py").write_text("import sys\nfrom medal.medmnist import save_png\nsys.exit(0)\n")
     assert script_problems(tmp_path / "s.py", names) == []
+
+
+# Deciding a round's images: a call of a batch selector of medal.acquisition (by attribute or
+# imported by name), a read of a streaming top-k, or the export of a round folder (issue 27).
+SELECTION = re.compile(
+    r"""\bacquisition\.(select|typiclust|k_center_greedy)\b"""
+    r"""|\bacquisition import\b.*\b(select|typiclust|k_center_greedy)\b"""
+    r"""|\.top_index\b(?!\s*=[^=])"""
+    r"""|\bexport_round\("""
+)
+
+
+def test_only_the_query_module_decides_selection():
+    # acquisition.py defines the selectors, uncertainty.py fills the top-k, labelling/ defines
+    # the export; every decision that uses them is medal/query.py's
+    found = [
+        line
+        for line in offending_lines(SELECTION, "query.py")
+        if not line.startswith(("medal/acquisition.py:", "medal/uncertainty.py:"))
+        and not line.startswith("medal/labelling/")
+    ]
+    assert found == []
+
+
+def test_the_selection_pattern_catches_what_it_is_for():
+    assert SELECTION.search("idx, scores = acquisition.select(")
+    assert SELECTION.search('"typiclust": (acquisition.typiclust, "typicality")')
+    assert SELECTION.search("from .acquisition import k_center_greedy, select")
+    assert SELECTION.search("elif mc.top_index is not None and mc.top_scores is not None:")
+    assert SELECTION.search("folder = export_round(")
+    assert not SELECTION.search("out.top_index = np.searchsorted(kept, self.best.index)")
+    assert not SELECTION.search("top = acquisition.get_strategy(q.strategy).streaming_score(b)")
+    assert not SELECTION.search("from .acquisition import available_strategies")

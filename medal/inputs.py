@@ -1,0 +1,212 @@
+"""What a round's training and its query both start from: the configured images of ledger
+items (decoded, cached), the round's seed, the starting weights, the self-supervised backbone
+and frozen-backbone features.
+
+:mod:`medal.api` (training) and :mod:`medal.query` (scoring and selection) both import these;
+neither imports the other's internals, so the import graph stays one-way
+(``api -> query -> inputs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config
+from .data import ImageDataset, load_all
+from .errors import DataError, ModelError
+from .features import FeatureCache, backbone_key, stream_features
+from .models import MCModel
+from .representation import SSLSettings, load_cached, pretrain_and_cache
+from .representation import cache_key as ssl_cache_key
+from .resources import check_pretraining_memory
+from .sources import Item, Snapshot
+from .train import build_model, load_checkpoint
+from .workspace import Workspace, cache_dir
+
+
+def _labels_to_index(items: list[Item], classes: tuple[str, ...]) -> np.ndarray:
+    lookup = {c: i for i, c in enumerate(classes)}
+    return np.array([lookup[str(it.label)] for it in items], dtype=np.int64)
+
+
+def _cache_dir(cfg: Config) -> Path | None:
+    return cache_dir(cfg.workspace) if cfg.image.cache else None
+
+
+def image_dataset(cfg: Config, items: list[Item]) -> ImageDataset:
+    cache = _cache_dir(cfg)
+    return ImageDataset(
+        [it.path for it in items],
+        channels=cfg.model.channels,
+        size=cfg.model.image_size,
+        window=cfg.image.window,
+        frame=cfg.image.frame,
+        ids=[it.id for it in items] if cache else None,
+        cache_dir=cache,
+        frames=[it.frame for it in items],
+    )
+
+
+def _load(
+    cfg: Config, items: list[Item]
+) -> tuple[torch.Tensor, np.ndarray, list[Item], dict[Path, str]]:
+    cache = _cache_dir(cfg)
+    x, kept, skipped = load_all(
+        [it.path for it in items],
+        channels=cfg.model.channels,
+        size=cfg.model.image_size,
+        window=cfg.image.window,
+        frame=cfg.image.frame,
+        num_workers=cfg.num_workers,
+        ids=[it.id for it in items] if cache else None,
+        cache_dir=cache,
+        frames=[it.frame for it in items],
+    )
+    kept_items = [items[i] for i in kept]
+    y = (
+        _labels_to_index(kept_items, cfg.classes)
+        if kept_items and kept_items[0].label
+        else np.zeros(0, np.int64)
+    )
+    return x, y, kept_items, skipped
+
+
+def record_skipped(ws: Workspace, skipped: dict[Path, str]) -> None:
+    """Remember unreadable files in the ledger and in ``<workspace>/skipped.csv`` (with every
+    byte-identical copy of each)."""
+    if skipped:
+        ws.record_skipped({str(p): r for p, r in skipped.items()})
+
+
+def round_seed(cfg: Config, round_no: int) -> int:
+    """The seed of a round's randomness: of model round ``round_no``'s training and evaluation,
+    or of the query that exports round ``round_no`` (scoring, selection)."""
+    return cfg.seed * 1000 + round_no
+
+
+def start_model(
+    cfg: Config, parent_checkpoint: Path | None, backbone: Path | None = None
+) -> MCModel:
+    """The weights a training starts from: fresh (``model.pretrained`` when given), seeded so
+    every round starts alike, then the parent's checkpoint or a cached self-supervised
+    ``backbone`` when given."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    if parent_checkpoint is not None:
+        load_checkpoint(parent_checkpoint, model, cfg.classes, cfg.model.name, cfg.model.channels)
+    if backbone is not None and not load_cached(backbone, model.backbone):
+        raise ModelError(f"cannot read the self-supervised backbone {backbone}")
+    return model
+
+
+def model_from(cfg: Config, checkpoint: Path) -> MCModel:
+    model = build_model(cfg)
+    load_checkpoint(checkpoint, model, cfg.classes, cfg.model.name, cfg.model.channels)
+    return model
+
+
+def representation_seed(cfg: Config) -> int:
+    """The pretraining's seed: ``representation.seed``, by default the project's ``seed``."""
+    r = cfg.representation.seed
+    return cfg.seed if r is None else r
+
+
+def pretrained_backbone(
+    ws: Workspace, cfg: Config, snap: Snapshot, device: torch.device, progress: bool
+) -> tuple[str, Path]:
+    """Load (or first train and cache) the self-supervised backbone for this workspace's
+    images: the pool, the labelled images and an automatic hold-out; never the given
+    validation or test sets. Returns a line for the training report and the cache file."""
+    r = cfg.representation
+    items = [*snap.pool, *snap.labelled]
+    if cfg.data.validation is None:
+        items += snap.validation
+    seed = representation_seed(cfg)
+    settings = SSLSettings(
+        epochs=r.epochs, batch_size=r.batch_size, temperature=r.temperature, lr=r.lr, seed=seed
+    )
+    key = ssl_cache_key(
+        [it.id for it in items],
+        {
+            "size": cfg.model.image_size,
+            "channels": cfg.model.channels,
+            "window": cfg.image.window,
+            "frame": cfg.image.frame,
+        },
+        {"name": cfg.model.name, "pretrained": cfg.model.pretrained},
+        settings,
+    )
+    path = ws.representation_path(key)
+    t0 = time.perf_counter()
+    # initial weights as `medal train` with this seed builds them: the same backbone either way
+    model = start_model(dataclasses.replace(cfg, seed=seed), None)
+    if load_cached(path, model.backbone):
+        return f"self-supervised backbone loaded from the cache ({_short(path)})", path
+    check_pretraining_memory(cfg, len(items), device)
+    x, _, _, _ = _load(cfg, items)
+    if len(x) < 2:
+        raise DataError(
+            "representation.method = 'simclr' needs at least 2 readable images "
+            "in the pool and labelled set"
+        )
+    if cfg.train.tensorboard:  # the pretraining loss per step, written as it trains
+        from . import tensorboard_log
+
+        with tensorboard_log.pretraining_part(ws.tensorboard_root) as tb:
+            pretrain_and_cache(
+                path,
+                model.backbone,
+                model.backbone_dim,
+                x,
+                settings,
+                device=device,
+                progress=progress,
+                log=tb.pretraining_loss,
+            )
+    else:
+        pretrain_and_cache(
+            path, model.backbone, model.backbone_dim, x, settings, device=device, progress=progress
+        )
+    return (
+        f"self-supervised backbone pretrained on {len(x)} images in "
+        f"{time.perf_counter() - t0:.0f} s, cached for later rounds"
+    ), path
+
+
+def _short(p: Path) -> str:
+    return f"{p.parent.name}/{p.name[:12]}…"
+
+
+@torch.no_grad()
+def frozen_features(
+    ws: Workspace, cfg: Config, model: MCModel, items: list[Item], device: torch.device
+) -> tuple[np.ndarray, np.ndarray, dict[Path, str]]:
+    """Backbone features of ``items`` under a frozen backbone, from the workspace's feature
+    cache; the images not in it are decoded, passed through the backbone once and cached.
+    Returns ``(features [N, D] float32, found [N] bool, {path: reason} unreadable)``."""
+    # "last" features keep the key they had before model.features existed
+    key = backbone_key(
+        model.backbone,
+        [cfg.model.channels, cfg.model.image_size, cfg.image.window, cfg.image.frame]
+        + ([f"stages={model.stages}"] if model.stages else []),
+    )
+    cache = FeatureCache(ws.feature_cache_path(key))
+    ids = [it.id for it in items]
+    feats, found = cache.lookup(ids, model.feature_dim)
+    skipped: dict[Path, str] = {}
+    missing = np.flatnonzero(~found)
+    if len(missing):  # streamed a batch at a time: memory does not grow with the pool
+        todo = [items[i] for i in missing]
+        new, kept, bad = stream_features(
+            model, image_dataset(cfg, todo), device, num_workers=cfg.num_workers
+        )
+        skipped = {todo[j].path: r for j, r in bad.items()}
+        feats[missing[kept]] = new
+        found[missing[kept]] = True
+        cache.add([todo[j].id for j in kept], new)
+    return feats, found, skipped
