@@ -61,24 +61,11 @@ def fit(
     unlabelled: torch.Tensor | None = None,
     log: TrainingLog | None = None,
 ) -> FitResult:
-    """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices) and keep the best epoch.
-
-    The best epoch is chosen on the validation set by ``train.monitor`` (ties: lower training
-    loss); without one, the last epoch is kept. ``train.patience`` stops early. Epochs are
-    raised so that at least ``train.min_steps`` optimiser steps run, which keeps tiny labelled
-    sets from under-training. With ``state_path``, the full training state is saved at the end
-    of an epoch when ``state_every_s`` seconds have passed since the last save, and an
-    interrupted training with the same data and settings resumes from it.
-    ``distributed``: under torchrun, wrap the model in DistributedDataParallel; every rank
-    draws the same batches and trains on its share of each, so the ranks stay in step.
-    One epoch is :func:`train_one_epoch`, validation :func:`evaluate` (torchvision's
-    reference ``train.py`` split), the resumable state a :class:`_Run`.
-    With ``train.freeze_backbone`` this is :func:`fit_probe` (``unlabelled``: the pool's
-    backbone features ``[M, D]`` for ``train.semi_supervised``), then, as ``train.finetune``
-    decides, fine-tuning of the whole network (:func:`medal.finetune.after_probe`, LP-FT).
-    ``log(row, step)`` receives each history row as it is made (TensorBoard, written while it
-    trains): here once per epoch (``step`` = epoch), the rows of a resumed run first.
-    """
+    """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices). Frozen backbone
+    (``train.freeze_backbone``): :func:`fit_probe` (``unlabelled``: pool features ``[M, D]``
+    for ``train.semi_supervised``), then LP-FT as ``train.finetune`` decides (``after_probe``);
+    else :func:`_fit_network`, which ``state_path``, ``state_every_s``, ``distributed`` and
+    ``on_epoch_end`` are for. ``log(row, step)``: each history row as made (TensorBoard)."""
     if len(x) == 0:
         raise ModelError("no labelled images to train on")
     if cfg.train.freeze_backbone:
@@ -134,8 +121,13 @@ def _fit_network(
     state_every_s: float,
     log: TrainingLog | None,
 ) -> FitResult:
-    """:func:`fit` of the whole network (``val``: the validation set, if any): an epoch loop
-    (:meth:`_Epochs.train`, validation :func:`evaluate`), its decisions a :class:`_Run`."""
+    """:func:`fit` of the whole network: an epoch loop (:meth:`_Epochs.train`, validation
+    :func:`evaluate` on ``val``), its decisions a :class:`_Run`. The best epoch by
+    ``train.monitor`` is kept (ties: lower training loss; no ``val``: the last); epochs are
+    raised to at least ``train.min_steps`` steps; ``train.patience`` stops early. The state is
+    saved to ``state_path`` at an epoch's end when ``state_every_s`` have passed, and a
+    training with the same data and settings resumes from it. ``distributed``: DDP under
+    torchrun; every rank draws the same batches and trains on its share of each."""
     t0 = time.perf_counter()
     tc = cfg.train
     epochs = max(epochs, math.ceil(tc.min_steps / math.ceil(len(x) / tc.batch_size)))
