@@ -24,7 +24,7 @@ from .features import FeatureCache, backbone_key
 from .labelling.export import Candidate, export_round
 from .labelling.ingest import FINAL_SOURCES, IngestResult, ingest_round
 from .models import MCModel, read_pretrained, resolve_device, set_mc_mode
-from .representation import SSLSettings, load_cached, pretrain_and_cache
+from .representation import SSLSettings, StepPlan, load_cached, pretrain_and_cache
 from .representation import cache_key as ssl_cache_key
 from .resources import check_pretraining_memory, check_query_memory, check_training_memory
 from .metrics import classification_metrics
@@ -313,10 +313,8 @@ def pretrained_backbone(
     items = [*snap.pool, *snap.labelled]
     if cfg.data.validation is None:
         items += snap.validation
-    seed = representation_seed(cfg)
-    settings = SSLSettings(
-        epochs=r.epochs, batch_size=r.batch_size, temperature=r.temperature, lr=r.lr, seed=seed
-    )
+    keys = ("epochs", "batch_size", "temperature", "lr", "min_steps", "max_steps")
+    settings = SSLSettings(seed=representation_seed(cfg), **{k: getattr(r, k) for k in keys})
     key = ssl_cache_key(
         [it.id for it in items],
         {
@@ -331,36 +329,33 @@ def pretrained_backbone(
     path = ws.representation_path(key)
     t0 = time.perf_counter()
     # initial weights as `medal train` with this seed builds them: the same backbone either way
-    model = start_model(dataclasses.replace(cfg, seed=seed), None)
+    model = start_model(dataclasses.replace(cfg, seed=settings.seed), None)
     if load_cached(path, model.backbone):
         return f"self-supervised backbone loaded from the cache ({_short(path)})", path
     check_pretraining_memory(cfg, len(items), device)
-    x, _, _, _ = _load(cfg, items)
-    if len(x) < 2:
-        raise DataError(
-            "representation.method = 'simclr' needs at least 2 readable images "
-            "in the pool and labelled set"
+
+    def run(log: Callable[[float, int], None] | None = None) -> StepPlan:
+        return pretrain_and_cache(
+            path,
+            model.backbone,
+            model.backbone_dim,
+            _dataset(cfg, items),  # streamed: read batch by batch through the decode cache
+            settings,
+            device=device,
+            num_workers=cfg.num_workers,
+            progress=progress,
+            log=log,
         )
+
     if cfg.train.tensorboard:  # the pretraining loss per step, written as it trains
         from . import tensorboard_log
 
         with tensorboard_log.pretraining_part(ws.tensorboard_root) as tb:
-            pretrain_and_cache(
-                path,
-                model.backbone,
-                model.backbone_dim,
-                x,
-                settings,
-                device=device,
-                progress=progress,
-                log=tb.pretraining_loss,
-            )
+            plan = run(log=tb.pretraining_loss)
     else:
-        pretrain_and_cache(
-            path, model.backbone, model.backbone_dim, x, settings, device=device, progress=progress
-        )
+        plan = run()
     return (
-        f"self-supervised backbone pretrained on {len(x)} images in "
+        f"self-supervised backbone pretrained on {plan.images} images in "
         f"{time.perf_counter() - t0:.0f} s, cached for later rounds"
     ), path
 
