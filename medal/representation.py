@@ -288,7 +288,9 @@ def pretrain(
         batches = [good[perm[i : i + plan.batch]] for i in starts]
         rows = distributed.shard(plan.batch, *ranks)
         mine = [b[rows.start : rows.stop].tolist() for b in batches]
-        for xb, _, _ in _loader(data, mine, num_workers, device.type == "cuda"):
+        for xb, _, reasons in _loader(data, mine, num_workers, device.type == "cuda"):
+            if any(reasons):  # read before, unreadable now: never train on its zeros
+                raise DataError(f"an image became unreadable while pretraining: {max(reasons)}")
             run.train_step(xb.to(device, non_blocking=True), gen)
         run.end_epoch(epoch)
     return run.finish(), plan
@@ -322,7 +324,8 @@ class PretrainingRun:
         self.opt = torch.optim.Adam(self.params, lr=s.lr)
         self.noise = torch.Generator(device).manual_seed(s.seed) if cuda else None
         self.views = Views()
-        self.step, self.total, self.seen = 0, 0.0, 0
+        self.step, self.seen = 0, 0
+        self.total = torch.zeros((), device=device)  # summed on the device: no sync per step
 
     def start(
         self, plan: StepPlan, progress: bool, log: Callable[[float, int], None] | None
@@ -365,10 +368,9 @@ class PretrainingRun:
         self.opt.step()
         self.sched.step()
         self.step += 1
-        value = loss.item()
-        self.total, self.seen = self.total + value * batch, self.seen + batch
-        if self.log is not None:
-            self.log(value, int(self.sched.last_epoch))
+        self.total, self.seen = self.total + loss.detach() * batch, self.seen + batch
+        if self.log is not None:  # a host sync per step, only for TensorBoard
+            self.log(loss.item(), int(self.sched.last_epoch))
         self.bar.update(1)
         if self.step == min(3, self.plan.steps) and self.progress:
             total = (time.perf_counter() - self.t0) / self.step * self.plan.steps
@@ -378,7 +380,7 @@ class PretrainingRun:
             )
 
     def end_epoch(self, epoch: int) -> None:
-        mean = self.total / max(self.seen, 1)
+        mean = float(self.total) / max(self.seen, 1)
         self.bar.set_postfix(loss=f"{mean:.3f}")
         check_finite(
             mean + _weights_sum(self.backbone),
@@ -386,7 +388,7 @@ class PretrainingRun:
             "representation.lr",
             self.settings.lr,
         )
-        self.total, self.seen = 0.0, 0
+        self.total, self.seen = torch.zeros((), device=self.device), 0
 
     def finish(self) -> dict[str, torch.Tensor]:
         self.bar.close()

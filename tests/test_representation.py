@@ -15,7 +15,7 @@ from torch import nn
 
 from medal import api, distributed, resources
 from medal.config import load_config
-from medal.errors import ConfigError
+from medal.errors import ConfigError, DataError
 from medal.representation import (
     SSLSettings,
     Views,
@@ -255,17 +255,19 @@ def test_step_limits_are_validated(tmp_path):
 
 
 class _Images(torch.utils.data.Dataset):
-    """``x [N, C, S, S]`` under ImageDataset's contract, items in ``broken`` unreadable;
-    counts the items read."""
+    """``x [N, C, S, S]`` under ImageDataset's contract, items in ``broken`` unreadable (and
+    every item after ``readable_reads`` reads: "gone"); counts the items read."""
 
-    def __init__(self, x: torch.Tensor, broken: set[int]) -> None:
-        self.x, self.broken, self.reads = x, broken, 0
+    def __init__(self, x: torch.Tensor, broken: set[int], readable_reads: int = -1) -> None:
+        self.x, self.broken, self.reads, self.readable_reads = x, broken, 0, readable_reads
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         self.reads += 1
+        if 0 <= self.readable_reads < self.reads:
+            return torch.zeros_like(self.x[i]), i, "gone"
         if i in self.broken:
             return torch.zeros_like(self.x[i]), i, "not an image"
         return self.x[i], i, ""
@@ -313,6 +315,21 @@ def test_streamed_pretraining_skips_unreadable_images_and_reads_batch_by_batch()
     assert plan.steps == 3 and steps == [1, 2, 3]
     _, plan = pretrain(_backbone(), 16, data, dataclasses.replace(s, min_steps=10), **kw)
     assert (plan.steps, plan.epochs) == (10, 3)
+
+
+def test_an_image_unreadable_after_the_first_pass_stops_the_pretraining():
+    """Read once, unreadable later (changed on disk without the decode cache): the step would
+    learn from its zeros, so the pretraining stops with the reason."""
+    data = _Images(torch.randn(20, 1, 16, 16), set(), readable_reads=20)
+    with pytest.raises(DataError, match="became unreadable while pretraining: gone"):
+        pretrain(
+            _backbone(),
+            16,
+            data,
+            SSLSettings(epochs=1, batch_size=8, projection_dim=8),
+            device=torch.device("cpu"),
+            progress=False,
+        )
 
 
 def test_views_of_a_shard_are_the_rows_of_the_views_of_the_batch():
