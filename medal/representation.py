@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,16 +210,32 @@ reason)`` (``reason`` ``""`` for a readable image, as :class:`medal.data.ImageDa
 tensor ``[N, C, S, S]`` of images in memory."""
 
 
+class _Batches:
+    """The batches (lists of indices) a DataLoader reads next: set before each pass, so one
+    loader (and its worker processes) serves every pass."""
+
+    def __init__(self, batches: list[list[int]] | None = None) -> None:
+        self.batches = batches or []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def _loader(
-    data: torch.utils.data.Dataset, batches: list[list[int]], num_workers: int, pin: bool
+    data: torch.utils.data.Dataset, batches: _Batches, num_workers: int, pin: bool
 ) -> torch.utils.data.DataLoader:
-    """Batches of ``data`` in the given order of indices; the loader draws its workers' seed
-    from its own generator, not the global one (the model's randomness stays as it was)."""
+    """Batches of ``data`` in the order of ``batches``, the workers kept between passes; the
+    loader draws its workers' seed from its own generator, not the global one (the model's
+    randomness stays as it was)."""
     return torch.utils.data.DataLoader(
         data,
         batch_sampler=batches,
         num_workers=num_workers,
         pin_memory=pin,
+        persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(0),
     )
 
@@ -234,7 +250,7 @@ def readable_indices(
     mine = list(range(rank, len(data), world))  # type: ignore[arg-type]
     batches = [mine[i : i + 256] for i in range(0, len(mine), 256)]
     kept: list[int] = []
-    for _, idx, reasons in _loader(data, batches, num_workers, False):
+    for _, idx, reasons in _loader(data, _Batches(batches), num_workers, False):
         kept += [int(i) for i, r in zip(idx, reasons) if r == ""]
     if world > 1:
         parts: list[list[int]] = [[] for _ in range(world)]
@@ -281,14 +297,17 @@ def pretrain(
         )
     plan = plan_steps(len(good), settings)
     run.start(plan, progress, log)
+    batches = _Batches()
+    loader = _loader(data, batches, num_workers, device.type == "cuda")
     for epoch in range(plan.epochs):
         perm = torch.randperm(plan.images, generator=gen)
         left = plan.steps - run.step
         starts = range(0, plan.images - plan.batch + 1, plan.batch)[:left]
-        batches = [good[perm[i : i + plan.batch]] for i in starts]
         rows = distributed.shard(plan.batch, *ranks)
-        mine = [b[rows.start : rows.stop].tolist() for b in batches]
-        for xb, _, reasons in _loader(data, mine, num_workers, device.type == "cuda"):
+        batches.batches = [
+            good[perm[i : i + plan.batch]][rows.start : rows.stop].tolist() for i in starts
+        ]
+        for xb, _, reasons in loader:
             if any(reasons):  # read before, unreadable now: never train on its zeros
                 raise DataError(f"an image became unreadable while pretraining: {max(reasons)}")
             run.train_step(xb.to(device, non_blocking=True), gen)
