@@ -23,6 +23,7 @@ from medal.representation import (
     nt_xent,
     plan_steps,
     pretrain,
+    pretrain_and_cache,
 )
 from medal.train import build_model, load_checkpoint
 
@@ -357,7 +358,7 @@ def test_streaming_pretraining_memory_does_not_grow_with_the_pool(tmp_path, monk
         resources.check_pretraining_memory(too_big, 100_000, cpu)
 
 
-def _rank(rank: int, port: int, out: Path) -> None:
+def _rank(rank: int, port: int, folder: Path) -> None:
     """One of the 2 processes of the test below (forked: no second import of torch)."""
     torch.set_num_threads(1)
     os.environ.update(
@@ -370,18 +371,20 @@ def _rank(rank: int, port: int, out: Path) -> None:
         }
     )
     distributed.init("cpu")
-    state, losses = _ddp_case(distributed.ranks())
+    losses = _ddp_case(folder / f"rank{rank}.pt", distributed.ranks())
     if distributed.is_main():
-        torch.save((state, losses), out)
+        torch.save(losses, folder / "losses.pt")
     distributed.shutdown()
 
 
-def _ddp_case(ranks: tuple[int, int] = (0, 1)) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """The pretraining both runs of the 2-process test make: 40 images, batches of 11 (shards
-    of 6 and 5 rows), 6 steps, a backbone without BatchNorm."""
+def _ddp_case(path: Path, ranks: tuple[int, int] = (0, 1)) -> list[float]:
+    """The pretraining both runs of the 2-process test make, cached at ``path``: 40 images,
+    batches of 11 (shards of 6 and 5 rows), 6 steps, a backbone without BatchNorm; the
+    losses."""
     x = torch.randn(40, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     losses: list[float] = []
-    state, _ = pretrain(
+    pretrain_and_cache(
+        path,
         _backbone(batch_norm=False),
         16,
         _Images(x, {5}),
@@ -391,7 +394,7 @@ def _ddp_case(ranks: tuple[int, int] = (0, 1)) -> tuple[dict[str, torch.Tensor],
         log=lambda loss, _: losses.append(loss),
         ranks=ranks,
     )
-    return state, losses
+    return losses
 
 
 def _free_port() -> int:
@@ -403,17 +406,20 @@ def _free_port() -> int:
 def test_two_processes_pretrain_what_one_does(tmp_path):
     """Under torchrun (2 gloo processes here) each rank takes a shard of every batch, NT-Xent
     sees the embeddings of both (the global batch's negatives), the gradients are summed: the
-    same losses and weights as one process, to float rounding."""
-    out, port = tmp_path / "two.pt", _free_port()
+    same losses and weights as one process, to float rounding; rank 0 alone writes them."""
+    port = _free_port()
     fork = multiprocessing.get_context("fork")
-    procs = [fork.Process(target=_rank, args=(r, port, out)) for r in range(2)]
+    procs = [fork.Process(target=_rank, args=(r, port, tmp_path)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=300)
     assert [p.exitcode for p in procs] == [0, 0]
-    two, two_losses = torch.load(out, weights_only=True)
-    one, one_losses = _ddp_case()
+    assert not (tmp_path / "rank1.pt").exists()
+    two = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    two_losses = torch.load(tmp_path / "losses.pt", weights_only=True)
+    one_losses = _ddp_case(tmp_path / "one.pt")
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
     assert len(two_losses) == len(one_losses) == 6
     assert two_losses == pytest.approx(one_losses, rel=1e-5)
     for k in one:
