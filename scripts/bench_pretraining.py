@@ -5,8 +5,8 @@ Same model and batch, measured in the same run: images/s of medal's SimCLR step 
 views of each image made batched on the device, both through the backbone and the projection
 head, NT-Xent, Adam) and of a plain supervised step (the image once through the same
 backbone and a linear head, cross entropy, Adam). A SimCLR step runs the network on twice
-the images, so about 2x the supervised step's time is the floor; more is the cost of making
-the views. On CUDA both run with channels_last and bf16 autocast (as pretraining does).
+the images, so about 2x the supervised step's time is to be expected; more is the cost of
+making the views. On CUDA both run with channels_last and bf16 autocast (as pretraining does).
 
     python scripts/bench_pretraining.py [--model small_cnn] [--size 28] [--batch 256]
         [--channels 1] [--steps 10] [--repeats 3] [--device cpu]
