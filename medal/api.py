@@ -309,24 +309,7 @@ def pretrained_backbone(
     """Load (or first train and cache) the self-supervised backbone for this workspace's
     images: the pool, the labelled images and an automatic hold-out; never the given
     validation or test sets. Returns a line for the training report and the cache file."""
-    r = cfg.representation
-    items = [*snap.pool, *snap.labelled]
-    if cfg.data.validation is None:
-        items += snap.validation
-    keys = ("epochs", "batch_size", "temperature", "lr", "min_steps", "max_steps")
-    settings = SSLSettings(seed=representation_seed(cfg), **{k: getattr(r, k) for k in keys})
-    key = ssl_cache_key(
-        [it.id for it in items],
-        {
-            "size": cfg.model.image_size,
-            "channels": cfg.model.channels,
-            "window": cfg.image.window,
-            "frame": cfg.image.frame,
-        },
-        {"name": cfg.model.name, "pretrained": cfg.model.pretrained},
-        settings,
-    )
-    path = ws.representation_path(key)
+    path, items, settings = _backbone_job(ws, cfg, snap)
     t0 = time.perf_counter()
     # initial weights as `medal train` with this seed builds them: the same backbone either way
     model = start_model(dataclasses.replace(cfg, seed=settings.seed), None)
@@ -358,6 +341,71 @@ def pretrained_backbone(
         f"self-supervised backbone pretrained on {plan.images} images in "
         f"{time.perf_counter() - t0:.0f} s, cached for later rounds"
     ), path
+
+
+def _backbone_job(
+    ws: Workspace, cfg: Config, snap: Snapshot
+) -> tuple[Path, list[Item], SSLSettings]:
+    """The cache file of this workspace's self-supervised backbone, the images it learns from
+    and its settings."""
+    r = cfg.representation
+    items = [*snap.pool, *snap.labelled]
+    if cfg.data.validation is None:
+        items += snap.validation
+    keys = ("epochs", "batch_size", "temperature", "lr", "min_steps", "max_steps")
+    settings = SSLSettings(seed=representation_seed(cfg), **{k: getattr(r, k) for k in keys})
+    key = ssl_cache_key(
+        [it.id for it in items],
+        {
+            "size": cfg.model.image_size,
+            "channels": cfg.model.channels,
+            "window": cfg.image.window,
+            "frame": cfg.image.frame,
+        },
+        {"name": cfg.model.name, "pretrained": cfg.model.pretrained},
+        settings,
+    )
+    return ws.representation_path(key), items, settings
+
+
+def pretrain_on_every_rank(
+    ws: Workspace | None, cfg: Config, device: torch.device, progress: bool
+) -> None:
+    """Under torchrun, before rank 0 plans a first training (``ws`` on rank 0, ``None`` on the
+    others): when its self-supervised backbone is not cached yet, every rank pretrains it on
+    a shard of every batch (:func:`medal.representation.pretrain`) and rank 0 caches it, so
+    that :func:`pretrained_backbone` then loads it. Nothing with one process, without
+    ``representation.method``, without labels or when the round fine-tunes."""
+    if not distributed.is_distributed() or cfg.representation.method == "none":
+        return
+
+    def job() -> tuple[Path, list[Item], SSLSettings] | None:
+        w = cast(Workspace, ws)
+        snap = sync(w)
+        if not snap.labelled or parent_round(w, cfg, w.ingested_rounds()) is not None:
+            return None  # the plan says what is missing, or no backbone is needed
+        found = _backbone_job(w, cfg, snap)
+        if found[0].is_file():
+            return None
+        check_pretraining_memory(cfg, len(found[1]), device)
+        return found
+
+    todo = distributed.on_main(job)
+    if todo is None:
+        return
+    path, items, settings = todo
+    model = start_model(dataclasses.replace(cfg, seed=settings.seed), None)
+    pretrain_and_cache(
+        path,
+        model.backbone,
+        model.backbone_dim,
+        _dataset(cfg, items),
+        settings,
+        device=device,
+        num_workers=cfg.num_workers,
+        progress=progress,
+        ranks=distributed.ranks(),
+    )
 
 
 def _short(p: Path) -> str:

@@ -424,3 +424,53 @@ def test_two_processes_pretrain_what_one_does(tmp_path):
     assert two_losses == pytest.approx(one_losses, rel=1e-5)
     for k in one:
         assert torch.allclose(two[k], one[k], rtol=1e-4, atol=1e-5), k
+
+
+def _rank_pretrains(rank: int, port: int, cfg_path: Path, over: dict) -> None:
+    """One rank of `torchrun medal train`'s pretraining (forked, as above)."""
+    from medal.workspace import Workspace
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        {
+            "WORLD_SIZE": "2",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    device = distributed.setup("cpu")
+    cfg = load_config(cfg_path, over)
+    with distributed.main_only(lambda: Workspace(cfg)) as ws:
+        api.pretrain_on_every_rank(ws, cfg, device, False)
+    distributed.shutdown()
+
+
+def test_every_rank_pretrains_the_backbone_the_training_then_loads(tmp_path, tiny_data):
+    """Under torchrun both ranks pretrain the workspace's backbone together (rank 0 holds the
+    workspace and caches it); a training afterwards finds it in the cache, under the key one
+    process would have given it."""
+    over = {
+        "representation.method": "simclr",
+        "representation.epochs": 2,
+        "representation.batch_size": 16,
+        "train.freeze_backbone": True,
+    }
+    cfg_path = write_config(tmp_path, "")
+    port = _free_port()
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=_rank_pretrains, args=(r, port, cfg_path, over)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    cfg = load_config(cfg_path, over)
+    (cached,) = (cfg.workspace / "cache" / "representation").glob("*.pt")
+    note, path = api.ensure_backbone(cfg, progress=False)
+    assert "loaded from the cache" in note and path == cached
+    state = torch.load(cached, weights_only=True)
+    torch.manual_seed(cfg.seed)
+    untrained = build_model(cfg).backbone.state_dict()
+    assert any(not torch.equal(state[k], untrained[k]) for k in state if "weight" in k)
