@@ -3,6 +3,8 @@ returns a small report object; nothing here prints except progress bars."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import time
 from collections import Counter
@@ -20,6 +22,8 @@ from .faults import crash_point
 from .fitting import FitResult
 from .inputs import (
     _load,
+    backbone_job,
+    image_dataset,
     record_skipped,
     frozen_features,
     pretrained_backbone,
@@ -38,7 +42,8 @@ from .query import (
     query,
     refuse_pending,
 )
-from .resources import check_training_memory
+from .representation import SSLSettings, pretrain_and_cache
+from .resources import check_pretraining_memory, check_training_memory
 from .sources import Item, sync
 from .train import fit, save_checkpoint
 from .uncertainty import mc_predict_tensors
@@ -116,6 +121,7 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport | None:
         read_pretrained(cfg.model.pretrained)
     device = distributed.setup(cfg.device)
     with distributed.main_only(lambda: Workspace(cfg)) as ws:
+        pretrain_on_every_rank(ws, cfg, device, progress)  # torchrun: all ranks pretrain
         plan = distributed.on_main(
             lambda: _plan_training(cast(Workspace, ws), cfg, device, progress)
         )
@@ -245,6 +251,46 @@ def _plan_training(ws: Workspace, cfg: Config, device: torch.device, progress: b
         None if distributed.is_distributed() else ws.training_state_path(model_round),
         notes,
         list(snap.pool),
+    )
+
+
+def pretrain_on_every_rank(
+    ws: Workspace | None, cfg: Config, device: torch.device, progress: bool
+) -> None:
+    """Under torchrun, before rank 0 plans a first training (``ws`` on rank 0, ``None`` on the
+    others): when its self-supervised backbone is not cached yet, every rank pretrains it on
+    a shard of every batch (:func:`medal.representation.pretrain`) and rank 0 caches it, so
+    that :func:`pretrained_backbone` then loads it. Nothing with one process, without
+    ``representation.method``, without labels or when the round fine-tunes."""
+    if not distributed.is_distributed() or cfg.representation.method == "none":
+        return
+
+    def job() -> tuple[Path, list[Item], SSLSettings] | None:
+        w = cast(Workspace, ws)
+        snap = sync(w)
+        if not snap.labelled or parent_round(w, cfg, w.ingested_rounds()) is not None:
+            return None  # the plan says what is missing, or no backbone is needed
+        found = backbone_job(w, cfg, snap)
+        if found[0].is_file():
+            return None
+        check_pretraining_memory(cfg, len(found[1]), device)
+        return found
+
+    todo = distributed.on_main(job)
+    if todo is None:
+        return
+    path, items, settings = todo
+    model = start_model(dataclasses.replace(cfg, seed=settings.seed), None)
+    pretrain_and_cache(
+        path,
+        model.backbone,
+        model.backbone_dim,
+        image_dataset(cfg, items),
+        settings,
+        device=device,
+        num_workers=cfg.num_workers,
+        progress=progress,
+        ranks=distributed.ranks(),
     )
 
 

@@ -158,6 +158,14 @@ class RepresentationConfig:
     batch_size: int = 256
     temperature: float = 0.2
     lr: float = 1e-3
+    min_steps: int = 0
+    """Fewest optimiser steps of the pretraining: its steps are epochs x (images //
+    batch_size), raised to ``min_steps`` for small sets and cut to ``max_steps`` for large
+    ones; part of the cache key when above 0."""
+    max_steps: int = 3000
+    """Most optimiser steps of the pretraining (3000 batches of 256: about the 30 epochs of
+    25,000 images), so a pool of 100,000 costs no more than one of 25,000; part of the cache
+    key where it shortens the pretraining."""
     seed: int | None = None
     """Seed of the pretraining (the backbone's initial weights, the random views, the batch
     order); part of the cache key. Default: the project's ``seed``. ``medal simulate`` sets it
@@ -669,6 +677,12 @@ def _validate_train_probe_and_finetune(t: TrainConfig, need: _Need) -> None:
     )
 
 
+def _validate_steps(r: RepresentationConfig, need: _Need) -> None:
+    need(r.min_steps >= 0, "representation.min_steps", ">= 0", r.min_steps)
+    rule = f">= 1 and >= representation.min_steps ({r.min_steps})"
+    need(r.max_steps >= max(1, r.min_steps), "representation.max_steps", rule, r.max_steps)
+
+
 def _validate_the_rest(cfg: Config, need: _Need) -> None:
     from .acquisition import available_strategies  # the registry is the only list
     from .models import FEATURE_MODES
@@ -679,6 +693,7 @@ def _validate_the_rest(cfg: Config, need: _Need) -> None:
     need(r.batch_size >= 2, "representation.batch_size", ">= 2", r.batch_size)
     need(r.temperature > 0, "representation.temperature", "> 0", r.temperature)
     need(r.lr > 0, "representation.lr", "> 0", r.lr)
+    _validate_steps(r, need)
     strategies = available_strategies()
     need(q.strategy in strategies, "query.strategy", f"one of {', '.join(strategies)}", q.strategy)
     need(q.budget >= 1, "query.budget", ">= 1", q.budget)

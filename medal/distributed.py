@@ -47,6 +47,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def ranks() -> tuple[int, int]:
+    """``(rank, world size)`` of this process: ``(0, 1)`` without torchrun."""
+    return rank(), world_size()
+
+
 def init(device_name: str) -> torch.device:
     """Join the process group started by torchrun (once) and return this rank's device."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -139,3 +144,55 @@ def my_share(n: int) -> range:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows ``[n_r, ...]`` -> ``[sum n_r, ...]`` in rank order; the backward pass
+    returns each rank the gradient of its own rows (every rank computes the same loss from the
+    gathered rows, so its rows' gradient is complete without a reduction)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+        r, biggest = dist.get_rank(), max(sizes)
+        ctx.rows = (sum(sizes[:r]), sum(sizes[: r + 1]))
+        padded = torch.zeros((biggest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded[: len(x)] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        lo, hi = ctx.rows
+        return grad[lo:hi], None
+
+
+def gather_rows(x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Every rank's ``x [sizes[rank], ...]`` concatenated in rank order ``[sum(sizes), ...]``,
+    differentiable (for a loss every rank computes alike from all rows, as NT-Xent over the
+    global batch); ``x`` itself when ``sizes`` has one rank."""
+    if len(sizes) == 1:
+        return x
+    return _GatherRows.apply(x, tuple(sizes))
+
+
+def sum_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Add up the gradients of ``params`` over the ``world`` ranks (each rank's gradient is
+    its share of one loss); nothing with one."""
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+def shard(n: int, rank: int, world: int) -> range:
+    """Rank ``rank``'s contiguous rows of a batch of ``n`` split over ``world`` ranks (sizes
+    differ by at most one, lower ranks first): each rank a part of every batch."""
+    lo = rank * (n // world) + min(rank, n % world)
+    return range(lo, lo + n // world + (rank < n % world))
+
+
+def shard_sizes(n: int, world: int) -> tuple[int, ...]:
+    """The size of every rank's :func:`shard` of a batch of ``n``, in rank order."""
+    return tuple(len(shard(n, r, world)) for r in range(world))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,10 @@ import torch
 
 from .config import Config
 from .data import ImageDataset, load_all
-from .errors import DataError, ModelError
+from .errors import ModelError
 from .features import FeatureCache, backbone_key, stream_features
 from .models import MCModel
-from .representation import SSLSettings, load_cached, pretrain_and_cache
+from .representation import SSLSettings, StepPlan, load_cached, pretrain_and_cache
 from .representation import cache_key as ssl_cache_key
 from .resources import check_pretraining_memory
 from .sources import Item, Snapshot
@@ -122,14 +123,51 @@ def pretrained_backbone(
     """Load (or first train and cache) the self-supervised backbone for this workspace's
     images: the pool, the labelled images and an automatic hold-out; never the given
     validation or test sets. Returns a line for the training report and the cache file."""
+    path, items, settings = backbone_job(ws, cfg, snap)
+    t0 = time.perf_counter()
+    # initial weights as `medal train` with this seed builds them: the same backbone either way
+    model = start_model(dataclasses.replace(cfg, seed=settings.seed), None)
+    if load_cached(path, model.backbone):
+        return f"self-supervised backbone loaded from the cache ({_short(path)})", path
+    check_pretraining_memory(cfg, len(items), device)
+
+    def run(log: Callable[[float, int], None] | None = None) -> StepPlan:
+        return pretrain_and_cache(
+            path,
+            model.backbone,
+            model.backbone_dim,
+            image_dataset(cfg, items),  # streamed: read batch by batch through the decode cache
+            settings,
+            device=device,
+            num_workers=cfg.num_workers,
+            progress=progress,
+            log=log,
+        )
+
+    if cfg.train.tensorboard:  # the pretraining loss per step, written as it trains
+        from . import tensorboard_log
+
+        with tensorboard_log.pretraining_part(ws.tensorboard_root) as tb:
+            plan = run(log=tb.pretraining_loss)
+    else:
+        plan = run()
+    return (
+        f"self-supervised backbone pretrained on {plan.images} images in "
+        f"{time.perf_counter() - t0:.0f} s, cached for later rounds"
+    ), path
+
+
+def backbone_job(
+    ws: Workspace, cfg: Config, snap: Snapshot
+) -> tuple[Path, list[Item], SSLSettings]:
+    """The cache file of this workspace's self-supervised backbone, the images it learns from
+    and its settings."""
     r = cfg.representation
     items = [*snap.pool, *snap.labelled]
     if cfg.data.validation is None:
         items += snap.validation
-    seed = representation_seed(cfg)
-    settings = SSLSettings(
-        epochs=r.epochs, batch_size=r.batch_size, temperature=r.temperature, lr=r.lr, seed=seed
-    )
+    keys = ("epochs", "batch_size", "temperature", "lr", "min_steps", "max_steps")
+    settings = SSLSettings(seed=representation_seed(cfg), **{k: getattr(r, k) for k in keys})
     key = ssl_cache_key(
         [it.id for it in items],
         {
@@ -141,41 +179,7 @@ def pretrained_backbone(
         {"name": cfg.model.name, "pretrained": cfg.model.pretrained},
         settings,
     )
-    path = ws.representation_path(key)
-    t0 = time.perf_counter()
-    # initial weights as `medal train` with this seed builds them: the same backbone either way
-    model = start_model(dataclasses.replace(cfg, seed=seed), None)
-    if load_cached(path, model.backbone):
-        return f"self-supervised backbone loaded from the cache ({_short(path)})", path
-    check_pretraining_memory(cfg, len(items), device)
-    x, _, _, _ = _load(cfg, items)
-    if len(x) < 2:
-        raise DataError(
-            "representation.method = 'simclr' needs at least 2 readable images "
-            "in the pool and labelled set"
-        )
-    if cfg.train.tensorboard:  # the pretraining loss per step, written as it trains
-        from . import tensorboard_log
-
-        with tensorboard_log.pretraining_part(ws.tensorboard_root) as tb:
-            pretrain_and_cache(
-                path,
-                model.backbone,
-                model.backbone_dim,
-                x,
-                settings,
-                device=device,
-                progress=progress,
-                log=tb.pretraining_loss,
-            )
-    else:
-        pretrain_and_cache(
-            path, model.backbone, model.backbone_dim, x, settings, device=device, progress=progress
-        )
-    return (
-        f"self-supervised backbone pretrained on {len(x)} images in "
-        f"{time.perf_counter() - t0:.0f} s, cached for later rounds"
-    ), path
+    return ws.representation_path(key), items, settings
 
 
 def _short(p: Path) -> str:

@@ -11,9 +11,8 @@ model on PyTorch's ``meta`` device (shapes only).
 Three commands are estimated, each before it loads an image: training
 (:func:`check_training_memory`), scoring the pool (:func:`check_query_memory`: a batch of
 images and its activations at a time, the scores and features of the whole pool for
-selection) and
-self-supervised pretraining (:func:`check_pretraining_memory`: every image it learns from is
-held in memory, and two views of a batch keep their activations).
+selection) and self-supervised pretraining (:func:`check_pretraining_memory`: the images are
+streamed, a few batches in memory at a time, and two views of a batch keep their activations).
 
 The estimate is compared with the memory available: ``MemAvailable`` from ``/proc/meminfo``
 and, inside a container, the room left under its cgroup limit; where neither is known (not
@@ -304,25 +303,25 @@ def check_pretraining_memory(cfg: Config, n_images: int, device: torch.device) -
     ``representation.batch_size`` or ``model.image_size`` that fits) when self-supervised
     pretraining on ``n_images`` is estimated not to fit.
 
-    Pretraining holds every image in memory (twice while they are gathered), and each step
-    makes two random views of a batch of ``representation.batch_size`` images (a few
-    float32 copies each while they are made) whose activations the backward pass keeps;
-    with the weights and their Adam state. On CUDA the activations are compared with the
-    GPU's free memory instead.
+    Pretraining streams the images batch by batch (:func:`medal.representation.pretrain`), so
+    the pool's size matters only where it is smaller than a batch. Each step holds the
+    batches being read ahead (one per DataLoader worker and two ahead of each, float32),
+    makes two random views of its ``representation.batch_size`` images (a few float32 copies
+    each while they are made) whose activations the backward pass keeps; with the weights
+    and their Adam state. On CUDA the activations are compared with the GPU's free memory.
     """
     if _check_off() or n_images < 2:
         return
     m, r = cfg.model, cfg.representation
     image = 4 * m.channels * m.image_size**2
-    held = 2 * n_images * image
     train_act, _ = activation_bytes(cfg)
     params = 16 * _model_sizes(cfg)[0]
     batch = min(r.batch_size, n_images)
     on_gpu = device.type == "cuda"
-    # per image of a batch: the two views and the temporaries of making them (on the host),
-    # and the activations of both views (where the model runs)
-    views, act = 6 * image, 2 * train_act
-    host = (held + (0 if on_gpu else params), views + (0 if on_gpu else act))
+    # per image of a batch: the batches read ahead, the two views and the temporaries of
+    # making them (on the host), and the activations of both views (where the model runs)
+    ahead, views, act = (2 * max(cfg.num_workers, 1) + 1) * image, 6 * image, 2 * train_act
+    host = (0 if on_gpu else params, ahead + views + (0 if on_gpu else act))
     checks = [("memory", host, available_memory())]
     if on_gpu:
         checks.append(("GPU memory", (params, 2 * image + act), torch.cuda.mem_get_info(device)[0]))
@@ -337,8 +336,8 @@ def check_pretraining_memory(cfg: Config, n_images: int, device: torch.device) -
         fixes.append(f"model.image_size = {_image_size_that_fits(cfg, need, free)}")
         raise ConfigError(
             f"not enough {what} for self-supervised pretraining: about {_gb(need)} needed, "
-            f"{_gb(free)} available (model.image_size = {m.image_size}: {n_images} images "
-            f"held in memory {_gb(held)}, two views of a batch of representation.batch_size "
+            f"{_gb(free)} available (model.image_size = {m.image_size}: batches read ahead "
+            f"{_gb(batch * ahead)}, two views of a batch of representation.batch_size "
             f"= {r.batch_size} through {m.name} {_gb(batch * act)}); set {' or '.join(fixes)} "
             f"({MEMORY_CHECK_ENV}=off skips this check)"
         )

@@ -211,8 +211,8 @@ def test_pretraining_that_cannot_fit_is_refused_before_loading(
         ["train", *c],
         capsys,
         r"not enough memory for self-supervised pretraining: about \d+\.\d GB needed, "
-        r"8\.0 GB available \(model\.image_size = 1024: 48 images held in memory "
-        r"0\.\d GB, two views of a batch of representation\.batch_size = 256 through "
+        r"8\.0 GB available \(model\.image_size = 1024: batches read ahead "
+        r"\d+\.\d GB, two views of a batch of representation\.batch_size = 256 through "
         r"small_cnn \d+\.\d GB\); set representation\.batch_size = (\d+) or "
         r"model\.image_size = \d+ \(MEDAL_MEMORY_CHECK=off",
     )
