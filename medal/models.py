@@ -200,6 +200,69 @@ def earlier_stages(backbone: nn.Module) -> list[str]:
     )
 
 
+def _is_plain_sequential(m: nn.Module) -> bool:
+    """An ``nn.Sequential`` whose call is the composition of its children (no hooks)."""
+    return (
+        isinstance(m, nn.Sequential)
+        and type(m).forward is nn.Sequential.forward
+        and not (m._forward_hooks or m._forward_pre_hooks)
+    )
+
+
+def _top_steps(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's forward as a chain of modules, for the forms :func:`_tv` builds
+    (torchvision's ResNet, DenseNet and EfficientNet forwards written out); any other backbone
+    is one step, and so is one with hooks of its own (they would not run otherwise)."""
+    if backbone._forward_hooks or backbone._forward_pre_hooks:
+        return [backbone]
+    import torchvision.models as tvm
+
+    bb: Any = backbone  # torchvision's attributes are typed as Module
+    if type(bb) is tvm.ResNet:
+        stem = [bb.conv1, bb.bn1, bb.relu, bb.maxpool]
+        stages = [bb.layer1, bb.layer2, bb.layer3, bb.layer4]
+        return [*stem, *stages, bb.avgpool, nn.Flatten(1), bb.fc]
+    if type(bb) is tvm.EfficientNet:
+        return [bb.features, bb.avgpool, nn.Flatten(1), bb.classifier]
+    if type(bb) is tvm.DenseNet:  # features, then F.relu(inplace), pooling, flatten, classifier
+        return [
+            bb.features,
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d((1, 1)),
+            nn.Flatten(1),
+            bb.classifier,
+        ]
+    return [backbone]
+
+
+def forward_steps(backbone: nn.Module) -> list[nn.Module]:
+    """The modules that ``backbone``'s forward applies one after the other (``backbone(x) ==
+    steps[-1](...steps[0](x))``), with plain ``nn.Sequential`` containers opened into their
+    children, so a dropout layer inside one (``add_backbone_dropout``) is a step of its own."""
+    steps: list[nn.Module] = []
+    todo = _top_steps(backbone) if not _is_plain_sequential(backbone) else [backbone]
+    while todo:
+        m = todo.pop(0)
+        if _is_plain_sequential(m):
+            todo[:0] = list(m.children())
+        else:
+            steps.append(m)
+    return steps
+
+
+def is_stochastic(m: nn.Module) -> bool:
+    """Whether ``m`` holds a dropout layer (itself or any submodule)."""
+    return any(isinstance(sub, _DROPOUT_TYPES) for sub in m.modules())
+
+
+def split_at_first_dropout(steps: list[nn.Module]) -> tuple[nn.Sequential, nn.Sequential]:
+    """``(prefix, rest)``: the steps before the first one that holds a dropout layer, and the
+    others. A step with a dropout layer somewhere inside it goes whole into ``rest``, so
+    ``prefix`` holds no dropout layer; with none at all, ``rest`` is empty (identity)."""
+    k = next((i for i, m in enumerate(steps) if is_stochastic(m)), len(steps))
+    return nn.Sequential(*steps[:k]), nn.Sequential(*steps[k:])
+
+
 class MCModel(nn.Module):
     """A backbone (deterministic unless ``backbone_dropout`` > 0) and a stochastic head.
 
@@ -267,31 +330,16 @@ class MCModel(nn.Module):
         return int(cast(nn.Linear, self.head[-1]).out_features)
 
     def backbone_is_stochastic(self) -> bool:
-        return any(isinstance(m, _DROPOUT_TYPES) for m in self.backbone.modules())
+        return is_stochastic(self.backbone)
 
-    def backbone_split(
-        self,
-    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-        """``(prefix, rest)`` with ``features(x) == rest(prefix(x))`` and no dropout in
-        ``prefix``, so full-network sampling computes the deterministic stem once."""
+    def backbone_split(self) -> tuple[nn.Sequential, nn.Sequential]:
+        """``(prefix, rest)`` with ``features(x) == rest(prefix(x))``, cut before the first
+        stochastic step of the backbone's forward (:func:`split_at_first_dropout`), so
+        full-network sampling runs the deterministic ``prefix`` once per batch and samples only
+        ``rest``. A ResNet with backbone dropout keeps its stem and ``layer1`` in ``prefix``."""
         if self.stages:
             raise ModelError("full-network sampling needs model.features = 'last'")
-        bb: Any = self.backbone  # torchvision's ResNet attributes below are typed as Module
-        if isinstance(bb, nn.Sequential):
-            mods = list(bb)
-            k = next((i for i, m in enumerate(mods) if isinstance(m, _DROPOUT_TYPES)), 0)
-            return nn.Sequential(*mods[:k]), nn.Sequential(*mods[k:])
-        if all(hasattr(bb, a) for a in ("conv1", "bn1", "relu", "maxpool", "layer1", "avgpool")):
-
-            def stem(x: torch.Tensor) -> torch.Tensor:
-                return bb.maxpool(bb.relu(bb.bn1(bb.conv1(x))))
-
-            def rest(h: torch.Tensor) -> torch.Tensor:
-                h = bb.layer4(bb.layer3(bb.layer2(bb.layer1(h))))
-                return torch.flatten(bb.avgpool(h), 1)
-
-            return stem, rest
-        return nn.Identity(), bb
+        return split_at_first_dropout(forward_steps(self.backbone))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, C, S, S]`` -> ``[B, D]`` (``D = feature_dim``)."""

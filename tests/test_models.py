@@ -60,17 +60,26 @@ def test_pretrained_from_local_file(tmp_path):
         create_model("resnet18", 2, pretrained=tmp_path / "small.pth")
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
-def test_backbone_split_reproduces_features(name):
+@pytest.mark.parametrize(
+    "name, last_in_prefix",
+    [
+        ("small_cnn", "2"),  # conv, BN, ReLU; then the first Dropout2d
+        ("resnet18", "layer1.0.1"),  # stem and layer1's two blocks
+        pytest.param("densenet121", "features.denseblock1.0", marks=pytest.mark.slow),
+        pytest.param("efficientnet_b0", "features.1.0.0", marks=pytest.mark.slow),
+    ],
+)
+def test_backbone_split_reproduces_features(name, last_in_prefix):
+    """The prefix is everything before the first dropout layer, in forward order."""
     m = create_model(name, 2, hidden=16, backbone_dropout=0.3).eval()  # eval: dropout off
     assert m.backbone_is_stochastic()
     prefix, rest = m.backbone_split()
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(rest(prefix(x)), m.features(x))
-    assert not any(
-        isinstance(mod, nn.Dropout2d) for mod in getattr(prefix, "modules", lambda: [])()
-    )
+    assert not any(isinstance(mod, nn.Dropout2d) for mod in prefix.modules())
+    assert isinstance(rest[0], nn.Dropout2d)  # the cut is at the first dropout layer
+    assert prefix[-1] is m.backbone.get_submodule(last_in_prefix)
 
 
 @pytest.mark.parametrize(

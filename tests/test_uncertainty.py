@@ -1,7 +1,9 @@
 import numpy as np
+import pytest
 import torch
+from torch import nn
 
-from medal.models import create_model
+from medal.models import create_model, set_mc_mode
 from medal.uncertainty import head_samples, mc_predict_tensors
 
 
@@ -170,3 +172,141 @@ def test_score_store_is_keyed_by_image_id(tmp_path):
     np.testing.assert_allclose(later.probs[[0, 2]], probs[[3, 0]], atol=1e-3)
     np.testing.assert_allclose(later.feats[[0, 2]], feats[[3, 0]], atol=1e-2)
     assert ScoreStore(tmp_path / "r2").read({"model": 1}) is None
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(1,), (17,), (64, 224), (3, 5, 960)])
+def test_dropout_mask_draws_what_nn_dropout_draws(p, shape):
+    from medal.uncertainty import dropout_mask
+
+    x = torch.randn(*shape) + 0.5
+    torch.manual_seed(3)
+    ref = nn.Dropout(p).train()(x)
+    after_ref = torch.get_rng_state()
+    torch.manual_seed(3)
+    got = x * dropout_mask(shape, p, x.dtype)
+    assert torch.equal(got, ref)  # the same masks, bit for bit
+    assert torch.equal(torch.get_rng_state(), after_ref)  # and the same numbers used up
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_head_samples_equal_the_head_on_features_repeated_t_times(hidden):
+    m = create_model("small_cnn", 3, hidden=hidden, features="multiscale")
+    set_mc_mode(m)
+    if hidden == 0:  # a standardisation that is not the identity: its prefix runs once
+        m.head[0].fit(torch.randn(40, m.feature_dim) * 3 + 1)
+    f, T = torch.randn(6, m.feature_dim), 5
+    torch.manual_seed(11)
+    p = head_samples(m, f, T)
+    after = torch.get_rng_state()
+    torch.manual_seed(11)
+    with torch.no_grad():
+        logits = m.head(f.repeat(T, 1)).view(T, 6, 3)  # rows t * B + b
+    assert torch.equal(p, logits.softmax(-1).transpose(0, 1))
+    assert torch.equal(torch.get_rng_state(), after)
+
+
+def _full_dropout_model(name):
+    m = create_model(name, 2, hidden=16, backbone_dropout=0.3)
+    set_mc_mode(m)
+    return m
+
+
+def _whole_model_samples(m, x, T, per_call):
+    """Reference: the whole model on ``x`` replicated ``per_call`` times, call after call."""
+    probs, feats = [], []
+    for t0 in range(0, T, per_call):
+        k = min(per_call, T - t0)
+        f = m.features(x.repeat(k, 1, 1, 1))
+        probs.append(m.head(f).softmax(-1).view(k, len(x), -1))
+        feats.append(f.view(k, len(x), -1))
+    return torch.cat(probs).transpose(0, 1), torch.cat(feats).mean(0)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("per_call", [1, 2, 5])
+def test_full_samples_equal_the_whole_model_sampled(name, per_call):
+    """One replica per call is the straightforward loop of T passes; k replicas per call are the
+    model on the batch replicated k times. 2 of T = 5: the last call has one replica, and the
+    features are still the mean over all 5 samples (not the mean of the calls' means)."""
+    from medal.uncertainty import full_samples
+
+    m = _full_dropout_model(name)
+    x, T = torch.randn(3, 1, 32, 32), 5
+    with torch.no_grad():
+        torch.manual_seed(5)
+        p, f = full_samples(m, x, T, max_items=per_call * len(x))
+        torch.manual_seed(5)
+        ref_p, ref_f = _whole_model_samples(m, x, T, per_call)
+    torch.testing.assert_close(p, ref_p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(f, ref_f, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(p[:, 0], p[:, 1])  # the samples differ
+
+
+def test_full_samples_run_everything_before_the_first_dropout_once():
+    from medal.uncertainty import full_samples
+
+    m = _full_dropout_model("resnet18")
+    rows = {"stem": [], "layer1": [], "layer2": []}
+    m.backbone.conv1.register_forward_hook(lambda _m, i, _o: rows["stem"].append(len(i[0])))
+    layer1, layer2 = m.backbone.layer1[0], m.backbone.layer2[0]  # [1]: their dropout layers
+    layer1.register_forward_hook(lambda _m, i, _o: rows["layer1"].append(len(i[0])))
+    layer2.register_forward_hook(lambda _m, i, _o: rows["layer2"].append(len(i[0])))
+    with torch.no_grad():
+        full_samples(m, torch.randn(3, 1, 32, 32), 4, max_items=6)
+    assert rows == {"stem": [3], "layer1": [3], "layer2": [6, 6]}
+
+
+class _RandomInside(nn.Module):
+    """A block whose randomness no dropout *module* shows (functional dropout)."""
+
+    def forward(self, x):
+        return nn.functional.dropout(x, 0.5, training=True)
+
+
+class _BlockWithDropout(nn.Module):
+    """A block (not a plain Sequential) with a dropout layer inside."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.drop = nn.Conv2d(c, c, 3, padding=1), nn.Dropout2d(0.4)
+
+    def forward(self, x):
+        return self.drop(self.conv(x)) + x
+
+
+def _custom_backbone_model(block):
+    m = create_model("small_cnn", 2, hidden=16, backbone_dropout=0.2)
+    m.backbone = nn.Sequential(
+        nn.Conv2d(1, 128, 3, padding=1),
+        nn.ReLU(),
+        block,
+        nn.Conv2d(128, 128, 3, padding=1),
+        nn.Dropout2d(0.2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    set_mc_mode(m)
+    return m
+
+
+def test_full_samples_sample_a_dropout_layer_inside_a_block():
+    from medal.uncertainty import full_samples
+
+    m = _custom_backbone_model(_BlockWithDropout(128))
+    x, T = torch.randn(2, 1, 16, 16), 4
+    with torch.no_grad():
+        torch.manual_seed(2)
+        p, _ = full_samples(m, x, T, max_items=len(x))
+        torch.manual_seed(2)
+        ref = torch.stack([m(x).softmax(-1) for _ in range(T)], 1)
+    torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_full_samples_refuse_a_prefix_that_draws_random_numbers():
+    from medal.errors import ModelError
+    from medal.uncertainty import full_samples
+
+    m = _custom_backbone_model(_RandomInside())
+    with torch.no_grad(), pytest.raises(ModelError, match="drew random numbers"):
+        full_samples(m, torch.randn(2, 1, 16, 16), 4, max_items=2)
