@@ -17,19 +17,15 @@ A GPU run: ``--model resnet18 --size 224 --batch 256 --device cuda``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from medal.models import available_models, create_model, resolve_device  # noqa: E402
-from medal.representation import SSLSettings, PretrainingRun, plan_steps  # noqa: E402
+from medal.models import available_models, create_model, resolve_device
+from medal.representation import SSLSettings, PretrainingRun, plan_steps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

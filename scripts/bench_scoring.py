@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from medal.models import MCModel, add_backbone_dropout, create_model, set_mc_mode  # noqa: E402
-from medal.uncertainty import mc_predict  # noqa: E402
+from medal.models import MCModel, add_backbone_dropout, create_model, set_mc_mode
+from medal.uncertainty import mc_predict
 
 
 class TensorPool(torch.utils.data.Dataset):

@@ -98,7 +98,8 @@ def test_two_process_training_with_ddp(tmp_path, tiny_data):
 
 
 def test_two_process_training_with_a_self_supervised_frozen_backbone(tmp_path, tiny_data):
-    """Rank 0 pretrains the backbone once; both ranks load it and train only the head."""
+    """Both ranks pretrain the backbone together (a shard of every batch each) before the plan,
+    rank 0 caches it once; the plan then loads it and both ranks train only the head."""
     import torch
 
     path = write_config(tmp_path)
@@ -114,7 +115,7 @@ def test_two_process_training_with_a_self_supervised_frozen_backbone(tmp_path, t
     ]
     r = torchrun(["train", "-c", str(path), "-q", *sets])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("self-supervised backbone pretrained on 48 images") == 1
+    assert r.stdout.count("self-supervised backbone loaded from the cache") == 1
     cached = list((tmp_path / "ws" / "cache" / "representation").glob("*.pt"))
     assert len(cached) == 1
     ssl = torch.load(cached[0], weights_only=True)
