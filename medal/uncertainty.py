@@ -204,6 +204,22 @@ def batch_seed(seed: int, batch: int) -> int:
 
 
 @torch.no_grad()
+def _ready_for_sampling(
+    model: MCModel, mode: str, device: torch.device, precision: str
+) -> torch.dtype | None:
+    """Put ``model`` in MC mode (channels_last on CUDA) for ``mode`` sampling; returns the
+    autocast dtype (None: full precision). ValueError for full-network sampling without
+    dropout in the backbone."""
+    if mode == "full" and not model.backbone_is_stochastic():
+        raise ValueError(
+            "full-network sampling needs dropout inside the backbone (model.backbone_dropout > 0)"
+        )
+    set_mc_mode(model)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return _amp_dtype(device, precision)
+
+
 def score_batches(
     model: MCModel,
     ds: ImageDataset,
@@ -226,15 +242,8 @@ def score_batches(
     For every scored chunk, ``sink(rows [B], probs [B, T, C], features [B, D])`` is called
     with float32 arrays. Returns ``{path: reason}`` for unreadable files.
     """
-    if mode == "full" and not model.backbone_is_stochastic():
-        raise ValueError(
-            "full-network sampling needs dropout inside the backbone (model.backbone_dropout > 0)"
-        )
-    set_mc_mode(model)
+    amp = _ready_for_sampling(model, mode, device, precision)
     cuda = device.type == "cuda"
-    amp = _amp_dtype(device, precision)
-    if cuda:
-        model.to(memory_format=torch.channels_last)
     n = len(ds)
     index = [list(range(b * batch_size, min((b + 1) * batch_size, n))) for b in batches]
     loader = torch.utils.data.DataLoader(
