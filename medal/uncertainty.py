@@ -203,7 +203,6 @@ def batch_seed(seed: int, batch: int) -> int:
     return (seed * 1_000_003 + batch) % (2**63)
 
 
-@torch.no_grad()
 def _ready_for_sampling(
     model: MCModel, mode: str, device: torch.device, precision: str
 ) -> torch.dtype | None:
@@ -220,6 +219,7 @@ def _ready_for_sampling(
     return _amp_dtype(device, precision)
 
 
+@torch.no_grad()
 def score_batches(
     model: MCModel,
     ds: ImageDataset,
