@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .config import Config
 from .data import ImageDataset, load_all
@@ -129,7 +130,9 @@ def pretrained_backbone(
     model = start_model(dataclasses.replace(cfg, seed=settings.seed), None)
     if load_cached(path, model.backbone):
         return f"self-supervised backbone loaded from the cache ({_short(path)})", path
-    check_pretraining_memory(cfg, len(items), device)
+    estimate = check_pretraining_memory(cfg, len(items), device)
+    if progress and estimate:
+        tqdm.write(f"self-supervised pretraining memory check: {estimate}")
 
     def run(log: Callable[[float, int], None] | None = None) -> StepPlan:
         return pretrain_and_cache(

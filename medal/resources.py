@@ -298,10 +298,11 @@ def check_query_memory(
     )
 
 
-def check_pretraining_memory(cfg: Config, n_images: int, device: torch.device) -> None:
+def check_pretraining_memory(cfg: Config, n_images: int, device: torch.device) -> str | None:
     """Raise :class:`ConfigError` (one line with the estimate, the memory available and a
     ``representation.batch_size`` or ``model.image_size`` that fits) when self-supervised
-    pretraining on ``n_images`` is estimated not to fit.
+    pretraining on ``n_images`` is estimated not to fit; otherwise return the estimate as a
+    line for the user (``None`` when nothing was checked).
 
     Pretraining streams the images batch by batch (:func:`medal.representation.pretrain`), so
     the pool's size matters only where it is smaller than a batch. Each step holds the
@@ -311,7 +312,7 @@ def check_pretraining_memory(cfg: Config, n_images: int, device: torch.device) -
     and their Adam state. On CUDA the activations are compared with the GPU's free memory.
     """
     if _check_off() or n_images < 2:
-        return
+        return None
     m, r = cfg.model, cfg.representation
     image = 4 * m.channels * m.image_size**2
     train_act, _ = activation_bytes(cfg)
@@ -325,9 +326,13 @@ def check_pretraining_memory(cfg: Config, n_images: int, device: torch.device) -
     checks = [("memory", host, available_memory())]
     if on_gpu:
         checks.append(("GPU memory", (params, 2 * image + act), torch.cuda.mem_get_info(device)[0]))
+    said = []
     for what, (fixed, per_image), free in checks:
         need = fixed + batch * per_image
         if free is None or need <= HEADROOM * free:
+            said.append(
+                f"{what}: about {_gb(need)} needed" + (f", {_gb(free)} available" if free else "")
+            )
             continue
         fixes = []
         best = _power_of_two_below((HEADROOM * free - fixed) / per_image, least=2)
@@ -341,3 +346,4 @@ def check_pretraining_memory(cfg: Config, n_images: int, device: torch.device) -
             f"= {r.batch_size} through {m.name} {_gb(batch * act)}); set {' or '.join(fixes)} "
             f"({MEMORY_CHECK_ENV}=off skips this check)"
         )
+    return f"{n_images} images streamed: " + "; ".join(said)

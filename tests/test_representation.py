@@ -351,8 +351,13 @@ def test_streaming_pretraining_memory_does_not_grow_with_the_pool(tmp_path, monk
     )
     monkeypatch.setattr(resources, "available_memory", lambda: 24 * 10**9)
     cpu = torch.device("cpu")
-    resources.check_pretraining_memory(cfg, 100_000, cpu)
-    resources.check_pretraining_memory(cfg, 10_000_000, cpu)
+    line = resources.check_pretraining_memory(cfg, 100_000, cpu)
+    # the estimate is said to the user (the same for any pool larger than a batch)
+    assert line is not None and line.endswith("GB needed, 24.0 GB available")
+    assert line.startswith("100000 images streamed: memory: about ")
+    assert resources.check_pretraining_memory(cfg, 10_000_000, cpu) == line.replace(
+        "100000", "10000000"
+    )
     too_big = load_config(cfg.path, {"model.name": "resnet18", "model.image_size": 1024})
     with pytest.raises(ConfigError, match=r"set representation\.batch_size = \d+ or model\."):
         resources.check_pretraining_memory(too_big, 100_000, cpu)
