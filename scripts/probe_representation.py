@@ -12,6 +12,7 @@ Needs `python scripts/prepare_pneumoniamnist.py` first. small_cnn, 1 channel, 28
 
 from __future__ import annotations
 
+import argparse
 import csv
 import sys
 from pathlib import Path
@@ -38,15 +39,26 @@ def features(model: torch.nn.Module, paths: list[Path]) -> tuple[np.ndarray, np.
     return f.numpy(), kept
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("backbone", nargs="?", type=Path, help="a cached backbone (.pt)")
+    which.add_argument("--untrained", action="store_true", help="probe an untrained backbone")
+    return p.parse_args(argv)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__, file=sys.stderr)
-        return 2
+    a = parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = create_model("small_cnn", 2)
-    if argv[0] != "--untrained":
-        model.backbone.load_state_dict(torch.load(argv[0], weights_only=True))
+    if not a.untrained:
+        if not a.backbone.is_file():
+            print(f"error: {a.backbone}: no such backbone file", file=sys.stderr)
+            return 2
+        model.backbone.load_state_dict(torch.load(a.backbone, weights_only=True))
     model.eval()
     with open(DATA / "pool_truth.csv", newline="") as f:
         truth = list(csv.DictReader(f))
