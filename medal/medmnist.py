@@ -132,6 +132,22 @@ def _pneumonia_dicom(path: Path, img: np.ndarray, index: int) -> None:
     )
 
 
+def _labelled_start(
+    out: Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    classes: Sequence[str],
+    labelled: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw the class-balanced start set of the train split (``x [N, ...]``, ``y [N]``), write
+    it as PNGs under ``out/labelled/<class>/``; returns (start indices, the rest: the pool)."""
+    start = class_balanced_start(y, len(classes), labelled, rng)
+    for i in sorted(start):
+        save_png(out / "labelled" / classes[y[i]] / f"train_{i:05d}.png", x[i])
+    return start, np.setdiff1d(np.arange(len(x)), start)
+
+
 def prepare_pneumoniamnist(
     npz: Path, out: Path, *, labelled: int, dicom_fraction: float, seed: int, force: bool
 ) -> Path:
@@ -150,10 +166,7 @@ def prepare_pneumoniamnist(
     d = load_verified(npz, PNEUMONIAMNIST_SHA256, out)
     rng = np.random.default_rng(seed)
     x, y = d["train_images"], d["train_labels"].ravel()
-    start = class_balanced_start(y, len(classes), labelled, rng)
-    for i in sorted(start):
-        save_png(out / "labelled" / classes[y[i]] / f"train_{i:05d}.png", x[i])
-    pool = np.setdiff1d(np.arange(len(x)), start)
+    start, pool = _labelled_start(out, x, y, classes, labelled, rng)
     as_dicom = set(rng.choice(pool, int(round(len(pool) * dicom_fraction)), replace=False))
     truth = []
     for i in pool:
@@ -186,10 +199,7 @@ def prepare_retinamnist(npz: Path, out: Path, *, labelled: int, seed: int, force
     d = load_verified(npz, RETINAMNIST_SHA256, out)
     rng = np.random.default_rng(seed)
     x, y = d["train_images"], d["train_labels"].ravel()
-    start = class_balanced_start(y, len(classes), labelled, rng)
-    for i in sorted(start):
-        save_png(out / "labelled" / classes[y[i]] / f"train_{i:05d}.png", x[i])
-    pool = np.setdiff1d(np.arange(len(x)), start)
+    start, pool = _labelled_start(out, x, y, classes, labelled, rng)
     truth = []
     for i in pool:
         rel = f"pool/train_{i:05d}.png"

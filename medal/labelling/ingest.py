@@ -107,34 +107,14 @@ def _ingest_locked(
         result.already_ingested = True
         return result
     when = time.time()
-    rows = [
-        LabelRecord(
-            selections[n].image_id,
-            a.label,
-            round_no,
-            a.source,
-            a.annotator,
-            a.origin,
-            when,
-            a.comment,
-        )
-        for per in read.by_annotator.values()
-        for n, a in sorted(per.items())
-    ]
+
+    def record(n: str, a: _Answer) -> LabelRecord:
+        i = selections[n].image_id
+        return LabelRecord(i, a.label, round_no, a.source, a.annotator, a.origin, when, a.comment)
+
+    rows = [record(n, a) for per in read.by_annotator.values() for n, a in sorted(per.items())]
     # the final label of each image goes last, so it is the image's current label
-    rows += [
-        LabelRecord(
-            selections[n].image_id,
-            a.label,
-            round_no,
-            a.source,
-            a.annotator,
-            a.origin,
-            when,
-            a.comment,
-        )
-        for n, a in sorted(answers.items())
-    ]
+    rows += [record(n, a) for n, a in sorted(answers.items())]
     ws.db.record_ingest(round_no, rows, when)
     crash_point("ingest.committed")
     return result
