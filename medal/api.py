@@ -23,7 +23,7 @@ from .fitting import FitResult
 from .inputs import (
     _load,
     backbone_job,
-    image_dataset,
+    pretraining_images,
     record_skipped,
     frozen_features,
     pretrained_backbone,
@@ -285,7 +285,7 @@ def pretrain_on_every_rank(
         path,
         model.backbone,
         model.backbone_dim,
-        image_dataset(cfg, items),
+        pretraining_images(cfg, items),
         settings,
         device=device,
         num_workers=cfg.num_workers,

@@ -23,6 +23,7 @@ from .data import ImageDataset, load_all
 from .errors import ModelError
 from .features import FeatureCache, backbone_key, stream_features
 from .models import MCModel
+from .poolstore import stored_images
 from .representation import SSLSettings, StepPlan, load_cached, pretrain_and_cache
 from .representation import cache_key as ssl_cache_key
 from .resources import check_pretraining_memory
@@ -118,6 +119,15 @@ def representation_seed(cfg: Config) -> int:
     return cfg.seed if r is None else r
 
 
+def pretraining_images(cfg: Config, items: list[Item]) -> torch.utils.data.Dataset:
+    """The images pretraining reads every epoch, streamed batch by batch: from their compact
+    store under the decode cache (filled once, :func:`medal.poolstore.stored_images`), or
+    decoded one at a time with ``image.cache = false``. Item ``i``: ``(x [C, S, S], i, reason)``."""
+    return stored_images(
+        image_dataset(cfg, items), cache_dir(cfg.workspace), num_workers=cfg.num_workers
+    )
+
+
 def pretrained_backbone(
     ws: Workspace, cfg: Config, snap: Snapshot, device: torch.device, progress: bool
 ) -> tuple[str, Path]:
@@ -139,7 +149,7 @@ def pretrained_backbone(
             path,
             model.backbone,
             model.backbone_dim,
-            image_dataset(cfg, items),  # streamed: read batch by batch through the decode cache
+            pretraining_images(cfg, items),
             settings,
             device=device,
             num_workers=cfg.num_workers,
