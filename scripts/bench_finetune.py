@@ -49,7 +49,7 @@ from medal.train import build_model, fit, predict_deterministic
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ARMS = ("frozen", "lpft", "auto", "whole")
+ARMS = ("frozen", "lpft", "auto", "whole", "lpft-lr3", "lpft-lr1", "auto-lr3", "auto-lr1")
 COMMON = {
     "device": "cpu",
     "representation.method": "simclr",
@@ -58,6 +58,19 @@ COMMON = {
     "train.validation_fraction": 0.0,
 }
 WHOLE = {"representation.method": "none", "model.hidden": 128, "train.freeze_backbone": False}
+# Each arm's settings over COMMON. ``-lr3``/``-lr1``: the backbone's fine-tuning learning rate at
+# 0.3x / 1x the head's (train.finetune_lr_scale; the default is 0.1).
+ARM_SETTINGS: dict[str, dict[str, object]] = {
+    "frozen": {},
+    "lpft": {"train.finetune": "always"},
+    "auto": {"train.finetune": "auto"},
+    "whole": WHOLE,
+    **{
+        f"{mode}-lr{tag}": {"train.finetune": rule, "train.finetune_lr_scale": scale}
+        for mode, rule in (("lpft", "always"), ("auto", "auto"))
+        for tag, scale in (("3", 0.3), ("1", 1.0))
+    },
+}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,7 +85,9 @@ def parser() -> argparse.ArgumentParser:
         help="cut the train split to this many images, drawn per seed (0: all)",
     )
     p.add_argument("--seeds", default="0,1,2,3,4")
-    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument(
+        "--arms", default="frozen,lpft,auto,whole", help=f"comma-separated, of {', '.join(ARMS)}"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -173,12 +188,16 @@ def commit() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    unknown = sorted(set(a.arms.split(",")) - set(ARMS))
+    if unknown:
+        parser().error(f"--arms: unknown {', '.join(unknown)}; valid: {', '.join(ARMS)}")
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     over = parse_overrides(a.overrides)
     conf = ROOT / "configs" / f"{a.dataset}.toml"
     x_all, y_all = arrays(a.dataset, "train")
     x_test, y_test = arrays(a.dataset, "test")
+    x_val, y_val = arrays(a.dataset, "val")
     results = a.out / ("curve.csv" if a.curve else "results.csv")
     code = commit()  # the code this process imported, not HEAD when a row is written
     done = set()
@@ -202,16 +221,16 @@ def main(argv: list[str] | None = None) -> int:
             for arm in a.arms.split(","):
                 if (seed, arm, n) in done:
                     continue
-                extra = {
-                    "lpft": {"train.finetune": "always"},
-                    "whole": WHOLE,
-                    "auto": {"train.finetune": "auto"},
-                }.get(arm, {})
+                extra = ARM_SETTINGS[arm]
                 cfg = dataclasses.replace(load_config(conf, {**COMMON, **extra, **over}), seed=seed)
                 t0 = time.perf_counter()
                 model = run_arm(arm, cfg, x[pick], y[pick], bb, seed)
-                probs = predict_deterministic(model, x_test, torch.device("cpu"))
-                auc = classification_metrics(y_test, probs, len(cfg.classes))["auroc"]
+                auc, val_auc = (
+                    classification_metrics(
+                        yy, predict_deterministic(model, xx, torch.device("cpu")), len(cfg.classes)
+                    )["auroc"]
+                    for xx, yy in ((x_test, y_test), (x_val, y_val))
+                )
                 row = {
                     "dataset": a.dataset,
                     "pool": len(y),
@@ -219,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     "arm": arm,
                     **({"labels": n} if a.curve else {}),
                     "test_auroc": f"{auc:.4f}",
+                    "val_auroc": f"{val_auc:.4f}",
                     "seconds": f"{time.perf_counter() - t0:.0f}",
                     "commit": code,
                     "overrides": ";".join(a.overrides),
@@ -246,24 +266,34 @@ def points(curve: str | None, n_pool: int, seed: int) -> list[tuple[int, np.ndar
 
 
 def summary(results: Path) -> str:
-    """Each arm's per-seed AUROC and mean; paired differences of lpft to the others."""
+    """Each arm's per-seed AUROC and mean, on the test split and (rows that have it) the
+    official val split; paired differences of every fine-tuning arm to frozen and whole."""
     with open(results, newline="") as f:
         rows = list(csv.DictReader(f))
-    by = {(r["arm"], int(r["seed"])): float(r["test_auroc"]) for r in rows}
-    arms = [a for a in ARMS if any(k[0] == a for k in by)]
-    seeds = sorted({s for _, s in by})
-    lines = [f"{'arm':<8}" + "".join(f"{'seed ' + str(s):>9}" for s in seeds) + f"{'mean':>9}"]
-    for arm in arms:
-        v = [by.get((arm, s), float("nan")) for s in seeds]
-        lines.append(f"{arm:<8}" + "".join(f"{x:9.3f}" for x in v) + f"{np.nanmean(v):9.3f}")
-    for other in ("frozen", "whole"):
-        both = [s for s in seeds if ("lpft", s) in by and (other, s) in by]
-        if len(both) >= 2:
-            m, lo, hi = interval(np.array([by["lpft", s] - by[other, s] for s in both]))
-            lines.append(
-                f"lpft - {other}: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] "
-                f"(95% t interval, {len(both)} seeds)"
-            )
+    lines = []
+    for split in ("test", "val"):
+        col = f"{split}_auroc"
+        by = {(r["arm"], int(r["seed"])): float(r[col]) for r in rows if r.get(col)}
+        if not by:
+            continue
+        arms = [a for a in ARMS if any(k[0] == a for k in by)]
+        seeds = sorted({s for _, s in by})
+        lines.append(f"{split} AUROC")
+        lines.append(
+            f"{'arm':<9}" + "".join(f"{'seed ' + str(s):>9}" for s in seeds) + f"{'mean':>9}"
+        )
+        for arm in arms:
+            v = [by.get((arm, s), float("nan")) for s in seeds]
+            lines.append(f"{arm:<9}" + "".join(f"{x:9.4f}" for x in v) + f"{np.nanmean(v):9.4f}")
+        for arm in [a for a in arms if a.startswith(("lpft", "auto"))]:
+            for other in ("frozen", "whole"):
+                both = [s for s in seeds if (arm, s) in by and (other, s) in by]
+                if len(both) >= 2:
+                    m, lo, hi = interval(np.array([by[arm, s] - by[other, s] for s in both]))
+                    lines.append(
+                        f"{split}: {arm} - {other}: {m:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+                        f"(95% t interval, {len(both)} seeds)"
+                    )
     return "\n".join(lines)
 
 
@@ -299,7 +329,8 @@ def curve_summary(results: Path) -> str:
                 + ", ".join(f"{v:.3f}" for v in area[arm].values())
                 + f"; mean {np.mean(list(area[arm].values())):.3f}"
             )
-    for a, b in (("auto", "frozen"), ("auto", "whole"), ("frozen", "whole")):
+    auto = [a for a in arms if a.startswith(("auto", "lpft"))]
+    for a, b in [*((x, y) for x in auto for y in ("frozen", "whole")), ("frozen", "whole")]:
         both = sorted(set(area.get(a, {})) & set(area.get(b, {})))
         if len(both) >= 2:
             m, lo, hi = interval(np.array([area[a][s] - area[b][s] for s in both]))
