@@ -10,6 +10,13 @@ Each argument is a results.csv written by `medal simulate` (or scripts/bench_sim
 a colon and the strategy to take from it; several baseline files may be joined with "+"
 (e.g. two simulations that ran different seeds). Labels are the labels given (held-out
 validation labels included), as in results.csv. Only seeds present in both are compared.
+
+Pooled over several data sets (the issue-25 criterion: one interval over every paired run):
+
+    python scripts/compare_simulations.py --pool random:bald A/results.csv B/results.csv ...
+
+gives, per file, the paired area differences candidate - baseline per seed (both strategies
+from that file; "+" joins files as above) and then one 95 % t interval over all of them.
 """
 
 from __future__ import annotations
@@ -22,24 +29,81 @@ import numpy as np
 from medal.simulate import curve_area, read_curves, t_interval_or_nan
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("baseline")
-    p.add_argument("candidate")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        help="BASELINE.csv:strategy CANDIDATE.csv:strategy, or with --pool: results.csv files",
+    )
     p.add_argument("--metric", default="auroc")
-    a = p.parse_args(argv)
-    base, cand = read_curves(a.baseline, a.metric), read_curves(a.candidate, a.metric)
+    p.add_argument(
+        "--pool",
+        metavar="BASELINE:CANDIDATE",
+        default=None,
+        help="strategies to pair within each file, pooled over all files (e.g. random:bald)",
+    )
+    return p
+
+
+def paired_areas(
+    base: dict[int, tuple[np.ndarray, np.ndarray]], cand: dict[int, tuple[np.ndarray, np.ndarray]]
+) -> tuple[list[int], float, float, list[tuple[float, float]]]:
+    """Seeds in both, the label range both cover ``(lo, hi)``, and per seed the areas
+    ``(baseline, candidate)`` of the test metric over that range."""
     seeds = sorted(set(base) & set(cand))
+    if not seeds:
+        return [], math.nan, math.nan, []
+    lo = max(max(base[s][0][0], cand[s][0][0]) for s in seeds)
+    hi = min(min(base[s][0][-1], cand[s][0][-1]) for s in seeds)
+    return (
+        seeds,
+        lo,
+        hi,
+        [(curve_area(*base[s], lo, hi), curve_area(*cand[s], lo, hi)) for s in seeds],
+    )
+
+
+def pooled(spec: str, files: list[str], metric: str) -> int:
+    """Print per file and pooled paired area differences; 1 if a file pairs no seed."""
+    if spec.count(":") != 1 or not all(spec.split(":")):
+        raise SystemExit(f"--pool: expected BASELINE:CANDIDATE (e.g. random:bald), got {spec!r}")
+    b, c = spec.split(":")
+    every: list[float] = []
+    for f in files:
+        seeds, lo, hi, areas = paired_areas(
+            read_curves(f"{f}:{b}", metric), read_curves(f"{f}:{c}", metric)
+        )
+        if not seeds:
+            print(f"{f}: no seed has both {b} and {c}")
+            return 1
+        d = [ac - ab for ab, ac in areas]
+        every += d
+        m, low, high = t_interval_or_nan(np.array(d))
+        print(
+            f"{f} ({lo:.0f}-{hi:.0f} labels, seeds {seeds}): {c} - {b} area "
+            f"{m:+.4f} [{low:+.4f}, {high:+.4f}]; per seed " + ", ".join(f"{x:+.4f}" for x in d)
+        )
+    m, low, high = t_interval_or_nan(np.array(every))
+    print(
+        f"pooled {c} - {b} area over {len(every)} paired runs: {m:+.4f} [{low:+.4f}, "
+        f"{high:+.4f}] (95% t interval); positive in {sum(x > 0 for x in every)} of {len(every)}"
+    )
+    return 0
+
+
+def compare(baseline: str, candidate: str, metric: str) -> int:
+    """The two-simulation comparison of the module docstring, printed."""
+    base, cand = read_curves(baseline, metric), read_curves(candidate, metric)
+    seeds, lo, hi, areas = paired_areas(base, cand)
     if not seeds:
         raise SystemExit("no seed is in both")
     target = float(np.mean([base[s][1][-1] for s in seeds]))
     at = int(np.median([base[s][0][-1] for s in seeds]))
-    lo = max(max(base[s][0][0], cand[s][0][0]) for s in seeds)
-    hi = min(min(base[s][0][-1], cand[s][0][-1]) for s in seeds)
     print(
-        f"baseline {a.baseline}: mean test {a.metric} at its last point ({at} labels) "
+        f"baseline {baseline}: mean test {metric} at its last point ({at} labels) "
         f"over seeds {seeds}: {target:.3f}"
     )
     print(
@@ -47,12 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{'area base':>10} {'area cand':>10} {'diff':>7}   (area over {lo:.0f}-{hi:.0f} labels)"
     )
     diffs, reach = [], []
-    for s in seeds:
+    for s, (ab, ac) in zip(seeds, areas, strict=True):
         bx, by = base[s]
         cx, cy = cand[s]
         hit = cx[cy >= target]
         reach.append(float(hit[0]) if len(hit) else float("nan"))
-        ab, ac = curve_area(bx, by, lo, hi), curve_area(cx, cy, lo, hi)
         diffs.append(ac - ab)
         print(
             f"{s:>4} {by[-1]:>9.3f}@{bx[-1]:<4.0f} {cy[-1]:>10.3f}@{cx[-1]:<4.0f} "
@@ -71,8 +134,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(diffs)}"
     )
     cand_last = np.array([cand[s][1][-1] for s in seeds])
-    print(f"candidate mean {a.metric} at its last point: {cand_last.mean():.3f}")
+    print(f"candidate mean {metric} at its last point: {cand_last.mean():.3f}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    a = p.parse_args(argv)
+    if a.pool:
+        return pooled(a.pool, a.inputs, a.metric)
+    if len(a.inputs) != 2:
+        p.error("expected BASELINE.csv:strategy CANDIDATE.csv:strategy (or --pool A:B FILES)")
+    return compare(a.inputs[0], a.inputs[1], a.metric)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""scripts/compare_simulations.py: the two-file comparison and the pooled one over data sets."""
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_simulations.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("compare_simulations", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _results(path: Path, curves: dict[tuple[str, int], list[float]]) -> Path:
+    """A results.csv with ``{(strategy, seed): [auroc at 20, 30, 40 labels]}``."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["strategy", "seed", "round", "labels", "test/auroc"])
+        w.writeheader()
+        for (strategy, seed), ys in curves.items():
+            for r, y in enumerate(ys):
+                w.writerow(
+                    {
+                        "strategy": strategy,
+                        "seed": seed,
+                        "round": r,
+                        "labels": 20 + 10 * r,
+                        "test/auroc": y,
+                    }
+                )
+    return path
+
+
+def test_pool_pairs_within_each_file_and_pools_every_seed(tmp_path, capsys):
+    # file a: bald - random areas +0.1 and +0.2 (constant curves); file b: -0.05 (seed 0 only
+    # has both; seed 1 has no bald and must not be paired)
+    a = _results(
+        tmp_path / "a.csv",
+        {
+            ("random", 0): [0.5] * 3,
+            ("bald", 0): [0.6] * 3,
+            ("random", 1): [0.5] * 3,
+            ("bald", 1): [0.7] * 3,
+        },
+    )
+    b = _results(
+        tmp_path / "b.csv",
+        {("random", 0): [0.8, 0.8, 0.8], ("bald", 0): [0.7, 0.75, 0.8], ("random", 1): [0.1] * 3},
+    )
+    assert _script().main(["--pool", "random:bald", str(a), str(b)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "+0.1000, +0.2000" in out[0]
+    # b's seed 0: areas 0.8 and (0.725 + 0.775) / 2 = 0.75 -> -0.05
+    assert "seeds [0]" in out[1] and "-0.0500" in out[1]
+    # pooled over 3 paired runs: mean (0.1 + 0.2 - 0.05) / 3
+    assert out[2].startswith("pooled bald - random area over 3 paired runs: +0.0833 [")
+    assert out[2].endswith("positive in 2 of 3")
+
+
+def test_pool_fails_clearly_on_a_file_without_pairs_or_a_bad_spec(tmp_path, capsys):
+    a = _results(tmp_path / "a.csv", {("random", 0): [0.5] * 3})
+    assert _script().main(["--pool", "random:bald", str(a)]) == 1
+    assert "no seed has both random and bald" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="BASELINE:CANDIDATE"):
+        _script().main(["--pool", "random", str(a)])
+
+
+def test_two_file_comparison_still_needs_exactly_two_inputs(tmp_path, capsys):
+    a = _results(tmp_path / "a.csv", {("random", 0): [0.5] * 3, ("bald", 0): [0.6] * 3})
+    assert _script().main([f"{a}:random", f"{a}:bald"]) == 0
+    assert "area difference candidate - baseline: +0.1000" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _script().main([f"{a}:random"])
