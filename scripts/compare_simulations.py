@@ -16,7 +16,9 @@ Pooled over several data sets (the issue-25 criterion: one interval over every p
     python scripts/compare_simulations.py --pool random:bald A/results.csv B/results.csv ...
 
 gives, per file, the paired area differences candidate - baseline per seed (both strategies
-from that file; "+" joins files as above) and then one 95 % t interval over all of them.
+from that file; "+" joins files as above) and then one 95 % t interval over all of them. An
+argument BASE.csv=CAND.csv takes the baseline from the first file and the candidate from the
+second (two simulations of one data set, e.g. whole-network training against the defaults).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "inputs",
         nargs="+",
-        help="BASELINE.csv:strategy CANDIDATE.csv:strategy, or with --pool: results.csv files",
+        help="BASELINE.csv:strategy CANDIDATE.csv:strategy, or with --pool: results.csv files "
+        "(or BASE.csv=CAND.csv pairs)",
     )
     p.add_argument("--metric", default="auroc")
     p.add_argument(
@@ -73,8 +76,9 @@ def pooled(spec: str, files: list[str], metric: str) -> int:
     b, c = spec.split(":")
     every: list[float] = []
     for f in files:
+        fb, _, fc = f.partition("=")
         seeds, lo, hi, areas = paired_areas(
-            read_curves(f"{f}:{b}", metric), read_curves(f"{f}:{c}", metric)
+            read_curves(f"{fb}:{b}", metric), read_curves(f"{fc or fb}:{c}", metric)
         )
         if not seeds:
             print(f"{f}: no seed has both {b} and {c}")

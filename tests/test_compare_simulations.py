@@ -63,6 +63,14 @@ def test_pool_pairs_within_each_file_and_pools_every_seed(tmp_path, capsys):
     assert out[2].endswith("positive in 2 of 3")
 
 
+def test_pool_pairs_two_simulations_of_one_set_with_base_equals_cand(tmp_path, capsys):
+    base = _results(tmp_path / "w.csv", {("random", 0): [0.5] * 3, ("random", 1): [0.6] * 3})
+    cand = _results(tmp_path / "d.csv", {("random", 0): [0.7] * 3, ("random", 1): [0.7] * 3})
+    assert _script().main(["--pool", "random:random", f"{base}={cand}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "per seed +0.2000, +0.1000" in out[0]
+
+
 def test_pool_fails_clearly_on_a_file_without_pairs_or_a_bad_spec(tmp_path, capsys):
     a = _results(tmp_path / "a.csv", {("random", 0): [0.5] * 3})
     assert _script().main(["--pool", "random:bald", str(a)]) == 1
