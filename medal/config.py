@@ -132,6 +132,9 @@ class TrainConfig:
     """``finetune = "auto"``: training labels every class needs before fine-tuning starts."""
     finetune_lr_scale: float = 0.1
     """Fine-tuning: the backbone's learning rate as a fraction of the head's (``lr``)."""
+    finetune_batchnorm: str = "frozen"
+    """Fine-tuning: "frozen" (default) keeps the BatchNorm running statistics of the
+    pretraining (computed on the whole pool); "update" lets the labelled batches update them."""
     validation_fraction: float = 0.0
     """Without ``data.validation``: share of the initial labelled set held out (stratified,
     chosen once and frozen in the ledger, so metrics compare across rounds) to choose epochs
@@ -668,6 +671,12 @@ def _validate_train_probe_and_finetune(t: TrainConfig, need: _Need) -> None:
         "train.finetune_lr_scale",
         "in (0, 1]",
         t.finetune_lr_scale,
+    )
+    need(
+        t.finetune_batchnorm in ("frozen", "update"),
+        "train.finetune_batchnorm",
+        "one of frozen, update",
+        t.finetune_batchnorm,
     )
     need(
         0.0 <= t.validation_fraction < 1.0,

@@ -20,6 +20,7 @@ Choices, and why:
 * BatchNorm layers stay in eval mode: their running statistics are the self-supervised
   pretraining's (computed on the whole pool), which batches of a few dozen labelled images
   would only make noisier; their affine weights are fine-tuned with the backbone.
+  ``train.finetune_batchnorm = "update"`` lets the labelled batches update them instead.
 * The head's feature standardisation stays as the probe fitted it.
 * Only the model in memory changes: the cached self-supervised backbone file is read, never
   written, and the feature cache is keyed by a hash of the backbone's weights
@@ -121,6 +122,7 @@ def finetune(
             tc.batch_size,
             device,
             aug,
+            tc.finetune_batchnorm == "update",
         )
         history.append({"epoch": float(epoch), "loss": loss})
     model.eval()
@@ -140,12 +142,15 @@ def _epoch(
     batch_size: int,
     device: torch.device,
     aug: Augmenter | None,
+    update_batchnorm: bool = False,
 ) -> float:
-    """One pass in the order ``perm`` (dropout on, BatchNorm statistics fixed); the mean loss.
+    """One pass in the order ``perm`` (dropout on, BatchNorm statistics fixed unless
+    ``update_batchnorm``); the mean loss.
     A loss that is not finite stops the training with an error rather than saving NaN
     weights."""
     model.train()
-    freeze_batchnorm(model)
+    if not update_batchnorm:
+        freeze_batchnorm(model)
     total = 0.0
     for i in range(0, len(perm), batch_size):
         idx = perm[i : i + batch_size]

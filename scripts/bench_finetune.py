@@ -49,7 +49,20 @@ from medal.train import build_model, fit, predict_deterministic
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ARMS = ("frozen", "lpft", "auto", "whole", "lpft-lr3", "lpft-lr1", "auto-lr3", "auto-lr1")
+ARMS = (
+    "frozen",
+    "lpft",
+    "auto",
+    "whole",
+    "lpft-lr3",
+    "lpft-lr1",
+    "auto-lr3",
+    "auto-lr1",
+    "lpft-lr1-bn",
+    "lpft-lr1-e30",
+    "auto-lr1-bn",
+    "auto-lr1-e30",
+)
 COMMON = {
     "device": "cpu",
     "representation.method": "simclr",
@@ -59,7 +72,8 @@ COMMON = {
 }
 WHOLE = {"representation.method": "none", "model.hidden": 128, "train.freeze_backbone": False}
 # Each arm's settings over COMMON. ``-lr3``/``-lr1``: the backbone's fine-tuning learning rate at
-# 0.3x / 1x the head's (train.finetune_lr_scale; the default is 0.1).
+# 0.3x / 1x the head's (train.finetune_lr_scale; the default is 0.1); ``-bn``: BatchNorm
+# statistics updated by the labelled batches; ``-e30``: 30 fine-tuning epochs instead of 10.
 ARM_SETTINGS: dict[str, dict[str, object]] = {
     "frozen": {},
     "lpft": {"train.finetune": "always"},
@@ -69,6 +83,14 @@ ARM_SETTINGS: dict[str, dict[str, object]] = {
         f"{mode}-lr{tag}": {"train.finetune": rule, "train.finetune_lr_scale": scale}
         for mode, rule in (("lpft", "always"), ("auto", "auto"))
         for tag, scale in (("3", 0.3), ("1", 1.0))
+    },
+    **{
+        f"{mode}-lr1-{tag}": {"train.finetune": rule, "train.finetune_lr_scale": 1.0, **extra}
+        for mode, rule in (("lpft", "always"), ("auto", "auto"))
+        for tag, extra in (
+            ("bn", {"train.finetune_batchnorm": "update"}),
+            ("e30", {"train.epochs": 30}),
+        )
     },
 }
 

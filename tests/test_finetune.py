@@ -83,11 +83,20 @@ def test_fine_tuning_keeps_batchnorm_statistics_and_moves_its_weights(tmp_path):
     assert any(f"backbone.{n}.weight" in changed for n in bn)
 
 
+def test_fine_tuning_can_update_batchnorm_statistics(tmp_path):
+    over = {"train.finetune": "always", "train.finetune_batchnorm": "update"}
+    before, after = _fit(tmp_path, (4, 4), **over)
+    changed = set(_changed(before, after))
+    bn = [n for n, m in after.backbone.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bn and all(f"backbone.{n}.running_mean" in changed for n in bn)
+
+
 def test_bad_finetune_settings_are_one_line_errors(tmp_path):
     path = write_config(tmp_path)
     for key, value, hint in (
         ("train.finetune", "sometimes", "off, auto, always"),
         ("train.finetune_min_per_class", 0, ">= 1"),
+        ("train.finetune_batchnorm", "sometimes", "frozen, update"),
         ("train.finetune_lr_scale", 2.0, "(0, 1]"),
     ):
         with pytest.raises(ConfigError) as e:
