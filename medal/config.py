@@ -24,6 +24,7 @@ from .roundfolder import reserved_name
 DEVICES = ("auto", "cpu", "cuda")
 SAMPLING_MODES = ("auto", "head", "full")
 PRECISIONS = ("bf16", "fp16", "fp32")
+POSTERIORS = ("mc_dropout", "ensemble")
 ROUND_STARTS = ("warm_start", "retrain")
 BALANCE_MODES = ("loss", "sampler", "none")
 MONITORS = ("balanced_accuracy+auroc", "auroc", "balanced_accuracy", "accuracy", "loss")
@@ -199,6 +200,16 @@ class QueryConfig:
     """Full-network sampling: most images (batch x samples) per forward call; 0 = auto
     (CUDA: 4096, so the T replicas share few large calls; CPU: query.batch_size, since
     smaller calls are faster there)."""
+    posterior: str = "mc_dropout"
+    """What the scores' samples ``[N, T, C]`` come from: "mc_dropout" (default: T =
+    ``mc_samples`` dropout samples of the head, or of the whole network), or "ensemble":
+    after each training, ``ensemble_size`` extra heads are fitted by the probe's schedule, each
+    to a class-stratified bootstrap resample of the labelled images' features (seed: the
+    round's + k), and their softmax outputs with dropout off are the samples (T =
+    ``ensemble_size``). The model's own head, trained on every label, still predicts and is
+    evaluated. Needs ``train.freeze_backbone`` and head-only sampling."""
+    ensemble_size: int = 5
+    """With ``posterior = "ensemble"``: the number of extra heads K (>= 2)."""
 
 
 @dataclass(frozen=True)
@@ -599,6 +610,7 @@ def _validate_values(cfg: Config, where: str) -> None:
     _validate_train(cfg.train, need)
     _validate_train_probe_and_finetune(cfg.train, need)
     _validate_the_rest(cfg, need)
+    _validate_posterior(cfg, need)
 
 
 def _validate_model(m: ModelConfig, need: _Need) -> None:
@@ -749,4 +761,31 @@ def _validate_the_rest(cfg: Config, need: _Need) -> None:
         "query.sampling",
         '"head" or "auto" when model.backbone_dropout = 0 (the backbone has no dropout)',
         q.sampling,
+    )
+
+
+def _validate_posterior(cfg: Config, need: _Need) -> None:
+    """``query.posterior`` and ``query.ensemble_size``: an ensemble of heads needs fixed
+    backbone features to fit them on and head-only sampling to score with them."""
+    q = cfg.query
+    need(
+        q.posterior in POSTERIORS, "query.posterior", f"one of {', '.join(POSTERIORS)}", q.posterior
+    )
+    need(q.ensemble_size >= 2, "query.ensemble_size", ">= 2", q.ensemble_size)
+    if q.posterior != "ensemble":
+        return
+    need(
+        cfg.train.freeze_backbone,
+        "query.posterior",
+        '"mc_dropout" when train.freeze_backbone = false (the ensemble\'s heads are fitted on '
+        "frozen-backbone features)",
+        q.posterior,
+    )
+    full = q.sampling == "full" or (q.sampling == "auto" and cfg.model.backbone_dropout > 0)
+    need(
+        not full,
+        "query.posterior",
+        '"mc_dropout" with full-network sampling (query.sampling = "full", or "auto" with '
+        'model.backbone_dropout > 0); "ensemble" samples heads only (query.sampling = "head")',
+        q.posterior,
     )

@@ -101,7 +101,14 @@ def start_model(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     if parent_checkpoint is not None:
-        load_checkpoint(parent_checkpoint, model, cfg.classes, cfg.model.name, cfg.model.channels)
+        load_checkpoint(
+            parent_checkpoint,
+            model,
+            cfg.classes,
+            cfg.model.name,
+            cfg.model.channels,
+            fresh_members=True,
+        )
     if backbone is not None and not load_cached(backbone, model.backbone):
         raise ModelError(f"cannot read the self-supervised backbone {backbone}")
     return model

@@ -269,7 +269,11 @@ class MCModel(nn.Module):
     ``features``: "last" (the backbone's pooled output, ``backbone_dim`` values), "multiscale"
     (that plus the pooled output of each earlier stage; a frozen self-supervised backbone's
     lower stages keep texture a linear head can use), or "auto" (multiscale unless the backbone
-    has dropout, whose full-network sampling splits the backbone and needs "last")."""
+    has dropout, whose full-network sampling splits the backbone and needs "last").
+
+    ``members``: K extra heads of the same form as ``head`` (``query.posterior =
+    "ensemble"``), each ``[B, D] -> [B, C]``, kept in :attr:`members` (saved with the
+    weights); none by default."""
 
     def __init__(
         self,
@@ -281,6 +285,7 @@ class MCModel(nn.Module):
         hidden: int = 128,
         backbone_dropout: float = 0.0,
         features: str = "last",
+        members: int = 0,
     ) -> None:
         super().__init__()
         if name not in _REGISTRY:
@@ -293,6 +298,10 @@ class MCModel(nn.Module):
         if backbone_dropout > 0:
             add_backbone_dropout(self.backbone, backbone_dropout)
         self.head = StochasticHead(self.feature_dim, hidden, num_classes, dropout)
+        self.members = nn.ModuleList(
+            StochasticHead(self.feature_dim, hidden, num_classes, dropout) for _ in range(members)
+        )
+        """The ensemble's heads (empty unless ``members``); :meth:`forward` uses ``head``."""
 
     @torch.no_grad()
     def _stage_widths(self, in_channels: int) -> list[int]:
@@ -363,10 +372,12 @@ def create_model(
     pretrained: Path | None = None,
     backbone_dropout: float = 0.0,
     features: str = "last",
+    members: int = 0,
 ) -> MCModel:
     """Build a model by registry name; ``pretrained`` is a local backbone state-dict file
     (loaded before the backbone dropout layers are inserted, so plain torchvision keys fit).
-    ``features``: see :class:`MCModel` ("auto" resolves with ``backbone_dropout``)."""
+    ``features``: see :class:`MCModel` ("auto" resolves with ``backbone_dropout``);
+    ``members``: the ensemble's extra heads (:attr:`MCModel.members`)."""
     model = MCModel(
         name,
         num_classes,
@@ -374,6 +385,7 @@ def create_model(
         dropout=dropout,
         hidden=hidden,
         features=resolve_features(features, backbone_dropout),
+        members=members,
     )
     if pretrained is not None:
         load_backbone_weights(model, Path(pretrained))
@@ -411,10 +423,13 @@ class ConfigWithModel(Protocol):
     def classes(self) -> tuple[str, ...]: ...
 
 
-def model_from_config(cfg: ConfigWithModel, *, load_pretrained: bool = True) -> MCModel:
+def model_from_config(
+    cfg: ConfigWithModel, *, load_pretrained: bool = True, members: int = 0
+) -> MCModel:
     """The model ``cfg.model`` describes for ``cfg.classes``: the one place the config becomes
     a :func:`create_model` call. ``load_pretrained`` false leaves ``model.pretrained`` unread
-    (a model built on the ``meta`` device to measure its size)."""
+    (a model built on the ``meta`` device to measure its size); ``members``: the ensemble's
+    extra heads (``query.ensemble_size`` with ``query.posterior = "ensemble"``)."""
     m = cfg.model
     return create_model(
         m.name,
@@ -425,6 +440,7 @@ def model_from_config(cfg: ConfigWithModel, *, load_pretrained: bool = True) -> 
         pretrained=m.pretrained if load_pretrained else None,
         backbone_dropout=m.backbone_dropout,
         features=m.features,
+        members=members,
     )
 
 

@@ -45,6 +45,7 @@ from .inputs import (
 from .labelling.export import Candidate, export_round
 from .ledger import ModelRecord
 from .models import MCModel, read_pretrained, set_mc_mode
+from .posterior import ensemble_members, posterior_samples, samples_per_image
 from .resources import check_query_memory
 from .sources import Item, Snapshot, sync
 from .uncertainty import (
@@ -52,7 +53,6 @@ from .uncertainty import (
     ScoreCollector,
     ScoreStore,
     batch_seed,
-    head_samples,
     mc_predict_tensors,
     n_batches,
     score_batches,
@@ -228,7 +228,7 @@ def plan(
     top = acquisition.get_strategy(q.strategy).streaming_score(q.balance)
     sink = ScoreCollector(
         len(snap.pool),
-        q.mc_samples,
+        samples_per_image(q),
         model.num_classes,
         model.feature_dim,
         ws.scores_dir(round_no),
@@ -279,6 +279,7 @@ def _scores_key(cfg: Config, model_rec: ModelRecord, mode: str) -> dict[str, Any
         "mc_samples": cfg.query.mc_samples,
         "mode": mode,
         "preprocess": [cfg.model.channels, cfg.model.image_size, cfg.image.window, cfg.image.frame],
+        **({"ensemble_size": cfg.query.ensemble_size} if ensemble_members(cfg.query) else {}),
     }
 
 
@@ -396,8 +397,10 @@ def _score_frozen(
 ) -> dict[Path, str]:
     """Head-only MC scoring under a frozen backbone: every image's features come from the
     workspace's feature cache (the images not in it are decoded and passed through the
-    backbone once, then cached), and only the head is sampled. ``sink(rows, probs [B, T, C],
-    features [B, D])`` as for :func:`score_batches`; returns the unreadable files."""
+    backbone once, then cached), and only the head is sampled (or, ``query.posterior =
+    "ensemble"``, the K ensemble heads give the samples: :func:`posterior_samples`).
+    ``sink(rows, probs [B, T, C], features [B, D])`` as for :func:`score_batches`; returns
+    the unreadable files."""
     q = cfg.query
     feats, found, skipped = frozen_features(ws, cfg, model, items, device)
     rows = np.flatnonzero(found)
@@ -412,7 +415,7 @@ def _score_frozen(
         r = rows[b * q.batch_size : (b + 1) * q.batch_size]
         torch.manual_seed(batch_seed(seed, b))
         f = torch.from_numpy(feats[r]).to(device)
-        sink(r, head_samples(model, f, q.mc_samples).float().cpu().numpy(), feats[r])
+        sink(r, posterior_samples(model, f, q).float().cpu().numpy(), feats[r])
     return skipped
 
 

@@ -24,14 +24,16 @@ from .errors import ModelError
 from .fitting import Augmenter, FitResult, check_finite, class_weights
 from .metrics import classification_metrics, defined_monitor, monitor_value, show_metric
 from .models import MCModel, Standardize, model_from_config, read_weights
+from .posterior import bootstrap_rows, ensemble_members
 
 TrainingLog = Callable[[dict[str, float], int], None]
 """Receives history rows (``loss``, ``val_<metric>``) and their step while a model trains."""
 
 
 def build_model(cfg: Config) -> MCModel:
-    """The configured model, its ``model.pretrained`` backbone loaded."""
-    return model_from_config(cfg)
+    """The configured model, its ``model.pretrained`` backbone loaded, with the ensemble's
+    extra heads under ``query.posterior = "ensemble"``."""
+    return model_from_config(cfg, members=ensemble_members(cfg.query))
 
 
 def _fingerprint(y: np.ndarray, x: torch.Tensor, cfg: Config, epochs: int, seed: int) -> str:
@@ -63,14 +65,13 @@ def fit(
 ) -> FitResult:
     """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices). Frozen backbone
     (``train.freeze_backbone``): :func:`fit_probe` (``unlabelled``: pool features ``[M, D]``
-    for ``train.semi_supervised``), then LP-FT as ``train.finetune`` decides (``after_probe``);
-    else :func:`_fit_network`, which ``state_path``, ``state_every_s``, ``distributed`` and
-    ``on_epoch_end`` are for. ``log(row, step)``: each history row as made (TensorBoard)."""
+    for ``train.semi_supervised``), LP-FT as ``train.finetune`` decides (``after_probe``), then
+    any ensemble heads (:func:`fit_members`); else :func:`_fit_network`, which ``state_path``,
+    ``state_every_s``, ``distributed``, ``on_epoch_end`` are for. ``log(row, step)``: each
+    history row as made (TensorBoard)."""
     if len(x) == 0:
         raise ModelError("no labelled images to train on")
     if cfg.train.freeze_backbone:
-        from .finetune import after_probe  # imports this module
-
         probe = fit_probe(
             model,
             x,
@@ -84,7 +85,7 @@ def fit(
             unlabelled=unlabelled,
             log=log,
         )
-        return after_probe(model, x, y, cfg, probe, device=device, seed=seed, progress=progress)
+        return _after_probe(model, x, y, cfg, probe, device=device, seed=seed, progress=progress)
     val = (x_val, y_val) if x_val is not None and y_val is not None and len(x_val) else None
     return _fit_network(
         model,
@@ -102,6 +103,27 @@ def fit(
         state_every_s=state_every_s,
         log=log,
     )
+
+
+def _after_probe(
+    model: MCModel,
+    x: torch.Tensor,
+    y: np.ndarray,
+    cfg: Config,
+    probe: FitResult,
+    *,
+    device: torch.device,
+    seed: int,
+    progress: bool,
+) -> FitResult:
+    """After the frozen-backbone probe of ``x [N, C, S, S]``, ``y [N]``: LP-FT as
+    ``train.finetune`` decides (:func:`medal.finetune.after_probe`; its result is returned),
+    then the ensemble's heads, if the model has any (:func:`fit_members`)."""
+    from .finetune import after_probe  # imports this module
+
+    result = after_probe(model, x, y, cfg, probe, device=device, seed=seed, progress=progress)
+    fit_members(model, x, y, cfg, device=device, seed=seed, progress=progress)
+    return result
 
 
 def _fit_network(
@@ -494,20 +516,10 @@ def fit_probe(
     """
     t0 = time.perf_counter()
     tc = cfg.train
-    n_classes = len(cfg.classes)
     model.to(device)
     f = backbone_features(model, x, device).to(device)
     head = model.head
-    for m in head.modules():
-        if isinstance(m, Standardize):
-            m.fit(f)
-    torch.manual_seed(seed)
-    yt = torch.as_tensor(y, dtype=torch.long, device=device)
-    weight = class_weights(y, n_classes).to(device) if tc.balance != "none" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight)
-    _head_schedule(
-        head, f, yt, loss_fn, tc.probe_lr, tc.weight_decay, tc.probe_steps, progress, log=log
-    )
+    yt, loss_fn = _fit_head(head, f, y, cfg, seed, progress, log)
     step, note = tc.probe_steps, ""
     if tc.semi_supervised == "pseudo_label" and unlabelled is not None and len(unlabelled):
         step, note = _pseudo_label_schedule(
@@ -522,6 +534,76 @@ def fit_probe(
             f"loss {row['loss']:.4f}"
         )
     return FitResult(epochs=1, best_epoch=1, history=[row], seconds=time.perf_counter() - t0)
+
+
+def _fit_head(
+    head: nn.Module,
+    f: torch.Tensor,
+    y: np.ndarray,
+    cfg: Config,
+    seed: int,
+    progress: bool,
+    log: TrainingLog | None = None,
+) -> tuple[torch.Tensor, nn.Module]:
+    """The probe's supervised schedule for ``head`` on features ``f [N, D]`` (on the training
+    device) with labels ``y [N]``: a linear head's standardisation from ``f``, the global RNG
+    seeded with ``seed`` (dropout), class weights unless ``train.balance = "none"``, then
+    :func:`_head_schedule`. Returns the labels as a tensor ``[N]`` and the loss."""
+    tc = cfg.train
+    for m in head.modules():
+        if isinstance(m, Standardize):
+            m.fit(f)
+    torch.manual_seed(seed)
+    yt = torch.as_tensor(y, dtype=torch.long, device=f.device)
+    weight = class_weights(y, len(cfg.classes)).to(f.device) if tc.balance != "none" else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    _head_schedule(
+        head, f, yt, loss_fn, tc.probe_lr, tc.weight_decay, tc.probe_steps, progress, log=log
+    )
+    return yt, loss_fn
+
+
+def fit_members(
+    model: MCModel,
+    x: torch.Tensor,
+    y: np.ndarray,
+    cfg: Config,
+    *,
+    device: torch.device,
+    seed: int,
+    progress: bool = True,
+) -> None:
+    """Fit the model's ensemble heads (:attr:`~medal.models.MCModel.members`, ``query.posterior
+    = "ensemble"``) to ``x [N, C, S, S]``, ``y [N]``: head k (1..K) by :func:`fit_probe`'s
+    supervised schedule on the features of the class-stratified bootstrap resample
+    :func:`~medal.posterior.bootstrap_rows` draws with seed ``seed + k``, its dropout seeded
+    with ``seed + k`` too. The features ``[N, D]`` are computed once, by the model's backbone
+    as it is now (fine-tuned, after LP-FT); no pseudo-labels. The main head is left as it is;
+    a model without ensemble heads (``query.posterior = "mc_dropout"``) is left alone."""
+    if len(model.members) == 0:
+        return
+    tc = cfg.train
+    model.to(device)
+    f = backbone_features(model, x, device).to(device)
+    losses = []
+    for k, member in enumerate(model.members, start=1):
+        rows = bootstrap_rows(y, seed + k)
+        fk = f[torch.from_numpy(rows).to(device)]
+        yt, loss_fn = _fit_head(member, fk, y[rows], cfg, seed + k, progress=False)
+        with torch.no_grad():
+            losses.append(float(loss_fn(member(fk).float(), yt)))
+        for value in (losses[-1], _health(member, fk, device)):
+            check_finite(
+                value,
+                f"after ensemble head {k}'s {tc.probe_steps} steps",
+                "train.probe_lr",
+                tc.probe_lr,
+            )
+    if progress:
+        tqdm.write(
+            f"{len(model.members)} ensemble heads trained on bootstrap resamples of {len(x)} "
+            f"images' features: mean loss {np.mean(losses):.4f}"
+        )
 
 
 def _probe_row(
@@ -708,9 +790,16 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, model: MCModel, classes: Sequence[str], model_name: str, channels: int
+    path: Path,
+    model: MCModel,
+    classes: Sequence[str],
+    model_name: str,
+    channels: int,
+    *,
+    fresh_members: bool = False,
 ) -> dict[str, Any]:
-    """Load weights into ``model``; refuse a checkpoint for other classes or architecture."""
+    """Load weights into ``model``; refuse a checkpoint for other classes or architecture.
+    Ensemble heads as :func:`_member_state` decides (``fresh_members``: a warm start)."""
     if not path.is_file():
         raise ModelError(
             f"checkpoint not found: {path}"
@@ -742,8 +831,32 @@ def load_checkpoint(
             f'checkpoints (those of medal before 0.2 are "last")'
         )
     try:
-        model.load_state_dict(ck["state_dict"])
+        model.load_state_dict(_member_state(path, ck["state_dict"], model, fresh_members))
     except RuntimeError as e:
         detail = " ".join(str(e).split())  # torch lists each key on its own line
         raise ModelError(f"checkpoint {path} does not fit the model: {detail[:300]}") from None
     return ck
+
+
+def _member_state(
+    path: Path, state: dict[str, torch.Tensor], model: MCModel, fresh: bool
+) -> dict[str, torch.Tensor]:
+    """A checkpoint's ``state`` for ``model``, by their ensemble heads (``members.<k>.*``):
+    kept when the numbers agree, dropped when the model has none (``query.posterior =
+    "mc_dropout"``); otherwise, with ``fresh`` (a warm start, which fits them anew), the
+    model's freshly initialised heads replace them, and without it one line says what to do."""
+    have = len({k.split(".")[1] for k in state if k.startswith("members.")})
+    want = len(model.members)
+    if have == want:
+        return state
+    kept = {k: v for k, v in state.items() if not k.startswith("members.")}
+    if want == 0:
+        return kept
+    if not fresh:
+        raise ModelError(
+            f"checkpoint {path} holds {have} ensemble heads, the config asks for {want} "
+            f'(query.posterior = "ensemble", query.ensemble_size = {want}); run medal train '
+            f"with this config to fit them"
+        )
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("members.")}
+    return {**kept, **own}
