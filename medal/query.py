@@ -215,7 +215,10 @@ def plan(
     refuse_pending(ws)
     snap = sync(ws)
     zero_label = not snap.labelled and not ws.db.models()
-    check_query_memory(cfg, len(snap.pool), len(snap.labelled), device, zero_label=zero_label)
+    top_k = not zero_label and _how(cfg, snap)[0] == "top-k"  # only k scores held
+    check_query_memory(
+        cfg, len(snap.pool), len(snap.labelled), device, zero_label=zero_label, top_k=top_k
+    )
     if zero_label:
         return zero_label_query(ws, cfg, snap, device, progress)
     rec = current_model_record(ws)
