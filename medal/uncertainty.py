@@ -382,6 +382,34 @@ class ScoreFile:
         for a, b in zip([0, *cut.tolist()], [*cut.tolist(), len(rows)]):
             os.pwrite(self._fd, data[a:b].tobytes(), self.offset + int(rows[a]) * self.row_bytes)
 
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows [B]`` as float16 ``[B, *shape[1:]]``, one ``pread`` per run of
+        consecutive rows."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        out = np.empty((len(rows), *self.shape[1:]), np.float16)
+        cut = np.flatnonzero(np.diff(rows) != 1) + 1
+        for a, b in zip([0, *cut.tolist()], [*cut.tolist(), len(rows)]):
+            n = (b - a) * self.row_bytes
+            buf = os.pread(self._fd, n, self.offset + int(rows[a]) * self.row_bytes)
+            if len(buf) != n:
+                raise OSError(f"{self.path}: short read at row {int(rows[a])}")
+            out[a:b] = np.frombuffer(buf, "<f2").reshape(b - a, *self.shape[1:])
+        return out
+
+    def keep(self, rows: np.ndarray, chunk: int = 4096) -> None:
+        """Keep only ``rows [M]`` (in that order), copied ``chunk`` rows at a time into a new
+        file that replaces this one; the file is closed afterwards."""
+        kept = ScoreFile(
+            self.path.with_name("kept-" + self.path.name), (len(rows), *self.shape[1:])
+        )
+        try:
+            for c in range(0, len(rows), chunk):
+                kept[np.arange(c, min(c + chunk, len(rows)))] = self.read(rows[c : c + chunk])
+        finally:
+            kept.close()
+            self.close()
+        kept.path.replace(self.path)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -401,7 +429,9 @@ class ScoreStore:
     (:meth:`~medal.workspace.Workspace.scores_dir`), keyed by image id; the only owner of
     their format::
 
-        probs.npy      [N, T, C] float16  one row per scored image (unreadable ones: zeros)
+        probs.npy      [N, T, C] float16  one row per scored image (N = M: the readable
+                                          ones; scores of older versions also kept zero
+                                          rows for the unreadable ones)
         features.npy   [N, D] float16     backbone features, same rows
         kept.npy       [M] int64          the rows of the M readable images
         ids.npy        [M] str            their image ids (with ``ids``)
@@ -439,8 +469,9 @@ class ScoreStore:
     def commit(
         self, kept: np.ndarray, ids: Sequence[str] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Put the written arrays in place with ``kept [M]`` (and the image ids of all N rows,
-        of which those of the kept rows are stored); returns read-only memory maps of
+        """Put the written arrays in place with ``kept [M]``, their rows of the readable
+        images (and the image ids of all N rows, of which those of the kept rows are
+        stored); returns read-only memory maps of
         probabilities ``[N, T, C]`` and features ``[N, D]``. The files from :meth:`allocate`
         must have been closed."""
         for name in ("probs", "features"):
@@ -539,19 +570,24 @@ class ScoreCollector:
         """The readable images' scores; with a store, they are committed there first (and
         marked complete with ``meta``, when given)."""
         kept = np.flatnonzero(self.ok)
+        ids = None if self.ids is None else np.array([self.ids[int(k)] for k in kept])
         if self.store is not None:
+            # the files keep the readable rows only, so nothing gathers them in memory
             for f in (self.probs, self.feats):
-                if isinstance(f, ScoreFile):
+                if isinstance(f, ScoreFile) and len(kept) < len(self.ok):
+                    f.keep(kept)
+                elif isinstance(f, ScoreFile):
                     f.close()
             del self.probs, self.feats
-            probs, feats = self.store.commit(kept, self.ids)
+            probs, feats = self.store.commit(
+                np.arange(len(kept)), None if ids is None else ids.tolist()
+            )
             if meta is not None:
                 self.store.write_meta(meta)
         else:
             probs, feats = cast(np.ndarray, self.probs), cast(np.ndarray, self.feats)
-        if len(kept) < len(self.ok):
-            probs, feats = probs[kept], feats[kept]
-        ids = None if self.ids is None else np.array([self.ids[int(k)] for k in kept])
+            if len(kept) < len(self.ok):
+                probs, feats = probs[kept], feats[kept]
         out = MCResult(probs, feats, kept, skipped, ids=ids)
         if self.best is not None:
             # positions in the dataset -> positions among the kept rows

@@ -73,8 +73,12 @@ def test_mc_predict_streams_to_float16_files_and_keeps_topk(tmp_path):
     assert r.kept.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10]
     assert list(r.skipped) == [bad]
     assert r.probs.shape == (10, 6, 2) and r.probs.dtype == np.float16
+    assert isinstance(r.probs, np.memmap) and isinstance(r.features, np.memmap)  # not copies
     on_disk = np.load(tmp_path / "scores" / "probs.npy")
-    assert on_disk.shape == (11, 6, 2)
+    assert on_disk.shape == (10, 6, 2)  # the readable rows only: never gathered in memory
+    assert np.array_equal(on_disk, r.probs) and np.load(
+        tmp_path / "scores" / "kept.npy"
+    ).tolist() == list(range(10))
     full = bald(np.asarray(r.probs, np.float32))
     expected = np.argsort(-full, kind="stable")[:4]
     # top-k was computed from float32 in the stream; stored probs are float16
