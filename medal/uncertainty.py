@@ -382,6 +382,28 @@ class ScoreFile:
         for a, b in zip([0, *cut.tolist()], [*cut.tolist(), len(rows)]):
             os.pwrite(self._fd, data[a:b].tobytes(), self.offset + int(rows[a]) * self.row_bytes)
 
+    @classmethod
+    def open(cls, path: Path) -> ScoreFile:
+        """A finished score file (float16 ``.npy``), opened to :meth:`read` rows from;
+        ``ValueError`` when it is not one or is truncated."""
+        self = cls.__new__(cls)
+        self.path, self._fd = path, -1
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+                version, np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran or dtype != np.float16 or not shape:
+            raise ValueError(f"{path}: not a score file ({dtype}, shape {shape})")
+        self.shape = tuple(shape)
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * 2
+        if path.stat().st_size < self.offset + shape[0] * self.row_bytes:
+            raise ValueError(f"{path}: truncated")
+        self._fd = os.open(path, os.O_RDONLY)
+        return self
+
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Rows ``rows [B]`` as float16 ``[B, *shape[1:]]``, one ``pread`` per run of
         consecutive rows."""
@@ -488,16 +510,17 @@ class ScoreStore:
         """Mark the scores complete, stating what they depend on (JSON-serialisable)."""
         (self.folder / "meta.json").write_text(json.dumps(meta))
 
-    def read(self, meta: dict[str, Any]) -> tuple[dict[str, int], np.ndarray, np.ndarray] | None:
-        """``({image id: row}, probs [N, T, C], features [N, D])`` (memory maps) when the
-        stored scores are complete and were made under ``meta``; ``None`` otherwise."""
+    def read(self, meta: dict[str, Any]) -> tuple[dict[str, int], ScoreFile, ScoreFile] | None:
+        """``({image id: row}, probs [N, T, C], features [N, D])`` (files to
+        :meth:`ScoreFile.read` rows from) when the stored scores are complete and were made
+        under ``meta``; ``None`` otherwise."""
         try:
             if json.loads((self.folder / "meta.json").read_text()) != json.loads(json.dumps(meta)):
                 return None
             ids = np.load(self.folder / "ids.npy")
             kept = np.load(self.folder / "kept.npy")
-            probs = np.load(self.folder / "probs.npy", mmap_mode="r")
-            feats = np.load(self.folder / "features.npy", mmap_mode="r")
+            probs = ScoreFile.open(self.folder / "probs.npy")
+            feats = ScoreFile.open(self.folder / "features.npy")
         except (OSError, ValueError):
             return None
         return {str(i): int(r) for i, r in zip(ids, kept)}, probs, feats
@@ -560,8 +583,8 @@ class ScoreCollector:
                 chunk = np.array(pairs[c : c + 4096], dtype=np.int64)
                 self(
                     chunk[:, 0],
-                    np.asarray(probs[chunk[:, 1]], np.float32),
-                    np.asarray(feats[chunk[:, 1]], np.float32),
+                    probs.read(chunk[:, 1]).astype(np.float32),
+                    feats.read(chunk[:, 1]).astype(np.float32),
                 )
             return len(pairs)
         return 0

@@ -176,6 +176,9 @@ def test_score_store_is_keyed_by_image_id(tmp_path):
     np.testing.assert_allclose(later.probs[[0, 2]], probs[[3, 0]], atol=1e-3)
     np.testing.assert_allclose(later.feats[[0, 2]], feats[[3, 0]], atol=1e-2)
     assert ScoreStore(tmp_path / "r2").read({"model": 1}) is None
+    stored = (tmp_path / "r1" / "features.npy").read_bytes()
+    (tmp_path / "r1" / "features.npy").write_bytes(stored[:-1])  # truncated: never reused
+    assert ScoreStore(tmp_path / "r1").read({"model": 1}) is None
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
