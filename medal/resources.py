@@ -184,10 +184,11 @@ def _in_flight(cfg: Config) -> int:
     return 2 * (1 + 2 * cfg.num_workers)
 
 
-POOL_ITEM_BYTES = 1024
-"""Host memory per pool image that any query holds whatever its batch: the image's entry in
-the pool's list (path, id, label), in the scored rows' ids and flags and in the feature
-store's index (bench_pool_scale.py: about 0.6 KB per image from 5,000 to 80,000 images)."""
+POOL_ITEM_BYTES = 2048
+"""Host memory per pool image that any query holds whatever its batch: the image's records
+read from the ledger and the folders, its entry in the pool's list (path, id, label), in the
+scored rows' ids and flags and in the feature store's index (scripts/bench_pool_scale.py: the
+default query's peak grew by 156 MiB, 2.2 KB per image, from 5,000 to 80,000 images)."""
 
 
 def _query_parts(
