@@ -57,7 +57,7 @@ class FeatureStore:
     temporary file that is never read::
 
         <folder>/
-            00000001-<random>.f32   one segment per computation (a query's new images)
+            00000001-<random>.f32   a query's new images, up to SEGMENT_ROWS per segment
             00000002-<random>.f32
             .<pid>-<random>.tmp     a segment being written (removed when a day old)
 
@@ -156,18 +156,22 @@ class FeatureStore:
 
 
 class FeatureWriter:
-    """Writes one segment of a :class:`FeatureStore`: ``with store.writer(D) as w:
-    w.write(ids, feats [B, D])`` a batch at a time; on leaving the block without an error the
-    segment is flushed to disk and renamed into place (and the store re-read), on an error it
-    is removed. Images already stored, or written earlier to this segment, are skipped."""
+    """Writes segments of a :class:`FeatureStore`: ``with store.writer(D) as w:
+    w.write(ids, feats [B, D])`` a batch at a time. Every :data:`SEGMENT_ROWS` images, and on
+    leaving the block without an error, the segment is flushed to disk and renamed into place
+    (so a crash loses at most the segment being written); on an error the unfinished segment
+    is removed. Images already stored, or written earlier by this writer, are skipped."""
 
     def __init__(self, store: FeatureStore, dim: int) -> None:
         self.store, self.dim = store, dim
-        self.ids: list[str] = []
         self._known = set(store._rows_of(dim))
         store.folder.mkdir(parents=True, exist_ok=True)
         _remove_stale(store.folder)
-        self.tmp = store.folder / f".{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+        self._start()
+
+    def _start(self) -> None:
+        self.ids: list[str] = []
+        self.tmp = self.store.folder / f".{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
         self._f = open(self.tmp, "wb")
 
     def write(self, ids: Sequence[str], feats: np.ndarray) -> None:
@@ -175,14 +179,20 @@ class FeatureWriter:
         feats = np.asarray(feats, dtype="<f4")
         if feats.shape != (len(ids), self.dim):
             raise ValueError(f"features {feats.shape} for {len(ids)} ids of width {self.dim}")
-        keep = [r for r, i in enumerate(ids) if i not in self._known]
-        for r in keep:
-            self._known.add(ids[r])
+        keep = []
+        for r, i in enumerate(ids):
+            if i not in self._known:
+                self._known.add(i)
+                keep.append(r)
         self.ids += [ids[r] for r in keep]
         self._f.write(np.ascontiguousarray(feats[keep]).tobytes())
+        if len(self.ids) >= SEGMENT_ROWS:
+            self._finish()
+            self._start()
 
-    def commit(self) -> None:
-        """Finish the segment and rename it into place (nothing when it holds no image)."""
+    def _finish(self) -> None:
+        """Write the footer, flush the segment to disk and rename it into place (or remove
+        it when it holds no image)."""
         footer = json.dumps(
             {"format": "medal-features", "version": 1, "dim": self.dim, "ids": self.ids}
         ).encode()
@@ -196,11 +206,17 @@ class FeatureWriter:
                 f"-{uuid.uuid4().hex[:8]}{SUFFIX}"
             )
         self.tmp.unlink(missing_ok=True)
+
+    def commit(self) -> None:
+        """Finish the last segment, and re-read the store."""
+        self._finish()
         self.store._scan()
 
     def abort(self) -> None:
+        """Remove the unfinished segment (finished ones stay), and re-read the store."""
         self._f.close()
         self.tmp.unlink(missing_ok=True)
+        self.store._scan()
 
     def __enter__(self) -> FeatureWriter:
         return self
@@ -212,6 +228,8 @@ class FeatureWriter:
             self.abort()
 
 
+SEGMENT_ROWS = 65536
+"""Images per segment at most (and one batch more): how much a crash mid-computation loses."""
 MAGIC = b"MEDALFT1"
 """The last 8 bytes of a feature segment."""
 SUFFIX, TMP_SUFFIX = ".f32", ".tmp"

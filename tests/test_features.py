@@ -93,28 +93,47 @@ def test_feature_segment_truncated_or_damaged_is_removed_never_read(tmp_path):
 
 def test_feature_segment_killed_mid_write_is_never_read(tmp_path):
     """A writer SIGKILLed after writing rows, before its segment is renamed into place,
-    leaves only a temporary file: the store reads as before, and a later writer removes the
-    temporary file once it is stale."""
+    leaves only a temporary file: the store reads what was finished before (the segments
+    already full, SEGMENT_ROWS images each), and a later writer removes the temporary file
+    once it is stale."""
     folder = tmp_path / "f"
     FeatureStore(folder).add(["a"], np.array([[1, 2]], np.float32))
     code = (
         "import os, signal, numpy as np\n"
-        "from medal.features import FeatureStore\n"
-        f"w = FeatureStore({str(folder)!r}).writer(2)\n"
-        "w.write(['b', 'c'], np.ones((2, 2), np.float32)); w._f.flush()\n"
+        "from medal import features\n"
+        "features.SEGMENT_ROWS = 2\n"
+        f"w = features.FeatureStore({str(folder)!r}).writer(2)\n"
+        "w.write(['b', 'c'], np.ones((2, 2), np.float32))\n"  # a full segment: finished
+        "w.write(['d'], np.zeros((1, 2), np.float32)); w._f.flush()\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     r = subprocess.run([sys.executable, "-c", code], env=env)
     assert r.returncode == -signal.SIGKILL
     (tmp,) = folder.glob(".*.tmp")
-    assert tmp.stat().st_size == 16  # the two rows, no footer
+    assert tmp.stat().st_size == 8  # the row of d, no footer
     store = FeatureStore(folder)
-    assert store.found(["a", "b", "c"], 2).tolist() == [True, False, False]
-    assert store.read(["a"], 2).tolist() == [[1, 2]]
+    assert store.found(["a", "b", "c", "d"], 2).tolist() == [True, True, True, False]
+    assert store.read(["c", "a"], 2).tolist() == [[1, 1], [1, 2]]
     os.utime(tmp, (0, 0))  # a day old: a crashed writer's
-    store.add(["b"], np.array([[3, 4]], np.float32))
-    assert not tmp.exists() and FeatureStore(folder).read(["b"], 2).tolist() == [[3, 4]]
+    store.add(["d"], np.array([[3, 4]], np.float32))
+    assert not tmp.exists() and FeatureStore(folder).read(["d"], 2).tolist() == [[3, 4]]
+
+
+def test_feature_writer_finishes_a_segment_every_segment_rows(tmp_path, monkeypatch):
+    from medal import features
+
+    monkeypatch.setattr(features, "SEGMENT_ROWS", 3)
+    store = FeatureStore(tmp_path / "f")
+    feats = np.arange(14, dtype=np.float32).reshape(7, 2)
+    ids = list("abcdefg")
+    with store.writer(2) as w:
+        w.write(ids[:2], feats[:2])
+        w.write([*ids[2:4], "a"], np.concatenate([feats[2:4], feats[6:]]))  # a: kept as first
+        w.write(ids[4:], feats[4:])
+    sizes = [len(s.ids) for s in FeatureStore(tmp_path / "f")._segments]
+    assert sizes == [4, 3]  # a segment is finished once it holds 3 or more
+    assert np.array_equal(store.read(ids[::-1], 2), feats[::-1])
 
 
 def test_old_single_file_cache_is_converted_or_rebuilt(tmp_path):
