@@ -63,10 +63,12 @@ class FeatureStore:
 
     A segment is ``rows [n, D] float32`` (little-endian, row by row), then a UTF-8 JSON footer
     ``{"format": "medal-features", "version": 1, "dim": D, "ids": [n image ids]}``, then the
-    footer's length (8 bytes, little-endian) and :data:`MAGIC`. A segment whose size does not
-    match its footer (truncated, damaged) is removed when the store is opened: its images'
-    features are computed again, never read wrong. An image in several segments (processes
-    that computed it at the same time) is read from the first, in the order of the names.
+    footer's length (8 bytes, little-endian) and :data:`MAGIC`. A segment cut short, or whose
+    size does not match its footer, tail or magic, is removed when the store is opened: its
+    images' features are computed again, never read from it. (The rows carry no checksum,
+    like the decode cache's and the scores' files: bytes changed in place are not noticed.)
+    An image in several segments (processes that computed it at the same time) is read from
+    the first, in the order of the names.
 
     Rows are read with ``pread`` a batch at a time: the file's pages stay in the operating
     system's page cache, outside the process's resident memory, so scoring a pool of any size
