@@ -188,7 +188,8 @@ POOL_ITEM_BYTES = 2048
 """Host memory per pool image that any query holds whatever its batch: the image's records
 read from the ledger and the folders, its entry in the pool's list (path, id, label), in the
 scored rows' ids and flags and in the feature store's index (scripts/bench_pool_scale.py: the
-default query's peak grew by 156 MiB, 2.2 KB per image, from 5,000 to 80,000 images)."""
+default query's peak grew by 77 to 157 MiB, 1.1 to 2.2 KB per image, from 5,000 to 80,000
+images in two runs)."""
 
 
 def _query_parts(
