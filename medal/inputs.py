@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .config import Config
 from .data import ImageDataset, load_all
 from .errors import ModelError
-from .features import FeatureCache, backbone_key, stream_features
+from .features import FeatureStore, backbone_key, iter_features, open_feature_store
 from .models import MCModel
 from .poolstore import stored_images
 from .representation import SSLSettings, StepPlan, load_cached, pretrain_and_cache
@@ -206,31 +206,50 @@ def _short(p: Path) -> str:
     return f"{p.parent.name}/{p.name[:12]}…"
 
 
-@torch.no_grad()
-def frozen_features(
-    ws: Workspace, cfg: Config, model: MCModel, items: list[Item], device: torch.device
-) -> tuple[np.ndarray, np.ndarray, dict[Path, str]]:
-    """Backbone features of ``items`` under a frozen backbone, from the workspace's feature
-    cache; the images not in it are decoded, passed through the backbone once and cached.
-    Returns ``(features [N, D] float32, found [N] bool, {path: reason} unreadable)``."""
+def feature_key(cfg: Config, model: MCModel) -> str:
+    """The key of ``model``'s frozen-backbone features: its backbone's weights, the image
+    settings and the feature stages."""
     # "last" features keep the key they had before model.features existed
-    key = backbone_key(
+    return backbone_key(
         model.backbone,
         [cfg.model.channels, cfg.model.image_size, cfg.image.window, cfg.image.frame]
         + ([f"stages={model.stages}"] if model.stages else []),
     )
-    cache = FeatureCache(ws.feature_cache_path(key))
-    ids = [it.id for it in items]
-    feats, found = cache.lookup(ids, model.feature_dim)
+
+
+@torch.no_grad()
+def frozen_feature_store(
+    ws: Workspace, cfg: Config, model: MCModel, items: list[Item], device: torch.device
+) -> tuple[FeatureStore, np.ndarray, dict[Path, str]]:
+    """The workspace's store of ``model``'s frozen-backbone features, holding those of every
+    readable image of ``items``: the images not in it yet are decoded, passed through the
+    backbone a batch at a time and written to it as they come, so memory holds one batch
+    whatever the pool size. Returns ``(store, found [N] bool, {path: reason} unreadable)``;
+    read the features with ``store.read(ids, model.feature_dim)``."""
+    store = open_feature_store(ws.feature_cache_path(feature_key(cfg, model)))
+    dim = model.feature_dim
+    found = store.found([it.id for it in items], dim)
     skipped: dict[Path, str] = {}
     missing = np.flatnonzero(~found)
-    if len(missing):  # streamed a batch at a time: memory does not grow with the pool
+    if len(missing):
         todo = [items[i] for i in missing]
-        new, kept, bad = stream_features(
-            model, image_dataset(cfg, todo), device, num_workers=cfg.num_workers
-        )
-        skipped = {todo[j].path: r for j, r in bad.items()}
-        feats[missing[kept]] = new
-        found[missing[kept]] = True
-        cache.add([todo[j].id for j in kept], new)
+        with store.writer(dim) as w:
+            for new, kept, bad in iter_features(
+                model, image_dataset(cfg, todo), device, num_workers=cfg.num_workers
+            ):
+                skipped |= {todo[j].path: r for j, r in bad.items()}
+                w.write([todo[j].id for j in kept], new)
+                found[missing[kept]] = True
+    return store, found, skipped
+
+
+def frozen_features(
+    ws: Workspace, cfg: Config, model: MCModel, items: list[Item], device: torch.device
+) -> tuple[np.ndarray, np.ndarray, dict[Path, str]]:
+    """Backbone features of ``items`` under a frozen backbone, from the workspace's feature
+    store (:func:`frozen_feature_store`), gathered: ``(features [N, D] float32, found [N]
+    bool, {path: reason} unreadable)``. Holds ``[N, D]``: for semi-supervised training, which
+    needs every pool feature at once; scoring reads the store a batch at a time instead."""
+    store, found, skipped = frozen_feature_store(ws, cfg, model, items, device)
+    feats, _ = store.lookup([it.id for it in items], model.feature_dim)
     return feats, found, skipped

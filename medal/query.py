@@ -37,7 +37,7 @@ from .inputs import (
     _load,
     model_from,
     record_skipped,
-    frozen_features,
+    frozen_feature_store,
     pretrained_backbone,
     round_seed,
     start_model,
@@ -215,7 +215,10 @@ def plan(
     refuse_pending(ws)
     snap = sync(ws)
     zero_label = not snap.labelled and not ws.db.models()
-    check_query_memory(cfg, len(snap.pool), len(snap.labelled), device, zero_label=zero_label)
+    top_k = not zero_label and _how(cfg, snap)[0] == "top-k"  # only k scores held
+    check_query_memory(
+        cfg, len(snap.pool), len(snap.labelled), device, zero_label=zero_label, top_k=top_k
+    )
     if zero_label:
         return zero_label_query(ws, cfg, snap, device, progress)
     rec = current_model_record(ws)
@@ -396,13 +399,14 @@ def _score_frozen(
     sink: Sink,
 ) -> dict[Path, str]:
     """Head-only MC scoring under a frozen backbone: every image's features come from the
-    workspace's feature cache (the images not in it are decoded and passed through the
-    backbone once, then cached), and only the head is sampled (or, ``query.posterior =
-    "ensemble"``, the K ensemble heads give the samples: :func:`posterior_samples`).
-    ``sink(rows, probs [B, T, C], features [B, D])`` as for :func:`score_batches`; returns
-    the unreadable files."""
-    q = cfg.query
-    feats, found, skipped = frozen_features(ws, cfg, model, items, device)
+    workspace's feature store (the images not in it are decoded and passed through the
+    backbone once, then stored), read a batch of ``query.batch_size`` at a time, and only the
+    head is sampled (or, ``query.posterior = "ensemble"``, the K ensemble heads give the
+    samples: :func:`posterior_samples`): memory holds one batch of features, whatever the
+    pool size. ``sink(rows, probs [B, T, C], features [B, D])`` as for :func:`score_batches`;
+    returns the unreadable files."""
+    q, dim = cfg.query, model.feature_dim
+    store, found, skipped = frozen_feature_store(ws, cfg, model, items, device)
     rows = np.flatnonzero(found)
     set_mc_mode(model)
     for b in tqdm(
@@ -413,9 +417,10 @@ def _score_frozen(
         disable=not progress,
     ):
         r = rows[b * q.batch_size : (b + 1) * q.batch_size]
+        feats = store.read([items[i].id for i in r], dim)  # one batch, never [N, D]
         torch.manual_seed(batch_seed(seed, b))
-        f = torch.from_numpy(feats[r]).to(device)
-        sink(r, posterior_samples(model, f, q).float().cpu().numpy(), feats[r])
+        f = torch.from_numpy(feats).to(device)
+        sink(r, posterior_samples(model, f, q).float().cpu().numpy(), feats)
     return skipped
 
 

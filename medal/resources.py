@@ -10,9 +10,10 @@ model on PyTorch's ``meta`` device (shapes only).
 
 Three commands are estimated, each before it loads an image: training
 (:func:`check_training_memory`), scoring the pool (:func:`check_query_memory`: a batch of
-images and its activations at a time, the scores and features of the whole pool for
-selection) and self-supervised pretraining (:func:`check_pretraining_memory`: the images are
-streamed, a few batches in memory at a time, and two views of a batch keep their activations).
+images and its activations at a time, the pool's list, and the scores and features of the
+whole pool where the selection needs them all) and self-supervised pretraining
+(:func:`check_pretraining_memory`: the images are streamed, a few batches in memory at a
+time, and two views of a batch keep their activations).
 
 The estimate is compared with the memory available: ``MemAvailable`` from ``/proc/meminfo``
 and, inside a container, the room left under its cgroup limit; where neither is known (not
@@ -183,8 +184,21 @@ def _in_flight(cfg: Config) -> int:
     return 2 * (1 + 2 * cfg.num_workers)
 
 
+POOL_ITEM_BYTES = 2048
+"""Host memory per pool image that any query holds whatever its batch: the image's records
+read from the ledger and the folders, its entry in the pool's list (path, id, label), in the
+scored rows' ids and flags and in the feature store's index (scripts/bench_pool_scale.py: the
+default query's peak grew by 77 to 157 MiB, 1.1 to 2.2 KB per image, from 5,000 to 80,000
+images in two runs)."""
+
+
 def _query_parts(
-    cfg: Config, n_pool: int, n_labelled: int, device: torch.device, zero_label: bool
+    cfg: Config,
+    n_pool: int,
+    n_labelled: int,
+    device: torch.device,
+    zero_label: bool,
+    top_k: bool = False,
 ) -> tuple[list[tuple[str, float]], float, int, float]:
     """What scoring holds in host memory, as (what, bytes) parts; the bytes per image of
     ``query.batch_size`` (0 where the batch size does not matter), the replicas of a batch in
@@ -210,8 +224,6 @@ def _query_parts(
                 batch * (_in_flight(cfg) * image + on_cpu * infer_act),
             )
         )
-        if not zero_label:  # looked up, streamed, gathered and added to the feature cache
-            parts.append((f"backbone features of {n_pool} images", 4 * 4 * n_pool * dim))
     else:
         batch = min(q.batch_size, n_pool)
         if mode == "full":
@@ -225,10 +237,12 @@ def _query_parts(
                 batch * per_image,
             )
         )
+    parts.append((f"the list of {n_pool} pool images", POOL_ITEM_BYTES * n_pool))
     if zero_label:
         parts.append((f"features of {n_pool} images", 2 * 4 * n_pool * dim))
-    else:  # counted for every strategy: a cold start selects from all of them too
-        parts.append((f"scores of {n_pool} images", 4 * n_pool * (T * C + 2 * dim)))
+    else:
+        if not top_k:  # a selection from every score: features and scores of the whole pool
+            parts.append((f"scores of {n_pool} images", 4 * n_pool * (T * C + 2 * dim)))
         if q.cold_start != "off" or get_strategy(q.strategy).needs_labelled_features:
             loading = min(LOAD_BATCH, n_labelled) * _in_flight(cfg)
             parts.append((f"{n_labelled} labelled images held", (n_labelled + loading) * image))
@@ -236,8 +250,42 @@ def _query_parts(
     return parts, per_image, calls, infer_act
 
 
+def _batch_fixes(
+    cfg: Config,
+    n_pool: int,
+    need: float,
+    free: float,
+    per_image: float,
+    calls: int,
+    infer_act: float,
+) -> list[str]:
+    """The ``query.batch_size`` (or ``query.max_batch_items``) settings that would fit."""
+    q = cfg.query
+    if not per_image:
+        return []
+    fixed = need - min(q.batch_size, n_pool) * per_image
+    batch = _power_of_two_below((HEADROOM * free - fixed) / per_image)
+    if batch:
+        return [f"query.batch_size = {batch}"]
+    if calls > 1:  # one replica per call: query.max_batch_items = 0 (auto) on the CPU
+        one = per_image - (calls - 1) * infer_act
+        batch = _power_of_two_below((HEADROOM * free - fixed) / one)
+        if batch:
+            return [
+                "query.max_batch_items = 0"
+                + (f" and query.batch_size = {batch}" if batch < q.batch_size else "")
+            ]
+    return []
+
+
 def check_query_memory(
-    cfg: Config, n_pool: int, n_labelled: int, device: torch.device, *, zero_label: bool = False
+    cfg: Config,
+    n_pool: int,
+    n_labelled: int,
+    device: torch.device,
+    *,
+    zero_label: bool = False,
+    top_k: bool = False,
 ) -> None:
     """Raise :class:`ConfigError` (one line with the estimate, the memory available and a
     ``query.batch_size`` or ``model.image_size`` that fits) when scoring a pool of ``n_pool``
@@ -247,16 +295,15 @@ def check_query_memory(
     loader's prefetching: two per worker, and the gathered copy), the activations of one
     forward call on the CPU (``query.batch_size`` images, or up to ``query.max_batch_items``
     replicas of them in full-network sampling; on CUDA a batch that does not fit is halved
-    while scoring, so GPU memory is not estimated), the scores of the whole pool in float32
-    (``[N, T, C]``, and ``[N, D]`` twice) as a selection from all of them needs (counted for
-    every strategy: a cold start does so too), the ``n_labelled`` labelled images where the
-    strategy needs their features (coreset, typiclust) or a cold start embeds them. Where a
-    frozen backbone's features are computed (counted even where the feature cache already
-    holds them) or a ``zero_label`` first round embeds the pool, the pool is streamed:
-    batches of :data:`~medal.features.FEATURE_BATCH` images and their activations, and the
-    features of the whole pool (a few copies while they are gathered and cached).
-    :func:`check_pretraining_memory` covers a zero-label round's pretraining.
-    """
+    while scoring, so GPU memory is not estimated), the pool's list (:data:`POOL_ITEM_BYTES`
+    per image), the scores of the whole pool in float32 (``[N, T, C]``, ``[N, D]`` twice)
+    unless the round is the streaming ``top_k`` of a per-image score, the ``n_labelled``
+    labelled images where the strategy needs their features (coreset, typiclust) or a cold
+    start embeds them. A frozen backbone's features (counted even where the feature store
+    holds them) and a ``zero_label`` first round's stream the pool: batches of
+    :data:`~medal.features.FEATURE_BATCH` images and their activations, and for the zero-label
+    TypiClust the features of the whole pool. :func:`check_pretraining_memory` covers a
+    zero-label round's pretraining."""
     if _check_off():
         return
     if zero_label and cfg.representation.method == "none":
@@ -264,25 +311,14 @@ def check_query_memory(
     free = available_memory()
     if free is None or n_pool == 0:
         return
-    parts, per_image, calls, infer_act = _query_parts(cfg, n_pool, n_labelled, device, zero_label)
+    parts, per_image, calls, infer_act = _query_parts(
+        cfg, n_pool, n_labelled, device, zero_label, top_k
+    )
     need = sum(b for _, b in parts)
     if need <= HEADROOM * free:
         return
-    m, q = cfg.model, cfg.query
-    fixes = []
-    if per_image:
-        fixed = need - min(q.batch_size, n_pool) * per_image
-        batch = _power_of_two_below((HEADROOM * free - fixed) / per_image)
-        if batch:
-            fixes.append(f"query.batch_size = {batch}")
-        elif calls > 1:  # one replica per call: query.max_batch_items = 0 (auto) on the CPU
-            one = per_image - (calls - 1) * infer_act
-            batch = _power_of_two_below((HEADROOM * free - fixed) / one)
-            if batch:
-                fixes.append(
-                    "query.max_batch_items = 0"
-                    + (f" and query.batch_size = {batch}" if batch < q.batch_size else "")
-                )
+    m = cfg.model
+    fixes = _batch_fixes(cfg, n_pool, need, free, per_image, calls, infer_act)
     fixes.append(f"model.image_size = {_image_size_that_fits(cfg, need, free)}")
     what = "choose the first round" if zero_label else "score the pool"
     shown = (

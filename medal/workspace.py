@@ -211,9 +211,9 @@ class Workspace:
         return self.cache_dir / "representation" / f"{key}.pt"
 
     def feature_cache_path(self, key: str) -> Path:
-        """Backbone features of images under a frozen backbone (:mod:`medal.features`);
+        """The folder of a frozen backbone's image features (:class:`medal.features.FeatureStore`);
         under ``cache/`` for the same reason as :meth:`representation_path`."""
-        return self.cache_dir / "features" / f"{key}.pt"
+        return self.cache_dir / "features" / key
 
     @property
     def tensorboard_root(self) -> Path:

@@ -152,7 +152,7 @@ def test_config_errors_name_the_keys(tmp_path, over, match):
 def test_query_after_train_scores_with_the_checkpoints_members(tmp_path, tiny_data):
     """medal train then medal query: the checkpoint holds the K heads, and the stored scores
     are their softmax outputs [N, K, C] on the pool's cached features."""
-    from medal.features import FeatureCache
+    from medal.features import FeatureStore
     from medal.inputs import model_from
 
     cfg_path = write_config(tmp_path)
@@ -178,8 +178,8 @@ def test_query_after_train_scores_with_the_checkpoints_members(tmp_path, tiny_da
     assert probs.shape == (40, 3, 2)
     cfg = load_config(cfg_path, ENSEMBLE)
     model = model_from(cfg, ck)
-    (cache,) = (ws / "cache" / "features").glob("*.pt")
-    feats, found = FeatureCache(cache).lookup(ids, model.feature_dim)
+    (cache,) = [d for d in (ws / "cache" / "features").iterdir() if d.is_dir()]
+    feats, found = FeatureStore(cache).lookup(ids, model.feature_dim)
     assert found.all()
     want = member_samples(model, torch.from_numpy(feats)).numpy()
     kept = np.load(scores / "kept.npy")

@@ -160,11 +160,31 @@ def test_frozen_backbone_and_zero_label_stream_the_pool(tmp_path, monkeypatch):
     assert 8 <= size < 512
     fits = load_config(cfg_path, {"model.image_size": size, "train.freeze_backbone": True})
     resources.check_query_memory(fits, 20_000, 100, CPU)
-    # what does grow with the pool is still counted: its features (and scores)
-    with pytest.raises(ConfigError, match=r"backbone features of 30000000 images \d+\.\d GB"):
-        resources.check_query_memory(frozen, 30_000_000, 100, CPU)
+    # what does grow with the pool is still counted: its list, and scores where all are held
+    with pytest.raises(ConfigError, match=r"the list of 30000000 pool images \d+\.\d GB"):
+        resources.check_query_memory(frozen, 30_000_000, 100, CPU, top_k=True)
+    with pytest.raises(ConfigError, match=r"scores of 10000000 images \d+\.\d GB"):
+        resources.check_query_memory(frozen, 10_000_000, 100, CPU)
     with pytest.raises(ConfigError, match=r"not enough memory to choose the first round"):
         resources.check_query_memory(zero, 100_000_000, 0, CPU, zero_label=True)
+
+
+def test_frozen_top_k_query_estimate_grows_only_by_the_pool_list(tmp_path):
+    """A frozen backbone's head-only top-k query (the defaults) reads features from the
+    store a batch at a time and keeps k scores: from 100,000 to 1,000,000 images its
+    estimate grows by the pool's list alone (the features of the pool, 16 * D bytes per
+    image before the store, are no longer counted). A strategy that selects from every
+    score still counts them."""
+    cfg = load_config(write_config(tmp_path), {"train.freeze_backbone": True})
+    dim = 32 + 64 + 128
+
+    def need(n: int, top_k: bool) -> float:
+        return sum(b for _, b in resources._query_parts(cfg, n, 10, CPU, False, top_k)[0])
+
+    assert need(1_000_000, True) - need(100_000, True) == resources.POOL_ITEM_BYTES * 900_000
+    T, C = cfg.query.mc_samples, len(cfg.classes)
+    grows = need(1_000_000, False) - need(100_000, False)
+    assert grows == (resources.POOL_ITEM_BYTES + 4 * (T * C + 2 * dim)) * 900_000
 
 
 # --- training -------------------------------------------------------------------------------

@@ -73,8 +73,12 @@ def test_mc_predict_streams_to_float16_files_and_keeps_topk(tmp_path):
     assert r.kept.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10]
     assert list(r.skipped) == [bad]
     assert r.probs.shape == (10, 6, 2) and r.probs.dtype == np.float16
+    assert isinstance(r.probs, np.memmap) and isinstance(r.features, np.memmap)  # not copies
     on_disk = np.load(tmp_path / "scores" / "probs.npy")
-    assert on_disk.shape == (11, 6, 2)
+    assert on_disk.shape == (10, 6, 2)  # the readable rows only: never gathered in memory
+    assert np.array_equal(on_disk, r.probs) and np.load(
+        tmp_path / "scores" / "kept.npy"
+    ).tolist() == list(range(10))
     full = bald(np.asarray(r.probs, np.float32))
     expected = np.argsort(-full, kind="stable")[:4]
     # top-k was computed from float32 in the stream; stored probs are float16
@@ -172,6 +176,9 @@ def test_score_store_is_keyed_by_image_id(tmp_path):
     np.testing.assert_allclose(later.probs[[0, 2]], probs[[3, 0]], atol=1e-3)
     np.testing.assert_allclose(later.feats[[0, 2]], feats[[3, 0]], atol=1e-2)
     assert ScoreStore(tmp_path / "r2").read({"model": 1}) is None
+    stored = (tmp_path / "r1" / "features.npy").read_bytes()
+    (tmp_path / "r1" / "features.npy").write_bytes(stored[:-1])  # truncated: never reused
+    assert ScoreStore(tmp_path / "r1").read({"model": 1}) is None
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
