@@ -8,6 +8,7 @@ random cut of it) with every label given, test AUROC on the official test split:
   :mod:`medal.finetune`);
 * ``auto``: the probe, fine-tuned as ``lpft`` only once every class has
   ``train.finetune_min_per_class`` labels (``train.finetune = "auto"``);
+* ``mix``: the ``frozen`` and ``whole`` models trained apart, their probabilities averaged;
 * ``whole``: whole-network training from random weights, the defaults before 0.2
   (``representation.method = "none"``, ``model.hidden = 128``, 20 % of the labels held out,
   stratified, to choose the best epoch: the honest protocol has no other validation set).
@@ -62,6 +63,7 @@ ARMS = (
     "lpft-lr1-e30",
     "auto-lr1-bn",
     "auto-lr1-e30",
+    "mix",
 )
 COMMON = {
     "device": "cpu",
@@ -79,6 +81,7 @@ ARM_SETTINGS: dict[str, dict[str, object]] = {
     "lpft": {"train.finetune": "always"},
     "auto": {"train.finetune": "auto"},
     "whole": WHOLE,
+    "mix": {},  # frozen and whole trained apart, their probabilities averaged (arm_probs)
     **{
         f"{mode}-lr{tag}": {"train.finetune": rule, "train.finetune_lr_scale": scale}
         for mode, rule in (("lpft", "always"), ("auto", "auto"))
@@ -196,6 +199,33 @@ def run_arm(
     return model
 
 
+def arm_probs(
+    arm: str,
+    cfg: Config,
+    conf: Path,
+    over: dict[str, object],
+    x: torch.Tensor,
+    y: np.ndarray,
+    bb: Path,
+    seed: int,
+    *sets: torch.Tensor,
+) -> list[np.ndarray]:
+    """Class probabilities ``[N, C]`` of one arm's model on each of ``sets``. ``mix``: the mean
+    of the ``frozen`` and ``whole`` arms' probabilities (two models trained as those arms)."""
+    cpu = torch.device("cpu")
+    if arm != "mix":
+        model = run_arm(arm, cfg, x, y, bb, seed)
+        return [predict_deterministic(model, xs, cpu) for xs in sets]
+    parts = []
+    for part in ("frozen", "whole"):
+        c = dataclasses.replace(
+            load_config(conf, {**COMMON, **ARM_SETTINGS[part], **over}), seed=seed
+        )
+        model = run_arm(part, c, x, y, bb, seed)
+        parts.append([predict_deterministic(model, xs, cpu) for xs in sets])
+    return [(a + b) / 2 for a, b in zip(*parts, strict=True)]
+
+
 def commit() -> str:
     r = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -246,12 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                 extra = ARM_SETTINGS[arm]
                 cfg = dataclasses.replace(load_config(conf, {**COMMON, **extra, **over}), seed=seed)
                 t0 = time.perf_counter()
-                model = run_arm(arm, cfg, x[pick], y[pick], bb, seed)
+                probs = arm_probs(arm, cfg, conf, over, x[pick], y[pick], bb, seed, x_test, x_val)
                 auc, val_auc = (
-                    classification_metrics(
-                        yy, predict_deterministic(model, xx, torch.device("cpu")), len(cfg.classes)
-                    )["auroc"]
-                    for xx, yy in ((x_test, y_test), (x_val, y_val))
+                    classification_metrics(yy, pp, len(cfg.classes))["auroc"]
+                    for pp, yy in zip(probs, (y_test, y_val), strict=True)
                 )
                 row = {
                     "dataset": a.dataset,
