@@ -21,7 +21,7 @@ from .errors import DataError, WorkspaceError
 from .faults import crash_point
 from .fitting import FitResult
 from .inputs import (
-    _load,
+    load_items,
     backbone_job,
     pretraining_images,
     record_skipped,
@@ -197,11 +197,11 @@ class _TrainData:
 
     @staticmethod
     def load(cfg: Config, plan: _TrainPlan) -> _TrainData:
-        x, y, items, skipped = _load(cfg, plan.labelled)
+        x, y, items, skipped = load_items(cfg, plan.labelled)
         if len(items) == 0:
             raise DataError("none of the labelled images could be read; see 'medal status'")
-        xv, yv, _, sk_v = _load(cfg, plan.validation)
-        xt, yt, _, sk_t = _load(cfg, plan.test)
+        xv, yv, _, sk_v = load_items(cfg, plan.validation)
+        xt, yt, _, sk_t = load_items(cfg, plan.test)
         return _TrainData(x, y, items, (xv, yv), (xt, yt), skipped | sk_v | sk_t)
 
 

@@ -37,7 +37,12 @@ ROUND_POINTS: tuple[str, ...] = (
 )
 """Where ``medal round`` (train, then query and export) can be killed."""
 
-POINTS: tuple[str, ...] = INGEST_POINTS + ROUND_POINTS
+STORE_POINTS: tuple[str, ...] = (
+    "poolstore.filling",  # a pool store's temporary folder holds a partly written images.npy
+)
+"""Where filling a pretraining pool store (:mod:`medal.poolstore`) can be killed."""
+
+POINTS: tuple[str, ...] = INGEST_POINTS + ROUND_POINTS + STORE_POINTS
 
 
 def crash_point(name: str) -> None:

@@ -55,9 +55,12 @@ def image_dataset(cfg: Config, items: list[Item]) -> ImageDataset:
     )
 
 
-def _load(
+def load_items(
     cfg: Config, items: list[Item]
 ) -> tuple[torch.Tensor, np.ndarray, list[Item], dict[Path, str]]:
+    """Decode ``items`` (through the decode cache when ``image.cache``): ``(x [N, C, S, S],
+    y [N] class indices (empty when the items carry no label), the N readable items,
+    {path: reason} for the unreadable)``. Holds the whole set: for labelled sets, not pools."""
     cache = _cache_dir(cfg)
     x, kept, skipped = load_all(
         [it.path for it in items],

@@ -36,8 +36,22 @@ import numpy as np
 import torch
 
 from .data import DecodeCache, ImageDataset, make_loader
+from .faults import crash_point
 
 STORE_DTYPE = np.dtype(np.float16)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
 """The stored dtype: float16 is exactly what the decode cache keeps, so results are unchanged."""
 
 _IMAGES, _REASONS = "images.npy", "reasons.json"
@@ -136,6 +150,7 @@ class PoolStore:
         """Decode the set (through the decode cache) a batch at a time into a new store, and
         rename it into place; another process's finished store is kept if it won the race."""
         ds = self.ds
+        self._remove_dead_fills()
         tmp = self.folder.with_name(f".{self.folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         tmp.mkdir(parents=True)
         try:
@@ -149,12 +164,28 @@ class PoolStore:
                 np.lib.format.write_array_header_1_0(f, header)
                 for x, idx, why in make_loader(ds, batch_size, num_workers):
                     f.write(x.to(torch.float16).numpy().tobytes())
+                    crash_point("poolstore.filling")
                     reasons |= {str(j): r for j, r in zip(idx.tolist(), why) if r}
             (tmp / _REASONS).write_text(json.dumps(reasons), encoding="utf-8")
             self._place(tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return StoredImages(self.folder)
+
+    def _remove_dead_fills(self) -> None:
+        """Remove what killed fills of this set left beside it: temporary folders
+        (``.<set>.<pid>.<hex>``) whose process is gone, and folders moved aside
+        (``.<set>.<hex>.old``). A live process's temporary folder is left alone."""
+        prefix = f".{self.folder.name}."
+        if not self.folder.parent.is_dir():
+            return
+        for p in self.folder.parent.iterdir():
+            if not p.name.startswith(prefix):
+                continue
+            rest = p.name[len(prefix) :].split(".")
+            dead = len(rest) == 2 and rest[0].isdigit() and not _alive(int(rest[0]))
+            if dead or (len(rest) == 2 and rest[1] == "old"):
+                shutil.rmtree(p, ignore_errors=True)
 
     def _place(self, filled: Path) -> None:
         """Rename the folder ``filled`` into place. A good store already there (another

@@ -34,7 +34,7 @@ from .faults import crash_point
 from .features import stream_features
 from .inputs import (
     image_dataset,
-    _load,
+    load_items,
     model_from,
     record_skipped,
     frozen_feature_store,
@@ -446,7 +446,7 @@ def _merge(
         raise ValueError("the pool's scores carry no image ids")
     labelled = None
     if _needs_labelled_features(cfg, plan.how):
-        xl, _, _, _ = _load(cfg, main.snap.labelled)
+        xl, _, _, _ = load_items(cfg, main.snap.labelled)
         _, labelled = mc_predict_tensors(main.model, xl, 2, device=device, seed=seed)
     top = None
     if mc.top_index is not None and mc.top_scores is not None:

@@ -206,6 +206,43 @@ def test_pool_store_filled_by_two_processes_at_once(tmp_path):
     assert torch.equal(found.rows(0, 30), torch.stack([ds[i][0] for i in range(30)]))
 
 
+def test_pool_store_fill_killed_midway_is_cleaned_up_by_the_next_fill(tmp_path):
+    """A fill killed with SIGKILL (a real process, at the faults point after its first batch)
+    leaves its temporary folder; the next fill removes it, keeps a live process's, and the
+    store it writes is complete."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from medal.faults import ENV
+    from medal.poolstore import PoolStore, stored_images
+
+    paths, ids = _pool(tmp_path, n=12, broken=())
+    cache = tmp_path / "cache"
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from medal.data import ImageDataset\n"
+        "from medal.poolstore import stored_images\n"
+        "paths=[Path(p) for p in sys.argv[2].split(',')]; ids=sys.argv[3].split(',')\n"
+        "ds=ImageDataset(paths, channels=1, size=8, ids=ids, cache_dir=Path(sys.argv[1]))\n"
+        "stored_images(ds, Path(sys.argv[1]), batch_size=4)\n"
+    )
+    args = [sys.executable, "-c", script, str(cache), ",".join(map(str, paths)), ",".join(ids)]
+    env = {**os.environ, ENV: "poolstore.filling"}
+    proc = subprocess.run(args, cwd=str(Path(__file__).parents[1]), env=env, timeout=120)
+    assert proc.returncode == -9  # killed at the point
+    ds = ImageDataset(paths, channels=1, size=8, ids=ids, cache_dir=cache)
+    store = PoolStore(cache, ds)
+    (left,) = [p for p in store.folder.parent.iterdir() if p.name.startswith(".")]
+    assert store.open() is None and (left / "images.npy").is_file()
+    live = store.folder.with_name(f".{store.folder.name}.{os.getpid()}.abcd1234")
+    live.mkdir()
+    filled = stored_images(ds, cache)
+    assert not left.exists() and live.is_dir()
+    assert torch.equal(filled.rows(0, 12), torch.stack([ds[i][0] for i in range(12)]))
+
+
 def test_load_all_holds_the_set_once(tmp_path):
     """Peak memory of load_all over 600 images at 128 px (39 MB as float32) grows by about
     the set once, not twice (gathering the batches, then concatenating them)."""

@@ -162,11 +162,11 @@ def test_query_with_each_strategy_kind(tmp_path, tiny_data, strategy):
         exported = [s.image_id for s in ws.db.selections(1)]
         labelled = None
         if acquisition.get_strategy(strategy).needs_labelled_features:
-            from medal.api import _load, load_round_model
+            from medal.api import load_items, load_round_model
             from medal.uncertainty import mc_predict_tensors
 
             model, _ = load_round_model(ws, cfg)
-            xl, _, _, _ = _load(cfg, sync(ws).labelled)
+            xl, _, _, _ = load_items(cfg, sync(ws).labelled)
             _, labelled = mc_predict_tensors(
                 model, xl, 2, device=torch.device("cpu"), seed=cfg.seed * 1000 + 1
             )

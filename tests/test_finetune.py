@@ -139,7 +139,7 @@ def test_fine_tuning_leaves_the_cached_backbone_alone_and_gets_fresh_features(tm
     with Workspace(cfg) as ws:
         f_tuned, found, _ = api.frozen_features(ws, cfg, tuned, pool, torch.device("cpu"))
     assert found.all()
-    x, _, _, _ = api._load(cfg, pool)
+    x, _, _, _ = api.load_items(cfg, pool)
     tuned.eval()
     with torch.no_grad():
         direct = tuned.features(x).numpy()
