@@ -9,6 +9,8 @@ random cut of it) with every label given, test AUROC on the official test split:
 * ``auto``: the probe, fine-tuned as ``lpft`` only once every class has
   ``train.finetune_min_per_class`` labels (``train.finetune = "auto"``);
 * ``mix``: the ``frozen`` and ``whole`` models trained apart, their probabilities averaged;
+  ``auto-mix``: ``mix`` once every class has ``train.finetune_min_per_class`` labels, before
+  that ``frozen``;
 * ``whole``: whole-network training from random weights, the defaults before 0.2
   (``representation.method = "none"``, ``model.hidden = 128``, 20 % of the labels held out,
   stratified, to choose the best epoch: the honest protocol has no other validation set).
@@ -41,7 +43,8 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from medal import api
-from medal.config import Config, load_config, parse_overrides
+from medal.config import Config, TrainConfig, load_config, parse_overrides
+from medal.finetune import finetune_decision
 from medal.data import NORMALISE_MEAN, NORMALISE_STD
 from medal.metrics import classification_metrics
 from medal.representation import SSLSettings, pretrain_and_cache
@@ -64,6 +67,7 @@ ARMS = (
     "auto-lr1-bn",
     "auto-lr1-e30",
     "mix",
+    "auto-mix",
 )
 COMMON = {
     "device": "cpu",
@@ -82,6 +86,7 @@ ARM_SETTINGS: dict[str, dict[str, object]] = {
     "auto": {"train.finetune": "auto"},
     "whole": WHOLE,
     "mix": {},  # frozen and whole trained apart, their probabilities averaged (arm_probs)
+    "auto-mix": {},  # mix once every class has train.finetune_min_per_class labels, else frozen
     **{
         f"{mode}-lr{tag}": {"train.finetune": rule, "train.finetune_lr_scale": scale}
         for mode, rule in (("lpft", "always"), ("auto", "auto"))
@@ -213,6 +218,9 @@ def arm_probs(
     """Class probabilities ``[N, C]`` of one arm's model on each of ``sets``. ``mix``: the mean
     of the ``frozen`` and ``whole`` arms' probabilities (two models trained as those arms)."""
     cpu = torch.device("cpu")
+    if arm == "auto-mix":  # the frozen head until finetune_decision's label counts are met
+        go, _ = finetune_decision(dataclasses.replace(cfg, train=replace_train(cfg)), y)
+        arm = "mix" if go else "frozen"
     if arm != "mix":
         model = run_arm(arm, cfg, x, y, bb, seed)
         return [predict_deterministic(model, xs, cpu) for xs in sets]
@@ -224,6 +232,12 @@ def arm_probs(
         model = run_arm(part, c, x, y, bb, seed)
         parts.append([predict_deterministic(model, xs, cpu) for xs in sets])
     return [(a + b) / 2 for a, b in zip(*parts, strict=True)]
+
+
+def replace_train(cfg: Config) -> TrainConfig:
+    """``cfg.train`` with ``finetune = "auto"``: :func:`finetune_decision`'s rule (every
+    class has ``train.finetune_min_per_class`` labels) decides when ``auto-mix`` mixes."""
+    return dataclasses.replace(cfg.train, finetune="auto")
 
 
 def commit() -> str:
@@ -335,7 +349,7 @@ def summary(results: Path) -> str:
         for arm in arms:
             v = [by.get((arm, s), float("nan")) for s in seeds]
             lines.append(f"{arm:<9}" + "".join(f"{x:9.4f}" for x in v) + f"{np.nanmean(v):9.4f}")
-        for arm in [a for a in arms if a.startswith(("lpft", "auto"))]:
+        for arm in [a for a in arms if a.startswith(("lpft", "auto", "mix"))]:
             for other in ("frozen", "whole"):
                 both = [s for s in seeds if (arm, s) in by and (other, s) in by]
                 if len(both) >= 2:
@@ -379,7 +393,7 @@ def curve_summary(results: Path) -> str:
                 + ", ".join(f"{v:.3f}" for v in area[arm].values())
                 + f"; mean {np.mean(list(area[arm].values())):.3f}"
             )
-    auto = [a for a in arms if a.startswith(("auto", "lpft"))]
+    auto = [a for a in arms if a.startswith(("auto", "lpft", "mix"))]
     for a, b in [*((x, y) for x in auto for y in ("frozen", "whole")), ("frozen", "whole")]:
         both = sorted(set(area.get(a, {})) & set(area.get(b, {})))
         if len(both) >= 2:
