@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for c in "ab":
+            (root / "labelled" / c).mkdir(parents=True, exist_ok=True)
             for i in range(4):
                 Image.fromarray(rng.integers(0, 255, (a.size, a.size), np.uint8)).save(
-                    (root / "labelled" / c).mkdir(parents=True, exist_ok=True)
-                    or root / "labelled" / c / f"{i}.png"
+                    root / "labelled" / c / f"{i}.png"
                 )
         (root / "pool").mkdir()
         for i in range(a.n):
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(cfg_path)
         api.train(cfg, progress=False)
         warm = api.query(cfg, progress=False)  # fills the decode cache; not timed
+        if warm is None:  # only a non-zero torchrun rank gets None; this runs as one process
+            raise SystemExit("the warm-up query exported nothing")
         shutil.rmtree(warm.folder)
         shutil.rmtree(root / "ws" / "scores")
         from medal.workspace import Workspace

@@ -24,7 +24,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from medal.data import load_all
-from medal.models import create_model
+from medal.models import MCModel, create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ DATA = ROOT / "data" / "pneumoniamnist" / "images"
 
 
 @torch.no_grad()
-def features(model: torch.nn.Module, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+def features(model: MCModel, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """Backbone features ``[M, D]`` of the readable ``paths`` and their indices ``[M]``."""
     x, kept, _ = load_all(paths, channels=1, size=28)
     f = torch.cat([model.backbone(x[i : i + 512]) for i in range(0, len(x), 512)])
