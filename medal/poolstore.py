@@ -16,7 +16,8 @@ frame); the set key a hash of the images' content ids (and frames) in order. A s
 filled by streaming the set through an :class:`~medal.data.ImageDataset` and a
 ``DataLoader`` (its workers), written into a temporary folder and renamed into place, so it
 is never read half-written and several processes may read it (or race to write it: the
-first rename wins). Rows are read with ``pread``: the file's pages stay in the operating
+first rename wins); a fill killed midway leaves its temporary folder, which the next fill of
+the set removes. Rows are read with ``pread``: the file's pages stay in the operating
 system's page cache, shared by every process and not counted in any process's resident
 memory, so reading a pool of any size holds one batch at a time.
 """
@@ -39,6 +40,9 @@ from .data import DecodeCache, ImageDataset, make_loader
 from .faults import crash_point
 
 STORE_DTYPE = np.dtype(np.float16)
+"""The stored dtype: float16 is exactly what the decode cache keeps, so results are unchanged."""
+
+_IMAGES, _REASONS = "images.npy", "reasons.json"
 
 
 def _alive(pid: int) -> bool:
@@ -50,11 +54,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # it exists, owned by someone else
         return True
     return True
-
-
-"""The stored dtype: float16 is exactly what the decode cache keeps, so results are unchanged."""
-
-_IMAGES, _REASONS = "images.npy", "reasons.json"
 
 
 def set_key(ids: Sequence[str], frames: Sequence[int | None] | None = None) -> str:
