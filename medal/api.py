@@ -23,7 +23,7 @@ from .fitting import FitResult
 from .inputs import (
     load_items,
     backbone_job,
-    pretraining_images,
+    pretrain_items,
     record_skipped,
     frozen_features,
     pretrained_backbone,
@@ -42,7 +42,7 @@ from .query import (
     query,
     refuse_pending,
 )
-from .representation import SSLSettings, pretrain_and_cache
+from .representation import SSLSettings
 from .resources import check_pretraining_memory, check_training_memory
 from .sources import Item, sync
 from .train import fit, save_checkpoint
@@ -281,17 +281,7 @@ def pretrain_on_every_rank(
         return
     path, items, settings = todo
     model = start_model(dataclasses.replace(cfg, seed=settings.seed), None)
-    pretrain_and_cache(
-        path,
-        model.backbone,
-        model.backbone_dim,
-        pretraining_images(cfg, items),
-        settings,
-        device=device,
-        num_workers=cfg.num_workers,
-        progress=progress,
-        ranks=distributed.ranks(),
-    )
+    pretrain_items(cfg, model, path, items, settings, device, progress, ranks=distributed.ranks())
 
 
 def training_epochs(cfg: Config, parent: int | None) -> int:

@@ -44,7 +44,7 @@ if (_shadowed := shadowed_package_message()) is not None:
     raise ImportError(_shadowed)
 
 from . import __version__  # noqa: E402  (after the check above, which explains its failure)
-from .config import Config, load_config, parse_overrides  # noqa: E402
+from .config import Config, add_overrides_argument, load_config, parse_overrides  # noqa: E402
 from .errors import MedalError  # noqa: E402
 from .roundfolder import LABELS  # noqa: E402
 
@@ -118,14 +118,7 @@ def _add_command(
         help="TOML config file (relative paths in it resolve against its folder)"
         + ("" if command.config_required else "; optional for 'labels serve'"),
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set query.budget=50 (repeatable)",
-    )
+    add_overrides_argument(p, "override a config key, e.g. --set query.budget=50 (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -248,14 +241,7 @@ def _add_simulate_inputs(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="TOML config file (classes, model, training, validation/test sets)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.epochs=5 (repeatable)",
-    )
+    add_overrides_argument(p, "override a config key, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="only print the summary")
     p.add_argument(
         "--truth",

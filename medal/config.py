@@ -8,6 +8,8 @@ and what is allowed.
 
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import math
 import os
@@ -270,6 +272,14 @@ _SECTIONS = {
     "labelling": LabellingConfig,
 }
 _TOP_KEYS = ("workspace", "classes", "seed", "device", "num_workers")
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` option (into ``overrides``, for
+    :func:`parse_overrides`) of medal's commands and scripts."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -155,17 +155,7 @@ def pretrained_backbone(
         tqdm.write(f"self-supervised pretraining memory check: {estimate}")
 
     def run(log: Callable[[float, int], None] | None = None) -> StepPlan:
-        return pretrain_and_cache(
-            path,
-            model.backbone,
-            model.backbone_dim,
-            pretraining_images(cfg, items),
-            settings,
-            device=device,
-            num_workers=cfg.num_workers,
-            progress=progress,
-            log=log,
-        )
+        return pretrain_items(cfg, model, path, items, settings, device, progress, log=log)
 
     if cfg.train.tensorboard:  # the pretraining loss per step, written as it trains
         from . import tensorboard_log
@@ -178,6 +168,34 @@ def pretrained_backbone(
         f"self-supervised backbone pretrained on {plan.images} images in "
         f"{time.perf_counter() - t0:.0f} s, cached for later rounds"
     ), path
+
+
+def pretrain_items(
+    cfg: Config,
+    model: MCModel,
+    path: Path,
+    items: list[Item],
+    settings: SSLSettings,
+    device: torch.device,
+    progress: bool,
+    *,
+    log: Callable[[float, int], None] | None = None,
+    ranks: tuple[int, int] = (0, 1),
+) -> StepPlan:
+    """Pretrain ``model``'s backbone on ``items``' images (:func:`pretraining_images`) and cache
+    it at ``path``; ``log`` and ``ranks`` as for :func:`medal.representation.pretrain`."""
+    return pretrain_and_cache(
+        path,
+        model.backbone,
+        model.backbone_dim,
+        pretraining_images(cfg, items),
+        settings,
+        device=device,
+        num_workers=cfg.num_workers,
+        progress=progress,
+        log=log,
+        ranks=ranks,
+    )
 
 
 def backbone_job(

@@ -43,7 +43,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from medal import api
-from medal.config import Config, TrainConfig, load_config, parse_overrides
+from medal.config import Config, TrainConfig, add_overrides_argument, load_config, parse_overrides
 from medal.finetune import finetune_decision
 from medal.data import NORMALISE_MEAN, NORMALISE_STD
 from medal.metrics import classification_metrics
@@ -118,14 +118,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--arms", default="frozen,lpft,auto,whole", help=f"comma-separated, of {', '.join(ARMS)}"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config overrides for every arm (TOML values)",
-    )
+    add_overrides_argument(p, "config overrides for every arm (TOML values)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from medal.benchmarks import measure, report
-from medal.config import parse_overrides
+from medal.config import add_overrides_argument, parse_overrides
 from medal.errors import DataError
 from medal.medmnist import BUNDLED as DATASETS
 
@@ -41,14 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS, default="pneumoniamnist")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--first", type=int, default=20, help="size of the zero-label first round")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra config overrides (TOML values)",
-    )
+    add_overrides_argument(p, "extra config overrides (TOML values)")
     p.add_argument(
         "--out",
         type=Path,

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from medal.benchmarks import label_efficiency_table, measure
 from medal.benchmarks import report as representation_report
-from medal.config import load_config, parse_overrides
+from medal.config import add_overrides_argument, load_config, parse_overrides
 from medal.errors import DataError
 from medal.medmnist import BUNDLED as DATASETS
 from medal.medmnist import prepare_bundled
@@ -111,14 +111,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mc-samples", type=int, default=20)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra config overrides (TOML values), e.g. train.probe_steps=500",
-    )
+    add_overrides_argument(p, "extra config overrides (TOML values), e.g. train.probe_steps=500")
     p.add_argument(
         "--out",
         type=Path,
