@@ -10,7 +10,8 @@ random cut of it) with every label given, test AUROC on the official test split:
   ``train.finetune_min_per_class`` labels (``train.finetune = "auto"``);
 * ``mix``: the ``frozen`` and ``whole`` models trained apart, their probabilities averaged;
   ``auto-mix``: ``mix`` once every class has ``train.finetune_min_per_class`` labels, before
-  that ``frozen``;
+  that ``frozen``; ``mix100``: ``mix`` once 100 images are labelled in all, before that
+  ``frozen`` (Run M1's switching rule);
 * ``whole``: whole-network training from random weights, the defaults before 0.2
   (``representation.method = "none"``, ``model.hidden = 128``, 20 % of the labels held out,
   stratified, to choose the best epoch: the honest protocol has no other validation set).
@@ -52,6 +53,8 @@ from medal.simulate import t_interval_or_nan as interval
 from medal.train import build_model, fit, predict_deterministic
 
 ROOT = Path(__file__).resolve().parents[1]
+MIX_MIN_LABELS = 100
+"""``mix100``: labelled images (all classes together) from which the whole network is averaged in."""
 
 ARMS = (
     "frozen",
@@ -68,6 +71,7 @@ ARMS = (
     "auto-lr1-e30",
     "mix",
     "auto-mix",
+    "mix100",
 )
 COMMON = {
     "device": "cpu",
@@ -87,6 +91,7 @@ ARM_SETTINGS: dict[str, dict[str, object]] = {
     "whole": WHOLE,
     "mix": {},  # frozen and whole trained apart, their probabilities averaged (arm_probs)
     "auto-mix": {},  # mix once every class has train.finetune_min_per_class labels, else frozen
+    "mix100": {},  # mix once MIX_MIN_LABELS images are labelled in all, else frozen
     **{
         f"{mode}-lr{tag}": {"train.finetune": rule, "train.finetune_lr_scale": scale}
         for mode, rule in (("lpft", "always"), ("auto", "auto"))
@@ -214,6 +219,8 @@ def arm_probs(
     if arm == "auto-mix":  # the frozen head until finetune_decision's label counts are met
         go, _ = finetune_decision(dataclasses.replace(cfg, train=replace_train(cfg)), y)
         arm = "mix" if go else "frozen"
+    if arm == "mix100":
+        arm = "mix" if len(y) >= MIX_MIN_LABELS else "frozen"
     if arm != "mix":
         model = run_arm(arm, cfg, x, y, bb, seed)
         return [predict_deterministic(model, xs, cpu) for xs in sets]
