@@ -54,7 +54,7 @@ from medal.train import build_model, fit, predict_deterministic
 
 ROOT = Path(__file__).resolve().parents[1]
 MIX_MIN_LABELS = 100
-"""``mix100``: labelled images (all classes together) from which the whole network is averaged in."""
+"""``mix100``: labelled images (all classes together) from which the whole network joins."""
 
 ARMS = (
     "frozen",
