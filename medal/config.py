@@ -138,6 +138,20 @@ class TrainConfig:
     finetune_batchnorm: str = "frozen"
     """Fine-tuning: "frozen" (default) keeps the BatchNorm running statistics of the
     pretraining (computed on the whole pool); "update" lets the labelled batches update them."""
+    companion: str = "off"
+    """With ``freeze_backbone``: a whole network trained beside the frozen head, their
+    probabilities averaged (predictions, metrics and the query's MC samples; see
+    :mod:`medal.companion`). "off" (default): the frozen head alone; "always"; "auto": once
+    ``companion_min_labels`` images are labelled in all. The companion starts from random
+    weights each round, holds out ``companion_holdout`` of the labels (stratified) to choose its
+    best epoch by ``monitor`` and trains as ``freeze_backbone = false`` would (``epochs``,
+    ``batch_size``, ``lr``, ``augment``, ...); its head has ``COMPANION_HIDDEN`` units."""
+    companion_min_labels: int = 100
+    """``companion = "auto"``: labelled images (all classes together) before the companion
+    joins; fixed in advance, so it uses nothing but the labels spent."""
+    companion_holdout: float = 0.2
+    """Share of the labels the companion holds out (stratified) to choose its best epoch; the
+    frozen head still trains on every label."""
     validation_fraction: float = 0.0
     """Without ``data.validation``: share of the initial labelled set held out (stratified,
     chosen once and frozen in the ledger, so metrics compare across rounds) to choose epochs
@@ -699,6 +713,30 @@ def _validate_train_probe_and_finetune(t: TrainConfig, need: _Need) -> None:
         "train.finetune_batchnorm",
         "one of frozen, update",
         t.finetune_batchnorm,
+    )
+    need(
+        t.companion in ("off", "auto", "always"),
+        "train.companion",
+        "one of off, auto, always",
+        t.companion,
+    )
+    need(
+        t.companion == "off" or t.freeze_backbone,
+        "train.companion",
+        '"off" unless train.freeze_backbone = true (it complements the frozen head)',
+        t.companion,
+    )
+    need(
+        t.companion_min_labels >= 1,
+        "train.companion_min_labels",
+        ">= 1",
+        t.companion_min_labels,
+    )
+    need(
+        0.0 < t.companion_holdout < 1.0,
+        "train.companion_holdout",
+        "in (0, 1)",
+        t.companion_holdout,
     )
     need(
         0.0 <= t.validation_fraction < 1.0,

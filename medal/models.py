@@ -302,6 +302,11 @@ class MCModel(nn.Module):
             StochasticHead(self.feature_dim, hidden, num_classes, dropout) for _ in range(members)
         )
         """The ensemble's heads (empty unless ``members``); :meth:`forward` uses ``head``."""
+        self.companion: MCModel | None = None
+        """A whole network whose probabilities are averaged with this model's
+        (``train.companion``, :mod:`medal.companion`); :meth:`forward` does not use it."""
+        self.spec: dict[str, Any] = {}
+        """A companion's shape (:func:`medal.companion.companion_spec`); empty otherwise."""
 
     @torch.no_grad()
     def _stage_widths(self, in_channels: int) -> list[int]:

@@ -54,6 +54,7 @@ from .uncertainty import (
     ScoreStore,
     batch_seed,
     mc_predict_tensors,
+    mixed,
     n_batches,
     score_batches,
 )
@@ -408,6 +409,12 @@ def _score_frozen(
     q, dim = cfg.query, model.feature_dim
     store, found, skipped = frozen_feature_store(ws, cfg, model, items, device)
     rows = np.flatnonzero(found)
+    comp = None
+    if model.companion is not None:
+        comp, lost = _companion_scores(cfg, model.companion, items, rows, device, seed, progress)
+        skipped |= lost
+        rows = rows[~np.isnan(comp[:, 0, 0])]
+        comp = comp[~np.isnan(comp[:, 0, 0])]
     set_mc_mode(model)
     for b in tqdm(
         range(n_batches(len(rows), q.batch_size)),
@@ -420,8 +427,49 @@ def _score_frozen(
         feats = store.read([items[i].id for i in r], dim)  # one batch, never [N, D]
         torch.manual_seed(batch_seed(seed, b))
         f = torch.from_numpy(feats).to(device)
-        sink(r, posterior_samples(model, f, q).float().cpu().numpy(), feats)
+        probs = posterior_samples(model, f, q).float()
+        if comp is not None:
+            probs = mixed(
+                probs, torch.from_numpy(comp[b * q.batch_size : b * q.batch_size + len(r)])
+            )
+        sink(r, probs.cpu().numpy(), feats)
     return skipped
+
+
+def _companion_scores(
+    cfg: Config,
+    comp: MCModel,
+    items: list[Item],
+    rows: np.ndarray,
+    device: torch.device,
+    seed: int,
+    progress: bool,
+) -> tuple[np.ndarray, dict[Path, str]]:
+    """The whole-network companion's samples ``[len(rows), T, C]`` of ``items[rows]`` (the
+    images decoded again, one backbone pass each, its head sampled; T as the head's), NaN
+    where an image could not be read this time, and those files with the reason."""
+    q = cfg.query
+    sub = image_dataset(cfg, [items[i] for i in rows])
+    out = np.full((len(rows), samples_per_image(q), comp.num_classes), np.nan, np.float32)
+
+    def keep(r: np.ndarray, p: np.ndarray, _f: np.ndarray) -> None:
+        out[r] = p
+
+    lost = score_batches(
+        comp,
+        sub,
+        samples_per_image(q),
+        range(n_batches(len(sub), q.batch_size)),
+        device=device,
+        batch_size=q.batch_size,
+        num_workers=cfg.num_workers,
+        seed=seed + 1,  # masks of their own, not the head's
+        desc="scoring (whole-network companion)",
+        progress=progress,
+        precision=q.precision,
+        sink=keep,
+    )
+    return out, lost
 
 
 def _merge(

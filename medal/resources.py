@@ -238,6 +238,15 @@ def _query_parts(
             )
         )
     parts.append((f"the list of {n_pool} pool images", POOL_ITEM_BYTES * n_pool))
+    if streamed and not zero_label and cfg.train.companion != "off":
+        # the whole-network companion's samples of the whole pool, and one batch through it
+        parts.append((f"the companion's samples of {n_pool} images", 4 * n_pool * T * C))
+        parts.append(
+            (
+                f"one batch of query.batch_size = {q.batch_size} through the companion",
+                min(q.batch_size, n_pool) * (_in_flight(cfg) * image + on_cpu * infer_act),
+            )
+        )
     if zero_label:
         parts.append((f"features of {n_pool} images", 2 * 4 * n_pool * dim))
     else:
@@ -302,8 +311,9 @@ def check_query_memory(
     start embeds them. A frozen backbone's features (counted even where the feature store
     holds them) and a ``zero_label`` first round's stream the pool: batches of
     :data:`~medal.features.FEATURE_BATCH` images and their activations, and for the zero-label
-    TypiClust the features of the whole pool. :func:`check_pretraining_memory` covers a
-    zero-label round's pretraining."""
+    TypiClust the features of the whole pool. With ``train.companion`` (not ``"off"``) its
+    samples of the whole pool (``[N, T, C]`` float32) and one batch through it.
+    :func:`check_pretraining_memory` covers a zero-label round's pretraining."""
     if _check_off():
         return
     if zero_label and cfg.representation.method == "none":

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .companion import build_companion, fit_companion
 from .config import Config, TrainConfig
 from .errors import ModelError
 from .fitting import Augmenter, FitResult, check_finite, class_weights
@@ -118,11 +119,17 @@ def _after_probe(
 ) -> FitResult:
     """After the frozen-backbone probe of ``x [N, C, S, S]``, ``y [N]``: LP-FT as
     ``train.finetune`` decides (:func:`medal.finetune.after_probe`; its result is returned),
-    then the ensemble's heads, if the model has any (:func:`fit_members`)."""
+    then the ensemble's heads, if the model has any (:func:`fit_members`), then the
+    whole-network companion as ``train.companion`` decides (:func:`medal.companion.fit_companion`;
+    its note and seconds join the result)."""
     from .finetune import after_probe  # imports this module
 
     result = after_probe(model, x, y, cfg, probe, device=device, seed=seed, progress=progress)
     fit_members(model, x, y, cfg, device=device, seed=seed, progress=progress)
+    note, seconds = fit_companion(model, x, y, cfg, device=device, seed=seed, progress=progress)
+    if note:
+        result.notes.append(note)
+    result.seconds += seconds
     return result
 
 
@@ -781,6 +788,7 @@ def save_checkpoint(
         "features": model.features_mode,
         "medal_version": __version__,
         "round": round_no,
+        **({} if model.companion is None else {"companion": model.companion.spec}),
         **(extra or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -799,7 +807,8 @@ def load_checkpoint(
     fresh_members: bool = False,
 ) -> dict[str, Any]:
     """Load weights into ``model``; refuse a checkpoint for other classes or architecture.
-    Ensemble heads as :func:`_member_state` decides (``fresh_members``: a warm start)."""
+    Ensemble heads as :func:`_member_state` decides and the whole-network companion as
+    :func:`_companion_state` does (``fresh_members``: a warm start, which fits both anew)."""
     if not path.is_file():
         raise ModelError(
             f"checkpoint not found: {path}"
@@ -830,12 +839,32 @@ def load_checkpoint(
             f'model.features = "{trained}" to go on from this project\'s '
             f'checkpoints (those of medal before 0.2 are "last")'
         )
+    state = _companion_state(path, ck, _member_state(path, ck["state_dict"], model, fresh_members))
+    if fresh_members:
+        state = {k: v for k, v in state.items() if not k.startswith("companion.")}
+    else:
+        model.companion = None if "companion" not in ck else build_companion(ck["companion"])
     try:
-        model.load_state_dict(_member_state(path, ck["state_dict"], model, fresh_members))
+        model.load_state_dict(state)
     except RuntimeError as e:
         detail = " ".join(str(e).split())  # torch lists each key on its own line
         raise ModelError(f"checkpoint {path} does not fit the model: {detail[:300]}") from None
     return ck
+
+
+def _companion_state(
+    path: Path, ck: dict[str, Any], state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``state``, once its companion weights (``companion.*``) and the companion's shape
+    (``ck["companion"]``) are found to go together."""
+    has_weights = any(k.startswith("companion.") for k in state)
+    spec = ck.get("companion")
+    if has_weights != (spec is not None) or (spec is not None and not isinstance(spec, dict)):
+        raise ModelError(
+            f"checkpoint {path} is damaged: its companion's weights and shape do not go "
+            f"together (weights {'present' if has_weights else 'absent'}, shape {spec!r})"
+        )
+    return state
 
 
 def _member_state(

@@ -100,6 +100,22 @@ def head_samples(model: MCModel, feats: torch.Tensor, T: int) -> torch.Tensor:
     return logits.softmax(-1).transpose(0, 1)
 
 
+def with_companion(model: MCModel, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """The head's samples ``probs [B, T, C]`` on images ``x [B, C, S, S]``, averaged sample by
+    sample with those of ``model.companion`` (:func:`mixed`) when it has one; the caller seeds
+    and sets the MC mode."""
+    comp = model.companion
+    if comp is None:
+        return probs
+    return mixed(probs, head_samples(comp, comp.features(x), probs.shape[1]))
+
+
+def mixed(head: torch.Tensor, companion: torch.Tensor) -> torch.Tensor:
+    """Samples ``[B, T, C]`` of the frozen head and its companion (:mod:`medal.companion`):
+    sample t of one averaged with sample t of the other."""
+    return (head + companion.to(head.device, head.dtype)) / 2
+
+
 @torch.no_grad()
 def mc_predict_tensors(
     model: MCModel,
@@ -110,13 +126,15 @@ def mc_predict_tensors(
     batch_size: int = 256,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """In-memory images ``x [N, C, S, S]`` -> (probs ``[N, T, C]``, features ``[N, D]``)."""
+    """In-memory images ``x [N, C, S, S]`` -> (probs ``[N, T, C]``, features ``[N, D]``);
+    with a companion (``train.companion``) the probabilities are the pair's."""
     set_mc_mode(model)
     probs, feats = [], []
     with _seeded(seed, device):
         for i in range(0, len(x), batch_size):
-            f = model.features(x[i : i + batch_size].to(device))
-            probs.append(head_samples(model, f, T).cpu())
+            xb = x[i : i + batch_size].to(device)
+            f = model.features(xb)
+            probs.append(with_companion(model, xb, head_samples(model, f, T)).cpu())
             feats.append(f.float().cpu())
     if not probs:
         return np.zeros((0, T, 0), np.float32), np.zeros((0, model.feature_dim), np.float32)

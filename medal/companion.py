@@ -1,0 +1,157 @@
+"""A whole network trained beside the frozen head, their probabilities averaged
+(``train.companion``).
+
+A frozen self-supervised backbone with a linear head wins with tens of labels; with hundreds
+its ceiling can be below that of a network trained end to end on the labels. Fine-tuning the
+backbone (LP-FT, :mod:`medal.finetune`) closed a third of that gap on RetinaMNIST; averaging
+the frozen head with a separately trained whole network reached the whole network's ceiling
+on both bundled sets and raised RetinaMNIST's learning curve (docs/experiments-lpft.md, Runs
+F4, F5 and M1). That is the companion:
+
+* It joins once ``train.companion_min_labels`` images are labelled in all
+  (``train.companion = "auto"``; a count fixed in advance, using nothing but the labels
+  spent) or every round (``"always"``). Below that the frozen head predicts alone, because a
+  whole network trained on a few dozen images drags the average down.
+* It is trained from random weights every round (the previous round's companion is not
+  warm-started: what was measured), as ``train.freeze_backbone = false`` trains: the
+  configured ``model.name`` with a hidden layer of :data:`COMPANION_HIDDEN` units, epochs of
+  ``train.batch_size``, the best epoch by ``train.monitor`` on ``train.companion_holdout`` of
+  the labels (stratified; drawn with the round's seed). The frozen head still trains on every
+  label.
+* Its dropout is in its head only, so its MC samples cost one backbone pass per image.
+  Sample t of the pair is the mean of the head's sample t and the companion's sample t
+  (``[B, T, C]`` either way), so BALD, entropy and the other scores take them unchanged, and
+  every prediction, metric and manifest probability is of the average.
+* It is saved in the round's checkpoint (``companion.*`` weights and its shape under
+  ``"companion"``), so ``medal query`` and the labelling page see the pair the round trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from tqdm.auto import tqdm
+
+from .config import Config
+from .fitting import FitResult
+from .models import MCModel
+
+COMPANION_HIDDEN = 128
+"""Units of the companion's hidden layer: the whole-network default of medal before 0.2."""
+
+
+def companion_decision(cfg: Config, n_labels: int) -> tuple[bool, str]:
+    """Whether the round trains a companion on ``n_labels`` labelled images, and a line saying
+    why (empty when ``train.companion = "off"``)."""
+    tc = cfg.train
+    if tc.companion == "off":
+        return False, ""
+    if tc.companion == "always":
+        return True, 'train.companion = "always"'
+    if n_labels < tc.companion_min_labels:
+        return False, (
+            f'frozen head alone (train.companion = "auto"): the whole-network companion joins '
+            f"once {tc.companion_min_labels} images are labelled; now {n_labels}"
+        )
+    return True, (
+        f'{n_labels} images labelled, at least {tc.companion_min_labels} (train.companion = "auto")'
+    )
+
+
+def companion_spec(cfg: Config) -> dict[str, Any]:
+    """The companion's shape, as saved in a checkpoint beside its weights."""
+    return {
+        "name": cfg.model.name,
+        "num_classes": len(cfg.classes),
+        "in_channels": cfg.model.channels,
+        "dropout": cfg.model.dropout,
+        "hidden": COMPANION_HIDDEN,
+    }
+
+
+def build_companion(spec: dict[str, Any]) -> MCModel:
+    """A companion of shape ``spec`` (:func:`companion_spec`, kept as its ``spec``), random
+    weights."""
+    comp = MCModel(
+        str(spec["name"]),
+        int(spec["num_classes"]),
+        in_channels=int(spec["in_channels"]),
+        dropout=float(spec["dropout"]),
+        hidden=int(spec["hidden"]),
+        features="last",
+    )
+    comp.spec = dict(spec)
+    return comp
+
+
+def holdout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``(train, held out)`` of labels ``y [N]``: ``fraction`` held out, stratified by
+    class when every class present has two images or more, at least one row on each side."""
+    y = np.asarray(y, np.int64)
+    rows = np.arange(len(y))
+    counts = np.bincount(y)
+    strat = y if counts[counts > 0].min(initial=len(y)) >= 2 else None
+    n_val = min(max(1, round(fraction * len(y))), len(y) - 1)
+    k = len(np.unique(y))
+    if n_val < k or len(y) - n_val < k:
+        strat = None  # too few rows on one side for every class
+    tr, va = train_test_split(rows, test_size=n_val, stratify=strat, random_state=seed)
+    return np.sort(tr), np.sort(va)
+
+
+def fit_companion(
+    model: MCModel,
+    x: torch.Tensor,
+    y: np.ndarray,
+    cfg: Config,
+    *,
+    device: torch.device,
+    seed: int,
+    progress: bool,
+) -> tuple[str, float]:
+    """Train the companion of ``model`` on ``x [N, C, S, S]``, ``y [N]`` when
+    :func:`companion_decision` says so and attach it as ``model.companion`` (else remove any
+    companion the model had); the line for the training's notes (empty when off) and the
+    seconds it took."""
+    from .train import _fit_network  # imports this module's users
+
+    model.companion = None
+    go, why = companion_decision(cfg, len(y))
+    if not go:
+        return why, 0.0
+    if len(y) < 2:
+        return f"no companion: it needs 2 labelled images or more, there is {len(y)}", 0.0
+    tr, va = holdout_split(y, cfg.train.companion_holdout, seed)
+    whole = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, freeze_backbone=False))
+    torch.manual_seed(seed)
+    comp = build_companion(companion_spec(cfg))
+    result: FitResult = _fit_network(
+        comp,
+        x[tr],
+        y[tr],
+        whole,
+        epochs=cfg.train.epochs,
+        device=device,
+        val=(x[va], y[va]),
+        seed=seed,
+        progress=progress,
+        state_path=None,
+        on_epoch_end=None,
+        distributed=False,
+        state_every_s=0.0,
+        log=None,
+    )
+    comp.eval()
+    model.companion = comp
+    line = (
+        f"whole-network companion trained ({why}): {len(tr)} images, {len(va)} held out, "
+        f"best epoch {result.best_epoch} of {result.epochs}, {result.seconds:.0f} s; "
+        f"predictions average it with the frozen head"
+    )
+    if progress:
+        tqdm.write(line)
+    return line, result.seconds
