@@ -8,7 +8,7 @@ the frozen head with a separately trained whole network reached the whole networ
 on both bundled sets and raised RetinaMNIST's learning curve (docs/experiments-lpft.md, Runs
 F4, F5 and M1). That is the companion:
 
-* It joins once ``train.companion_min_labels`` images are labelled in all
+* It joins once there are ``train.companion_min_labels`` training labels in all
   (``train.companion = "auto"``; a count fixed in advance, using nothing but the labels
   spent) or every round (``"always"``). Below that the frozen head predicts alone, because a
   whole network trained on a few dozen images drags the average down.
@@ -55,10 +55,10 @@ def companion_decision(cfg: Config, n_labels: int) -> tuple[bool, str]:
     if n_labels < tc.companion_min_labels:
         return False, (
             f'frozen head alone (train.companion = "auto"): the whole-network companion joins '
-            f"once {tc.companion_min_labels} images are labelled; now {n_labels}"
+            f"once {tc.companion_min_labels} training labels are given; now {n_labels}"
         )
     return True, (
-        f'{n_labels} images labelled, at least {tc.companion_min_labels} (train.companion = "auto")'
+        f'{n_labels} training labels, at least {tc.companion_min_labels} (train.companion = "auto")'
     )
 
 

@@ -142,13 +142,14 @@ class TrainConfig:
     """With ``freeze_backbone``: a whole network trained beside the frozen head, their
     probabilities averaged (predictions, metrics and the query's MC samples; see
     :mod:`medal.companion`). "off" (default): the frozen head alone; "always"; "auto": once
-    ``companion_min_labels`` images are labelled in all. The companion starts from random
+    ``companion_min_labels`` training labels are given. The companion starts from random
     weights each round, holds out ``companion_holdout`` of the labels (stratified) to choose its
     best epoch by ``monitor`` and trains as ``freeze_backbone = false`` would (``epochs``,
     ``batch_size``, ``lr``, ``augment``, ...); its head has ``COMPANION_HIDDEN`` units."""
     companion_min_labels: int = 100
-    """``companion = "auto"``: labelled images (all classes together) before the companion
-    joins; fixed in advance, so it uses nothing but the labels spent."""
+    """``companion = "auto"``: training labels (all classes together; a validation hold-out
+    is not counted) before the companion joins; fixed in advance, so it uses nothing but the
+    labels spent."""
     companion_holdout: float = 0.2
     """Share of the labels the companion holds out (stratified) to choose its best epoch; the
     frozen head still trains on every label."""

@@ -50,7 +50,7 @@ def test_auto_joins_exactly_at_the_label_count(tmp_path, n, expected):
     cfg = _cfg(tmp_path, **{"train.companion": "auto", "train.companion_min_labels": 10})
     go, why = companion_decision(cfg, n)
     assert go is expected
-    assert ("once 10 images are labelled; now 9" in why) is (not expected), why
+    assert ("once 10 training labels are given; now 9" in why) is (not expected), why
 
 
 def test_off_and_always(tmp_path):
@@ -98,7 +98,7 @@ def test_fit_trains_a_whole_network_beside_the_head_once_the_count_is_met(tmp_pa
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
     few = fit(model, x[:19], y[:19], cfg, epochs=2, device=CPU, progress=False)
     assert model.companion is None
-    assert any("once 20 images are labelled; now 19" in n for n in few.notes), few.notes
+    assert any("once 20 training labels are given; now 19" in n for n in few.notes), few.notes
     r = fit(model, x, y, cfg, epochs=2, device=CPU, progress=False)
     comp = model.companion
     assert comp is not None and comp.head[-1].in_features == COMPANION_HIDDEN
