@@ -117,7 +117,7 @@ def fit_companion(
     :func:`companion_decision` says so and attach it as ``model.companion`` (else remove any
     companion the model had); the line for the training's notes (empty when off) and the
     seconds it took."""
-    from .train import _fit_network  # imports this module's users
+    from .train import fit  # imports this module
 
     model.companion = None
     go, why = companion_decision(cfg, len(y))
@@ -129,21 +129,17 @@ def fit_companion(
     whole = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, freeze_backbone=False))
     torch.manual_seed(seed)
     comp = build_companion(companion_spec(cfg))
-    result: FitResult = _fit_network(
+    result: FitResult = fit(
         comp,
         x[tr],
         y[tr],
         whole,
         epochs=cfg.train.epochs,
         device=device,
-        val=(x[va], y[va]),
+        x_val=x[va],
+        y_val=y[va],
         seed=seed,
         progress=progress,
-        state_path=None,
-        on_epoch_end=None,
-        distributed=False,
-        state_every_s=0.0,
-        log=None,
     )
     comp.eval()
     model.companion = comp
