@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import log_loss
 from sklearn.model_selection import train_test_split
 
 from medal import api
@@ -72,6 +73,7 @@ ARMS = (
     "mix",
     "auto-mix",
     "mix100",
+    "mix100cv",
 )
 COMMON = {
     "device": "cpu",
@@ -92,6 +94,7 @@ ARM_SETTINGS: dict[str, dict[str, object]] = {
     "mix": {},  # frozen and whole trained apart, their probabilities averaged (arm_probs)
     "auto-mix": {},  # mix once every class has train.finetune_min_per_class labels, else frozen
     "mix100": {},  # mix once MIX_MIN_LABELS images are labelled in all, else frozen
+    "mix100cv": {},  # mix100 with the whole network's weight chosen on its hold-out (cv_mix)
     **{
         f"{mode}-lr{tag}": {"train.finetune": rule, "train.finetune_lr_scale": scale}
         for mode, rule in (("lpft", "always"), ("auto", "auto"))
@@ -167,6 +170,18 @@ def backbone(cfg: Config, x: torch.Tensor, path: Path) -> Path:
     return path
 
 
+def whole_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``(train, held out)`` of ``y``: the 20 % the ``whole`` arm holds out to choose its
+    best epoch (stratified when every class has two labels or more)."""
+    strat = (
+        y
+        if np.bincount(y).min(initial=len(y)) >= 2 and len(set(y.tolist())) == len(np.bincount(y))
+        else None
+    )
+    tr, va = train_test_split(np.arange(len(y)), test_size=0.2, stratify=strat, random_state=seed)
+    return tr, va
+
+
 def run_arm(
     arm: str, cfg: Config, x: torch.Tensor, y: np.ndarray, bb: Path, seed: int
 ) -> torch.nn.Module:
@@ -175,15 +190,7 @@ def run_arm(
     if arm == "whole":
         torch.manual_seed(seed)
         model = build_model(cfg)
-        strat = (
-            y
-            if np.bincount(y).min(initial=len(y)) >= 2
-            and len(set(y.tolist())) == len(np.bincount(y))
-            else None
-        )
-        tr, va = train_test_split(
-            np.arange(len(y)), test_size=0.2, stratify=strat, random_state=seed
-        )
+        tr, va = whole_split(y, seed)
         fit(
             model,
             x[tr],
@@ -219,8 +226,13 @@ def arm_probs(
     if arm == "auto-mix":  # the frozen head until finetune_decision's label counts are met
         go, _ = finetune_decision(dataclasses.replace(cfg, train=replace_train(cfg)), y)
         arm = "mix" if go else "frozen"
-    if arm == "mix100":
-        arm = "mix" if len(y) >= MIX_MIN_LABELS else "frozen"
+    if arm in ("mix100", "mix100cv"):
+        if len(y) < MIX_MIN_LABELS:
+            arm = "frozen"
+        elif arm == "mix100cv":
+            return cv_mix(cfg, conf, over, x, y, bb, seed, *sets)
+        else:
+            arm = "mix"
     if arm != "mix":
         model = run_arm(arm, cfg, x, y, bb, seed)
         return [predict_deterministic(model, xs, cpu) for xs in sets]
@@ -232,6 +244,42 @@ def arm_probs(
         model = run_arm(part, c, x, y, bb, seed)
         parts.append([predict_deterministic(model, xs, cpu) for xs in sets])
     return [(a + b) / 2 for a, b in zip(*parts, strict=True)]
+
+
+WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+"""``mix100cv``: the whole network's weights in the average to choose from."""
+
+
+def cv_mix(
+    cfg: Config,
+    conf: Path,
+    over: dict[str, object],
+    x: torch.Tensor,
+    y: np.ndarray,
+    bb: Path,
+    seed: int,
+    *sets: torch.Tensor,
+) -> list[np.ndarray]:
+    """``mix100cv``: ``(1 - w) * frozen + w * whole`` on each of ``sets``, ``w`` of
+    :data:`WEIGHTS` with the lowest log loss on the ``whole`` arm's hold-out (ties: nearest
+    0.5), where a frozen head trained on the other 80 % stands in for the frozen arm; the
+    frozen head that predicts ``sets`` trains on every label, as in ``mix``."""
+    cpu = torch.device("cpu")
+    cfg_w = dataclasses.replace(load_config(conf, {**COMMON, **WHOLE, **over}), seed=seed)
+    whole = run_arm("whole", cfg_w, x, y, bb, seed)
+    tr, va = whole_split(y, seed)
+    p_f = predict_deterministic(run_arm("frozen", cfg, x[tr], y[tr], bb, seed), x[va], cpu)
+    p_w = predict_deterministic(whole, x[va], cpu)
+    labels = list(range(len(cfg.classes)))
+    losses = [log_loss(y[va], (1 - w) * p_f + w * p_w, labels=labels) for w in WEIGHTS]
+    best = min(range(len(WEIGHTS)), key=lambda i: (round(losses[i], 9), abs(WEIGHTS[i] - 0.5)))
+    w = WEIGHTS[best]
+    print(f"mix100cv: whole-network weight {w} (hold-out log loss {losses[best]:.4f})")
+    frozen = run_arm("frozen", cfg, x, y, bb, seed)
+    return [
+        (1 - w) * predict_deterministic(frozen, xs, cpu) + w * predict_deterministic(whole, xs, cpu)
+        for xs in sets
+    ]
 
 
 def replace_train(cfg: Config) -> TrainConfig:
