@@ -28,16 +28,12 @@ F4, F5 and M1). That is the companion:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn.model_selection import train_test_split
-from tqdm.auto import tqdm
 
 from .config import Config
-from .fitting import FitResult
 from .models import MCModel
 
 COMPANION_HIDDEN = 128
@@ -101,53 +97,3 @@ def holdout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray
         strat = None  # too few rows on one side for every class
     tr, va = train_test_split(rows, test_size=n_val, stratify=strat, random_state=seed)
     return np.sort(tr), np.sort(va)
-
-
-def fit_companion(
-    model: MCModel,
-    x: torch.Tensor,
-    y: np.ndarray,
-    cfg: Config,
-    *,
-    device: torch.device,
-    seed: int,
-    progress: bool,
-) -> tuple[str, float]:
-    """Train the companion of ``model`` on ``x [N, C, S, S]``, ``y [N]`` when
-    :func:`companion_decision` says so and attach it as ``model.companion`` (else remove any
-    companion the model had); the line for the training's notes (empty when off) and the
-    seconds it took."""
-    from .train import fit  # imports this module
-
-    model.companion = None
-    go, why = companion_decision(cfg, len(y))
-    if not go:
-        return why, 0.0
-    if len(y) < 2:
-        return f"no companion: it needs 2 labelled images or more, there is {len(y)}", 0.0
-    tr, va = holdout_split(y, cfg.train.companion_holdout, seed)
-    whole = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, freeze_backbone=False))
-    torch.manual_seed(seed)
-    comp = build_companion(companion_spec(cfg))
-    result: FitResult = fit(
-        comp,
-        x[tr],
-        y[tr],
-        whole,
-        epochs=cfg.train.epochs,
-        device=device,
-        x_val=x[va],
-        y_val=y[va],
-        seed=seed,
-        progress=progress,
-    )
-    comp.eval()
-    model.companion = comp
-    line = (
-        f"whole-network companion trained ({why}): {len(tr)} images, {len(va)} held out, "
-        f"best epoch {result.best_epoch} of {result.epochs}, {result.seconds:.0f} s; "
-        f"predictions average it with the frozen head"
-    )
-    if progress:
-        tqdm.write(line)
-    return line, result.seconds

@@ -634,6 +634,7 @@ def _validate_values(cfg: Config, where: str) -> None:
     _validate_model(cfg.model, need)
     _validate_train(cfg.train, need)
     _validate_train_probe_and_finetune(cfg.train, need)
+    _validate_companion(cfg.train, need)
     _validate_the_rest(cfg, need)
     _validate_posterior(cfg, need)
 
@@ -716,6 +717,16 @@ def _validate_train_probe_and_finetune(t: TrainConfig, need: _Need) -> None:
         t.finetune_batchnorm,
     )
     need(
+        0.0 <= t.validation_fraction < 1.0,
+        "train.validation_fraction",
+        "in [0, 1)",
+        t.validation_fraction,
+    )
+
+
+def _validate_companion(t: TrainConfig, need: _Need) -> None:
+    """The [train] values of the whole-network companion (``train.companion``)."""
+    need(
         t.companion in ("off", "auto", "always"),
         "train.companion",
         "one of off, auto, always",
@@ -738,12 +749,6 @@ def _validate_train_probe_and_finetune(t: TrainConfig, need: _Need) -> None:
         "train.companion_holdout",
         "in (0, 1)",
         t.companion_holdout,
-    )
-    need(
-        0.0 <= t.validation_fraction < 1.0,
-        "train.validation_fraction",
-        "in [0, 1)",
-        t.validation_fraction,
     )
 
 

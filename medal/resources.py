@@ -239,14 +239,7 @@ def _query_parts(
         )
     parts.append((f"the list of {n_pool} pool images", POOL_ITEM_BYTES * n_pool))
     if streamed and not zero_label and cfg.train.companion != "off":
-        # the whole-network companion's samples of the whole pool, and one batch through it
-        parts.append((f"the companion's samples of {n_pool} images", 4 * n_pool * T * C))
-        parts.append(
-            (
-                f"one batch of query.batch_size = {q.batch_size} through the companion",
-                min(q.batch_size, n_pool) * (_in_flight(cfg) * image + on_cpu * infer_act),
-            )
-        )
+        parts += _companion_parts(cfg, n_pool, on_cpu * infer_act)
     if zero_label:
         parts.append((f"features of {n_pool} images", 2 * 4 * n_pool * dim))
     else:
@@ -257,6 +250,24 @@ def _query_parts(
             parts.append((f"{n_labelled} labelled images held", (n_labelled + loading) * image))
     parts.append(("weights", 4 * params))
     return parts, per_image, calls, infer_act
+
+
+def _companion_parts(cfg: Config, n_pool: int, act: float) -> list[tuple[str, float]]:
+    """What the whole-network companion (``train.companion``) adds to a frozen-backbone query:
+    its samples of the whole pool (``[N, T, C]`` float32) and one batch of images through it
+    (``act``: the activation bytes of one image where they are counted)."""
+    q = cfg.query
+    image = 4 * cfg.model.channels * cfg.model.image_size**2
+    return [
+        (
+            f"the companion's samples of {n_pool} images",
+            4 * n_pool * q.mc_samples * len(cfg.classes),
+        ),
+        (
+            f"one batch of query.batch_size = {q.batch_size} through the companion",
+            min(q.batch_size, n_pool) * (_in_flight(cfg) * image + act),
+        ),
+    ]
 
 
 def _batch_fixes(

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .companion import build_companion, fit_companion
+from .companion import build_companion, companion_decision, companion_spec, holdout_split
 from .config import Config, TrainConfig
 from .errors import ModelError
 from .fitting import Augmenter, FitResult, check_finite, class_weights
@@ -611,6 +611,54 @@ def fit_members(
             f"{len(model.members)} ensemble heads trained on bootstrap resamples of {len(x)} "
             f"images' features: mean loss {np.mean(losses):.4f}"
         )
+
+
+def fit_companion(
+    model: MCModel,
+    x: torch.Tensor,
+    y: np.ndarray,
+    cfg: Config,
+    *,
+    device: torch.device,
+    seed: int,
+    progress: bool,
+) -> tuple[str, float]:
+    """Train the whole-network companion of ``model`` (:mod:`medal.companion`) on
+    ``x [N, C, S, S]``, ``y [N]`` when :func:`~medal.companion.companion_decision` says so and
+    attach it as ``model.companion`` (else remove any companion the model had); the line for
+    the training's notes (empty when off) and the seconds it took."""
+    model.companion = None
+    go, why = companion_decision(cfg, len(y))
+    if not go:
+        return why, 0.0
+    if len(y) < 2:
+        return f"no companion: it needs 2 labelled images or more, there is {len(y)}", 0.0
+    tr, va = holdout_split(y, cfg.train.companion_holdout, seed)
+    whole = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, freeze_backbone=False))
+    torch.manual_seed(seed)
+    comp = build_companion(companion_spec(cfg))
+    result = fit(
+        comp,
+        x[tr],
+        y[tr],
+        whole,
+        epochs=cfg.train.epochs,
+        device=device,
+        x_val=x[va],
+        y_val=y[va],
+        seed=seed,
+        progress=progress,
+    )
+    comp.eval()
+    model.companion = comp
+    line = (
+        f"whole-network companion trained ({why}): {len(tr)} images, {len(va)} held out, "
+        f"best epoch {result.best_epoch} of {result.epochs}, {result.seconds:.0f} s; "
+        f"predictions average it with the frozen head"
+    )
+    if progress:
+        tqdm.write(line)
+    return line, result.seconds
 
 
 def _probe_row(
