@@ -227,6 +227,12 @@ class QueryConfig:
     evaluated. Needs ``train.freeze_backbone`` and head-only sampling."""
     ensemble_size: int = 5
     """With ``posterior = "ensemble"``: the number of extra heads K (>= 2)."""
+    companion_samples: str = "average"
+    """With a whole-network companion (``train.companion``), the samples the scores take:
+    "average" (default: sample t of the head averaged with sample t of the companion, T
+    samples) or "mixture" (the head's T samples followed by the companion's T, 2T samples, so
+    that BALD and the other scores see the two models' disagreement). Predictions and metrics
+    are the same either way (the mean of the samples)."""
 
 
 @dataclass(frozen=True)
@@ -634,7 +640,7 @@ def _validate_values(cfg: Config, where: str) -> None:
     _validate_model(cfg.model, need)
     _validate_train(cfg.train, need)
     _validate_train_probe_and_finetune(cfg.train, need)
-    _validate_companion(cfg.train, need)
+    _validate_companion(cfg, need)
     _validate_the_rest(cfg, need)
     _validate_posterior(cfg, need)
 
@@ -724,8 +730,24 @@ def _validate_train_probe_and_finetune(t: TrainConfig, need: _Need) -> None:
     )
 
 
-def _validate_companion(t: TrainConfig, need: _Need) -> None:
-    """The [train] values of the whole-network companion (``train.companion``)."""
+def _validate_companion(cfg: Config, need: _Need) -> None:
+    """The values of the whole-network companion (``train.companion``): only the head-only
+    scoring of a frozen backbone runs it."""
+    t, q = cfg.train, cfg.query
+    need(
+        q.companion_samples in ("average", "mixture"),
+        "query.companion_samples",
+        "one of average, mixture",
+        q.companion_samples,
+    )
+    full = q.sampling == "full" or (q.sampling == "auto" and cfg.model.backbone_dropout > 0)
+    need(
+        t.companion == "off" or not full,
+        "train.companion",
+        '"off" with full-network sampling (query.sampling = "full", or "auto" with '
+        "model.backbone_dropout > 0): the companion is scored beside the head only",
+        t.companion,
+    )
     need(
         t.companion in ("off", "auto", "always"),
         "train.companion",

@@ -32,6 +32,14 @@ def samples_per_image(q: QueryConfig) -> int:
     return q.ensemble_size if q.posterior == "ensemble" else q.mc_samples
 
 
+def samples_scored(q: QueryConfig, model: MCModel) -> int:
+    """T of the pool's stored scores ``[N, T, C]``: :func:`samples_per_image`, twice that
+    when the model has a whole-network companion scored as a mixture
+    (``query.companion_samples = "mixture"``)."""
+    mixture = model.companion is not None and q.companion_samples == "mixture"
+    return samples_per_image(q) * (2 if mixture else 1)
+
+
 def bootstrap_rows(y: np.ndarray, seed: int) -> np.ndarray:
     """A class-stratified bootstrap resample of labels ``y [N]`` (class indices): rows
     ``[N]`` into ``y``, for each class as many rows of that class as it has, drawn with

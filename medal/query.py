@@ -45,7 +45,7 @@ from .inputs import (
 from .labelling.export import Candidate, export_round
 from .ledger import ModelRecord
 from .models import MCModel, read_pretrained, set_mc_mode
-from .posterior import ensemble_members, posterior_samples, samples_per_image
+from .posterior import ensemble_members, posterior_samples, samples_per_image, samples_scored
 from .resources import check_query_memory
 from .sources import Item, Snapshot, sync
 from .uncertainty import (
@@ -232,14 +232,14 @@ def plan(
     top = acquisition.get_strategy(q.strategy).streaming_score(q.balance)
     sink = ScoreCollector(
         len(snap.pool),
-        samples_per_image(q),
+        samples_scored(q, model),
         model.num_classes,
         model.feature_dim,
         ws.scores_dir(round_no),
         None if top is None or how != "top-k" else (top, q.budget),
         ids=[it.id for it in snap.pool],
     )
-    key = _scores_key(cfg, rec, mode)
+    key = _scores_key(cfg, rec, mode, samples_scored(q, model))
     reused = sink.reuse([ScoreStore(f) for f in ws.stored_scores()], key)
     shared = QueryPlan(
         snap.pool,
@@ -274,13 +274,15 @@ def _needs_labelled_features(cfg: Config, how: How) -> bool:
     return how == "cold-start" or (how == "strategy" and needs)
 
 
-def _scores_key(cfg: Config, model_rec: ModelRecord, mode: str) -> dict[str, Any]:
-    """What scores depend on: the model (checkpoint and when it was written), T, the
-    sampling path and the preprocessing."""
+def _scores_key(cfg: Config, model_rec: ModelRecord, mode: str, T: int) -> dict[str, Any]:
+    """What scores depend on: the model (checkpoint and when it was written), T (``T``: the
+    samples stored, when they are not ``query.mc_samples``), the sampling path and the
+    preprocessing."""
     return {
         "checkpoint": model_rec.checkpoint,
         "created_at": model_rec.created_at,
         "mc_samples": cfg.query.mc_samples,
+        **({"samples": T} if T != samples_per_image(cfg.query) else {}),
         "mode": mode,
         "preprocess": [cfg.model.channels, cfg.model.image_size, cfg.image.window, cfg.image.frame],
         **({"ensemble_size": cfg.query.ensemble_size} if ensemble_members(cfg.query) else {}),
@@ -404,7 +406,9 @@ def _score_frozen(
     backbone once, then stored), read a batch of ``query.batch_size`` at a time, and only the
     head is sampled (or, ``query.posterior = "ensemble"``, the K ensemble heads give the
     samples: :func:`posterior_samples`): memory holds one batch of features, whatever the
-    pool size. ``sink(rows, probs [B, T, C], features [B, D])`` as for :func:`score_batches`;
+    pool size. A whole-network companion's samples of the pool (:func:`_companion_scores`) are
+    averaged in sample by sample, or with ``query.companion_samples = "mixture"`` appended
+    (2T samples). ``sink(rows, probs [B, T, C], features [B, D])`` as for :func:`score_batches`;
     returns the unreadable files."""
     q, dim = cfg.query, model.feature_dim
     store, found, skipped = frozen_feature_store(ws, cfg, model, items, device)
@@ -429,9 +433,9 @@ def _score_frozen(
         f = torch.from_numpy(feats).to(device)
         probs = posterior_samples(model, f, q).float()
         if comp is not None:
-            probs = mixed(
-                probs, torch.from_numpy(comp[b * q.batch_size : b * q.batch_size + len(r)])
-            )
+            c = torch.from_numpy(comp[b * q.batch_size : b * q.batch_size + len(r)])
+            mixture = q.companion_samples == "mixture"
+            probs = torch.cat([probs, c.to(probs.device)], 1) if mixture else mixed(probs, c)
         sink(r, probs.cpu().numpy(), feats)
     return skipped
 

@@ -254,14 +254,16 @@ def _query_parts(
 
 def _companion_parts(cfg: Config, n_pool: int, act: float) -> list[tuple[str, float]]:
     """What the whole-network companion (``train.companion``) adds to a frozen-backbone query:
-    its samples of the whole pool (``[N, T, C]`` float32) and one batch of images through it
-    (``act``: the activation bytes of one image where they are counted)."""
+    its samples of the whole pool (``[N, T, C]`` float32; twice that with
+    ``query.companion_samples = "mixture"``, whose stored scores hold 2T samples) and one batch
+    of images through it (``act``: the activation bytes of one image where they are counted)."""
     q = cfg.query
     image = 4 * cfg.model.channels * cfg.model.image_size**2
+    mixture = 2 if q.companion_samples == "mixture" else 1  # the stored scores' T doubles
     return [
         (
             f"the companion's samples of {n_pool} images",
-            4 * n_pool * q.mc_samples * len(cfg.classes),
+            mixture * 4 * n_pool * q.mc_samples * len(cfg.classes),
         ),
         (
             f"one batch of query.batch_size = {q.batch_size} through the companion",

@@ -82,6 +82,12 @@ def test_holdout_is_stratified_disjoint_and_seeded():
             "train.companion",
             "freeze_backbone",
         ),
+        ({"query.companion_samples": "both"}, "query.companion_samples", "average, mixture"),
+        (
+            {"train.companion": "auto", "model.backbone_dropout": 0.1, "model.features": "last"},
+            "train.companion",
+            "full-network sampling",
+        ),
     ],
 )
 def test_bad_settings_are_one_line_errors_naming_the_key(tmp_path, over, key, hint):
@@ -170,7 +176,7 @@ def test_train_then_query_scores_the_pair(tmp_path, tiny_data):
     _certain(model.companion)
 
     def scores(m):
-        out = {}
+        out = {}  # uses cfg as it is when called
 
         def sink(rows, probs, _feats):
             for r, p in zip(rows, probs):
@@ -183,11 +189,20 @@ def test_train_then_query_scores_the_pair(tmp_path, tiny_data):
         return out
 
     mixed = scores(model)
+    comp = model.companion
     model.companion = None
     alone = scores(model)
     assert len(mixed) == len(alone) > 0
     for r, p in alone.items():
         np.testing.assert_allclose(mixed[r], (p + np.array([1.0, 0.0])) / 2, atol=1e-6)
+    # query.companion_samples = "mixture": the head's T samples, then the companion's T
+    cfg = load_config(cfg_path, {**PROBE, "query.companion_samples": "mixture"})
+    model.companion = comp
+    both = scores(model)
+    for r, p in alone.items():
+        assert both[r].shape == (2 * cfg.query.mc_samples, 2)
+        np.testing.assert_allclose(both[r][: cfg.query.mc_samples], p, atol=1e-6)
+        np.testing.assert_allclose(both[r][cfg.query.mc_samples :, 0], 1.0, atol=1e-6)
 
 
 def test_the_query_memory_estimate_counts_the_companion(tmp_path):
@@ -201,3 +216,16 @@ def test_the_query_memory_estimate_counts_the_companion(tmp_path):
     extra = {k: v for k, v in on.items() if k not in off}
     assert extra["the companion's samples of 1000 images"] == 4 * 1000 * 8 * 2  # N T C float32
     assert any("through the companion" in k and v > 0 for k, v in extra.items())
+
+
+def test_a_mixture_query_stores_2t_samples(tmp_path, tiny_data):
+    """medal query with query.companion_samples = "mixture" after a companion round: the
+    stored scores hold the head's and the companion's samples, 2T per image."""
+    cfg_path = write_config(tmp_path)
+    c = ["-c", str(cfg_path), "-q"]
+    for pair in [*SETS, 'train.companion="always"', 'query.companion_samples="mixture"']:
+        c += ["--set", pair]
+    assert main(["train", *c]) == 0
+    assert main(["query", *c]) == 0
+    (scores,) = (tmp_path / "ws" / "scores").iterdir()
+    assert np.load(scores / "probs.npy").shape == (40, 16, 2)  # mc_samples = 8
