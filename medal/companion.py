@@ -3,10 +3,12 @@
 
 A frozen self-supervised backbone with a linear head wins with tens of labels; with hundreds
 its ceiling can be below that of a network trained end to end on the labels. Fine-tuning the
-backbone (LP-FT, :mod:`medal.finetune`) closed a third of that gap on RetinaMNIST; averaging
-the frozen head with a separately trained whole network reached the whole network's ceiling
-on both bundled sets and raised RetinaMNIST's learning curve (docs/experiments-lpft.md, Runs
-F4, F5 and M1). That is the companion:
+backbone (LP-FT, :mod:`medal.finetune`) closed a third of that gap on RetinaMNIST. Averaging
+the frozen head with a separately trained whole network, the companion, raises random-pick
+learning curves (docs/experiments-lpft.md, Runs F5, M1, M2) and ends above whole-network
+training on PneumoniaMNIST, but 0.001-0.002 below it on RetinaMNIST, and in the simulated
+loop it lowers BALD's curves (docs/experiments-acquisition.md, Runs C1, C2): so it is opt-in,
+``train.companion = "off"`` by default. How it works:
 
 * It joins once there are ``train.companion_min_labels`` training labels in all
   (``train.companion = "auto"``; a count fixed in advance, using nothing but the labels
@@ -21,7 +23,9 @@ F4, F5 and M1). That is the companion:
 * Its dropout is in its head only, so its MC samples cost one backbone pass per image.
   Sample t of the pair is the mean of the head's sample t and the companion's sample t
   (``[B, T, C]`` either way), so BALD, entropy and the other scores take them unchanged, and
-  every prediction, metric and manifest probability is of the average.
+  every prediction, metric and manifest probability is of the average. With
+  ``query.companion_samples = "mixture"`` the query's scores take both models' samples side
+  by side instead (``[B, 2T, C]``), which keeps their disagreement for BALD.
 * It is saved in the round's checkpoint (``companion.*`` weights and its shape under
   ``"companion"``), so ``medal query`` and the labelling page see the pair the round trained.
 """
