@@ -120,8 +120,8 @@ def _after_probe(
     """After the frozen-backbone probe of ``x [N, C, S, S]``, ``y [N]``: LP-FT as
     ``train.finetune`` decides (:func:`medal.finetune.after_probe`; its result is returned),
     then the ensemble's heads, if the model has any (:func:`fit_members`), then the
-    whole-network companion as ``train.companion`` decides (:func:`medal.companion.fit_companion`;
-    its note and seconds join the result)."""
+    whole-network companion as ``train.companion`` decides (:func:`fit_companion`; its note
+    and seconds join the result)."""
     from .finetune import after_probe  # imports this module
 
     result = after_probe(model, x, y, cfg, probe, device=device, seed=seed, progress=progress)
@@ -891,13 +891,24 @@ def load_checkpoint(
     if fresh_members:
         state = {k: v for k, v in state.items() if not k.startswith("companion.")}
     else:
-        model.companion = None if "companion" not in ck else build_companion(ck["companion"])
+        model.companion = None if "companion" not in ck else _built_companion(path, ck["companion"])
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         detail = " ".join(str(e).split())  # torch lists each key on its own line
         raise ModelError(f"checkpoint {path} does not fit the model: {detail[:300]}") from None
     return ck
+
+
+def _built_companion(path: Path, spec: dict[str, Any]) -> MCModel:
+    """The companion a checkpoint's shape ``spec`` describes (its weights not yet loaded)."""
+    try:
+        return build_companion(spec)
+    except (KeyError, TypeError, ValueError, ModelError) as e:
+        raise ModelError(
+            f"checkpoint {path} is damaged: its companion's weights and shape do not go "
+            f"together (shape {spec!r}: {type(e).__name__} {e})"
+        ) from None
 
 
 def _companion_state(

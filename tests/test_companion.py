@@ -152,10 +152,16 @@ def test_checkpoints_keep_the_companion_and_a_warm_start_drops_it(tmp_path):
     warm = start_model(cfg, path)  # the next round trains its companion anew
     assert warm.companion is None
     assert torch.equal(warm.head[-1].weight, model.head[-1].weight)
-    del ck["companion"]  # weights without their shape: a damaged file, said so
-    torch.save(ck, path)
-    with pytest.raises(ModelError, match="companion's weights and shape"):
-        load_checkpoint(path, build_model(cfg), cfg.classes, cfg.model.name, cfg.model.channels)
+    for damage in ({"companion": {"hidden": 128}}, {"companion": None}):
+        # a shape without its keys, weights without their shape: a damaged file, said so
+        torch.save(
+            {**ck, **damage}
+            if damage["companion"]
+            else {k: v for k, v in ck.items() if k != "companion"},
+            path,
+        )
+        with pytest.raises(ModelError, match="companion's weights and shape"):
+            load_checkpoint(path, build_model(cfg), cfg.classes, cfg.model.name, cfg.model.channels)
 
 
 def test_train_then_query_scores_the_pair(tmp_path, tiny_data):
