@@ -230,9 +230,10 @@ class QueryConfig:
     companion_samples: str = "average"
     """With a whole-network companion (``train.companion``), the samples the scores take:
     "average" (default: sample t of the head averaged with sample t of the companion, T
-    samples) or "mixture" (the head's T samples followed by the companion's T, 2T samples, so
-    that BALD and the other scores see the two models' disagreement). Predictions and metrics
-    are the same either way (the mean of the samples)."""
+    samples), "mixture" (the head's T samples followed by the companion's T, 2T samples, so
+    that BALD and the other scores see the two models' disagreement) or "head" (the frozen
+    head's T samples alone: the picks are those without a companion, and the manifest's
+    probabilities are the head's). Metrics are the pair's average whichever it is."""
 
 
 @dataclass(frozen=True)
@@ -735,9 +736,9 @@ def _validate_companion(cfg: Config, need: _Need) -> None:
     scoring of a frozen backbone runs it."""
     t, q = cfg.train, cfg.query
     need(
-        q.companion_samples in ("average", "mixture"),
+        q.companion_samples in ("average", "mixture", "head"),
         "query.companion_samples",
-        "one of average, mixture",
+        "one of average, mixture, head",
         q.companion_samples,
     )
     full = q.sampling == "full" or (q.sampling == "auto" and cfg.model.backbone_dropout > 0)

@@ -408,13 +408,14 @@ def _score_frozen(
     samples: :func:`posterior_samples`): memory holds one batch of features, whatever the
     pool size. A whole-network companion's samples of the pool (:func:`_companion_scores`) are
     averaged in sample by sample, or with ``query.companion_samples = "mixture"`` appended
-    (2T samples). ``sink(rows, probs [B, T, C], features [B, D])`` as for :func:`score_batches`;
+    (2T samples); ``"head"`` leaves it out of the scores. ``sink(rows, probs [B, T, C],
+    features [B, D])`` as for :func:`score_batches`;
     returns the unreadable files."""
     q, dim = cfg.query, model.feature_dim
     store, found, skipped = frozen_feature_store(ws, cfg, model, items, device)
     rows = np.flatnonzero(found)
     comp = None
-    if model.companion is not None:
+    if model.companion is not None and q.companion_samples != "head":
         comp, lost = _companion_scores(cfg, model.companion, items, rows, device, seed, progress)
         skipped |= lost
         rows = rows[~np.isnan(comp[:, 0, 0])]

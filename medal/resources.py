@@ -238,7 +238,12 @@ def _query_parts(
             )
         )
     parts.append((f"the list of {n_pool} pool images", POOL_ITEM_BYTES * n_pool))
-    if streamed and not zero_label and cfg.train.companion != "off":
+    if (
+        streamed
+        and not zero_label
+        and cfg.train.companion != "off"
+        and q.companion_samples != "head"
+    ):
         parts += _companion_parts(cfg, n_pool, on_cpu * infer_act)
     if zero_label:
         parts.append((f"features of {n_pool} images", 2 * 4 * n_pool * dim))

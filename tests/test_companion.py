@@ -82,7 +82,7 @@ def test_holdout_is_stratified_disjoint_and_seeded():
             "train.companion",
             "freeze_backbone",
         ),
-        ({"query.companion_samples": "both"}, "query.companion_samples", "average, mixture"),
+        ({"query.companion_samples": "both"}, "query.companion_samples", "average, mixture, head"),
         (
             {"train.companion": "auto", "model.backbone_dropout": 0.1, "model.features": "last"},
             "train.companion",
@@ -209,6 +209,11 @@ def test_train_then_query_scores_the_pair(tmp_path, tiny_data):
         assert both[r].shape == (2 * cfg.query.mc_samples, 2)
         np.testing.assert_allclose(both[r][: cfg.query.mc_samples], p, atol=1e-6)
         np.testing.assert_allclose(both[r][cfg.query.mc_samples :, 0], 1.0, atol=1e-6)
+    # query.companion_samples = "head": the frozen head's samples alone, as without a companion
+    cfg = load_config(cfg_path, {**PROBE, "query.companion_samples": "head"})
+    head_only = scores(model)
+    for r, p in alone.items():
+        np.testing.assert_array_equal(head_only[r], p)
 
 
 def test_the_query_memory_estimate_counts_the_companion(tmp_path):
