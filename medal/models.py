@@ -39,17 +39,36 @@ def available_models() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def _conv_block(i: int, o: int) -> list[nn.Module]:
+    """3x3 convolution (no bias), BatchNorm, ReLU: ``[B, i, H, W] -> [B, o, H, W]``."""
+    return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+
 @register_backbone("small_cnn")
 def _small_cnn(in_channels: int) -> tuple[nn.Module, int]:
-    def block(i: int, o: int) -> list[nn.Module]:
-        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
-
     net = nn.Sequential(
-        *block(in_channels, 32),
+        *_conv_block(in_channels, 32),
         nn.MaxPool2d(2),
-        *block(32, 64),
+        *_conv_block(32, 64),
         nn.MaxPool2d(2),
-        *block(64, 128),
+        *_conv_block(64, 128),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    return net, 128
+
+
+@register_backbone("small_cnn4")
+def _small_cnn4(in_channels: int) -> tuple[nn.Module, int]:
+    """small_cnn with a fourth conv block (128 channels) at the last 7x7 scale: 32-64-128-128,
+    the backbone of the pool self-supervision side experiment (../shared/research)."""
+    net = nn.Sequential(
+        *_conv_block(in_channels, 32),
+        nn.MaxPool2d(2),
+        *_conv_block(32, 64),
+        nn.MaxPool2d(2),
+        *_conv_block(64, 128),
+        *_conv_block(128, 128),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
     )

@@ -6,7 +6,7 @@ from medal.errors import ModelError
 from medal.models import available_models, create_model, set_mc_mode
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["small_cnn", "small_cnn4", "resnet18"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_forward_shapes(name, channels):
     m = create_model(name, 3, in_channels=channels, hidden=16).eval()
@@ -83,7 +83,12 @@ def test_backbone_split_reproduces_features(name, last_in_prefix):
 
 
 @pytest.mark.parametrize(
-    "name, width", [("small_cnn", 32 + 64 + 128), ("resnet18", 64 + 128 + 256 + 512)]
+    "name, width",
+    [
+        ("small_cnn", 32 + 64 + 128),
+        ("small_cnn4", 32 + 64 + 128 + 128),
+        ("resnet18", 64 + 128 + 256 + 512),
+    ],
 )
 def test_multiscale_features_add_each_earlier_stage(name, width):
     ms = create_model(name, 2, hidden=0, features="multiscale").eval()
@@ -95,7 +100,7 @@ def test_multiscale_features_add_each_earlier_stage(name, width):
         f = ms.features(x)
         assert f.shape == (3, width)
         torch.testing.assert_close(f[:, -ms.backbone_dim :], last.features(x))
-        if name == "small_cnn":  # first stage: conv, BN, ReLU, then global average pooling
+        if name.startswith("small_cnn"):  # first stage: conv, BN, ReLU, then average pooling
             torch.testing.assert_close(f[:, :32], ms.backbone[:3](x).mean((2, 3)))
         else:
             bb = ms.backbone
@@ -107,7 +112,7 @@ def test_multiscale_features_add_each_earlier_stage(name, width):
     ms.features(x)[:, 0].sum().backward()  # the earliest stage trains with the whole network
     assert (
         ms.backbone[0].weight.grad.abs().sum() > 0
-        if name == "small_cnn"
+        if name.startswith("small_cnn")
         else ms.backbone.conv1.weight.grad.abs().sum() > 0
     )
 
