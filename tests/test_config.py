@@ -48,7 +48,7 @@ def test_missing_required_key(tmp_path):
     "snippet, match",
     [
         ('[query]\nstrategy = "bold"\n', r"query\.strategy.*one of bald, entropy"),
-        ('[model]\nname = "vgg"\n', r"model\.name.*small_cnn, resnet18"),
+        ('[model]\nname = "vgg"\n', r"model\.name.*small_cnn, small_cnn4, resnet18"),
         ("[query]\nbudget = 0\n", r"query\.budget.*>= 1"),
         ('[query]\nbudget = "ten"\n', r"query\.budget.*must be int"),
         ("[model]\ndropout = 0.0\n", r"model\.dropout"),
