@@ -163,6 +163,8 @@ def backbone(cfg: Config, x: torch.Tensor, path: Path) -> Path:
                 temperature=r.temperature,
                 lr=r.lr,
                 seed=cfg.seed,
+                min_steps=r.min_steps,
+                max_steps=r.max_steps,
             ),
             device=torch.device("cpu"),
             progress=False,
