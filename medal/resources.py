@@ -238,12 +238,7 @@ def _query_parts(
             )
         )
     parts.append((f"the list of {n_pool} pool images", POOL_ITEM_BYTES * n_pool))
-    if (
-        streamed
-        and not zero_label
-        and cfg.train.companion != "off"
-        and q.companion_samples != "head"
-    ):
+    if streamed and not zero_label:
         parts += _companion_parts(cfg, n_pool, on_cpu * infer_act)
     if zero_label:
         parts.append((f"features of {n_pool} images", 2 * 4 * n_pool * dim))
@@ -261,8 +256,11 @@ def _companion_parts(cfg: Config, n_pool: int, act: float) -> list[tuple[str, fl
     """What the whole-network companion (``train.companion``) adds to a frozen-backbone query:
     its samples of the whole pool (``[N, T, C]`` float32; twice that with
     ``query.companion_samples = "mixture"``, whose stored scores hold 2T samples) and one batch
-    of images through it (``act``: the activation bytes of one image where they are counted)."""
+    of images through it (``act``: the activation bytes of one image where they are counted).
+    None without a companion, or when the scores leave it out (``"head"``)."""
     q = cfg.query
+    if cfg.train.companion == "off" or q.companion_samples == "head":
+        return []
     image = 4 * cfg.model.channels * cfg.model.image_size**2
     mixture = 2 if q.companion_samples == "mixture" else 1  # the stored scores' T doubles
     return [
