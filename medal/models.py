@@ -44,35 +44,32 @@ def _conv_block(i: int, o: int) -> list[nn.Module]:
     return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
 
 
-@register_backbone("small_cnn")
-def _small_cnn(in_channels: int) -> tuple[nn.Module, int]:
-    net = nn.Sequential(
+def _small_cnn_net(in_channels: int, extra_blocks: int) -> nn.Sequential:
+    """Conv blocks of 32, 64 and 128 channels with 2x2 max pooling after the first two, then
+    ``extra_blocks`` more 128-channel blocks at the last scale, global average pooled:
+    ``[B, C, S, S] -> [B, 128]``."""
+    layers = [
         *_conv_block(in_channels, 32),
         nn.MaxPool2d(2),
         *_conv_block(32, 64),
         nn.MaxPool2d(2),
         *_conv_block(64, 128),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-    )
-    return net, 128
+    ]
+    for _ in range(extra_blocks):
+        layers += _conv_block(128, 128)
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+@register_backbone("small_cnn")
+def _small_cnn(in_channels: int) -> tuple[nn.Module, int]:
+    return _small_cnn_net(in_channels, 0), 128
 
 
 @register_backbone("small_cnn4")
 def _small_cnn4(in_channels: int) -> tuple[nn.Module, int]:
     """small_cnn with a fourth conv block (128 channels) at the last 7x7 scale: 32-64-128-128,
     the backbone of the pool self-supervision side experiment (../shared/research)."""
-    net = nn.Sequential(
-        *_conv_block(in_channels, 32),
-        nn.MaxPool2d(2),
-        *_conv_block(32, 64),
-        nn.MaxPool2d(2),
-        *_conv_block(64, 128),
-        *_conv_block(128, 128),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-    )
-    return net, 128
+    return _small_cnn_net(in_channels, 1), 128
 
 
 def _adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
