@@ -29,6 +29,7 @@ from .inputs import (
     pretrained_backbone,
     representation_seed,
     round_seed,
+    ssl_settings,
     start_model,
 )
 from .labelling.ingest import FINAL_SOURCES, IngestResult, ingest_round
@@ -78,6 +79,7 @@ __all__ = [
     "pretrained_backbone",
     "representation_seed",
     "round_seed",
+    "ssl_settings",
     "start_model",
     "training_epochs",
 ]

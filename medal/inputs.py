@@ -129,6 +129,14 @@ def representation_seed(cfg: Config) -> int:
     return cfg.seed if r is None else r
 
 
+def ssl_settings(cfg: Config) -> SSLSettings:
+    """The pretraining's settings from ``cfg.representation`` (its seed by
+    :func:`representation_seed`): one place, so every caller pretrains as ``medal train`` does."""
+    r = cfg.representation
+    keys = ("epochs", "batch_size", "temperature", "lr", "min_steps", "max_steps")
+    return SSLSettings(seed=representation_seed(cfg), **{k: getattr(r, k) for k in keys})
+
+
 def pretraining_images(cfg: Config, items: list[Item]) -> torch.utils.data.Dataset:
     """The images pretraining reads every epoch, streamed batch by batch: from their compact
     store under the decode cache (filled once, :func:`medal.poolstore.stored_images`), or
@@ -203,12 +211,10 @@ def backbone_job(
 ) -> tuple[Path, list[Item], SSLSettings]:
     """The cache file of this workspace's self-supervised backbone, the images it learns from
     and its settings."""
-    r = cfg.representation
     items = [*snap.pool, *snap.labelled]
     if cfg.data.validation is None:
         items += snap.validation
-    keys = ("epochs", "batch_size", "temperature", "lr", "min_steps", "max_steps")
-    settings = SSLSettings(seed=representation_seed(cfg), **{k: getattr(r, k) for k in keys})
+    settings = ssl_settings(cfg)
     key = ssl_cache_key(
         [it.id for it in items],
         {

@@ -49,7 +49,7 @@ from medal.config import Config, TrainConfig, add_overrides_argument, load_confi
 from medal.finetune import finetune_decision
 from medal.data import NORMALISE_MEAN, NORMALISE_STD
 from medal.metrics import classification_metrics
-from medal.representation import SSLSettings, pretrain_and_cache
+from medal.representation import pretrain_and_cache
 from medal.simulate import t_interval_or_nan as interval
 from medal.train import build_model, fit, predict_deterministic
 
@@ -150,22 +150,13 @@ def arrays(dataset: str, split: str) -> tuple[torch.Tensor, np.ndarray]:
 def backbone(cfg: Config, x: torch.Tensor, path: Path) -> Path:
     """The seed's SimCLR backbone on ``x`` (cached at ``path``), as ``medal train`` makes it."""
     if not path.is_file():
-        r = cfg.representation
         model = api.start_model(cfg, None)
         pretrain_and_cache(
             path,
             model.backbone,
             model.backbone_dim,
             x,
-            SSLSettings(
-                epochs=r.epochs,
-                batch_size=r.batch_size,
-                temperature=r.temperature,
-                lr=r.lr,
-                seed=cfg.seed,
-                min_steps=r.min_steps,
-                max_steps=r.max_steps,
-            ),
+            api.ssl_settings(cfg),
             device=torch.device("cpu"),
             progress=False,
         )

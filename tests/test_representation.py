@@ -255,6 +255,33 @@ def test_step_limits_are_validated(tmp_path):
     assert (r.min_steps, r.max_steps) == (0, 3000)
 
 
+def test_ssl_settings_carry_every_pretraining_key(tmp_path):
+    """The settings ``medal train`` pretrains with (and the benchmarks, through the same
+    function) take each representation key and the pretraining's seed."""
+    over = {
+        "representation.epochs": 7,
+        "representation.batch_size": 64,
+        "representation.temperature": 0.3,
+        "representation.lr": 0.002,
+        "representation.min_steps": 40,
+        "representation.max_steps": 90,
+    }
+    cfg = load_config(write_config(tmp_path, ""), over)
+    s = api.ssl_settings(cfg)
+    assert (s.epochs, s.batch_size, s.temperature, s.lr, s.min_steps, s.max_steps) == (
+        7,
+        64,
+        0.3,
+        0.002,
+        40,
+        90,
+    )
+    assert s.seed == cfg.seed
+    assert api.ssl_settings(dataclasses.replace(cfg, seed=5)).seed == 5
+    again = load_config(write_config(tmp_path, ""), {**over, "representation.seed": 11})
+    assert api.ssl_settings(dataclasses.replace(again, seed=5)).seed == 11
+
+
 class _Images(torch.utils.data.Dataset):
     """``x [N, C, S, S]`` under ImageDataset's contract, items in ``broken`` unreadable (and
     every item after ``readable_reads`` reads: "gone"); counts the items read."""
