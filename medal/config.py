@@ -153,6 +153,17 @@ class TrainConfig:
     companion_holdout: float = 0.2
     """Share of the labels the companion holds out (stratified) to choose its best epoch; the
     frozen head still trains on every label."""
+    head_choice: str = "off"
+    """With ``freeze_backbone`` and the linear head (``model.hidden = 0``): "cv" chooses each
+    round between the linear head and a head with a hidden layer of ``head_choice_hidden``
+    units, by the out-of-fold macro AUROC of a stratified 5-fold split of the training labels
+    (:mod:`medal.headchoice`), once there are ``head_choice_min_labels`` of them; "off"
+    (default): the configured head always."""
+    head_choice_min_labels: int = 100
+    """``head_choice = "cv"``: training labels (all classes together) before the choice is
+    made; fewer keep the linear head."""
+    head_choice_hidden: int = 128
+    """``head_choice = "cv"``: units of the hidden-layer head it may choose."""
     validation_fraction: float = 0.0
     """Without ``data.validation``: share of the initial labelled set held out (stratified,
     chosen once and frozen in the ledger, so metrics compare across rounds) to choose epochs
@@ -641,6 +652,7 @@ def _validate_values(cfg: Config, where: str) -> None:
     _validate_model(cfg.model, need)
     _validate_train(cfg.train, need)
     _validate_train_probe_and_finetune(cfg.train, need)
+    _validate_head_choice(cfg, need)
     _validate_companion(cfg, need)
     _validate_the_rest(cfg, need)
     _validate_posterior(cfg, need)
@@ -729,6 +741,26 @@ def _validate_train_probe_and_finetune(t: TrainConfig, need: _Need) -> None:
         "in [0, 1)",
         t.validation_fraction,
     )
+
+
+def _validate_head_choice(cfg: Config, need: _Need) -> None:
+    """The values of the head's choice by cross-validation (``train.head_choice``)."""
+    t = cfg.train
+    need(t.head_choice in ("off", "cv"), "train.head_choice", "one of off, cv", t.head_choice)
+    need(
+        t.head_choice == "off" or (t.freeze_backbone and cfg.model.hidden == 0),
+        "train.head_choice",
+        '"off" unless train.freeze_backbone = true and model.hidden = 0 (it chooses between '
+        "the linear head and a hidden layer for the frozen backbone's probe)",
+        t.head_choice,
+    )
+    need(
+        t.head_choice_min_labels >= 2,
+        "train.head_choice_min_labels",
+        ">= 2",
+        t.head_choice_min_labels,
+    )
+    need(t.head_choice_hidden >= 1, "train.head_choice_hidden", ">= 1", t.head_choice_hidden)
 
 
 def _validate_companion(cfg: Config, need: _Need) -> None:

@@ -359,6 +359,28 @@ class MCModel(nn.Module):
     def num_classes(self) -> int:
         return int(cast(nn.Linear, self.head[-1]).out_features)
 
+    @property
+    def head_hidden(self) -> int:
+        """The head's hidden units, 0 for the linear head (:class:`StochasticHead`)."""
+        return (
+            0
+            if isinstance(self.head[0], Standardize)
+            else cast(nn.Linear, self.head[1]).out_features
+        )
+
+    def set_head_width(self, hidden: int) -> None:
+        """Replace ``head`` and any ensemble heads by fresh :class:`StochasticHead` s of
+        ``hidden`` units (0: linear), same dropout, on the head's device (``train.head_choice``
+        and checkpoints that record the choice). Weights come from the global RNG."""
+        old = self.head
+        p = next(m.p for m in old if isinstance(m, nn.Dropout))
+        dim, k = self.feature_dim, self.num_classes
+        device = cast(nn.Linear, old[-1]).weight.device
+        self.head = StochasticHead(dim, hidden, k, p).to(device)
+        self.members = nn.ModuleList(
+            StochasticHead(dim, hidden, k, p).to(device) for _ in range(len(self.members))
+        )
+
     def backbone_is_stochastic(self) -> bool:
         return is_stochastic(self.backbone)
 

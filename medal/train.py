@@ -23,6 +23,7 @@ from .companion import build_companion, companion_decision, companion_spec, hold
 from .config import Config, TrainConfig
 from .errors import ModelError
 from .fitting import Augmenter, FitResult, check_finite, class_weights
+from .headchoice import HeadChoice, choose_head
 from .metrics import classification_metrics, defined_monitor, monitor_value, show_metric
 from .models import MCModel, Standardize, model_from_config, read_weights
 from .posterior import bootstrap_rows, ensemble_members
@@ -525,6 +526,7 @@ def fit_probe(
     tc = cfg.train
     model.to(device)
     f = backbone_features(model, x, device).to(device)
+    choice = _choose_head(model, f, y, cfg, seed)
     head = model.head
     yt, loss_fn = _fit_head(head, f, y, cfg, seed, progress, log)
     step, note = tc.probe_steps, ""
@@ -538,9 +540,34 @@ def fit_probe(
     if progress:
         tqdm.write(
             f"head trained on {len(x)} images' features: {tc.probe_steps} steps{note}, "
-            f"loss {row['loss']:.4f}"
+            f"loss {row['loss']:.4f}" + (f"; {choice.note()}" if choice else "")
         )
-    return FitResult(epochs=1, best_epoch=1, history=[row], seconds=time.perf_counter() - t0)
+    return FitResult(
+        epochs=1,
+        best_epoch=1,
+        history=[row],
+        seconds=time.perf_counter() - t0,
+        notes=[choice.note()] if choice else [],
+    )
+
+
+def _choose_head(
+    model: MCModel, f: torch.Tensor, y: np.ndarray, cfg: Config, seed: int
+) -> HeadChoice | None:
+    """Give ``model`` the head ``train.head_choice`` chooses for features ``f [N, D]`` and
+    labels ``y [N]`` (:func:`medal.headchoice.choose_head`), else the configured one
+    (``model.hidden``): a fresh head, seeded with ``seed``, when the width changes (a warm
+    start keeps the parent's head when it is the one chosen). Returns the choice, if made."""
+
+    def fit_head(head: nn.Module, fk: torch.Tensor, yk: np.ndarray) -> None:
+        _fit_head(head, fk, yk, cfg, seed, progress=False)
+
+    choice = choose_head(f, y, cfg, seed, fit_head)
+    hidden = cfg.model.hidden if choice is None else choice.hidden
+    if model.head_hidden != hidden:
+        torch.manual_seed(seed)
+        model.set_head_width(hidden)
+    return choice
 
 
 def _fit_head(
@@ -834,6 +861,7 @@ def save_checkpoint(
         "model_name": cfg.model.name,
         "channels": cfg.model.channels,
         "features": model.features_mode,
+        "head_hidden": model.head_hidden,
         "medal_version": __version__,
         "round": round_no,
         **({} if model.companion is None else {"companion": model.companion.spec}),
@@ -887,6 +915,9 @@ def load_checkpoint(
             f'model.features = "{trained}" to go on from this project\'s '
             f'checkpoints (those of medal before 0.2 are "last")'
         )
+    hidden = ck.get("head_hidden")  # train.head_choice's choice (absent before it existed)
+    if isinstance(hidden, int) and hidden != model.head_hidden:
+        model.set_head_width(hidden)
     state = _companion_state(path, ck, _member_state(path, ck["state_dict"], model, fresh_members))
     if fresh_members:
         state = {k: v for k, v in state.items() if not k.startswith("companion.")}

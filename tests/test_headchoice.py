@@ -1,0 +1,179 @@
+"""train.head_choice: the frozen backbone's head chosen between linear and a hidden layer by
+cross-validation on the labelled set (issue 25, Run H1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medal.cli import main
+from medal.config import load_config
+from medal.errors import ConfigError
+from medal.headchoice import choose_head
+from medal.inputs import model_from, start_model
+from medal.train import _choose_head, _fit_head, build_model, fit, save_checkpoint
+from medal.train import predict_deterministic
+
+from conftest import write_config
+from test_train import separable
+
+CPU = torch.device("cpu")
+PROBE = {
+    "train.freeze_backbone": True,
+    "model.hidden": 0,
+    "train.probe_steps": 60,
+    "train.validation_fraction": 0.0,
+    "train.head_choice": "cv",
+    "train.head_choice_min_labels": 20,
+    "train.head_choice_hidden": 32,
+}
+
+
+def _cfg(tmp_path, **over):
+    return load_config(write_config(tmp_path), {**PROBE, **over})
+
+
+def xor(n: int = 120, seed: int = 0, dim: int = 8) -> tuple[torch.Tensor, np.ndarray]:
+    """Features ``[n, dim]`` whose class is the XOR of the signs of the first two: no linear
+    head can rank them (AUROC about 0.5), a hidden layer can."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(n, dim, generator=g)
+    y = ((f[:, 0] > 0) ^ (f[:, 1] > 0)).long().numpy()
+    f[:, :2] *= 3
+    return f, y
+
+
+def linear_task(n: int = 120, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """Features ``[n, 8]``, class by the sign of the first, plus label noise."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(n, 8, generator=g)
+    y = (f[:, 0] + 0.8 * torch.randn(n, generator=g) > 0).long().numpy()
+    return f, y
+
+
+def _fitter(cfg, seed=0):
+    return lambda head, f, y: _fit_head(head, f, y, cfg, seed, progress=False)
+
+
+def test_a_hidden_layer_is_chosen_where_only_it_can_rank(tmp_path):
+    cfg = _cfg(tmp_path, **{"train.probe_steps": 300})
+    f, y = xor()
+    c = choose_head(f, y, cfg, 0, _fitter(cfg))
+    assert c is not None and c.folds == 5
+    assert c.scores[0] < 0.6 and c.scores[32] > 0.8, c.scores
+    assert c.hidden == 32
+    assert "hidden layer of 32, by 5-fold cross-validation" in c.note()
+    again = choose_head(f, y, cfg, 0, _fitter(cfg))
+    assert again == c  # seeded: the same folds, heads and scores
+
+
+def test_the_choice_follows_the_scores_and_ties_keep_linear(tmp_path):
+    cfg = _cfg(tmp_path)
+    f, y = linear_task()
+    c = choose_head(f, y, cfg, 3, _fitter(cfg, 3))
+    assert c is not None and c.scores[0] > 0.75
+    assert c.hidden == (32 if c.scores[32] > c.scores[0] else 0)
+    # equal scores (both heads predict uniform probabilities): the linear head
+    c1 = choose_head(f, y, cfg, 3, _uniform)
+    assert c1 is not None and c1.scores == {0: 0.5, 32: 0.5} and c1.hidden == 0
+
+
+def _uniform(head, _f, _y):
+    """A "training" that leaves every head predicting the same probability for each class."""
+    with torch.no_grad():
+        head[-1].weight.zero_()
+        head[-1].bias.zero_()
+
+
+@pytest.mark.parametrize(
+    "over, n, why",
+    [
+        ({"train.head_choice": "off"}, 120, "off"),
+        ({}, 19, "fewer labels than head_choice_min_labels"),
+    ],
+)
+def test_no_choice_where_it_does_not_apply(tmp_path, over, n, why):
+    cfg = _cfg(tmp_path, **over)
+    f, y = xor()
+    assert choose_head(f[:n], y[:n], cfg, 0, _fitter(cfg)) is None, why
+
+
+def test_no_choice_while_a_class_has_fewer_than_two_labels(tmp_path):
+    cfg = _cfg(tmp_path)
+    f, y = xor()
+    keep = np.r_[np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:1]]
+    assert choose_head(f[keep], y[keep], cfg, 0, _fitter(cfg)) is None
+    keep = np.r_[np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:3]]
+    c = choose_head(f[keep], y[keep], cfg, 0, _fitter(cfg))
+    assert c is not None and c.folds == 3  # the smallest class's count
+
+
+def test_the_model_takes_the_chosen_head_and_its_checkpoint_keeps_it(tmp_path):
+    cfg = _cfg(tmp_path, **{"train.probe_steps": 300})
+    model = build_model(cfg)
+    assert model.head_hidden == 0
+    f, y = xor(dim=model.feature_dim)
+    f[:, 2:] *= 0.1  # the rest are weak noise
+    c = _choose_head(model, f, y, cfg, 0)
+    assert c is not None and c.hidden == 32 and model.head_hidden == 32
+    _fit_head(model.head, f, y, cfg, 0, progress=False)
+    path = tmp_path / "round-000.pt"
+    save_checkpoint(path, model, cfg, 0)
+    assert torch.load(path, weights_only=True)["head_hidden"] == 32
+    plain = _cfg(tmp_path, **{"train.head_choice": "off"})  # whatever the config says now
+    loaded = model_from(plain, path)
+    assert loaded.head_hidden == 32
+    np.testing.assert_allclose(
+        predict_deterministic(loaded.head, f, CPU), predict_deterministic(model.head, f, CPU)
+    )
+    warm = start_model(cfg, path)  # the next round starts from the chosen head
+    assert warm.head_hidden == 32
+    # below the label count the configured (linear) head comes back, fresh
+    assert _choose_head(warm, f[:10], y[:10], cfg, 0) is None and warm.head_hidden == 0
+
+
+def test_fit_chooses_on_image_features_and_says_so(tmp_path):
+    cfg = _cfg(tmp_path, **{"train.head_choice_min_labels": 32})
+    x, y = separable(32)
+    model = build_model(cfg)
+    r = fit(model, x, y, cfg, epochs=1, device=CPU, progress=False)
+    (note,) = [n for n in r.notes if "cross-validation" in n]
+    assert "5-fold" in note and "out-of-fold AUROC linear" in note
+    assert model.head_hidden in (0, 32)
+    assert ("hidden layer of 32" in note) is (model.head_hidden == 32)
+    few = fit(build_model(cfg), x[:31], y[:31], cfg, epochs=1, device=CPU, progress=False)
+    assert not any("cross-validation" in n for n in few.notes)
+
+
+@pytest.mark.parametrize(
+    "over, hint",
+    [
+        ({"train.head_choice": "auto"}, "one of off, cv"),
+        ({"model.hidden": 64}, "model.hidden = 0"),
+        ({"train.freeze_backbone": False}, "train.freeze_backbone = true"),
+        ({"train.head_choice_min_labels": 1}, ">= 2"),
+        ({"train.head_choice_hidden": 0}, ">= 1"),
+    ],
+)
+def test_bad_settings_are_one_line_errors_naming_the_key(tmp_path, over, hint):
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp_path, **over)
+    assert "train.head_choice" in str(e.value) and hint in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_train_then_query_with_the_choice(tmp_path, tiny_data):
+    """medal train then medal query with train.head_choice = "cv" on the tiny set (8 labels,
+    4 per class; the choice from 8 labels on): the round's checkpoint records the head the
+    choice gave, and the query scores with it."""
+    cfg_path = write_config(tmp_path)
+    c = ["-c", str(cfg_path), "-q"]
+    for k, v in {**PROBE, "train.head_choice_min_labels": 8}.items():
+        c += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else repr(v)}"]
+    c = [a.replace("'", '"') for a in c]
+    assert main(["train", *c]) == 0
+    (ck,) = (tmp_path / "ws" / "checkpoints").glob("*.pt")
+    assert torch.load(ck, weights_only=True)["head_hidden"] in (0, 32)
+    assert main(["query", *c]) == 0
+    assert (tmp_path / "ws" / "labelling" / "round-001").is_dir()
