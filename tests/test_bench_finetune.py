@@ -1,0 +1,83 @@
+"""scripts/bench_finetune.py: the random-pick curve's points, the whole arm's hold-out, the
+summaries' paired differences, and one real (tiny) run of the frozen arm end to end."""
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_finetune.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_finetune", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_ceiling_is_every_label_and_a_curve_adds_labels_to_the_last(bench):
+    ((n, pick),) = bench.points(None, 50, 0)
+    assert n == 50 and list(pick) == list(range(50))
+    pts = bench.points("20:80:30", 100, 3)
+    assert [n for n, _ in pts] == [20, 50, 80]
+    for (n0, a), (_, b) in zip(pts, pts[1:]):
+        assert list(b[:n0]) == list(a)  # each point's set contains the previous one
+    assert len(set(pts[-1][1])) == 80
+    other = bench.points("20:80:30", 100, 4)
+    assert list(other[0][1]) != list(pts[0][1])  # the seed draws the order
+    assert [n for n, _ in bench.points("20:320:30", 60, 0)] == [20, 50]  # capped at the pool
+
+
+def test_the_whole_arm_holds_out_a_stratified_fifth(bench):
+    y = np.array([0] * 80 + [1] * 20)
+    tr, va = bench.whole_split(y, 0)
+    assert len(va) == 20 and sorted([*tr, *va]) == list(range(100))
+    assert np.bincount(y[va]).tolist() == [16, 4]
+    assert list(bench.whole_split(y, 0)[1]) == list(va)
+
+
+def test_the_summary_pairs_each_arm_with_frozen_and_whole_by_seed(bench, tmp_path):
+    path = tmp_path / "results.csv"
+    rows = [
+        ("frozen", [0.70, 0.72, 0.71]),
+        ("whole", [0.73, 0.71, 0.72]),
+        ("mix", [0.74, 0.73, 0.75]),
+    ]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["seed", "arm", "test_auroc", "val_auroc"])
+        w.writeheader()
+        for arm, values in rows:
+            for seed, v in enumerate(values):
+                w.writerow({"seed": seed, "arm": arm, "test_auroc": v, "val_auroc": ""})
+    text = bench.summary(path)
+    assert "val AUROC" not in text  # no val column filled
+    frozen_line = next(line for line in text.splitlines() if line.startswith("frozen"))
+    assert frozen_line.split()[-1] == "0.7100"
+    # mix - whole per seed: +0.01, +0.02, +0.03
+    assert "test: mix - whole: +0.0200" in text
+    assert "test: mix - frozen: +0.0300" in text
+
+
+def test_a_tiny_frozen_run_writes_its_row_and_resumes(bench, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [
+        "--pool", "48", "--seeds", "0", "--arms", "frozen", "--out", str(out),
+        "--set", "representation.epochs=1", "--set", "train.probe_steps=20",
+        "--set", 'train.head_choice="cv"', "--set", "train.head_choice_min_labels=40",
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    with open(out / "results.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["arm"] == "frozen" and row["pool"] == "48" and row["seed"] == "0"
+    assert 0.0 <= float(row["test_auroc"]) <= 1.0 and 0.0 <= float(row["val_auroc"]) <= 1.0
+    assert 'train.head_choice="cv"' in row["overrides"]
+    assert (out / "backbone-seed0.pt").is_file()
+    assert bench.main(argv) == 0  # done rows are skipped, not written twice
+    with open(out / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 1
