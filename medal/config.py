@@ -245,6 +245,11 @@ class QueryConfig:
     that BALD and the other scores see the two models' disagreement) or "head" (the frozen
     head's T samples alone: the picks are those without a companion, and the manifest's
     probabilities are the head's). Metrics are the pair's average whichever it is."""
+    head_choice_samples: str = "linear"
+    """When ``train.head_choice`` chose the hidden layer, the head whose MC dropout samples the
+    scores take: "linear" (default: a linear head trained beside it on the same labels, so
+    the picks are those of the linear head, and the manifest's probabilities its) or "chosen"
+    (the hidden layer's own samples; Run H1). Predictions and metrics are the chosen head's."""
 
 
 @dataclass(frozen=True)
@@ -761,6 +766,18 @@ def _validate_head_choice(cfg: Config, need: _Need) -> None:
         t.head_choice_min_labels,
     )
     need(t.head_choice_hidden >= 1, "train.head_choice_hidden", ">= 1", t.head_choice_hidden)
+    need(
+        t.head_choice == "off" or t.finetune == "off",
+        "train.head_choice",
+        '"off" with train.finetune (LP-FT fine-tunes the probe\'s head with the backbone)',
+        t.head_choice,
+    )
+    need(
+        cfg.query.head_choice_samples in ("linear", "chosen"),
+        "query.head_choice_samples",
+        "one of linear, chosen",
+        cfg.query.head_choice_samples,
+    )
 
 
 def _validate_companion(cfg: Config, need: _Need) -> None:

@@ -318,6 +318,10 @@ class MCModel(nn.Module):
             StochasticHead(self.feature_dim, hidden, num_classes, dropout) for _ in range(members)
         )
         """The ensemble's heads (empty unless ``members``); :meth:`forward` uses ``head``."""
+        self.scorer: nn.Module | None = None
+        """A linear head trained beside a chosen hidden-layer head (``train.head_choice``,
+        ``query.head_choice_samples = "linear"``) whose MC dropout samples the query scores;
+        None otherwise. :meth:`forward` does not use it."""
         self.companion: MCModel | None = None
         """A whole network whose probabilities are averaged with this model's
         (``train.companion``, :mod:`medal.companion`); :meth:`forward` does not use it."""
@@ -367,6 +371,13 @@ class MCModel(nn.Module):
             if isinstance(self.head[0], Standardize)
             else cast(nn.Linear, self.head[1]).out_features
         )
+
+    def linear_head(self) -> StochasticHead:
+        """A fresh linear :class:`StochasticHead` like the configured one (same dropout), on
+        the head's device; weights from the global RNG."""
+        p = next(m.p for m in self.head if isinstance(m, nn.Dropout))
+        device = cast(nn.Linear, self.head[-1]).weight.device
+        return StochasticHead(self.feature_dim, 0, self.num_classes, p).to(device)
 
     def set_head_width(self, hidden: int) -> None:
         """Replace ``head`` and any ensemble heads by fresh :class:`StochasticHead` s of

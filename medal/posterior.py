@@ -74,7 +74,8 @@ def member_samples(model: MCModel, feats: torch.Tensor) -> torch.Tensor:
 def posterior_samples(model: MCModel, feats: torch.Tensor, q: QueryConfig) -> torch.Tensor:
     """``feats [B, D]`` -> the samples the query scores, ``[B, T, C]``: the ensemble's
     :func:`member_samples` (T = K) or :func:`~medal.uncertainty.head_samples` (T =
-    ``query.mc_samples`` dropout samples of the head, drawn from the global RNG)."""
+    ``query.mc_samples`` dropout samples of the head, or of ``model.scorer`` when
+    ``train.head_choice`` left one, drawn from the global RNG)."""
     if q.posterior == "ensemble":
         return member_samples(model, feats)
-    return head_samples(model, feats, q.mc_samples)
+    return head_samples(model, feats, q.mc_samples, model.scorer)

@@ -526,6 +526,7 @@ def fit_probe(
     tc = cfg.train
     model.to(device)
     f = backbone_features(model, x, device).to(device)
+    was = model.head  # the previous round's head under a warm start
     choice = _choose_head(model, f, y, cfg, seed)
     head = model.head
     yt, loss_fn = _fit_head(head, f, y, cfg, seed, progress, log)
@@ -534,6 +535,7 @@ def fit_probe(
         step, note = _pseudo_label_schedule(
             head, f, yt, loss_fn, unlabelled.to(device).float(), cfg, progress, log
         )
+    _fit_scorer(model, was, f, y, cfg, seed)
     row = _probe_row(model, f, yt, loss_fn, cfg, device, x_val, y_val)
     if log is not None:
         log({k: v for k, v in row.items() if k.startswith("val_")}, step)
@@ -568,6 +570,29 @@ def _choose_head(
         torch.manual_seed(seed)
         model.set_head_width(hidden)
     return choice
+
+
+def _fit_scorer(
+    model: MCModel, was: nn.Module, f: torch.Tensor, y: np.ndarray, cfg: Config, seed: int
+) -> None:
+    """``model.scorer``: with a chosen hidden-layer head and ``query.head_choice_samples =
+    "linear"``, the linear head whose samples the query scores, trained on features ``f [N, D]``
+    and labels ``y [N]`` by the probe's supervised schedule, starting as today's linear head
+    would: from the previous round's linear head (``was``, the head the choice replaced, or the
+    previous scorer), else fresh (seeded with ``seed``). None otherwise."""
+    q = cfg.query
+    if model.head_hidden == 0 or cfg.train.head_choice != "cv" or q.head_choice_samples != "linear":
+        model.scorer = None
+        return
+    if any(isinstance(m, Standardize) for m in was.modules()):
+        start = was
+    elif model.scorer is not None:
+        start = model.scorer
+    else:
+        torch.manual_seed(seed)
+        start = model.linear_head()
+    _fit_head(start, f, y, cfg, seed, progress=False)
+    model.scorer = start
 
 
 def _fit_head(
@@ -919,6 +944,7 @@ def load_checkpoint(
     if isinstance(hidden, int) and hidden != model.head_hidden:
         model.set_head_width(hidden)
     state = _companion_state(path, ck, _member_state(path, ck["state_dict"], model, fresh_members))
+    model.scorer = model.linear_head() if any(k.startswith("scorer.") for k in state) else None
     if fresh_members:
         state = {k: v for k, v in state.items() if not k.startswith("companion.")}
     else:

@@ -80,15 +80,18 @@ def sample_through(steps: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def head_samples(model: MCModel, feats: torch.Tensor, T: int) -> torch.Tensor:
-    """``feats [B, D]`` -> probabilities ``[B, T, C]`` from T dropout samples of the head.
+def head_samples(
+    model: MCModel, feats: torch.Tensor, T: int, head: nn.Module | None = None
+) -> torch.Tensor:
+    """``feats [B, D]`` -> probabilities ``[B, T, C]`` from T dropout samples of the head
+    (``head``, by default ``model.head``).
 
     The head's steps before its first dropout layer (the linear head's standardisation) run
     once on ``[B, D]``; the rest on the T samples, rows ``t * B + b`` (``[T * B, D]``), which
     on the CPU the first dropout's mask makes without copying the features T times. The same
     samples for the same seed as the head run on the features expanded to ``[T * B, D]``."""
     B = feats.shape[0]
-    prefix, rest = split_at_first_dropout(forward_steps(model.head))
+    prefix, rest = split_at_first_dropout(forward_steps(model.head if head is None else head))
     h = prefix(feats)
     steps = list(rest)
     if steps and _fast_dropout(steps[0], h):
@@ -275,7 +278,7 @@ def score_batches(
             if mode == "full":
                 return full_samples(model, x, T, max_batch_items)
             f = model.features(x)
-            return head_samples(model, f, T), f.float()
+            return head_samples(model, f, T, model.scorer), f.float()
 
     with _seeded(seed, device):
         for b, (x, idx, reasons) in zip(

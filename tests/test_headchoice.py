@@ -12,8 +12,11 @@ from medal.config import load_config
 from medal.errors import ConfigError
 from medal.headchoice import choose_head
 from medal.inputs import model_from, start_model
-from medal.train import _choose_head, _fit_head, build_model, fit, save_checkpoint
+from medal.models import Standardize, set_mc_mode
+from medal.posterior import posterior_samples
+from medal.train import _choose_head, _fit_head, _fit_scorer, build_model, fit, save_checkpoint
 from medal.train import predict_deterministic
+from medal.uncertainty import head_samples, mc_predict_tensors
 
 from conftest import write_config
 from test_train import separable
@@ -154,12 +157,14 @@ def test_fit_chooses_on_image_features_and_says_so(tmp_path):
         ({"train.freeze_backbone": False}, "train.freeze_backbone = true"),
         ({"train.head_choice_min_labels": 1}, ">= 2"),
         ({"train.head_choice_hidden": 0}, ">= 1"),
+        ({"train.finetune": "auto"}, "train.finetune"),
+        ({"query.head_choice_samples": "both"}, "one of linear, chosen"),
     ],
 )
 def test_bad_settings_are_one_line_errors_naming_the_key(tmp_path, over, hint):
     with pytest.raises(ConfigError) as e:
         _cfg(tmp_path, **over)
-    assert "train.head_choice" in str(e.value) and hint in str(e.value)
+    assert "head_choice" in str(e.value) and hint in str(e.value)
     assert "\n" not in str(e.value)
 
 
@@ -177,3 +182,72 @@ def test_train_then_query_with_the_choice(tmp_path, tiny_data):
     assert torch.load(ck, weights_only=True)["head_hidden"] in (0, 32)
     assert main(["query", *c]) == 0
     assert (tmp_path / "ws" / "labelling" / "round-001").is_dir()
+
+
+def _hidden_chosen(tmp_path, **over):
+    """A model whose choice on XOR features gave the hidden layer, its head trained, and the
+    linear head it replaced (``was``)."""
+    cfg = _cfg(tmp_path, **{"train.probe_steps": 300, **over})
+    model = build_model(cfg)
+    was = model.head
+    f, y = xor(dim=model.feature_dim)
+    f[:, 2:] *= 0.1
+    assert _choose_head(model, f, y, cfg, 0).hidden == 32
+    _fit_head(model.head, f, y, cfg, 0, progress=False)
+    return cfg, model, was, f, y
+
+
+def test_a_linear_scorer_is_trained_beside_a_chosen_hidden_layer(tmp_path):
+    cfg, model, was, f, y = _hidden_chosen(tmp_path)
+    before = was[-1].weight.clone()
+    _fit_scorer(model, was, f, y, cfg, 0)
+    assert model.scorer is was  # it went on from the linear head the choice replaced
+    assert isinstance(model.scorer[0], Standardize)
+    assert not torch.equal(before, model.scorer[-1].weight)  # trained
+    # "chosen" (Run H1): no scorer; the chosen head's own samples are scored
+    cfg2, model2, was2, f2, y2 = _hidden_chosen(tmp_path, **{"query.head_choice_samples": "chosen"})
+    _fit_scorer(model2, was2, f2, y2, cfg2, 0)
+    assert model2.scorer is None
+
+
+def test_the_query_samples_the_scorer_and_metrics_the_chosen_head(tmp_path):
+    cfg, model, was, f, y = _hidden_chosen(tmp_path)
+    _fit_scorer(model, was, f, y, cfg, 0)
+    set_mc_mode(model)
+    torch.manual_seed(7)
+    scored = posterior_samples(model, f[:16], cfg.query)
+    torch.manual_seed(7)
+    own = head_samples(model, f[:16], cfg.query.mc_samples, model.scorer)
+    torch.manual_seed(7)
+    chosen = head_samples(model, f[:16], cfg.query.mc_samples)
+    assert torch.equal(scored, own)
+    assert not torch.allclose(scored, chosen)
+    # metrics and predictions (mc_predict_tensors) are the chosen head's: the scorer is unused
+    x, _ = separable(16)
+    with_scorer, _ = mc_predict_tensors(model, x, 6, device=CPU, batch_size=8, seed=5)
+    scorer, model.scorer = model.scorer, None
+    without, _ = mc_predict_tensors(model, x, 6, device=CPU, batch_size=8, seed=5)
+    np.testing.assert_array_equal(with_scorer, without)
+    model.scorer = scorer
+
+
+def test_the_scorer_is_saved_loaded_and_warm_started(tmp_path):
+    cfg, model, was, f, y = _hidden_chosen(tmp_path)
+    _fit_scorer(model, was, f, y, cfg, 0)
+    path = tmp_path / "round-000.pt"
+    save_checkpoint(path, model, cfg, 0)
+    assert any(k.startswith("scorer.") for k in torch.load(path, weights_only=True)["state_dict"])
+    loaded = model_from(cfg, path)
+    assert loaded.scorer is not None and loaded.head_hidden == 32
+    for k, v in model.scorer.state_dict().items():
+        assert torch.equal(v, loaded.scorer.state_dict()[k])
+    warm = start_model(cfg, path)
+    kept = warm.scorer
+    _fit_scorer(warm, warm.head, f, y, cfg, 1)  # hidden again: on from the previous scorer
+    assert warm.scorer is kept
+    # the linear head chosen: no scorer, and none is loaded from a checkpoint without one
+    warm.set_head_width(0)
+    _fit_scorer(warm, warm.head, f, y, cfg, 1)
+    assert warm.scorer is None
+    save_checkpoint(path, warm, cfg, 1)
+    assert model_from(cfg, path).scorer is None
