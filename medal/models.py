@@ -318,7 +318,7 @@ class MCModel(nn.Module):
             StochasticHead(self.feature_dim, hidden, num_classes, dropout) for _ in range(members)
         )
         """The ensemble's heads (empty unless ``members``); :meth:`forward` uses ``head``."""
-        self.scorer: nn.Module | None = None
+        self.scorer: StochasticHead | None = None
         """A linear head trained beside a chosen hidden-layer head (``train.head_choice``,
         ``query.head_choice_samples = "linear"``) whose MC dropout samples the query scores;
         None otherwise. :meth:`forward` does not use it."""

@@ -25,7 +25,7 @@ from .errors import ModelError
 from .fitting import Augmenter, FitResult, check_finite, class_weights
 from .headchoice import HeadChoice, choose_head
 from .metrics import classification_metrics, defined_monitor, monitor_value, show_metric
-from .models import MCModel, Standardize, model_from_config, read_weights
+from .models import MCModel, Standardize, StochasticHead, model_from_config, read_weights
 from .posterior import bootstrap_rows, ensemble_members
 
 TrainingLog = Callable[[dict[str, float], int], None]
@@ -559,7 +559,8 @@ def _choose_head(
     """Give ``model`` the head ``train.head_choice`` chooses for features ``f [N, D]`` and
     labels ``y [N]`` (:func:`medal.headchoice.choose_head`), else the configured one
     (``model.hidden``): a fresh head, seeded with ``seed``, when the width changes (a warm
-    start keeps the parent's head when it is the one chosen). Returns the choice, if made."""
+    start keeps the parent's head when it is the one chosen, and a linear head chosen after a
+    hidden layer goes on from the parent's linear scorer). Returns the choice, if made."""
 
     def fit_head(head: nn.Module, fk: torch.Tensor, yk: np.ndarray) -> None:
         _fit_head(head, fk, yk, cfg, seed, progress=False)
@@ -567,13 +568,16 @@ def _choose_head(
     choice = choose_head(f, y, cfg, seed, fit_head)
     hidden = cfg.model.hidden if choice is None else choice.hidden
     if model.head_hidden != hidden:
+        scorer = model.scorer
         torch.manual_seed(seed)
         model.set_head_width(hidden)
+        if hidden == 0 and scorer is not None:
+            model.head = scorer  # the previous round's linear head goes on, as without a choice
     return choice
 
 
 def _fit_scorer(
-    model: MCModel, was: nn.Module, f: torch.Tensor, y: np.ndarray, cfg: Config, seed: int
+    model: MCModel, was: StochasticHead, f: torch.Tensor, y: np.ndarray, cfg: Config, seed: int
 ) -> None:
     """``model.scorer``: with a chosen hidden-layer head and ``query.head_choice_samples =
     "linear"``, the linear head whose samples the query scores, trained on features ``f [N, D]``
@@ -584,7 +588,8 @@ def _fit_scorer(
     if model.head_hidden == 0 or cfg.train.head_choice != "cv" or q.head_choice_samples != "linear":
         model.scorer = None
         return
-    if any(isinstance(m, Standardize) for m in was.modules()):
+    start: StochasticHead
+    if isinstance(was, StochasticHead) and isinstance(was[0], Standardize):
         start = was
     elif model.scorer is not None:
         start = model.scorer

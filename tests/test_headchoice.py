@@ -245,8 +245,10 @@ def test_the_scorer_is_saved_loaded_and_warm_started(tmp_path):
     kept = warm.scorer
     _fit_scorer(warm, warm.head, f, y, cfg, 1)  # hidden again: on from the previous scorer
     assert warm.scorer is kept
-    # the linear head chosen: no scorer, and none is loaded from a checkpoint without one
-    warm.set_head_width(0)
+    # the linear head chosen again (below the label count here): it goes on from the scorer,
+    # as today's linear head goes on from the previous round's; then there is no scorer
+    assert _choose_head(warm, f[:10], y[:10], cfg, 1) is None
+    assert warm.head is kept and warm.head_hidden == 0
     _fit_scorer(warm, warm.head, f, y, cfg, 1)
     assert warm.scorer is None
     save_checkpoint(path, warm, cfg, 1)
