@@ -372,25 +372,18 @@ class MCModel(nn.Module):
             else cast(nn.Linear, self.head[1]).out_features
         )
 
-    def linear_head(self) -> StochasticHead:
-        """A fresh linear :class:`StochasticHead` like the configured one (same dropout), on
-        the head's device; weights from the global RNG."""
+    def new_head(self, hidden: int) -> StochasticHead:
+        """A fresh :class:`StochasticHead` of ``hidden`` units (0: linear) with the head's
+        dropout, on the head's device; weights from the global RNG."""
         p = next(m.p for m in self.head if isinstance(m, nn.Dropout))
         device = cast(nn.Linear, self.head[-1]).weight.device
-        return StochasticHead(self.feature_dim, 0, self.num_classes, p).to(device)
+        return StochasticHead(self.feature_dim, hidden, self.num_classes, p).to(device)
 
     def set_head_width(self, hidden: int) -> None:
-        """Replace ``head`` and any ensemble heads by fresh :class:`StochasticHead` s of
-        ``hidden`` units (0: linear), same dropout, on the head's device (``train.head_choice``
-        and checkpoints that record the choice). Weights come from the global RNG."""
-        old = self.head
-        p = next(m.p for m in old if isinstance(m, nn.Dropout))
-        dim, k = self.feature_dim, self.num_classes
-        device = cast(nn.Linear, old[-1]).weight.device
-        self.head = StochasticHead(dim, hidden, k, p).to(device)
-        self.members = nn.ModuleList(
-            StochasticHead(dim, hidden, k, p).to(device) for _ in range(len(self.members))
-        )
+        """Replace ``head`` and any ensemble heads by fresh heads of ``hidden`` units
+        (:meth:`new_head`; ``train.head_choice`` and checkpoints that record the choice)."""
+        self.head = self.new_head(hidden)
+        self.members = nn.ModuleList(self.new_head(hidden) for _ in range(len(self.members)))
 
     def backbone_is_stochastic(self) -> bool:
         return is_stochastic(self.backbone)

@@ -595,7 +595,7 @@ def _fit_scorer(
         start = model.scorer
     else:
         torch.manual_seed(seed)
-        start = model.linear_head()
+        start = model.new_head(0)
     _fit_head(start, f, y, cfg, seed, progress=False)
     model.scorer = start
 
@@ -949,7 +949,7 @@ def load_checkpoint(
     if isinstance(hidden, int) and hidden != model.head_hidden:
         model.set_head_width(hidden)
     state = _companion_state(path, ck, _member_state(path, ck["state_dict"], model, fresh_members))
-    model.scorer = model.linear_head() if any(k.startswith("scorer.") for k in state) else None
+    model.scorer = model.new_head(0) if any(k.startswith("scorer.") for k in state) else None
     if fresh_members:
         state = {k: v for k, v in state.items() if not k.startswith("companion.")}
     else:
