@@ -1,21 +1,15 @@
 """scripts/compare_simulations.py: the two-file comparison and the pooled one over data sets."""
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_simulations.py"
+from conftest import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("compare_simulations", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("compare_simulations")
 
 
 def _results(path: Path, curves: dict[tuple[str, int], list[float]]) -> Path:

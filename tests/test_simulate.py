@@ -13,7 +13,7 @@ from medal import api
 from medal import simulate as sim
 from medal.config import load_config
 
-from conftest import CLASSES, make_image, save, write_config
+from conftest import CLASSES, load_script, make_image, save, write_config
 
 
 @pytest.fixture
@@ -530,7 +530,6 @@ def test_passed_validation_set_is_used_and_not_counted(sim_setup):
 def test_honest_defaults(sim_setup):
     """Random start, no validation set, 5 seeds: in the library, the CLI and the benchmark."""
     import argparse
-    import importlib.util
 
     s = sim.SimulationSettings(
         truth=(), out=Path("x"), strategies=("random",), seeds=(0,), rounds=1, budget=1
@@ -545,10 +544,7 @@ def test_honest_defaults(sim_setup):
     cfg = load_config(sim_setup["config"])
     assert sim.with_validation(cfg, "none").data.validation is None
     assert sim.with_validation(cfg, "config").data.validation == cfg.data.validation
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_simulation.py"
-    spec = importlib.util.spec_from_file_location("bench_simulation", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_simulation")
     b = bench.parser().parse_args([])
     assert (b.start, b.seeds, b.validation) == ("random", "0,1,2,3,4", False)
 

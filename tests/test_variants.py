@@ -1,22 +1,16 @@
 """scripts/prepare_variants.py: the stress variants are what their names say and load as configs."""
 
 import csv
-import importlib.util
-import sys
 from collections import Counter
 from pathlib import Path
 
 from medal.config import load_config
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_variants.py"
+from conftest import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("prepare_variants", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("prepare_variants")
 
 
 def _truth(folder: Path) -> list[dict[str, str]]:
