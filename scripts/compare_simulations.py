@@ -19,6 +19,9 @@ gives, per file, the paired area differences candidate - baseline per seed (both
 from that file; "+" joins files as above) and then one 95 % t interval over all of them. An
 argument BASE.csv=CAND.csv takes the baseline from the first file and the candidate from the
 second (two simulations of one data set, e.g. whole-network training against the defaults).
+
+--level sets the intervals' confidence (default 0.95), e.g. 0.983 for three candidates judged
+against one baseline with Bonferroni's correction (0.05 / 3).
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="strategies to pair within each file, pooled over all files (e.g. random:bald)",
     )
+    p.add_argument(
+        "--level",
+        type=float,
+        default=0.95,
+        help="confidence of the t intervals, in (0, 1) (default 0.95)",
+    )
     return p
 
 
@@ -69,7 +78,7 @@ def paired_areas(
     )
 
 
-def pooled(spec: str, files: list[str], metric: str) -> int:
+def pooled(spec: str, files: list[str], metric: str, level: float = 0.95) -> int:
     """Print per file and pooled paired area differences; 1 if a file pairs no seed."""
     if spec.count(":") != 1 or not all(spec.split(":")):
         raise SystemExit(f"--pool: expected BASELINE:CANDIDATE (e.g. random:bald), got {spec!r}")
@@ -85,20 +94,21 @@ def pooled(spec: str, files: list[str], metric: str) -> int:
             return 1
         d = [ac - ab for ab, ac in areas]
         every += d
-        m, low, high = t_interval_or_nan(np.array(d))
+        m, low, high = t_interval_or_nan(np.array(d), level)
         print(
             f"{f} ({lo:.0f}-{hi:.0f} labels, seeds {seeds}): {c} - {b} area "
             f"{m:+.4f} [{low:+.4f}, {high:+.4f}]; per seed " + ", ".join(f"{x:+.4f}" for x in d)
         )
-    m, low, high = t_interval_or_nan(np.array(every))
+    m, low, high = t_interval_or_nan(np.array(every), level)
     print(
         f"pooled {c} - {b} area over {len(every)} paired runs: {m:+.4f} [{low:+.4f}, "
-        f"{high:+.4f}] (95% t interval); positive in {sum(x > 0 for x in every)} of {len(every)}"
+        f"{high:+.4f}] ({_pct(level)} t interval); positive in {sum(x > 0 for x in every)} "
+        f"of {len(every)}"
     )
     return 0
 
 
-def compare(baseline: str, candidate: str, metric: str) -> int:
+def compare(baseline: str, candidate: str, metric: str, level: float = 0.95) -> int:
     """The two-simulation comparison of the module docstring, printed."""
     base, cand = read_curves(baseline, metric), read_curves(candidate, metric)
     seeds, lo, hi, areas = paired_areas(base, cand)
@@ -126,30 +136,37 @@ def compare(baseline: str, candidate: str, metric: str) -> int:
             f"{'never' if math.isnan(reach[-1]) else f'{reach[-1]:.0f}':>16} {ab:>10.4f} "
             f"{ac:>10.4f} {ac - ab:>+7.4f}"
         )
-    m, low, high = t_interval_or_nan(np.array(diffs))
+    m, low, high = t_interval_or_nan(np.array(diffs), level)
     done = [r for r in reach if not math.isnan(r)]
     print(
         f"candidate reaches {target:.3f} in {len(done)} of {len(seeds)} seeds"
         + (f" (mean {np.mean(done):.0f} labels over those)" if done else "")
     )
     print(
-        f"area difference candidate - baseline: {m:+.4f} [{low:+.4f}, {high:+.4f}] (95% t "
-        f"interval over {len(seeds)} seeds); positive in {sum(d > 0 for d in diffs)} of "
-        f"{len(diffs)}"
+        f"area difference candidate - baseline: {m:+.4f} [{low:+.4f}, {high:+.4f}] "
+        f"({_pct(level)} t interval over {len(seeds)} seeds); positive in "
+        f"{sum(d > 0 for d in diffs)} of {len(diffs)}"
     )
     cand_last = np.array([cand[s][1][-1] for s in seeds])
     print(f"candidate mean {metric} at its last point: {cand_last.mean():.3f}")
     return 0
 
 
+def _pct(level: float) -> str:
+    """``0.95`` -> ``"95%"``, ``0.983`` -> ``"98.3%"``."""
+    return f"{100 * level:.4g}%"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     a = p.parse_args(argv)
+    if not 0 < a.level < 1:
+        p.error(f"--level: expected a confidence in (0, 1), e.g. 0.95, got {a.level}")
     if a.pool:
-        return pooled(a.pool, a.inputs, a.metric)
+        return pooled(a.pool, a.inputs, a.metric, a.level)
     if len(a.inputs) != 2:
         p.error("expected BASELINE.csv:strategy CANDIDATE.csv:strategy (or --pool A:B FILES)")
-    return compare(a.inputs[0], a.inputs[1], a.metric)
+    return compare(a.inputs[0], a.inputs[1], a.metric, a.level)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,32 @@ def test_two_file_comparison_still_needs_exactly_two_inputs(tmp_path, capsys):
     assert "area difference candidate - baseline: +0.1000" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         _script().main([f"{a}:random"])
+
+
+def test_level_sets_the_confidence_of_every_interval(tmp_path, capsys):
+    from scipy import stats
+
+    # bald - random per seed +0.1, +0.2, +0.4: mean 0.7/3, sd from numpy (ddof=1)
+    a = _results(
+        tmp_path / "a.csv",
+        {("random", s): [0.5] * 3 for s in range(3)}
+        | {("bald", 0): [0.6] * 3, ("bald", 1): [0.7] * 3, ("bald", 2): [0.9] * 3},
+    )
+    d = [0.1, 0.2, 0.4]
+    half = stats.t.ppf(1 - 0.017 / 2, 2) * stats.tstd(d) / 3**0.5
+    mean = sum(d) / 3
+    assert _script().main(["--pool", "random:bald", "--level", "0.983", str(a)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    want = f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
+    assert want in out[0] and want in out[1] and "(98.3% t interval)" in out[1]
+    # the same data at the default 95 % gives a narrower interval
+    assert _script().main(["--pool", "random:bald", str(a)]) == 0
+    half95 = stats.t.ppf(0.975, 2) * stats.tstd(d) / 3**0.5
+    assert (
+        f"[{mean - half95:+.4f}, {mean + half95:+.4f}] (95% t interval)" in capsys.readouterr().out
+    )
+    assert _script().main([f"{a}:random", f"{a}:bald", "--level", "0.983"]) == 0
+    assert f"{want} (98.3% t interval over 3 seeds)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _script().main(["--pool", "random:bald", "--level", "95", str(a)])
+    assert "--level: expected a confidence in (0, 1)" in capsys.readouterr().err
