@@ -146,6 +146,7 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport | None:
             distributed=distributed.is_distributed(),
             unlabelled=_unlabelled_features(ws, cfg, model, plan, device),
             log=None if tb is None else tb.row,
+            pool_size=len(plan.pool),
         )
         report = None
         if distributed.on_rank0(ws):
@@ -223,7 +224,8 @@ class _TrainPlan:
     """Resume state of an interrupted training (one process only)."""
     notes: list[str]
     pool: list[Item] = field(default_factory=list)
-    """The unlabelled pool (for semi-supervised training of a frozen backbone's head)."""
+    """The unlabelled pool (for semi-supervised training of a frozen backbone's head, and
+    ``train.head_choice_min_coverage``)."""
 
 
 def _plan_training(ws: Workspace, cfg: Config, device: torch.device, progress: bool) -> _TrainPlan:

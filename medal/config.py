@@ -164,6 +164,11 @@ class TrainConfig:
     made; fewer keep the linear head."""
     head_choice_hidden: int = 128
     """``head_choice = "cv"``: units of the hidden-layer head it may choose."""
+    head_choice_min_coverage: float = 0.0
+    """``head_choice = "cv"``: share of the images, training labels ÷ (training labels +
+    unlabelled pool images), that the labels must cover before the choice is made; below it
+    the linear head is kept. Cross-validation on a strategy's picks is biased while they are a
+    small, chosen part of the pool (docs/experiments-lpft.md, Runs H1-H2b). 0: no condition."""
     validation_fraction: float = 0.0
     """Without ``data.validation``: share of the initial labelled set held out (stratified,
     chosen once and frozen in the ledger, so metrics compare across rounds) to choose epochs
@@ -766,6 +771,12 @@ def _validate_head_choice(cfg: Config, need: _Need) -> None:
         t.head_choice_min_labels,
     )
     need(t.head_choice_hidden >= 1, "train.head_choice_hidden", ">= 1", t.head_choice_hidden)
+    need(
+        0.0 <= t.head_choice_min_coverage <= 1.0,
+        "train.head_choice_min_coverage",
+        "in [0, 1]",
+        t.head_choice_min_coverage,
+    )
     need(
         t.head_choice == "off" or t.finetune == "off",
         "train.head_choice",

@@ -9,6 +9,10 @@ decides it from the labels spent, each round:
 
 * only with ``train.head_choice_min_labels`` (100) training labels or more, and at least 2 of
   every class; fewer keep the linear head (a choice on a handful of labels is noise);
+* only once the training labels cover ``train.head_choice_min_coverage`` of the images
+  (training labels ÷ (training labels + unlabelled pool images); 0 by default, no
+  condition): on a strategy's picks the cross-validation is biased while they are a small,
+  chosen part of the pool (Runs H1-H2b);
 * a stratified k-fold split of the training labels (k = :data:`FOLDS`, or the smallest class's
   count if lower; seeded by the round's seed) trains both heads by the probe's supervised
   schedule on the other folds' features;
@@ -47,14 +51,18 @@ HeadFit = Callable[[torch.nn.Module, torch.Tensor, np.ndarray], None]
 @dataclass(frozen=True)
 class HeadChoice:
     """The chosen head's hidden units (0: linear), the folds, and each candidate's
-    out-of-fold macro AUROC keyed by its hidden units."""
+    out-of-fold macro AUROC keyed by its hidden units; or, with ``waiting``, the linear head
+    kept without a cross-validation, and why."""
 
     hidden: int
     folds: int
     scores: dict[int, float]
+    waiting: str = ""
 
     def note(self) -> str:
         """One line for the training's log."""
+        if self.waiting:
+            return f"head: linear, {self.waiting}"
         name = "linear" if self.hidden == 0 else f"hidden layer of {self.hidden}"
         shown = ", ".join(
             f"{'linear' if h == 0 else f'hidden {h}'} {s:.4f}" for h, s in self.scores.items()
@@ -63,16 +71,33 @@ class HeadChoice:
 
 
 def choose_head(
-    f: torch.Tensor, y: np.ndarray, cfg: Config, seed: int, fit_head: HeadFit
+    f: torch.Tensor,
+    y: np.ndarray,
+    cfg: Config,
+    seed: int,
+    fit_head: HeadFit,
+    pool_size: int = 0,
 ) -> HeadChoice | None:
     """The head for features ``f [N, D]`` with labels ``y [N]`` as ``train.head_choice``
     decides, or None where it does not apply ("off", too few labels, a class with fewer
-    than 2). ``fit_head`` trains a fresh head as the probe does (seeded by the caller)."""
+    than 2); the linear head, ``waiting``, while the labels cover less than
+    ``train.head_choice_min_coverage`` of the N + ``pool_size`` images. ``fit_head`` trains a
+    fresh head as the probe does (seeded by the caller); ``pool_size``: the unlabelled pool
+    images (0: none, the labels cover every image)."""
     t = cfg.train
     n_classes = len(cfg.classes)
     counts = np.bincount(y, minlength=n_classes)
     if t.head_choice != "cv" or len(y) < t.head_choice_min_labels or counts.min() < 2:
         return None
+    if len(y) < t.head_choice_min_coverage * (len(y) + pool_size):
+        share = len(y) / (len(y) + pool_size)
+        return HeadChoice(
+            0,
+            0,
+            {},
+            f"no choice yet: the labels cover {share:.0%} of the images, "
+            f"train.head_choice_min_coverage is {t.head_choice_min_coverage:.0%}",
+        )
     k = int(min(FOLDS, counts.min()))
     folds = StratifiedKFold(k, shuffle=True, random_state=seed % 2**32)
     splits = list(folds.split(np.zeros(len(y)), y))

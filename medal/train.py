@@ -64,10 +64,12 @@ def fit(
     state_every_s: float = 30.0,
     unlabelled: torch.Tensor | None = None,
     log: TrainingLog | None = None,
+    pool_size: int = 0,
 ) -> FitResult:
     """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices). Frozen backbone
     (``train.freeze_backbone``): :func:`fit_probe` (``unlabelled``: pool features ``[M, D]``
-    for ``train.semi_supervised``), LP-FT as ``train.finetune`` decides (``after_probe``), then
+    for ``train.semi_supervised``; ``pool_size``: the unlabelled images, for
+    ``train.head_choice_min_coverage``), LP-FT as ``train.finetune`` decides (``after_probe``), then
     any ensemble heads (:func:`fit_members`); else :func:`_fit_network`, which ``state_path``,
     ``state_every_s``, ``distributed``, ``on_epoch_end`` are for. ``log(row, step)``: each
     history row as made (TensorBoard)."""
@@ -86,6 +88,7 @@ def fit(
             progress=progress,
             unlabelled=unlabelled,
             log=log,
+            pool_size=pool_size,
         )
         return _after_probe(model, x, y, cfg, probe, device=device, seed=seed, progress=progress)
     val = (x_val, y_val) if x_val is not None and y_val is not None and len(x_val) else None
@@ -506,6 +509,7 @@ def fit_probe(
     progress: bool = True,
     unlabelled: torch.Tensor | None = None,
     log: TrainingLog | None = None,
+    pool_size: int = 0,
 ) -> FitResult:
     """Train only ``model.head`` on the fixed backbone features of ``x [N, C, S, S]``, ``y [N]``.
 
@@ -520,14 +524,15 @@ def fit_probe(
     head predicts with probability >= ``train.pseudo_threshold`` get that class as a label,
     and the schedule runs once more on the labelled loss plus the mean loss on those.
     ``log(row, step)`` receives the loss of every optimiser step as it is made, then the final
-    row (with the validation metrics) at the last step.
+    row (with the validation metrics) at the last step. ``pool_size``: the unlabelled images,
+    for ``train.head_choice_min_coverage``.
     """
     t0 = time.perf_counter()
     tc = cfg.train
     model.to(device)
     f = backbone_features(model, x, device).to(device)
     was = model.head  # the previous round's head under a warm start
-    choice = _choose_head(model, f, y, cfg, seed)
+    choice = _choose_head(model, f, y, cfg, seed, pool_size)
     head = model.head
     yt, loss_fn = _fit_head(head, f, y, cfg, seed, progress, log)
     step, note = tc.probe_steps, ""
@@ -554,7 +559,7 @@ def fit_probe(
 
 
 def _choose_head(
-    model: MCModel, f: torch.Tensor, y: np.ndarray, cfg: Config, seed: int
+    model: MCModel, f: torch.Tensor, y: np.ndarray, cfg: Config, seed: int, pool_size: int = 0
 ) -> HeadChoice | None:
     """Give ``model`` the head ``train.head_choice`` chooses for features ``f [N, D]`` and
     labels ``y [N]`` (:func:`medal.headchoice.choose_head`), else the configured one
@@ -565,7 +570,7 @@ def _choose_head(
     def fit_head(head: nn.Module, fk: torch.Tensor, yk: np.ndarray) -> None:
         _fit_head(head, fk, yk, cfg, seed, progress=False)
 
-    choice = choose_head(f, y, cfg, seed, fit_head)
+    choice = choose_head(f, y, cfg, seed, fit_head, pool_size)
     hidden = cfg.model.hidden if choice is None else choice.hidden
     if model.head_hidden != hidden:
         scorer = model.scorer

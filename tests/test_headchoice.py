@@ -112,6 +112,42 @@ def test_no_choice_while_a_class_has_fewer_than_two_labels(tmp_path):
     assert c is not None and c.folds == 3  # the smallest class's count
 
 
+def test_the_choice_waits_until_the_labels_cover_the_share_asked_of_the_images(tmp_path):
+    cfg = _cfg(tmp_path, **{"train.probe_steps": 300, "train.head_choice_min_coverage": 0.5})
+    f, y = xor()  # 120 labels
+    c = choose_head(f, y, cfg, 0, _fitter(cfg), pool_size=121)  # 49.8 % of 241
+    assert c is not None and (c.hidden, c.folds, c.scores) == (0, 0, {})
+    assert c.note() == (
+        "head: linear, no choice yet: the labels cover 50% of the images, "
+        "train.head_choice_min_coverage is 50%"
+    )
+    made = choose_head(f, y, cfg, 0, _fitter(cfg), pool_size=120)  # exactly half
+    assert made is not None and made.folds == 5 and made.hidden == 32
+    assert choose_head(f, y, cfg, 0, _fitter(cfg)) == made  # no pool: every image labelled
+    # the default (0) asks nothing of the pool
+    plain = _cfg(tmp_path, **{"train.probe_steps": 300})
+    assert choose_head(f, y, plain, 0, _fitter(plain), pool_size=10**6) == made
+    # a model whose previous round chose the hidden layer goes back to the linear head
+    model = build_model(cfg)
+    g, yg = xor(dim=model.feature_dim)
+    assert _choose_head(model, g, yg, cfg, 0).hidden == 32 and model.head_hidden == 32
+    assert _choose_head(model, g, yg, cfg, 0, pool_size=500).folds == 0
+    assert model.head_hidden == 0
+
+
+@pytest.mark.parametrize("coverage, waits", [(0.5, True), (0.15, False)])
+def test_training_counts_the_pool_for_the_coverage(tmp_path, tiny_data, coverage, waits):
+    """medal's training passes the unlabelled pool's size: 8 labels and 40 pool images
+    cover 17 % of the images."""
+    from medal import api
+
+    over = {**PROBE, "train.head_choice_min_labels": 8, "train.head_choice_min_coverage": coverage}
+    report = api.train(load_config(write_config(tmp_path), over), progress=False)
+    notes = " | ".join(report.notes)
+    assert ("the labels cover 17% of the images" in notes) is waits, notes
+    assert ("cross-validation" in notes) is not waits, notes
+
+
 def test_the_model_takes_the_chosen_head_and_its_checkpoint_keeps_it(tmp_path):
     cfg = _cfg(tmp_path, **{"train.probe_steps": 300})
     model = build_model(cfg)
@@ -159,6 +195,7 @@ def test_fit_chooses_on_image_features_and_says_so(tmp_path):
         ({"train.head_choice_hidden": 0}, ">= 1"),
         ({"train.finetune": "auto"}, "train.finetune"),
         ({"query.head_choice_samples": "both"}, "one of linear, chosen"),
+        ({"train.head_choice_min_coverage": 1.5}, "in [0, 1]"),
     ],
 )
 def test_bad_settings_are_one_line_errors_naming_the_key(tmp_path, over, hint):
