@@ -66,13 +66,11 @@ def fit(
     log: TrainingLog | None = None,
     pool_size: int = 0,
 ) -> FitResult:
-    """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices). Frozen backbone
-    (``train.freeze_backbone``): :func:`fit_probe` (``unlabelled``: pool features ``[M, D]``
-    for ``train.semi_supervised``; ``pool_size``: the unlabelled images, for
-    ``train.head_choice_min_coverage``), LP-FT as ``train.finetune`` decides (``after_probe``), then
-    any ensemble heads (:func:`fit_members`); else :func:`_fit_network`, which ``state_path``,
-    ``state_every_s``, ``distributed``, ``on_epoch_end`` are for. ``log(row, step)``: each
-    history row as made (TensorBoard)."""
+    """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices). Frozen backbone:
+    :func:`fit_probe` (which ``unlabelled`` and ``pool_size`` are for), LP-FT as
+    ``train.finetune`` decides, then any ensemble heads (:func:`_after_probe`); else
+    :func:`_fit_network` (``state_path``, ``state_every_s``, ``distributed``, ``on_epoch_end``).
+    ``log(row, step)``: each history row as made (TensorBoard)."""
     if len(x) == 0:
         raise ModelError("no labelled images to train on")
     if cfg.train.freeze_backbone:
