@@ -23,8 +23,10 @@ Choices, and why:
   ``train.finetune_batchnorm = "update"`` lets the labelled batches update them instead.
 * The head's feature standardisation stays as the probe fitted it.
 * Only the model in memory changes: the cached self-supervised backbone file is read, never
-  written, and the feature cache is keyed by a hash of the backbone's weights
-  (:func:`medal.features.backbone_key`), so a fine-tuned backbone gets its own features.
+  written, and features are keyed by a hash of the backbone's weights
+  (:func:`medal.features.backbone_key`), so a fine-tuned backbone gets its own. They are this
+  workspace's alone (``MCModel.backbone_tuned``, kept in the checkpoint): they go to its
+  ``features-tuned/`` folder, not the shared cache, and a new round's replace the last's.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def finetune(
         )
         history.append({"epoch": float(epoch), "loss": loss})
     model.eval()
+    model.backbone_tuned = True
     return FitResult(
         epochs=epochs, best_epoch=epochs, history=history, seconds=time.perf_counter() - t0
     )

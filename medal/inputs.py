@@ -253,7 +253,12 @@ def frozen_feature_store(
     backbone a batch at a time and written to it as they come, so memory holds one batch
     whatever the pool size. Returns ``(store, found [N] bool, {path: reason} unreadable)``;
     read the features with ``store.read(ids, model.feature_dim)``."""
-    store = open_feature_store(ws.feature_cache_path(feature_key(cfg, model)))
+    key = feature_key(cfg, model)
+    if model.backbone_tuned:  # one round's backbone: its own folder, the last round's dropped
+        ws.drop_other_tuned_features(key)
+        store = open_feature_store(ws.tuned_feature_path(key))
+    else:
+        store = open_feature_store(ws.feature_cache_path(key))
     dim = model.feature_dim
     found = store.found([it.id for it in items], dim)
     skipped: dict[Path, str] = {}

@@ -322,6 +322,9 @@ class MCModel(nn.Module):
         """A linear head trained beside a chosen hidden-layer head (``train.head_choice``,
         ``query.head_choice_samples = "linear"``) whose MC dropout samples the query scores;
         None otherwise. :meth:`forward` does not use it."""
+        self.backbone_tuned = False
+        """Whether the backbone was fine-tuned on labels (``train.finetune``; the checkpoint
+        keeps it): its features are this workspace's alone, not the shared cache's."""
         self.companion: MCModel | None = None
         """A whole network whose probabilities are averaged with this model's
         (``train.companion``, :mod:`medal.companion`); :meth:`forward` does not use it."""

@@ -898,6 +898,7 @@ def save_checkpoint(
         "medal_version": __version__,
         "round": round_no,
         **({} if model.companion is None else {"companion": model.companion.spec}),
+        **({"backbone_tuned": True} if model.backbone_tuned else {}),
         **(extra or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -953,6 +954,7 @@ def load_checkpoint(
         model.set_head_width(hidden)
     state = _companion_state(path, ck, _member_state(path, ck["state_dict"], model, fresh_members))
     model.scorer = model.new_head(0) if any(k.startswith("scorer.") for k in state) else None
+    model.backbone_tuned = bool(ck.get("backbone_tuned", False))
     if fresh_members:
         state = {k: v for k, v in state.items() if not k.startswith("companion.")}
     else:

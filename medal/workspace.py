@@ -10,7 +10,9 @@
                 .round-001.tmp/          a round folder being written (export)
                 manifests/round-001.csv  full manifest: sources, scores, predictions
       scores/round-001/        the pool's stored MC-dropout scores for round 1
-      cache/                   decoded images; cache/representation/ pretrained backbones
+      cache/                   decoded images; cache/representation/ pretrained backbones;
+                               cache/features/ a frozen backbone's image features
+      features-tuned/<key>/    the features of the last fine-tuned backbone (train.finetune)
       skipped.csv              files that could not be read, and why
       pool-overlap.csv         pool images byte-identical to validation/test images
       .lock                    held while a command changes the workspace
@@ -214,6 +216,21 @@ class Workspace:
         """The folder of a frozen backbone's image features (:class:`medal.features.FeatureStore`);
         under ``cache/`` for the same reason as :meth:`representation_path`."""
         return self.cache_dir / "features" / key
+
+    def tuned_feature_path(self, key: str) -> Path:
+        """The folder of a fine-tuned backbone's image features (``train.finetune``): in the
+        workspace, not the shared cache, since no other project has that backbone."""
+        return self.root / "features-tuned" / key
+
+    def drop_other_tuned_features(self, key: str) -> list[Path]:
+        """Delete every fine-tuned backbone's feature folder but ``key``'s (an earlier
+        round's backbone, never used again; features are recomputed if needed). Returns the
+        folders deleted."""
+        root = self.root / "features-tuned"
+        gone = [p for p in sorted(root.glob("*")) if p.is_dir() and p.name != key]
+        for p in gone:
+            shutil.rmtree(p, ignore_errors=True)
+        return gone
 
     @property
     def tensorboard_root(self) -> Path:

@@ -12,6 +12,7 @@ from medal import api
 from medal.config import load_config
 from medal.errors import ConfigError
 from medal.finetune import finetune_decision
+from medal.inputs import feature_key
 from medal.sources import sync
 from medal.train import build_model, fit, load_checkpoint
 from medal.workspace import Workspace
@@ -136,12 +137,57 @@ def test_fine_tuning_leaves_the_cached_backbone_alone_and_gets_fresh_features(tm
         for k, v in tuned.backbone.state_dict().items()
         if v.dtype.is_floating_point
     )
+    assert tuned.backbone_tuned  # the checkpoint says so
     with Workspace(cfg) as ws:
         f_tuned, found, _ = api.frozen_features(ws, cfg, tuned, pool, torch.device("cpu"))
     assert found.all()
+    # the tuned backbone's features are the workspace's own; the shared cache holds the SSL one's
+    assert [p.name for p in (cfg.workspace / "features-tuned").iterdir()] == [
+        feature_key(cfg, tuned)
+    ]
+    assert [p.name for p in (cfg.workspace / "cache" / "features").iterdir()] == [
+        feature_key(cfg, model)
+    ]
     x, _, _, _ = api.load_items(cfg, pool)
     tuned.eval()
     with torch.no_grad():
         direct = tuned.features(x).numpy()
     np.testing.assert_allclose(f_tuned, direct, rtol=1e-4, atol=1e-5)
     assert not np.allclose(f_tuned, f_ssl, atol=1e-4)
+
+
+def test_only_the_last_fine_tuned_backbones_features_are_kept(tmp_path, tiny_data):
+    """Each fine-tuned round's backbone has its own features (N x D floats): opening a new
+    one's store deletes the earlier round's, and never the shared cache's."""
+    from medal.train import save_checkpoint
+
+    cfg = load_config(write_config(tmp_path), PROBE)
+    cpu = torch.device("cpu")
+    with Workspace(cfg) as ws:
+        pool = sync(ws).pool[:6]
+        plain = build_model(cfg)
+        api.frozen_features(ws, cfg, plain, pool, cpu)
+        shared = ws.feature_cache_path(feature_key(cfg, plain))
+        keys = []
+        for i in range(2):
+            torch.manual_seed(i)
+            tuned = build_model(cfg)
+            tuned.backbone_tuned = True
+            f, found, _ = api.frozen_features(ws, cfg, tuned, pool, cpu)
+            assert found.all() and f.shape == (6, tuned.feature_dim)
+            keys.append(feature_key(cfg, tuned))
+            assert [p.name for p in ws.tuned_feature_path("x").parent.iterdir()] == [keys[-1]]
+        assert keys[0] != keys[1]
+        assert shared.is_dir() and any(shared.iterdir())  # the frozen backbone's stay
+        api.frozen_features(ws, cfg, plain, pool, cpu)  # an untuned model drops nothing
+        assert ws.tuned_feature_path(keys[1]).is_dir()
+        # the flag goes through a checkpoint, and is absent (False) for an untuned model
+        path = tmp_path / "round-000.pt"
+        save_checkpoint(path, tuned, cfg, 0)
+        back = build_model(cfg)
+        load_checkpoint(path, back, cfg.classes, cfg.model.name, cfg.model.channels)
+        assert back.backbone_tuned
+        save_checkpoint(path, plain, cfg, 0)
+        assert "backbone_tuned" not in torch.load(path, weights_only=True)
+        load_checkpoint(path, back, cfg.classes, cfg.model.name, cfg.model.channels)
+        assert not back.backbone_tuned
