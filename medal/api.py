@@ -23,6 +23,9 @@ from .fitting import FitResult
 from .inputs import (
     load_items,
     backbone_job,
+    for_checkpoint,
+    for_images,
+    with_backbone,
     pretrain_items,
     record_skipped,
     frozen_features,
@@ -45,7 +48,7 @@ from .query import (
 )
 from .representation import SSLSettings
 from .resources import check_pretraining_memory, check_training_memory
-from .sources import Item, sync
+from .sources import Item, Snapshot, sync
 from .train import fit, save_checkpoint
 from .uncertainty import mc_predict_tensors
 from .workspace import UNSURE, Workspace, has_ledger
@@ -65,6 +68,7 @@ __all__ = [
     "release_unsure",
     "pretrain_representation",
     "ensure_backbone",
+    "resolve_model",
     # their reports
     "TrainReport",
     "QueryReport",
@@ -127,6 +131,7 @@ def train(cfg: Config, *, progress: bool = True) -> TrainReport | None:
         plan = distributed.on_main(
             lambda: _plan_training(cast(Workspace, ws), cfg, device, progress)
         )
+        cfg = with_backbone(cfg, plan.model_name)  # model.name = "auto" as rank 0 resolved it
         data = _TrainData.load(cfg, plan)
         model = start_model(cfg, plan.parent_checkpoint, plan.backbone)
         seed = round_seed(cfg, plan.model_round)
@@ -223,6 +228,8 @@ class _TrainPlan:
     state_path: Path | None
     """Resume state of an interrupted training (one process only)."""
     notes: list[str]
+    model_name: str
+    """The backbone trained (``model.name = "auto"`` resolved: :func:`resolve_model`)."""
     pool: list[Item] = field(default_factory=list)
     """The unlabelled pool (for semi-supervised training of a frozen backbone's head, and
     ``train.head_choice_min_coverage``)."""
@@ -232,14 +239,15 @@ def _plan_training(ws: Workspace, cfg: Config, device: torch.device, progress: b
     snap = sync(ws)
     if not snap.labelled:
         raise DataError(no_labels(cfg))
+    model_round = ws.ingested_rounds()
+    parent = parent_round(ws, cfg, model_round)
+    cfg = _resolved(ws, cfg, parent, snap)
     check_training_memory(
         cfg,
         len(snap.labelled) + len(snap.validation) + len(snap.test),
         max(len(snap.validation), len(snap.test)),
         device,
     )
-    model_round = ws.ingested_rounds()
-    parent = parent_round(ws, cfg, model_round)
     notes, backbone = list(snap.notes), None
     if parent is None and cfg.representation.method != "none":
         note, backbone = pretrained_backbone(ws, cfg, snap, device, progress)
@@ -254,8 +262,31 @@ def _plan_training(ws: Workspace, cfg: Config, device: torch.device, progress: b
         backbone,
         None if distributed.is_distributed() else ws.training_state_path(model_round),
         notes,
+        cfg.model.name,
         list(snap.pool),
     )
+
+
+def _resolved(
+    ws: Workspace, cfg: Config, parent: int | None, snap: Snapshot | None = None
+) -> Config:
+    """``cfg`` with ``model.name = "auto"`` resolved: the parent checkpoint's backbone when the
+    training starts from one, else the one for the images of ``snap`` (read when ``None``)."""
+    if cfg.model.name != "auto":
+        return cfg
+    if parent is not None:
+        return for_checkpoint(cfg, ws.checkpoint_path(parent))
+    return for_images(cfg, sync(ws) if snap is None else snap)
+
+
+def resolve_model(cfg: Config) -> Config:
+    """``cfg`` with ``model.name = "auto"`` replaced by the backbone the workspace's next training
+    uses: the latest model's (later rounds keep it), or the one for its images
+    (:func:`medal.inputs.auto_backbone`) before the first training. Other configs unchanged."""
+    if cfg.model.name != "auto":
+        return cfg
+    with Workspace(cfg) as ws:
+        return _resolved(ws, cfg, parent_round(ws, cfg, ws.ingested_rounds()))
 
 
 def pretrain_on_every_rank(
@@ -269,21 +300,22 @@ def pretrain_on_every_rank(
     if not distributed.is_distributed() or cfg.representation.method == "none":
         return
 
-    def job() -> tuple[Path, list[Item], SSLSettings] | None:
+    def job() -> tuple[Path, list[Item], SSLSettings, Config] | None:
         w = cast(Workspace, ws)
         snap = sync(w)
         if not snap.labelled or parent_round(w, cfg, w.ingested_rounds()) is not None:
             return None  # the plan says what is missing, or no backbone is needed
-        found = backbone_job(w, cfg, snap)
+        resolved = for_images(cfg, snap)
+        found = backbone_job(w, resolved, snap)
         if found[0].is_file():
             return None
-        check_pretraining_memory(cfg, len(found[1]), device)
-        return found
+        check_pretraining_memory(resolved, len(found[1]), device)
+        return (*found, resolved)
 
     todo = distributed.on_main(job)
     if todo is None:
         return
-    path, items, settings = todo
+    path, items, settings, cfg = todo
     model = start_model(dataclasses.replace(cfg, seed=settings.seed), None)
     pretrain_items(cfg, model, path, items, settings, device, progress, ranks=distributed.ranks())
 
@@ -396,6 +428,7 @@ def initial_model(ws: Workspace, cfg: Config, model_round: int) -> tuple[MCModel
     """The weights model round ``model_round``'s training starts from, and the model round
     they come from (:func:`parent_round`, :func:`start_model`)."""
     parent = parent_round(ws, cfg, model_round)
+    cfg = _resolved(ws, cfg, parent)
     return start_model(cfg, None if parent is None else ws.checkpoint_path(parent)), parent
 
 

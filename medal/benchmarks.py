@@ -166,6 +166,7 @@ def measure(
     out = (out or root / "runs" / f"bench-representation-{dataset}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg, rows = _train_config(root, dataset, images, out, overrides)
+    cfg = api.resolve_model(cfg)  # model.name = "auto": the backbone for this train split
     t0 = time.perf_counter()
     backbone = _backbones(cfg, seeds, backbones, progress)
     t_pre = time.perf_counter() - t0

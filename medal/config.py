@@ -61,6 +61,12 @@ class ImageConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "small_cnn"
+    """A registered backbone, or "auto": ``small_cnn4`` when the self-supervised pretraining sees
+    at least ``auto_min_images`` images, ``small_cnn`` below that or without pretraining. A
+    project keeps the backbone its first training chose (later rounds start from it)."""
+    auto_min_images: int = 3000
+    """With ``name = "auto"``: the number of pretraining images (pool, labelled, automatic
+    hold-out) from which the deeper ``small_cnn4`` is used."""
     image_size: int = 28
     channels: int = 1
     """Input channels the network sees: 1 (grayscale) or 3 (RGB). Images are converted."""
@@ -672,8 +678,16 @@ def _validate_model(m: ModelConfig, need: _Need) -> None:
     """The [model] values: a registered name, image size, channels, dropout, head width."""
     from .models import available_models  # the registry lists the model names
 
-    names = available_models()
+    names = (*available_models(), "auto")
     need(m.name in names, "model.name", f"one of {', '.join(names)}", m.name)
+    need(m.auto_min_images >= 0, "model.auto_min_images", ">= 0", m.auto_min_images)
+    need(
+        m.name != "auto" or m.pretrained is None,
+        "model.name",
+        "a named backbone when model.pretrained is given (its weights fit one architecture), "
+        'not "auto"',
+        m.name,
+    )
     need(8 <= m.image_size <= 2048, "model.image_size", "between 8 and 2048", m.image_size)
     need(m.channels in (1, 3), "model.channels", "1 or 3", m.channels)
     need(0.0 < m.dropout < 1.0, "model.dropout", "in (0, 1) (MC dropout needs dropout)", m.dropout)

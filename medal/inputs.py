@@ -22,7 +22,7 @@ from .config import Config
 from .data import ImageDataset, load_all
 from .errors import ModelError
 from .features import FeatureStore, backbone_key, iter_features, open_feature_store
-from .models import MCModel
+from .models import MCModel, read_weights
 from .poolstore import stored_images
 from .representation import SSLSettings, StepPlan, load_cached, pretrain_and_cache
 from .representation import cache_key as ssl_cache_key
@@ -95,12 +95,74 @@ def round_seed(cfg: Config, round_no: int) -> int:
     return cfg.seed * 1000 + round_no
 
 
+AUTO_SMALL, AUTO_DEEP = "small_cnn", "small_cnn4"
+"""``model.name = "auto"``'s two backbones (:func:`auto_backbone`)."""
+
+
+def auto_backbone(cfg: Config, n_images: int) -> str:
+    """The backbone ``model.name = "auto"`` stands for when the self-supervised pretraining
+    sees ``n_images`` images: the deeper one from ``model.auto_min_images`` on, where its
+    pretraining has the images to learn from; the smaller one below, and without pretraining
+    (whole-network training from random weights)."""
+    if cfg.representation.method == "none" or n_images < cfg.model.auto_min_images:
+        return AUTO_SMALL
+    return AUTO_DEEP
+
+
+def with_backbone(cfg: Config, name: str) -> Config:
+    """``cfg`` with ``model.name`` set to ``name`` (a registered backbone)."""
+    if cfg.model.name == name:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name))
+
+
+def backbone_items(cfg: Config, snap: Snapshot) -> list[Item]:
+    """The images the self-supervised pretraining learns from: the pool, the labelled images and
+    an automatic hold-out; never a given validation set or the test set."""
+    items = [*snap.pool, *snap.labelled]
+    if cfg.data.validation is None:
+        items += snap.validation
+    return items
+
+
+def for_count(cfg: Config, n_images: int) -> Config:
+    """``cfg`` with ``model.name = "auto"`` resolved for a pretraining on ``n_images`` images
+    (:func:`auto_backbone`); any other config as it is."""
+    if cfg.model.name != "auto":
+        return cfg
+    return with_backbone(cfg, auto_backbone(cfg, n_images))
+
+
+def for_images(cfg: Config, snap: Snapshot) -> Config:
+    """:func:`for_count` for a first training on ``snap``'s images (:func:`backbone_items`)."""
+    if cfg.model.name != "auto":
+        return cfg
+    return for_count(cfg, len(backbone_items(cfg, snap)))
+
+
+def for_checkpoint(cfg: Config, checkpoint: Path) -> Config:
+    """``cfg`` with ``model.name = "auto"`` resolved to the backbone ``checkpoint`` holds, so a
+    project keeps the backbone its first training chose; any other config as it is. A missing
+    or unreadable checkpoint is left to :func:`medal.train.load_checkpoint` to name."""
+    if cfg.model.name != "auto":
+        return cfg
+    name = AUTO_SMALL
+    if checkpoint.is_file():
+        ck = read_weights(checkpoint, "checkpoint")
+        if isinstance(ck, dict) and ck.get("model_name") in (AUTO_SMALL, AUTO_DEEP):
+            name = ck["model_name"]
+    return with_backbone(cfg, name)
+
+
 def start_model(
     cfg: Config, parent_checkpoint: Path | None, backbone: Path | None = None
 ) -> MCModel:
     """The weights a training starts from: fresh (``model.pretrained`` when given), seeded so
     every round starts alike, then the parent's checkpoint or a cached self-supervised
-    ``backbone`` when given."""
+    ``backbone`` when given. ``model.name = "auto"`` must be resolved first
+    (:func:`for_images`), unless the parent's checkpoint says which backbone it is."""
+    if parent_checkpoint is not None:
+        cfg = for_checkpoint(cfg, parent_checkpoint)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     if parent_checkpoint is not None:
@@ -118,6 +180,8 @@ def start_model(
 
 
 def model_from(cfg: Config, checkpoint: Path) -> MCModel:
+    """The model ``checkpoint`` holds (``model.name = "auto"``: the backbone it records)."""
+    cfg = for_checkpoint(cfg, checkpoint)
     model = build_model(cfg)
     load_checkpoint(checkpoint, model, cfg.classes, cfg.model.name, cfg.model.channels)
     return model
@@ -152,6 +216,7 @@ def pretrained_backbone(
     """Load (or first train and cache) the self-supervised backbone for this workspace's
     images: the pool, the labelled images and an automatic hold-out; never the given
     validation or test sets. Returns a line for the training report and the cache file."""
+    cfg = for_images(cfg, snap)
     path, items, settings = backbone_job(ws, cfg, snap)
     t0 = time.perf_counter()
     # initial weights as `medal train` with this seed builds them: the same backbone either way
@@ -210,10 +275,9 @@ def backbone_job(
     ws: Workspace, cfg: Config, snap: Snapshot
 ) -> tuple[Path, list[Item], SSLSettings]:
     """The cache file of this workspace's self-supervised backbone, the images it learns from
-    and its settings."""
-    items = [*snap.pool, *snap.labelled]
-    if cfg.data.validation is None:
-        items += snap.validation
+    (:func:`backbone_items`) and its settings."""
+    cfg = for_images(cfg, snap)
+    items = backbone_items(cfg, snap)
     settings = ssl_settings(cfg)
     key = ssl_cache_key(
         [it.id for it in items],

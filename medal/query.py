@@ -35,6 +35,8 @@ from .features import stream_features
 from .inputs import (
     image_dataset,
     load_items,
+    for_checkpoint,
+    for_images,
     model_from,
     record_skipped,
     frozen_feature_store,
@@ -216,6 +218,10 @@ def plan(
     refuse_pending(ws)
     snap = sync(ws)
     zero_label = not snap.labelled and not ws.db.models()
+    if zero_label:
+        cfg = for_images(cfg, snap)
+    elif cfg.model.name == "auto":  # the backbone of the model that scores
+        cfg = for_checkpoint(cfg, ws.checkpoint_path(current_model_record(ws).round))
     top_k = not zero_label and _how(cfg, snap)[0] == "top-k"  # only k scores held
     check_query_memory(
         cfg, len(snap.pool), len(snap.labelled), device, zero_label=zero_label, top_k=top_k

@@ -47,6 +47,7 @@ from sklearn.model_selection import train_test_split
 from medal import api
 from medal.config import Config, TrainConfig, add_overrides_argument, load_config, parse_overrides
 from medal.finetune import finetune_decision
+from medal.inputs import for_count, with_backbone
 from medal.data import NORMALISE_MEAN, NORMALISE_STD
 from medal.metrics import classification_metrics
 from medal.representation import pretrain_and_cache
@@ -234,6 +235,7 @@ def arm_probs(
         c = dataclasses.replace(
             load_config(conf, {**COMMON, **ARM_SETTINGS[part], **over}), seed=seed
         )
+        c = resolved_as(c, cfg)
         model = run_arm(part, c, x, y, bb, seed)
         parts.append([predict_deterministic(model, xs, cpu) for xs in sets])
     return [(a + b) / 2 for a, b in zip(*parts, strict=True)]
@@ -259,6 +261,7 @@ def cv_mix(
     frozen head that predicts ``sets`` trains on every label, as in ``mix``."""
     cpu = torch.device("cpu")
     cfg_w = dataclasses.replace(load_config(conf, {**COMMON, **WHOLE, **over}), seed=seed)
+    cfg_w = resolved_as(cfg_w, cfg)
     whole = run_arm("whole", cfg_w, x, y, bb, seed)
     tr, va = whole_split(y, seed)
     p_f = predict_deterministic(run_arm("frozen", cfg, x[tr], y[tr], bb, seed), x[va], cpu)
@@ -273,6 +276,16 @@ def cv_mix(
         (1 - w) * predict_deterministic(frozen, xs, cpu) + w * predict_deterministic(whole, xs, cpu)
         for xs in sets
     ]
+
+
+def resolved_as(c: Config, cfg: Config) -> Config:
+    """``c`` with ``model.name = "auto"`` resolved as the arm's ``cfg`` was for its pool (the
+    same backbone file); whole-network settings, without pretraining, resolve on their own."""
+    if c.model.name != "auto":
+        return c
+    if c.representation.method == "none":
+        return for_count(c, 0)
+    return with_backbone(c, cfg.model.name)
 
 
 def replace_train(cfg: Config) -> TrainConfig:
@@ -322,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
             else np.arange(len(y_all))
         )
         x, y = x_all[idx], y_all[idx]
-        base = dataclasses.replace(load_config(conf, {**COMMON, **over}), seed=seed)
+        # model.name = "auto" as medal resolves it for a pretraining on this pool
+        base = for_count(
+            dataclasses.replace(load_config(conf, {**COMMON, **over}), seed=seed), len(x)
+        )
         bb = backbone(base, x, a.out / f"backbone-seed{seed}.pt")
         for n, pick in points(a.curve, len(y), seed):
             for arm in a.arms.split(","):
@@ -330,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 extra = ARM_SETTINGS[arm]
                 cfg = dataclasses.replace(load_config(conf, {**COMMON, **extra, **over}), seed=seed)
+                cfg = for_count(cfg, len(x))
                 t0 = time.perf_counter()
                 probs = arm_probs(arm, cfg, conf, over, x[pick], y[pick], bb, seed, x_test, x_val)
                 auc, val_auc = (

@@ -74,3 +74,20 @@ def test_a_tiny_frozen_run_writes_its_row_and_resumes(bench, tmp_path, capsys):
     assert bench.main(argv) == 0  # done rows are skipped, not written twice
     with open(out / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 1
+
+
+def test_auto_parts_of_an_averaged_arm_resolve_as_medal_does(bench):
+    """``model.name = "auto"`` on PneumoniaMNIST's 4,708 images: the frozen part of ``mix``
+    uses the arm's small_cnn4 (its backbone file), the whole network small_cnn."""
+    from medal.config import load_config
+    from medal.inputs import for_count
+
+    conf = bench.ROOT / "configs" / "pneumoniamnist.toml"
+    auto = {"model.name": "auto"}
+    arm = for_count(load_config(conf, {**bench.COMMON, **auto}), 4708)
+    assert arm.model.name == "small_cnn4"
+    frozen = load_config(conf, {**bench.COMMON, **auto})
+    whole = load_config(conf, {**bench.COMMON, **bench.WHOLE, **auto})
+    assert bench.resolved_as(frozen, arm).model.name == "small_cnn4"
+    assert bench.resolved_as(whole, arm).model.name == "small_cnn"
+    assert for_count(load_config(conf, {**bench.COMMON, **auto}), 1080).model.name == "small_cnn"

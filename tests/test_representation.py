@@ -479,15 +479,22 @@ def _rank_pretrains(rank: int, port: int, cfg_path: Path, over: dict) -> None:
     distributed.shutdown()
 
 
-def test_every_rank_pretrains_the_backbone_the_training_then_loads(tmp_path, tiny_data):
+@pytest.mark.parametrize(
+    "backbone",
+    [{}, {"model.name": "auto", "model.auto_min_images": 48}],
+    ids=["small_cnn", "auto-small_cnn4"],
+)
+def test_every_rank_pretrains_the_backbone_the_training_then_loads(tmp_path, tiny_data, backbone):
     """Under torchrun both ranks pretrain the workspace's backbone together (rank 0 holds the
     workspace and caches it); a training afterwards finds it in the cache, under the key one
-    process would have given it."""
+    process would have given it. ``model.name = "auto"``: every rank builds the backbone rank 0
+    chose for the 48 images."""
     over = {
         "representation.method": "simclr",
         "representation.epochs": 2,
         "representation.batch_size": 16,
         "train.freeze_backbone": True,
+        **backbone,
     }
     cfg_path = write_config(tmp_path, "")
     port = _free_port()
@@ -504,5 +511,7 @@ def test_every_rank_pretrains_the_backbone_the_training_then_loads(tmp_path, tin
     assert "loaded from the cache" in note and path == cached
     state = torch.load(cached, weights_only=True)
     torch.manual_seed(cfg.seed)
-    untrained = build_model(cfg).backbone.state_dict()
+    untrained = build_model(api.resolve_model(cfg)).backbone.state_dict()
+    assert state.keys() == untrained.keys()
+    assert ("12.weight" in state) == bool(backbone)  # small_cnn4's fourth conv block
     assert any(not torch.equal(state[k], untrained[k]) for k in state if "weight" in k)
