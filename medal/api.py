@@ -22,6 +22,7 @@ from .faults import crash_point
 from .fitting import FitResult
 from .inputs import (
     load_items,
+    auto_note,
     backbone_job,
     for_checkpoint,
     for_images,
@@ -241,14 +242,18 @@ def _plan_training(ws: Workspace, cfg: Config, device: torch.device, progress: b
         raise DataError(no_labels(cfg))
     model_round = ws.ingested_rounds()
     parent = parent_round(ws, cfg, model_round)
-    cfg = _resolved(ws, cfg, parent, snap)
+    notes = list(snap.notes)
+    if cfg.model.name == "auto":
+        resolved = _resolved(ws, cfg, parent, snap)
+        notes.append(auto_note(cfg, snap, parent, resolved.model.name))
+        cfg = resolved
     check_training_memory(
         cfg,
         len(snap.labelled) + len(snap.validation) + len(snap.test),
         max(len(snap.validation), len(snap.test)),
         device,
     )
-    notes, backbone = list(snap.notes), None
+    backbone = None
     if parent is None and cfg.representation.method != "none":
         note, backbone = pretrained_backbone(ws, cfg, snap, device, progress)
         notes.append(note)

@@ -140,6 +140,19 @@ def for_images(cfg: Config, snap: Snapshot) -> Config:
     return for_count(cfg, len(backbone_items(cfg, snap)))
 
 
+def auto_note(cfg: Config, snap: Snapshot, parent: int | None, name: str) -> str:
+    """The training report's line on what ``model.name = "auto"`` became, and why."""
+    if parent is not None:
+        return f'model.name = "auto": {name}, the backbone of model round {parent}'
+    if cfg.representation.method == "none":
+        return f'model.name = "auto": {name} (no self-supervised pretraining)'
+    n, least = len(backbone_items(cfg, snap)), cfg.model.auto_min_images
+    return (
+        f'model.name = "auto": {name} for {n} pretraining images '
+        f"({AUTO_DEEP} from model.auto_min_images = {least} on)"
+    )
+
+
 def for_checkpoint(cfg: Config, checkpoint: Path) -> Config:
     """``cfg`` with ``model.name = "auto"`` resolved to the backbone ``checkpoint`` holds, so a
     project keeps the backbone its first training chose; any other config as it is. A missing

@@ -67,6 +67,8 @@ def test_below_the_threshold_auto_trains_what_small_cnn_trains(tmp_path, tiny_da
     r = api.train(auto, progress=False)
     ck = torch.load(r.checkpoint, weights_only=False)
     assert ck["model_name"] == "small_cnn" and ck["config"]["model"]["name"] == "small_cnn"
+    line = 'model.name = "auto": small_cnn for 48 pretraining images'
+    assert any(n.startswith(line) for n in r.notes), r.notes
     named = load_config(path, {**SSL, "model.name": "small_cnn"})
     note, _ = api.ensure_backbone(named, progress=False)
     assert "loaded from the cache" in note  # the key auto's pretraining wrote
@@ -79,6 +81,8 @@ def test_from_the_threshold_on_auto_trains_small_cnn4_and_the_project_keeps_it(t
     assert api.resolve_model(auto).model.name == "small_cnn4"  # before any training
     r = api.train(auto, progress=False)
     assert any("pretrained on 48 images" in n for n in r.notes), r.notes
+    line = 'model.name = "auto": small_cnn4 for 48 pretraining images'
+    assert any(n.startswith(line) for n in r.notes), r.notes
     ck = torch.load(r.checkpoint, weights_only=False)
     assert ck["model_name"] == "small_cnn4"
     deep = load_config(path, {**SSL, "model.name": "small_cnn4"})
