@@ -8,11 +8,12 @@ data paths, classes, channels and the 28-pixel image size are set):
 * ``pn500``: PneumoniaMNIST's train split cut to 500 images (a small pool);
 * ``pn1200``: cut to 1,200 images;
 * ``pnimb4``: 1,200 images at 1 normal : 4 pneumonia (240 : 960; the official split is 1 : 2.9);
+* ``pnimb9``: 1,200 images at 1 normal : 9 pneumonia (120 : 1,080; a rarer minority);
 * ``retref``: RetinaMNIST's whole train split (1,080) as referable (grade 2-4) vs not (0-1).
 
 Cuts are drawn once per variant with a fixed seed (the variant's definition), not per run.
 
-    python scripts/prepare_variants.py --out runs/variants            # all four
+    python scripts/prepare_variants.py --out runs/variants            # all five
     python scripts/prepare_variants.py --out runs/variants --only pn500
     medal simulate -c runs/variants/pn500/config.toml \
         --truth runs/variants/pn500/images/pool_truth.csv --strategies random,bald ...
@@ -53,6 +54,7 @@ VARIANTS: dict[str, Variant] = {
     "pn500": Variant("pneumoniamnist", ("normal", "pneumonia"), (0, 1), pool=500),
     "pn1200": Variant("pneumoniamnist", ("normal", "pneumonia"), (0, 1), pool=1200),
     "pnimb4": Variant("pneumoniamnist", ("normal", "pneumonia"), (0, 1), per_class=(240, 960)),
+    "pnimb9": Variant("pneumoniamnist", ("normal", "pneumonia"), (0, 1), per_class=(120, 1080)),
     "retref": Variant(
         "retinamnist", ("nonreferable", "referable"), (0, 0, 1, 1, 1), pool=0, channels=3
     ),

@@ -4,6 +4,8 @@ import csv
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from medal.config import load_config
 
 from conftest import load_script
@@ -37,12 +39,15 @@ def test_variants_have_their_pools_classes_and_a_loadable_config(tmp_path):
     assert _truth(again / "pn500") == pn
 
 
-def test_the_imbalanced_variant_is_one_to_four(tmp_path):
+@pytest.mark.parametrize(
+    ("name", "normal", "pneumonia"), [("pnimb4", 240, 960), ("pnimb9", 120, 1080)]
+)
+def test_the_imbalanced_variants_have_their_ratios(tmp_path, name, normal, pneumonia):
     pv = _script()
-    pv.prepare("pnimb4", tmp_path)
-    assert Counter(r["label"] for r in _truth(tmp_path / "pnimb4")) == {
-        "normal": 240,
-        "pneumonia": 960,
+    pv.prepare(name, tmp_path)
+    assert Counter(r["label"] for r in _truth(tmp_path / name)) == {
+        "normal": normal,
+        "pneumonia": pneumonia,
     }
 
 
@@ -52,5 +57,5 @@ def test_an_unknown_variant_is_refused_naming_the_valid_ones(tmp_path, capsys):
         pv.main(["--out", str(tmp_path), "--only", "pn9000"])
     except SystemExit as e:
         assert e.code == 2
-    assert "pn500, pn1200, pnimb4, retref" in capsys.readouterr().err
+    assert "pn500, pn1200, pnimb4, pnimb9, retref" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
