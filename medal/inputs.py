@@ -162,8 +162,13 @@ def for_checkpoint(cfg: Config, checkpoint: Path) -> Config:
     name = AUTO_SMALL
     if checkpoint.is_file():
         ck = read_weights(checkpoint, "checkpoint")
-        if isinstance(ck, dict) and ck.get("model_name") in (AUTO_SMALL, AUTO_DEEP):
-            name = ck["model_name"]
+        name = ck.get("model_name", AUTO_SMALL) if isinstance(ck, dict) else AUTO_SMALL
+        if name not in (AUTO_SMALL, AUTO_DEEP):
+            raise ModelError(
+                f'checkpoint {checkpoint} is a {name}; model.name = "auto" goes on only from '
+                f'{AUTO_SMALL} or {AUTO_DEEP} checkpoints: set model.name = "{name}" to go on '
+                f"from this project's models"
+            )
     return with_backbone(cfg, name)
 
 

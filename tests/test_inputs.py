@@ -10,7 +10,7 @@ import torch
 
 from medal import api
 from medal.config import load_config
-from medal.errors import ConfigError
+from medal.errors import ConfigError, ModelError
 from medal.inputs import auto_backbone, for_count
 from medal.workspace import Workspace
 
@@ -101,3 +101,14 @@ def test_from_the_threshold_on_auto_trains_small_cnn4_and_the_project_keeps_it(t
     # round 1's labels are not back yet: the next training redoes model round 0 from fresh
     # weights, so the raised threshold applies to it
     assert api.resolve_model(raised).model.name == "small_cnn"
+
+
+def test_auto_does_not_go_on_from_another_backbone(tmp_path, tiny_data):
+    """A project trained with a named backbone other than auto's two: the query under
+    ``model.name = "auto"`` stops with the name to set, and nothing is exported."""
+    path = write_config(tmp_path, "")
+    api.train(load_config(path, {**SSL, "representation.method": "none", "model.name": "resnet18"}))
+    auto = load_config(path, {**SSL, "representation.method": "none", "model.name": "auto"})
+    with pytest.raises(ModelError, match=r'is a resnet18; .*set model\.name = "resnet18"'):
+        api.query(auto, progress=False)
+    assert not (auto.workspace / "labelling" / "round-001").exists()
