@@ -60,7 +60,7 @@ class ImageConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "small_cnn"
+    name: str = "auto"
     """A registered backbone, or "auto": ``small_cnn4`` when the self-supervised pretraining sees
     at least ``auto_min_images`` images, ``small_cnn`` below that or without pretraining. A
     project keeps the backbone its first training chose (later rounds start from it)."""

@@ -26,7 +26,7 @@ def test_minimal_config_has_defaults_and_resolves_paths(tmp_path):
     assert cfg.workspace == (tmp_path / "ws").resolve()
     assert cfg.data.pool == (tmp_path / "pool").resolve()
     assert cfg.data.validation is None
-    assert cfg.model.name == "small_cnn" and cfg.query.strategy == "bald"
+    assert cfg.model.name == "auto" and cfg.query.strategy == "bald"
     assert cfg.classes == ("normal", "pneumonia")
 
 
