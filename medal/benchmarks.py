@@ -86,7 +86,8 @@ def _train_config(
     root: Path, dataset: str, images: Path, out: Path, overrides: dict[str, object] | None
 ) -> tuple[Config, list[tuple[Path, str]]]:
     """The bundled config with :data:`PROBE` and ``overrides``, its labelled set the whole
-    train split (written to ``out/train.csv``) and its workspace ``out``; and that split."""
+    train split (written to ``out/train.csv``) and its workspace ``out`` (``model.name =
+    "auto"`` resolved for it); and that split."""
     over = {**PROBE, **(overrides or {})}
     base = load_config(root / "configs" / f"{dataset}.toml", over)
     rows = truth(images, base.classes)
@@ -100,7 +101,7 @@ def _train_config(
         workspace=out,
         data=dataclasses.replace(base.data, labelled=labelled_csv, pool=None, validation=None),
     )
-    return cfg, rows
+    return api.resolve_model(cfg), rows  # model.name = "auto": the backbone for this split
 
 
 def _backbones(cfg: Config, seeds: list[int], backbones: str, progress: bool) -> dict[int, Path]:
@@ -166,7 +167,6 @@ def measure(
     out = (out or root / "runs" / f"bench-representation-{dataset}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg, rows = _train_config(root, dataset, images, out, overrides)
-    cfg = api.resolve_model(cfg)  # model.name = "auto": the backbone for this train split
     t0 = time.perf_counter()
     backbone = _backbones(cfg, seeds, backbones, progress)
     t_pre = time.perf_counter() - t0
