@@ -22,6 +22,11 @@ second (two simulations of one data set, e.g. whole-network training against the
 
 --level sets the intervals' confidence (default 0.95), e.g. 0.983 for three candidates judged
 against one baseline with Bonferroni's correction (0.05 / 3).
+
+--common reads both curves of a pair only at the label counts both have, so simulations with
+other round sizes compare on one grid (rounds of 10 against rounds of 50: 20, 70, ..., 520):
+
+    python scripts/compare_simulations.py --pool bald:bald --common R50/results.csv=R10/results.csv
 """
 
 from __future__ import annotations
@@ -52,6 +57,11 @@ def parser() -> argparse.ArgumentParser:
         help="strategies to pair within each file, pooled over all files (e.g. random:bald)",
     )
     p.add_argument(
+        "--common",
+        action="store_true",
+        help="integrate each pair's curves only at the label counts both have",
+    )
+    p.add_argument(
         "--level",
         type=float,
         default=0.95,
@@ -60,14 +70,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+Curve = tuple[np.ndarray, np.ndarray]
+"""A seed's learning curve: label counts ``[P]`` and the metric ``[P]``."""
+
+
+def on_common_labels(a: Curve, b: Curve) -> tuple[Curve, Curve]:
+    """Both curves at only the label counts both have."""
+    both = np.intersect1d(a[0], b[0])
+    return (both, a[1][np.isin(a[0], both)]), (both, b[1][np.isin(b[0], both)])
+
+
 def paired_areas(
-    base: dict[int, tuple[np.ndarray, np.ndarray]], cand: dict[int, tuple[np.ndarray, np.ndarray]]
+    base: dict[int, Curve], cand: dict[int, Curve], common: bool = False
 ) -> tuple[list[int], float, float, list[tuple[float, float]]]:
     """Seeds in both, the label range both cover ``(lo, hi)``, and per seed the areas
-    ``(baseline, candidate)`` of the test metric over that range."""
+    ``(baseline, candidate)`` of the test metric over that range (``common``: of the curves
+    at the label counts both have, :func:`on_common_labels`)."""
     seeds = sorted(set(base) & set(cand))
     if not seeds:
         return [], math.nan, math.nan, []
+    if common:
+        pairs = {s: on_common_labels(base[s], cand[s]) for s in seeds}
+        base, cand = {s: p[0] for s, p in pairs.items()}, {s: p[1] for s, p in pairs.items()}
     lo = max(max(base[s][0][0], cand[s][0][0]) for s in seeds)
     hi = min(min(base[s][0][-1], cand[s][0][-1]) for s in seeds)
     return (
@@ -78,7 +102,9 @@ def paired_areas(
     )
 
 
-def pooled(spec: str, files: list[str], metric: str, level: float = 0.95) -> int:
+def pooled(
+    spec: str, files: list[str], metric: str, level: float = 0.95, common: bool = False
+) -> int:
     """Print per file and pooled paired area differences; 1 if a file pairs no seed."""
     if spec.count(":") != 1 or not all(spec.split(":")):
         raise SystemExit(f"--pool: expected BASELINE:CANDIDATE (e.g. random:bald), got {spec!r}")
@@ -87,7 +113,7 @@ def pooled(spec: str, files: list[str], metric: str, level: float = 0.95) -> int
     for f in files:
         fb, _, fc = f.partition("=")
         seeds, lo, hi, areas = paired_areas(
-            read_curves(f"{fb}:{b}", metric), read_curves(f"{fc or fb}:{c}", metric)
+            read_curves(f"{fb}:{b}", metric), read_curves(f"{fc or fb}:{c}", metric), common
         )
         if not seeds:
             print(f"{f}: no seed has both {b} and {c}")
@@ -108,10 +134,12 @@ def pooled(spec: str, files: list[str], metric: str, level: float = 0.95) -> int
     return 0
 
 
-def compare(baseline: str, candidate: str, metric: str, level: float = 0.95) -> int:
+def compare(
+    baseline: str, candidate: str, metric: str, level: float = 0.95, common: bool = False
+) -> int:
     """The two-simulation comparison of the module docstring, printed."""
     base, cand = read_curves(baseline, metric), read_curves(candidate, metric)
-    seeds, lo, hi, areas = paired_areas(base, cand)
+    seeds, lo, hi, areas = paired_areas(base, cand, common)
     if not seeds:
         raise SystemExit("no seed is in both")
     target = float(np.mean([base[s][1][-1] for s in seeds]))
@@ -163,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < a.level < 1:
         p.error(f"--level: expected a confidence in (0, 1), e.g. 0.95, got {a.level}")
     if a.pool:
-        return pooled(a.pool, a.inputs, a.metric, a.level)
+        return pooled(a.pool, a.inputs, a.metric, a.level, a.common)
     if len(a.inputs) != 2:
         p.error("expected BASELINE.csv:strategy CANDIDATE.csv:strategy (or --pool A:B FILES)")
-    return compare(a.inputs[0], a.inputs[1], a.metric, a.level)
+    return compare(a.inputs[0], a.inputs[1], a.metric, a.level, a.common)
 
 
 if __name__ == "__main__":

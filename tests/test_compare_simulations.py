@@ -108,3 +108,22 @@ def test_level_sets_the_confidence_of_every_interval(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _script().main(["--pool", "random:bald", "--level", "95", str(a)])
     assert "--level: expected a confidence in (0, 1)" in capsys.readouterr().err
+
+
+def test_common_compares_other_round_sizes_on_the_labels_both_have(tmp_path, capsys):
+    """Rounds of 20 (20, 40, 60 labels) against rounds of 10 (20, 30, ..., 60): the zigzag
+    between the shared points counts in the full areas and not with --common."""
+    big = tmp_path / "rounds20.csv"
+    with open(big, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["strategy", "seed", "round", "labels", "test/auroc"])
+        w.writeheader()
+        for r, n in enumerate((20, 40, 60)):
+            w.writerow({"strategy": "bald", "seed": 0, "round": r, "labels": n, "test/auroc": 0.5})
+    small = _results(tmp_path / "rounds10.csv", {("bald", 0): [0.5, 0.9, 0.5, 0.9, 0.5]})
+    pair = f"{big}={small}"
+    assert _script().main(["--pool", "bald:bald", pair]) == 0
+    assert "bald - bald area +0.2000" in capsys.readouterr().out
+    assert _script().main(["--pool", "bald:bald", "--common", pair]) == 0
+    assert "bald - bald area +0.0000" in capsys.readouterr().out
+    assert _script().main([f"{big}:bald", f"{small}:bald", "--common"]) == 0
+    assert "area difference candidate - baseline: +0.0000" in capsys.readouterr().out
