@@ -63,17 +63,21 @@ def already_prepared(out: Path, settings: dict[str, Any], force: bool) -> bool:
     return False
 
 
-def read_verified(npz: Path, sha256: str) -> Any:
+def read_verified(npz: Path, sha256: str) -> dict[str, np.ndarray]:
     """The arrays of ``npz`` (``{split}_images`` ``[N, 28, 28]`` or ``[N, 28, 28, 3]`` uint8,
     ``{split}_labels`` ``[N, 1]``) after checking its sha256 (:class:`DataError` if it
-    differs; :data:`SHA256` holds the bundled files')."""
+    differs; :data:`SHA256` holds the bundled files').
+
+    Read into memory once: indexing ``np.load``'s lazy file decompresses the whole array on
+    every access, which made a loop over images quadratic."""
     digest = hashlib.sha256(npz.read_bytes()).hexdigest()
     if digest != sha256:
         raise DataError(f"{npz} has sha256 {digest}, expected {sha256}")
-    return np.load(npz)
+    with np.load(npz) as z:
+        return {k: z[k] for k in z.files}
 
 
-def load_verified(npz: Path, sha256: str, out: Path) -> Any:
+def load_verified(npz: Path, sha256: str, out: Path) -> dict[str, np.ndarray]:
     """:func:`read_verified`, then clears ``out`` for a rebuild."""
     d = read_verified(npz, sha256)
     if out.exists():
@@ -101,7 +105,10 @@ def write_truth(out: Path, rows: Sequence[tuple[str, str]]) -> None:
 
 
 def write_eval_splits(
-    out: Path, d: Any, classes: Sequence[str], save: Callable[[Path, np.ndarray], None] = save_png
+    out: Path,
+    d: dict[str, np.ndarray],
+    classes: Sequence[str],
+    save: Callable[[Path, np.ndarray], None] = save_png,
 ) -> None:
     """The official val and test splits of the npz arrays ``d`` as ``validation/<class>/`` and
     ``test/<class>/``."""

@@ -9,11 +9,13 @@ data paths, classes, channels and the 28-pixel image size are set):
 * ``pn1200``: cut to 1,200 images;
 * ``pnimb4``: 1,200 images at 1 normal : 4 pneumonia (240 : 960; the official split is 1 : 2.9);
 * ``pnimb9``: 1,200 images at 1 normal : 9 pneumonia (120 : 1,080; a rarer minority);
-* ``retref``: RetinaMNIST's whole train split (1,080) as referable (grade 2-4) vs not (0-1).
+* ``retref``: RetinaMNIST's whole train split (1,080) as referable (grade 2-4) vs not (0-1);
+* ``ret4``: the same 1,080 images as proliferative (grade 4, 66 images) vs the rest (1 : 15; a
+  rare class from a second source).
 
 Cuts are drawn once per variant with a fixed seed (the variant's definition), not per run.
 
-    python scripts/prepare_variants.py --out runs/variants            # all five
+    python scripts/prepare_variants.py --out runs/variants            # all six
     python scripts/prepare_variants.py --out runs/variants --only pn500
     medal simulate -c runs/variants/pn500/config.toml \
         --truth runs/variants/pn500/images/pool_truth.csv --strategies random,bald ...
@@ -58,6 +60,7 @@ VARIANTS: dict[str, Variant] = {
     "retref": Variant(
         "retinamnist", ("nonreferable", "referable"), (0, 0, 1, 1, 1), pool=0, channels=3
     ),
+    "ret4": Variant("retinamnist", ("other", "proliferative"), (0, 0, 0, 0, 1), channels=3),
 }
 
 

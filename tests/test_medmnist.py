@@ -34,7 +34,7 @@ def test_the_bundled_files_are_the_ones_recorded():
     for name in BUNDLED:
         d = read_verified(DATA / name / f"{name}.npz", SHA256[name])
         assert {f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")} <= set(
-            d.files
+            d
         )
 
 

@@ -33,6 +33,16 @@ def test_variants_have_their_pools_classes_and_a_loadable_config(tmp_path):
     assert tests == {"nonreferable", "referable"}
     cfg = load_config(tmp_path / "retref" / "config.toml")
     assert cfg.classes == ("nonreferable", "referable") and cfg.model.channels == 3
+    # ret4: the same images, grade 4 (66 train, 20 test images) against the rest
+    pv.prepare("ret4", tmp_path)
+    assert Counter(r["label"] for r in _truth(tmp_path / "ret4")) == {
+        "other": 1014,
+        "proliferative": 66,
+    }
+    assert [r["file"] for r in _truth(tmp_path / "ret4")] == [
+        r["file"] for r in _truth(tmp_path / "retref")
+    ]
+    assert len(list((tmp_path / "ret4" / "images" / "test" / "proliferative").iterdir())) == 20
     # the cut is the variant's definition: the same files every time
     again = tmp_path / "again"
     assert pv.main(["--out", str(again), "--only", "pn500"]) == 0
@@ -57,5 +67,5 @@ def test_an_unknown_variant_is_refused_naming_the_valid_ones(tmp_path, capsys):
         pv.main(["--out", str(tmp_path), "--only", "pn9000"])
     except SystemExit as e:
         assert e.code == 2
-    assert "pn500, pn1200, pnimb4, pnimb9, retref" in capsys.readouterr().err
+    assert "pn500, pn1200, pnimb4, pnimb9, retref, ret4" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
