@@ -99,6 +99,10 @@ class TrainConfig:
     balance: str = "loss"
     """Imbalanced labels: "loss" (inverse-frequency class weights), "sampler" (class-balanced
     sampling of batches) or "none"."""
+    class_prior: dict[str, float] | None = None
+    """The population's class shares (e.g. ``{normal = 0.1, pneumonia = 0.9}``; any positive
+    numbers, normalised): with ``balance`` "loss" or "sampler", weights are the inverse of these
+    shares instead of the labels' own class frequencies. None: the labels' frequencies."""
     augment: bool = True
     """torchvision.transforms.v2 augmentation (crops, small rotations, intensity jitter) during
     training only."""
@@ -295,6 +299,15 @@ class Config:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
+
+    def class_prior(self) -> tuple[float, ...] | None:
+        """``train.class_prior`` as shares ``[K]`` in the order of ``classes`` (sum 1), or
+        None when unset."""
+        prior = self.train.class_prior
+        if prior is None:
+            return None
+        total = sum(prior[c] for c in self.classes)
+        return tuple(prior[c] / total for c in self.classes)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (paths as strings) for storing beside checkpoints and in the ledger."""
@@ -564,7 +577,26 @@ _TYPE_PARSERS: dict[str, _Parser] = {
 }
 _KEY_PARSERS: dict[str, _Parser] = {
     "representation.seed": lambda v, key, base, where: _seed(v, key, where),
+    "train.class_prior": lambda v, key, base, where: _shares(v, key, where),
 }
+
+
+def _shares(v: Any, key: str, where: str) -> dict[str, float] | None:
+    """A table of class name -> positive finite number (the names are checked against
+    ``classes`` with the other cross-key rules); an empty table means unset."""
+    if not isinstance(v, dict):
+        raise ConfigError(
+            f"{where}: {key!r} must be a table of class shares, e.g. "
+            f"{{normal = 0.1, pneumonia = 0.9}}, got {v!r}"
+        )
+    out = {}
+    for name, share in v.items():
+        if isinstance(share, bool) or not isinstance(share, (int, float)):
+            raise ConfigError(f"{where}: {key}.{name} must be a number > 0, got {share!r}")
+        if not (math.isfinite(share) and share > 0):
+            raise ConfigError(f"{where}: {key}.{name} must be a finite number > 0, got {share!r}")
+        out[str(name)] = float(share)
+    return out or None
 
 
 def _window(v: Any, key: str, where: str) -> str | tuple[float, float]:
@@ -669,9 +701,22 @@ def _validate_values(cfg: Config, where: str) -> None:
     _validate_train(cfg.train, need)
     _validate_train_probe_and_finetune(cfg.train, need)
     _validate_head_choice(cfg, need)
+    _validate_class_prior(cfg, need)
     _validate_companion(cfg, need)
     _validate_the_rest(cfg, need)
     _validate_posterior(cfg, need)
+
+
+def _validate_class_prior(cfg: Config, need: _Need) -> None:
+    """``train.class_prior`` names every class once and nothing else."""
+    prior = cfg.train.class_prior
+    if prior is not None:
+        need(
+            set(prior) == set(cfg.classes),
+            "train.class_prior",
+            f"a share for each class ({', '.join(cfg.classes)}) and nothing else",
+            prior,
+        )
 
 
 def _validate_model(m: ModelConfig, need: _Need) -> None:

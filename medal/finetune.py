@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from .config import Config
 from .errors import ModelError
 from .models import MCModel
-from .fitting import Augmenter, FitResult, class_weights
+from .fitting import Augmenter, FitResult, loss_weights
 
 
 def finetune_decision(cfg: Config, y: np.ndarray) -> tuple[bool, str]:
@@ -105,7 +105,7 @@ def finetune(
         weight_decay=tc.weight_decay,
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    weight = class_weights(y, len(cfg.classes)).to(device) if tc.balance != "none" else None
+    weight = loss_weights(y, cfg).to(device) if tc.balance != "none" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     yt = torch.as_tensor(y, dtype=torch.long)
     aug = Augmenter(x.shape[-1], tc.hflip) if tc.augment else None

@@ -6,12 +6,14 @@ pretraining of :mod:`medal.representation` share them)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from .config import Config
 from .data import NORMALISE_MEAN, NORMALISE_STD
 from .errors import ModelError
 
@@ -25,13 +27,32 @@ class FitResult:
     notes: list[str] = field(default_factory=list)
 
 
-def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights ``[K]`` (mean 1 over the classes present; 0 for absent ones)."""
+def class_weights(
+    y: np.ndarray, n_classes: int, prior: Sequence[float] | None = None
+) -> torch.Tensor:
+    """Class weights ``[K]`` for labels ``y [N]``, 0 for absent classes, scaled so that the
+    images' weights sum to ``N``.
+
+    Without ``prior``: inverse label frequency (every class present weighs the same in total).
+    With ``prior`` (``[K]`` class shares of the population the labels were drawn from, e.g. the
+    pool's prevalence): inverse prior. A selection that depends only on the image (uncertainty
+    sampling) changes the labels' class shares but not the ratio of the classes' likelihoods up
+    to a constant that these weights undo, so the head's argmax stays balanced where actively
+    chosen labels over-represent a rare class (Run I7 of docs/experiments-acquisition.md)."""
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     present = counts > 0
     w = np.zeros(n_classes)
-    w[present] = counts.sum() / (present.sum() * counts[present])
+    if prior is None:
+        w[present] = counts.sum() / (present.sum() * counts[present])
+    else:
+        inv = 1.0 / np.asarray(prior, np.float64)
+        w[present] = inv[present] * counts.sum() / (counts[present] * inv[present]).sum()
     return torch.tensor(w, dtype=torch.float32)
+
+
+def loss_weights(y: np.ndarray, cfg: Config) -> torch.Tensor:
+    """:func:`class_weights` of ``y [N]`` under ``cfg`` (``train.class_prior`` when set)."""
+    return class_weights(y, len(cfg.classes), cfg.class_prior())
 
 
 class Augmenter:

@@ -22,7 +22,7 @@ from . import __version__
 from .companion import build_companion, companion_decision, companion_spec, holdout_split
 from .config import Config, TrainConfig
 from .errors import ModelError
-from .fitting import Augmenter, FitResult, check_finite, class_weights
+from .fitting import Augmenter, FitResult, check_finite, loss_weights
 from .headchoice import HeadChoice, choose_head
 from .metrics import classification_metrics, defined_monitor, monitor_value, show_metric
 from .models import MCModel, Standardize, StochasticHead, model_from_config, read_weights
@@ -294,10 +294,14 @@ def _loss_and_weights(
     y: np.ndarray, cfg: Config, device: torch.device
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The loss (class-weighted with ``train.balance = "loss"``), ``y [N]`` as a long tensor and
-    each image's sampling weight ``[N]`` (inverse class frequency, for ``"sampler"``)."""
-    weight = class_weights(y, len(cfg.classes)).to(device) if cfg.train.balance == "loss" else None
+    each image's sampling weight ``[N]`` (inverse class frequency, or inverse
+    ``train.class_prior``, for ``"sampler"``)."""
+    weight = loss_weights(y, cfg).to(device) if cfg.train.balance == "loss" else None
     yt = torch.as_tensor(y, dtype=torch.long)
-    sample_w = (1.0 / torch.bincount(yt, minlength=len(cfg.classes)).clamp(min=1).float())[yt]
+    if cfg.class_prior() is None:
+        sample_w = (1.0 / torch.bincount(yt, minlength=len(cfg.classes)).clamp(min=1).float())[yt]
+    else:
+        sample_w = loss_weights(y, cfg)[yt]
     return nn.CrossEntropyLoss(weight=weight), yt, sample_w
 
 
@@ -622,7 +626,7 @@ def _fit_head(
             m.fit(f)
     torch.manual_seed(seed)
     yt = torch.as_tensor(y, dtype=torch.long, device=f.device)
-    weight = class_weights(y, len(cfg.classes)).to(f.device) if tc.balance != "none" else None
+    weight = loss_weights(y, cfg).to(f.device) if tc.balance != "none" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     _head_schedule(
         head, f, yt, loss_fn, tc.probe_lr, tc.weight_decay, tc.probe_steps, progress, log=log

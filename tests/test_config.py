@@ -131,6 +131,31 @@ def test_unusual_but_valid_class_names_are_kept(tmp_path, name):
     assert cfg.classes == ("normal", name)
 
 
+def test_class_prior_is_a_table_of_every_class_normalised(tmp_path):
+    from medal.config import parse_overrides
+
+    cfg = load_config(
+        write(tmp_path, BASE + "[train]\nclass_prior = {normal = 1, pneumonia = 9}\n")
+    )
+    assert cfg.train.class_prior == {"normal": 1.0, "pneumonia": 9.0}
+    assert cfg.class_prior() == pytest.approx((0.1, 0.9))
+    assert load_config(write(tmp_path, BASE)).class_prior() is None
+    over = parse_overrides(["train.class_prior={normal = 0.2, pneumonia = 0.8}"])
+    assert load_config(write(tmp_path, BASE), over).class_prior() == pytest.approx((0.2, 0.8))
+    for bad, match in [
+        ("0.1", r"'train\.class_prior' must be a table of class shares"),
+        (
+            "{normal = 1}",
+            r"'train\.class_prior' must be a share for each class \(normal, pneumonia\)",
+        ),
+        ("{normal = 1, pneumonia = 9, other = 1}", "and nothing else"),
+        ("{normal = 0, pneumonia = 9}", r"train\.class_prior\.normal must be a finite number > 0"),
+        ('{normal = "a", pneumonia = 9}', r"train\.class_prior\.normal must be a number > 0"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(write(tmp_path, BASE + f"[train]\nclass_prior = {bad}\n"))
+
+
 def test_parse_overrides_reads_toml_values_and_names_a_bad_pair():
     from medal.config import parse_overrides
 
