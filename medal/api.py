@@ -19,7 +19,7 @@ from . import distributed
 from .config import Config
 from .errors import DataError, WorkspaceError
 from .faults import crash_point
-from .fitting import FitResult
+from .fitting import FitResult, class_prior_note
 from .inputs import (
     load_items,
     auto_note,
@@ -253,6 +253,9 @@ def _plan_training(ws: Workspace, cfg: Config, device: torch.device, progress: b
         max(len(snap.validation), len(snap.test)),
         device,
     )
+    prior_note = class_prior_note(cfg, [it.label for it in snap.labelled if it.label is not None])
+    if prior_note is not None:
+        notes.append(prior_note)
     backbone = None
     if parent is None and cfg.representation.method != "none":
         note, backbone = pretrained_backbone(ws, cfg, snap, device, progress)

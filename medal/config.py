@@ -712,6 +712,12 @@ def _validate_class_prior(cfg: Config, need: _Need) -> None:
     prior = cfg.train.class_prior
     if prior is not None:
         need(
+            cfg.train.balance != "none",
+            "train.class_prior",
+            'unset with train.balance = "none"',
+            prior,
+        )
+        need(
             set(prior) == set(cfg.classes),
             "train.class_prior",
             f"a share for each class ({', '.join(cfg.classes)}) and nothing else",

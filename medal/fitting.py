@@ -50,6 +50,18 @@ def class_weights(
     return torch.tensor(w, dtype=torch.float32)
 
 
+def class_prior_note(cfg: Config, labels: Sequence[str]) -> str | None:
+    """The training report's line when ``train.class_prior`` sets the class weights: the
+    configured shares beside the shares of ``labels`` (the labelled set's class names)."""
+    prior = cfg.class_prior()
+    if prior is None:
+        return None
+    n = max(len(labels), 1)
+    given = ", ".join(f"{c} {p:.0%}" for c, p in zip(cfg.classes, prior))
+    seen = ", ".join(f"{c} {sum(1 for x in labels if x == c) / n:.0%}" for c in cfg.classes)
+    return f"class weights from train.class_prior ({given}); the labels are {seen}"
+
+
 def loss_weights(y: np.ndarray, cfg: Config) -> torch.Tensor:
     """:func:`class_weights` of ``y [N]`` under ``cfg`` (``train.class_prior`` when set)."""
     return class_weights(y, len(cfg.classes), cfg.class_prior())

@@ -151,6 +151,7 @@ def test_class_prior_is_a_table_of_every_class_normalised(tmp_path):
         ("{normal = 1, pneumonia = 9, other = 1}", "and nothing else"),
         ("{normal = 0, pneumonia = 9}", r"train\.class_prior\.normal must be a finite number > 0"),
         ('{normal = "a", pneumonia = 9}', r"train\.class_prior\.normal must be a number > 0"),
+        ('{normal = 1, pneumonia = 9}\nbalance = "none"', r"class_prior' must be unset with train"),
     ]:
         with pytest.raises(ConfigError, match=match):
             load_config(write(tmp_path, BASE + f"[train]\nclass_prior = {bad}\n"))

@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from medal import api
 from medal.config import load_config
 from medal.fitting import class_weights, loss_weights
 from medal.train import _fit_head, _loss_and_weights
 
-from conftest import write_config
+from conftest import write_config, write_tiny_data
 
 
 def test_without_a_prior_every_class_weighs_the_same_in_total():
@@ -84,3 +85,14 @@ def test_every_training_path_takes_the_prior(tmp_path):
         nn.Linear(3, 2), torch.zeros(10, 3), y, cfg, seed=0, progress=False
     )
     assert probe_loss.weight.tolist() == pytest.approx(expected.tolist())
+
+
+def test_the_training_report_names_the_prior_beside_the_labels_shares(tmp_path):
+    write_tiny_data(tmp_path)  # 4 labelled images per class
+    prior = {"normal": 1, "pneumonia": 9}
+    cfg = load_config(write_config(tmp_path), {"train.class_prior": prior})
+    report = api.train(cfg, progress=False)
+    assert (
+        "class weights from train.class_prior (normal 10%, pneumonia 90%); the labels are "
+        "normal 50%, pneumonia 50%"
+    ) in report.notes
