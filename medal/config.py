@@ -708,7 +708,8 @@ def _validate_values(cfg: Config, where: str) -> None:
 
 
 def _validate_class_prior(cfg: Config, need: _Need) -> None:
-    """``train.class_prior`` names every class once and nothing else."""
+    """``train.class_prior``: only where class weights are used (not with ``train.balance =
+    "none"``), naming every class once and nothing else."""
     prior = cfg.train.class_prior
     if prior is not None:
         need(
