@@ -233,7 +233,7 @@ class _TrainPlan:
     """The backbone trained (``model.name = "auto"`` resolved: :func:`resolve_model`)."""
     pool: list[Item] = field(default_factory=list)
     """The unlabelled pool (for semi-supervised training of a frozen backbone's head, and
-    ``train.head_choice_min_coverage``)."""
+    ``train.head_choice_min_coverage`` and ``train.companion_min_coverage``)."""
 
 
 def _plan_training(ws: Workspace, cfg: Config, device: torch.device, progress: bool) -> _TrainPlan:

@@ -10,9 +10,10 @@ training on PneumoniaMNIST, but 0.001-0.002 below it on RetinaMNIST, and in the 
 loop it lowers BALD's curves (docs/experiments-acquisition.md, Runs C1, C2): so it is opt-in,
 ``train.companion = "off"`` by default. How it works:
 
-* It joins once there are ``train.companion_min_labels`` training labels in all
-  (``train.companion = "auto"``; a count fixed in advance, using nothing but the labels
-  spent) or every round (``"always"``). Below that the frozen head predicts alone, because a
+* It joins once there are ``train.companion_min_labels`` training labels in all and they
+  cover ``train.companion_min_coverage`` of the images, labels ÷ (labels + unlabelled pool)
+  (``train.companion = "auto"``; both fixed in advance, using nothing but the labels spent),
+  or every round (``"always"``). Below that the frozen head predicts alone, because a
   whole network trained on a few dozen images drags the average down.
 * It is trained from random weights every round (the previous round's companion is not
   warm-started: what was measured), as ``train.freeze_backbone = false`` trains: the
@@ -44,8 +45,9 @@ COMPANION_HIDDEN = 128
 """Units of the companion's hidden layer: the whole-network default of medal before 0.2."""
 
 
-def companion_decision(cfg: Config, n_labels: int) -> tuple[bool, str]:
-    """Whether the round trains a companion on ``n_labels`` labelled images, and a line saying
+def companion_decision(cfg: Config, n_labels: int, pool_size: int = 0) -> tuple[bool, str]:
+    """Whether the round trains a companion on ``n_labels`` labelled images beside
+    ``pool_size`` unlabelled pool images (0: the labels cover every image), and a line saying
     why (empty when ``train.companion = "off"``)."""
     tc = cfg.train
     if tc.companion == "off":
@@ -57,8 +59,16 @@ def companion_decision(cfg: Config, n_labels: int) -> tuple[bool, str]:
             f'frozen head alone (train.companion = "auto"): the whole-network companion joins '
             f"once {tc.companion_min_labels} training labels are given; now {n_labels}"
         )
+    share = n_labels / (n_labels + pool_size)
+    if n_labels < tc.companion_min_coverage * (n_labels + pool_size):
+        return False, (
+            f'frozen head alone (train.companion = "auto"): the labels cover {share:.0%} of the '
+            f"images, train.companion_min_coverage is {tc.companion_min_coverage:.0%}"
+        )
+    covers = f", covering {share:.0%} of the images" if tc.companion_min_coverage > 0 else ""
     return True, (
-        f'{n_labels} training labels, at least {tc.companion_min_labels} (train.companion = "auto")'
+        f"{n_labels} training labels{covers}, at least {tc.companion_min_labels}"
+        ' (train.companion = "auto")'
     )
 
 

@@ -160,6 +160,11 @@ class TrainConfig:
     """``companion = "auto"``: training labels (all classes together; a validation hold-out
     is not counted) before the companion joins; fixed in advance, so it uses nothing but the
     labels spent."""
+    companion_min_coverage: float = 0.0
+    """``companion = "auto"``: share of the images, training labels ÷ (training labels +
+    unlabelled pool images), that the labels must also cover before the companion joins. On a
+    strategy's picks a whole network trained on a small, chosen part of the pool lowers the
+    averaged model (docs/experiments-acquisition.md, Runs C1-C3). 0: no condition."""
     companion_holdout: float = 0.2
     """Share of the labels the companion holds out (stratified) to choose its best epoch; the
     frozen head still trains on every label."""
@@ -892,6 +897,12 @@ def _validate_companion(cfg: Config, need: _Need) -> None:
         "train.companion_min_labels",
         ">= 1",
         t.companion_min_labels,
+    )
+    need(
+        0.0 <= t.companion_min_coverage <= 1.0,
+        "train.companion_min_coverage",
+        "in [0, 1]",
+        t.companion_min_coverage,
     )
     need(
         0.0 < t.companion_holdout < 1.0,

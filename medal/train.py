@@ -67,8 +67,9 @@ def fit(
     pool_size: int = 0,
 ) -> FitResult:
     """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices). Frozen backbone:
-    :func:`fit_probe` (which ``unlabelled`` and ``pool_size`` are for), LP-FT as
-    ``train.finetune`` decides, then any ensemble heads (:func:`_after_probe`); else
+    :func:`fit_probe` (which ``unlabelled`` is for; ``pool_size`` is for the coverage
+    conditions), LP-FT as ``train.finetune`` decides, then any ensemble heads and the companion
+    (:func:`_after_probe`); else
     :func:`_fit_network` (``state_path``, ``state_every_s``, ``distributed``, ``on_epoch_end``).
     ``log(row, step)``: each history row as made (TensorBoard)."""
     if len(x) == 0:
@@ -88,7 +89,17 @@ def fit(
             log=log,
             pool_size=pool_size,
         )
-        return _after_probe(model, x, y, cfg, probe, device=device, seed=seed, progress=progress)
+        return _after_probe(
+            model,
+            x,
+            y,
+            cfg,
+            probe,
+            device=device,
+            seed=seed,
+            progress=progress,
+            pool_size=pool_size,
+        )
     val = (x_val, y_val) if x_val is not None and y_val is not None and len(x_val) else None
     return _fit_network(
         model,
@@ -118,17 +129,21 @@ def _after_probe(
     device: torch.device,
     seed: int,
     progress: bool,
+    pool_size: int = 0,
 ) -> FitResult:
     """After the frozen-backbone probe of ``x [N, C, S, S]``, ``y [N]``: LP-FT as
     ``train.finetune`` decides (:func:`medal.finetune.after_probe`; its result is returned),
     then the ensemble's heads, if the model has any (:func:`fit_members`), then the
-    whole-network companion as ``train.companion`` decides (:func:`fit_companion`; its note
-    and seconds join the result)."""
+    whole-network companion as ``train.companion`` decides (:func:`fit_companion`, with the
+    ``pool_size`` unlabelled images for ``train.companion_min_coverage``; its note and seconds
+    join the result)."""
     from .finetune import after_probe  # imports this module
 
     result = after_probe(model, x, y, cfg, probe, device=device, seed=seed, progress=progress)
     fit_members(model, x, y, cfg, device=device, seed=seed, progress=progress)
-    note, seconds = fit_companion(model, x, y, cfg, device=device, seed=seed, progress=progress)
+    note, seconds = fit_companion(
+        model, x, y, cfg, device=device, seed=seed, progress=progress, pool_size=pool_size
+    )
     if note:
         result.notes.append(note)
     result.seconds += seconds
@@ -686,13 +701,15 @@ def fit_companion(
     device: torch.device,
     seed: int,
     progress: bool,
+    pool_size: int = 0,
 ) -> tuple[str, float]:
     """Train the whole-network companion of ``model`` (:mod:`medal.companion`) on
     ``x [N, C, S, S]``, ``y [N]`` when :func:`~medal.companion.companion_decision` says so and
     attach it as ``model.companion`` (else remove any companion the model had); the line for
-    the training's notes (empty when off) and the seconds it took."""
+    the training's notes (empty when off) and the seconds it took. ``pool_size``: the
+    unlabelled pool images, for ``train.companion_min_coverage``."""
     model.companion = None
-    go, why = companion_decision(cfg, len(y))
+    go, why = companion_decision(cfg, len(y), pool_size)
     if not go:
         return why, 0.0
     if len(y) < 2:

@@ -53,6 +53,54 @@ def test_auto_joins_exactly_at_the_label_count(tmp_path, n, expected):
     assert ("once 10 training labels are given; now 9" in why) is (not expected), why
 
 
+@pytest.mark.parametrize(
+    "n, pool, expected",
+    [(100, 101, False), (100, 100, True), (100, 0, True), (99, 0, False)],
+)
+def test_auto_waits_until_the_labels_cover_the_share_asked_of_the_images(
+    tmp_path, n, pool, expected
+):
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "train.companion": "auto",
+            "train.companion_min_labels": 100,
+            "train.companion_min_coverage": 0.5,
+        },
+    )
+    go, why = companion_decision(cfg, n, pool)
+    assert go is expected, why
+    if n == 100 and not expected:
+        assert why == (
+            'frozen head alone (train.companion = "auto"): the labels cover 50% of the images, '
+            "train.companion_min_coverage is 50%"
+        )
+    if expected:
+        assert f"covering {100 * n // (n + pool)}% of the images" in why, why
+    # the default (0) asks nothing of the pool
+    plain = _cfg(tmp_path, **{"train.companion": "auto", "train.companion_min_labels": 100})
+    assert companion_decision(plain, 100, 10**6)[0] is True
+
+
+@pytest.mark.parametrize("coverage, joins", [(0.5, False), (0.15, True)])
+def test_training_counts_the_pool_for_the_companion(tmp_path, tiny_data, coverage, joins):
+    """medal's training passes the unlabelled pool's size: 8 labels and 40 pool images
+    cover 17 % of the images."""
+    from medal import api
+
+    over = {
+        **PROBE,
+        "train.companion": "auto",
+        "train.companion_min_labels": 8,
+        "train.companion_min_coverage": coverage,
+        "train.epochs": 1,
+    }
+    report = api.train(load_config(write_config(tmp_path), over), progress=False)
+    notes = " | ".join(report.notes)
+    assert ("the labels cover 17% of the images" in notes) is not joins, notes
+    assert ("companion trained (8 training labels, covering 17% of the images" in notes) is joins
+
+
 def test_off_and_always(tmp_path):
     assert companion_decision(_cfg(tmp_path), 10_000) == (False, "")
     go, why = companion_decision(_cfg(tmp_path, **{"train.companion": "always"}), 2)
@@ -77,6 +125,7 @@ def test_holdout_is_stratified_disjoint_and_seeded():
         ({"train.companion": "sometimes"}, "train.companion", "off, auto, always"),
         ({"train.companion_min_labels": 0}, "train.companion_min_labels", ">= 1"),
         ({"train.companion_holdout": 1.0}, "train.companion_holdout", "(0, 1)"),
+        ({"train.companion_min_coverage": 1.5}, "train.companion_min_coverage", "in [0, 1]"),
         (
             {"train.companion": "auto", "train.freeze_backbone": False},
             "train.companion",
