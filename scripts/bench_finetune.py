@@ -229,7 +229,7 @@ def arm_probs(
             arm = "mix"
     if arm != "mix":
         model = run_arm(arm, cfg, x, y, bb, seed)
-        return [predict_deterministic(model, xs, cpu) for xs in sets]
+        return [model_probs(model, xs) for xs in sets]
     parts = []
     for part in ("frozen", "whole"):
         c = dataclasses.replace(
@@ -239,6 +239,16 @@ def arm_probs(
         model = run_arm(part, c, x, y, bb, seed)
         parts.append([predict_deterministic(model, xs, cpu) for xs in sets])
     return [(a + b) / 2 for a, b in zip(*parts, strict=True)]
+
+
+def model_probs(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """Probabilities ``[N, C]`` of ``x`` with dropout off: a frozen head with a whole-network
+    companion (``train.companion``) is the pair's average, as medal's predictions are (the
+    model's ``forward`` is the head alone)."""
+    cpu = torch.device("cpu")
+    p = predict_deterministic(model, x, cpu)
+    comp = getattr(model, "companion", None)
+    return p if comp is None else (p + predict_deterministic(comp, x, cpu)) / 2
 
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -91,3 +91,23 @@ def test_auto_parts_of_an_averaged_arm_resolve_as_medal_does(bench):
     assert bench.resolved_as(frozen, arm).model.name == "small_cnn4"
     assert bench.resolved_as(whole, arm).model.name == "small_cnn"
     assert for_count(load_config(conf, {**bench.COMMON, **auto}), 1080).model.name == "small_cnn"
+
+
+def test_an_arm_with_a_companion_predicts_the_pairs_average(bench):
+    """The frozen arm with train.companion set: the model's forward is the head alone, so the
+    bench averages in the companion as medal's predictions do."""
+    import torch
+
+    from medal.companion import build_companion
+
+    torch.manual_seed(0)
+    spec = {"name": "small_cnn", "num_classes": 2, "in_channels": 1, "dropout": 0.5, "hidden": 8}
+    model = build_companion(spec)  # any model will do as the frozen arm's
+    x = torch.randn(6, 1, 28, 28)
+    alone = bench.model_probs(model, x)
+    comp = build_companion(spec)
+    with torch.no_grad():
+        comp.head[-1].weight.zero_()
+        comp.head[-1].bias.copy_(torch.tensor([30.0, -30.0]))  # certain of class 0
+    model.companion = comp
+    assert np.allclose(bench.model_probs(model, x), (alone + [[1.0, 0.0]]) / 2, atol=1e-6)
