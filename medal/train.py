@@ -66,12 +66,9 @@ def fit(
     log: TrainingLog | None = None,
     pool_size: int = 0,
 ) -> FitResult:
-    """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices). Frozen backbone:
-    :func:`fit_probe` (which ``unlabelled`` is for; ``pool_size`` is for the coverage
-    conditions), LP-FT as ``train.finetune`` decides, then any ensemble heads and the companion
-    (:func:`_after_probe`); else
-    :func:`_fit_network` (``state_path``, ``state_every_s``, ``distributed``, ``on_epoch_end``).
-    ``log(row, step)``: each history row as made (TensorBoard)."""
+    """Train ``model`` on ``x [N, C, S, S]``, ``y [N]`` (class indices): a frozen backbone by
+    :func:`fit_probe` then :func:`_after_probe` (LP-FT, ensemble heads, companion; ``pool_size``:
+    the unlabelled images, for the coverage conditions), else by :func:`_fit_network`."""
     if len(x) == 0:
         raise ModelError("no labelled images to train on")
     if cfg.train.freeze_backbone:
@@ -90,15 +87,7 @@ def fit(
             pool_size=pool_size,
         )
         return _after_probe(
-            model,
-            x,
-            y,
-            cfg,
-            probe,
-            device=device,
-            seed=seed,
-            progress=progress,
-            pool_size=pool_size,
+            model, x, y, cfg, probe, pool_size, device=device, seed=seed, progress=progress
         )
     val = (x_val, y_val) if x_val is not None and y_val is not None and len(x_val) else None
     return _fit_network(
@@ -125,11 +114,11 @@ def _after_probe(
     y: np.ndarray,
     cfg: Config,
     probe: FitResult,
+    pool_size: int = 0,
     *,
     device: torch.device,
     seed: int,
     progress: bool,
-    pool_size: int = 0,
 ) -> FitResult:
     """After the frozen-backbone probe of ``x [N, C, S, S]``, ``y [N]``: LP-FT as
     ``train.finetune`` decides (:func:`medal.finetune.after_probe`; its result is returned),
