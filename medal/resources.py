@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .acquisition import get_strategy
+from .companion import companion_decision
 from .config import Config
 from .errors import ConfigError
 from .features import FEATURE_BATCH
@@ -239,7 +240,7 @@ def _query_parts(
         )
     parts.append((f"the list of {n_pool} pool images", POOL_ITEM_BYTES * n_pool))
     if streamed and not zero_label:
-        parts += _companion_parts(cfg, n_pool, on_cpu * infer_act)
+        parts += _companion_parts(cfg, n_pool, n_labelled, on_cpu * infer_act)
     if zero_label:
         parts.append((f"features of {n_pool} images", 2 * 4 * n_pool * dim))
     else:
@@ -252,14 +253,18 @@ def _query_parts(
     return parts, per_image, calls, infer_act
 
 
-def _companion_parts(cfg: Config, n_pool: int, act: float) -> list[tuple[str, float]]:
+def _companion_parts(
+    cfg: Config, n_pool: int, n_labelled: int, act: float
+) -> list[tuple[str, float]]:
     """What the whole-network companion (``train.companion``) adds to a frozen-backbone query:
     its samples of the whole pool (``[N, T, C]`` float32; twice that with
     ``query.companion_samples = "mixture"``, whose stored scores hold 2T samples) and one batch
     of images through it (``act``: the activation bytes of one image where they are counted).
-    None without a companion, or when the scores leave it out (``"head"``)."""
+    None where no companion joins ``n_labelled`` labels beside ``n_pool`` pool images
+    (:func:`~medal.companion.companion_decision`), or when the scores leave it out
+    (``"head"``)."""
     q = cfg.query
-    if cfg.train.companion == "off" or q.companion_samples == "head":
+    if not companion_decision(cfg, n_labelled, n_pool)[0] or q.companion_samples == "head":
         return []
     image = 4 * cfg.model.channels * cfg.model.image_size**2
     mixture = 2 if q.companion_samples == "mixture" else 1  # the stored scores' T doubles
@@ -327,8 +332,9 @@ def check_query_memory(
     start embeds them. A frozen backbone's features (counted even where the feature store
     holds them) and a ``zero_label`` first round's stream the pool: batches of
     :data:`~medal.features.FEATURE_BATCH` images and their activations, and for the zero-label
-    TypiClust the features of the whole pool. With ``train.companion`` (not ``"off"``) its
-    samples of the whole pool (``[N, T, C]`` float32) and one batch through it.
+    TypiClust the features of the whole pool. Where a companion joins (``train.companion``, for
+    ``n_labelled`` labels beside the pool) its samples of the whole pool (``[N, T, C]``
+    float32) and one batch through it.
     :func:`check_pretraining_memory` covers a zero-label round's pretraining."""
     if _check_off():
         return

@@ -272,10 +272,14 @@ def test_the_query_memory_estimate_counts_the_companion(tmp_path):
         cfg = _cfg(tmp_path, **over)
         return dict(_query_parts(cfg, 1000, 10, CPU, zero_label=False)[0])
 
-    off, on = parts(), parts(**{"train.companion": "auto"})
+    auto = {"train.companion": "auto", "train.companion_min_labels": 10}
+    off, on = parts(**{"train.companion": "off"}), parts(**auto)
     extra = {k: v for k, v in on.items() if k not in off}
     assert extra["the companion's samples of 1000 images"] == 4 * 1000 * 8 * 2  # N T C float32
     assert any("through the companion" in k and v > 0 for k, v in extra.items())
+    # "auto" where it would not join the 10 labels: not counted
+    assert parts(**{**auto, "train.companion_min_labels": 11}) == off
+    assert parts(**{**auto, "train.companion_min_coverage": 0.5}) == off
 
 
 def test_a_mixture_query_stores_2t_samples(tmp_path, tiny_data):
