@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from .config import Config
+from .config import Config, companion_on
 from .models import MCModel
 
 COMPANION_HIDDEN = 128
@@ -50,7 +50,7 @@ def companion_decision(cfg: Config, n_labels: int, pool_size: int = 0) -> tuple[
     ``pool_size`` unlabelled pool images (0: the labels cover every image), and a line saying
     why (empty when ``train.companion = "off"``)."""
     tc = cfg.train
-    if tc.companion == "off":
+    if not companion_on(cfg):
         return False, ""
     if tc.companion == "always":
         return True, 'train.companion = "always"'

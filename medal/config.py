@@ -824,12 +824,42 @@ def _validate_train_probe_and_finetune(t: TrainConfig, need: _Need) -> None:
     )
 
 
+def head_choice_on(cfg: Config) -> bool:
+    """Whether ``train.head_choice`` chooses the head: ``"cv"``, or ``"auto"`` where it applies
+    (the linear probe of a frozen backbone, ``model.hidden = 0``, without LP-FT)."""
+    t = cfg.train
+    if t.head_choice == "auto":
+        return t.freeze_backbone and cfg.model.hidden == 0 and t.finetune == "off"
+    return t.head_choice == "cv"
+
+
+def full_sampling(cfg: Config) -> bool:
+    """Whether the query samples the whole network (``query.sampling``), not the head alone."""
+    q = cfg.query
+    return q.sampling == "full" or (q.sampling == "auto" and cfg.model.backbone_dropout > 0)
+
+
+def companion_on(cfg: Config) -> bool:
+    """Whether ``train.companion`` may train a companion: ``"always"``, or ``"auto"`` where it
+    applies (a frozen backbone whose head alone is sampled); its label and coverage conditions
+    are :func:`medal.companion.companion_decision`'s."""
+    t = cfg.train
+    if t.companion == "auto":
+        return t.freeze_backbone and not full_sampling(cfg)
+    return t.companion == "always"
+
+
 def _validate_head_choice(cfg: Config, need: _Need) -> None:
     """The values of the head's choice by cross-validation (``train.head_choice``)."""
     t = cfg.train
-    need(t.head_choice in ("off", "cv"), "train.head_choice", "one of off, cv", t.head_choice)
     need(
-        t.head_choice == "off" or (t.freeze_backbone and cfg.model.hidden == 0),
+        t.head_choice in ("off", "cv", "auto"),
+        "train.head_choice",
+        "one of off, cv, auto",
+        t.head_choice,
+    )
+    need(
+        t.head_choice != "cv" or (t.freeze_backbone and cfg.model.hidden == 0),
         "train.head_choice",
         '"off" unless train.freeze_backbone = true and model.hidden = 0 (it chooses between '
         "the linear head and a hidden layer for the frozen backbone's probe)",
@@ -849,7 +879,7 @@ def _validate_head_choice(cfg: Config, need: _Need) -> None:
         t.head_choice_min_coverage,
     )
     need(
-        t.head_choice == "off" or t.finetune == "off",
+        t.head_choice != "cv" or t.finetune == "off",
         "train.head_choice",
         '"off" with train.finetune (LP-FT fine-tunes the probe\'s head with the backbone)',
         t.head_choice,
@@ -872,9 +902,8 @@ def _validate_companion(cfg: Config, need: _Need) -> None:
         "one of average, mixture, head",
         q.companion_samples,
     )
-    full = q.sampling == "full" or (q.sampling == "auto" and cfg.model.backbone_dropout > 0)
     need(
-        t.companion == "off" or not full,
+        t.companion != "always" or not full_sampling(cfg),
         "train.companion",
         '"off" with full-network sampling (query.sampling = "full", or "auto" with '
         "model.backbone_dropout > 0): the companion is scored beside the head only",
@@ -887,7 +916,7 @@ def _validate_companion(cfg: Config, need: _Need) -> None:
         t.companion,
     )
     need(
-        t.companion == "off" or t.freeze_backbone,
+        t.companion != "always" or t.freeze_backbone,
         "train.companion",
         '"off" unless train.freeze_backbone = true (it complements the frozen head)',
         t.companion,
@@ -995,7 +1024,7 @@ def _validate_posterior(cfg: Config, need: _Need) -> None:
         "frozen-backbone features)",
         q.posterior,
     )
-    full = q.sampling == "full" or (q.sampling == "auto" and cfg.model.backbone_dropout > 0)
+    full = full_sampling(cfg)
     need(
         not full,
         "query.posterior",

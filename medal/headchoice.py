@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from .config import Config
+from .config import Config, head_choice_on
 from .metrics import classification_metrics
 from .models import StochasticHead
 
@@ -87,7 +87,7 @@ def choose_head(
     t = cfg.train
     n_classes = len(cfg.classes)
     counts = np.bincount(y, minlength=n_classes)
-    if t.head_choice != "cv" or len(y) < t.head_choice_min_labels or counts.min() < 2:
+    if not head_choice_on(cfg) or len(y) < t.head_choice_min_labels or counts.min() < 2:
         return None
     if len(y) < t.head_choice_min_coverage * (len(y) + pool_size):
         share = len(y) / (len(y) + pool_size)

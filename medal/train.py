@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .companion import build_companion, companion_decision, companion_spec, holdout_split
-from .config import Config, TrainConfig
+from .config import Config, TrainConfig, head_choice_on
 from .errors import ModelError
 from .fitting import Augmenter, FitResult, check_finite, loss_weights
 from .headchoice import HeadChoice, choose_head
@@ -596,7 +596,7 @@ def _fit_scorer(
     would: from the previous round's linear head (``was``, the head the choice replaced, or the
     previous scorer), else fresh (seeded with ``seed``). None otherwise."""
     q = cfg.query
-    if model.head_hidden == 0 or cfg.train.head_choice != "cv" or q.head_choice_samples != "linear":
+    if model.head_hidden == 0 or not head_choice_on(cfg) or q.head_choice_samples != "linear":
         model.scorer = None
         return
     start: StochasticHead

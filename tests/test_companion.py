@@ -10,7 +10,7 @@ from torch import nn
 
 from medal.cli import main
 from medal.companion import COMPANION_HIDDEN, companion_decision, holdout_split
-from medal.config import load_config
+from medal.config import companion_on, load_config
 from medal.errors import ConfigError, ModelError
 from medal.inputs import model_from, start_model
 from medal.query import _score_frozen
@@ -101,6 +101,23 @@ def test_training_counts_the_pool_for_the_companion(tmp_path, tiny_data, coverag
     assert ("companion trained (8 training labels, covering 17% of the images" in notes) is joins
 
 
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"train.freeze_backbone": False, "model.hidden": 128},
+        {"model.backbone_dropout": 0.1, "model.features": "last"},
+    ],
+)
+def test_auto_is_off_where_the_companion_cannot_apply(tmp_path, over):
+    """``"auto"`` trains no companion beside a whole network or full-network sampling, where
+    ``"always"`` is refused (above)."""
+    cfg = _cfg(tmp_path, **{"train.companion": "auto", "train.companion_min_labels": 1, **over})
+    assert not companion_on(cfg)
+    assert companion_decision(cfg, 10_000) == (False, "")
+    on = _cfg(tmp_path, **{"train.companion": "auto", "train.companion_min_labels": 1})
+    assert companion_on(on) and companion_decision(on, 10_000)[0]
+
+
 def test_off_and_always(tmp_path):
     assert companion_decision(_cfg(tmp_path), 10_000) == (False, "")
     go, why = companion_decision(_cfg(tmp_path, **{"train.companion": "always"}), 2)
@@ -127,13 +144,13 @@ def test_holdout_is_stratified_disjoint_and_seeded():
         ({"train.companion_holdout": 1.0}, "train.companion_holdout", "(0, 1)"),
         ({"train.companion_min_coverage": 1.5}, "train.companion_min_coverage", "in [0, 1]"),
         (
-            {"train.companion": "auto", "train.freeze_backbone": False},
+            {"train.companion": "always", "train.freeze_backbone": False},
             "train.companion",
             "freeze_backbone",
         ),
         ({"query.companion_samples": "both"}, "query.companion_samples", "average, mixture, head"),
         (
-            {"train.companion": "auto", "model.backbone_dropout": 0.1, "model.features": "last"},
+            {"train.companion": "always", "model.backbone_dropout": 0.1, "model.features": "last"},
             "train.companion",
             "full-network sampling",
         ),

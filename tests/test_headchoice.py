@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medal.cli import main
-from medal.config import load_config
+from medal.config import head_choice_on, load_config
 from medal.errors import ConfigError
 from medal.headchoice import choose_head
 from medal.inputs import model_from, start_model
@@ -188,7 +188,7 @@ def test_fit_chooses_on_image_features_and_says_so(tmp_path):
 @pytest.mark.parametrize(
     "over, hint",
     [
-        ({"train.head_choice": "auto"}, "one of off, cv"),
+        ({"train.head_choice": "every"}, "one of off, cv, auto"),
         ({"model.hidden": 64}, "model.hidden = 0"),
         ({"train.freeze_backbone": False}, "train.freeze_backbone = true"),
         ({"train.head_choice_min_labels": 1}, ">= 2"),
@@ -199,6 +199,7 @@ def test_fit_chooses_on_image_features_and_says_so(tmp_path):
     ],
 )
 def test_bad_settings_are_one_line_errors_naming_the_key(tmp_path, over, hint):
+    """``"cv"`` where it cannot apply is refused (``_cfg`` sets ``"cv"``)."""
     with pytest.raises(ConfigError) as e:
         _cfg(tmp_path, **over)
     assert "head_choice" in str(e.value) and hint in str(e.value)
@@ -290,3 +291,25 @@ def test_the_scorer_is_saved_loaded_and_warm_started(tmp_path):
     assert warm.scorer is None
     save_checkpoint(path, warm, cfg, 1)
     assert model_from(cfg, path).scorer is None
+
+
+@pytest.mark.parametrize(
+    "over, on",
+    [
+        ({}, True),
+        ({"model.hidden": 64}, False),
+        ({"train.freeze_backbone": False, "model.hidden": 128}, False),
+        ({"train.finetune": "auto"}, False),
+    ],
+)
+def test_auto_chooses_where_the_choice_applies_and_is_off_elsewhere(tmp_path, over, on):
+    """``"auto"`` is ``"cv"`` for a frozen backbone's linear probe without LP-FT; elsewhere it
+    is off instead of refused (``"cv"`` there is refused, above)."""
+    cfg = _cfg(tmp_path, **{"train.head_choice": "auto", **over})
+    assert head_choice_on(cfg) is on
+    f, y = xor()
+    made = choose_head(f, y, cfg, 0, _fitter(cfg))
+    assert (made is not None) is on
+    if on:
+        cv = _cfg(tmp_path, **over)
+        assert made == choose_head(f, y, cv, 0, _fitter(cv))  # the same choice as "cv"
