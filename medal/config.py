@@ -152,7 +152,9 @@ class TrainConfig:
     """With ``freeze_backbone``: a whole network trained beside the frozen head, their
     probabilities averaged (predictions, metrics and the query's MC samples; see
     :mod:`medal.companion`). "off" (default): the frozen head alone; "always"; "auto": once
-    ``companion_min_labels`` training labels are given. The companion starts from random
+    ``companion_min_labels`` training labels are given and they cover
+    ``companion_min_coverage`` of the images, where it applies (a frozen backbone whose head
+    alone is sampled; off elsewhere, where "always" is refused). The companion starts from random
     weights each round, holds out ``companion_holdout`` of the labels (stratified) to choose its
     best epoch by ``monitor`` and trains as ``freeze_backbone = false`` would (``epochs``,
     ``batch_size``, ``lr``, ``augment``, ...); its head has ``COMPANION_HIDDEN`` units."""
@@ -172,8 +174,9 @@ class TrainConfig:
     """With ``freeze_backbone`` and the linear head (``model.hidden = 0``): "cv" chooses each
     round between the linear head and a head with a hidden layer of ``head_choice_hidden``
     units, by the out-of-fold macro AUROC of a stratified 5-fold split of the training labels
-    (:mod:`medal.headchoice`), once there are ``head_choice_min_labels`` of them; "off"
-    (default): the configured head always."""
+    (:mod:`medal.headchoice`), once there are ``head_choice_min_labels`` of them; "auto": "cv"
+    where it applies (a frozen backbone's linear head without ``finetune``), off elsewhere
+    (where "cv" is refused); "off" (default): the configured head always."""
     head_choice_min_labels: int = 100
     """``head_choice = "cv"``: training labels (all classes together) before the choice is
     made; fewer keep the linear head."""
