@@ -7,8 +7,12 @@ backbone (LP-FT, :mod:`medal.finetune`) closed a third of that gap on RetinaMNIS
 the frozen head with a separately trained whole network, the companion, raises random-pick
 learning curves (docs/experiments-lpft.md, Runs F5, M1, M2) and ends above whole-network
 training on PneumoniaMNIST, but 0.001-0.002 below it on RetinaMNIST, and in the simulated
-loop it lowers BALD's curves (docs/experiments-acquisition.md, Runs C1, C2): so it is opt-in,
-``train.companion = "off"`` by default. How it works:
+loop from 100 labels on it lowers BALD's curves (docs/experiments-acquisition.md, Runs C1,
+C2). With the head chosen by cross-validation (:mod:`medal.headchoice`) and both held back
+until the labels cover half the images, the pair ends above whole-network training on both
+bundled sets and leaves BALD's loop where it was (docs/experiments-lpft.md, Runs X1, X2): so
+by default ``train.companion = "auto"`` with ``train.companion_min_coverage = 0.5``. How it
+works:
 
 * It joins once there are ``train.companion_min_labels`` training labels in all and they
   cover ``train.companion_min_coverage`` of the images, labels ÷ (labels + unlabelled pool)

@@ -148,13 +148,13 @@ class TrainConfig:
     finetune_batchnorm: str = "frozen"
     """Fine-tuning: "frozen" (default) keeps the BatchNorm running statistics of the
     pretraining (computed on the whole pool); "update" lets the labelled batches update them."""
-    companion: str = "off"
+    companion: str = "auto"
     """With ``freeze_backbone``: a whole network trained beside the frozen head, their
     probabilities averaged (predictions, metrics and the query's MC samples; see
-    :mod:`medal.companion`). "off" (default): the frozen head alone; "always"; "auto": once
-    ``companion_min_labels`` training labels are given and they cover
-    ``companion_min_coverage`` of the images, where it applies (a frozen backbone whose head
-    alone is sampled; off elsewhere, where "always" is refused). The companion starts from random
+    :mod:`medal.companion`). "auto" (default): once ``companion_min_labels`` training labels
+    are given and they cover ``companion_min_coverage`` of the images, where it applies (a
+    frozen backbone whose head alone is sampled; off elsewhere, where "always" is refused);
+    "always"; "off": the frozen head alone. The companion starts from random
     weights each round, holds out ``companion_holdout`` of the labels (stratified) to choose its
     best epoch by ``monitor`` and trains as ``freeze_backbone = false`` would (``epochs``,
     ``batch_size``, ``lr``, ``augment``, ...); its head has ``COMPANION_HIDDEN`` units."""
@@ -162,31 +162,33 @@ class TrainConfig:
     """``companion = "auto"``: training labels (all classes together; a validation hold-out
     is not counted) before the companion joins; fixed in advance, so it uses nothing but the
     labels spent."""
-    companion_min_coverage: float = 0.0
+    companion_min_coverage: float = 0.5
     """``companion = "auto"``: share of the images, training labels ÷ (training labels +
     unlabelled pool images), that the labels must also cover before the companion joins. On a
     strategy's picks a whole network trained on a small, chosen part of the pool lowers the
-    averaged model (docs/experiments-acquisition.md, Runs C1-C3). 0: no condition."""
+    averaged model (docs/experiments-acquisition.md, Runs C1-C3); at half (default) it is
+    level there and lifts the ceiling (docs/experiments-lpft.md, Runs X1, X2). 0: none."""
     companion_holdout: float = 0.2
     """Share of the labels the companion holds out (stratified) to choose its best epoch; the
     frozen head still trains on every label."""
-    head_choice: str = "off"
+    head_choice: str = "auto"
     """With ``freeze_backbone`` and the linear head (``model.hidden = 0``): "cv" chooses each
     round between the linear head and a head with a hidden layer of ``head_choice_hidden``
     units, by the out-of-fold macro AUROC of a stratified 5-fold split of the training labels
-    (:mod:`medal.headchoice`), once there are ``head_choice_min_labels`` of them; "auto": "cv"
-    where it applies (a frozen backbone's linear head without ``finetune``), off elsewhere
-    (where "cv" is refused); "off" (default): the configured head always."""
+    (:mod:`medal.headchoice`), once there are ``head_choice_min_labels`` of them; "auto"
+    (default): "cv" where it applies (a frozen backbone's linear head without ``finetune``),
+    off elsewhere (where "cv" is refused); "off": the configured head always."""
     head_choice_min_labels: int = 100
     """``head_choice = "cv"``: training labels (all classes together) before the choice is
     made; fewer keep the linear head."""
     head_choice_hidden: int = 128
     """``head_choice = "cv"``: units of the hidden-layer head it may choose."""
-    head_choice_min_coverage: float = 0.0
+    head_choice_min_coverage: float = 0.5
     """``head_choice = "cv"``: share of the images, training labels ÷ (training labels +
     unlabelled pool images), that the labels must cover before the choice is made; below it
     the linear head is kept. Cross-validation on a strategy's picks is biased while they are a
-    small, chosen part of the pool (docs/experiments-lpft.md, Runs H1-H2b). 0: no condition."""
+    small, chosen part of the pool (docs/experiments-lpft.md, Runs H1-H2b); default: half
+    (Runs K3, X1, X2). 0: no condition."""
     validation_fraction: float = 0.0
     """Without ``data.validation``: share of the initial labelled set held out (stratified,
     chosen once and frozen in the ledger, so metrics compare across rounds) to choose epochs

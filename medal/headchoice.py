@@ -5,12 +5,12 @@ data it stays best (PneumoniaMNIST); on others a hidden layer ranks far better o
 labels are in (RetinaMNIST's five grades, every label, fresh seeds: 0.7332 with the choice
 against 0.7257 with the linear head and whole-network training's 0.7325; docs/experiments-lpft.md,
 Run H1). Which one a project needs is not known in advance, so ``train.head_choice = "cv"``
-decides it from the labels spent, each round:
+(or ``"auto"``, the default, where it applies) decides it from the labels spent, each round:
 
 * only with ``train.head_choice_min_labels`` (100) training labels or more, and at least 2 of
   every class; fewer keep the linear head (a choice on a handful of labels is noise);
 * only once the training labels cover ``train.head_choice_min_coverage`` of the images
-  (training labels ÷ (training labels + unlabelled pool images); 0 by default, no
+  (training labels ÷ (training labels + unlabelled pool images); half by default, 0 for no
   condition): on a strategy's picks the cross-validation is biased while they are a small,
   chosen part of the pool (Runs H1-H2b);
 * a stratified k-fold split of the training labels (k = :data:`FOLDS`, or the smallest class's

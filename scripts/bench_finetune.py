@@ -2,8 +2,12 @@
 """Full-label ceiling of three ways to train, on a bundled dataset's official train split (or a
 random cut of it) with every label given, test AUROC on the official test split:
 
-* ``frozen``: the defaults: SimCLR backbone pretrained on the pool (its images, no labels),
-  frozen, linear dropout head (``train.fit_probe``);
+* ``frozen``: SimCLR backbone pretrained on the pool (its images, no labels), frozen, linear
+  dropout head (``train.fit_probe``): the defaults until Run X2 (``train.head_choice`` and
+  ``train.companion`` are pinned "off" for every arm but ``cvc``);
+* ``cvc``: today's defaults: ``frozen`` with the head chosen by cross-validation and the
+  whole-network companion averaged in (at the ceiling the labels cover every image, so both
+  apply);
 * ``lpft``: the same probe, then the whole network fine-tuned (``train.finetune = "always"``,
   :mod:`medal.finetune`);
 * ``auto``: the probe, fine-tuned as ``lpft`` only once every class has
@@ -75,6 +79,7 @@ ARMS = (
     "auto-mix",
     "mix100",
     "mix100cv",
+    "cvc",
 )
 COMMON = {
     "device": "cpu",
@@ -82,6 +87,9 @@ COMMON = {
     "model.hidden": 0,
     "train.freeze_backbone": True,
     "train.validation_fraction": 0.0,
+    # the arms below were defined before these became default (Run X2); "cvc" has them
+    "train.head_choice": "off",
+    "train.companion": "off",
 }
 WHOLE = {"representation.method": "none", "model.hidden": 128, "train.freeze_backbone": False}
 # Each arm's settings over COMMON. ``-lr3``/``-lr1``: the backbone's fine-tuning learning rate at
@@ -96,6 +104,9 @@ ARM_SETTINGS: dict[str, dict[str, object]] = {
     "auto-mix": {},  # mix once every class has train.finetune_min_per_class labels, else frozen
     "mix100": {},  # mix once MIX_MIN_LABELS images are labelled in all, else frozen
     "mix100cv": {},  # mix100 with the whole network's weight chosen on its hold-out (cv_mix)
+    # today's defaults: the head chosen by cross-validation and the whole-network companion,
+    # both once the labels cover half the images (at the ceiling they cover all: Run X1's cvc)
+    "cvc": {"train.head_choice": "auto", "train.companion": "auto"},
     **{
         f"{mode}-lr{tag}": {"train.finetune": rule, "train.finetune_lr_scale": scale}
         for mode, rule in (("lpft", "always"), ("auto", "auto"))

@@ -77,8 +77,15 @@ def test_auto_waits_until_the_labels_cover_the_share_asked_of_the_images(
         )
     if expected:
         assert f"covering {100 * n // (n + pool)}% of the images" in why, why
-    # the default (0) asks nothing of the pool
-    plain = _cfg(tmp_path, **{"train.companion": "auto", "train.companion_min_labels": 100})
+    # 0 asks nothing of the pool
+    plain = _cfg(
+        tmp_path,
+        **{
+            "train.companion": "auto",
+            "train.companion_min_labels": 100,
+            "train.companion_min_coverage": 0.0,
+        },
+    )
     assert companion_decision(plain, 100, 10**6)[0] is True
 
 
@@ -119,7 +126,7 @@ def test_auto_is_off_where_the_companion_cannot_apply(tmp_path, over):
 
 
 def test_off_and_always(tmp_path):
-    assert companion_decision(_cfg(tmp_path), 10_000) == (False, "")
+    assert companion_decision(_cfg(tmp_path, **{"train.companion": "off"}), 10_000) == (False, "")
     go, why = companion_decision(_cfg(tmp_path, **{"train.companion": "always"}), 2)
     assert go and "always" in why
 
@@ -289,7 +296,11 @@ def test_the_query_memory_estimate_counts_the_companion(tmp_path):
         cfg = _cfg(tmp_path, **over)
         return dict(_query_parts(cfg, 1000, 10, CPU, zero_label=False)[0])
 
-    auto = {"train.companion": "auto", "train.companion_min_labels": 10}
+    auto = {
+        "train.companion": "auto",
+        "train.companion_min_labels": 10,
+        "train.companion_min_coverage": 0.0,
+    }
     off, on = parts(**{"train.companion": "off"}), parts(**auto)
     extra = {k: v for k, v in on.items() if k not in off}
     assert extra["the companion's samples of 1000 images"] == 4 * 1000 * 8 * 2  # N T C float32
@@ -310,3 +321,14 @@ def test_a_mixture_query_stores_2t_samples(tmp_path, tiny_data):
     assert main(["query", *c]) == 0
     (scores,) = (tmp_path / "ws" / "scores").iterdir()
     assert np.load(scores / "probs.npy").shape == (40, 16, 2)  # mc_samples = 8
+
+
+def test_by_default_the_companion_joins_once_the_labels_cover_half_the_images(tmp_path):
+    """Run X2's defaults: "auto" from 100 training labels covering half the images."""
+    cfg = _cfg(tmp_path)  # the frozen backbone's linear head, the defaults otherwise
+    assert (cfg.train.companion, cfg.train.companion_min_coverage) == ("auto", 0.5)
+    assert companion_decision(cfg, 400, 401)[0] is False
+    assert companion_decision(cfg, 400, 400)[0] is True
+    assert companion_decision(cfg, 99, 0)[0] is False  # companion_min_labels
+    # a whole network trains no companion by default (and is not refused)
+    assert not companion_on(load_config(write_config(tmp_path)))

@@ -124,8 +124,8 @@ def test_the_choice_waits_until_the_labels_cover_the_share_asked_of_the_images(t
     made = choose_head(f, y, cfg, 0, _fitter(cfg), pool_size=120)  # exactly half
     assert made is not None and made.folds == 5 and made.hidden == 32
     assert choose_head(f, y, cfg, 0, _fitter(cfg)) == made  # no pool: every image labelled
-    # the default (0) asks nothing of the pool
-    plain = _cfg(tmp_path, **{"train.probe_steps": 300})
+    # 0 asks nothing of the pool
+    plain = _cfg(tmp_path, **{"train.probe_steps": 300, "train.head_choice_min_coverage": 0.0})
     assert choose_head(f, y, plain, 0, _fitter(plain), pool_size=10**6) == made
     # a model whose previous round chose the hidden layer goes back to the linear head
     model = build_model(cfg)
@@ -313,3 +313,15 @@ def test_auto_chooses_where_the_choice_applies_and_is_off_elsewhere(tmp_path, ov
     if on:
         cv = _cfg(tmp_path, **over)
         assert made == choose_head(f, y, cv, 0, _fitter(cv))  # the same choice as "cv"
+
+
+def test_by_default_the_choice_is_made_once_the_labels_cover_half_the_images(tmp_path):
+    """Run X2's defaults: "auto" (the choice for the frozen linear head) at half the images."""
+    frozen = {"train.freeze_backbone": True, "model.hidden": 0, "train.validation_fraction": 0.0}
+    cfg = load_config(write_config(tmp_path), {**frozen, "train.probe_steps": 300})
+    assert not head_choice_on(load_config(write_config(tmp_path)))  # whole network: off
+    t = cfg.train
+    assert (t.head_choice, t.head_choice_min_coverage, head_choice_on(cfg)) == ("auto", 0.5, True)
+    f, y = xor()  # 120 labels
+    assert choose_head(f, y, cfg, 0, _fitter(cfg), pool_size=121).folds == 0  # waits
+    assert choose_head(f, y, cfg, 0, _fitter(cfg), pool_size=120).folds == 5
