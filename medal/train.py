@@ -892,6 +892,15 @@ def predict_deterministic(
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
+def predict_pair(model: MCModel, x: torch.Tensor, device: torch.device) -> np.ndarray:
+    """Dropout off: images ``x [N, C, S, S]`` -> probabilities ``[N, K]`` as medal predicts
+    them: with a whole-network companion (``train.companion``) the mean of the two models'
+    (the model's ``forward`` is the head alone)."""
+    p = predict_deterministic(model, x, device)
+    comp = model.companion
+    return p if comp is None else (p + predict_deterministic(comp, x, device)) / 2
+
+
 # --- checkpoints ----------------------------------------------------------------------------
 def save_checkpoint(
     path: Path, model: MCModel, cfg: Config, round_no: int, extra: dict[str, Any] | None = None

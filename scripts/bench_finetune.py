@@ -54,9 +54,10 @@ from medal.finetune import finetune_decision
 from medal.inputs import for_count, with_backbone
 from medal.data import NORMALISE_MEAN, NORMALISE_STD
 from medal.metrics import classification_metrics
+from medal.models import MCModel
 from medal.representation import pretrain_and_cache
 from medal.simulate import t_interval_or_nan as interval
-from medal.train import build_model, fit, predict_deterministic
+from medal.train import build_model, fit, predict_deterministic, predict_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 MIX_MIN_LABELS = 100
@@ -187,9 +188,7 @@ def whole_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return tr, va
 
 
-def run_arm(
-    arm: str, cfg: Config, x: torch.Tensor, y: np.ndarray, bb: Path, seed: int
-) -> torch.nn.Module:
+def run_arm(arm: str, cfg: Config, x: torch.Tensor, y: np.ndarray, bb: Path, seed: int) -> MCModel:
     """Train one arm on every label of the pool ``x``, ``y``; returns the model."""
     cpu = torch.device("cpu")
     if arm == "whole":
@@ -252,14 +251,10 @@ def arm_probs(
     return [(a + b) / 2 for a, b in zip(*parts, strict=True)]
 
 
-def model_probs(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
-    """Probabilities ``[N, C]`` of ``x`` with dropout off: a frozen head with a whole-network
-    companion (``train.companion``) is the pair's average, as medal's predictions are (the
-    model's ``forward`` is the head alone)."""
-    cpu = torch.device("cpu")
-    p = predict_deterministic(model, x, cpu)
-    comp = getattr(model, "companion", None)
-    return p if comp is None else (p + predict_deterministic(comp, x, cpu)) / 2
+def model_probs(model: MCModel, x: torch.Tensor) -> np.ndarray:
+    """Probabilities ``[N, C]`` of ``x`` with dropout off, as medal predicts them: a frozen head
+    with a whole-network companion (``train.companion``) is the pair's average."""
+    return predict_pair(model, x, torch.device("cpu"))
 
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -7,7 +7,9 @@ train split (as the pool, labels hidden) and test split, with medal's own compon
 2. zero-label start: TypiClust picks 20 images in that embedding, exactly as ``medal query``
    picks a project's first round, and the frozen-backbone head (``train.fit_probe``) trains on
    them; compared with 20 and 40 images drawn at random, per seed;
-3. the full-label ceiling: the same head on every train label.
+3. the full-label ceiling: medal's training on every train label (the probe, and with the
+   labels covering every image the head's choice and the whole-network companion, as
+   ``train.head_choice`` and ``train.companion`` say; ``medal.benchmarks.ceiling_model``).
 
 Prints one table (test AUROC; macro one-vs-rest for more than two classes) per seed, the mean,
 and the paired difference "TypiClust 20 minus random 40" with a 95% t interval over seeds.

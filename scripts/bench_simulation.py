@@ -11,10 +11,10 @@ processes with one torch thread each.
 
 Then, in one table: per seed, each strategy's test AUROC at the end and area under the learning
 curve; each strategy's paired difference to random (95% t interval over seeds); the zero-label
-start (TypiClust's first 20 against random 20 and 40) and the full-label ceiling of the same
-head (scripts/bench_representation.py); and, with --baseline, the comparison with another
-simulation (e.g. whole-network training: run this script with --whole-network --rounds 20
---strategies random first).
+start (TypiClust's first 20 against random 20 and 40) and the full-label ceiling of medal's
+training (scripts/bench_representation.py: with every label, the head's choice and the
+companion); and, with --baseline, the comparison with another simulation (e.g. whole-network
+training: run this script with --whole-network --rounds 20 --strategies random first).
 
     python scripts/bench_simulation.py                         # PneumoniaMNIST, ~40 min
     python scripts/bench_simulation.py --dataset retinamnist

@@ -1,5 +1,6 @@
-"""medal.benchmarks: the label-efficiency table of scripts/bench_simulation.py, checked by hand.
-(:func:`medal.benchmarks.measure` pretrains a backbone; the benchmark scripts run it.)"""
+"""medal.benchmarks: the label-efficiency table of scripts/bench_simulation.py, checked by hand,
+and the full-label ceiling's training. (:func:`medal.benchmarks.measure` pretrains a backbone;
+the benchmark scripts run it.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,19 @@ import csv
 import math
 from pathlib import Path
 
-from medal.benchmarks import label_efficiency_table
+import dataclasses
+
+import numpy as np
+import torch
+
+from medal.benchmarks import ceiling_auroc, ceiling_model, label_efficiency_table
+from medal.config import load_config
+from medal.train import predict_deterministic, predict_pair
+
+from conftest import write_config
+from test_train import separable
+
+CPU = torch.device("cpu")
 
 # (strategy, seed): test AUROC at 20 and 30 labels
 CURVES = {
@@ -63,3 +76,29 @@ def test_label_efficiency_table_against_a_baseline(tmp_path):
     assert table[13].endswith("positive in 0 of 2")
     assert numbers(table[9], "random - baseline: area") == [-0.1, -0.15, -0.125]
     assert len(table) == 14
+
+
+def test_the_ceiling_is_medals_training_with_its_companion_on_every_label(tmp_path):
+    """With no pool the labels cover every image, so the companion joins (its label count
+    lowered for 40 images) and the ceiling's probabilities are the pair's."""
+    over = {
+        "train.freeze_backbone": True,
+        "model.hidden": 0,
+        "train.validation_fraction": 0.0,
+        "train.probe_steps": 50,
+        "train.epochs": 2,
+        "train.companion_min_labels": 20,
+        "train.head_choice_min_labels": 20,
+    }
+    cfg = load_config(write_config(tmp_path), over)
+    x, y = separable(40)
+    model = ceiling_model(cfg, None, x, y)
+    assert model.companion is not None
+    xt, yt = separable(40, seed=1)
+    pair = predict_deterministic(model, xt, CPU) + predict_deterministic(model.companion, xt, CPU)
+    assert np.allclose(predict_pair(model, xt, CPU), pair / 2)
+    assert ceiling_auroc(cfg, None, x, y, xt, yt) > 0.9
+    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, companion="off"))
+    alone = ceiling_model(off, None, x, y)
+    assert alone.companion is None
+    assert np.array_equal(predict_pair(alone, xt, CPU), predict_deterministic(alone, xt, CPU))
