@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import acquisition, distributed
-from .config import Config
+from .config import Config, full_sampling
 from .errors import DataError, WorkspaceError
 from .faults import crash_point
 from .features import stream_features
@@ -297,11 +297,7 @@ def _scores_key(cfg: Config, model_rec: ModelRecord, mode: str, T: int) -> dict[
 
 def _sampling(cfg: Config, device: torch.device) -> tuple[str, int]:
     q = cfg.query
-    mode = (
-        q.sampling
-        if q.sampling != "auto"
-        else ("full" if cfg.model.backbone_dropout > 0 else "head")
-    )
+    mode = "full" if full_sampling(cfg) else "head"
     return mode, q.max_batch_items or (4096 if device.type == "cuda" else q.batch_size)
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from .acquisition import get_strategy
 from .companion import companion_decision
-from .config import Config
+from .config import Config, full_sampling
 from .errors import ConfigError
 from .features import FEATURE_BATCH
 from .models import model_from_config
@@ -209,7 +209,7 @@ def _query_parts(
     _, infer_act = activation_bytes(cfg)
     params, dim = _model_sizes(cfg)
     T, C = q.mc_samples, len(cfg.classes)
-    mode = q.sampling if q.sampling != "auto" else ("full" if m.backbone_dropout > 0 else "head")
+    mode = "full" if full_sampling(cfg) else "head"
     # a frozen backbone's features (or a zero-label start's) are computed by streaming the
     # pool through the backbone in batches of FEATURE_BATCH; the features are kept
     streamed = zero_label or (cfg.train.freeze_backbone and mode == "head")
